@@ -25,11 +25,14 @@ PosArgs = TypeVarTuple("PosArgs")
 
 def run(
     func: Callable[[Unpack[PosArgs]], Awaitable[T]],
-    *args: Unpack[PosArgs],
+    *args: *PosArgs,
     backend: str = "asyncio",
     virtual_time: bool = True,
 ) -> T:
     """Run ``func(*args)`` to completion on ``backend``, on virtual time unless told not to."""
     return anyio.run(
-        func, *args, backend=backend, backend_options=backend_options(backend, virtual_time=virtual_time)
+        func,
+        *args,
+        backend=backend,
+        backend_options=backend_options(backend, virtual_time=virtual_time),
     )

@@ -1,0 +1,188 @@
+"""Markers that turn methods into a service's background work.
+
+The decorators only attach a spec to the function; :class:`~anyservice.Service` collects
+the specs when the class is defined and runs them in its scope when it starts. A spec knows
+how to run itself for one service instance, so timers and cron jobs (and anything else that
+runs for the life of a service) plug in beside plain tasks without the core knowing them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+import anyio
+
+if TYPE_CHECKING:
+    from ._service import Service, _Slot
+
+__all__ = ["BackgroundSpec", "TaskSpec", "requirements", "task"]
+
+_SPEC_ATTRIBUTE = "__anyservice_spec__"
+_REQUIREMENTS_ATTRIBUTE = "__anyservice_requirements__"
+
+F = TypeVar("F", bound=Callable[..., Any])
+AsyncMethod = Callable[[Any], Awaitable[None]]
+
+
+class BackgroundSpec:
+    """How one decorated method runs for the life of a service.
+
+    Subclasses say how many copies run (:meth:`slot_names`) and what each copy does
+    (:meth:`run`). Each copy runs in its own slot: cancelled at once when the service stops,
+    unless it is inside ``service.in_flight()``, which gets the grace period.
+    """
+
+    kind = "task"
+
+    def __init__(self, function: AsyncMethod) -> None:
+        self.function = function
+        self.name: str = getattr(function, "__name__", repr(function))
+
+    def slot_names(self) -> list[str]:
+        return [self.name]
+
+    async def run(self, service: Service, slot: _Slot) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.name!r}"
+
+
+class TaskSpec(BackgroundSpec):
+    """A ``@task``: a coroutine method that runs for the life of the service."""
+
+    def __init__(
+        self,
+        function: AsyncMethod,
+        *,
+        workers: int = 1,
+        periodic: bool = False,
+        sleep_interval: float | None = None,
+    ) -> None:
+        super().__init__(function)
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"@task {self.name!r}: workers must be an int >= 1, got {workers!r}")
+        if periodic:
+            if sleep_interval is None:
+                raise ValueError(f"@task {self.name!r}: periodic=True needs a sleep_interval")
+            from ._schedule import check_interval
+
+            sleep_interval = check_interval(sleep_interval, f"@task {self.name!r} sleep_interval")
+        elif sleep_interval is not None:
+            raise ValueError(f"@task {self.name!r}: sleep_interval only applies with periodic=True")
+        self.workers = workers
+        self.periodic = periodic
+        self.sleep_interval = sleep_interval
+
+    def slot_names(self) -> list[str]:
+        if self.workers == 1:
+            return [self.name]
+        return [f"{self.name}[{index}]" for index in range(self.workers)]
+
+    async def run(self, service: Service, slot: _Slot) -> None:
+        method = self.function.__get__(service)
+        if not self.periodic:
+            await method()
+            return
+        interval = self.sleep_interval
+        assert interval is not None
+        assert math.isfinite(interval)
+        # core_service's periodic task: the body is work in flight, the sleep between is idle.
+        while True:
+            async with service.in_flight():
+                await method()
+            await anyio.sleep(interval)
+
+
+@overload
+def task(function: F, /) -> F: ...
+
+
+@overload
+def task(
+    *, workers: int = 1, periodic: bool = False, sleep_interval: float | None = None
+) -> Callable[[F], F]: ...
+
+
+def task(
+    function: F | None = None,
+    /,
+    *,
+    workers: int = 1,
+    periodic: bool = False,
+    sleep_interval: float | None = None,
+) -> F | Callable[[F], F]:
+    """Run a coroutine method for the life of the service (mode's and core_service's ``@task``).
+
+    ``workers=N`` runs N copies. ``periodic=True, sleep_interval=S`` runs the body again
+    ``S`` seconds after each run ends (core_service's form; for a drift-free grid use
+    ``@timer``). When the service stops, a task is cancelled at once unless it is inside
+    ``async with self.in_flight():``. An exception in a task crashes the service.
+
+    Raises:
+        ValueError: for ``workers < 1`` or a missing or bad ``sleep_interval``.
+        TypeError: if the decorated object is not a coroutine function.
+    """
+
+    def decorate(func: F) -> F:
+        _check_coroutine_function(func, "@task")
+        setattr(
+            func,
+            _SPEC_ATTRIBUTE,
+            TaskSpec(func, workers=workers, periodic=periodic, sleep_interval=sleep_interval),
+        )
+        return func
+
+    if function is not None:
+        return decorate(function)
+    return decorate
+
+
+def requirements(
+    function: Callable[[Any], Iterable[Service]],
+) -> Callable[[Any], Iterable[Service]]:
+    """Declare dependencies with a method returning services (core_service's ``@requirements``).
+
+    The method is called once, at the service's first start; the services it returns are
+    added as dependencies after those added with ``add_dependency``, in the order given.
+    """
+    if not callable(function):
+        raise TypeError(f"@requirements needs a method, got {function!r}")
+    setattr(function, _REQUIREMENTS_ATTRIBUTE, True)
+    return function
+
+
+def _check_coroutine_function(func: object, decorator: str) -> None:
+    import inspect
+
+    if not inspect.iscoroutinefunction(func):
+        raise TypeError(f"{decorator} needs an 'async def' method, got {func!r}")
+
+
+def attach_spec(func: F, spec: BackgroundSpec) -> F:
+    """Mark ``func`` with ``spec`` (used by ``@timer`` and ``@crontab``)."""
+    setattr(func, _SPEC_ATTRIBUTE, spec)
+    return func
+
+
+def collect(namespace_owner: type) -> tuple[tuple[BackgroundSpec, ...], tuple[str, ...]]:
+    """The background specs and requirement methods of a class, base classes first.
+
+    A subclass that redefines a name without a decorator removes the base's spec.
+    """
+    specs: dict[str, BackgroundSpec] = {}
+    requirement_methods: dict[str, None] = {}
+    for klass in reversed(namespace_owner.__mro__):
+        for attribute, value in vars(klass).items():
+            spec = getattr(value, _SPEC_ATTRIBUTE, None)
+            if isinstance(spec, BackgroundSpec):
+                specs[attribute] = spec
+            else:
+                specs.pop(attribute, None)
+            if getattr(value, _REQUIREMENTS_ATTRIBUTE, False):
+                requirement_methods[attribute] = None
+            else:
+                requirement_methods.pop(attribute, None)
+    return tuple(specs.values()), tuple(requirement_methods)

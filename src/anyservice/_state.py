@@ -1,0 +1,65 @@
+"""Lifecycle states and the transitions between them: pure, no I/O."""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["ServiceError", "ServiceState", "check_transition"]
+
+
+class ServiceState(enum.Enum):
+    """Where a service is in its life.
+
+    ``INIT → STARTING → RUNNING → STOPPING → STOPPED``, and ``CRASHED`` from any of the
+    active states. A STOPPED or CRASHED service may be started again.
+    """
+
+    INIT = "init"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    CRASHED = "crashed"
+
+    @property
+    def is_final(self) -> bool:
+        """True for STOPPED and CRASHED: nothing of the service is running."""
+        return self in _FINAL
+
+    @property
+    def is_active(self) -> bool:
+        """True while the service's scope is open (STARTING, RUNNING, STOPPING)."""
+        return self in _ACTIVE
+
+
+_FINAL = frozenset({ServiceState.STOPPED, ServiceState.CRASHED})
+_ACTIVE = frozenset({ServiceState.STARTING, ServiceState.RUNNING, ServiceState.STOPPING})
+
+_ALLOWED: dict[ServiceState, frozenset[ServiceState]] = {
+    # A stop requested before the first start ends the service without starting anything.
+    ServiceState.INIT: frozenset(
+        {ServiceState.STARTING, ServiceState.STOPPED, ServiceState.CRASHED}
+    ),
+    ServiceState.STARTING: frozenset(
+        {ServiceState.RUNNING, ServiceState.STOPPING, ServiceState.CRASHED}
+    ),
+    ServiceState.RUNNING: frozenset({ServiceState.STOPPING, ServiceState.CRASHED}),
+    ServiceState.STOPPING: frozenset({ServiceState.STOPPED, ServiceState.CRASHED}),
+    # crash() on a service that is not running records the reason.
+    ServiceState.STOPPED: frozenset({ServiceState.STARTING, ServiceState.CRASHED}),
+    ServiceState.CRASHED: frozenset({ServiceState.STARTING}),
+}
+
+
+class ServiceError(RuntimeError):
+    """A service was used in a way its lifecycle does not allow."""
+
+
+def check_transition(name: str, old: ServiceState, new: ServiceState) -> None:
+    """Raise unless a service may go from ``old`` to ``new``.
+
+    Raises:
+        ServiceError: naming the service and both states.
+    """
+    if new not in _ALLOWED[old]:
+        raise ServiceError(f"service {name!r} cannot go from {old.name} to {new.name}")
