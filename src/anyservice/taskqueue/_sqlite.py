@@ -1,0 +1,795 @@
+"""The embedded broker: task runs in one SQLite file (``sqlite:///anyservice.db``).
+
+Several processes on one machine can share the file. The file is in WAL mode, so readers
+never wait for writers, and every read-then-write (a claim, a heartbeat) runs in a
+``BEGIN IMMEDIATE`` transaction, which takes the write lock first: two processes can
+never claim the same run. A locked database is retried with bounded exponential backoff.
+
+sqlite3 blocks, so every call runs in a worker thread (``anyio.to_thread``) on the
+broker's one connection, guarded by a lock. Waiting for work is fast without a server to
+push notifications: writes by brokers of the same file in this process wake waiters at
+once, and other processes' commits are noticed by polling ``PRAGMA data_version`` (a
+cheap read that changes whenever another connection commits) every few milliseconds.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sqlite3
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import replace
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import anyio
+import anyio.to_thread
+
+from ._broker import (
+    CORRUPT_RUN_ERROR_TYPE,
+    DEFAULT_MAX_ATTEMPTS,
+    BrokerBusyError,
+    BrokerError,
+    ChangeNotifier,
+    PayloadError,
+    RunError,
+    RunRecord,
+    RunState,
+    abandoned_error,
+    check_claim_options,
+    check_heartbeat_options,
+    check_submit_options,
+    describe_stored,
+    wait_until_finished,
+)
+
+__all__ = ["SCHEMA_VERSION", "SqliteBroker"]
+
+T = TypeVar("T")
+
+#: ``PRAGMA user_version`` of a database with the current schema.
+SCHEMA_VERSION = 1
+
+# _MIGRATIONS[n] takes a database from user_version n to n + 1. The table name is
+# prefixed because the file may be shared with an application's own tables.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """
+        CREATE TABLE anyservice_runs (
+            seq INTEGER PRIMARY KEY,
+            id TEXT NOT NULL UNIQUE,
+            task TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            state TEXT NOT NULL,
+            attempts INTEGER NOT NULL,
+            max_attempts INTEGER NOT NULL,
+            retries_left INTEGER NOT NULL,
+            retry_delay REAL NOT NULL,
+            timeout REAL,
+            created_at REAL NOT NULL,
+            scheduled_at REAL NOT NULL,
+            started_at REAL,
+            finished_at REAL,
+            lease_owner TEXT,
+            lease_expires_at REAL,
+            result TEXT,
+            error TEXT
+        )
+        """,
+        "CREATE INDEX anyservice_runs_due ON anyservice_runs (state, scheduled_at)",
+        "CREATE INDEX anyservice_runs_leases ON anyservice_runs (state, lease_expires_at)",
+    ),
+)
+assert len(_MIGRATIONS) == SCHEMA_VERSION
+
+_COLUMNS = (
+    "seq",
+    "id",
+    "task",
+    "payload",
+    "state",
+    "attempts",
+    "max_attempts",
+    "retries_left",
+    "retry_delay",
+    "timeout",
+    "created_at",
+    "scheduled_at",
+    "started_at",
+    "finished_at",
+    "lease_owner",
+    "lease_expires_at",
+    "result",
+    "error",
+)
+_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM anyservice_runs"
+
+# Old SQLite builds allow at most 999 parameters per statement.
+_CHUNK = 500
+
+_FIRST_BACKOFF = 0.005
+_MAX_BACKOFF = 0.5
+
+# Brokers of one file in one process share a notifier, so a submit through one wakes
+# the waiters of the others at once instead of at their next data_version poll.
+_notifiers: weakref.WeakValueDictionary[str, ChangeNotifier] = weakref.WeakValueDictionary()
+_notifiers_lock = threading.Lock()
+
+
+def _notifier_for(path: str) -> ChangeNotifier:
+    key = os.path.normcase(os.path.realpath(path))
+    with _notifiers_lock:
+        notifier = _notifiers.get(key)
+        if notifier is None:
+            notifier = _notifiers[key] = ChangeNotifier()
+        return notifier
+
+
+def _is_locked(exc: sqlite3.OperationalError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        # The low byte is the primary code; extended codes like SQLITE_BUSY_SNAPSHOT
+        # (517) are busy too.
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    message = str(exc).lower()
+    return "locked" in message or "busy" in message
+
+
+def _chunks(items: list[str]) -> Iterator[list[str]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
+
+
+def _marks(count: int) -> str:
+    return ", ".join("?" * count)
+
+
+def _read_row(row: tuple[Any, ...]) -> tuple[int, RunRecord, bool]:
+    """Turn a row into ``(seq, record, corrupt)``, whatever the row holds.
+
+    SQLite does not enforce column types, and the file can be edited by anything, so a
+    row is checked column by column. A row that does not make sense is reported as a
+    FAILED run whose error lists every problem, so one bad row cannot break a claim or
+    a status page.
+    """
+    values = dict(zip(_COLUMNS, row, strict=True))
+    problems: list[str] = []
+
+    def text(name: str) -> str:
+        value = values[name]
+        if isinstance(value, str):
+            return value
+        problems.append(f"{name} {describe_stored(value)} is not text")
+        return "" if value is None else str(value)
+
+    def optional_text(name: str) -> str | None:
+        return None if values[name] is None else text(name)
+
+    def integer(name: str) -> int:
+        value = values[name]
+        if type(value) is int:
+            return value
+        problems.append(f"{name} {describe_stored(value)} is not an integer")
+        return 0
+
+    def real(name: str) -> float:
+        value = values[name]
+        if type(value) in (int, float) and not math.isnan(value):
+            return float(value)
+        problems.append(f"{name} {describe_stored(value)} is not a number")
+        return 0.0
+
+    def optional_real(name: str) -> float | None:
+        return None if values[name] is None else real(name)
+
+    seq = values["seq"] if type(values["seq"]) is int else -1
+    run_id = text("id")
+    try:
+        state = RunState(values["state"])
+    except ValueError:
+        problems.append(
+            f"state {describe_stored(values['state'])} is not one of {', '.join(RunState)}"
+        )
+        state = RunState.FAILED
+    error: RunError | None = None
+    error_text = optional_text("error")
+    if error_text is not None:
+        try:
+            error = RunError.from_json(error_text)
+        except PayloadError as exc:
+            problems.append(str(exc))
+    record = RunRecord(
+        id=run_id,
+        task=text("task"),
+        payload=text("payload"),
+        state=state,
+        attempts=integer("attempts"),
+        max_attempts=integer("max_attempts"),
+        retries_left=integer("retries_left"),
+        retry_delay=real("retry_delay"),
+        timeout=optional_real("timeout"),
+        created_at=real("created_at"),
+        scheduled_at=real("scheduled_at"),
+        started_at=optional_real("started_at"),
+        finished_at=optional_real("finished_at"),
+        lease_owner=optional_text("lease_owner"),
+        lease_expires_at=optional_real("lease_expires_at"),
+        result=optional_text("result"),
+        error=error,
+    )
+    if state is RunState.RUNNING and (
+        record.lease_owner is None or record.lease_expires_at is None
+    ):
+        problems.append("it is RUNNING without a lease owner and expiry")
+    if not problems:
+        return seq, record, False
+    corrupt = RunError(
+        type=CORRUPT_RUN_ERROR_TYPE,
+        message=f"run {run_id} is corrupt in the database: {'; '.join(problems)}",
+    )
+    record = replace(
+        record, state=RunState.FAILED, lease_owner=None, lease_expires_at=None, error=corrupt
+    )
+    return seq, record, True
+
+
+class SqliteBroker:
+    """Task runs in a SQLite file shared by the processes of one machine.
+
+    Args:
+        path: The database file; created (with its schema) on :meth:`open`. A relative
+            path is relative to the current directory when the broker is made.
+        clock: Wall-clock time in epoch seconds, shared by every process using the file;
+            tests pass a fake one to move time.
+        busy_timeout: Seconds SQLite itself waits for a lock before reporting it busy.
+            Kept short because a waiting thread cannot be cancelled; longer waits happen
+            in :attr:`lock_timeout`'s cancellable backoff.
+        lock_timeout: Seconds to keep retrying a locked database before giving up with
+            :class:`BrokerBusyError`.
+        poll_interval: Seconds between checks for other processes' commits while
+            waiting for work or for a run to finish.
+
+    Raises:
+        ValueError: A timeout or interval is not a positive number.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        clock: Callable[[], float] = time.time,
+        busy_timeout: float = 0.1,
+        lock_timeout: float = 30.0,
+        poll_interval: float = 0.005,
+    ) -> None:
+        for name, value in (
+            ("busy_timeout", busy_timeout),
+            ("lock_timeout", lock_timeout),
+            ("poll_interval", poll_interval),
+        ):
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        self._given_path = os.fspath(path)
+        if self._given_path in ("", ":memory:") or self._given_path.startswith("file:"):
+            raise ValueError(
+                f"SQLite broker needs a file path, got {self._given_path!r} "
+                "(use 'memory://' for an in-process broker)"
+            )
+        self._path = os.path.abspath(self._given_path)
+        self._clock = clock
+        self._busy_timeout = float(busy_timeout)
+        self._lock_timeout = float(lock_timeout)
+        self._poll_interval = float(poll_interval)
+        self._notifier = _notifier_for(self._path)
+        # One connection, used from worker threads one call at a time.
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._data_version = 0
+        self._last_poll = -math.inf
+        self._work_seen_by_claim = 0
+        self._next_due: float | None = None
+        #: How many times a locked database was retried; a health signal.
+        self.lock_retries = 0
+
+    @property
+    def url(self) -> str:
+        """``sqlite:///`` followed by the path as given."""
+        return f"sqlite:///{self._given_path}"
+
+    @property
+    def path(self) -> str:
+        """The absolute path of the database file."""
+        return self._path
+
+    def __repr__(self) -> str:
+        return f"<SqliteBroker {self.url!r}>"
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # --- running statements ------------------------------------------------------------
+
+    def _in_thread(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+        with self._lock:
+            conn = self._conn
+            if conn is None:
+                raise BrokerError(
+                    f"SQLite broker {self.url!r} is not open; "
+                    "use 'async with broker:' or 'await broker.open()'"
+                )
+            try:
+                return operation(conn)
+            except BaseException:
+                if conn.in_transaction:
+                    try:
+                        conn.rollback()
+                    except sqlite3.Error:
+                        pass  # The original error says more; the connection is reset below.
+                raise
+
+    async def _call(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``operation`` on the connection in a worker thread, retrying while locked.
+
+        Raises:
+            BrokerBusyError: The database stayed locked for ``lock_timeout`` seconds.
+            BrokerError: Any other SQLite error, or the broker is not open.
+        """
+        deadline = anyio.current_time() + self._lock_timeout
+        delay = _FIRST_BACKOFF
+        while True:
+            try:
+                return await anyio.to_thread.run_sync(self._in_thread, operation)
+            except sqlite3.OperationalError as exc:
+                if not _is_locked(exc):
+                    raise BrokerError(f"SQLite broker {self.url!r}: {exc}") from exc
+                remaining = deadline - anyio.current_time()
+                if remaining <= 0:
+                    raise BrokerBusyError(
+                        f"SQLite database {self._path!r} stayed locked for more than "
+                        f"{self._lock_timeout:g} s (lock_timeout): {exc}"
+                    ) from exc
+                self.lock_retries += 1
+                # Jitter keeps processes that collided from retrying in lockstep.
+                await anyio.sleep(min(delay * random.uniform(0.5, 1.0), remaining))
+                delay = min(delay * 2, _MAX_BACKOFF)
+            except sqlite3.Error as exc:
+                raise BrokerError(f"SQLite broker {self.url!r}: {exc}") from exc
+
+    # --- opening and closing -------------------------------------------------------------
+
+    def _connect(self) -> None:
+        with self._lock:
+            if self._conn is None:
+                self._conn = sqlite3.connect(
+                    self._path,
+                    timeout=self._busy_timeout,
+                    # Transactions are explicit (BEGIN IMMEDIATE), never implicit.
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        (mode,) = conn.execute("PRAGMA journal_mode=WAL").fetchone()
+        if str(mode).lower() != "wal":
+            raise BrokerError(
+                f"could not put SQLite database {self._path!r} in WAL mode (it is in "
+                f"{mode!r} mode); WAL needs a local file system"
+            )
+        # In WAL mode NORMAL never corrupts the file; a power cut (not a process crash)
+        # may lose the last commits.
+        conn.execute("PRAGMA synchronous=NORMAL")
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        if version != SCHEMA_VERSION:
+            self._migrate(conn)
+        (self._data_version,) = conn.execute("PRAGMA data_version").fetchone()
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        # Read again under the write lock: another process may have just migrated.
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise BrokerError(
+                f"SQLite database {self._path!r} has task-run schema version {version}, "
+                f"newer than this anyservice understands ({SCHEMA_VERSION}); upgrade anyservice"
+            )
+        for statements in _MIGRATIONS[version:]:
+            for statement in statements:
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+
+    async def open(self) -> None:
+        """Connect, switch the file to WAL mode and create or migrate the schema.
+
+        Calling it again does nothing.
+
+        Raises:
+            BrokerError: The file cannot be opened or put in WAL mode, or its schema is
+                newer than this version of anyservice.
+        """
+        if self._conn is not None:
+            return
+        try:
+            await anyio.to_thread.run_sync(self._connect)
+        except sqlite3.Error as exc:
+            raise BrokerError(f"cannot open SQLite database {self._path!r}: {exc}") from exc
+        try:
+            await self._call(self._prepare)
+        except BaseException:
+            await self.close()
+            raise
+        self._work_seen_by_claim = self._notifier.generation(work=True)
+
+    def _disconnect(self) -> None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close()
+
+    async def close(self) -> None:
+        """Close the connection. Calling it again (or before :meth:`open`) does nothing."""
+        if self._conn is None:
+            return
+        # Shielded: a worker closes its broker while being cancelled, and a connection
+        # left open would keep the file's WAL from being checkpointed.
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._disconnect)
+
+    # --- the broker protocol -------------------------------------------------------------
+
+    async def submit(
+        self,
+        task: str,
+        payload: str,
+        *,
+        retries: int = 0,
+        retry_delay: float = 0.0,
+        timeout: float | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        scheduled_at: float | None = None,
+    ) -> RunRecord:
+        """See :meth:`Broker.submit`."""
+        check_submit_options(
+            task,
+            payload,
+            retries=retries,
+            retry_delay=retry_delay,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            scheduled_at=scheduled_at,
+        )
+        run_id = uuid.uuid4().hex
+
+        def insert(conn: sqlite3.Connection) -> RunRecord:
+            now = self._clock()
+            run = RunRecord(
+                id=run_id,
+                task=task,
+                payload=payload,
+                state=RunState.SCHEDULED,
+                attempts=0,
+                max_attempts=max_attempts,
+                retries_left=retries,
+                retry_delay=float(retry_delay),
+                timeout=None if timeout is None else float(timeout),
+                created_at=now,
+                scheduled_at=now if scheduled_at is None else float(scheduled_at),
+            )
+            conn.execute(
+                "INSERT INTO anyservice_runs (id, task, payload, state, attempts, max_attempts,"
+                " retries_left, retry_delay, timeout, created_at, scheduled_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run.id,
+                    run.task,
+                    run.payload,
+                    run.state.value,
+                    run.attempts,
+                    run.max_attempts,
+                    run.retries_left,
+                    run.retry_delay,
+                    run.timeout,
+                    run.created_at,
+                    run.scheduled_at,
+                ),
+            )
+            return run
+
+        run = await self._call(insert)
+        self._notifier.notify(work=True)
+        return run
+
+    async def claim(
+        self, owner: str, tasks: Collection[str], *, limit: int, lease_seconds: float
+    ) -> list[RunRecord]:
+        """See :meth:`Broker.claim`.
+
+        Rows with an unknown state are never claimed. A due row that is otherwise
+        unreadable is marked FAILED with a ``CorruptRunError`` instead of being claimed.
+        """
+        check_claim_options(owner, tasks, limit=limit, lease_seconds=lease_seconds)
+        names = sorted(set(tasks))
+        self._work_seen_by_claim = self._notifier.generation(work=True)
+
+        def claim(conn: sqlite3.Connection) -> tuple[list[RunRecord], bool, float | None]:
+            conn.execute("BEGIN IMMEDIATE")
+            now = self._clock()
+            finished = self._crash_abandoned(conn, owner, now)
+            claimed: list[RunRecord] = []
+            next_due: float | None = None
+            if names:
+                rows = conn.execute(
+                    f"{_SELECT} WHERE task IN ({_marks(len(names))}) AND ("
+                    " (state = 'SCHEDULED' AND scheduled_at <= ?)"
+                    " OR (state = 'RUNNING' AND lease_owner IS NOT ?"
+                    "     AND (lease_expires_at IS NULL OR lease_expires_at <= ?)))"
+                    " ORDER BY scheduled_at, seq LIMIT ?",
+                    (*names, now, owner, now, limit + 1),
+                ).fetchall()
+                expires = now + lease_seconds
+                leftover = False
+                for row in rows:
+                    seq, run, corrupt = _read_row(row)
+                    if corrupt:
+                        self._mark_corrupt(conn, seq, run, now)
+                        # Rows past the corrupt one may be due: claim again promptly.
+                        finished = leftover = True
+                    elif len(claimed) == limit:
+                        leftover = True
+                    else:
+                        conn.execute(
+                            "UPDATE anyservice_runs SET state = 'RUNNING', attempts = ?,"
+                            " started_at = ?, lease_owner = ?, lease_expires_at = ?"
+                            " WHERE seq = ?",
+                            (run.attempts + 1, now, owner, expires, seq),
+                        )
+                        claimed.append(
+                            replace(
+                                run,
+                                state=RunState.RUNNING,
+                                attempts=run.attempts + 1,
+                                started_at=now,
+                                lease_owner=owner,
+                                lease_expires_at=expires,
+                            )
+                        )
+                next_due = now if leftover else self._next_due_time(conn, names, owner, now)
+            conn.execute("COMMIT")
+            return claimed, finished, next_due
+
+        claimed, finished, self._next_due = await self._call(claim)
+        if finished:
+            self._notifier.notify(work=False)
+        return claimed
+
+    @staticmethod
+    def _crash_abandoned(conn: sqlite3.Connection, owner: str, now: float) -> bool:
+        """Mark CRASHED the runs whose lease expired after their last allowed attempt."""
+        rows = conn.execute(
+            f"{_SELECT} WHERE state = 'RUNNING' AND lease_expires_at <= ?"
+            " AND attempts >= max_attempts AND lease_owner IS NOT ?",
+            (now, owner),
+        ).fetchall()
+        for row in rows:
+            seq, run, corrupt = _read_row(row)
+            if corrupt:
+                SqliteBroker._mark_corrupt(conn, seq, run, now)
+                continue
+            error = abandoned_error(run.id, run.task, run.attempts, run.max_attempts)
+            conn.execute(
+                "UPDATE anyservice_runs SET state = 'CRASHED', finished_at = ?,"
+                " lease_owner = NULL, lease_expires_at = NULL, error = ? WHERE seq = ?",
+                (now, error.to_json(), seq),
+            )
+        return bool(rows)
+
+    @staticmethod
+    def _mark_corrupt(conn: sqlite3.Connection, seq: int, run: RunRecord, now: float) -> None:
+        assert run.error is not None
+        conn.execute(
+            "UPDATE anyservice_runs SET state = 'FAILED', finished_at = ?,"
+            " lease_owner = NULL, lease_expires_at = NULL, error = ? WHERE seq = ?",
+            (now, run.error.to_json(), seq),
+        )
+
+    @staticmethod
+    def _next_due_time(
+        conn: sqlite3.Connection, names: list[str], owner: str, now: float
+    ) -> float | None:
+        """When the next run of these tasks becomes claimable, as far as we know now."""
+        (scheduled,) = conn.execute(
+            "SELECT MIN(scheduled_at) FROM anyservice_runs WHERE state = 'SCHEDULED'"
+            f" AND scheduled_at > ? AND task IN ({_marks(len(names))})",
+            (now, *names),
+        ).fetchone()
+        (expiring,) = conn.execute(
+            "SELECT MIN(lease_expires_at) FROM anyservice_runs WHERE state = 'RUNNING'"
+            " AND lease_expires_at > ? AND lease_owner IS NOT ?"
+            f" AND task IN ({_marks(len(names))})",
+            (now, owner, *names),
+        ).fetchone()
+        times = [t for t in (scheduled, expiring) if isinstance(t, int | float)]
+        return float(min(times)) if times else None
+
+    async def heartbeat(
+        self, owner: str, run_ids: Collection[str], *, lease_seconds: float
+    ) -> set[str]:
+        """See :meth:`Broker.heartbeat`."""
+        check_heartbeat_options(run_ids, lease_seconds=lease_seconds)
+        ids = list(dict.fromkeys(run_ids))
+        if not ids:
+            return set()
+
+        def renew(conn: sqlite3.Connection) -> set[str]:
+            conn.execute("BEGIN IMMEDIATE")
+            expires = self._clock() + lease_seconds
+            held: set[str] = set()
+            for chunk in _chunks(ids):
+                where = f"state = 'RUNNING' AND lease_owner = ? AND id IN ({_marks(len(chunk))})"
+                rows = conn.execute(
+                    f"SELECT id FROM anyservice_runs WHERE {where}", (owner, *chunk)
+                ).fetchall()
+                held.update(run_id for (run_id,) in rows)
+                conn.execute(
+                    f"UPDATE anyservice_runs SET lease_expires_at = ? WHERE {where}",
+                    (expires, owner, *chunk),
+                )
+            conn.execute("COMMIT")
+            return held
+
+        return await self._call(renew)
+
+    async def _update_held(self, sql: str, parameters: dict[str, Any]) -> bool:
+        """Run one UPDATE guarded by ``WHERE`` the run is RUNNING under ``:owner``'s lease.
+
+        A single statement is atomic on its own, so no explicit transaction is needed.
+        """
+
+        def update(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                f"{sql} WHERE id = :id AND state = 'RUNNING' AND lease_owner = :owner",
+                {**parameters, "now": self._clock()},
+            )
+            return cursor.rowcount == 1
+
+        return await self._call(update)
+
+    async def complete(self, owner: str, run_id: str, result: str) -> bool:
+        """See :meth:`Broker.complete`."""
+        done = await self._update_held(
+            "UPDATE anyservice_runs SET state = 'COMPLETED', finished_at = :now,"
+            " lease_owner = NULL, lease_expires_at = NULL, result = :result, error = NULL",
+            {"id": run_id, "owner": owner, "result": result},
+        )
+        if done:
+            self._notifier.notify(work=False)
+        return done
+
+    async def fail(self, owner: str, run_id: str, error: RunError, *, retry: bool) -> bool:
+        """See :meth:`Broker.fail`."""
+        # Every expression in an UPDATE sees the row as it was, so the CASEs agree.
+        retried = ":retry AND retries_left > 0"
+        done = await self._update_held(
+            "UPDATE anyservice_runs SET"
+            f" state = CASE WHEN {retried} THEN 'SCHEDULED' ELSE 'FAILED' END,"
+            f" scheduled_at = CASE WHEN {retried} THEN :now + retry_delay ELSE scheduled_at END,"
+            f" retries_left = CASE WHEN {retried} THEN retries_left - 1 ELSE retries_left END,"
+            f" started_at = CASE WHEN {retried} THEN NULL ELSE started_at END,"
+            f" finished_at = CASE WHEN {retried} THEN NULL ELSE :now END,"
+            " lease_owner = NULL, lease_expires_at = NULL, error = :error",
+            {"id": run_id, "owner": owner, "retry": retry, "error": error.to_json()},
+        )
+        if done:
+            # Whether it was retried is not reported back; a spurious wake costs one claim.
+            self._notifier.notify(work=retry)
+        return done
+
+    async def release(self, owner: str, run_id: str) -> bool:
+        """See :meth:`Broker.release`."""
+        done = await self._update_held(
+            "UPDATE anyservice_runs SET state = 'SCHEDULED', attempts = MAX(attempts - 1, 0),"
+            " started_at = NULL, lease_owner = NULL, lease_expires_at = NULL",
+            {"id": run_id, "owner": owner},
+        )
+        if done:
+            self._notifier.notify(work=True)
+        return done
+
+    async def cancel(self, run_id: str) -> bool:
+        """See :meth:`Broker.cancel`."""
+
+        def cancel(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                "UPDATE anyservice_runs SET state = 'CANCELLED', finished_at = ?"
+                " WHERE id = ? AND state = 'SCHEDULED'",
+                (self._clock(), run_id),
+            )
+            return cursor.rowcount == 1
+
+        done = await self._call(cancel)
+        if done:
+            self._notifier.notify(work=False)
+        return done
+
+    async def get(self, run_id: str) -> RunRecord | None:
+        """See :meth:`Broker.get`.
+
+        A row the broker cannot make sense of comes back as a FAILED run whose error is
+        a ``CorruptRunError`` listing what is wrong (the row itself is left as it is).
+        """
+
+        def get(conn: sqlite3.Connection) -> RunRecord | None:
+            row = conn.execute(f"{_SELECT} WHERE id = ?", (run_id,)).fetchone()
+            return None if row is None else _read_row(row)[1]
+
+        return await self._call(get)
+
+    async def counts(self) -> dict[RunState, int]:
+        """See :meth:`Broker.counts`. Rows with an unknown state count as FAILED."""
+
+        def count(conn: sqlite3.Connection) -> dict[RunState, int]:
+            counts = dict.fromkeys(RunState, 0)
+            for state, number in conn.execute(
+                "SELECT state, COUNT(*) FROM anyservice_runs GROUP BY state"
+            ):
+                try:
+                    counts[RunState(state)] += number
+                except ValueError:
+                    counts[RunState.FAILED] += number
+            return counts
+
+        return await self._call(count)
+
+    # --- waiting -------------------------------------------------------------------------
+
+    def _data_version_changed(self, conn: sqlite3.Connection) -> bool:
+        # Several waiters share one poll per interval; the first to look reports it.
+        now = time.monotonic()
+        if now - self._last_poll < self._poll_interval / 2:
+            return False
+        self._last_poll = now
+        (version,) = conn.execute("PRAGMA data_version").fetchone()
+        changed: bool = version != self._data_version
+        self._data_version = version
+        return changed
+
+    async def _poll_other_connections(self) -> None:
+        if await self._call(self._data_version_changed):
+            self._notifier.notify(work=True)
+
+    async def wait_for_work(self, timeout: float) -> None:
+        """See :meth:`Broker.wait_for_work`."""
+        if self._next_due is not None:
+            timeout = min(timeout, max(self._next_due - self._clock(), 0.0))
+        await self._notifier.wait(
+            work=True,
+            since=self._work_seen_by_claim,
+            timeout=timeout,
+            poll=self._poll_other_connections,
+            poll_interval=self._poll_interval,
+        )
+
+    async def wait_until_finished(self, run_id: str, timeout: float) -> RunRecord | None:
+        """See :meth:`Broker.wait_until_finished`."""
+        return await wait_until_finished(
+            self.get,
+            self._notifier,
+            run_id,
+            timeout,
+            poll=self._poll_other_connections,
+            poll_interval=self._poll_interval,
+        )

@@ -1,0 +1,651 @@
+"""The promises every broker keeps, checked against each kind of broker.
+
+Time is a fake wall clock passed to the broker, so leases expire and retries fall due
+exactly when a test moves the clock; only the tests of waking use real (short) time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from anyservice.taskqueue._broker import (
+    ABANDONED_ERROR_TYPE,
+    Broker,
+    BrokerError,
+    RunError,
+    RunRecord,
+    RunState,
+)
+from anyservice.taskqueue._memory import MemoryBroker
+from anyservice.taskqueue._sqlite import SqliteBroker
+from anyservice.taskqueue._urls import broker_from_url
+
+pytestmark = pytest.mark.anyio
+
+PAYLOAD = '{"args":["hi"],"kwargs":{}}'
+LEASE = 30.0
+START = 1_700_000_000.0
+BOOM = RunError(type="ValueError", message="boom", traceback="Traceback ...")
+
+
+class FakeClock:
+    """Wall-clock time that moves only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = START
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / 'runs.db'}"
+
+
+@pytest.fixture
+async def broker(broker_url: str, clock: FakeClock) -> AsyncIterator[Broker]:
+    broker = broker_from_url(broker_url, clock=clock)
+    await broker.open()
+    try:
+        yield broker
+    finally:
+        await broker.close()
+
+
+@pytest.fixture
+async def real_time_broker(broker_url: str) -> AsyncIterator[Broker]:
+    broker = broker_from_url(broker_url, clock=time.time)
+    await broker.open()
+    try:
+        yield broker
+    finally:
+        await broker.close()
+
+
+async def claim(broker: Broker, owner: str, *, limit: int = 10, task: str = "say") -> list[str]:
+    return [run.id for run in await broker.claim(owner, [task], limit=limit, lease_seconds=LEASE)]
+
+
+async def claim_one(broker: Broker, owner: str) -> RunRecord:
+    (run,) = await broker.claim(owner, ["say"], limit=1, lease_seconds=LEASE)
+    return run
+
+
+async def state_of(broker: Broker, run_id: str) -> RunState:
+    run = await broker.get(run_id)
+    assert run is not None
+    return run.state
+
+
+# --- submitting and reading --------------------------------------------------------------
+
+
+async def test_submitted_run_reads_back_scheduled_with_its_options(broker: Broker) -> None:
+    run = await broker.submit(
+        "say", PAYLOAD, retries=2, retry_delay=1.5, timeout=10, max_attempts=3
+    )
+    assert run == await broker.get(run.id)
+    assert len(run.id) == 32
+    assert int(run.id, 16)
+    assert (run.task, run.payload, run.state) == ("say", PAYLOAD, RunState.SCHEDULED)
+    assert (run.attempts, run.max_attempts, run.retries_left) == (0, 3, 2)
+    assert (run.retry_delay, run.timeout) == (1.5, 10.0)
+    assert run.created_at == run.scheduled_at == START
+    assert run.lease_owner is run.lease_expires_at is run.started_at is run.finished_at is None
+    assert run.result is run.error is None
+    assert not run.finished
+
+
+async def test_every_run_gets_its_own_id(broker: Broker) -> None:
+    ids = {(await broker.submit("say", PAYLOAD)).id for _ in range(20)}
+    assert len(ids) == 20
+
+
+async def test_get_of_unknown_run_is_none(broker: Broker) -> None:
+    assert await broker.get("0" * 32) is None
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"retries": -1}, "retries"),
+        ({"retry_delay": -0.5}, "retry_delay"),
+        ({"retry_delay": math.inf}, "retry_delay"),
+        ({"timeout": 0}, "timeout"),
+        ({"max_attempts": 0}, "max_attempts"),
+        ({"scheduled_at": math.nan}, "scheduled_at"),
+    ],
+)
+async def test_submit_rejects_out_of_range_options(
+    broker: Broker, options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        await broker.submit("say", PAYLOAD, **options)
+    assert (await broker.counts())[RunState.SCHEDULED] == 0
+
+
+async def test_submit_rejects_an_empty_task_name(broker: Broker) -> None:
+    with pytest.raises(ValueError, match="task name"):
+        await broker.submit("", PAYLOAD)
+
+
+# --- claiming ----------------------------------------------------------------------------
+
+
+async def test_claim_returns_due_runs_oldest_first(broker: Broker, clock: FakeClock) -> None:
+    first = await broker.submit("say", PAYLOAD)
+    clock.advance(1)
+    second = await broker.submit("say", PAYLOAD)
+    third = await broker.submit("say", PAYLOAD)  # same time as second: submission order
+    earlier = await broker.submit("say", PAYLOAD, scheduled_at=START - 10)
+
+    claimed = await broker.claim("w1", ["say"], limit=10, lease_seconds=LEASE)
+
+    assert [run.id for run in claimed] == [earlier.id, first.id, second.id, third.id]
+    for run in claimed:
+        assert run.state is RunState.RUNNING
+        assert (run.attempts, run.lease_owner) == (1, "w1")
+        assert (run.started_at, run.lease_expires_at) == (clock.now, clock.now + LEASE)
+        assert await broker.get(run.id) == run
+
+
+async def test_claim_takes_at_most_limit_runs(broker: Broker) -> None:
+    runs = [(await broker.submit("say", PAYLOAD)).id for _ in range(5)]
+    assert await claim(broker, "w1", limit=2) == runs[:2]
+    assert await claim(broker, "w2", limit=0) == []
+    assert await claim(broker, "w2", limit=2) == runs[2:4]
+    assert await claim(broker, "w3", limit=2) == runs[4:]
+
+
+async def test_claim_takes_only_the_named_tasks(broker: Broker) -> None:
+    say = await broker.submit("say", PAYLOAD)
+    shout = await broker.submit("shout", PAYLOAD)
+    assert await broker.claim("w1", [], limit=10, lease_seconds=LEASE) == []
+    assert await claim(broker, "w1", task="shout") == [shout.id]
+    claimed = await broker.claim("w2", {"say", "unknown"}, limit=10, lease_seconds=LEASE)
+    assert [run.id for run in claimed] == [say.id]
+
+
+async def test_claim_rejects_a_single_string_as_task_names(broker: Broker) -> None:
+    with pytest.raises(TypeError, match="collection of task names"):
+        await broker.claim("w1", "say", limit=1, lease_seconds=LEASE)
+
+
+@pytest.mark.parametrize(("limit", "lease_seconds"), [(-1, LEASE), (1, 0.0), (1, math.nan)])
+async def test_claim_rejects_bad_limits(broker: Broker, limit: int, lease_seconds: float) -> None:
+    with pytest.raises(ValueError, match=r"limit|lease_seconds"):
+        await broker.claim("w1", ["say"], limit=limit, lease_seconds=lease_seconds)
+
+
+async def test_run_scheduled_for_later_is_claimed_once_due(
+    broker: Broker, clock: FakeClock
+) -> None:
+    run = await broker.submit("say", PAYLOAD, scheduled_at=START + 60)
+    assert await claim(broker, "w1") == []
+    clock.advance(59.5)
+    assert await claim(broker, "w1") == []
+    clock.advance(0.5)
+    assert await claim(broker, "w1") == [run.id]
+
+
+async def test_live_lease_keeps_the_run_from_other_owners(broker: Broker, clock: FakeClock) -> None:
+    run = await broker.submit("say", PAYLOAD)
+    assert await claim(broker, "w1") == [run.id]
+    assert await claim(broker, "w2") == []
+    clock.advance(LEASE - 0.01)
+    assert await claim(broker, "w2") == []
+    assert (await claim_owner(broker, run.id)) == "w1"
+
+
+async def claim_owner(broker: Broker, run_id: str) -> str | None:
+    run = await broker.get(run_id)
+    assert run is not None
+    return run.lease_owner
+
+
+async def test_expired_lease_is_claimed_by_another_owner_as_a_new_attempt(
+    broker: Broker, clock: FakeClock
+) -> None:
+    run = await broker.submit("say", PAYLOAD)
+    await claim_one(broker, "w1")
+    clock.advance(LEASE)
+    again = await claim_one(broker, "w2")
+    assert again.id == run.id
+    assert (again.state, again.attempts, again.lease_owner) == (RunState.RUNNING, 2, "w2")
+    assert again.lease_expires_at == clock.now + LEASE
+
+
+async def test_owner_does_not_reclaim_its_own_expired_lease(
+    broker: Broker, clock: FakeClock
+) -> None:
+    run = await broker.submit("say", PAYLOAD)
+    await claim_one(broker, "w1")
+    clock.advance(LEASE + 1)
+    assert await claim(broker, "w1") == []
+    assert await broker.complete("w1", run.id, "null")
+
+
+async def test_run_abandoned_on_its_last_attempt_ends_crashed(
+    broker: Broker, clock: FakeClock
+) -> None:
+    run = await broker.submit("say", PAYLOAD, max_attempts=2)
+    await claim_one(broker, "w1")
+    clock.advance(LEASE)
+    await claim_one(broker, "w2")
+    clock.advance(LEASE)
+
+    assert await claim(broker, "w3") == []
+
+    crashed = await broker.get(run.id)
+    assert crashed is not None
+    assert crashed.state is RunState.CRASHED
+    assert crashed.finished
+    assert (crashed.attempts, crashed.finished_at) == (2, clock.now)
+    assert crashed.lease_owner is crashed.lease_expires_at is None
+    assert crashed.error is not None
+    assert crashed.error.type == ABANDONED_ERROR_TYPE
+    assert "abandoned by a worker" in crashed.error.message
+    assert "claimed 2 times" in crashed.error.message
+    assert not await broker.complete("w2", run.id, "null")
+
+
+async def test_abandoned_runs_of_unknown_tasks_are_crashed_too(
+    broker: Broker, clock: FakeClock
+) -> None:
+    run = await broker.submit("other", PAYLOAD, max_attempts=1)
+    await broker.claim("w1", ["other"], limit=1, lease_seconds=LEASE)
+    clock.advance(LEASE)
+    assert await claim(broker, "w2") == []
+    assert await state_of(broker, run.id) is RunState.CRASHED
+
+
+# --- leases --------------------------------------------------------------------------------
+
+
+async def test_heartbeat_extends_the_lease(broker: Broker, clock: FakeClock) -> None:
+    run = await broker.submit("say", PAYLOAD)
+    await claim_one(broker, "w1")
+    clock.advance(LEASE - 1)
+    assert await broker.heartbeat("w1", [run.id], lease_seconds=LEASE) == {run.id}
+    clock.advance(LEASE - 1)
+    assert await claim(broker, "w2") == []
+    renewed = await broker.get(run.id)
+    assert renewed is not None
+    assert renewed.lease_expires_at == clock.now + 1
+    assert renewed.attempts == 1
+
+
+async def test_heartbeat_reports_only_the_leases_still_held(
+    broker: Broker, clock: FakeClock
+) -> None:
+    lost = await broker.submit("say", PAYLOAD)
+    kept = await broker.submit("say", PAYLOAD)
+    done = await broker.submit("say", PAYLOAD)
+    await claim(broker, "w1")
+    assert await broker.complete("w1", done.id, "null")
+    clock.advance(LEASE)
+    assert await claim(broker, "w2", limit=1) == [lost.id]
+
+    held = await broker.heartbeat("w1", [lost.id, kept.id, done.id, "0" * 32], lease_seconds=LEASE)
+
+    assert held == {kept.id}
+    assert await broker.heartbeat("w1", [], lease_seconds=LEASE) == set()
+
+
+async def test_heartbeat_rejects_a_single_string_as_run_ids(broker: Broker) -> None:
+    run = await broker.submit("say", PAYLOAD)
+    with pytest.raises(TypeError, match="collection of run ids"):
+        await broker.heartbeat("w1", run.id, lease_seconds=LEASE)
+
+
+async def test_non_owner_cannot_change_a_claimed_run(broker: Broker) -> None:
+    run = await broker.submit("say", PAYLOAD, retries=3)
+    await claim_one(broker, "w1")
+    before = await broker.get(run.id)
+
+    assert not await broker.complete("intruder", run.id, '"mine"')
+    assert not await broker.fail("intruder", run.id, BOOM, retry=True)
+    assert not await broker.fail("intruder", run.id, BOOM, retry=False)
+    assert not await broker.release("intruder", run.id)
+    assert await broker.heartbeat("intruder", [run.id], lease_seconds=LEASE) == set()
+
+    assert await broker.get(run.id) == before
+
+
+async def test_worker_that_lost_its_lease_cannot_finish_the_run(
+    broker: Broker, clock: FakeClock
+) -> None:
+    run = await broker.submit("say", PAYLOAD)
+    await claim_one(broker, "w1")
+    clock.advance(LEASE)
+    await claim_one(broker, "w2")
+
+    assert not await broker.complete("w1", run.id, '"late"')
+    assert not await broker.fail("w1", run.id, BOOM, retry=False)
+    assert not await broker.release("w1", run.id)
+
+    assert await claim_owner(broker, run.id) == "w2"
+    assert await broker.complete("w2", run.id, '"on time"')
+
+
+async def test_runs_not_running_cannot_be_completed_failed_or_released(broker: Broker) -> None:
+    run = await broker.submit("say", PAYLOAD)
+    assert not await broker.complete("w1", run.id, "null")
+    assert not await broker.fail("w1", run.id, BOOM, retry=False)
+    assert not await broker.release("w1", run.id)
+    assert not await broker.complete("w1", "0" * 32, "null")
+    assert await state_of(broker, run.id) is RunState.SCHEDULED
+
+
+# --- finishing -----------------------------------------------------------------------------
+
+
+async def test_complete_records_the_result(broker: Broker, clock: FakeClock) -> None:
+    run = await broker.submit("say", PAYLOAD)
+    await claim_one(broker, "w1")
+    clock.advance(2)
+
+    assert await broker.complete("w1", run.id, '{"said":"hi"}')
+
+    done = await broker.get(run.id)
+    assert done is not None
+    assert (done.state, done.result, done.error) == (RunState.COMPLETED, '{"said":"hi"}', None)
+    assert (done.started_at, done.finished_at) == (START, START + 2)
+    assert done.lease_owner is done.lease_expires_at is None
+    assert not await broker.complete("w1", run.id, "null")
+
+
+async def test_failure_with_retries_left_is_retried_after_its_delay(
+    broker: Broker, clock: FakeClock
+) -> None:
+    run = await broker.submit("say", PAYLOAD, retries=2, retry_delay=10)
+    await claim_one(broker, "w1")
+    clock.advance(1)
+
+    assert await broker.fail("w1", run.id, BOOM, retry=True)
+
+    retried = await broker.get(run.id)
+    assert retried is not None
+    assert (retried.state, retried.retries_left, retried.attempts) == (RunState.SCHEDULED, 1, 1)
+    assert retried.scheduled_at == clock.now + 10
+    assert retried.error == BOOM
+    assert retried.lease_owner is retried.started_at is retried.finished_at is None
+    assert await claim(broker, "w2") == []
+    clock.advance(9.9)
+    assert await claim(broker, "w2") == []
+    clock.advance(0.1)
+    assert (await claim_one(broker, "w2")).attempts == 2
+
+
+async def test_failure_with_no_retries_left_ends_failed(broker: Broker, clock: FakeClock) -> None:
+    run = await broker.submit("say", PAYLOAD, retries=1)
+    await claim_one(broker, "w1")
+    assert await broker.fail("w1", run.id, RunError("KeyError", "first"), retry=True)
+    await claim_one(broker, "w1")
+
+    assert await broker.fail("w1", run.id, BOOM, retry=True)
+
+    failed = await broker.get(run.id)
+    assert failed is not None
+    assert (failed.state, failed.retries_left, failed.error) == (RunState.FAILED, 0, BOOM)
+    assert failed.finished_at == clock.now
+    assert failed.lease_owner is None
+    assert await claim(broker, "w1") == []
+
+
+async def test_failure_without_retry_ends_failed_whatever_retries_are_left(
+    broker: Broker,
+) -> None:
+    run = await broker.submit("say", PAYLOAD, retries=5)
+    await claim_one(broker, "w1")
+    assert await broker.fail("w1", run.id, BOOM, retry=False)
+    failed = await broker.get(run.id)
+    assert failed is not None
+    assert (failed.state, failed.retries_left) == (RunState.FAILED, 5)
+
+
+async def test_released_run_is_claimable_at_once_without_counting_the_attempt(
+    broker: Broker, clock: FakeClock
+) -> None:
+    run = await broker.submit("say", PAYLOAD, max_attempts=1)
+    await claim_one(broker, "w1")
+
+    assert await broker.release("w1", run.id)
+
+    released = await broker.get(run.id)
+    assert released is not None
+    assert (released.state, released.attempts) == (RunState.SCHEDULED, 0)
+    assert released.lease_owner is released.lease_expires_at is released.started_at is None
+    assert (await claim_one(broker, "w2")).attempts == 1
+    # Its one allowed attempt is the second claim, so abandoning that one crashes it.
+    clock.advance(LEASE)
+    assert await claim(broker, "w3") == []
+    assert await state_of(broker, run.id) is RunState.CRASHED
+
+
+async def test_cancel_stops_a_scheduled_run_from_being_claimed(
+    broker: Broker, clock: FakeClock
+) -> None:
+    run = await broker.submit("say", PAYLOAD)
+    assert await broker.cancel(run.id)
+    cancelled = await broker.get(run.id)
+    assert cancelled is not None
+    assert (cancelled.state, cancelled.finished_at) == (RunState.CANCELLED, clock.now)
+    assert await claim(broker, "w1") == []
+    assert not await broker.cancel(run.id)
+
+
+async def test_cancel_leaves_claimed_finished_and_unknown_runs_alone(broker: Broker) -> None:
+    running = await broker.submit("say", PAYLOAD)
+    await claim_one(broker, "w1")
+    assert not await broker.cancel(running.id)
+    assert await broker.complete("w1", running.id, "null")
+    assert not await broker.cancel(running.id)
+    assert not await broker.cancel("0" * 32)
+    assert await state_of(broker, running.id) is RunState.COMPLETED
+
+
+async def test_counts_reports_every_state(broker: Broker, clock: FakeClock) -> None:
+    assert await broker.counts() == dict.fromkeys(RunState, 0)
+    crashed = await broker.submit("say", PAYLOAD, max_attempts=1)
+    await claim_one(broker, "w0")
+    clock.advance(LEASE)
+    completed, failed, cancelled, running = [
+        (await broker.submit("say", PAYLOAD)).id for _ in range(4)
+    ]
+    await broker.submit("say", PAYLOAD)  # stays SCHEDULED
+    assert await claim(broker, "w1", limit=3) == [completed, failed, cancelled]
+    await broker.complete("w1", completed, "null")
+    await broker.fail("w1", failed, BOOM, retry=False)
+    await broker.release("w1", cancelled)
+    assert await broker.cancel(cancelled)
+    assert await claim(broker, "w2", limit=1) == [running]
+
+    assert await broker.counts() == dict.fromkeys(RunState, 1)
+    assert await state_of(broker, crashed.id) is RunState.CRASHED
+
+
+# --- waiting -------------------------------------------------------------------------------
+
+
+async def test_wait_for_work_wakes_when_a_run_is_submitted(broker: Broker) -> None:
+    woke = anyio.Event()
+
+    async def wait_for_work() -> None:
+        await broker.wait_for_work(timeout=5)
+        woke.set()
+
+    assert await claim(broker, "w1") == []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(wait_for_work)
+        await anyio.sleep(0.05)
+        assert not woke.is_set()
+        await broker.submit("say", PAYLOAD)
+        with anyio.fail_after(4):  # before wait_for_work's own timeout
+            await woke.wait()
+
+
+async def test_wait_for_work_returns_at_once_for_work_submitted_since_the_last_claim(
+    broker: Broker,
+) -> None:
+    assert await claim(broker, "w1") == []
+    await broker.submit("say", PAYLOAD)
+    with anyio.fail_after(4):
+        await broker.wait_for_work(timeout=5)
+
+
+async def test_wait_for_work_returns_after_its_timeout(broker: Broker) -> None:
+    assert await claim(broker, "w1") == []
+    with anyio.fail_after(4):
+        await broker.wait_for_work(timeout=0.02)
+
+
+async def test_wait_for_work_wakes_when_a_retry_falls_due(real_time_broker: Broker) -> None:
+    broker = real_time_broker
+    run = await broker.submit("say", PAYLOAD, retries=1, retry_delay=0.05)
+    await claim_one(broker, "w1")
+    assert await broker.fail("w1", run.id, BOOM, retry=True)
+    assert await claim(broker, "w1") == []
+    with anyio.fail_after(4):
+        while not (claimed := await claim(broker, "w1")):
+            await broker.wait_for_work(timeout=5)
+    assert claimed == [run.id]
+
+
+async def test_wait_for_work_wakes_when_another_owners_lease_expires(
+    real_time_broker: Broker,
+) -> None:
+    broker = real_time_broker
+    run = await broker.submit("say", PAYLOAD)
+    await broker.claim("w1", ["say"], limit=1, lease_seconds=0.05)
+    with anyio.fail_after(4):
+        while not (claimed := await claim(broker, "w2")):
+            await broker.wait_for_work(timeout=5)
+    assert claimed == [run.id]
+
+
+async def test_wait_until_finished_returns_the_finished_run(broker: Broker) -> None:
+    run = await broker.submit("say", PAYLOAD)
+    finished: list[RunRecord | None] = []
+
+    async def wait_until_finished() -> None:
+        finished.append(await broker.wait_until_finished(run.id, timeout=5))
+
+    with anyio.fail_after(4):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait_until_finished)
+            await claim_one(broker, "w1")
+            await anyio.sleep(0.02)
+            assert not finished
+            await broker.complete("w1", run.id, '"ok"')
+
+    (done,) = finished
+    assert done is not None
+    assert (done.state, done.result) == (RunState.COMPLETED, '"ok"')
+
+
+async def test_wait_until_finished_gives_the_latest_record_after_its_timeout(
+    broker: Broker,
+) -> None:
+    run = await broker.submit("say", PAYLOAD)
+    latest = await broker.wait_until_finished(run.id, timeout=0.02)
+    assert latest == run
+    assert await broker.wait_until_finished("0" * 32, timeout=5) is None
+
+
+# --- opening and closing -------------------------------------------------------------------
+
+
+async def test_calls_before_open_raise_broker_error(broker_url: str) -> None:
+    broker = broker_from_url(broker_url)
+    with pytest.raises(BrokerError, match="not open"):
+        await broker.get("0" * 32)
+    await broker.close()
+
+
+async def test_open_and_close_are_idempotent_and_runs_survive_reopening(
+    broker_url: str,
+) -> None:
+    broker = broker_from_url(broker_url)
+    await broker.open()
+    await broker.open()
+    run = await broker.submit("say", PAYLOAD)
+    await broker.close()
+    await broker.close()
+    with pytest.raises(BrokerError):
+        await broker.get(run.id)
+    await broker.open()
+    try:
+        assert await broker.get(run.id) == run
+    finally:
+        await broker.close()
+
+
+# --- broker URLs ---------------------------------------------------------------------------
+
+
+def test_memory_url_makes_a_memory_broker() -> None:
+    broker = broker_from_url("memory://")
+    assert isinstance(broker, MemoryBroker)
+    assert broker.url == "memory://"
+
+
+@pytest.mark.parametrize(
+    ("url", "path"),
+    [
+        ("sqlite:///relative.db", os.path.abspath("relative.db")),
+        ("sqlite:///data/runs.db", os.path.abspath("data/runs.db")),
+        ("sqlite:////abs/path.db", "/abs/path.db"),
+        ("SQLite:////abs/path.db", "/abs/path.db"),
+    ],
+)
+def test_sqlite_url_names_a_relative_or_absolute_file(url: str, path: str) -> None:
+    broker = broker_from_url(url)
+    assert isinstance(broker, SqliteBroker)
+    assert broker.path == path
+    assert broker.url.lower() == url.lower()
+
+
+@pytest.mark.parametrize(
+    ("url", "scheme"),
+    [("postgresql://user:secret@host/db", "postgresql"), ("redis://localhost", "redis")],
+)
+def test_unsupported_scheme_lists_the_supported_ones(url: str, scheme: str) -> None:
+    with pytest.raises(
+        ValueError, match=f"^unsupported scheme '{scheme}'; supported: sqlite, memory$"
+    ):
+        broker_from_url(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "anyservice.db",
+        "sqlite://",
+        "sqlite:///",
+        "sqlite://host/runs.db",
+        "sqlite:///:memory:",
+        "sqlite:///runs.db?mode=ro",
+        "memory://somewhere",
+    ],
+)
+def test_malformed_urls_are_rejected(url: str) -> None:
+    with pytest.raises(ValueError, match=r"broker URL|unsupported scheme"):
+        broker_from_url(url)

@@ -1,0 +1,433 @@
+"""What only the SQLite broker has to get right: one file shared by brokers and processes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+import pytest
+
+from anyservice.taskqueue._broker import (
+    CORRUPT_RUN_ERROR_TYPE,
+    BrokerBusyError,
+    BrokerError,
+    PayloadError,
+    RunState,
+)
+from anyservice.taskqueue._serialize import decode_arguments
+from anyservice.taskqueue._sqlite import SCHEMA_VERSION, SqliteBroker
+
+PAYLOAD = '{"args":["hi"],"kwargs":{}}'
+LEASE = 30.0
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "runs.db"
+
+
+@pytest.fixture
+async def broker(path: Path) -> AsyncIterator[SqliteBroker]:
+    async with SqliteBroker(path) as broker:
+        yield broker
+
+
+@contextlib.contextmanager
+def raw_connection(path: Path) -> Iterator[sqlite3.Connection]:
+    """A plain sqlite3 connection, standing in for another process or a careless tool."""
+    with contextlib.closing(
+        sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    ) as conn:
+        yield conn
+
+
+def raw_update(path: Path, sql: str, *parameters: object) -> None:
+    with raw_connection(path) as conn:
+        conn.execute(sql, parameters)
+
+
+def raw_column(path: Path, column: str, run_id: str) -> object:
+    with raw_connection(path) as conn:
+        (value,) = conn.execute(
+            f"SELECT {column} FROM anyservice_runs WHERE id = ?", (run_id,)
+        ).fetchone()
+    return value
+
+
+# --- the file --------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_file_is_in_wal_mode_with_a_schema_version(broker: SqliteBroker, path: Path) -> None:
+    with raw_connection(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        assert conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'anyservice_runs'"
+        ).fetchall() == [("anyservice_runs",)]
+
+
+@pytest.mark.anyio
+async def test_file_with_a_newer_schema_is_refused(path: Path) -> None:
+    raw_update(path, "PRAGMA user_version = 99")
+    broker = SqliteBroker(path)
+    with pytest.raises(BrokerError, match="schema version 99, newer than"):
+        await broker.open()
+    with pytest.raises(BrokerError, match="not open"):
+        await broker.get("0" * 32)
+
+
+@pytest.mark.anyio
+async def test_file_in_a_missing_directory_is_a_broker_error(tmp_path: Path) -> None:
+    with pytest.raises(BrokerError, match="unable to open"):
+        await SqliteBroker(tmp_path / "missing" / "runs.db").open()
+
+
+@pytest.mark.anyio
+async def test_runs_survive_into_a_new_broker_on_the_same_file(path: Path) -> None:
+    async with SqliteBroker(path) as first:
+        run = await first.submit("say", PAYLOAD, retries=1, timeout=2.5)
+    async with SqliteBroker(path) as second:
+        assert await second.get(run.id) == run
+
+
+def test_timeouts_and_intervals_must_be_positive(path: Path) -> None:
+    with pytest.raises(ValueError, match="busy_timeout"):
+        SqliteBroker(path, busy_timeout=0)
+    with pytest.raises(ValueError, match="lock_timeout"):
+        SqliteBroker(path, lock_timeout=-1)
+    with pytest.raises(ValueError, match="poll_interval"):
+        SqliteBroker(path, poll_interval=float("inf"))
+
+
+def test_in_memory_database_is_rejected() -> None:
+    with pytest.raises(ValueError, match="memory://"):
+        SqliteBroker(":memory:")
+
+
+# --- concurrent claims -----------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_racing_brokers_on_one_file_claim_each_run_exactly_once(path: Path) -> None:
+    brokers = [SqliteBroker(path) for _ in range(4)]
+    claims: dict[str, list[str]] = {}
+
+    async def claim_until_none_left(owner: str, broker: SqliteBroker) -> None:
+        mine = claims.setdefault(owner, [])
+        while runs := await broker.claim(owner, ["say"], limit=5, lease_seconds=LEASE):
+            for run in runs:
+                mine.append(run.id)
+                assert await broker.complete(owner, run.id, "null")
+
+    async with contextlib.AsyncExitStack() as stack:
+        for broker in brokers:
+            await stack.enter_async_context(broker)
+        submitted = [(await brokers[0].submit("say", PAYLOAD)).id for _ in range(200)]
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for number, broker in enumerate(brokers):
+                    tg.start_soon(claim_until_none_left, f"w{number}", broker)
+        counts = await brokers[0].counts()
+
+    claimed = [run_id for ids in claims.values() for run_id in ids]
+    assert sorted(claimed) == sorted(submitted)
+    assert counts[RunState.COMPLETED] == 200
+
+
+CLAIMING_PROCESS = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+
+    import anyio
+
+    from anyservice.taskqueue._sqlite import SqliteBroker
+
+    async def main(path: str, owner: str) -> None:
+        Path(f"{path}.ready.{owner}").touch()
+        while not Path(f"{path}.go").exists():
+            time.sleep(0.001)
+        done = []
+        async with SqliteBroker(path) as broker:
+            # Every run was submitted before "go": an empty claim means none are left.
+            while runs := await broker.claim(owner, ["say"], limit=5, lease_seconds=30):
+                for run in runs:
+                    assert await broker.complete(owner, run.id, f'"{owner}"')
+                    done.append(run.id)
+        print("\\n".join(done))
+
+    anyio.run(main, *sys.argv[1:])
+    """
+)
+
+
+def test_two_processes_complete_each_run_exactly_once(path: Path) -> None:
+    async def submit_runs() -> list[str]:
+        async with SqliteBroker(path) as broker:
+            return [(await broker.submit("say", PAYLOAD)).id for _ in range(500)]
+
+    submitted = anyio.run(submit_runs)
+    owners = ["p1", "p2"]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", CLAIMING_PROCESS, str(path), owner],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for owner in owners
+    ]
+    try:
+        deadline = time.monotonic() + 30
+        while not all(Path(f"{path}.ready.{owner}").exists() for owner in owners):
+            assert time.monotonic() < deadline, "claiming processes did not start"
+            time.sleep(0.01)
+        Path(f"{path}.go").touch()
+        outputs = {
+            owner: process.communicate(timeout=60)
+            for owner, process in zip(owners, processes, strict=True)
+        }
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+
+    completed_by: dict[str, str] = {}
+    for owner, process in zip(owners, processes, strict=True):
+        stdout, stderr = outputs[owner]
+        assert process.returncode == 0, stderr
+        for run_id in stdout.split():
+            assert run_id not in completed_by, (
+                f"{run_id} completed by {owner} and {completed_by[run_id]}"
+            )
+            completed_by[run_id] = owner
+    assert sorted(completed_by) == sorted(submitted)
+
+    async def check_runs() -> None:
+        async with SqliteBroker(path) as broker:
+            for run_id, owner in completed_by.items():
+                run = await broker.get(run_id)
+                assert run is not None
+                assert (run.state, run.attempts) == (RunState.COMPLETED, 1)
+                assert run.result is not None
+                assert json.loads(run.result) == owner
+
+    anyio.run(check_runs)
+
+
+# --- locks -----------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def write_lock_held(path: Path, release: threading.Event) -> AsyncIterator[None]:
+    """Hold the file's write lock from another connection until ``release`` is set."""
+    locked = threading.Event()
+
+    def hold() -> None:
+        with raw_connection(path) as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            locked.set()
+            release.wait(30)
+            conn.execute("COMMIT")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(anyio.to_thread.run_sync, hold)
+        await anyio.to_thread.run_sync(locked.wait)
+        try:
+            yield
+        finally:
+            release.set()
+
+
+@pytest.mark.anyio
+async def test_locked_database_is_retried_until_the_lock_is_released(path: Path) -> None:
+    release = threading.Event()
+    async with SqliteBroker(path, busy_timeout=0.02) as broker:
+
+        async def release_after_a_retry() -> None:
+            # lock_retries is a plain counter: there is no event to wait on.
+            while broker.lock_retries == 0:  # noqa: ASYNC110
+                await anyio.sleep(0.005)
+            release.set()
+
+        async with write_lock_held(path, release), anyio.create_task_group() as tg:
+            tg.start_soon(release_after_a_retry)
+            with anyio.fail_after(20):
+                run = await broker.submit("say", PAYLOAD)
+
+        assert broker.lock_retries >= 1
+        assert await broker.get(run.id) == run
+
+
+@pytest.mark.anyio
+async def test_database_locked_for_longer_than_lock_timeout_is_a_busy_error(
+    path: Path,
+) -> None:
+    async with SqliteBroker(path, busy_timeout=0.02, lock_timeout=0.1) as broker:
+        async with write_lock_held(path, threading.Event()):
+            with pytest.raises(BrokerBusyError, match="stayed locked"):
+                await broker.submit("say", PAYLOAD)
+        assert (await broker.counts())[RunState.SCHEDULED] == 0
+
+
+# --- corrupt rows ----------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_undecodable_payload_is_claimed_raw_without_blocking_other_runs(
+    broker: SqliteBroker, path: Path
+) -> None:
+    runs = [(await broker.submit("say", PAYLOAD)).id for _ in range(3)]
+    raw_update(path, "UPDATE anyservice_runs SET payload = 'not json{' WHERE id = ?", runs[1])
+
+    claimed = await broker.claim("w1", ["say"], limit=10, lease_seconds=LEASE)
+
+    assert [run.id for run in claimed] == runs
+    assert claimed[1].payload == "not json{"
+    with pytest.raises(PayloadError, match="not valid JSON"):
+        decode_arguments(claimed[1].payload)
+
+
+@pytest.mark.anyio
+async def test_row_with_an_unknown_state_is_never_claimed_and_reads_as_failed(
+    broker: SqliteBroker, path: Path
+) -> None:
+    bogus, good = [(await broker.submit("say", PAYLOAD)).id for _ in range(2)]
+    raw_update(path, "UPDATE anyservice_runs SET state = 'BOGUS' WHERE id = ?", bogus)
+
+    claimed = await broker.claim("w1", ["say"], limit=10, lease_seconds=LEASE)
+
+    assert [run.id for run in claimed] == [good]
+    run = await broker.get(bogus)
+    assert run is not None
+    assert run.state is RunState.FAILED
+    assert run.error is not None
+    assert run.error.type == CORRUPT_RUN_ERROR_TYPE
+    assert f"run {bogus} is corrupt" in run.error.message
+    assert "state 'BOGUS' is not one of SCHEDULED" in run.error.message
+    assert (await broker.counts())[RunState.FAILED] == 1
+    assert raw_column(path, "state", bogus) == "BOGUS"  # left for a person to inspect
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("column", "value", "problem"),
+    [
+        ("attempts", "many", "attempts 'many' is not an integer"),
+        ("payload", b"\x00", "payload b'\\x00' is not text"),
+        ("error", "{oops", "stored run error is not valid JSON"),
+        ("retry_delay", "soon", "retry_delay 'soon' is not a number"),
+    ],
+)
+async def test_due_row_with_a_corrupt_column_is_failed_and_the_rest_are_claimed(
+    broker: SqliteBroker, path: Path, column: str, value: object, problem: str
+) -> None:
+    corrupt, good = [(await broker.submit("say", PAYLOAD)).id for _ in range(2)]
+    raw_update(path, f"UPDATE anyservice_runs SET {column} = ? WHERE id = ?", value, corrupt)
+
+    claimed = await broker.claim("w1", ["say"], limit=1, lease_seconds=LEASE)
+
+    assert [run.id for run in claimed] == [good]
+    assert raw_column(path, "state", corrupt) == "FAILED"
+    run = await broker.get(corrupt)
+    assert run is not None
+    assert run.state is RunState.FAILED
+    assert run.error is not None
+    assert run.error.type == CORRUPT_RUN_ERROR_TYPE
+    assert problem in run.error.message
+
+
+@pytest.mark.anyio
+async def test_running_row_without_a_lease_is_failed_instead_of_stuck(
+    broker: SqliteBroker, path: Path
+) -> None:
+    run = await broker.submit("say", PAYLOAD)
+    raw_update(path, "UPDATE anyservice_runs SET state = 'RUNNING' WHERE id = ?", run.id)
+    assert await broker.claim("w1", ["say"], limit=1, lease_seconds=LEASE) == []
+    failed = await broker.get(run.id)
+    assert failed is not None
+    assert failed.state is RunState.FAILED
+    assert failed.error is not None
+    assert "RUNNING without a lease" in failed.error.message
+
+
+# --- waking across brokers and processes -----------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_submit_through_another_broker_of_the_file_wakes_wait_for_work(
+    broker: SqliteBroker, path: Path
+) -> None:
+    woke = anyio.Event()
+
+    async def wait_for_work() -> None:
+        await broker.wait_for_work(timeout=5)
+        woke.set()
+
+    async with SqliteBroker(path) as other:
+        assert await broker.claim("w1", ["say"], limit=1, lease_seconds=LEASE) == []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait_for_work)
+            await anyio.sleep(0.05)
+            assert not woke.is_set()
+            await other.submit("say", PAYLOAD)
+            with anyio.fail_after(4):
+                await woke.wait()
+
+
+@pytest.mark.anyio
+async def test_commit_by_another_connection_wakes_wait_for_work(
+    broker: SqliteBroker, path: Path
+) -> None:
+    run = await broker.submit("say", PAYLOAD, scheduled_at=time.time() + 3600)
+    woke = anyio.Event()
+
+    async def wait_for_work() -> None:
+        await broker.wait_for_work(timeout=5)
+        woke.set()
+
+    assert await broker.claim("w1", ["say"], limit=1, lease_seconds=LEASE) == []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(wait_for_work)
+        await anyio.sleep(0.05)
+        assert not woke.is_set()
+        # Another process making the run due now, as a release or retry would.
+        raw_update(path, "UPDATE anyservice_runs SET scheduled_at = 0 WHERE id = ?", run.id)
+        with anyio.fail_after(4):
+            await woke.wait()
+    claimed = await broker.claim("w1", ["say"], limit=1, lease_seconds=LEASE)
+    assert [r.id for r in claimed] == [run.id]
+
+
+@pytest.mark.anyio
+async def test_wait_until_finished_sees_a_run_finished_by_another_process(
+    broker: SqliteBroker, path: Path
+) -> None:
+    run = await broker.submit("say", PAYLOAD)
+
+    async def finish_elsewhere() -> None:
+        await anyio.sleep(0.05)
+        raw_update(
+            path,
+            "UPDATE anyservice_runs SET state = 'COMPLETED', result = '1' WHERE id = ?",
+            run.id,
+        )
+
+    with anyio.fail_after(4):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(finish_elsewhere)
+            finished = await broker.wait_until_finished(run.id, timeout=5)
+    assert finished is not None
+    assert (finished.state, finished.result) == (RunState.COMPLETED, "1")
