@@ -51,7 +51,8 @@ def main(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     if command == "test":
         return subprocess.run([str(PYTHON), "-m", "pytest", *rest], cwd=ROOT).returncode
-    return subprocess.run([str(PYTHON), str(ROOT / "examples" / "demo.py"), *rest], cwd=ROOT).returncode
+    demo = [str(PYTHON), str(ROOT / "examples" / "demo.py"), *rest]
+    return subprocess.run(demo, cwd=ROOT).returncode
 
 
 if __name__ == "__main__":

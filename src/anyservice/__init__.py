@@ -8,16 +8,32 @@ from ._decorators import requirements as requirements
 from ._decorators import task as task
 from ._diag import Diag as Diag
 from ._diag import transitions_to as transitions_to
+from ._loop_service import LoopService as LoopService
+from ._loop_service import run_services as run_services
+from ._schedule import CronSchedule as CronSchedule
+from ._schedule import IntervalSchedule as IntervalSchedule
+from ._schedule import MissedTickPolicy as MissedTickPolicy
 from ._service import Service as Service
 from ._state import ServiceError as ServiceError
 from ._state import ServiceState as ServiceState
+from ._timers import TimerStats as TimerStats
+from ._timers import crontab as crontab
+from ._timers import timer as timer
 
 __all__ = [
+    "CronSchedule",
     "Diag",
+    "IntervalSchedule",
+    "LoopService",
+    "MissedTickPolicy",
     "Service",
     "ServiceError",
     "ServiceState",
+    "TimerStats",
+    "crontab",
     "requirements",
+    "run_services",
     "task",
+    "timer",
     "transitions_to",
 ]

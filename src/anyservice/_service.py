@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, AsyncExitStack
 from contextvars import ContextVar
 from types import TracebackType
@@ -29,7 +29,9 @@ import anyio.lowlevel
 
 from . import _decorators
 from ._diag import Diag, coroutine_stack, format_tree
+from ._schedule import MissedTickPolicy
 from ._state import ServiceError, ServiceState, check_transition
+from ._timers import TimerStats, itertimer
 
 __all__ = ["Service"]
 
@@ -245,6 +247,8 @@ class Service:
         self.diag = Diag(self.name)
         self.crash_reason: BaseException | None = None
         self.restart_count = 0
+        #: Statistics of each ``@timer`` / ``@crontab``, by method name, while it runs.
+        self.timer_stats: dict[str, TimerStats] = {}
         self._state = ServiceState.INIT
         self._state_changed: anyio.Event | None = None
         self._dependencies: list[Service] = []
@@ -594,7 +598,8 @@ class Service:
             _inside.reset(token)
         self._resources = None
         self._run = None
-        if run.hard_scope.cancelled_caught:
+        # With no grace period at all, cancelling is the stop itself, not worth a warning.
+        if run.hard_scope.cancelled_caught and (run.cut_short or self.shutdown_timeout > 0):
             self.log.warning(
                 "did not stop within shutdown_timeout=%ss; cancelled what was left%s",
                 self.shutdown_timeout,
@@ -751,12 +756,36 @@ class Service:
 
     async def sleep(self, seconds: float) -> None:
         """Sleep for ``seconds``, or until a stop is requested, whichever comes first."""
+        await self._sleep_until(anyio.current_time() + seconds)
+
+    async def _sleep_until(self, deadline: float) -> bool:
+        """Sleep until ``deadline``; False if a stop came first."""
         run = self._run
         if run is None:
-            await anyio.sleep(seconds)
-            return
-        with anyio.move_on_after(seconds):
+            await anyio.sleep_until(deadline)
+            return True
+        with anyio.move_on_at(deadline):
             await run.stopping.wait()
+            return False
+        return True
+
+    def itertimer(
+        self,
+        interval: float,
+        *,
+        policy: MissedTickPolicy | str = MissedTickPolicy.SKIP,
+        exec_first: bool = False,
+    ) -> AsyncIterator[float]:
+        """``async for lateness in self.itertimer(5):`` — a drift-free timer inside a task.
+
+        Ticks on the grid ``t0 + k * interval`` with the same missed-tick policies as
+        ``@timer`` and yields each tick's lateness; ends when the service stops (mode's
+        ``itertimer``).
+
+        Raises:
+            TypeError, ValueError: for a bad interval or policy (at the first iteration).
+        """
+        return itertimer(self, interval, policy=policy, exec_first=exec_first)
 
     # ----------------------------------------------------------------- stop
 

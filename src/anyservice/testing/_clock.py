@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import selectors
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 __all__ = ["VirtualTimeEventLoop", "backend_options", "new_virtual_time_loop"]
@@ -21,10 +21,16 @@ __all__ = ["VirtualTimeEventLoop", "backend_options", "new_virtual_time_loop"]
 class _JumpingSelector(selectors.BaseSelector):
     """A selector that turns "block until the next timer" into a jump of the virtual clock."""
 
-    def __init__(self, loop_clock: _VirtualClock, autojump_threshold: float) -> None:
+    def __init__(
+        self,
+        loop_clock: _VirtualClock,
+        autojump_threshold: float,
+        next_timer: Callable[[], float | None],
+    ) -> None:
         self._real = selectors.DefaultSelector()
         self._clock = loop_clock
         self._threshold = autojump_threshold
+        self._next_timer = next_timer
 
     def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
         return self._real.register(fileobj, events, data)
@@ -43,7 +49,12 @@ class _JumpingSelector(selectors.BaseSelector):
         events = self._real.select(None if timeout is None else min(self._threshold, timeout))
         if events or timeout is None:
             return events
-        self._clock.now += timeout
+        target = self._clock.now + timeout
+        when = self._next_timer()
+        # Land exactly on the timer's due time: ``now + (when - now)`` can be an ulp off, and
+        # a test comparing clock readings should see the very value it scheduled.
+        exact = when is not None and abs(when - target) <= 1e-9 * max(1.0, abs(when))
+        self._clock.now = max(self._clock.now, when if exact and when is not None else target)
         return []
 
     def close(self) -> None:
@@ -76,7 +87,15 @@ class VirtualTimeEventLoop(asyncio.SelectorEventLoop):
         if autojump_threshold < 0:
             raise ValueError(f"autojump_threshold must be >= 0, got {autojump_threshold!r}")
         self._virtual_clock = _VirtualClock()
-        super().__init__(_JumpingSelector(self._virtual_clock, autojump_threshold))
+        super().__init__(
+            _JumpingSelector(self._virtual_clock, autojump_threshold, self._next_timer_due)
+        )
+
+    def _next_timer_due(self) -> float | None:
+        # asyncio keeps its timers in a heap, earliest first; the attribute is private but
+        # has been stable since asyncio began.
+        scheduled: list[asyncio.TimerHandle] = getattr(self, "_scheduled", [])
+        return scheduled[0].when() if scheduled else None
 
     def time(self) -> float:
         return self._virtual_clock.now

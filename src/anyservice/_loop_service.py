@@ -1,0 +1,174 @@
+"""Prefect's ``LoopService`` on scopes, and ``run_services`` under one signal handler."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Sequence
+
+import anyio
+import anyio.abc
+
+from ._schedule import MissedTickPolicy, TickOutcome, check_interval
+from ._service import Service
+from ._timers import TimerSpec, TimerStats
+
+__all__ = ["LoopService", "run_services"]
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class _LoopSpec(TimerSpec):
+    """The loop of a LoopService: a timer on the instance's ``loop_seconds``, Prefect-style.
+
+    It fires at start, then ``loop_seconds`` after each run started; a run that overruns is
+    followed at once by the next (the ``delay`` policy) with Prefect's warning each time.
+    Errors are logged and the loop goes on, but for ``NotImplementedError``.
+    """
+
+    kind = "loop"
+    propagate = (NotImplementedError,)
+
+    def __init__(self) -> None:
+        super().__init__(
+            LoopService.run_once,
+            60.0,
+            policy=MissedTickPolicy.DELAY,
+            exec_first=True,
+            on_error="log",
+        )
+        self.name = "run_once"
+
+    async def call(self, service: Service) -> None:
+        assert isinstance(service, LoopService)
+        await service.run_once()
+
+    def interval_for(self, service: Service) -> float:
+        assert isinstance(service, LoopService)
+        return service.loop_seconds
+
+    def new_stats(self) -> TimerStats:
+        return TimerStats()
+
+    def report_overrun(
+        self, service: Service, stats: TimerStats, duration: float, outcome: TickOutcome
+    ) -> None:
+        assert isinstance(service, LoopService)
+        service.log.warning(
+            "%s took %.3f seconds to run, which is longer than its loop interval of %s seconds.",
+            service.name,
+            duration,
+            service.loop_seconds,
+        )
+
+    async def after_tick(self, service: Service) -> None:
+        assert isinstance(service, LoopService)
+        service.loops_run += 1
+        if service._loops is not None and service.loops_run >= service._loops:
+            await service.stop()
+
+
+class LoopService(Service):
+    """A service that calls ``run_once()`` every ``loop_seconds`` (Prefect's ``LoopService``).
+
+    The next run starts ``loop_seconds`` after the previous one *started*, on a grid that
+    does not drift; a run that takes longer logs Prefect's warning and the next starts at
+    once. An exception in ``run_once`` is logged and the loop goes on, except
+    ``NotImplementedError`` (``run_once`` not overridden), which propagates. A stop ends an
+    idle wait at once and lets a run in progress finish within ``shutdown_timeout``.
+
+    ``await service.start(loops=N)`` returns after N runs with the service STOPPED;
+    ``loops=None`` runs until stopped. With ``handle_signals=True``, SIGINT and SIGTERM stop
+    it gracefully. ``timer_stats["run_once"]`` holds the loop's statistics.
+    """
+
+    loop_seconds: float = 60
+
+    def __init__(
+        self,
+        loop_seconds: float | None = None,
+        handle_signals: bool = False,
+        *,
+        name: str | None = None,
+        shutdown_timeout: float | None = None,
+    ) -> None:
+        super().__init__(name=name, shutdown_timeout=shutdown_timeout)
+        self.loop_seconds = check_interval(
+            self.loop_seconds if loop_seconds is None else loop_seconds,
+            f"{self.name}: loop_seconds",
+        )
+        self.handle_signals = bool(handle_signals)
+        self._loops: int | None = None
+        #: How many times ``run_once`` ran since the last start.
+        self.loops_run = 0
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        # Every LoopService runs the loop, whatever else its subclass decorates.
+        cls._background_specs = (_LOOP, *cls._background_specs)
+
+    async def on_start(self) -> None:
+        self.loops_run = 0
+
+    async def run_once(self) -> None:
+        """One run of the loop: override it.
+
+        Raises:
+            NotImplementedError: always, in the base class.
+        """
+        raise NotImplementedError("LoopService subclasses must implement run_once()")
+
+    async def start(self, loops: int | None = None) -> None:
+        """Run the loop until stopped, or for ``loops`` runs; returns with the service STOPPED.
+
+        Raises:
+            ValueError: if ``loops`` is not a positive int or None.
+            BaseExceptionGroup: if the service crashed.
+        """
+        if loops is not None and (
+            isinstance(loops, bool) or not isinstance(loops, int) or loops < 1
+        ):
+            raise ValueError(f"{self.name}: loops must be a positive int or None, got {loops!r}")
+        self._loops = loops
+        if self.handle_signals:
+            await run_services(self, handle_signals=True)
+        else:
+            await self.run()
+
+
+_LOOP = _LoopSpec()
+LoopService._background_specs = (_LOOP,)
+
+
+async def run_services(*services: Service, handle_signals: bool = True) -> None:
+    """Run several services until all have stopped, under one signal handler.
+
+    Prefect's ``run_multiple_services``: with ``handle_signals=True``, the first SIGINT or
+    SIGTERM stops every service gracefully. A LoopService runs for the ``loops`` its last
+    ``start(loops=)`` asked for (by default, until stopped).
+
+    Raises:
+        ValueError: if no services are given or one is given twice.
+        BaseExceptionGroup: what crashed any of them (the others are then stopped).
+    """
+    if not services:
+        raise ValueError("run_services() needs at least one service")
+    if len({id(service) for service in services}) != len(services):
+        raise ValueError("run_services(): a service was given twice")
+    async with anyio.create_task_group() as outer:
+        if handle_signals:
+            await outer.start(_stop_on_signal, services)
+        async with anyio.create_task_group() as inner:
+            for service in services:
+                inner.start_soon(service.run, name=f"anyservice {service.name}")
+        outer.cancel_scope.cancel()
+
+
+async def _stop_on_signal(
+    services: Sequence[Service], *, task_status: anyio.abc.TaskStatus[None]
+) -> None:
+    with anyio.open_signal_receiver(*STOP_SIGNALS) as received:
+        task_status.started()
+        async for signum in received:
+            for service in services:
+                service.log.info("received %s: stopping", signal.Signals(signum).name)
+                await service.stop(block=False)

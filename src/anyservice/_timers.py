@@ -1,0 +1,349 @@
+"""Timers and cron jobs on a service: ``@timer``, ``@crontab`` and ``itertimer()``.
+
+A timer sleeps (idle: a stop ends it at once) until its next grid point, then runs its body
+in flight (a stop lets it finish within the grace period). When the grid point comes is the
+schedule's business (:mod:`anyservice._schedule`), which never accumulates error.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+import anyio
+
+from ._decorators import BackgroundSpec, _check_coroutine_function, attach_spec
+from ._schedule import (
+    CronSchedule,
+    IntervalSchedule,
+    MissedTickPolicy,
+    TickOutcome,
+    check_interval,
+    check_policy,
+)
+
+if TYPE_CHECKING:
+    from ._service import Service, _Slot
+
+__all__ = [
+    "CronSpec",
+    "TimerSpec",
+    "TimerStats",
+    "crontab",
+    "itertimer",
+    "timer",
+    "wall_clock",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+OnError = Literal["crash", "log"]
+
+_wall_clock: ContextVar[Callable[[], float]] = ContextVar(
+    "anyservice_wall_clock", default=time.time
+)
+
+
+@contextmanager
+def wall_clock(clock: Callable[[], float]) -> Iterator[None]:
+    """Make cron schedules read wall time (epoch seconds) from ``clock`` in this context.
+
+    Cron jobs fire at wall-clock times, which a virtual clock does not move; tests use
+    :func:`anyservice.testing.virtual_wall_clock`, built on this.
+    """
+    token = _wall_clock.set(clock)
+    try:
+        yield
+    finally:
+        _wall_clock.reset(token)
+
+
+@dataclass
+class TimerStats:
+    """Statistics of one timer, readable while it runs (``service.timer_stats[name]``).
+
+    Attributes:
+        ticks: Bodies run.
+        late_ticks: Ticks whose body started more than ``late_after`` seconds after due.
+        overruns: Bodies still running when the next tick was due.
+        missed: Ticks dropped by the missed-tick policy.
+        errors: Bodies that raised (with ``on_error="log"``; otherwise the first crashes).
+        worst_lateness: The largest lateness seen, in seconds.
+        total_lateness: Sum of the latenesses, for :attr:`mean_lateness`.
+        last_duration: How long the last body took.
+        worst_duration: The longest body.
+        late_after: The lateness above which a tick counts as late.
+    """
+
+    interval: float | None = None
+    late_after: float = 0.001
+    ticks: int = 0
+    late_ticks: int = 0
+    overruns: int = 0
+    missed: int = 0
+    errors: int = 0
+    worst_lateness: float = 0.0
+    total_lateness: float = 0.0
+    last_duration: float = 0.0
+    worst_duration: float = 0.0
+    _overrunning: bool = field(default=False, repr=False)
+
+    @classmethod
+    def for_interval(cls, interval: float) -> TimerStats:
+        # "Late" is relative: a millisecond is late for a 10 ms timer, not for an hourly one.
+        return cls(interval=interval, late_after=min(0.001, interval / 10))
+
+    @property
+    def mean_lateness(self) -> float:
+        return self.total_lateness / self.ticks if self.ticks else 0.0
+
+    def record(self, lateness: float, duration: float) -> None:
+        self.ticks += 1
+        self.total_lateness += lateness
+        self.worst_lateness = max(self.worst_lateness, lateness)
+        if lateness > self.late_after:
+            self.late_ticks += 1
+        self.last_duration = duration
+        self.worst_duration = max(self.worst_duration, duration)
+
+
+class _PeriodicSpec(BackgroundSpec):
+    """What ``@timer`` and ``@crontab`` share: run the body in flight, keep stats, errors."""
+
+    #: Exceptions that crash the service even with ``on_error="log"``.
+    propagate: tuple[type[Exception], ...] = ()
+
+    def __init__(self, function: Callable[[Any], Awaitable[None]], *, on_error: OnError) -> None:
+        super().__init__(function)
+        if on_error not in ("crash", "log"):
+            raise ValueError(
+                f"{self.describe()}: on_error must be 'crash' or 'log', got {on_error!r}"
+            )
+        self.on_error = on_error
+
+    def new_stats(self) -> TimerStats:
+        return TimerStats()
+
+    async def call(self, service: Service) -> None:
+        await self.function(service)
+
+    async def run_body(
+        self, service: Service, stats: TimerStats, due: float
+    ) -> tuple[float, float]:
+        """Run the body once, in flight; returns when it started and finished."""
+        started = anyio.current_time()
+        async with service.in_flight():
+            try:
+                await self.call(service)
+            except self.propagate:
+                raise
+            except Exception:
+                if self.on_error == "crash":
+                    raise
+                stats.errors += 1
+                service.log.exception("%s raised; the schedule goes on", self.describe())
+        finished = anyio.current_time()
+        stats.record(max(0.0, started - due), finished - started)
+        return started, finished
+
+    def stats_for(self, service: Service) -> TimerStats:
+        stats = self.new_stats()
+        service.timer_stats[self.name] = stats
+        return stats
+
+
+class TimerSpec(_PeriodicSpec):
+    """A ``@timer``: the body on a fixed grid of the backend's monotonic clock."""
+
+    kind = "timer"
+
+    def __init__(
+        self,
+        function: Callable[[Any], Awaitable[None]],
+        interval: float,
+        *,
+        policy: MissedTickPolicy | str,
+        exec_first: bool,
+        on_error: OnError,
+    ) -> None:
+        self.interval = check_interval(interval, f"@timer {function.__name__!r} interval")
+        self.policy = check_policy(policy)
+        self.exec_first = bool(exec_first)
+        super().__init__(function, on_error=on_error)
+
+    def interval_for(self, service: Service) -> float:
+        return self.interval
+
+    def new_stats(self) -> TimerStats:
+        return TimerStats.for_interval(self.interval)
+
+    async def run(self, service: Service, slot: _Slot) -> None:
+        stats = self.stats_for(service)
+        schedule = IntervalSchedule(
+            self.interval_for(service),
+            start=anyio.current_time(),
+            policy=self.policy,
+            exec_first=self.exec_first,
+        )
+        while True:
+            due = schedule.due
+            await anyio.sleep_until(due)
+            started, finished = await self.run_body(service, stats, due)
+            outcome = schedule.advance(started, finished)
+            stats.missed += outcome.missed
+            if outcome.overran:
+                stats.overruns += 1
+                self.report_overrun(service, stats, finished - started, outcome)
+            else:
+                stats._overrunning = False
+            await self.after_tick(service)
+
+    async def after_tick(self, service: Service) -> None:
+        """Called after each tick has been accounted for."""
+
+    def report_overrun(
+        self, service: Service, stats: TimerStats, duration: float, outcome: TickOutcome
+    ) -> None:
+        if not stats._overrunning:
+            # One warning per run of overruns, not one per tick forever.
+            stats._overrunning = True
+            service.log.warning(
+                "%s overran: the body took %.6fs against an interval of %ss; policy %r %s",
+                self.describe(),
+                duration,
+                self.interval,
+                self.policy.value,
+                _POLICY_EFFECT[self.policy].format(missed=outcome.missed),
+            )
+
+
+_POLICY_EFFECT = {
+    MissedTickPolicy.SKIP: "skips {missed} tick(s) to the next grid point",
+    MissedTickPolicy.DELAY: "runs the next tick now and re-anchors the grid",
+    MissedTickPolicy.BURST: "runs the missed ticks back to back",
+}
+
+
+class CronSpec(_PeriodicSpec):
+    """A ``@crontab``: the body at the fire times of a cron expression, in wall time."""
+
+    kind = "crontab"
+
+    def __init__(
+        self,
+        function: Callable[[Any], Awaitable[None]],
+        schedule: CronSchedule,
+        *,
+        on_error: OnError,
+    ) -> None:
+        self.schedule = schedule
+        super().__init__(function, on_error=on_error)
+
+    def describe(self) -> str:
+        return f"crontab {self.name!r} ({self.schedule.expression})"
+
+    async def run(self, service: Service, slot: _Slot) -> None:
+        stats = self.stats_for(service)
+        read_wall = _wall_clock.get()
+        last_fire: datetime.datetime | None = None
+        while True:
+            # Recomputed from wall time each tick, so a wall clock set forward or back (or a
+            # DST change) is followed; never the same fire time twice.
+            wall = datetime.datetime.fromtimestamp(read_wall(), datetime.UTC)
+            after = wall if last_fire is None or wall > last_fire else last_fire
+            fire = self.schedule.next_after(after)
+            delay = (fire - wall).total_seconds()
+            due = anyio.current_time() + delay
+            await anyio.sleep_until(due)
+            last_fire = fire.astimezone(datetime.UTC)
+            await self.run_body(service, stats, due)
+
+
+def timer(
+    interval: float,
+    *,
+    policy: MissedTickPolicy | str = MissedTickPolicy.SKIP,
+    exec_first: bool = False,
+    on_error: OnError = "crash",
+) -> Callable[[F], F]:
+    """Run a coroutine method every ``interval`` seconds, on a grid that never drifts.
+
+    Tick ``k`` is due at ``t0 + k * interval`` on the backend's monotonic clock (``t0`` is
+    when the service started its tasks; ``exec_first=True`` also fires at ``t0``). When a
+    body overruns, ``policy`` decides: ``"skip"`` (default: the next grid point),
+    ``"delay"`` (run now and re-anchor the grid) or ``"burst"`` (catch up); one warning per
+    run of overruns says by how much. An exception in the body crashes the service
+    (mode's behaviour) unless ``on_error="log"`` (Prefect's), which logs it and keeps the
+    schedule. Statistics: ``service.timer_stats[name]``.
+
+    Raises:
+        TypeError: if ``interval`` is not a number or the method is not ``async def``.
+        ValueError: for an interval that is not finite and > 0, or an unknown policy.
+    """
+
+    check_interval(interval, "@timer interval")
+    check_policy(policy)
+
+    def decorate(function: F) -> F:
+        _check_coroutine_function(function, "@timer")
+        return attach_spec(
+            function,
+            TimerSpec(function, interval, policy=policy, exec_first=exec_first, on_error=on_error),
+        )
+
+    return decorate
+
+
+def crontab(
+    expression: str,
+    *,
+    timezone: str | datetime.tzinfo | None = None,
+    on_error: OnError = "crash",
+) -> Callable[[F], F]:
+    """Run a coroutine method at the times of a cron expression, in ``timezone`` (UTC default).
+
+    Correct across daylight-saving changes (see :class:`~anyservice.CronSchedule` for the
+    rules). A bad expression or timezone raises here, when the class is defined.
+
+    Raises:
+        ValueError: for a bad cron expression or an unknown timezone.
+        TypeError: if the method is not ``async def``.
+    """
+    schedule = CronSchedule(expression, timezone=timezone)
+
+    def decorate(function: F) -> F:
+        _check_coroutine_function(function, "@crontab")
+        return attach_spec(function, CronSpec(function, schedule, on_error=on_error))
+
+    return decorate
+
+
+async def itertimer(
+    service: Service,
+    interval: float,
+    *,
+    policy: MissedTickPolicy | str = MissedTickPolicy.SKIP,
+    exec_first: bool = False,
+) -> AsyncIterator[float]:
+    """Yield on the grid of ``interval`` until ``service`` stops (mode's ``itertimer``).
+
+    Each value is the tick's lateness in seconds. The loop body counts as the tick's body for
+    the missed-tick policy. Iteration ends as soon as a stop is requested.
+    """
+    schedule = IntervalSchedule(
+        check_interval(interval, "itertimer interval"),
+        start=anyio.current_time(),
+        policy=policy,
+        exec_first=exec_first,
+    )
+    while not service.should_stop:
+        due = schedule.due
+        if not await service._sleep_until(due):
+            return
+        started = anyio.current_time()
+        yield max(0.0, started - due)
+        schedule.advance(started, max(started, anyio.current_time()))
