@@ -711,7 +711,7 @@ async def test_bad_dependencies_are_refused_at_the_call() -> None:
     parent = Service(name="parent")
     child = Service(name="child")
     parent.add_dependency(child)
-    with pytest.raises(ValueError, match="already a dependency of 'parent'"):
+    with pytest.raises(ValueError, match="already belongs to 'parent'"):
         parent.add_dependency(child)
     with pytest.raises(ValueError, match="cannot depend on itself"):
         parent.add_dependency(parent)

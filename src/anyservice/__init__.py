@@ -8,28 +8,42 @@ from ._decorators import requirements as requirements
 from ._decorators import task as task
 from ._diag import Diag as Diag
 from ._diag import transitions_to as transitions_to
+from ._health import Health as Health
+from ._health import UnhealthyError as UnhealthyError
 from ._loop_service import LoopService as LoopService
 from ._loop_service import run_services as run_services
+from ._restart import Backoff as Backoff
 from ._schedule import CronSchedule as CronSchedule
 from ._schedule import IntervalSchedule as IntervalSchedule
 from ._schedule import MissedTickPolicy as MissedTickPolicy
 from ._service import Service as Service
 from ._state import ServiceError as ServiceError
 from ._state import ServiceState as ServiceState
+from ._supervisor import RestartType as RestartType
+from ._supervisor import Strategy as Strategy
+from ._supervisor import Supervisor as Supervisor
+from ._supervisor import SupervisorError as SupervisorError
 from ._timers import TimerStats as TimerStats
 from ._timers import crontab as crontab
 from ._timers import timer as timer
 
 __all__ = [
+    "Backoff",
     "CronSchedule",
     "Diag",
+    "Health",
     "IntervalSchedule",
     "LoopService",
     "MissedTickPolicy",
+    "RestartType",
     "Service",
     "ServiceError",
     "ServiceState",
+    "Strategy",
+    "Supervisor",
+    "SupervisorError",
     "TimerStats",
+    "UnhealthyError",
     "crontab",
     "requirements",
     "run_services",

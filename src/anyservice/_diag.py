@@ -94,7 +94,7 @@ def format_tree(root: Service) -> str:
 
     def visit(service: Service, prefix: str, connector: str, child_prefix: str) -> None:
         lines.append(f"{prefix}{connector}{service.describe()}")
-        children = service.dependencies
+        children = service.children()
         for index, child in enumerate(children):
             last = index == len(children) - 1
             visit(

@@ -29,7 +29,8 @@ import anyio.lowlevel
 
 from . import _decorators
 from ._diag import Diag, coroutine_stack, format_tree
-from ._schedule import MissedTickPolicy
+from ._health import Health, HealthMonitorSpec, run_healthcheck
+from ._schedule import MissedTickPolicy, check_interval
 from ._state import ServiceError, ServiceState, check_transition
 from ._timers import TimerStats, itertimer
 
@@ -221,6 +222,10 @@ class Service:
     """
 
     shutdown_timeout: float = 30.0
+    #: Seconds between two health checks, for a service that overrides ``healthcheck()``.
+    monitoring_interval: float = 10.0
+    #: A health check that takes longer than this counts as failed.
+    healthcheck_timeout: float = 5.0
     #: Level of the "starting/started/stopping/stopped" log lines.
     lifecycle_log_level: ClassVar[int] = logging.INFO
 
@@ -230,6 +235,10 @@ class Service:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls._background_specs, cls._requirement_methods = _decorators.collect(cls)
+        if cls.healthcheck is not Service.healthcheck:
+            check_interval(cls.monitoring_interval, f"{cls.__name__}.monitoring_interval")
+            check_interval(cls.healthcheck_timeout, f"{cls.__name__}.healthcheck_timeout")
+            cls._background_specs = (*cls._background_specs, _HEALTH_MONITOR)
         if not isinstance(cls.__dict__.get("shutdown_timeout", 0.0), int | float):
             raise TypeError(f"{cls.__name__}.shutdown_timeout must be a number of seconds")
 
@@ -249,6 +258,8 @@ class Service:
         self.restart_count = 0
         #: Statistics of each ``@timer`` / ``@crontab``, by method name, while it runs.
         self.timer_stats: dict[str, TimerStats] = {}
+        #: The result of the last health check, if one ran.
+        self.last_health: Health | None = None
         self._state = ServiceState.INIT
         self._state_changed: anyio.Event | None = None
         self._dependencies: list[Service] = []
@@ -279,6 +290,23 @@ class Service:
     async def on_shutdown(self) -> None:
         """Called last when stopping: tasks stopped, resources released; dependencies still up."""
 
+    async def healthcheck(self) -> None:
+        """Raise (an ``UnhealthyError`` or anything else) to report the service unhealthy.
+
+        Override it to get monitoring: it is called every ``monitoring_interval`` seconds
+        while the service runs, bounded by ``healthcheck_timeout``, and a failure crashes the
+        service with that reason, so a supervisor above restarts it (core_service's).
+        """
+
+    async def check_health(self) -> Health:
+        """Run the health check now; returns the result (also kept in ``last_health``).
+
+        A failing or hanging check gives an unhealthy result; it does not raise.
+        """
+        health = await run_healthcheck(self)
+        self.last_health = health
+        return health
+
     # ----------------------------------------------------------------- state
 
     @property
@@ -300,6 +328,11 @@ class Service:
 
     @property
     def dependencies(self) -> tuple[Service, ...]:
+        return tuple(self._dependencies)
+
+    def children(self) -> tuple[Service, ...]:
+        """The services below this one in the tree: its dependencies (and a supervisor's
+        children)."""
         return tuple(self._dependencies)
 
     def _set_state(self, new: ServiceState) -> None:
@@ -332,6 +365,8 @@ class Service:
         parts = [f"{self.name} [{self._state.name}]"]
         if self.restart_count:
             parts.append(f"restarts={self.restart_count}")
+        if self.last_health is not None:
+            parts.append(f"health={self.last_health.describe()}")
         if self.diag.flags:
             parts.append("flags=" + ",".join(sorted(self.diag.flags)))
         if self._state is ServiceState.CRASHED and self.crash_reason is not None:
@@ -360,6 +395,7 @@ class Service:
                 f"use 'await add_runtime_dependency(...)' while {self._state.name}"
             )
         self._adopt(service)
+        self._dependencies.append(service)
         return service
 
     async def add_runtime_dependency(self, service: Service) -> Service:
@@ -376,6 +412,7 @@ class Service:
                 f"(it is {self._state.name}); use add_dependency() before start"
             )
         self._adopt(service)
+        self._dependencies.append(service)
         try:
             await run.task_group.start(service.run, name=f"{service.name} (of {self.name})")
         except BaseException:
@@ -398,14 +435,15 @@ class Service:
             run.started_dependencies.remove(service)
         self._disown(service)
 
-    def _adopt(self, service: Service) -> None:
+    def _adopt(self, service: Service, what: str = "dependency") -> None:
+        """Make this service the owner of ``service`` in the tree."""
         if not isinstance(service, Service):
-            raise TypeError(f"{self.name}: a dependency must be a Service, got {service!r}")
+            raise TypeError(f"{self.name}: a {what} must be a Service, got {service!r}")
         if service is self:
             raise ValueError(f"{self.name}: a service cannot depend on itself")
         if service._owner is not None:
             raise ValueError(
-                f"{self.name}: {service.name!r} is already a dependency of {service._owner.name!r}"
+                f"{self.name}: {service.name!r} already belongs to {service._owner.name!r}"
             )
         ancestor: Service | None = self
         while ancestor is not None:
@@ -413,7 +451,6 @@ class Service:
                 raise ValueError(f"{self.name}: depending on {service.name!r} makes a cycle")
             ancestor = ancestor._owner
         service._owner = self
-        self._dependencies.append(service)
 
     def _disown(self, service: Service) -> None:
         self._dependencies.remove(service)
@@ -426,6 +463,7 @@ class Service:
         for attribute in self._requirement_methods:
             for service in getattr(self, attribute)():
                 self._adopt(service)
+                self._dependencies.append(service)
 
     # --------------------------------------------------------------- resources
 
@@ -959,8 +997,8 @@ class Service:
                 stacks[f"{self.name}.{slot.name}"] = "".join(
                     coroutine_stack(slot.task.coro).format()
                 )
-        for dependency in run.started_dependencies:
-            stacks.update(dependency.tracebacks())
+        for child in self.children():
+            stacks.update(child.tracebacks())
         return stacks
 
     # ------------------------------------------------------------ conveniences
@@ -981,6 +1019,9 @@ class Service:
                 f"from_awaitable() needs an awaitable or a coroutine function, got {awaitable!r}"
             )
         return _AwaitableService(awaitable, name=name)
+
+
+_HEALTH_MONITOR = HealthMonitorSpec()
 
 
 class _AwaitableService(Service):

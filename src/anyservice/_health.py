@@ -1,0 +1,86 @@
+"""Health checks: core_service's monitoring, on a drift-free grid.
+
+A service that overrides ``healthcheck()`` gets a monitor among its background tasks: every
+``monitoring_interval`` seconds it calls ``check_health()``, and an unhealthy result crashes
+the service with that reason, so a supervisor above restarts it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import anyio
+
+from ._decorators import BackgroundSpec
+from ._schedule import IntervalSchedule
+
+if TYPE_CHECKING:
+    from ._service import Service, _Slot
+
+__all__ = ["Health", "HealthMonitorSpec", "UnhealthyError"]
+
+
+class UnhealthyError(Exception):
+    """A health check failed; raise it from ``healthcheck()`` with the reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """The result of one health check.
+
+    Attributes:
+        healthy: Whether the check passed.
+        reason: Why not, if it did not.
+        error: The exception the check raised (an ``UnhealthyError`` for a timeout).
+        checked_at: The backend clock's reading when the check finished.
+    """
+
+    healthy: bool
+    checked_at: float
+    reason: str | None = None
+    error: BaseException | None = None
+
+    def describe(self) -> str:
+        return "ok" if self.healthy else f"UNHEALTHY ({self.reason})"
+
+
+async def run_healthcheck(service: Service) -> Health:
+    """Run ``service.healthcheck()`` within ``healthcheck_timeout``; never raises for a failure."""
+    timeout = service.healthcheck_timeout
+    try:
+        with anyio.move_on_after(timeout) as scope:
+            await service.healthcheck()
+    except Exception as exc:
+        reason = str(exc) if isinstance(exc, UnhealthyError) else f"{type(exc).__name__}: {exc}"
+        return Health(False, anyio.current_time(), reason, exc)
+    if scope.cancelled_caught:
+        reason = f"healthcheck did not answer within {timeout}s"
+        return Health(False, anyio.current_time(), reason, UnhealthyError(reason))
+    return Health(True, anyio.current_time())
+
+
+class HealthMonitorSpec(BackgroundSpec):
+    """Calls ``check_health()`` every ``monitoring_interval``; an unhealthy result crashes."""
+
+    kind = "healthcheck"
+
+    def __init__(self) -> None:
+        async def healthcheck(service: Service) -> None:
+            await service.healthcheck()
+
+        super().__init__(healthcheck)
+
+    async def run(self, service: Service, slot: _Slot) -> None:
+        schedule = IntervalSchedule(service.monitoring_interval, start=anyio.current_time())
+        while True:
+            await anyio.sleep_until(schedule.due)
+            started = anyio.current_time()
+            health = await service.check_health()
+            if not health.healthy:
+                assert health.error is not None
+                service.log.error("unhealthy: %s", health.reason)
+                raise UnhealthyError(f"{service.name} is unhealthy: {health.reason}") from (
+                    health.error
+                )
+            schedule.advance(started, anyio.current_time())

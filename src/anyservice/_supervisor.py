@@ -1,0 +1,307 @@
+"""Supervisor: a service whose children are restarted instead of crashing it (OTP-style)."""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.abc
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from ._decorators import task
+from ._restart import Backoff, RestartIntensity
+from ._schedule import check_interval
+from ._service import Service
+from ._state import ServiceError, ServiceState
+
+__all__ = ["RestartType", "Strategy", "Supervisor", "SupervisorError"]
+
+
+class Strategy(enum.Enum):
+    """Which children restart when one of them exits."""
+
+    #: Only the child that exited.
+    ONE_FOR_ONE = "one_for_one"
+    #: Every child: the others are stopped (in reverse order) and all started again.
+    ONE_FOR_ALL = "one_for_all"
+    #: The child that exited and those started after it.
+    REST_FOR_ONE = "rest_for_one"
+
+
+class RestartType(enum.Enum):
+    """When a child is restarted."""
+
+    #: Always: after a crash and after it stopped by itself.
+    PERMANENT = "permanent"
+    #: Only after a crash.
+    TRANSIENT = "transient"
+    #: Never.
+    TEMPORARY = "temporary"
+
+
+class SupervisorError(RuntimeError):
+    """A supervisor gave up: its children restarted more often than its intensity allows."""
+
+
+def _enum(kind: type[enum.Enum], value: object, what: str) -> Any:
+    try:
+        return kind(value.value if isinstance(value, kind) else value)
+    except ValueError:
+        valid = ", ".join(repr(member.value) for member in kind)
+        raise ValueError(f"{what} must be one of {valid}, got {value!r}") from None
+
+
+@dataclass(eq=False)
+class _Child:
+    service: Service
+    restart: RestartType
+    #: Restarts in a row without the child having run for ``within`` seconds in between.
+    failures: int = 0
+    started_at: float = 0.0
+    #: The supervisor is stopping it on purpose (one-for-all / rest-for-one): not an exit.
+    stopping: bool = False
+    running: bool = False
+    exited: anyio.Event | None = field(default=None, repr=False)
+
+
+_Exit = tuple[_Child, BaseException | None]
+
+
+class _Started:
+    """A ``task_status`` that notes when a child reported RUNNING."""
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+
+    def started(self, value: object = None) -> None:
+        self.event.set()
+
+
+class Supervisor(Service):
+    """Runs children and restarts them when they exit, instead of crashing (Erlang/OTP's).
+
+    ``strategy`` says which children restart (one-for-one, one-for-all, rest-for-one); each
+    child's restart type says when (permanent, transient, temporary). At most
+    ``max_restarts`` restarts within any ``within`` seconds (a sliding window); one more and
+    the supervisor itself crashes with a ``SupervisorError`` chained to the child's error,
+    so a supervisor above it can restart it. Between consecutive restarts of a child,
+    ``backoff`` waits (exponential, capped) so a child that dies at once does not spin.
+    Children start in order, each RUNNING before the next, and stop in reverse order.
+
+    Raises:
+        ValueError: for an unknown strategy or restart type, or bad intensity numbers.
+    """
+
+    strategy: Strategy = Strategy.ONE_FOR_ONE
+    max_restarts: int = 3
+    within: float = 5.0
+    backoff: Backoff = Backoff()
+
+    def __init__(
+        self,
+        *children: Service,
+        strategy: Strategy | str | None = None,
+        max_restarts: int | None = None,
+        within: float | None = None,
+        backoff: Backoff | None = None,
+        name: str | None = None,
+        shutdown_timeout: float | None = None,
+    ) -> None:
+        super().__init__(name=name, shutdown_timeout=shutdown_timeout)
+        self.strategy = _enum(Strategy, self.strategy if strategy is None else strategy, "strategy")
+        if max_restarts is not None:
+            self.max_restarts = max_restarts
+        if within is not None:
+            self.within = check_interval(within, f"{self.name}: within")
+        if backoff is not None:
+            if not isinstance(backoff, Backoff):
+                raise TypeError(f"{self.name}: backoff must be a Backoff, got {backoff!r}")
+            self.backoff = backoff
+        # Validates max_restarts and within.
+        RestartIntensity(self.max_restarts, self.within)
+        self._children: list[_Child] = []
+        self._exits: MemoryObjectSendStream[_Exit] | None = None
+        self._exits_received: MemoryObjectReceiveStream[_Exit] | None = None
+        for child in children:
+            self.add_child(child)
+
+    def add_child(
+        self, service: Service, *, restart: RestartType | str = RestartType.PERMANENT
+    ) -> Service:
+        """Add a child before the supervisor starts; returns ``service``.
+
+        Raises:
+            ServiceError: if the supervisor is running (use ``start_child``).
+            ValueError: for an unknown restart type, or a service that belongs elsewhere.
+        """
+        if self.state.is_active:
+            raise ServiceError(
+                f"{self.name}: add_child() is for a supervisor that is not running; "
+                "use 'await start_child(...)'"
+            )
+        self._add(service, restart)
+        return service
+
+    async def start_child(
+        self, service: Service, *, restart: RestartType | str = RestartType.PERMANENT
+    ) -> Service:
+        """Add a child to a running supervisor and start it; returns once it is RUNNING.
+
+        Raises:
+            ServiceError: if the supervisor is not RUNNING.
+        """
+        if self.state is not ServiceState.RUNNING:
+            raise ServiceError(f"{self.name}: start_child() needs a RUNNING supervisor")
+        self._open_exits()
+        child = self._add(service, restart)
+        await self._start(child)
+        return service
+
+    def _add(self, service: Service, restart: RestartType | str) -> _Child:
+        kind = _enum(RestartType, restart, f"{self.name}: restart")
+        self._adopt(service, "child")
+        child = _Child(service, kind)
+        self._children.append(child)
+        return child
+
+    def children(self) -> tuple[Service, ...]:
+        return (*super().children(), *(child.service for child in self._children))
+
+    # ------------------------------------------------------------------ supervision
+
+    def _open_exits(self) -> tuple[MemoryObjectSendStream[_Exit], MemoryObjectReceiveStream[_Exit]]:
+        if self._exits is None or self._exits_received is None:
+            self._exits, self._exits_received = anyio.create_memory_object_stream[_Exit](math.inf)
+        return self._exits, self._exits_received
+
+    @task
+    async def supervise(self) -> None:
+        send, receive = self._open_exits()
+        intensity = RestartIntensity(self.max_restarts, self.within)
+        try:
+            with send, receive:
+                for child in list(self._children):
+                    if not child.running:
+                        await self._start(child)
+                await self._supervise(receive, intensity)
+        finally:
+            self._exits = self._exits_received = None
+            # Stopping or crashing: the children stop gracefully, in reverse order, within
+            # the supervisor's own stop deadline.
+            with anyio.CancelScope(shield=True, deadline=self._stop_deadline()):
+                for child in reversed(self._children):
+                    if child.running:
+                        child.stopping = True
+                        await child.service.stop()
+
+    def _stop_deadline(self) -> float:
+        run = self._run
+        if run is None or not run.deadline_set:
+            return anyio.current_time() + self.shutdown_timeout
+        return run.hard_scope.deadline
+
+    async def _supervise(
+        self,
+        exits: MemoryObjectReceiveStream[_Exit],
+        intensity: RestartIntensity,
+    ) -> None:
+        async for child, error in exits:
+            if child.stopping:
+                child.stopping = False
+                continue
+            if not self._should_restart(child, error):
+                self.log.info(
+                    "child %s %s; %s children are not restarted",
+                    child.service.name,
+                    "stopped" if error is None else f"crashed ({error!r})",
+                    child.restart.value,
+                )
+                continue
+            now = anyio.current_time()
+            if not intensity.allow(now):
+                raise SupervisorError(
+                    f"{self.name}: more than {self.max_restarts} restarts within "
+                    f"{self.within}s; giving up after {child.service.name} "
+                    + ("stopped" if error is None else "crashed")
+                ) from error
+            if now - child.started_at >= self.within:
+                child.failures = 0
+            child.failures += 1
+            delay = self.backoff.delay(child.failures)
+            targets = self._targets(child)
+            self.log.warning(
+                "child %s %s; restarting %s (%s)%s",
+                child.service.name,
+                "stopped" if error is None else f"crashed: {_reason(error)}",
+                ", ".join(target.service.name for target in targets),
+                self.strategy.value,
+                f" in {delay:.3g}s" if delay else "",
+            )
+            for other in reversed(targets):
+                if other is not child and other.running:
+                    other.stopping = True
+                    await other.service.stop()
+            if delay:
+                await anyio.sleep(delay)
+            for target in targets:
+                await self._start(target)
+
+    def _should_restart(self, child: _Child, error: BaseException | None) -> bool:
+        if child.restart is RestartType.PERMANENT:
+            return True
+        return child.restart is RestartType.TRANSIENT and error is not None
+
+    def _targets(self, child: _Child) -> list[_Child]:
+        if self.strategy is Strategy.ONE_FOR_ONE:
+            return [child]
+        if self.strategy is Strategy.ONE_FOR_ALL:
+            return [other for other in self._children if other.running or other is child]
+        index = self._children.index(child)
+        return [child, *(other for other in self._children[index + 1 :] if other.running)]
+
+    async def _start(self, child: _Child) -> None:
+        """Start ``child`` in the supervisor's scope; returns once it is RUNNING (or ended)."""
+        started = _Started()
+        if child.service._started_once:
+            # Every start after the first is a restart, whoever's restart caused it.
+            child.service.restart_count += 1
+        child.running = True
+        child.started_at = anyio.current_time()
+        self.spawn(lambda: self._run_child(child, started), name=f"child {child.service.name}")
+        await started.event.wait()
+
+    async def _run_child(self, child: _Child, started: _Started) -> None:
+        # In flight: a supervisor's stop does not cancel a child, it stops it gracefully.
+        outcome: BaseException | None = None
+        async with self.in_flight():
+            try:
+                await child.service.run(task_status=started)
+            except Exception as exc:
+                outcome = exc
+            finally:
+                child.running = False
+                started.event.set()
+        exits = self._exits
+        if exits is not None:
+            try:
+                exits.send_nowait((child, outcome))
+            except anyio.ClosedResourceError:
+                pass  # the supervisor stopped supervising meanwhile: nothing to decide
+
+    def describe(self) -> str:
+        return f"{super().describe()} strategy={self.strategy.value}"
+
+
+def _reason(error: BaseException) -> str:
+    leaves: list[BaseException] = []
+    pending = [error]
+    while pending:
+        current = pending.pop()
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
+        else:
+            leaves.append(current)
+    return "; ".join(f"{type(leaf).__name__}: {leaf}" for leaf in leaves)
