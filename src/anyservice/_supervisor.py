@@ -14,7 +14,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from ._decorators import task
 from ._restart import Backoff, RestartIntensity
 from ._schedule import check_interval
-from ._service import Service
+from ._service import Service, _Started
 from ._state import ServiceError, ServiceState
 
 __all__ = ["RestartType", "Strategy", "Supervisor", "SupervisorError"]
@@ -68,16 +68,6 @@ class _Child:
 
 
 _Exit = tuple[_Child, BaseException | None]
-
-
-class _Started:
-    """A ``task_status`` that notes when a child reported RUNNING."""
-
-    def __init__(self) -> None:
-        self.event = anyio.Event()
-
-    def started(self, value: object = None) -> None:
-        self.event.set()
 
 
 class Supervisor(Service):
