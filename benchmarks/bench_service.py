@@ -1,0 +1,329 @@
+"""The Service core: what an idle service costs to stop, to start and to keep in memory.
+
+Each anyservice figure is set beside the same thing done with raw anyio: a service is
+compared with a task sleeping in ``anyio.sleep_forever()``, a parent with dependencies with a
+task group holding tasks, a tree of services with nested task groups of the same shape.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+
+from _harness import (
+    Config,
+    Countdown,
+    HeldMemory,
+    Metrics,
+    SampleFunction,
+    Side,
+    Table,
+    compare,
+    comparison_cells,
+    fmt_bytes,
+    fmt_count,
+    fmt_time,
+    now,
+    require,
+)
+
+NAME = "service"
+TITLE = "Service core: stop latency, start cost and memory of idle services"
+
+STOP_SIZES = (1, 100, 1_000, 10_000)
+START_SIZES = (1_000, 10_000)
+#: The stop target applies at this size; smaller trees are dominated by fixed costs.
+STOP_TARGET_SIZE = 1_000
+TARGET = 1.5
+FANOUT = 10
+
+
+def children(index: int, size: int) -> range:
+    """The children of node ``index`` in a complete ``FANOUT``-ary tree of ``size`` nodes.
+
+    Nodes are numbered breadth first from the root 0, so the tree has exactly ``size``
+    nodes and depth ``ceil(log10(size))`` or so.
+    """
+    first = FANOUT * index + 1
+    return range(min(first, size), min(first + FANOUT, size))
+
+
+# --- the anyservice side (imported lazily: the library may not be there yet) -------------
+
+
+@functools.cache
+def _library() -> tuple[type[Any], Any]:
+    from anyservice import Service, ServiceState
+
+    class Idle(Service):  # no tasks, no timers: idle until stopped
+        pass
+
+    return Idle, ServiceState
+
+
+def _services(shape: str, size: int) -> tuple[Any, list[Any]]:
+    """The root service and every service of a ``shape`` ("flat" or "tree") of ``size``."""
+    idle, _ = _library()
+    # Left with the default name (the class name): a service's logger is named after it,
+    # and loggers live for the life of the process (see the notes).
+    if shape == "flat":
+        parent = idle(name="parent")
+        members = [idle() for _ in range(size)]
+        for child in members:
+            parent.add_dependency(child)
+        return parent, [parent, *members]
+    nodes = [idle() for _ in range(size)]
+    for index, node in enumerate(nodes):
+        for child in children(index, size):
+            node.add_dependency(nodes[child])
+    return nodes[0], nodes
+
+
+def _check_states(services: list[Any], expected: str) -> None:
+    _, state = _library()
+    wrong = [s for s in services if s.state is not getattr(state, expected)]
+    if wrong:
+        raise AssertionError(
+            f"{len(wrong)} of {len(services)} services are not {expected}, "
+            f"e.g. {wrong[0]!r} is {wrong[0].state!r}"
+        )
+
+
+def service_lifecycle(config: Config, shape: str, size: int) -> Callable[[], SampleFunction]:
+    def build() -> SampleFunction:
+        require(_library, config)
+
+        async def sample() -> Metrics:
+            root, services = _services(shape, size)
+            started = now()
+            async with root:
+                running = now()
+                _check_states(services, "RUNNING")
+                stopping = now()
+                await root.stop()
+                stopped = now()
+            _check_states(services, "STOPPED")
+            return {"start": running - started, "stop": stopped - stopping}
+
+        return sample
+
+    return build
+
+
+def service_memory(config: Config, size: int) -> Callable[[], SampleFunction]:
+    def build() -> SampleFunction:
+        require(_library, config)
+
+        async def sample() -> Metrics:
+            with HeldMemory() as memory:
+                root, services = _services("flat", size)
+                async with root:
+                    held = memory.held()
+                    _check_states(services, "RUNNING")
+                    await root.stop()
+            return {"bytes": held / size}
+
+        return sample
+
+    return build
+
+
+# --- the raw anyio baselines ---------------------------------------------------------------
+
+
+def tasks_lifecycle(shape: str, size: int) -> SampleFunction:
+    """A task group of ``size`` sleeping tasks, or nested task groups shaped like the tree.
+
+    The task group opened here plays the parent (flat) or the root (tree): the tree has
+    ``size - 1`` tasks besides it, the flat shape ``size``, as the services do.
+    """
+
+    async def sample() -> Metrics:
+        if shape == "flat":
+            tasks, top = size, range(size)
+        else:
+            tasks, top = size - 1, children(0, size)
+        ready = Countdown(tasks)
+
+        async def sleeper() -> None:
+            ready.arrive()
+            await anyio.sleep_forever()
+
+        async def node(index: int) -> None:
+            async with anyio.create_task_group() as group:
+                for child in children(index, size):
+                    group.start_soon(node, child)
+                ready.arrive()
+                await anyio.sleep_forever()
+
+        started = now()
+        async with anyio.create_task_group() as group:
+            for index in top:
+                if shape == "flat":
+                    group.start_soon(sleeper)
+                else:
+                    group.start_soon(node, index)
+            await ready.wait()
+            running = now()
+            stopping = now()
+            group.cancel_scope.cancel()
+        stopped = now()
+        return {"start": running - started, "stop": stopped - stopping}
+
+    return sample
+
+
+def tasks_memory(size: int) -> SampleFunction:
+    async def sample() -> Metrics:
+        with HeldMemory() as memory:
+            ready = Countdown(size)
+
+            async def sleeper() -> None:
+                ready.arrive()
+                await anyio.sleep_forever()
+
+            async with anyio.create_task_group() as group:
+                for _ in range(size):
+                    group.start_soon(sleeper)
+                await ready.wait()
+                held = memory.held()
+                group.cancel_scope.cancel()
+        return {"bytes": held / size}
+
+    return sample
+
+
+# --- the report ----------------------------------------------------------------------------
+
+
+def plan(config: Config, size: int) -> dict[str, int]:
+    """Repeats and warm-ups for one size: the 10 000 runs take seconds, so fewer of them.
+
+    They need no warm-up of their own: the smaller sizes have just run in the same process.
+    """
+    if size >= 10_000:
+        return {"repeats": 1 if config.quick else 3, "warmup": 0}
+    return {"repeats": config.repeats(), "warmup": 1}
+
+
+def memory_repeats(config: Config, size: int) -> int:
+    """tracemalloc figures barely move between runs (and 10 000 services take long)."""
+    if config.quick:
+        return 1 if size < 10_000 else 0
+    return 3 if size < 10_000 else 1
+
+
+def runs(count: int) -> str:
+    return {0: "not measured", 1: "1 run"}.get(count, f"{count} runs")
+
+
+def run(config: Config) -> list[Table]:
+
+    stop_tables = {
+        shape: Table(
+            f"Stop latency, {label}: `await root.stop()` vs cancelling the task group(s)",
+            ["backend", "services", "anyservice", "baseline", "ratio", "target", "met?"],
+        )
+        for shape, label in (
+            ("flat", "flat (N dependencies of one parent)"),
+            ("tree", f"tree (N services, up to {FANOUT} dependencies each)"),
+        )
+    }
+    start = Table(
+        "Start cost per idle service: `async with parent` until RUNNING, / N",
+        ["backend", "services", "anyservice", "baseline", "ratio", "target", "met?"],
+    )
+    memory = Table(
+        "Memory held per idle running service (tracemalloc)",
+        ["backend", "services", "anyservice", "baseline", "ratio", "target", "met?"],
+    )
+    starts: list[tuple[str, int, Side, Side]] = []
+    for shape, table in stop_tables.items():
+        for backend in config.backends:
+            for size in STOP_SIZES:
+                subject, baseline = compare(
+                    backend,
+                    service_lifecycle(config, shape, size),
+                    tasks_lifecycle(shape, size),
+                    **plan(config, size),
+                )
+                table.add_row(
+                    backend,
+                    fmt_count(size),
+                    *comparison_cells(
+                        subject,
+                        baseline,
+                        "stop",
+                        fmt=fmt_time,
+                        target=TARGET if size == STOP_TARGET_SIZE else None,
+                    ),
+                )
+                if shape == "flat" and size in START_SIZES:
+                    starts.append((backend, size, subject, baseline))
+
+    for backend, size, subject, baseline in starts:
+        for side in (subject, baseline):
+            side.samples["start per service"] = [t / size for t in side.samples.get("start", [])]
+        start.add_row(
+            backend,
+            fmt_count(size),
+            *comparison_cells(subject, baseline, "start per service", fmt=fmt_time, target=TARGET),
+        )
+
+    for backend in config.backends:
+        for size in START_SIZES:
+            if not memory_repeats(config, size):
+                continue
+            subject, baseline = compare(
+                backend,
+                service_memory(config, size),
+                tasks_memory(size),
+                repeats=memory_repeats(config, size),
+                warmup=0,
+            )
+            memory.add_row(
+                backend,
+                fmt_count(size),
+                *comparison_cells(subject, baseline, "bytes", fmt=fmt_bytes, target=TARGET),
+            )
+
+    flat, tree = stop_tables["flat"], stop_tables["tree"]
+    flat.notes += [
+        f"Medians of {plan(config, 1)['repeats']} runs after one discarded warm-up pair "
+        f"(10 000 services: {plan(config, 10_000)['repeats']} runs, no warm-up: the smaller "
+        "sizes ran just before), each run in a fresh `anyio.run`, anyservice and baseline "
+        "alternating. The garbage collector stays enabled (its passes are part of the cost).",
+        "anyservice: one parent with N idle dependencies; the time is from just before "
+        "`await parent.stop()` to its return (every service is then asserted STOPPED, "
+        "outside the timing).",
+        "Baseline: a task group holding N tasks in `anyio.sleep_forever()`, all started; the "
+        "time is from `tg.cancel_scope.cancel()` to the exit of `async with`.",
+        f"Target: <= {TARGET}x the baseline at {fmt_count(STOP_TARGET_SIZE)} services.",
+    ]
+    tree.notes += [
+        f"N services in all: a complete {FANOUT}-ary tree filled breadth first (1 000 "
+        "services: 1 + 10 + 100 + 889), each node's children added as its dependencies.",
+        "Baseline: the same shape of nested task groups (each node a task that opens a task "
+        "group for its children, then sleeps), cancelled at the root.",
+        f"Target: <= {TARGET}x the baseline at {fmt_count(STOP_TARGET_SIZE)} services.",
+        'Services keep their default name (the class name): named `name=f"child-{i}"`, '
+        "each would also create a logger that `logging` keeps for the life of the process.",
+    ]
+    start.notes += [
+        "From the flat runs above: time from entering `async with parent` (services built "
+        "and dependencies added beforehand) to the first line inside it, divided by N.",
+        "Baseline: `tg.start_soon` of N sleeping tasks, until every task has run up to its "
+        "sleep (each ticks a counter; the last sets an Event), divided by N.",
+        f"Target: <= {TARGET}x.",
+    ]
+    memory.notes += [
+        "tracemalloc: bytes allocated since just before the services (or tasks) were built "
+        "and still held once all are running, after a `gc.collect()`, divided by N. "
+        f"Median of {runs(memory_repeats(config, 1_000))} (10 000 services: "
+        f"{runs(memory_repeats(config, 10_000))}); not timed (tracemalloc is slow).",
+        f"Target: <= {TARGET}x the bytes of a bare sleeping task.",
+    ]
+    return [flat, tree, start, memory]
