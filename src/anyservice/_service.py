@@ -1,10 +1,10 @@
 """The Service: a running service *is* an anyio task group with a cancel scope around it.
 
-Each run of a service opens three nested scopes, from the outside in:
+Each run of a service opens two nested scopes, from the outside in:
 
-- the *hard* scope, whose deadline is set to ``now + shutdown_timeout`` when a stop is
-  requested or the service crashes: whatever is left at the deadline is cancelled;
 - the service's task group, hosting its dependencies' runs and its own background tasks;
+  its cancel scope is the *hard* scope, whose deadline is set to ``now + shutdown_timeout``
+  when a stop is requested or the service crashes: whatever is left then is cancelled;
 - the *running* scope, around starting and serving: a stop request cancels it, which ends
   an unfinished start or the wait for a stop, and the stop sequence begins.
 
@@ -148,7 +148,6 @@ class _Run:
         "crashing",
         "cut_short",
         "deadline_set",
-        "hard_scope",
         "has_resources",
         "inside",
         "on_start_done",
@@ -164,7 +163,6 @@ class _Run:
     )
 
     def __init__(self) -> None:
-        self.hard_scope = anyio.CancelScope()
         self.running_scope = anyio.CancelScope()
         self.task_group: anyio.abc.TaskGroup | None = None
         self.stopping = anyio.Event()
@@ -180,6 +178,12 @@ class _Run:
         self.task: anyio.TaskInfo | None = None
         self.inside: tuple[Service, ...] = ()
         self.reported_started = False
+
+    @property
+    def hard_scope(self) -> anyio.CancelScope:
+        """The task group's own scope, whose deadline is the stop deadline."""
+        assert self.task_group is not None, "the run's task group is not open yet"
+        return self.task_group.cancel_scope
 
 
 class _ReleasedWithinDeadline(AsyncExitStack):
@@ -631,17 +635,16 @@ class Service:
         self.log.log(self.lifecycle_log_level, "starting")
         token = _inside.set(run.inside)
         try:
-            with run.hard_scope:
-                async with anyio.create_task_group() as task_group:
-                    run.task_group = task_group
-                    try:
-                        await self._start_and_serve(run, task_status)
-                    except BaseException as exc:
-                        if not _only_cancellation(exc):
-                            self._note_crash(run)
-                        raise
-                    finally:
-                        await self._stop_dependencies(run)
+            async with anyio.create_task_group() as task_group:
+                run.task_group = task_group
+                try:
+                    await self._start_and_serve(run, task_status)
+                except BaseException as exc:
+                    if not _only_cancellation(exc):
+                        self._note_crash(run)
+                    raise
+                finally:
+                    await self._stop_dependencies(run)
             if self._pending_crash is not None:
                 raise self._pending_crash
         except BaseException as exc:
