@@ -4,6 +4,7 @@ A running service *is* an anyio task group with a cancel scope: start, stop, sto
 inside and crashes are scope operations with deadlines, never polled flags.
 """
 
+from ._blocking import BlockingDetector as BlockingDetector
 from ._decorators import requirements as requirements
 from ._decorators import task as task
 from ._diag import Diag as Diag
@@ -13,6 +14,7 @@ from ._health import UnhealthyError as UnhealthyError
 from ._loop_service import LoopService as LoopService
 from ._loop_service import run_services as run_services
 from ._restart import Backoff as Backoff
+from ._runner import run as run
 from ._schedule import CronSchedule as CronSchedule
 from ._schedule import IntervalSchedule as IntervalSchedule
 from ._schedule import MissedTickPolicy as MissedTickPolicy
@@ -29,6 +31,7 @@ from ._timers import timer as timer
 
 __all__ = [
     "Backoff",
+    "BlockingDetector",
     "CronSchedule",
     "Diag",
     "Health",
@@ -46,6 +49,7 @@ __all__ = [
     "UnhealthyError",
     "crontab",
     "requirements",
+    "run",
     "run_services",
     "task",
     "timer",

@@ -1,0 +1,232 @@
+"""The ``anyservice`` command: ``anyservice run package.module:attribute``.
+
+Also ``python -m anyservice ...``. Mistakes in what to run (an import path that does not
+import, a missing attribute, an object that is not a service, a factory that raises) are
+reported in one line with exit code 2, as argparse reports its own usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import inspect
+import logging
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Literal, cast
+
+from ._runner import run
+from ._service import Service
+
+__all__ = ["main"]
+
+log = logging.getLogger("anyservice.runner")
+
+#: Exit code of a command line that cannot run: a usage error, or a target that is not one.
+EXIT_USAGE = 2
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_LOG_FORMAT = "%(asctime)s %(levelname)-7s %(message)s"
+
+_DESCRIPTION = """\
+Run long-running async services built with anyservice.
+"""
+
+_RUN_DESCRIPTION = """\
+Run a service until it stops; the exit code says how it ended.
+
+TARGET is package.module:attribute, imported with the current directory first on
+sys.path. The attribute may be a dotted path (package.module:app.service) and names
+  - a Service instance,
+  - a Service subclass, created with no arguments, or
+  - a zero-argument factory (a function) that returns a Service.
+
+The first SIGINT or SIGTERM stops the service gracefully, within its shutdown timeout; a
+second one stops it at once. SIGUSR1 logs the service tree and the stacks of its tasks.
+"""
+
+_RUN_EPILOG = """\
+exit codes:
+  0    the service stopped (by itself, or gracefully after a signal)
+  1    the service crashed (its traceback is logged once)
+  2    usage error: bad arguments, or a TARGET that does not give a service
+  n    the service raised SystemExit(n)
+  130  stopped at once by a second SIGINT (143 for SIGTERM: 128 + the signal number)
+
+examples:
+  anyservice run myapp.services:Poller
+  anyservice run myapp.main:build --backend trio --shutdown-timeout 10
+  python -m anyservice run myapp.main:app.worker --log-level DEBUG --blocking-threshold 0.5
+"""
+
+
+class TargetError(Exception):
+    """The target does not give a service; the message is the one line the user sees."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``anyservice`` command with ``argv`` (default: ``sys.argv[1:]``).
+
+    Returns the exit code: the runner's (0, 1, 128 + signal, or a service's
+    ``SystemExit(n)``), or 2 for a usage error or a target that does not give a service.
+    """
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_request:
+        # argparse exits for --help (0) and for usage errors (2): return it, as documented.
+        return exit_request.code if isinstance(exit_request.code, int) else EXIT_USAGE
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(level=args.log_level, format=_LOG_FORMAT)
+    if args.backend == "trio" and importlib.util.find_spec("trio") is None:
+        return _fail("the trio backend needs trio: pip install 'anyservice[trio]'")
+    try:
+        service = load_service(args.target)
+    except TargetError as error:
+        log.debug("could not load %s", args.target, exc_info=True)
+        return _fail(str(error))
+    if args.shutdown_timeout is not None:
+        service.shutdown_timeout = args.shutdown_timeout
+    log.info("running %s (%s) on %s, pid %d", args.target, service.name, args.backend, os.getpid())
+    return run(
+        service,
+        backend=cast(Literal["asyncio", "trio"], args.backend),
+        blocking_threshold=args.blocking_threshold,
+    )
+
+
+def _fail(message: str) -> int:
+    print(f"anyservice: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def load_service(target: str) -> Service:
+    """The service ``target`` (``package.module:attribute``) names, created if need be.
+
+    Raises:
+        TargetError: naming what went wrong, in one line, for a malformed target, a module
+            that does not import, a missing attribute, a factory that raises, or an object
+            that is not a service.
+    """
+    module_name, colon, attribute_path = target.partition(":")
+    if not colon or not module_name or not attribute_path:
+        raise TargetError(f"TARGET must look like package.module:attribute, got {target!r}")
+    # As uvicorn does: a module of the project in the current directory can be named.
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:
+        raise TargetError(
+            f"cannot import module {module_name!r}: {type(error).__name__}: {error}"
+        ) from error
+    found: object = module
+    walked = module_name
+    for part in attribute_path.split("."):
+        try:
+            found = getattr(found, part)
+        except AttributeError:
+            raise TargetError(f"{walked!r} has no attribute {part!r} (in {target!r})") from None
+        walked = f"{walked}:{part}" if walked == module_name else f"{walked}.{part}"
+    return _as_service(found, target)
+
+
+def _as_service(found: object, target: str) -> Service:
+    if isinstance(found, Service):
+        return found
+    if isinstance(found, type) and not issubclass(found, Service):
+        raise TargetError(f"{target} is the class {found.__qualname__}, not a Service subclass")
+    if not callable(found):
+        raise TargetError(
+            f"{target} is {_describe(found)}, not a Service, a Service class or a factory of one"
+        )
+    if inspect.iscoroutinefunction(found):
+        raise TargetError(f"{target} is an async function: a factory must return the service")
+    try:
+        made = found()
+    except Exception as error:
+        raise TargetError(f"{target}() raised {type(error).__name__}: {error}") from error
+    if not isinstance(made, Service):
+        raise TargetError(f"{target}() returned {_describe(made)}, not a Service")
+    return made
+
+
+def _describe(value: object) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _seconds(at_least_zero: bool) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        if math.isnan(value) or value < 0 or (not at_least_zero and not 0 < value < math.inf):
+            bound = ">= 0" if at_least_zero else "> 0 and finite"
+            raise argparse.ArgumentTypeError(f"must be {bound} seconds, got {text!r}")
+        return value
+
+    return parse
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="anyservice",
+        description=_DESCRIPTION,
+        epilog="Run 'anyservice run --help' for the TARGET forms, signals and exit codes.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run_command = commands.add_parser(
+        "run",
+        help="run a service (TARGET: package.module:attribute) until it stops",
+        description=_RUN_DESCRIPTION,
+        epilog=_RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run_command.add_argument(
+        "target",
+        metavar="TARGET",
+        help="package.module:attribute naming a Service, a Service class or a factory",
+    )
+    run_command.add_argument(
+        "--backend",
+        choices=("asyncio", "trio"),
+        default="asyncio",
+        help="the event loop to run on (default: asyncio)",
+    )
+    run_command.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=_LOG_LEVELS,
+        default="INFO",
+        metavar="LEVEL",
+        help="logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL (default: INFO)",
+    )
+    run_command.add_argument(
+        "--shutdown-timeout",
+        type=_seconds(at_least_zero=True),
+        default=None,
+        metavar="S",
+        help="grace period of a stop, in seconds (default: the service's shutdown_timeout)",
+    )
+    run_command.add_argument(
+        "--blocking-threshold",
+        type=_seconds(at_least_zero=False),
+        default=None,
+        metavar="S",
+        help="warn, with its stack, when the event loop is blocked for longer than S seconds",
+    )
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())
