@@ -949,3 +949,43 @@ async def test_diag_flags_and_transitions_to() -> None:
     assert "FLUSHING" in service.diag.last_transition
     service.diag.set_flag("WAITING")
     assert "flags=WAITING" in service.describe()
+
+
+async def test_tasks_finish_their_cleanup_before_resources_are_released_at_the_deadline() -> None:
+    events: list[str] = []
+
+    @asynccontextmanager
+    async def resource() -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            events.append("resource released")
+
+    class Worker(Service):
+        shutdown_timeout = 1.0
+
+        async def on_start(self) -> None:
+            await self.add_async_context(resource())
+
+        @task
+        async def work(self) -> None:
+            try:
+                async with self.in_flight():
+                    await anyio.sleep_forever()
+            except anyio.get_cancelled_exc_class():
+                with anyio.CancelScope(shield=True):
+                    await anyio.sleep(0.5)
+                    events.append("task cleanup done")
+                raise
+
+    async with Worker() as service:
+        await service.stop()
+    assert events == ["task cleanup done", "resource released"]
+
+
+async def test_crash_of_a_crashed_service_keeps_it_crashed_with_the_newer_reason() -> None:
+    service = Service()
+    await service.crash(ValueError("first"))
+    await service.crash(KeyError("second"))
+    assert service.state is ServiceState.CRASHED
+    assert isinstance(service.crash_reason, KeyError)

@@ -179,6 +179,12 @@ class _Run:
         self.inside: tuple[Service, ...] = ()
         self.reported_started = False
 
+    async def wait_slots_done(self) -> None:
+        if self.slots:
+            if self.slots_done is None:
+                self.slots_done = anyio.Event()
+            await self.slots_done.wait()
+
     @property
     def hard_scope(self) -> anyio.CancelScope:
         """The task group's own scope, whose deadline is the stop deadline."""
@@ -200,6 +206,12 @@ class _ReleasedWithinDeadline(AsyncExitStack):
     async def __aexit__(self, *exc_info: Any) -> bool:
         if not self.run.has_resources:
             return False
+        if self.run.slots:
+            # Cancelled (a crash, the deadline, or from outside): the tasks are unwinding
+            # and may still use the resources in their cleanup. Tasks stop first, always;
+            # this waits no longer than the task group's exit would have anyway.
+            with anyio.CancelScope(shield=True):
+                await self.run.wait_slots_done()
         suppressed = False
         with anyio.CancelScope(shield=True, deadline=self.run.hard_scope.deadline):
             suppressed = bool(await super().__aexit__(*exc_info))
@@ -775,9 +787,7 @@ class Service:
     async def _stop_slots(self, run: _Run) -> None:
         for slot in list(run.slots):
             slot.release()
-        if run.slots:
-            run.slots_done = anyio.Event()
-            await run.slots_done.wait()
+        await run.wait_slots_done()
 
     def in_flight(self) -> _InFlight:
         """Mark work in flight: a stop lets it finish within the grace period.
@@ -1014,7 +1024,10 @@ class Service:
             raise TypeError(f"{self.name}: crash() needs an exception, got {reason!r}")
         run = self._run
         if run is None:
-            self._record_crash(reason)
+            if self._state is ServiceState.CRASHED:
+                self.crash_reason = reason  # already crashed: the newer reason stands
+            else:
+                self._record_crash(reason)
             return
 
         async def raise_it(slot: _Slot) -> None:
