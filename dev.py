@@ -6,7 +6,7 @@
 
 Both create ``.venv`` beside this file on first use and install the project into it (again
 whenever ``pyproject.toml`` changes). Arguments after ``test`` go to pytest; after ``demo``,
-to the demo.
+to ``anyservice run examples.demo:build`` (e.g. ``--backend trio``).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     if command == "test":
         return subprocess.run([str(PYTHON), "-m", "pytest", *rest], cwd=ROOT).returncode
-    demo = [str(PYTHON), str(ROOT / "examples" / "demo.py"), *rest]
+    demo = [str(PYTHON), "-m", "anyservice", "run", "examples.demo:build", *rest]
     return subprocess.run(demo, cwd=ROOT).returncode
 
 

@@ -41,4 +41,4 @@ def bench(session: nox.Session) -> None:
 def demo(session: nox.Session) -> None:
     """The demo: a service tree starting, a crash reported, a graceful stop."""
     session.install("-e", ".[test]")
-    session.run("python", "examples/demo.py", *session.posargs)
+    session.run("anyservice", "run", "examples.demo:build", *session.posargs)

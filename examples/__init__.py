@@ -1,0 +1,1 @@
+"""Runnable examples of anyservice (the demo: ``python3 dev.py demo``)."""

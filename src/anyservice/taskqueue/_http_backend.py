@@ -1,0 +1,84 @@
+"""The status server's HTTP side, with hypercorn: the task queue's one backend-specific module.
+
+hypercorn has an entry point per event loop (``hypercorn.asyncio.serve`` and
+``hypercorn.trio.serve``) and anyio has no HTTP server, so the choice is made here, by the
+event loop we run on. hypercorn is an optional dependency (``anyservice[http]``), imported
+only when a worker is asked for a status server.
+
+The listening socket is bound by the caller (so port 0 works and the port is known before
+anything is served) and handed to hypercorn as ``fd://`` of a duplicate descriptor:
+hypercorn closes its descriptor when it stops, the caller closes its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+__all__ = ["HTTP_EXTRA_HINT", "require_hypercorn", "serve"]
+
+HTTP_EXTRA_HINT = "pip install 'anyservice[http]'"
+
+
+def require_hypercorn() -> None:
+    """Check that hypercorn can be imported.
+
+    Raises:
+        ImportError: it cannot, with the command that installs it.
+    """
+    try:
+        import hypercorn.config  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(
+            f"the task worker's status server needs hypercorn, which is not installed: "
+            f"{HTTP_EXTRA_HINT}"
+        ) from exc
+
+
+def _event_loop() -> str:
+    try:
+        import sniffio
+    except ImportError:  # trio depends on sniffio: without it, this is asyncio
+        return "asyncio"
+    return sniffio.current_async_library()
+
+
+async def serve(
+    app: Callable[..., Awaitable[None]],
+    sock: socket.socket,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[Any]],
+    logger: logging.Logger,
+    graceful_timeout: float = 0.5,
+) -> None:
+    """Serve ``app`` on the bound, listening ``sock`` until ``shutdown_trigger()`` returns.
+
+    Raises:
+        ImportError: hypercorn is not installed.
+        RuntimeError: the event loop is neither asyncio nor trio.
+    """
+    require_hypercorn()
+    from hypercorn.config import Config
+
+    serve_on_loop: Callable[..., Awaitable[None]]
+    loop = _event_loop()
+    if loop == "trio":
+        import hypercorn.trio
+
+        serve_on_loop = hypercorn.trio.serve
+    elif loop == "asyncio":
+        import hypercorn.asyncio
+
+        serve_on_loop = hypercorn.asyncio.serve
+    else:
+        raise RuntimeError(f"the status server runs on asyncio or trio, not on {loop!r}")
+    config = Config()
+    # hypercorn logs "Running on ..." and its errors here: the worker's logger, not stderr.
+    config.errorlog = logger
+    config.accesslog = None
+    config.graceful_timeout = graceful_timeout
+    config.bind = [f"fd://{os.dup(sock.fileno())}"]
+    await serve_on_loop(app, config, shutdown_trigger=shutdown_trigger, mode="asgi")

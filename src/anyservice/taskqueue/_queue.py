@@ -1,0 +1,620 @@
+"""The submitting side of task runs: ``TaskQueue``, ``@queue.task`` and ``TaskRun``.
+
+``queue = TaskQueue()`` stores runs in an embedded SQLite file; ``@queue.task`` turns a
+function into a :class:`Task` whose ``delay()`` stores a run of it and returns a
+:class:`TaskRun` handle; a :class:`~anyservice.taskqueue.TaskWorker` claims and executes the
+runs. Calling the task directly (``say("hi")``) still just calls the function, in-process,
+as Prefect's ``@task`` does, so it stays testable.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import Any, Generic, ParamSpec, Protocol, Self, TypeVar, cast, overload
+
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+
+from ._broker import DEFAULT_MAX_ATTEMPTS, Broker, RunError, RunRecord, RunState
+from ._errors import TaskRunFailed, TaskRunNotFound, TaskRunTimeout
+from ._serialize import decode_result, encode_arguments
+from ._urls import DEFAULT_URL, broker_from_url
+
+__all__ = ["AsyncTask", "SyncTask", "Task", "TaskDecorator", "TaskQueue", "TaskRun"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+
+# How long one wait_until_finished() call lasts when the caller gave no timeout: the wait
+# is repeated, so this only bounds how stale a broker's view may get.
+_WAIT_CHUNK = 60.0
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_seconds(value: object, what: str, *, allow_zero: bool) -> float:
+    if not _is_number(value):
+        raise TypeError(f"{what} must be a number of seconds, got {value!r}")
+    seconds = float(cast(float, value))
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{what} must be a finite number of seconds {bound}, got {value!r}")
+    return seconds
+
+
+def _check_wait_timeout(timeout: float | None, what: str) -> float | None:
+    if timeout is None:
+        return None
+    return _check_seconds(timeout, what, allow_zero=True)
+
+
+def _in_event_loop() -> bool:
+    try:
+        anyio.lowlevel.current_token()
+    except anyio.NoEventLoopError:
+        return False
+    return True
+
+
+def _run_blocking(function: Callable[[], Coroutine[Any, Any, T]], what: str, hint: str) -> T:
+    """Run ``function()`` to completion from synchronous code.
+
+    From an anyio worker thread (a sync task submitting another run) it goes through the
+    thread's event loop; elsewhere it runs in a short-lived event loop of its own.
+
+    Raises:
+        RuntimeError: if called from inside a running event loop, where blocking would
+            stall every other task of the loop.
+    """
+    if _in_event_loop():
+        raise RuntimeError(
+            f"{what} blocks, so it cannot be called from inside a running event loop; "
+            f"use {hint} there"
+        )
+    try:
+        return anyio.from_thread.run(function)
+    except anyio.NoEventLoopError:
+        # Not an anyio worker thread: plain synchronous code.
+        pass
+    return anyio.run(function)
+
+
+class TaskQueue:
+    """Where task runs are stored: an embedded SQLite file unless told otherwise.
+
+    Args:
+        url: The broker's URL: ``sqlite:///relative/path.db`` (the default,
+            ``sqlite:///anyservice.db``, is relative to the current directory),
+            ``sqlite:////absolute/path.db``, or ``memory://`` (this process only).
+        broker: A broker object instead of a URL (e.g. a ``MemoryBroker`` with a fake
+            clock, or a ``SqliteBroker`` with its own timeouts).
+        max_attempts: How many times a run may be claimed (at least its retries + 1)
+            before a worker dying on it ends it CRASHED rather than handing it on again.
+
+    The broker is opened on first use (``delay()``, a worker's start) and stays open until
+    :meth:`close`; ``async with queue:`` opens it and closes it at the end of the block.
+
+    Raises:
+        ValueError: an unsupported URL scheme or a URL without a usable path, both a URL
+            and a broker, or a bad ``max_attempts``.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        broker: Broker | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    ) -> None:
+        if broker is not None and url is not None:
+            raise ValueError("TaskQueue takes a url or a broker, not both")
+        if url is not None and not isinstance(url, str):
+            raise TypeError(f"TaskQueue url must be a str, got {url!r}")
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int):
+            raise TypeError(f"max_attempts must be an int, got {max_attempts!r}")
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {max_attempts!r}")
+        self._broker: Broker = broker if broker is not None else broker_from_url(url or DEFAULT_URL)
+        self.max_attempts = max_attempts
+        self._tasks: dict[str, Task[Any, Any]] = {}
+        # Opening: who holds the broker open, whether someone used it outside any holder
+        # (then it stays open until close()), and an open in progress.
+        self._holders = 0
+        self._kept_open = False
+        self._is_open = False
+        self._opening: anyio.Event | None = None
+
+    @property
+    def url(self) -> str:
+        """The broker's URL."""
+        return self._broker.url
+
+    @property
+    def broker(self) -> Broker:
+        """The broker that stores the runs."""
+        return self._broker
+
+    @property
+    def tasks(self) -> Mapping[str, Task[Any, Any]]:
+        """The tasks defined on this queue, by name."""
+        return dict(self._tasks)
+
+    def __repr__(self) -> str:
+        return f"<TaskQueue {self.url!r} tasks={sorted(self._tasks)}>"
+
+    # ------------------------------------------------------------------ defining tasks
+
+    @overload
+    def task(  # type: ignore[overload-overlap]  # an async function is matched first
+        self, function: Callable[P, Coroutine[Any, Any, R]], /
+    ) -> AsyncTask[P, R]: ...
+
+    @overload
+    def task(self, function: Callable[P, R], /) -> SyncTask[P, R]: ...
+
+    @overload
+    def task(
+        self,
+        function: None = None,
+        /,
+        *,
+        name: str | None = None,
+        retries: int = 0,
+        retry_delay: float = 0.0,
+        timeout: float | None = None,
+    ) -> TaskDecorator: ...
+
+    def task(
+        self,
+        function: Callable[..., Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        retries: int = 0,
+        retry_delay: float = 0.0,
+        timeout: float | None = None,
+    ) -> Task[Any, Any] | TaskDecorator:
+        """Define a task: ``@queue.task`` or ``@queue.task(name=, retries=, ...)``.
+
+        Async functions run in the worker's event loop; sync ones in worker threads.
+
+        Args:
+            name: The name runs are stored under; the function's ``__name__`` by default.
+                Submitters and workers must agree on it, and it is unique per queue.
+            retries: How many times a failed run (an exception or a timeout) is run
+                again before it ends FAILED.
+            retry_delay: Seconds between a failure and the retry.
+            timeout: Seconds one attempt may take; then it fails with
+                ``TaskTimeoutError``. An async task is cancelled; a sync task's thread
+                cannot be, so it is left to finish and its result is discarded.
+
+        Raises:
+            TypeError: ``function`` is not a plain or async function (a generator, a
+                task already), or an option has the wrong type.
+            ValueError: an option is out of range, or the name is already taken.
+        """
+        options = _TaskOptions.check(name, retries, retry_delay, timeout)
+
+        def decorate(function: Callable[..., Any]) -> Task[Any, Any]:
+            return self._define(function, options)
+
+        if function is not None:
+            return decorate(function)
+        return cast(TaskDecorator, decorate)
+
+    def _define(self, function: Callable[..., Any], options: _TaskOptions) -> Task[Any, Any]:
+        if isinstance(function, Task):
+            raise TypeError(f"{function!r} is already a task")
+        if not callable(function):
+            raise TypeError(f"@queue.task needs a function, got {function!r}")
+        if inspect.isasyncgenfunction(function) or inspect.isgeneratorfunction(function):
+            raise TypeError(
+                f"@queue.task needs a function that returns its result, not a generator: "
+                f"{function!r}"
+            )
+        name = options.name or getattr(function, "__name__", None)
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"@queue.task: {function!r} has no __name__; pass name=")
+        if name in self._tasks:
+            raise ValueError(
+                f"task name {name!r} is already taken on this queue by "
+                f"{self._tasks[name].function!r}; pass a different name="
+            )
+        is_async = inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
+            getattr(function, "__call__", None)  # noqa: B004  # an object with async __call__
+        )
+        kind: type[Task[Any, Any]] = AsyncTask if is_async else SyncTask
+        task = kind(self, function, name, options)
+        self._tasks[name] = task
+        return task
+
+    # ------------------------------------------------------------- opening the broker
+
+    async def open(self) -> None:
+        """Open the broker (it would be opened at first use anyway); keep it open.
+
+        Raises:
+            BrokerError: the storage cannot be opened.
+        """
+        await self._open_broker()
+        if not self._holders:
+            self._kept_open = True
+
+    async def close(self) -> None:
+        """Close the broker, or, while workers hold it, once the last of them stops."""
+        self._kept_open = False
+        if not self._holders and self._is_open:
+            self._is_open = False
+            await self._broker.close()
+
+    async def __aenter__(self) -> Self:
+        await self.hold()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.let_go()
+
+    async def hold(self) -> Broker:
+        """Hold the broker open (a worker does, for its life) until :meth:`let_go`.
+
+        Raises:
+            BrokerError: the storage cannot be opened.
+        """
+        self._holders += 1
+        try:
+            await self._open_broker()
+        except BaseException:
+            self._holders -= 1
+            raise
+        return self._broker
+
+    async def let_go(self) -> None:
+        """End a :meth:`hold`: the broker is closed if nobody else holds it and it was
+        not opened for keeps (by :meth:`open`, or a ``delay()`` outside any holder).
+        Shielded: a worker lets go while it is being cancelled.
+        """
+        self._holders -= 1
+        if not self._holders and not self._kept_open and self._is_open:
+            self._is_open = False
+            with anyio.CancelScope(shield=True):
+                await self._broker.close()
+
+    @asynccontextmanager
+    async def holding(self) -> AsyncIterator[Broker]:
+        """``hold()`` for the length of a block."""
+        broker = await self.hold()
+        try:
+            yield broker
+        finally:
+            await self.let_go()
+
+    async def _open_broker(self) -> None:
+        while self._opening is not None:
+            await self._opening.wait()
+        if self._is_open:
+            return
+        # Other tasks wait for this open instead of using a half-prepared database.
+        self._opening = opening = anyio.Event()
+        try:
+            await self._broker.open()
+            self._is_open = True
+        finally:
+            self._opening = None
+            opening.set()
+
+    async def ensure_open(self) -> Broker:
+        """The broker, opened (and kept open) if nobody holds it open yet."""
+        if not self._is_open:
+            await self.open()
+        return self._broker
+
+    # ------------------------------------------------------------------ runs
+
+    async def get_run(self, run_id: str) -> TaskRun[Any]:
+        """A handle on an existing run, e.g. one submitted by another process.
+
+        Raises:
+            TaskRunNotFound: there is no run with this id.
+        """
+        broker = await self.ensure_open()
+        record = await broker.get(run_id)
+        if record is None:
+            raise TaskRunNotFound(f"no run {run_id!r} in {self.url!r}")
+        return TaskRun(self, record)
+
+    async def counts(self) -> dict[RunState, int]:
+        """How many runs are in each state."""
+        broker = await self.ensure_open()
+        return await broker.counts()
+
+
+class _TaskOptions:
+    __slots__ = ("name", "retries", "retry_delay", "timeout")
+
+    def __init__(
+        self, name: str | None, retries: int, retry_delay: float, timeout: float | None
+    ) -> None:
+        self.name = name
+        self.retries = retries
+        self.retry_delay = retry_delay
+        self.timeout = timeout
+
+    @classmethod
+    def check(
+        cls, name: object, retries: object, retry_delay: object, timeout: object
+    ) -> _TaskOptions:
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"@queue.task name must be a str, got {name!r}")
+        if name == "":
+            raise ValueError("@queue.task name must not be empty")
+        if isinstance(retries, bool) or not isinstance(retries, int):
+            raise TypeError(f"@queue.task retries must be an int, got {retries!r}")
+        if retries < 0:
+            raise ValueError(f"@queue.task retries must be >= 0, got {retries!r}")
+        delay = _check_seconds(retry_delay, "@queue.task retry_delay", allow_zero=True)
+        limit = (
+            None
+            if timeout is None
+            else _check_seconds(timeout, "@queue.task timeout", allow_zero=False)
+        )
+        return cls(name, retries, delay, limit)
+
+
+class Task(Generic[P, R]):
+    """A function that workers run: ``await task.delay(...)`` stores a run of it.
+
+    Made by ``@queue.task``. Attributes: ``name``, ``function``, ``queue``, ``retries``,
+    ``retry_delay``, ``timeout``, ``is_async``.
+    """
+
+    is_async: bool = False
+    # Copied from the function, as functools.wraps does.
+    __name__: str
+    __qualname__: str
+    __wrapped__: Callable[..., Any]
+
+    def __init__(
+        self,
+        queue: TaskQueue,
+        function: Callable[..., Any],
+        name: str,
+        options: _TaskOptions,
+    ) -> None:
+        # First, so that attributes copied from the function cannot shadow the task's own.
+        functools.update_wrapper(cast(Any, self), function)
+        self.queue = queue
+        self.function = function
+        self.name = name
+        self.retries = options.retries
+        self.retry_delay = options.retry_delay
+        self.timeout = options.timeout
+        try:
+            self.signature: inspect.Signature | None = inspect.signature(function)
+        except (TypeError, ValueError):  # some builtins and C callables have none
+            self.signature = None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} of {self.queue.url!r}>"
+
+    def encode(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        """The JSON payload of a run with these arguments.
+
+        Raises:
+            TypeError: the arguments do not fit the function's signature, or one of
+                them is not JSON-serialisable (the message names it).
+        """
+        if self.signature is not None:
+            try:
+                self.signature.bind(*args, **kwargs)
+            except TypeError as exc:
+                raise TypeError(f"task {self.name!r}: {exc}") from None
+        return encode_arguments(self.name, args, kwargs, self.signature)
+
+    async def delay(self, *args: P.args, **kwargs: P.kwargs) -> TaskRun[R]:
+        """Store a run of the task with these arguments; a worker will run it.
+
+        Returns at once with a :class:`TaskRun` (SCHEDULED): ``await run.result()``.
+
+        Raises:
+            TypeError: an argument does not fit the signature or is not JSON-serialisable.
+            BrokerError: the storage cannot be used.
+        """
+        payload = self.encode(args, kwargs)
+        broker = await self.queue.ensure_open()
+        record = await broker.submit(
+            self.name,
+            payload,
+            retries=self.retries,
+            retry_delay=self.retry_delay,
+            timeout=self.timeout,
+            max_attempts=max(self.queue.max_attempts, self.retries + 1),
+        )
+        return TaskRun(self.queue, record)
+
+    def delay_sync(self, *args: P.args, **kwargs: P.kwargs) -> TaskRun[R]:
+        """``delay()`` for plain synchronous code (scripts, sync tasks); blocks until stored.
+
+        Raises:
+            RuntimeError: called from inside a running event loop: use
+                ``await task.delay(...)`` there.
+            TypeError, BrokerError: as :meth:`delay`.
+        """
+        payload = self.encode(args, kwargs)  # bad arguments fail before any event loop
+
+        async def submit() -> TaskRun[R]:
+            async with self.queue.holding() as broker:
+                record = await broker.submit(
+                    self.name,
+                    payload,
+                    retries=self.retries,
+                    retry_delay=self.retry_delay,
+                    timeout=self.timeout,
+                    max_attempts=max(self.queue.max_attempts, self.retries + 1),
+                )
+            return TaskRun(self.queue, record)
+
+        return _run_blocking(submit, f"{self.name}.delay_sync()", f"'await {self.name}.delay(...)'")
+
+
+class AsyncTask(Task[P, R]):
+    """A task made from an ``async def`` function."""
+
+    is_async = True
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
+        """Call the function itself, in-process (no run is stored)."""
+        return cast(Coroutine[Any, Any, R], self.function(*args, **kwargs))
+
+
+class SyncTask(Task[P, R]):
+    """A task made from a plain function; workers run it in a thread."""
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Call the function itself, in-process (no run is stored)."""
+        return cast(R, self.function(*args, **kwargs))
+
+
+class TaskDecorator(Protocol):
+    """What ``queue.task(name=..., ...)`` returns: apply it to a function."""
+
+    @overload
+    def __call__(  # type: ignore[overload-overlap]  # an async function is matched first
+        self, function: Callable[P, Coroutine[Any, Any, R]], /
+    ) -> AsyncTask[P, R]: ...
+
+    @overload
+    def __call__(self, function: Callable[P, R], /) -> SyncTask[P, R]: ...
+
+
+class TaskRun(Generic[R]):
+    """A handle on one stored run: its state, and a way to wait for its result.
+
+    ``state`` is the state when the handle last looked (``refresh()``, ``wait()`` and
+    ``result()`` look again).
+    """
+
+    def __init__(self, queue: TaskQueue, record: RunRecord) -> None:
+        self._queue = queue
+        self._record = record
+
+    @property
+    def id(self) -> str:
+        """The run's id (a uuid4 hex string)."""
+        return self._record.id
+
+    @property
+    def task(self) -> str:
+        """The task's name."""
+        return self._record.task
+
+    @property
+    def record(self) -> RunRecord:
+        """Everything the broker stores about the run, as last seen."""
+        return self._record
+
+    @property
+    def state(self) -> RunState:
+        """SCHEDULED, RUNNING, COMPLETED, FAILED, CANCELLED or CRASHED, as last seen."""
+        return self._record.state
+
+    @property
+    def attempts(self) -> int:
+        """How many times a worker claimed the run, as last seen."""
+        return self._record.attempts
+
+    @property
+    def error(self) -> RunError | None:
+        """Why the run last failed, as last seen."""
+        return self._record.error
+
+    def __repr__(self) -> str:
+        return f"<TaskRun {self.id} of {self.task!r} {self.state.value}>"
+
+    async def refresh(self) -> RunState:
+        """Read the run's current state from the broker and return it.
+
+        Raises:
+            TaskRunNotFound: the run is gone (another database?).
+        """
+        broker = await self._queue.ensure_open()
+        record = await broker.get(self.id)
+        if record is None:
+            raise TaskRunNotFound(f"run {self.id} is not in {self._queue.url!r}")
+        self._record = record
+        return record.state
+
+    async def wait(self, timeout: float | None = None) -> RunState:
+        """Wait until the run finishes (any finished state); return that state.
+
+        Raises:
+            TaskRunTimeout: it did not finish within ``timeout`` seconds.
+            TaskRunNotFound: the run is gone.
+            ValueError: ``timeout`` is negative or not finite.
+        """
+        seconds = _check_wait_timeout(timeout, "wait() timeout")
+        broker = await self._queue.ensure_open()
+        deadline = None if seconds is None else anyio.current_time() + seconds
+        while True:
+            remaining = _WAIT_CHUNK if deadline is None else deadline - anyio.current_time()
+            record = await broker.wait_until_finished(self.id, max(remaining, 0.0))
+            if record is None:
+                raise TaskRunNotFound(f"run {self.id} is not in {self._queue.url!r}")
+            self._record = record
+            if record.finished:
+                return record.state
+            if deadline is not None and anyio.current_time() >= deadline:
+                assert seconds is not None
+                raise TaskRunTimeout(
+                    run_id=self.id, task=self.task, timeout=seconds, state=record.state
+                )
+
+    async def result(self, timeout: float | None = None) -> R:
+        """Wait until the run finishes and return what the task returned (JSON-decoded).
+
+        Raises:
+            TaskRunFailed: the run ended FAILED, CRASHED or CANCELLED; it carries the
+                task's exception type, message and traceback.
+            TaskRunTimeout: it did not finish within ``timeout`` seconds.
+            PayloadError: the stored result cannot be decoded.
+        """
+        state = await self.wait(timeout)
+        record = self._record
+        if state is not RunState.COMPLETED:
+            raise TaskRunFailed(
+                run_id=self.id,
+                task=self.task,
+                state=state,
+                attempts=record.attempts,
+                error=record.error,
+            )
+        return cast(R, decode_result(record.result if record.result is not None else ""))
+
+    def result_sync(self, timeout: float | None = None) -> R:
+        """:meth:`result` for synchronous code; see ``Task.delay_sync`` for where it works."""
+
+        async def result() -> R:
+            async with self._queue.holding():
+                return await self.result(timeout)
+
+        return _run_blocking(result, "TaskRun.result_sync()", "'await run.result()'")
+
+    async def cancel(self) -> bool:
+        """Cancel the run if no worker has claimed it yet; return whether it was."""
+        broker = await self._queue.ensure_open()
+        cancelled = await broker.cancel(self.id)
+        await self.refresh()
+        return cancelled

@@ -1,0 +1,760 @@
+"""The worker in-process: running runs, retries, timeouts, limits, leases, stopping, bad rows.
+
+Runs go through a real SQLite file where time does not matter, and through a memory broker
+with a fake wall clock where leases must expire on cue. Waits are bounded by fail_after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+import anyio.to_thread
+import pytest
+
+from anyservice import ServiceState
+from anyservice.taskqueue import (
+    MemoryBroker,
+    RunState,
+    SqliteBroker,
+    TaskQueue,
+    TaskRunFailed,
+    TaskWorker,
+    current_run,
+    serve,
+)
+
+pytestmark = pytest.mark.anyio
+
+#: Bound on every wait for something a worker does promptly.
+PROMPTLY = 10.0
+
+
+class FakeClock:
+    """Wall-clock time for a broker, moved only by the test (leases expire on cue)."""
+
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def clocked_queue(clock: FakeClock) -> AsyncIterator[TaskQueue]:
+    """A queue in memory whose leases and retry delays follow ``clock``."""
+    async with TaskQueue(broker=MemoryBroker(clock=clock)) as queue:
+        yield queue
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "runs.db"
+
+
+@pytest.fixture
+async def queue(db_path: Path) -> AsyncIterator[TaskQueue]:
+    async with TaskQueue(f"sqlite:///{db_path}") as queue:
+        yield queue
+
+
+async def wait_until(condition: Callable[[], bool], what: str) -> None:
+    """Poll ``condition()`` until true, for at most ``PROMPTLY`` seconds."""
+    with anyio.fail_after(PROMPTLY):
+        while not condition():  # noqa: ASYNC110 - worker state has no event to wait on
+            await anyio.sleep(0.005)
+    assert condition(), what
+
+
+async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
+    """Poll ``await check()`` until true, for at most ``PROMPTLY`` seconds."""
+    with anyio.fail_after(PROMPTLY):
+        while not await check():  # noqa: ASYNC110 - the broker's rows have no event either
+            await anyio.sleep(0.005)
+
+
+async def state_of(queue: TaskQueue, run_id: str) -> RunState:
+    record = await queue.broker.get(run_id)
+    assert record is not None
+    return record.state
+
+
+# ------------------------------------------------------------------ running runs
+
+
+async def test_async_task_result_comes_back_through_the_database(queue: TaskQueue) -> None:
+    @queue.task
+    async def say(message: str, *, loud: bool = False) -> dict[str, Any]:
+        return {"said": message.upper() if loud else message, "tuple": (1, 2)}
+
+    async with TaskWorker(say) as worker:
+        run = await say.delay("hi", loud=True)
+        assert await run.result(timeout=PROMPTLY) == {"said": "HI", "tuple": [1, 2]}
+        assert (run.state, run.attempts) == (RunState.COMPLETED, 1)
+        assert worker.counts["completed"] == 1
+    assert worker.state is ServiceState.STOPPED
+
+
+async def test_sync_task_runs_in_a_worker_thread(queue: TaskQueue) -> None:
+    @queue.task
+    def where() -> int:
+        return threading.get_ident()
+
+    async with TaskWorker(where):
+        run = await where.delay()
+        assert await run.result(timeout=PROMPTLY) != threading.get_ident()
+
+
+async def test_a_task_knows_which_run_it_executes(queue: TaskQueue) -> None:
+    @queue.task
+    async def who() -> list[Any]:
+        context = current_run()
+        assert context is not None
+        return [context.run_id, context.task, context.attempt, context.worker]
+
+    @queue.task
+    def who_in_a_thread() -> str | None:
+        context = current_run()
+        return None if context is None else context.run_id
+
+    async with TaskWorker(who, who_in_a_thread) as worker:
+        run = await who.delay()
+        assert await run.result(timeout=PROMPTLY) == [run.id, "who", 1, worker.client_id]
+        threaded = await who_in_a_thread.delay()
+        assert await threaded.result(timeout=PROMPTLY) == threaded.id
+
+
+async def test_a_failed_run_carries_the_exception_type_message_and_traceback(
+    queue: TaskQueue,
+) -> None:
+    @queue.task
+    async def divide(a: int, b: int) -> float:
+        return a / b
+
+    async with TaskWorker(divide):
+        run = await divide.delay(1, 0)
+        with pytest.raises(TaskRunFailed) as caught:
+            await run.result(timeout=PROMPTLY)
+    failure = caught.value
+    assert (failure.state, failure.attempts) == (RunState.FAILED, 1)
+    assert (failure.error_type, failure.error_message) == ("ZeroDivisionError", "division by zero")
+    assert "return a / b" in failure.traceback
+    # The traceback starts at the task's own code, not in the worker or the event loop.
+    assert failure.traceback.count("File ") == 1
+    assert str(failure).startswith(
+        f"run {run.id} of task 'divide' FAILED after 1 attempt: "
+        "ZeroDivisionError: division by zero\n\nTraceback in the worker:\nTraceback"
+    )
+
+
+async def test_a_sync_task_failure_keeps_only_the_task_frames(queue: TaskQueue) -> None:
+    @queue.task
+    def boom() -> None:
+        raise KeyError("nope")
+
+    async with TaskWorker(boom):
+        run = await boom.delay()
+        with pytest.raises(TaskRunFailed, match="KeyError: 'nope'") as caught:
+            await run.result(timeout=PROMPTLY)
+    assert caught.value.traceback.count("File ") == 1
+
+
+async def test_failures_are_retried_until_one_succeeds(queue: TaskQueue) -> None:
+    @queue.task(retries=3)
+    async def flaky() -> int:
+        context = current_run()
+        assert context is not None
+        if context.attempt < 3:
+            raise ConnectionError(f"attempt {context.attempt} failed")
+        return context.attempt
+
+    async with TaskWorker(flaky) as worker:
+        run = await flaky.delay()
+        assert await run.result(timeout=PROMPTLY) == 3
+    assert (run.attempts, run.record.retries_left) == (3, 1)
+    assert run.error is None
+    assert (worker.counts["retried"], worker.counts["completed"]) == (2, 1)
+
+
+async def test_a_run_out_of_retries_fails_with_its_last_error(queue: TaskQueue) -> None:
+    @queue.task(retries=1)
+    async def hopeless() -> None:
+        context = current_run()
+        assert context is not None
+        raise ValueError(f"no luck on attempt {context.attempt}")
+
+    async with TaskWorker(hopeless):
+        run = await hopeless.delay()
+        with pytest.raises(TaskRunFailed, match="FAILED after 2 attempts: ValueError: no luck on"):
+            await run.result(timeout=PROMPTLY)
+    assert run.error is not None
+    assert run.error.message == "no luck on attempt 2"
+
+
+async def test_a_retry_waits_for_its_delay(clocked_queue: TaskQueue, clock: FakeClock) -> None:
+    queue = clocked_queue
+
+    @queue.task(retries=1, retry_delay=60)
+    async def flaky() -> str:
+        context = current_run()
+        assert context is not None
+        if context.attempt == 1:
+            raise ConnectionError("down")
+        return "up"
+
+    async with TaskWorker(flaky):
+        run = await flaky.delay()
+
+        async def failed_once() -> bool:
+            return await run.refresh() is RunState.SCHEDULED and run.error is not None
+
+        await eventually(failed_once)
+        assert run.record.scheduled_at == clock.now + 60
+        await anyio.sleep(0.1)
+        assert await run.refresh() is RunState.SCHEDULED  # not due: not claimed
+        clock.now += 60
+        assert await run.result(timeout=PROMPTLY) == "up"
+
+
+async def test_an_async_run_past_its_timeout_fails_with_a_timeout_error(queue: TaskQueue) -> None:
+    cancelled = anyio.Event()
+
+    @queue.task(timeout=0.05)
+    async def slow() -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cancelled.set()
+
+    async with TaskWorker(slow):
+        run = await slow.delay()
+        with pytest.raises(TaskRunFailed) as caught:
+            await run.result(timeout=PROMPTLY)
+    assert cancelled.is_set()
+    assert caught.value.error_type == "anyservice.taskqueue.TaskTimeoutError"
+    assert caught.value.error_message == "task 'slow' took longer than its timeout of 0.05 s"
+    assert caught.value.traceback == ""
+
+
+async def test_a_timed_out_run_is_retried(queue: TaskQueue) -> None:
+    @queue.task(timeout=0.05, retries=1)
+    async def slow_once() -> int:
+        context = current_run()
+        assert context is not None
+        if context.attempt == 1:
+            await anyio.sleep_forever()
+        return context.attempt
+
+    async with TaskWorker(slow_once):
+        run = await slow_once.delay()
+        assert await run.result(timeout=PROMPTLY) == 2
+
+
+async def test_a_sync_run_past_its_timeout_fails_and_its_thread_is_left_to_finish(
+    queue: TaskQueue,
+) -> None:
+    release = threading.Event()
+    finished = threading.Event()
+
+    @queue.task(timeout=0.05)
+    def stuck() -> str:
+        release.wait(PROMPTLY)
+        finished.set()
+        return "too late"
+
+    try:
+        async with TaskWorker(stuck):
+            run = await stuck.delay()
+            with pytest.raises(TaskRunFailed, match="left running to finish") as caught:
+                await run.result(timeout=PROMPTLY)
+            assert caught.value.error_type == "anyservice.taskqueue.TaskTimeoutError"
+            assert not finished.is_set()  # FAILED while the thread still runs
+    finally:
+        release.set()
+    await anyio.to_thread.run_sync(finished.wait, PROMPTLY)
+    assert await run.refresh() is RunState.FAILED  # its late result is discarded
+
+
+async def test_a_result_that_is_not_json_fails_the_run_without_retrying(
+    queue: TaskQueue,
+) -> None:
+    @queue.task(retries=3)
+    async def make_set() -> set[int]:
+        return {1}
+
+    async with TaskWorker(make_set):
+        run = await make_set.delay()
+        with pytest.raises(
+            TaskRunFailed, match="result of task 'make_set' is not JSON-serialisable: set"
+        ):
+            await run.result(timeout=PROMPTLY)
+    assert run.attempts == 1
+
+
+async def test_a_sync_task_can_submit_another_run(queue: TaskQueue) -> None:
+    @queue.task
+    async def child(n: int) -> int:
+        return n + 1
+
+    @queue.task
+    def parent() -> str:
+        return child.delay_sync(41).id
+
+    async with TaskWorker(parent, child):
+        child_id = await (await parent.delay()).result(timeout=PROMPTLY)
+        child_run = await queue.get_run(child_id)
+        assert await child_run.result(timeout=PROMPTLY) == 42
+
+
+# ------------------------------------------------------------------ limits
+
+
+async def test_limit_bounds_the_runs_in_flight(queue: TaskQueue) -> None:
+    gate = anyio.Event()
+    running = 0
+    most = 0
+
+    @queue.task
+    async def hold() -> None:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await gate.wait()
+        running -= 1
+
+    async with TaskWorker(hold, limit=2) as worker:
+        runs = [await hold.delay() for _ in range(5)]
+        await wait_until(lambda: running == 2, "two runs in flight")
+        await anyio.sleep(0.05)
+        status = worker.status()
+        assert (status["current"], status["available"], status["limit"]) == (2, 0, 2)
+        gate.set()
+        for run in runs:
+            await run.wait(timeout=PROMPTLY)
+    assert most == 2
+
+
+async def test_no_limit_runs_everything_at_once(queue: TaskQueue) -> None:
+    gate = anyio.Event()
+    running = 0
+
+    @queue.task
+    async def hold() -> None:
+        nonlocal running
+        running += 1
+        await gate.wait()
+
+    async with TaskWorker(hold, limit=None) as worker:
+        runs = [await hold.delay() for _ in range(30)]
+        await wait_until(lambda: running == 30, "all runs in flight")
+        assert worker.status()["available"] is None
+        gate.set()
+        for run in runs:
+            await run.wait(timeout=PROMPTLY)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"limit": 0}, ValueError, "limit must be >= 1"),
+        ({"limit": -3}, ValueError, "limit must be >= 1"),
+        ({"limit": 2.5}, TypeError, "limit must be an int or None"),
+        ({"limit": True}, TypeError, "limit must be an int or None"),
+        ({"lease_seconds": 0}, ValueError, "lease_seconds must be > 0"),
+        ({"lease_seconds": "30"}, TypeError, "lease_seconds must be a number"),
+        ({"status_server_port": -1}, ValueError, r"within 0\.\.65535"),
+        ({"status_server_port": 70000}, ValueError, r"within 0\.\.65535"),
+        ({"status_server_port": "8080"}, TypeError, "status_server_port must be an int"),
+        ({"shutdown_timeout": -1}, ValueError, "shutdown_timeout"),
+    ],
+)
+async def test_bad_worker_options_are_refused(
+    queue: TaskQueue, kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    @queue.task
+    async def say() -> None: ...
+
+    with pytest.raises(error, match=message):
+        TaskWorker(say, **kwargs)
+
+
+async def test_a_worker_needs_tasks_of_one_queue(queue: TaskQueue) -> None:
+    other = TaskQueue("memory://")
+
+    @queue.task
+    async def say() -> None: ...
+
+    @other.task
+    async def shout() -> None: ...
+
+    with pytest.raises(TypeError, match=r"give the tasks to serve"):
+        TaskWorker()
+    with pytest.raises(TypeError, match=r"is not a task; decorate it with @queue\.task"):
+        TaskWorker(say, print)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="different queues"):
+        TaskWorker(say, shout)
+
+
+async def test_serve_refuses_an_unknown_backend_before_running_anything(queue: TaskQueue) -> None:
+    @queue.task
+    async def say() -> None: ...
+
+    with pytest.raises(ValueError, match="backend must be one of asyncio, trio, got 'curio'"):
+        serve(say, backend="curio")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="limit must be >= 1"):
+        serve(say, limit=0)
+
+
+# ------------------------------------------------------------------ stopping
+
+
+async def test_stop_lets_a_run_in_flight_finish(queue: TaskQueue) -> None:
+    started = anyio.Event()
+
+    @queue.task
+    async def work() -> str:
+        started.set()
+        await anyio.sleep(0.2)
+        return "done"
+
+    worker = TaskWorker(work, shutdown_timeout=PROMPTLY)
+    async with worker:
+        run = await work.delay()
+        with anyio.fail_after(PROMPTLY):
+            await started.wait()
+        assert await worker.stop()
+        assert worker.state is ServiceState.STOPPED
+    assert await run.refresh() is RunState.COMPLETED
+    assert (run.attempts, await run.result()) == (1, "done")
+
+
+async def test_stop_claims_nothing_new(queue: TaskQueue) -> None:
+    started = anyio.Event()
+
+    @queue.task
+    async def work() -> None:
+        started.set()
+        await anyio.sleep(0.1)
+
+    async with TaskWorker(work, limit=1, shutdown_timeout=PROMPTLY) as worker:
+        first = await work.delay()
+        second = await work.delay()
+        with anyio.fail_after(PROMPTLY):
+            await started.wait()
+        assert await worker.stop()
+    assert await first.refresh() is RunState.COMPLETED
+    assert await second.refresh() is RunState.SCHEDULED
+    assert second.attempts == 0
+
+
+async def test_at_the_stop_deadline_a_run_is_handed_back_at_once(
+    queue: TaskQueue, caplog: pytest.LogCaptureFixture
+) -> None:
+    started = anyio.Event()
+    cancelled = anyio.Event()
+
+    @queue.task
+    async def endless() -> None:
+        started.set()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cancelled.set()
+
+    worker = TaskWorker(endless, shutdown_timeout=0.1)
+    with caplog.at_level(logging.WARNING, logger="anyservice"):
+        async with worker:
+            run = await endless.delay()
+            with anyio.fail_after(PROMPTLY):
+                await started.wait()
+            assert await worker.stop()
+    assert cancelled.is_set()
+    record = await queue.broker.get(run.id)
+    assert record is not None
+    # Handed back, not left to its 30 s lease: claimable now, the attempt not counted.
+    assert (record.state, record.attempts, record.lease_owner) == (RunState.SCHEDULED, 0, None)
+    assert worker.counts["handed_back"] == 1
+    assert "handed back unfinished (its worker was cancelled)" in caplog.text
+
+
+async def test_a_sync_task_that_checks_for_cancellation_is_handed_back_at_the_deadline(
+    queue: TaskQueue,
+) -> None:
+    started = threading.Event()
+
+    @queue.task
+    def cooperative() -> None:
+        started.set()
+        while True:
+            anyio.from_thread.check_cancelled()
+            time.sleep(0.005)
+
+    async with TaskWorker(cooperative, shutdown_timeout=0.1) as worker:
+        run = await cooperative.delay()
+        await anyio.to_thread.run_sync(started.wait, PROMPTLY)
+        assert await worker.stop()
+    assert await run.refresh() is RunState.SCHEDULED
+    assert (run.attempts, worker.counts["handed_back"]) == (0, 1)
+
+
+async def test_a_handed_back_run_is_finished_by_the_next_worker(queue: TaskQueue) -> None:
+    first_attempt = anyio.Event()
+
+    @queue.task
+    async def patient() -> int:
+        context = current_run()
+        assert context is not None
+        if not first_attempt.is_set():
+            first_attempt.set()
+            await anyio.sleep_forever()
+        return context.attempt
+
+    async with TaskWorker(patient, shutdown_timeout=0.05) as worker:
+        run = await patient.delay()
+        with anyio.fail_after(PROMPTLY):
+            await first_attempt.wait()
+        await worker.stop()
+    async with TaskWorker(patient):
+        assert await run.result(timeout=PROMPTLY) == 1  # the handed-back claim did not count
+
+
+async def test_an_idle_worker_stops_without_waiting_for_its_grace_period(
+    queue: TaskQueue,
+) -> None:
+    @queue.task
+    async def say() -> None: ...
+
+    worker = TaskWorker(say, shutdown_timeout=3600)
+    async with worker:
+        await (await say.delay()).wait(timeout=PROMPTLY)
+        with anyio.fail_after(PROMPTLY):
+            assert await worker.stop()
+
+
+# ------------------------------------------------------------------ leases
+
+
+async def steal(queue: TaskQueue, clock: FakeClock, task: str) -> None:
+    """Play another worker that takes a run over once its lease has expired."""
+    with anyio.fail_after(PROMPTLY):
+        while True:
+            clock.now += 3600
+            if await queue.broker.claim("thief", [task], limit=1, lease_seconds=3600):
+                return
+            await anyio.sleep(0.01)
+
+
+async def test_a_run_whose_lease_is_lost_is_cancelled_here(
+    clocked_queue: TaskQueue, clock: FakeClock
+) -> None:
+    queue = clocked_queue
+    started, cancelled = anyio.Event(), anyio.Event()
+
+    @queue.task
+    async def endless() -> None:
+        started.set()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cancelled.set()
+
+    async with TaskWorker(endless, lease_seconds=0.06) as worker:
+        run = await endless.delay()
+        with anyio.fail_after(PROMPTLY):
+            await started.wait()
+        await steal(queue, clock, "endless")
+        with anyio.fail_after(PROMPTLY):
+            await cancelled.wait()
+        await wait_until(lambda: not worker.status()["current"], "run forgotten")
+        assert worker.counts["lost"] == 1
+        assert worker.state is ServiceState.RUNNING
+    record = await queue.broker.get(run.id)
+    assert record is not None
+    assert (record.state, record.lease_owner, record.attempts) == (RunState.RUNNING, "thief", 2)
+
+
+async def test_a_thread_that_lost_its_lease_records_nothing(
+    clocked_queue: TaskQueue, clock: FakeClock
+) -> None:
+    queue = clocked_queue
+    started, release = threading.Event(), threading.Event()
+
+    @queue.task
+    def blocking() -> str:
+        started.set()
+        release.wait(PROMPTLY)
+        return "late"
+
+    try:
+        async with TaskWorker(blocking, lease_seconds=0.06) as worker:
+            run = await blocking.delay()
+            await anyio.to_thread.run_sync(started.wait, PROMPTLY)
+            await steal(queue, clock, "blocking")
+            await wait_until(lambda: worker.counts["lost"] == 1, "lease loss noticed")
+            release.set()
+            await wait_until(lambda: not worker.status()["current"], "thread returned")
+    finally:
+        release.set()
+    record = await queue.broker.get(run.id)
+    assert record is not None
+    assert (record.state, record.lease_owner, record.result) == (RunState.RUNNING, "thief", None)
+
+
+async def test_leases_are_renewed_while_a_run_is_in_flight(
+    clocked_queue: TaskQueue, clock: FakeClock
+) -> None:
+    queue = clocked_queue
+    started, gate = anyio.Event(), anyio.Event()
+
+    @queue.task
+    async def hold() -> None:
+        started.set()
+        await gate.wait()
+
+    async with TaskWorker(hold, lease_seconds=0.06):
+        run = await hold.delay()
+        with anyio.fail_after(PROMPTLY):
+            await started.wait()
+        first = (await queue.broker.get(run.id)).lease_expires_at  # type: ignore[union-attr]
+        clock.now += 1
+
+        async def renewed() -> bool:
+            record = await queue.broker.get(run.id)
+            return record is not None and record.lease_expires_at == clock.now + 0.06
+
+        await eventually(renewed)
+        assert first == clock.now - 1 + 0.06
+        gate.set()
+        await run.wait(timeout=PROMPTLY)
+    assert run.state is RunState.COMPLETED
+
+
+async def test_a_run_that_keeps_killing_workers_ends_crashed() -> None:
+    clock = FakeClock()
+    queue = TaskQueue(broker=MemoryBroker(clock=clock), max_attempts=2)
+
+    @queue.task
+    async def deadly() -> None: ...
+
+    run = await deadly.delay()
+    for dead_worker in ("dead-1", "dead-2"):
+        assert await queue.broker.claim(dead_worker, ["deadly"], limit=1, lease_seconds=1)
+        clock.now += 2  # the worker died: its lease expires
+    async with TaskWorker(deadly):
+        with pytest.raises(TaskRunFailed, match="CRASHED after 2 attempts: RunAbandonedError"):
+            await run.result(timeout=PROMPTLY)
+
+
+async def test_two_workers_on_one_queue_run_each_run_once(queue: TaskQueue) -> None:
+    ran: list[str] = []
+
+    @queue.task
+    async def record() -> None:
+        context = current_run()
+        assert context is not None
+        ran.append(context.run_id)
+        await anyio.lowlevel.checkpoint()
+
+    async with TaskWorker(record, name="one"), TaskWorker(record, name="two"):
+        runs = [await record.delay() for _ in range(200)]
+        for run in runs:
+            await run.wait(timeout=PROMPTLY)
+    assert sorted(ran) == sorted(run.id for run in runs)
+
+
+# ------------------------------------------------------------------ bad rows, bad storage
+
+
+async def test_an_undecodable_payload_fails_that_run_and_the_worker_goes_on(
+    queue: TaskQueue,
+) -> None:
+    @queue.task
+    async def say(message: str) -> str:
+        return message
+
+    async with TaskWorker(say) as worker:
+        corrupt = await queue.broker.submit("say", '{"args": ["unterminated"')
+        with pytest.raises(TaskRunFailed, match="run arguments is not valid JSON") as caught:
+            await (await queue.get_run(corrupt.id)).result(timeout=PROMPTLY)
+        assert caught.value.error_type == "anyservice.taskqueue._broker.PayloadError"
+        assert await (await say.delay("still here")).result(timeout=PROMPTLY) == "still here"
+        assert worker.state is ServiceState.RUNNING
+
+
+async def test_a_corrupt_row_fails_that_run_and_the_worker_goes_on(
+    queue: TaskQueue, db_path: Path
+) -> None:
+    @queue.task
+    async def say(message: str) -> str:
+        return message
+
+    gate = anyio.Event()
+
+    @queue.task
+    async def blocker() -> None:
+        await gate.wait()
+
+    async with TaskWorker(say, blocker, limit=1) as worker:
+        busy = await blocker.delay()  # keeps the worker from claiming the next run yet
+
+        async def busy_running() -> bool:
+            return await state_of(queue, busy.id) is RunState.RUNNING
+
+        await eventually(busy_running)
+        corrupt = await say.delay("x")
+        with contextlib.closing(sqlite3.connect(db_path)) as conn:
+            conn.execute("UPDATE anyservice_runs SET attempts = 'many' WHERE id = ?", (corrupt.id,))
+            conn.commit()
+        gate.set()
+        with pytest.raises(TaskRunFailed, match=r"CorruptRunError: .*attempts 'many'"):
+            await (await queue.get_run(corrupt.id)).result(timeout=PROMPTLY)
+        assert await (await say.delay("fine")).result(timeout=PROMPTLY) == "fine"
+        assert worker.state is ServiceState.RUNNING
+
+
+@contextlib.contextmanager
+def database_locked(path: Path) -> Iterator[None]:
+    """Hold the file's write lock, as another process in a long transaction would."""
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            conn.execute("ROLLBACK")
+
+
+async def test_a_locked_database_never_crashes_the_worker(
+    db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    queue = TaskQueue(broker=SqliteBroker(db_path, lock_timeout=0.05))
+
+    @queue.task
+    async def say(message: str) -> str:
+        return message
+
+    with caplog.at_level(logging.WARNING, logger="anyservice"):
+        async with TaskWorker(say) as worker:
+            due = time.time() + 0.1
+            run = await queue.broker.submit("say", '{"args":["hi"],"kwargs":{}}', scheduled_at=due)
+            with database_locked(db_path):
+                await wait_until(lambda: worker.healthz()[0] is False, "broker trouble seen")
+                assert "database is locked" in worker.healthz()[1]["reason"]
+                await anyio.sleep(0.2)
+                assert worker.state is ServiceState.RUNNING
+            assert await (await queue.get_run(run.id)).result(timeout=PROMPTLY) == "hi"
+            await wait_until(lambda: worker.healthz()[0], "healthy again")
+    assert "broker error while claiming runs" in caplog.text

@@ -1,0 +1,205 @@
+"""Real worker processes on one SQLite file: kill -9, SIGTERM, and a stress of 2 000 runs.
+
+Each worker is ``python -m tests.taskqueue.proc_tasks``, which calls ``serve()`` on the
+backend this test runs on. Every wait is bounded, and every process is killed in a
+``finally`` whatever happens.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import anyio
+import anyio.abc
+import pytest
+
+from anyservice.taskqueue import RunState, Task, TaskQueue
+
+from .proc_tasks import build
+
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals"),
+]
+
+ROOT = Path(__file__).resolve().parents[2]
+#: Bound on starting a Python process that imports the library, on a slow machine.
+STARTUP = 30.0
+PROMPTLY = 20.0
+
+
+def _log_file(path: Path) -> BinaryIO:
+    """A worker's log file (opened outside the async code that hands it to the process)."""
+    return open(path, "wb")
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float) -> None:
+    with anyio.fail_after(timeout):
+        while not await check():  # noqa: ASYNC110 - another process writes what is checked
+            await anyio.sleep(0.02)
+
+
+class Worker:
+    """A worker process and the file its log goes to."""
+
+    def __init__(self, process: anyio.abc.Process, log: Path) -> None:
+        self.process = process
+        self.log = log
+
+    def output(self) -> str:
+        """Everything the process logged so far (read once it ended, or for a message)."""
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+    async def logged(self, text: str) -> bool:
+        assert self.process.returncode is None, f"worker exited:\n{self.output()}"
+        return text in await anyio.Path(self.log).read_text(encoding="utf-8", errors="replace")
+
+    async def wait_until_serving(self) -> None:
+        await eventually(functools.partial(self.logged, "] started"), STARTUP)
+
+    async def exit_code(self) -> int:
+        with anyio.fail_after(PROMPTLY):
+            return await self.process.wait()
+
+
+class Setup:
+    """One test's database file, its tasks, and the worker processes it starts."""
+
+    def __init__(self, tmp_path: Path, backend: str) -> None:
+        self.dir = tmp_path
+        self.backend = backend
+        self.url = f"sqlite:///{tmp_path / 'runs.db'}"
+        self.queue: TaskQueue
+        self.tasks: dict[str, Task[Any, Any]]
+        self.queue, self.tasks = build(self.url, tmp_path)
+        self.count = 0
+
+    @asynccontextmanager
+    async def worker(self, *options: str) -> AsyncIterator[Worker]:
+        self.count += 1
+        log = self.dir / f"worker-{self.count}.log"
+        command = [
+            sys.executable,
+            "-m",
+            "tests.taskqueue.proc_tasks",
+            f"--url={self.url}",
+            f"--dir={self.dir}",
+            f"--backend={self.backend}",
+            *options,
+        ]
+        with _log_file(log) as output:
+            process = await anyio.open_process(
+                command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT
+            )
+        try:
+            yield Worker(process, log)
+        finally:
+            if process.returncode is None:
+                process.kill()
+            with anyio.move_on_after(PROMPTLY, shield=True):
+                await process.wait()
+            await process.aclose()
+
+
+@pytest.fixture
+async def setup(tmp_path: Path, anyio_backend_name: str) -> AsyncIterator[Setup]:
+    setup = Setup(tmp_path, anyio_backend_name)
+    async with setup.queue:
+        yield setup
+
+
+async def wait_for_file(path: Path) -> str:
+    """The contents of a file another process writes, once there are some."""
+    file = anyio.Path(path)
+
+    async def written() -> bool:
+        return await file.exists() and bool(await file.read_text())
+
+    await eventually(written, PROMPTLY)
+    return await file.read_text()
+
+
+async def test_a_run_on_a_killed_worker_completes_on_another(setup: Setup) -> None:
+    async with setup.worker("--lease=1") as first, setup.worker("--lease=1") as second:
+        await first.wait_until_serving()
+        await second.wait_until_serving()
+        run = await setup.tasks["hang_first"].delay()
+        pid = int(await wait_for_file(setup.dir / f"{run.id}.hanging"))
+        victim, survivor = (first, second) if pid == first.process.pid else (second, first)
+        assert victim.process.pid == pid
+
+        victim.process.kill()  # SIGKILL: no handing back, no last words
+        assert await victim.exit_code() == -signal.SIGKILL
+
+        assert await run.result(timeout=PROMPTLY) == 2, survivor.output()
+        assert (run.state, run.attempts) == (RunState.COMPLETED, 2)
+        survivor.process.terminate()
+        assert await survivor.exit_code() == 0, survivor.output()
+
+
+async def test_sigterm_lets_the_run_in_flight_finish_and_exits_0(setup: Setup) -> None:
+    async with setup.worker() as worker:
+        await worker.wait_until_serving()
+        run = await setup.tasks["slow"].delay(0.5)
+        await wait_for_file(setup.dir / f"{run.id}.started")
+
+        worker.process.terminate()
+        assert await worker.exit_code() == 0, worker.output()
+
+    assert await run.refresh() is RunState.COMPLETED, worker.output()
+    assert (run.attempts, await run.result()) == (1, "done")
+    assert "received SIGTERM: stopping TaskWorker gracefully" in worker.output()
+
+
+async def test_a_second_sigterm_hands_the_run_in_flight_back_at_once(setup: Setup) -> None:
+    async with setup.worker("--shutdown-timeout=60") as worker:
+        await worker.wait_until_serving()
+        run = await setup.tasks["slow"].delay(3600)
+        await wait_for_file(setup.dir / f"{run.id}.started")
+
+        worker.process.terminate()
+        await eventually(functools.partial(worker.logged, "received SIGTERM"), PROMPTLY)
+        worker.process.terminate()
+        # Stopped at once, as a shell reports a process that SIGTERM ended: 128 + 15.
+        assert await worker.exit_code() == 128 + signal.SIGTERM, worker.output()
+
+    record = await setup.queue.broker.get(run.id)
+    assert record is not None
+    assert (record.state, record.attempts, record.lease_owner) == (RunState.SCHEDULED, 0, None)
+
+
+async def test_two_processes_complete_2000_runs_exactly_once(setup: Setup) -> None:
+    async with setup.worker() as first, setup.worker() as second:
+        await first.wait_until_serving()
+        await second.wait_until_serving()
+        record = setup.tasks["record"]
+        runs = [await record.delay(number) for number in range(2000)]
+        for run in runs:
+            await run.wait(timeout=PROMPTLY)
+        for worker in (first, second):
+            worker.process.terminate()
+            assert await worker.exit_code() == 0, worker.output()
+
+    assert {run.state for run in runs} == {RunState.COMPLETED}
+    assert {run.attempts for run in runs} == {1}
+    counts = await setup.queue.counts()
+    assert counts[RunState.COMPLETED] == 2000
+    assert sum(counts.values()) == 2000
+
+    ran_by: dict[int, list[str]] = {}
+    for path in setup.dir.glob("*.runs"):
+        ran_by[int(path.stem)] = path.read_text().split()
+    executions = Counter(run_id for ids in ran_by.values() for run_id in ids)
+    assert set(executions) == {run.id for run in runs}  # none lost
+    assert set(executions.values()) == {1}  # none run twice
+    assert set(ran_by) == {first.process.pid, second.process.pid}  # both did some
+    assert os.getpid() not in ran_by
