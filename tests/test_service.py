@@ -989,3 +989,101 @@ async def test_crash_of_a_crashed_service_keeps_it_crashed_with_the_newer_reason
     await service.crash(KeyError("second"))
     assert service.state is ServiceState.CRASHED
     assert isinstance(service.crash_reason, KeyError)
+
+
+async def test_stop_before_a_queued_rerun_begins_is_not_lost() -> None:
+    service = Service()
+    async with anyio.create_task_group() as tg:
+        await tg.start(service.run)
+        assert await service.stop() is True
+        tg.start_soon(service.run)
+        assert await service.stop() is True
+        await anyio.sleep(1)
+        assert service.state is ServiceState.STOPPED
+
+
+async def test_a_stop_during_restart_wins() -> None:
+    class Lingering(Service):
+        shutdown_timeout = 5.0
+
+        @task
+        async def work(self) -> None:
+            async with self.in_flight():
+                await anyio.sleep(1)
+            await anyio.sleep_forever()
+
+    errors: list[BaseException] = []
+
+    async def restart(service: Service) -> None:
+        try:
+            await service.restart()
+        except ServiceError as exc:
+            errors.append(exc)
+
+    service = Lingering()
+    async with anyio.create_task_group() as tg:
+        await tg.start(service.run)
+        tg.start_soon(restart, service)
+        await service.wait_for(ServiceState.STOPPING)
+        assert await service.stop() is True
+    assert service.state is ServiceState.STOPPED
+    assert [str(error) for error in errors] == [
+        "Lingering: restart interrupted: the service was stopped"
+    ]
+
+
+async def test_remove_dependency_while_the_parent_stops() -> None:
+    class Slow(Service):
+        shutdown_timeout = 5.0
+
+        @task
+        async def work(self) -> None:
+            async with self.in_flight():
+                await anyio.sleep(2)
+            await anyio.sleep_forever()
+
+    parent = Slow(name="parent")
+    dependency = parent.add_dependency(Slow(name="dependency"))
+    async with anyio.create_task_group() as tg:
+        await tg.start(parent.run)
+        await parent.stop(block=False)
+        await parent.remove_dependency(dependency)
+        assert dependency.state is ServiceState.STOPPED
+        assert parent.dependencies == ()
+        await parent.wait_for(ServiceState.STOPPED)
+
+
+async def test_crash_at_any_point_of_a_stop_is_never_lost() -> None:
+    # The stop ends with the task group waiting for its tasks to finish unwinding, when
+    # trio's nursery no longer takes new ones: a crash() then must still count.
+    class Worker(Service):
+        @task
+        async def work(self) -> None:
+            await anyio.sleep_forever()
+
+    for checkpoints in range(12):
+        parent = Worker(name="parent")
+        raised: list[BaseException] = []
+
+        async def run_it(
+            service: Service,
+            raised: list[BaseException],
+            *,
+            task_status: anyio.abc.TaskStatus[None],
+        ) -> None:
+            try:
+                await service.run(task_status=task_status)
+            except BaseException as exc:  # recorded, checked below
+                raised.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            await tg.start(run_it, parent, raised)
+            await parent.stop(block=False)
+            for _ in range(checkpoints):
+                await anyio.lowlevel.checkpoint()
+            was_running = parent._run is not None
+            await parent.crash(ValueError("late"))
+        assert parent.state is ServiceState.CRASHED, checkpoints
+        assert isinstance(parent.crash_reason, ValueError)
+        # Landed in the run: run() raises it; after the run: it is recorded.
+        assert bool(raised) == was_running, checkpoints

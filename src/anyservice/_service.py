@@ -145,6 +145,7 @@ class _Run:
     """The scopes and bookkeeping of one run of a service (scopes are single-use)."""
 
     __slots__ = (
+        "body_done",
         "crashing",
         "cut_short",
         "deadline_set",
@@ -168,6 +169,7 @@ class _Run:
         self.stopping = anyio.Event()
         self.stop_requested = False
         self.crashing = False
+        self.body_done = False
         self.deadline_set = False
         self.on_start_done = False
         self.has_resources = False
@@ -466,9 +468,13 @@ class Service:
             raise ValueError(f"{self.name}: {service.name!r} is not one of its dependencies")
         run = self._run
         if run is not None and service in run.started_dependencies:
-            await service.stop()
+            # Taken off the list first: a stop of this service meanwhile must not stop it
+            # a second time, nor miss it.
             run.started_dependencies.remove(service)
-        self._disown(service)
+        if service._run is not None:
+            await service._stop()
+        if service in self._dependencies:
+            self._disown(service)
 
     def _adopt(self, service: Service, what: str = "dependency") -> None:
         """Make this service the owner of ``service`` in the tree."""
@@ -657,6 +663,9 @@ class Service:
                     raise
                 finally:
                     await self._stop_dependencies(run)
+                    # From here the task group only waits for its tasks: it takes no new
+                    # ones (trio's nursery refuses them), so a late crash() is kept aside.
+                    run.body_done = True
             if self._pending_crash is not None:
                 raise self._pending_crash
         except BaseException as exc:
@@ -875,15 +884,18 @@ class Service:
 
     # ----------------------------------------------------------------- stop
 
-    def _request_stop(self, *, deadline: bool = True) -> None:
-        if self._state is ServiceState.INIT and self._run is None:
-            self._stop_before_start = True
-            self._set_state(ServiceState.STOPPED)
-            return
+    def _request_stop(self, *, deadline: bool = True, sticky: bool = False) -> None:
+        # A stop always wins over a pending restart.
+        restarting, self._restart_requested = self._restart_requested, False
         run = self._run
         if run is None:
-            # Between the runs of a restart: the stop cancels the restart.
-            self._restart_requested = False
+            if self._state is ServiceState.INIT:
+                self._stop_before_start = True
+                self._set_state(ServiceState.STOPPED)
+            elif sticky and not restarting:
+                # A run may be queued (task_group.start_soon(service.run)) but not begun:
+                # the stop is kept for it, so that it ends at once instead of starting.
+                self._stop_before_start = True
             return
         if run.stop_requested:
             return
@@ -924,19 +936,24 @@ class Service:
 
         Called from inside the service (one of its tasks or hooks, or a dependency's), it
         never waits for itself: it requests the stop and the calling task unwinds at its
-        next checkpoint (a hook returns at once).
+        next checkpoint (a hook returns at once). Called while the service is not running,
+        the stop is kept for its next run, which then ends at once without starting
+        anything: so ``task_group.start_soon(service.run)`` followed by ``stop()`` never
+        leaves it running.
 
         Raises:
             ValueError: for a negative or NaN ``timeout``.
         """
+        return await self._stop(block=block, timeout=timeout, sticky=True)
+
+    async def _stop(
+        self, *, block: bool = True, timeout: float | None = None, sticky: bool = False
+    ) -> bool:
         if timeout is not None:
             timeout = _check_timeout(timeout, f"{self.name}: stop(timeout=)")
-        self._request_stop()
+        self._request_stop(sticky=sticky)
         if self in _inside.get():
-            slot = _current_slot.get()
-            if slot is not None:
-                slot.scope.cancel()
-                await anyio.lowlevel.checkpoint()
+            await self._unwind_caller()
             return self._state.is_final
         if not block:
             return self._state.is_final
@@ -949,12 +966,20 @@ class Service:
         self._log_stuck(wait)
         return False
 
+    @staticmethod
+    async def _unwind_caller() -> None:
+        """End the calling task of the service at this checkpoint (a hook just returns)."""
+        slot = _current_slot.get()
+        if slot is not None:
+            slot.scope.cancel()
+            await anyio.lowlevel.checkpoint()
+
     async def _stop_dependencies(self, run: _Run) -> None:
         started = run.started_dependencies
         while started:
             dependency = started.pop()
             if dependency._has_stop_work():
-                await dependency.stop()
+                await dependency._stop()
             else:
                 # Nothing of it can observe the order (no hooks, tasks, resources or
                 # dependencies): let it unwind with the others instead of waiting for it
@@ -998,19 +1023,19 @@ class Service:
                 f"{self.name}: restart() needs a RUNNING service, not {self._state.name}"
             )
         before = self.restart_count
+        self._request_stop()
         self._restart_requested = True
         if self in _inside.get():
-            await self.stop()
+            await self._unwind_caller()
             return
-        self._request_stop()
         while True:
             state = self.state
             if self.restart_count > before and state is ServiceState.RUNNING:
                 return
-            if state is ServiceState.CRASHED or (
-                state is ServiceState.STOPPED and not self._restart_requested
-            ):
+            if state is ServiceState.CRASHED:
                 raise ServiceError(f"{self.name}: restart failed") from self.crash_reason
+            if state is ServiceState.STOPPED and not self._restart_requested:
+                raise ServiceError(f"{self.name}: restart interrupted: the service was stopped")
             await self.wait_for(*(set(ServiceState) - {state}))  # any change
 
     # ---------------------------------------------------------------- crash
@@ -1033,7 +1058,11 @@ class Service:
         async def raise_it(slot: _Slot) -> None:
             raise reason
 
-        if run.task_group is not None and not run.task_group.cancel_scope.cancel_called:
+        if (
+            run.task_group is not None
+            and not run.body_done
+            and not run.task_group.cancel_scope.cancel_called
+        ):
             self._spawn_slot(run, "crash()", raise_it)
             if self in _inside.get():
                 # The crash cancels the whole scope, the caller included.

@@ -185,7 +185,7 @@ class Supervisor(Service):
                 for child in reversed(self._children):
                     if child.running:
                         child.stopping = True
-                        await child.service.stop()
+                        await child.service._stop()
 
     def _stop_deadline(self) -> float:
         run = self._run
@@ -233,7 +233,7 @@ class Supervisor(Service):
             for other in reversed(targets):
                 if other is not child and other.running:
                     other.stopping = True
-                    await other.service.stop()
+                    await other.service._stop()
             if delay:
                 await anyio.sleep(delay)
             for target in targets:
