@@ -164,7 +164,7 @@ class _Run:
     )
 
     def __init__(self) -> None:
-        self.running_scope = anyio.CancelScope()
+        self.running_scope: anyio.CancelScope | None = anyio.CancelScope()
         self.task_group: anyio.abc.TaskGroup | None = None
         self.stopping = anyio.Event()
         self.stop_requested = False
@@ -173,7 +173,8 @@ class _Run:
         self.deadline_set = False
         self.on_start_done = False
         self.has_resources = False
-        self.slots: set[_Slot] = set()
+        # A dict as an ordered set: an empty one is a third of the size of an empty set.
+        self.slots: dict[_Slot, None] = {}
         self.slots_done: anyio.Event | None = None
         self.started_dependencies: list[Service] = []
         self.cut_short: list[str] = []
@@ -194,19 +195,38 @@ class _Run:
         return self.task_group.cancel_scope
 
 
-class _ReleasedWithinDeadline(AsyncExitStack):
+class _Resources:
     """The resources of a run: released even when the run is being cancelled (a crash).
 
     Release is shielded from the cancellation that a crash brings, but not from the stop
     deadline: a resource that takes longer than the grace period to close is cancelled.
+    The exit stack is made on the first resource: most services hold none.
     """
 
+    __slots__ = ("run", "stack")
+
     def __init__(self, run: _Run) -> None:
-        super().__init__()
         self.run = run
+        self.stack: AsyncExitStack | None = None
+
+    def _stack(self) -> AsyncExitStack:
+        if self.stack is None:
+            self.stack = AsyncExitStack()
+            self.run.has_resources = True
+        return self.stack
+
+    async def enter_async_context(self, manager: AbstractAsyncContextManager[Any]) -> Any:
+        return await self._stack().enter_async_context(manager)
+
+    def enter_context(self, manager: AbstractContextManager[Any]) -> Any:
+        return self._stack().enter_context(manager)
+
+    async def __aenter__(self) -> _Resources:
+        return self
 
     async def __aexit__(self, *exc_info: Any) -> bool:
-        if not self.run.has_resources:
+        stack = self.stack
+        if stack is None:
             return False
         if self.run.slots:
             # Cancelled (a crash, the deadline, or from outside): the tasks are unwinding
@@ -216,7 +236,7 @@ class _ReleasedWithinDeadline(AsyncExitStack):
                 await self.run.wait_slots_done()
         suppressed = False
         with anyio.CancelScope(shield=True, deadline=self.run.hard_scope.deadline):
-            suppressed = bool(await super().__aexit__(*exc_info))
+            suppressed = bool(await stack.__aexit__(*exc_info))
         return suppressed
 
 
@@ -226,10 +246,19 @@ class _Started:
     __slots__ = ("event",)
 
     def __init__(self) -> None:
-        self.event = anyio.Event()
+        self.event: anyio.Event | None = anyio.Event()
 
     def started(self, value: object = None) -> None:
-        self.event.set()
+        # The run keeps its task_status for its whole life: let the event go once used.
+        event, self.event = self.event, None
+        if event is not None:
+            event.set()
+
+    async def wait(self) -> None:
+        """Return once ``started()`` was called."""
+        event = self.event
+        if event is not None:
+            await event.wait()
 
 
 class _ServiceLog(logging.LoggerAdapter[logging.Logger]):
@@ -528,7 +557,6 @@ class Service:
                 f"{self.name}: add_context() enters sync context managers while running; "
                 f"use 'await add_async_context(...)' for {manager!r}"
             )
-        stack.run.has_resources = True
         return stack.enter_context(manager)
 
     async def add_async_context(self, context: ContextSource) -> Any:
@@ -538,7 +566,7 @@ class Service:
             return self._register_context(context)
         return await self._enter_context(self._live_resources(), context)
 
-    def _live_resources(self) -> _ReleasedWithinDeadline:
+    def _live_resources(self) -> _Resources:
         stack = self._resources
         if stack is None:
             raise ServiceError(
@@ -557,11 +585,10 @@ class Service:
             raise TypeError(f"{self.name}: not a context manager or a factory of one: {context!r}")
         self._contexts.append(context)
 
-    _resources: _ReleasedWithinDeadline | None = None
+    _resources: _Resources | None = None
 
     @staticmethod
-    async def _enter_context(stack: _ReleasedWithinDeadline, context: ContextSource) -> Any:
-        stack.run.has_resources = True
+    async def _enter_context(stack: _Resources, context: ContextSource) -> Any:
         manager: Any = context
         if not hasattr(manager, "__aenter__") and not hasattr(manager, "__enter__"):
             manager = manager()
@@ -702,9 +729,11 @@ class Service:
     async def _start_and_serve(self, run: _Run, task_status: anyio.abc.TaskStatus[None]) -> None:
         task_group = run.task_group
         assert task_group is not None
-        async with _ReleasedWithinDeadline(run) as resources:
+        running_scope = run.running_scope
+        assert running_scope is not None
+        async with _Resources(run) as resources:
             self._resources = resources
-            with run.running_scope:
+            with running_scope:
                 self._resolve_requirements()
                 for dependency in list(self._dependencies):
                     await self._start_dependency(run, dependency)
@@ -724,8 +753,11 @@ class Service:
                     self.log.log(self.lifecycle_log_level, "started")
                     run.reported_started = True
                     task_status.started()
-                # An event rather than sleep_forever(): no timer to schedule per service.
-                await run.stopping.wait()
+            # Started (or cut short): from here a stop only sets the event, so the scope can
+            # go, and with it what anyio keeps for it while the service runs.
+            run.running_scope = None
+            # An event rather than sleep_forever(): no timer to schedule per service.
+            await run.stopping.wait()
             # A stop was requested: the start was cut short, or serving ends.
             if run.crashing:
                 # The crash cancels this scope at the next checkpoint: no hooks to run.
@@ -748,7 +780,7 @@ class Service:
             functools.partial(dependency.run, task_status=started),
             name=f"{dependency.name} (of {self.name})",
         )
-        await started.event.wait()
+        await started.wait()
 
     async def _call_hook(self, hook: str) -> None:
         try:
@@ -767,7 +799,7 @@ class Service:
         *args: Any,
     ) -> _Slot:
         slot = _Slot(name, run)
-        run.slots.add(slot)
+        run.slots[slot] = None
         assert run.task_group is not None
         run.task_group.start_soon(self._run_slot, slot, body, args, name=f"{self.name}.{name}")
         if run.stop_requested:
@@ -789,7 +821,7 @@ class Service:
             self._note_crash(run)
             raise
         finally:
-            run.slots.discard(slot)
+            run.slots.pop(slot, None)
             if not run.slots and run.slots_done is not None:
                 run.slots_done.set()
 
@@ -902,10 +934,11 @@ class Service:
         run.stop_requested = True
         if deadline:
             self._set_deadline(run)
-        if self._state is not ServiceState.RUNNING:
+        scope = run.running_scope
+        if scope is not None and self._state is not ServiceState.RUNNING:
             # Still starting: cut the start short. Once RUNNING, the run task only waits
             # for the event below, so cancelling (which costs anyio a retry loop) is moot.
-            run.running_scope.cancel()
+            scope.cancel()
         run.stopping.set()
         if self._state is not ServiceState.STOPPING:
             self._set_state(ServiceState.STOPPING)

@@ -261,7 +261,7 @@ class Supervisor(Service):
         child.running = True
         child.started_at = anyio.current_time()
         self.spawn(lambda: self._run_child(child, started), name=f"child {child.service.name}")
-        await started.event.wait()
+        await started.wait()
 
     async def _run_child(self, child: _Child, started: _Started) -> None:
         # In flight: a supervisor's stop does not cancel a child, it stops it gracefully.
@@ -273,7 +273,7 @@ class Supervisor(Service):
                 outcome = exc
             finally:
                 child.running = False
-                started.event.set()
+                started.started()
         exits = self._exits
         if exits is not None:
             try:
