@@ -783,8 +783,11 @@ class Service:
         await started.wait()
 
     async def _call_hook(self, hook: str) -> None:
+        method = getattr(self, hook)
+        if getattr(method, "__func__", None) is getattr(Service, hook):
+            return  # not overridden: nothing to await, and thousands of idle services add up
         try:
-            await getattr(self, hook)()
+            await method()
         except Exception as exc:
             exc.add_note(f"anyservice: raised in {hook}() of service {self.name!r}")
             raise
