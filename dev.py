@@ -34,8 +34,10 @@ def ensure_environment() -> None:
         try:
             venv.create(VENV, with_pip=True)
         except Exception as exc:
-            sys.exit(f"dev.py: could not create a virtual environment ({exc}); "
-                     "install your distribution's python3-venv package and retry")
+            sys.exit(
+                f"dev.py: could not create a virtual environment ({exc}); "
+                "install your distribution's python3-venv package and retry"
+            )
     print("dev.py: installing anyservice and its test dependencies", flush=True)
     pip = [str(PYTHON), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     subprocess.run([*pip, "--upgrade", "pip"], check=True)
