@@ -5,8 +5,9 @@ Each run of a service opens two nested scopes, from the outside in:
 - the service's task group, hosting its dependencies' runs and its own background tasks;
   its cancel scope is the *hard* scope, whose deadline is set to ``now + shutdown_timeout``
   when a stop is requested or the service crashes: whatever is left then is cancelled;
-- the *running* scope, around starting and serving: a stop request cancels it, which ends
-  an unfinished start or the wait for a stop, and the stop sequence begins.
+- the *running* scope, around starting: a stop request during the start cancels it,
+  which cuts the start short. Once RUNNING the service waits on its stopping event, which
+  a stop sets; either way the stop sequence then begins.
 
 Every background task runs in its own *slot* scope. At stop, idle slots are cancelled at once;
 a slot inside ``in_flight()`` is cancelled only when it leaves that block, or at the hard
