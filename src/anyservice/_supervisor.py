@@ -14,7 +14,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from ._decorators import task
 from ._restart import Backoff, RestartIntensity
 from ._schedule import check_interval
-from ._service import Service, _Started
+from ._service import Service, _leaves, _Started
 from ._state import ServiceError, ServiceState
 
 __all__ = ["RestartType", "Strategy", "Supervisor", "SupervisorError"]
@@ -286,12 +286,4 @@ class Supervisor(Service):
 
 
 def _reason(error: BaseException) -> str:
-    leaves: list[BaseException] = []
-    pending = [error]
-    while pending:
-        current = pending.pop()
-        if isinstance(current, BaseExceptionGroup):
-            pending.extend(current.exceptions)
-        else:
-            leaves.append(current)
-    return "; ".join(f"{type(leaf).__name__}: {leaf}" for leaf in leaves)
+    return "; ".join(f"{type(leaf).__name__}: {leaf}" for leaf in _leaves(error))
