@@ -32,20 +32,39 @@ NEW_YORK = ZoneInfo("America/New_York")
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("value", [1, 0.5, 1e-9, 10**6])
+@pytest.mark.parametrize("value", [1, 0.5, 1e-6, 10**6])
 def test_check_interval_returns_a_float(value: float) -> None:
     assert check_interval(value) == float(value)
     assert type(check_interval(value)) is float
 
 
-@pytest.mark.parametrize("value", [0, 0.0, -1, -0.5, math.nan, math.inf, -math.inf, 10**400])
-def test_check_interval_rejects_bad_values_naming_them(value: float) -> None:
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [(dt.timedelta(milliseconds=1500), 1.5), ("1.5", 1.5), (" 2 ", 2.0), ("1e-3", 0.001)],
+)
+def test_check_interval_takes_timedeltas_and_numeric_strings(value: object, seconds: float) -> None:
+    assert check_interval(value) == seconds
+
+
+@pytest.mark.parametrize("value", [0, 0.0, -1, -0.5, math.nan, math.inf, -math.inf, "nan", "-1"])
+def test_check_interval_rejects_bad_values_naming_them(value: object) -> None:
     with pytest.raises(ValueError, match="loop_seconds must be a finite number") as info:
         check_interval(value, "loop_seconds")
     assert repr(value) in str(info.value)
 
 
-@pytest.mark.parametrize("value", [True, "1", None, dt.timedelta(seconds=1), 1j])
+def test_check_interval_names_an_int_too_large_for_a_float() -> None:
+    with pytest.raises(ValueError, match=r"loop_seconds .* got 1000.*\(too large for a float\)"):
+        check_interval(10**400, "loop_seconds")
+
+
+@pytest.mark.parametrize("value", [1e-7, 1e-21, 5e-324, "1e-9"])
+def test_check_interval_refuses_intervals_below_one_microsecond(value: object) -> None:
+    with pytest.raises(ValueError, match=r"@timer interval must be at least 1e-06 seconds"):
+        check_interval(value, "@timer interval")
+
+
+@pytest.mark.parametrize("value", [True, None, [1], 1j, b"1"])
 def test_check_interval_rejects_non_numbers(value: object) -> None:
     with pytest.raises(TypeError, match="interval must be a number"):
         check_interval(value)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import anyio
 import anyio.abc
 
+from ._checks import Seconds, check_optional_count
 from ._schedule import MissedTickPolicy, TickOutcome, check_interval
 from ._service import Service
 from ._timers import TimerSpec, TimerStats
@@ -85,7 +86,7 @@ class LoopService(Service):
 
     def __init__(
         self,
-        loop_seconds: float | None = None,
+        loop_seconds: Seconds | None = None,
         handle_signals: bool = False,
         *,
         name: str | None = None,
@@ -121,14 +122,11 @@ class LoopService(Service):
         """Run the loop until stopped, or for ``loops`` runs; returns with the service STOPPED.
 
         Raises:
-            ValueError: if ``loops`` is not a positive int or None.
+            TypeError: if ``loops`` is not an int or None.
+            ValueError: if ``loops`` is below 1 or above ``MAX_COUNT``.
             BaseExceptionGroup: if the service crashed.
         """
-        if loops is not None and (
-            isinstance(loops, bool) or not isinstance(loops, int) or loops < 1
-        ):
-            raise ValueError(f"{self.name}: loops must be a positive int or None, got {loops!r}")
-        self._loops = loops
+        self._loops = check_optional_count(loops, f"{self.name}: loops", minimum=1)
         if self.handle_signals:
             await run_services(self, handle_signals=True)
         else:

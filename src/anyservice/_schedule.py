@@ -9,12 +9,13 @@ from __future__ import annotations
 import datetime
 import enum
 import math
-import numbers
 import zoneinfo
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from croniter import croniter
+
+from ._checks import MIN_INTERVAL, check_choice, check_clock_reading, check_seconds
 
 __all__ = [
     "CronSchedule",
@@ -34,38 +35,20 @@ def check_interval(value: object, what: str = "interval") -> float:
     """Validate a duration in seconds, such as a timer interval or ``loop_seconds``.
 
     Args:
-        value: The duration the user gave.
+        value: The duration the user gave: seconds as an int or float, a ``timedelta`` or a
+            numeric string (mode's ``Seconds``).
         what: The name to put in the error message, e.g. ``"loop_seconds"``.
 
     Returns:
-        ``value`` as a float: finite and strictly positive.
+        ``value`` as a float: finite and at least :data:`MIN_INTERVAL` (one microsecond).
 
     Raises:
-        TypeError: If ``value`` is not a real number (``bool`` is refused: ``True`` seconds is
+        TypeError: If ``value`` is not a duration (``bool`` is refused: ``True`` seconds is
             a bug, not a duration).
-        ValueError: If ``value`` is NaN, infinite, zero or negative.
+        ValueError: If ``value`` is NaN, infinite, below one microsecond (zero and negative
+            included), or a string that is not a number.
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{what} must be a number of seconds, got {value!r}")
-    try:
-        seconds = float(value)
-    except OverflowError:
-        raise ValueError(f"{what} must be a finite number of seconds, got {value!r}") from None
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(f"{what} must be a finite number of seconds > 0, got {value!r}")
-    return seconds
-
-
-def _check_clock_reading(value: object, what: str) -> float:
-    # advance() runs on every tick: spare plain finite floats the slower ABC check.
-    if type(value) is float and math.isfinite(value):
-        return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{what} must be a clock reading in seconds, got {value!r}")
-    reading = float(value)
-    if not math.isfinite(reading):
-        raise ValueError(f"{what} must be a finite clock reading, got {value!r}")
-    return reading
+    return check_seconds(value, what, minimum=MIN_INTERVAL)
 
 
 class MissedTickPolicy(enum.Enum):
@@ -91,13 +74,7 @@ def check_policy(value: MissedTickPolicy | str) -> MissedTickPolicy:
     Raises:
         ValueError: If ``value`` is neither a member nor the value of one.
     """
-    if isinstance(value, MissedTickPolicy):
-        return value
-    for policy in MissedTickPolicy:
-        if value == policy.value:
-            return policy
-    valid = ", ".join(repr(policy.value) for policy in MissedTickPolicy)
-    raise ValueError(f"missed-tick policy must be one of {valid}, got {value!r}")
+    return check_choice(value, "missed-tick policy", MissedTickPolicy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +126,7 @@ class IntervalSchedule:
                 ``policy`` is unknown.
         """
         self._interval = check_interval(interval)
-        self._anchor = _check_clock_reading(start, "start")
+        self._anchor = check_clock_reading(start, "start")
         self._policy = check_policy(policy)
         self._index = 0 if exec_first else 1
 
@@ -211,8 +188,8 @@ class IntervalSchedule:
         Raises:
             ValueError: If a reading is not finite or ``finished_at`` is before ``started_at``.
         """
-        started_at = _check_clock_reading(started_at, "started_at")
-        finished_at = _check_clock_reading(finished_at, "finished_at")
+        started_at = check_clock_reading(started_at, "started_at")
+        finished_at = check_clock_reading(finished_at, "finished_at")
         if finished_at < started_at:
             raise ValueError(f"finished_at ({finished_at!r}) is before started_at ({started_at!r})")
         ran = self._index
