@@ -234,7 +234,10 @@ def test_a_clock_reading_given_as_an_int_comes_back_as_a_float() -> None:
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, Fraction(10**400)])
 def test_a_clock_reading_must_be_finite(value: object) -> None:
-    with pytest.raises(ValueError, match=r"^now must be a finite clock reading, got "):
+    message = f"now must be a finite clock reading, got {describe(value)}"
+    if isinstance(value, Fraction):
+        message += " (too large for a float)"
+    with pytest.raises(ValueError, match=exactly(message)):
         check_clock_reading(value, "now")
 
 
@@ -299,6 +302,12 @@ def test_a_count_may_have_a_tighter_maximum_or_none() -> None:
 
 def test_an_optional_count_passes_none_through_and_checks_the_rest() -> None:
     assert check_optional_count(None, "limit") is None
+    assert check_optional_count(0, "limit") == 0
+    assert check_optional_count(MAX_COUNT, "limit") == MAX_COUNT
+    with pytest.raises(
+        ValueError, match=exactly("limit must be an int <= 2147483647, got 2147483648")
+    ):
+        check_optional_count(MAX_COUNT + 1, "limit")
     assert check_optional_count(5, "limit", minimum=5, maximum=5) == 5
     with pytest.raises(ValueError, match=exactly("limit must be an int >= 1, got 0")):
         check_optional_count(0, "limit", minimum=1)

@@ -63,8 +63,13 @@ def test_time_going_backwards_is_refused_loudly() -> None:
 
 @pytest.mark.parametrize("now", [math.nan, math.inf])
 def test_now_must_be_finite(now: float) -> None:
-    with pytest.raises(ValueError, match="finite"):
+    with pytest.raises(ValueError, match=f"^now must be a finite clock reading, got {now!r}$"):
         RestartIntensity(2, within=10.0).allow(now)
+
+
+def test_now_must_be_a_number() -> None:
+    with pytest.raises(TypeError, match=r"^now must be a clock reading in seconds, got '5'$"):
+        RestartIntensity(2, within=10.0).allow("5")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -194,11 +199,34 @@ def test_a_fixed_jitter_sample_must_be_in_the_unit_interval(sample: float) -> No
 
 
 @pytest.mark.parametrize(
-    ("attempt", "error"), [(0, ValueError), (-1, ValueError), (1.0, TypeError)]
+    ("attempt", "error", "message"),
+    [
+        (0, ValueError, "attempt must be an int >= 1, got 0"),
+        (-1, ValueError, "attempt must be an int >= 1, got -1"),
+        (1.0, TypeError, "attempt must be an int, got 1.0"),
+    ],
 )
-def test_attempts_count_from_one(attempt: int, error: type[Exception]) -> None:
-    with pytest.raises(error, match="attempt"):
+def test_attempts_count_from_one(attempt: int, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=f"^{message}$"):
         Backoff().delay(attempt)
+
+
+def test_attempts_have_no_upper_bound() -> None:
+    assert Backoff(initial=1.0, maximum=5.0).delay(2**40) == 5.0
+
+
+def test_full_jitter_can_take_the_whole_delay_off() -> None:
+    backoff = Backoff(initial=1.0, jitter=1.0)
+    assert backoff.delay(1, rng=0.5) == 0.5
+    assert backoff.delay(1, rng=0.0) == 1.0
+
+
+def test_no_jitter_draws_no_random_number() -> None:
+    random.seed(5)
+    expected = random.random()
+    random.seed(5)
+    assert Backoff(initial=1.0).delay(1) == 1.0
+    assert random.random() == expected
 
 
 @pytest.mark.parametrize(
@@ -209,6 +237,7 @@ def test_attempts_count_from_one(attempt: int, error: type[Exception]) -> None:
         ({"factor": 0.5}, "factor must be >= 1, got 0.5"),
         ({"factor": math.inf}, "factor .* got inf"),
         ({"initial": 10.0, "maximum": 5.0}, r"maximum \(5.0\) must be >= initial \(10.0\)"),
+        ({"maximum": -1.0}, r"^maximum must be a finite number of seconds >= 0, got -1.0$"),
         ({"jitter": 1.5}, "jitter must be <= 1, got 1.5"),
         ({"jitter": -0.1}, "jitter .* got -0.1"),
     ],

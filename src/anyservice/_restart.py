@@ -39,8 +39,9 @@ class RestartIntensity:
         """
         self._max_restarts = check_count(max_restarts, "max_restarts")
         self._within = check_interval(within, "within")
-        # Only the newest max_restarts restarts can ever decide a refusal.
-        self._recent: deque[float] = deque(maxlen=max_restarts)
+        # Only the newest max_restarts restarts can ever decide a refusal. (The bound only
+        # saves memory: an unbounded history would give the same answers.)
+        self._recent: deque[float] = deque(maxlen=self._max_restarts)  # pragma: no mutate
 
     def __repr__(self) -> str:
         return (

@@ -29,6 +29,9 @@ __all__ = [
 _UTC = datetime.UTC
 _ONE_SECOND = datetime.timedelta(seconds=1)
 _ONE_MICROSECOND = datetime.timedelta(microseconds=1)
+# A date to probe a timezone or a cron expression from: any date does, as long as it is
+# before any year a cron year field is likely to name.
+_PROBE_DATE = datetime.datetime(2000, 1, 1)  # pragma: no mutate
 
 
 def check_interval(value: object, what: str = "interval") -> float:
@@ -231,7 +234,7 @@ def _resolve_timezone(timezone: str | datetime.tzinfo | None) -> datetime.tzinfo
         raise TypeError(
             f"timezone must be an IANA name, a tzinfo or None, got {type(timezone).__name__}"
         )
-    if datetime.datetime(2000, 1, 1, tzinfo=tz).utcoffset() is None:
+    if _PROBE_DATE.replace(tzinfo=tz).utcoffset() is None:
         raise ValueError(f"timezone {timezone!r} gives no UTC offset")
     return tz
 
@@ -285,20 +288,22 @@ class CronSchedule:
             raise TypeError(f"cron expression must be a string, got {type(expression).__name__}")
         self._timezone = _resolve_timezone(timezone)
         try:
-            parsed = croniter(expression, datetime.datetime(2000, 1, 1))
+            parsed = croniter(expression)
         except ValueError as exc:
             raise ValueError(f"invalid cron expression {expression!r}: {exc}") from exc
         self._expression = expression
         expanded: list[list[int | str]] = parsed.expanded
+        # croniter writes a full list of hours as "*"; the set comparison is for releases
+        # that might list them instead.
         self._every_hour = expanded[1] == ["*"] or set(expanded[1]) == set(range(24))
         # A year field makes "never fires" depend on the year it is asked from; start the
         # probe just before the earliest year it names.
-        probe_from = datetime.datetime(2000, 1, 1)
+        probe_from = _PROBE_DATE
         if len(expanded) == 7 and expanded[6] != ["*"]:
             years = [int(year) for year in expanded[6]]
             probe_from = datetime.datetime(min(years), 1, 1) - _ONE_SECOND
         try:
-            croniter(expression, probe_from).get_next(datetime.datetime)
+            croniter(expression, probe_from).get_next()
         except ValueError as exc:
             raise ValueError(f"cron expression {expression!r} matches no date: {exc}") from exc
 
@@ -340,7 +345,7 @@ class CronSchedule:
             raise ValueError(f"moment must be a timezone-aware datetime, got {moment!r}")
         instant = moment.astimezone(_UTC)
         local = instant.astimezone(self._timezone)
-        wall = local.replace(tzinfo=None, fold=0)
+        wall = local.replace(tzinfo=None)
         # On the first pass through a repeated stretch, the matching wall times already
         # passed will come round again, and the first of them may beat every wall time ahead.
         behind: datetime.datetime | None = None
@@ -348,7 +353,9 @@ class CronSchedule:
             early, late = self._offsets(wall)
             if early > late:
                 behind = self._first_repeat_after(instant, wall, early - late)
-        for candidate in self._walls_from(wall, instant):
+        candidates = self._walls_from(wall, instant)
+        while True:
+            candidate = next(candidates)
             first, repeat = self._instants(candidate)
             if first is not None and first > instant:
                 fire = first if behind is None else min(first, behind)
@@ -357,7 +364,6 @@ class CronSchedule:
             # occurrence of a later wall time.
             if behind is None and repeat is not None and repeat > instant:
                 return repeat.astimezone(self._timezone)
-        raise AssertionError("unreachable: the candidate walk only ends by raising")
 
     def delay_until_next(self, now: datetime.datetime) -> float:
         """Seconds from ``now`` until :meth:`next_after` ``(now)``.
@@ -439,7 +445,7 @@ class CronSchedule:
         ``instant``.
         """
         fall_back = self._transition(instant, instant + repeat)
-        stretch_start = fall_back.astimezone(self._timezone).replace(tzinfo=None, fold=0)
+        stretch_start = fall_back.astimezone(self._timezone).replace(tzinfo=None)
         candidate = next(self._walls_from(stretch_start, instant))
         if candidate > wall:
             return None
