@@ -31,6 +31,9 @@ consecutive lines are one marker):
 ``command="anyservice run myapp.main:build"``
     Run this command line instead of ``python <file>`` (``anyservice`` is this
     environment's console script).
+``prints="text"``
+    The program's stdout must contain ``text`` (the key may be given more than once): for a
+    block whose comments say what it prints.
 ``signature=module.name``
     The block is a ``def`` line without a body: it must match the real signature of that
     callable (names, kinds, defaults and annotations as written). Checked in-process.
@@ -83,7 +86,7 @@ EXIT_TIMEOUT = 60.0
 FENCE = re.compile(r"^(?P<indent>\s*)```(?P<lang>[\w+-]*)\s*$")
 MARKER = re.compile(r"^\s*<!--\s*docs-test:(?P<body>.*?)-->\s*$")
 FILE_HEADER = re.compile(r"^# (?P<path>[\w./-]+\.py)$")
-KNOWN_KEYS = {"continues", "serve", "ready", "port", "command", "signature"}
+KNOWN_KEYS = {"continues", "serve", "ready", "port", "command", "signature", "prints"}
 FLAG_KEYS = {"continues", "serve"}
 
 
@@ -94,6 +97,7 @@ class Block:
     lang: str
     code: str
     marker: dict[str, str] = field(default_factory=dict)
+    prints: list[str] = field(default_factory=list)
     marker_error: str | None = None
 
     @property
@@ -105,6 +109,7 @@ class Block:
 class Program:
     blocks: list[Block]
     options: dict[str, str] = field(default_factory=dict)
+    prints: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -132,9 +137,10 @@ class Program:
         }
 
 
-def parse_marker(body: str) -> dict[str, str]:
-    """The keys of a marker's body; ``ValueError`` for what is not understood."""
+def parse_marker(body: str) -> tuple[dict[str, str], list[str]]:
+    """The keys of a marker's body, and its ``prints`` texts; ``ValueError`` if not understood."""
     options: dict[str, str] = {}
+    prints: list[str] = []
     for word in shlex.split(body):
         key, sep, value = word.partition("=")
         if key not in KNOWN_KEYS:
@@ -143,8 +149,11 @@ def parse_marker(body: str) -> dict[str, str]:
             raise ValueError(
                 f"{key!r} takes no value" if key in FLAG_KEYS else f"{key!r} needs a value"
             )
-        options[key] = value
-    return options
+        if key == "prints":
+            prints.append(value)
+        else:
+            options[key] = value
+    return options, prints
 
 
 def read_blocks(document: Path) -> tuple[list[Block], list[str]]:
@@ -187,7 +196,7 @@ def read_blocks(document: Path) -> tuple[list[Block], list[str]]:
                     )
                 else:
                     try:
-                        block.marker = parse_marker(pending[1])
+                        block.marker, block.prints = parse_marker(pending[1])
                     except ValueError as exc:
                         block.marker_error = f"its marker on line {pending[0]}: {exc}"
                 pending = None
@@ -222,6 +231,7 @@ def read_programs(document: Path) -> list[Program]:
         if block.marker_error:
             program.errors.append(f"{block.where}: {block.marker_error}")
         program.options.update({k: v for k, v in block.marker.items() if k != "continues"})
+        program.prints.extend(block.prints)
     return programs
 
 
@@ -420,6 +430,7 @@ def run_serving(case: Case, command: list[str], cwd: Path) -> None:
     if code != 0:
         why = f"exited with {code} after SIGTERM, not 0"
         fail(report(case, why, command, stdout.text, stderr.text))
+    check_prints(case, command, stdout.text, stderr.text)
 
 
 def serve_then_stop(
@@ -458,6 +469,13 @@ def serve_then_stop(
         stdout.thread.join(1)
         stderr.thread.join(1)
         fail(failure(f"still running {EXIT_TIMEOUT:.0f} s after SIGTERM"))
+
+
+def check_prints(case: Case, command: list[str], stdout: str, stderr: str) -> None:
+    missing = [text for text in case.program.prints if text not in stdout]
+    if missing:
+        why = "did not print " + ", ".join(repr(text) for text in missing)
+        fail(report(case, why, command, stdout, stderr))
 
 
 def check_signature(case: Case) -> None:
@@ -531,6 +549,7 @@ def test_snippet_runs(case: Case, tmp_path: Path) -> None:
         fail(report(case, f"still running after {RUN_TIMEOUT:.0f} s", command, out, err))
     if done.returncode != 0:
         fail(report(case, f"exited with {done.returncode}", command, done.stdout, done.stderr))
+    check_prints(case, command, done.stdout, done.stderr)
 
 
 @pytest.mark.parametrize("document", DOCUMENTS, ids=[d.name for d in DOCUMENTS])
