@@ -47,6 +47,10 @@ Backends: a program that names a backend (``anyio.run(main)`` is asyncio,
 ``backend="trio"``, ``--backend trio``) runs as written, and once more with that one word
 changed to the other backend (test id ``README.md:28-trio``), since the docs say the same
 code runs on both. A pytest program runs on both through its own plugin.
+
+Other blocks (``console``, ``text``, ``json``) are not Python and are not run; the
+``anyservice`` commands of ``console`` blocks, which hold placeholders, are checked for
+options the command does not have.
 """
 
 from __future__ import annotations
@@ -561,3 +565,67 @@ def test_markers_belong_to_python_blocks(document: Path) -> None:
 def test_every_document_has_python_blocks_found() -> None:
     # Guards the parser itself: if it stopped finding blocks, every test above would vanish.
     assert sum(len(read_programs(document)) for document in DOCUMENTS) >= 10
+
+
+COMMAND = re.compile(r"^(?:\$\s+)?(?P<command>(?:anyservice|python3? -m anyservice)\b.*)$")
+
+
+def console_commands(document: Path) -> Iterator[tuple[str, list[str]]]:
+    """Each ``anyservice`` command of the console blocks of ``document``, with its place."""
+    for block in read_blocks(document)[0]:
+        if block.lang != "console":
+            continue
+        lines = block.code.splitlines()
+        for offset, text in enumerate(lines, start=1):
+            match = COMMAND.match(text.strip())
+            if not match:
+                continue
+            line = match["command"].split("#")[0]
+            # A long usage line goes on, indented, on the lines after it.
+            for more in lines[offset:]:
+                if not more[:1].isspace():
+                    break
+                line += " " + more.split("#")[0]
+            for command in line.split(";"):
+                words = command.split()
+                if words[:3] in (["python", "-m", "anyservice"], ["python3", "-m", "anyservice"]):
+                    words = ["anyservice", *words[3:]]
+                if words and words[0] == "anyservice":
+                    yield f"{document.relative_to(ROOT)}:{block.line + offset}", words
+
+
+def cli_help(subcommand: str | None) -> str:
+    script = Path(sys.executable).with_name("anyservice")
+    prefix = [str(script)] if script.exists() else [sys.executable, "-m", "anyservice"]
+    done = subprocess.run(
+        [*prefix, *([subcommand] if subcommand else []), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=True,
+    )
+    return done.stdout
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=[d.name for d in DOCUMENTS])
+def test_console_commands_use_real_options(document: Path) -> None:
+    # The console blocks hold placeholders (package.module:attribute), so they are not run;
+    # what they can get wrong cheaply is a subcommand or an option the command lacks.
+    helps: dict[str | None, str] = {}
+    problems = []
+    for where, words in console_commands(document):
+        subcommand = words[1] if len(words) > 1 and not words[1].startswith("-") else None
+        if subcommand not in helps:
+            try:
+                helps[subcommand] = cli_help(subcommand)
+            except subprocess.CalledProcessError as exc:
+                problems.append(f"{where}: `anyservice {subcommand} --help` failed: {exc.stderr}")
+                continue
+        known = set(re.findall(r"--[a-z][a-z-]*", helps[subcommand]))
+        used = re.findall(r"(?<![\w-])--[a-z][a-z-]*", " ".join(words))
+        problems += [
+            f"{where}: {' '.join(words)!r} uses {option}, which the command lacks"
+            for option in used
+            if option not in known
+        ]
+    assert not problems, "\n".join(problems)
