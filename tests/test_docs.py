@@ -372,7 +372,9 @@ def report(case: Case, why: str, command: list[str], stdout: str, stderr: str) -
         f"command: {shlex.join(command)}\n"
         f"{shown}"
         f"----- stdout -----\n{stdout or '(nothing)'}\n"
-        f"----- stderr -----\n{stderr or '(nothing)'}"
+        f"----- stderr -----\n{stderr or '(nothing)'}\n"
+        "(How blocks are run, and the markers that join them or serve them until SIGTERM:"
+        " the docstring of tests/test_docs.py.)"
     )
 
 
@@ -417,6 +419,7 @@ def run_serving(case: Case, command: list[str], cwd: Path) -> None:
         command,
         cwd=cwd,
         env=child_environment(),
+        stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -542,6 +545,7 @@ def test_snippet_runs(case: Case, tmp_path: Path) -> None:
             command,
             cwd=tmp_path,
             env=child_environment(),
+            stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
             timeout=RUN_TIMEOUT,
@@ -550,7 +554,11 @@ def test_snippet_runs(case: Case, tmp_path: Path) -> None:
     except subprocess.TimeoutExpired as exc:
         out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
         err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else exc.stderr or ""
-        fail(report(case, f"still running after {RUN_TIMEOUT:.0f} s", command, out, err))
+        why = (
+            f"still running after {RUN_TIMEOUT:.0f} s; a block that serves until a signal"
+            ' needs <!-- docs-test: serve ready="..." --> before it'
+        )
+        fail(report(case, why, command, out, err))
     if done.returncode != 0:
         fail(report(case, f"exited with {done.returncode}", command, done.stdout, done.stderr))
     check_prints(case, command, done.stdout, done.stderr)
