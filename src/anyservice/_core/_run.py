@@ -75,7 +75,7 @@ class Owner(Host, Protocol):
     def _owner(self) -> Owner | None: ...
 
     @property
-    def _has_stop_hooks(self) -> bool: ...
+    def _overridden_hooks(self) -> frozenset[str]: ...
 
     _run: Run | None
     _started_once: bool
@@ -90,8 +90,6 @@ class Owner(Host, Protocol):
     def _dependencies_to_start(self) -> Sequence[Owner]: ...
 
     def _set_state(self, new: ServiceState) -> None: ...
-
-    async def _call_hook(self, hook: str) -> None: ...
 
     def _record_crash(self, exc: BaseException) -> None: ...
 
@@ -120,6 +118,17 @@ def report_ready() -> None:
     slot = _current_slot.get()
     if slot is not None:
         slot.set_ready()
+
+
+async def sleep_until(run: Run | None, deadline: float) -> bool:
+    """Sleep until ``deadline``, or until ``run`` is asked to stop; False if it was."""
+    if run is None:
+        await anyio.sleep_until(deadline)
+        return True
+    with anyio.move_on_at(deadline):
+        await run.stopping.wait()
+        return False
+    return True
 
 
 class InFlight:
@@ -340,7 +349,8 @@ class Run:
             self.slots
             or self.started_dependencies
             or self.resources.stack is not None
-            or service._has_stop_hooks
+            or "on_stop" in service._overridden_hooks
+            or "on_shutdown" in service._overridden_hooks
         )
 
     def stop_deadline(self) -> float:
@@ -423,7 +433,6 @@ class Run:
             _inside.reset(token)
 
     async def _start_and_serve(self, handover: _Handover) -> None:
-        service = self.service
         async with self.resources as resources:
             self.live_resources = resources
             hooked = await self._start(handover)
@@ -438,11 +447,11 @@ class Run:
                 await anyio.lowlevel.checkpoint()
             self._advance(RunPhase.STOPPING)
             if hooked:
-                await service._call_hook("on_stop")
+                await self._call_hook("on_stop")
             await self._stop_slots()
             self.live_resources = None
         if hooked:
-            await service._call_hook("on_shutdown")
+            await self._call_hook("on_shutdown")
 
     async def _start(self, handover: _Handover) -> bool:
         """Start, in the running scope; returns whether ``on_start`` completed."""
@@ -454,13 +463,13 @@ class Run:
                 await self._start_dependency(dependency)
             if not service._started_once:
                 service._started_once = True
-                await service._call_hook("on_first_start")
-            await service._call_hook("on_start")
+                await self._call_hook("on_first_start")
+            await self._call_hook("on_start")
             hooked = True
             for context in service._contexts:
                 await self.resources.enter(context)
             await self._start_background()
-            await service._call_hook("on_started")
+            await self._call_hook("on_started")
             if not self.stop_requested:
                 self._advance(RunPhase.RUNNING)
                 service._set_state(ServiceState.RUNNING)
@@ -491,6 +500,16 @@ class Run:
             name=f"{dependency.name} (of {self.service.name})",
         )
         await started.wait()
+
+    async def _call_hook(self, hook: str) -> None:
+        service = self.service
+        if hook not in service._overridden_hooks:
+            return  # nothing to await, and thousands of idle services add up
+        try:
+            await getattr(service, hook)()
+        except Exception as exc:
+            exc.add_note(f"anyservice: raised in {hook}() of service {service.name!r}")
+            raise
 
     def _advance(self, phase: RunPhase) -> None:
         if phase > self.phase:

@@ -28,7 +28,7 @@ from ._diag import Diag, coroutine_stack, format_tree
 from ._exceptions import first_real_error, is_logged, mark_logged, only_cancellation, real_leaves
 from ._health import HealthMonitorSpec, run_healthcheck
 from ._itertimer import itertimer
-from ._run import ContextSource, InFlight, Resources, Run, current_slot, inside
+from ._run import ContextSource, InFlight, Resources, Run, current_slot, inside, sleep_until
 from ._specs import BackgroundSpec, collect
 from ._state import Health, ServiceError, ServiceState, check_transition
 from ._tree import Tree
@@ -37,19 +37,9 @@ __all__ = ["RESERVED", "Service", "run_as_restart"]
 
 _library_log = logging.getLogger("anyservice")
 
+_HOOKS = ("on_first_start", "on_start", "on_started", "on_stop", "on_shutdown")
 #: What a subclass may override: the hooks, and what the tree dump shows.
-OVERRIDABLE = frozenset(
-    {
-        "on_first_start",
-        "on_start",
-        "on_started",
-        "on_stop",
-        "on_shutdown",
-        "healthcheck",
-        "describe",
-        "children",
-    }
-)
+OVERRIDABLE = frozenset({*_HOOKS, "healthcheck", "describe", "children"})
 
 
 class _ServiceLog(logging.LoggerAdapter[logging.Logger]):
@@ -114,21 +104,11 @@ class Service:
 
     _background_specs: ClassVar[tuple[BackgroundSpec, ...]] = ()
     _requirement_methods: ClassVar[tuple[str, ...]] = ()
-    _has_stop_hooks: ClassVar[bool] = False
+    _overridden_hooks: ClassVar[frozenset[str]] = frozenset()
 
     def __init_subclass__(cls, *, overrides: Iterable[str] = (), **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        _check_shadowing(cls, overrides)
-        cls._background_specs, cls._requirement_methods = collect(cls)
-        if cls.healthcheck is not Service.healthcheck:
-            check_interval(cls.monitoring_interval, f"{cls.__name__}.monitoring_interval")
-            check_interval(cls.healthcheck_timeout, f"{cls.__name__}.healthcheck_timeout")
-            cls._background_specs = (*cls._background_specs, _HEALTH_MONITOR)
-        if not isinstance(cls.__dict__.get("shutdown_timeout", 0.0), int | float):
-            raise TypeError(f"{cls.__name__}.shutdown_timeout must be a number of seconds")
-        cls._has_stop_hooks = (
-            cls.on_stop is not Service.on_stop or cls.on_shutdown is not Service.on_shutdown
-        )
+        _prepare_subclass(cls, overrides)
 
     def __init__(self, *, name: str | None = None, shutdown_timeout: float | None = None) -> None:
         if name is not None and (not isinstance(name, str) or not name):
@@ -150,7 +130,7 @@ class Service:
         self.last_health: Health | None = None
         self._state = ServiceState.INIT
         self._state_changed: anyio.Event | None = None
-        self._tree = Tree(self, self._requirements if self._requirement_methods else None)
+        self._tree = Tree(self, _requirements_of(self) if self._requirement_methods else None)
         self._contexts: list[ContextSource] = []
         self._started_once = False
         self._pending = _Pending.NOTHING
@@ -160,14 +140,8 @@ class Service:
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in RESERVED:
-            raise TypeError(
-                f"{type(self).__name__}: 'self.{name} = ...' would hide Service.{name}, "
-                f"which the service relies on; store it under another name "
-                f"(e.g. 'self.{name}_' or 'self.my_{name}')"
-            )
+            _refuse_attribute(self, name)
         object.__setattr__(self, name, value)
-
-    # ----------------------------------------------------------------- hooks
 
     async def on_first_start(self) -> None:
         """Called before ``on_start`` on the first start only (not on restarts)."""
@@ -200,18 +174,6 @@ class Service:
         health = await run_healthcheck(self)
         self.last_health = health
         return health
-
-    async def _call_hook(self, hook: str) -> None:
-        method = getattr(self, hook)
-        if getattr(method, "__func__", None) is getattr(Service, hook):
-            return  # not overridden: nothing to await, and thousands of idle services add up
-        try:
-            await method()
-        except Exception as exc:
-            exc.add_note(f"anyservice: raised in {hook}() of service {self.name!r}")
-            raise
-
-    # ----------------------------------------------------------------- state
 
     @property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:
@@ -286,22 +248,11 @@ class Service:
 
     def describe(self) -> str:
         """One line for the tree dump: name, state, and what else the service wants shown."""
-        parts = [f"{self.name} [{self._state.name}]"]
-        if self.restart_count:
-            parts.append(f"restarts={self.restart_count}")
-        if self.last_health is not None:
-            parts.append(f"health={self.last_health.describe()}")
-        if self.diag.flags:
-            parts.append("flags=" + ",".join(sorted(self.diag.flags)))
-        if self._state is ServiceState.CRASHED and self.crash_reason is not None:
-            parts.append(f"crash={type(self.crash_reason).__name__}: {self.crash_reason}")
-        return " ".join(parts)
+        return _describe(self)
 
     def dump_tree(self) -> str:
         """A readable dump of this service and its dependencies: name, state, children."""
         return format_tree(self)
-
-    # ------------------------------------------------------------ dependencies
 
     def add_dependency(self, service: Service) -> Service:
         """Add a dependency: started (RUNNING) before this service, stopped after it.
@@ -338,17 +289,8 @@ class Service:
     def _owner(self) -> Service | None:
         return self._tree.owner  # type: ignore[return-value]  # nodes are Services
 
-    def _requirements(self) -> list[Service]:
-        return [
-            service
-            for attribute in self._requirement_methods
-            for service in getattr(self, attribute)()
-        ]
-
     def _dependencies_to_start(self) -> list[Service]:
         return self._tree.to_start()  # type: ignore[return-value]  # nodes are Services
-
-    # --------------------------------------------------------------- resources
 
     def add_context(self, context: ContextSource) -> Any:
         """Register or enter a (sync or async) context manager as a resource of the service.
@@ -359,60 +301,16 @@ class Service:
         this run stops. Resources are released exactly once, in reverse order, on a stop, a
         crash or a restart.
         """
-        if self._run is None:
-            return self._register_context(context)
-        resources = self._live_resources()
-        manager: Any = context
-        if not hasattr(manager, "__enter__") and callable(manager):
-            manager = manager()
-        if not hasattr(manager, "__enter__"):
-            raise TypeError(
-                f"{self.name}: add_context() enters sync context managers while running; "
-                f"use 'await add_async_context(...)' for {manager!r}"
-            )
-        return resources.enter_sync(manager)
+        return _add_context(self, context)
 
     async def add_async_context(self, context: ContextSource) -> Any:
         """Like ``add_context`` but awaitable: while running, enters now and returns the value."""
         if self._run is None:
-            return self._register_context(context)
-        return await self._live_resources().enter(context)
-
-    def _live_resources(self) -> Resources:
-        resources = self._run.live_resources if self._run is not None else None
-        if resources is None:
-            raise ServiceError(
-                f"{self.name}: resources can be added before start, or from on_start() on "
-                f"while running, not while {self._state.name}"
-            )
-        return resources
-
-    def _register_context(self, context: ContextSource) -> None:
-        if not (
-            isinstance(context, AbstractAsyncContextManager | AbstractContextManager)
-            or hasattr(context, "__aenter__")
-            or hasattr(context, "__enter__")
-            or callable(context)
-        ):
-            raise TypeError(f"{self.name}: not a context manager or a factory of one: {context!r}")
-        self._contexts.append(context)
-
-    # ------------------------------------------------------------ running
+            return _register_context(self, context)
+        return await _live_resources(self).enter(context)
 
     async def __aenter__(self) -> Self:
-        group = anyio.create_task_group()
-        await group.__aenter__()
-        try:
-            await group.start(self.run, name=f"anyservice {self.name}")
-        except BaseException as exc:
-            if only_cancellation(exc):
-                await group.__aexit__(type(exc), exc, exc.__traceback__)
-                raise
-            # The run is over, so the group holds nothing: raise the start's error as run()
-            # raised it, not wrapped once more by this group.
-            await group.__aexit__(None, None, None)
-            raise
-        self._owner_group = group
+        self._owner_group = await _enter(self)
         return self
 
     async def __aexit__(
@@ -421,22 +319,9 @@ class Service:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        group = self._owner_group
-        self._owner_group = None
+        group, self._owner_group = self._owner_group, None
         assert group is not None, "__aexit__ without __aenter__"
-        self._request_stop()
-        try:
-            if exc is None or isinstance(exc, Exception):
-                # The service stops gracefully; the block's own error, if any, leaves unwrapped.
-                await group.__aexit__(None, None, None)
-                return False
-            return bool(await group.__aexit__(exc_type, exc, tb))
-        except BaseExceptionGroup as group_error:
-            # The owner group only wraps what run() raised: raise that, not a group of it.
-            inner = group_error.exceptions
-            if len(inner) == 1 and isinstance(inner[0], BaseExceptionGroup):
-                raise inner[0] from group_error.__cause__
-            raise
+        return await _exit(self, group, exc_type, exc, tb)
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -451,26 +336,7 @@ class Service:
             ServiceError: if the service is already running or was not initialised.
             BaseExceptionGroup: what crashed the service, as anyio's task group raises it.
         """
-        await self._run_service(task_status, restart=False)
-
-    async def _run_service(self, task_status: anyio.abc.TaskStatus[None], *, restart: bool) -> None:
-        if not hasattr(self, "_state"):
-            raise ServiceError(f"{type(self).__name__}.__init__ did not call super().__init__()")
-        if self._state.is_active or self._run is not None:
-            raise ServiceError(f"{self.name} is already running ({self._state.name})")
-        if self._pending is _Pending.STOP:
-            self._pending = _Pending.NOTHING
-            task_status.started()
-            return
-        while True:
-            await Run(self).execute(task_status, restart=restart)
-            task_status = anyio.TASK_STATUS_IGNORED
-            if self._pending is not _Pending.RESTART:
-                return
-            self._pending = _Pending.NOTHING
-            restart = True
-
-    # -------------------------------------------------------------- tasks
+        await _run_service(self, task_status, restart=False)
 
     def in_flight(self) -> InFlight:
         """Mark work in flight: a stop lets it finish within the grace period.
@@ -489,13 +355,7 @@ class Service:
         Raises:
             ServiceError: if the service is not starting or running.
         """
-        if not isinstance(awaitable, Awaitable):
-            raise TypeError(f"{self.name}: add_future() needs an awaitable, got {awaitable!r}")
-
-        async def await_it() -> None:
-            await awaitable
-
-        self._spawn_extra(await_it, str(name or getattr(awaitable, "__qualname__", "future")))
+        _add_future(self, awaitable, name)
 
     def spawn(self, function: Callable[[], Awaitable[Any]], *, name: str | None = None) -> None:
         """Start ``function()`` as an extra task in the service's scope; it stops with it.
@@ -503,17 +363,7 @@ class Service:
         Raises:
             ServiceError: if the service is not starting or running.
         """
-        self._spawn_extra(function, str(name or getattr(function, "__name__", "task")))
-
-    def _spawn_extra(self, body: Callable[[], Awaitable[Any]], name: str) -> None:
-        run = self._run
-        if (
-            run is None
-            or run.task_group is None
-            or self._state not in (ServiceState.STARTING, ServiceState.RUNNING)
-        ):
-            raise ServiceError(f"{self.name}: can only add tasks while STARTING or RUNNING")
-        run.spawn(name, body)
+        _spawn_extra(self, function, str(name or getattr(function, "__name__", "task")))
 
     async def sleep(self, seconds: float) -> None:
         """Sleep for ``seconds``, or until a stop is requested, whichever comes first."""
@@ -521,14 +371,7 @@ class Service:
 
     async def _sleep_until(self, deadline: float) -> bool:
         """Sleep until ``deadline``; False if a stop came first."""
-        run = self._run
-        if run is None:
-            await anyio.sleep_until(deadline)
-            return True
-        with anyio.move_on_at(deadline):
-            await run.stopping.wait()
-            return False
-        return True
+        return await sleep_until(self._run, deadline)
 
     def itertimer(
         self,
@@ -548,27 +391,9 @@ class Service:
         """
         return itertimer(self, interval, policy=policy, exec_first=exec_first)
 
-    # ----------------------------------------------------------------- stop
-
     def _request_stop(self, *, deadline: bool = True, sticky: bool = False) -> None:
         """The one way a stop begins, whoever asks for it (``stop()``, ``async with``, ...)."""
-        # A stop always wins over a pending restart.
-        restarting = self._pending is _Pending.RESTART
-        if restarting:
-            self._pending = _Pending.NOTHING
-        run = self._run
-        if run is None:
-            if self._state is ServiceState.INIT:
-                self._pending = _Pending.STOP
-                self._set_state(ServiceState.STOPPED)
-            elif sticky and not restarting:
-                # A run may be queued (task_group.start_soon(service.run)) but not begun:
-                # the stop is kept for it, so that it ends at once instead of starting.
-                self._pending = _Pending.STOP
-            return
-        if run.request_stop(deadline=deadline) and self._state is not ServiceState.STOPPING:
-            self._set_state(ServiceState.STOPPING)
-            self._log.log(self.lifecycle_log_level, "stopping")
+        _request_stop(self, deadline=deadline, sticky=sticky)
 
     async def stop(self, *, block: bool = True, timeout: float | None = None) -> bool:
         """Stop the service gracefully; return whether it is stopped.
@@ -595,31 +420,7 @@ class Service:
         self, *, block: bool = True, timeout: float | None = None, sticky: bool = False
     ) -> bool:
         """Request a stop and, with ``block``, wait for it (what policies call)."""
-        if timeout is not None:
-            timeout = _check_timeout(timeout, f"{self.name}: stop(timeout=)")
-        self._request_stop(sticky=sticky)
-        if self in inside():
-            await _unwind_caller()
-            return self._state.is_final
-        if not block:
-            return self._state.is_final
-        if self._state.is_final and self._run is None:
-            return True
-        wait = self.shutdown_timeout + 1.0 if timeout is None else timeout
-        with anyio.move_on_after(wait):
-            await self.wait_for(ServiceState.STOPPED, ServiceState.CRASHED)
-            return True
-        self._log_stuck(wait)
-        return False
-
-    def _log_stuck(self, waited: float) -> None:
-        stacks = self.tracebacks()
-        self._log.error(
-            "still not stopped after %ss (state %s); stuck tasks:\n%s",
-            waited,
-            self._state.name,
-            "\n".join(f"--- {name}\n{stack}" for name, stack in stacks.items()) or "(none)",
-        )
+        return await _stop(self, block=block, timeout=timeout, sticky=sticky)
 
     async def restart(self) -> None:
         """Stop, then start again in fresh scopes; ``on_first_start`` is not re-run.
@@ -630,86 +431,21 @@ class Service:
         Raises:
             ServiceError: if the service is not running, or the new start crashed.
         """
-        if self._state is not ServiceState.RUNNING:
-            raise ServiceError(
-                f"{self.name}: restart() needs a RUNNING service, not {self._state.name}"
-            )
-        before = self.restart_count
-        self._request_stop()
-        self._pending = _Pending.RESTART
-        if self in inside():
-            await _unwind_caller()
-            return
-        while True:
-            state = self.state
-            if self.restart_count > before and state is ServiceState.RUNNING:
-                return
-            if state is ServiceState.CRASHED:
-                raise ServiceError(f"{self.name}: restart failed") from self.crash_reason
-            if state is ServiceState.STOPPED and self._pending is not _Pending.RESTART:
-                raise ServiceError(f"{self.name}: restart interrupted: the service was stopped")
-            await self.wait_for(*(set(ServiceState) - {state}))  # any change
-
-    # ---------------------------------------------------------------- crash
+        await _restart(self)
 
     async def crash(self, reason: BaseException) -> None:
         """Crash the service on purpose with ``reason`` (mode's ``crash``).
 
         The exception leaves ``run()`` / ``async with`` as if a task had raised it.
         """
-        if not isinstance(reason, BaseException):
-            raise TypeError(f"{self.name}: crash() needs an exception, got {reason!r}")
-        run = self._run
-        if run is None:
-            if self._state is ServiceState.CRASHED:
-                self.crash_reason = reason  # already crashed: the newer reason stands
-            else:
-                self._record_crash(reason)
-            return
-
-        async def raise_it() -> None:
-            raise reason
-
-        if run.takes_tasks:
-            run.spawn("crash()", raise_it)
-            if self in inside():
-                # The crash cancels the whole scope, the caller included.
-                await anyio.sleep_forever()
-        else:
-            self._pending_crash = reason
+        await _crash(self, reason)
 
     def _record_crash(self, exc: BaseException) -> None:
-        reason = first_real_error(exc)
-        self.crash_reason = reason
-        self._set_state(ServiceState.CRASHED)
-        fresh = [leaf for leaf in real_leaves(exc) if not is_logged(leaf)]
-        if fresh:
-            for leaf in fresh:
-                mark_logged(leaf)
-            self._log.error("crashed: %r", reason, exc_info=reason)
-        else:
-            self._log.error("crashed: %r (logged above)", reason)
-
-    # ------------------------------------------------------------ diagnostics
+        _record_crash(self, exc)
 
     def tracebacks(self) -> dict[str, str]:
         """The current stack of each of the service's tasks, by task name, both backends."""
-        stacks: dict[str, str] = {}
-        run = self._run
-        if run is None:
-            return stacks
-        if run.task is not None:
-            stacks[f"{self.name} (main)"] = "".join(coroutine_stack(run.task.coro).format())
-        for slot in list(run.slots):
-            if slot.task is not None:
-                stacks[f"{self.name}.{slot.name}"] = "".join(
-                    coroutine_stack(slot.task.coro).format()
-                )
-        for child in self.children():
-            stacks.update(child.tracebacks())
-        return stacks
-
-    # ------------------------------------------------------------ conveniences
+        return _tracebacks(self)
 
     @classmethod
     def from_awaitable(
@@ -722,10 +458,6 @@ class Service:
 
         Pass a coroutine function (called at each start) for a service that may restart.
         """
-        if not (isinstance(awaitable, Awaitable) or callable(awaitable)):
-            raise TypeError(
-                f"from_awaitable() needs an awaitable or a coroutine function, got {awaitable!r}"
-            )
         return _AwaitableService(awaitable, name=name)
 
 
@@ -741,6 +473,111 @@ RESERVED = frozenset(
     and name not in OVERRIDABLE
     and (isinstance(value, property | classmethod | staticmethod) or callable(value))
 )
+
+
+def _prepare_subclass(cls: type[Service], overrides: Iterable[str]) -> None:
+    _check_shadowing(cls, overrides)
+    cls._background_specs, cls._requirement_methods = collect(cls)
+    if cls.healthcheck is not Service.healthcheck:
+        check_interval(cls.monitoring_interval, f"{cls.__name__}.monitoring_interval")
+        check_interval(cls.healthcheck_timeout, f"{cls.__name__}.healthcheck_timeout")
+        cls._background_specs = (*cls._background_specs, _HEALTH_MONITOR)
+    if not isinstance(cls.__dict__.get("shutdown_timeout", 0.0), int | float):
+        raise TypeError(f"{cls.__name__}.shutdown_timeout must be a number of seconds")
+    # Hooks not overridden are not awaited: thousands of idle services add up.
+    cls._overridden_hooks = frozenset(
+        hook for hook in _HOOKS if getattr(cls, hook) is not getattr(Service, hook)
+    )
+
+
+async def _enter(service: Service) -> anyio.abc.TaskGroup:
+    """``async with service``: run it in a task group of its own; returns once RUNNING."""
+    group = anyio.create_task_group()
+    await group.__aenter__()
+    try:
+        await group.start(service.run, name=f"anyservice {service.name}")
+    except BaseException as exc:
+        if only_cancellation(exc):
+            await group.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        # The run is over, so the group holds nothing: raise the start's error as run()
+        # raised it, not wrapped once more by this group.
+        await group.__aexit__(None, None, None)
+        raise
+    return group
+
+
+async def _exit(
+    service: Service,
+    group: anyio.abc.TaskGroup,
+    exc_type: type[BaseException] | None,
+    exc: BaseException | None,
+    tb: TracebackType | None,
+) -> bool:
+    """Leaving ``async with service``: stop it gracefully and wait for its run to end."""
+    service._request_stop()
+    try:
+        if exc is None or isinstance(exc, Exception):
+            # The service stops gracefully; the block's own error, if any, leaves unwrapped.
+            await group.__aexit__(None, None, None)
+            return False
+        return bool(await group.__aexit__(exc_type, exc, tb))
+    except BaseExceptionGroup as group_error:
+        # The owner group only wraps what run() raised: raise that, not a group of it.
+        inner = group_error.exceptions
+        if len(inner) == 1 and isinstance(inner[0], BaseExceptionGroup):
+            raise inner[0] from group_error.__cause__
+        raise
+
+
+def _spawn_extra(service: Service, body: Callable[[], Awaitable[Any]], name: str) -> None:
+    run = service._run
+    if (
+        run is None
+        or run.task_group is None
+        or service._state not in (ServiceState.STARTING, ServiceState.RUNNING)
+    ):
+        raise ServiceError(f"{service.name}: can only add tasks while STARTING or RUNNING")
+    run.spawn(name, body)
+
+
+def _describe(service: Service) -> str:
+    parts = [f"{service.name} [{service._state.name}]"]
+    if service.restart_count:
+        parts.append(f"restarts={service.restart_count}")
+    if service.last_health is not None:
+        parts.append(f"health={service.last_health.describe()}")
+    if service.diag.flags:
+        parts.append("flags=" + ",".join(sorted(service.diag.flags)))
+    if service._state is ServiceState.CRASHED and service.crash_reason is not None:
+        parts.append(f"crash={type(service.crash_reason).__name__}: {service.crash_reason}")
+    return " ".join(parts)
+
+
+def _add_future(service: Service, awaitable: Awaitable[Any], name: str | None) -> None:
+    if not isinstance(awaitable, Awaitable):
+        raise TypeError(f"{service.name}: add_future() needs an awaitable, got {awaitable!r}")
+
+    async def await_it() -> None:
+        await awaitable
+
+    _spawn_extra(service, await_it, str(name or getattr(awaitable, "__qualname__", "future")))
+
+
+def _refuse_attribute(service: Service, name: str) -> None:
+    raise TypeError(
+        f"{type(service).__name__}: 'self.{name} = ...' would hide Service.{name}, "
+        f"which the service relies on; store it under another name "
+        f"(e.g. 'self.{name}_' or 'self.my_{name}')"
+    )
+
+
+def _requirements_of(service: Service) -> Callable[[], list[Service]]:
+    def requirements() -> list[Service]:
+        methods = service._requirement_methods
+        return [dependency for method in methods for dependency in getattr(service, method)()]
+
+    return requirements
 
 
 def _check_shadowing(cls: type, overrides: Iterable[str]) -> None:
@@ -772,13 +609,201 @@ async def run_as_restart(
     service: Service, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
 ) -> None:
     """``service.run()`` for a policy that restarts it: counted in ``restart_count``."""
-    await service._run_service(task_status, restart=True)
+    await _run_service(service, task_status, restart=True)
+
+
+async def _run_service(
+    service: Service, task_status: anyio.abc.TaskStatus[None], *, restart: bool
+) -> None:
+    if not hasattr(service, "_state"):
+        raise ServiceError(f"{type(service).__name__}.__init__ did not call super().__init__()")
+    if service._state.is_active or service._run is not None:
+        raise ServiceError(f"{service.name} is already running ({service._state.name})")
+    if service._pending is _Pending.STOP:
+        service._pending = _Pending.NOTHING
+        task_status.started()
+        return
+    while True:
+        await Run(service).execute(task_status, restart=restart)
+        task_status = anyio.TASK_STATUS_IGNORED
+        if service._pending is not _Pending.RESTART:
+            return
+        service._pending = _Pending.NOTHING
+        restart = True
+
+
+def _add_context(service: Service, context: ContextSource) -> Any:
+    if service._run is None:
+        return _register_context(service, context)
+    resources = _live_resources(service)
+    manager: Any = context
+    if not hasattr(manager, "__enter__") and callable(manager):
+        manager = manager()
+    if not hasattr(manager, "__enter__"):
+        raise TypeError(
+            f"{service.name}: add_context() enters sync context managers while running; "
+            f"use 'await add_async_context(...)' for {manager!r}"
+        )
+    return resources.enter_sync(manager)
+
+
+def _live_resources(service: Service) -> Resources:
+    resources = service._run.live_resources if service._run is not None else None
+    if resources is None:
+        raise ServiceError(
+            f"{service.name}: resources can be added before start, or from on_start() on "
+            f"while running, not while {service._state.name}"
+        )
+    return resources
+
+
+def _register_context(service: Service, context: ContextSource) -> None:
+    if not (
+        isinstance(context, AbstractAsyncContextManager | AbstractContextManager)
+        or hasattr(context, "__aenter__")
+        or hasattr(context, "__enter__")
+        or callable(context)
+    ):
+        raise TypeError(f"{service.name}: not a context manager or a factory of one: {context!r}")
+    service._contexts.append(context)
+
+
+def _request_stop(service: Service, *, deadline: bool = True, sticky: bool = False) -> None:
+    """The one way a stop begins, whoever asks for it (``stop()``, ``async with``, ...)."""
+    # A stop always wins over a pending restart.
+    restarting = service._pending is _Pending.RESTART
+    if restarting:
+        service._pending = _Pending.NOTHING
+    run = service._run
+    if run is None:
+        if service._state is ServiceState.INIT:
+            service._pending = _Pending.STOP
+            service._set_state(ServiceState.STOPPED)
+        elif sticky and not restarting:
+            # A run may be queued (task_group.start_soon(service.run)) but not begun:
+            # the stop is kept for it, so that it ends at once instead of starting.
+            service._pending = _Pending.STOP
+        return
+    if run.request_stop(deadline=deadline) and service._state is not ServiceState.STOPPING:
+        service._set_state(ServiceState.STOPPING)
+        service._log.log(service.lifecycle_log_level, "stopping")
+
+
+async def _stop(
+    service: Service, *, block: bool = True, timeout: float | None = None, sticky: bool = False
+) -> bool:
+    """Request a stop and, with ``block``, wait for it (what policies call)."""
+    if timeout is not None:
+        timeout = _check_timeout(timeout, f"{service.name}: stop(timeout=)")
+    service._request_stop(sticky=sticky)
+    if service in inside():
+        await _unwind_caller()
+        return service._state.is_final
+    if not block:
+        return service._state.is_final
+    if service._state.is_final and service._run is None:
+        return True
+    wait = service.shutdown_timeout + 1.0 if timeout is None else timeout
+    with anyio.move_on_after(wait):
+        await service.wait_for(ServiceState.STOPPED, ServiceState.CRASHED)
+        return True
+    _log_stuck(service, wait)
+    return False
+
+
+def _log_stuck(service: Service, waited: float) -> None:
+    stacks = service.tracebacks()
+    service._log.error(
+        "still not stopped after %ss (state %s); stuck tasks:\n%s",
+        waited,
+        service._state.name,
+        "\n".join(f"--- {name}\n{stack}" for name, stack in stacks.items()) or "(none)",
+    )
+
+
+async def _restart(service: Service) -> None:
+    if service._state is not ServiceState.RUNNING:
+        raise ServiceError(
+            f"{service.name}: restart() needs a RUNNING service, not {service._state.name}"
+        )
+    before = service.restart_count
+    service._request_stop()
+    service._pending = _Pending.RESTART
+    if service in inside():
+        await _unwind_caller()
+        return
+    while True:
+        state = service.state
+        if service.restart_count > before and state is ServiceState.RUNNING:
+            return
+        if state is ServiceState.CRASHED:
+            raise ServiceError(f"{service.name}: restart failed") from service.crash_reason
+        if state is ServiceState.STOPPED and service._pending is not _Pending.RESTART:
+            raise ServiceError(f"{service.name}: restart interrupted: the service was stopped")
+        await service.wait_for(*(set(ServiceState) - {state}))  # any change
+
+
+async def _crash(service: Service, reason: BaseException) -> None:
+    if not isinstance(reason, BaseException):
+        raise TypeError(f"{service.name}: crash() needs an exception, got {reason!r}")
+    run = service._run
+    if run is None:
+        if service._state is ServiceState.CRASHED:
+            service.crash_reason = reason  # already crashed: the newer reason stands
+        else:
+            service._record_crash(reason)
+        return
+
+    async def raise_it() -> None:
+        raise reason
+
+    if run.takes_tasks:
+        run.spawn("crash()", raise_it)
+        if service in inside():
+            # The crash cancels the whole scope, the caller included.
+            await anyio.sleep_forever()
+    else:
+        service._pending_crash = reason
+
+
+def _record_crash(service: Service, exc: BaseException) -> None:
+    reason = first_real_error(exc)
+    service.crash_reason = reason
+    service._set_state(ServiceState.CRASHED)
+    fresh = [leaf for leaf in real_leaves(exc) if not is_logged(leaf)]
+    if fresh:
+        for leaf in fresh:
+            mark_logged(leaf)
+        service._log.error("crashed: %r", reason, exc_info=reason)
+    else:
+        service._log.error("crashed: %r (logged above)", reason)
+
+
+def _tracebacks(service: Service) -> dict[str, str]:
+    stacks: dict[str, str] = {}
+    run = service._run
+    if run is None:
+        return stacks
+    if run.task is not None:
+        stacks[f"{service.name} (main)"] = "".join(coroutine_stack(run.task.coro).format())
+    for slot in list(run.slots):
+        if slot.task is not None:
+            stacks[f"{service.name}.{slot.name}"] = "".join(
+                coroutine_stack(slot.task.coro).format()
+            )
+    for child in service.children():
+        stacks.update(child.tracebacks())
+    return stacks
 
 
 class _AwaitableService(Service):
     def __init__(
         self, awaitable: Awaitable[Any] | Callable[[], Awaitable[Any]], *, name: str | None
     ) -> None:
+        if not (isinstance(awaitable, Awaitable) or callable(awaitable)):
+            raise TypeError(
+                f"from_awaitable() needs an awaitable or a coroutine function, got {awaitable!r}"
+            )
         label = getattr(awaitable, "__qualname__", None) or getattr(awaitable, "__name__", None)
         super().__init__(name=name or label or "AwaitableService")
         self._awaitable = awaitable

@@ -1,4 +1,4 @@
-"""Lifecycle states and the transitions between them: pure, no I/O."""
+"""Lifecycle states, the run phase, health results and the transitions: pure, no I/O."""
 
 from __future__ import annotations
 
