@@ -18,10 +18,12 @@ from ._core import (
     ServiceState,
     Started,
     TaskSpec,
+    adopt,
     attach_spec,
     leaves,
     report_ready,
     run_as_restart,
+    stop_service,
 )
 from ._restart import Backoff, RestartIntensity
 from ._schedule import check_interval
@@ -173,7 +175,7 @@ class Supervisor(Service):
 
     def _add(self, service: Service, restart: RestartType | str) -> _Child:
         kind = _enum(RestartType, restart, f"{self.name}: restart")
-        self._tree.adopt(service, "child")
+        adopt(self, service, "child")
         child = _Child(service, kind)
         self._children.append(child)
         return child
@@ -208,7 +210,7 @@ class Supervisor(Service):
                 for child in reversed(self._children):
                     if child.running:
                         child.stopping = True
-                        await child.service._stop()
+                        await stop_service(child.service)
 
     async def _supervise(
         self,
@@ -250,7 +252,7 @@ class Supervisor(Service):
             for other in reversed(targets):
                 if other is not child and other.running:
                     other.stopping = True
-                    await other.service._stop()
+                    await stop_service(other.service)
             if delay:
                 await anyio.sleep(delay)
             for target in targets:

@@ -17,7 +17,9 @@ from ._host import Host as Host
 from ._run import Started as Started
 from ._run import report_ready as report_ready
 from ._service import Service as Service
+from ._service import adopt as adopt
 from ._service import run_as_restart as run_as_restart
+from ._service import stop_service as stop_service
 from ._specs import BackgroundSpec as BackgroundSpec
 from ._specs import TaskSpec as TaskSpec
 from ._specs import attach_spec as attach_spec

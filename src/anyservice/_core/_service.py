@@ -33,7 +33,7 @@ from ._specs import BackgroundSpec, collect
 from ._state import Health, ServiceError, ServiceState, check_transition
 from ._tree import Tree
 
-__all__ = ["RESERVED", "Service", "run_as_restart"]
+__all__ = ["RESERVED", "Service", "adopt", "run_as_restart", "stop_service"]
 
 _library_log = logging.getLogger("anyservice")
 
@@ -603,6 +603,25 @@ async def _unwind_caller() -> None:
     if slot is not None:
         slot.scope.cancel()
         await anyio.lowlevel.checkpoint()
+
+
+async def stop_service(service: Service) -> bool:
+    """Stop ``service`` and wait until it is STOPPED, for a policy that runs it.
+
+    Unlike ``stop()``, a stop that finds it not running is not kept for its next run: a
+    policy restarts what it stopped.
+    """
+    return await service._stop()
+
+
+def adopt(owner: Service, service: Service, what: str) -> None:
+    """Make ``owner`` the owner of ``service`` in the tree (a supervisor's child, say).
+
+    Raises:
+        TypeError: if ``service`` is not a Service.
+        ValueError: if it is ``owner``, belongs to another service, or would make a cycle.
+    """
+    owner._tree.adopt(service, what)
 
 
 async def run_as_restart(
