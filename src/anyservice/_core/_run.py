@@ -10,8 +10,10 @@ From the outside in, a run opens:
 - the *running* scope, around the start only. Only :meth:`Run.request_stop` cancels it,
   and only while STARTING: a stop cuts the start short. Once RUNNING, the run waits on its
   ``stopping`` event, which a stop sets, so nothing needs cancelling to end serving;
-- one *slot* scope per background task. Only the slot's own release cancels it: at once if
-  the task is idle, or when it leaves ``in_flight()``; the hard deadline cuts both short.
+- one *slot* scope per background task. Only the slot's release cancels it (at once if the
+  task is idle, or when it leaves ``in_flight()``), or the task itself when it stops or
+  restarts its own service from inside, so that it unwinds; the hard deadline cuts both
+  short.
 
 The run's :class:`~anyservice._core._state.RunPhase` moves forward only: STARTING (the
 dependencies, ``on_start``, resources, tasks, ``on_started``), RUNNING (reported to the
