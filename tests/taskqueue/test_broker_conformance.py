@@ -16,17 +16,9 @@ from typing import Any
 import anyio
 import pytest
 
-from anyservice.taskqueue._broker import (
-    ABANDONED_ERROR_TYPE,
-    Broker,
-    BrokerError,
-    RunError,
-    RunRecord,
-    RunState,
-)
-from anyservice.taskqueue._memory import MemoryBroker
-from anyservice.taskqueue._sqlite import SqliteBroker
-from anyservice.taskqueue._urls import broker_from_url
+from anyservice.taskqueue._errors import BrokerError
+from anyservice.taskqueue._records import ABANDONED_ERROR_TYPE, RunError, RunRecord, RunState
+from anyservice.taskqueue.brokers import Broker, MemoryBroker, SqliteBroker, broker_from_url
 
 pytestmark = pytest.mark.anyio
 

@@ -690,7 +690,7 @@ async def test_an_undecodable_payload_fails_that_run_and_the_worker_goes_on(
         corrupt = await queue.broker.submit("say", '{"args": ["unterminated"')
         with pytest.raises(TaskRunFailed, match="run arguments is not valid JSON") as caught:
             await (await queue.get_run(corrupt.id)).result(timeout=PROMPTLY)
-        assert caught.value.error_type == "anyservice.taskqueue._broker.PayloadError"
+        assert caught.value.error_type == "anyservice.taskqueue.PayloadError"
         assert await (await say.delay("still here")).result(timeout=PROMPTLY) == "still here"
         assert worker.state is ServiceState.RUNNING
 
