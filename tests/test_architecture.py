@@ -29,12 +29,11 @@ MAX_FUNCTION_LINES = 60
 #: already under the limit must be taken off.
 NOT_YET_UNDER = frozenset(
     {
-        "anyservice.taskqueue._sqlite.SqliteBroker",
+        "anyservice.taskqueue.brokers._sqlite.SqliteBroker",
         "anyservice.taskqueue._worker.TaskWorker",
-        "anyservice.taskqueue._sqlite._read_row",
+        "anyservice.taskqueue.brokers._sqlite._read_row",
         "anyservice.taskqueue._worker.__init__",
-        "anyservice.taskqueue._sqlite.claim",
-        "anyservice.taskqueue._sqlite.submit",
+        "anyservice.taskqueue.brokers._sqlite.submit",
     }
 )
 
