@@ -20,8 +20,7 @@ from contextlib import contextmanager
 import anyio
 
 from ._checks import MIN_INTERVAL, Seconds, check_seconds
-from ._decorators import task
-from ._service import Service
+from ._core import Service, task
 
 __all__ = ["WATCHDOG_THREAD_NAME", "BlockingDetector"]
 

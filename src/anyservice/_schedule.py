@@ -11,7 +11,7 @@ import enum
 import math
 import zoneinfo
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from croniter import croniter
 
@@ -22,6 +22,7 @@ __all__ = [
     "IntervalSchedule",
     "MissedTickPolicy",
     "TickOutcome",
+    "TimerStats",
     "check_interval",
     "check_policy",
 ]
@@ -450,3 +451,52 @@ class CronSchedule:
         if candidate > wall:
             return None
         return self._instants(candidate)[1]
+
+
+@dataclass
+class TimerStats:
+    """Statistics of one timer, readable while it runs (``service.timer_stats[name]``).
+
+    Attributes:
+        ticks: Bodies run.
+        late_ticks: Ticks whose body started more than ``late_after`` seconds after due.
+        overruns: Bodies still running when the next tick was due.
+        missed: Ticks dropped by the missed-tick policy.
+        errors: Bodies that raised (with ``on_error="log"``; otherwise the first crashes).
+        worst_lateness: The largest lateness seen, in seconds.
+        total_lateness: Sum of the latenesses, for :attr:`mean_lateness`.
+        last_duration: How long the last body took.
+        worst_duration: The longest body.
+        late_after: The lateness above which a tick counts as late.
+    """
+
+    interval: float | None = None
+    late_after: float = 0.001
+    ticks: int = 0
+    late_ticks: int = 0
+    overruns: int = 0
+    missed: int = 0
+    errors: int = 0
+    worst_lateness: float = 0.0
+    total_lateness: float = 0.0
+    last_duration: float = 0.0
+    worst_duration: float = 0.0
+    _overrunning: bool = field(default=False, repr=False)
+
+    @classmethod
+    def for_interval(cls, interval: float) -> TimerStats:
+        # "Late" is relative: a millisecond is late for a 10 ms timer, not for an hourly one.
+        return cls(interval=interval, late_after=min(0.001, interval / 10))
+
+    @property
+    def mean_lateness(self) -> float:
+        return self.total_lateness / self.ticks if self.ticks else 0.0
+
+    def record(self, lateness: float, duration: float) -> None:
+        self.ticks += 1
+        self.total_lateness += lateness
+        self.worst_lateness = max(self.worst_lateness, lateness)
+        if lateness > self.late_after:
+            self.late_ticks += 1
+        self.last_duration = duration
+        self.worst_duration = max(self.worst_duration, duration)
