@@ -331,7 +331,21 @@ def test_load_service_creates_classes_and_calls_factories() -> None:
     ("args", "message"),
     [
         (["run", "tests.cli_targets:Quick", "--backend", "curio"], "invalid choice: 'curio'"),
-        (["run", "tests.cli_targets:Quick", "--shutdown-timeout", "-1"], "must be >= 0 seconds"),
+        (["run", "tests.cli_targets:Quick", "--shutdown-timeout", "-1"], "must be >= 0 and finite"),
+        (
+            ["run", "tests.cli_targets:Quick", "--shutdown-timeout", "inf"],
+            "must be >= 0 and finite",
+        ),
+        (
+            ["run", "tests.cli_targets:Quick", "--shutdown-timeout", "nan"],
+            "must be >= 0 and finite",
+        ),
+        (["run", "tests.cli_targets:Quick", "--status-port", "70000"], "within 0..65535"),
+        (["run", "tests.cli_targets:Quick", "--status-port", "web"], "within 0..65535"),
+        (["run", "tests.cli_targets:Quick", "--status-host", ""], "must not be empty"),
+        (["run", "tests.cli_targets:Quick", "--log-format", "xml"], "invalid choice: 'xml'"),
+        (["run", "tests.cli_targets:Quick", "--metrics"], "--metrics needs a status server"),
+        (["run", "sys:exit"], "sys:exit is not a service"),
         (["run", "tests.cli_targets:Quick", "--shutdown-timeout", "soon"], "not a number"),
         (["run", "tests.cli_targets:Quick", "--blocking-threshold", "0"], "must be > 0"),
         (["run", "tests.cli_targets:Quick", "--log-level", "LOUD"], "invalid choice: 'LOUD'"),

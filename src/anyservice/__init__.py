@@ -11,6 +11,7 @@ from ._diag import Diag as Diag
 from ._diag import transitions_to as transitions_to
 from ._health import Health as Health
 from ._health import UnhealthyError as UnhealthyError
+from ._logging import JsonFormatter as JsonFormatter
 from ._loop_service import LoopService as LoopService
 from ._loop_service import run_services as run_services
 from ._restart import Backoff as Backoff
@@ -21,6 +22,7 @@ from ._schedule import MissedTickPolicy as MissedTickPolicy
 from ._service import Service as Service
 from ._state import ServiceError as ServiceError
 from ._state import ServiceState as ServiceState
+from ._status import StatusServer as StatusServer
 from ._supervisor import RestartType as RestartType
 from ._supervisor import Strategy as Strategy
 from ._supervisor import Supervisor as Supervisor
@@ -36,12 +38,14 @@ __all__ = [
     "Diag",
     "Health",
     "IntervalSchedule",
+    "JsonFormatter",
     "LoopService",
     "MissedTickPolicy",
     "RestartType",
     "Service",
     "ServiceError",
     "ServiceState",
+    "StatusServer",
     "Strategy",
     "Supervisor",
     "SupervisorError",

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import anyio
 
+from . import _hooks
 from ._decorators import BackgroundSpec, _check_coroutine_function, attach_spec
 from ._schedule import (
     CronSchedule,
@@ -147,7 +148,11 @@ class _PeriodicSpec(BackgroundSpec):
                 stats.errors += 1
                 service.log.exception("%s raised; the schedule goes on", self.describe())
         finished = anyio.current_time()
-        stats.record(max(0.0, started - due), finished - started)
+        lateness = max(0.0, started - due)
+        stats.record(lateness, finished - started)
+        observe = _hooks.timer_tick
+        if observe is not None:
+            observe(service, self.name, lateness)
         return started, finished
 
     def stats_for(self, service: Service) -> TimerStats:
