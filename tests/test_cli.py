@@ -402,3 +402,19 @@ def test_run_help_documents_the_target_forms_signals_and_exit_codes(
 def test_the_anyservice_script_is_the_main_of_python_dash_m() -> None:
     (script,) = entry_points(group="console_scripts", name="anyservice")
     assert script.load() is main
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_signals_after_the_second_are_ignored_until_run_returns(backend: str) -> None:
+    finished = subprocess.run(
+        [sys.executable, "-m", "tests.signal_burst", backend],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=EXIT_TIMEOUT,
+        check=False,
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout.startswith("run() returned 143 after "), finished.stderr
+    # The burst really came (the forced stop takes a few milliseconds at least).
+    assert not finished.stdout.startswith("run() returned 143 after 0 ")

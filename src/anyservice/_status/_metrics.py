@@ -168,7 +168,9 @@ async def queue_depths(workers: Iterable[TaskWorker]) -> dict[str, int] | None:
             continue
         depths = depths or {}
         for state, number in counts.items():
-            depths[str(state)] = depths.get(str(state), 0) + number
+            # Lower case, as the states of anyservice_task_runs_total.
+            label = str(state).lower()
+            depths[label] = depths.get(label, 0) + number
     return depths
 
 
