@@ -35,7 +35,9 @@ class Chromium:
     """One headless browser; :meth:`open` a page, then :meth:`evaluate` in it."""
 
     def __init__(self, executable: str) -> None:
-        self._profile = tempfile.TemporaryDirectory(prefix="anyservice-chromium-")
+        self._profile = tempfile.TemporaryDirectory(
+            prefix="anyservice-chromium-", ignore_cleanup_errors=True
+        )
         to_browser_read, self._to_browser = os.pipe()
         self._from_browser, from_browser_write = os.pipe()
         # The child's fds 3 and 4 must be these two pipe ends.
@@ -55,8 +57,14 @@ class Chromium:
 
     def close(self) -> None:
         if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
+            # Asked to close, the browser ends its helper processes and stops writing into
+            # its profile; killed, helpers may still write while the profile is removed.
+            try:
+                self.call("Browser.close")
+                self.process.wait(timeout=10)
+            except (RuntimeError, OSError, subprocess.TimeoutExpired):
+                self.process.kill()
+                self.process.wait()
         os.close(self._to_browser)
         os.close(self._from_browser)
         self._profile.cleanup()

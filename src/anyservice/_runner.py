@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 import signal
 from contextlib import AsyncExitStack
-from typing import Literal
+from types import FrameType
+from typing import Any, Literal
 
 import anyio
 import anyio.abc
@@ -93,6 +94,11 @@ def run(
         status = StatusServer(service, port=status_port, host=status_host, metrics=metrics)
     runner = _Runner(service, handle_signals=handle_signals, detector=detector, status=status)
     previous = {which: signal.getsignal(which) for which in _STOP_SIGNALS} if handle_signals else {}
+    runner.previous_handlers = previous
+    for which in previous:
+        # What a stop signal does while no receiver is open. trio's receiver restores this
+        # handler when it closes and then delivers again the signals it had not handed out.
+        signal.signal(which, runner.unreceived_signal)
     try:
         anyio.run(runner.serve, backend=backend)
     except BaseException as exc:
@@ -101,9 +107,9 @@ def run(
     try:
         return runner.exit_code()
     finally:
-        if runner.ignoring_signals:
-            for which, handler in previous.items():
-                signal.signal(which, handler)
+        runner.previous_handlers = {}
+        for which, handler in previous.items():
+            signal.signal(which, handler)
 
 
 class _Runner:
@@ -122,8 +128,8 @@ class _Runner:
         self.handle_signals = handle_signals
         self.detector = detector
         self.status = status
-        #: SIGINT and SIGTERM are ignored from the forced stop until run() returns.
-        self.ignoring_signals = False
+        #: The stop signals' handlers before run(), for a signal no receiver takes.
+        self.previous_handlers: dict[signal.Signals, Any] = {}
         #: The scope of the service's run (made in the loop): a second stop signal cancels it.
         self.scope: anyio.CancelScope | None = None
         self.stop_signal: signal.Signals | None = None
@@ -174,11 +180,22 @@ class _Runner:
                         self.log_stacks(which)
         finally:
             if self.forced_by is not None:
-                # Leaving the receiver restored the default actions: right after it, not
-                # one checkpoint later, ignore them until run() returns.
-                self.ignoring_signals = True
+                # asyncio's receiver restores the default actions when it closes: right
+                # after it, not one checkpoint later, ignore them until run() returns.
                 for stop_signal in _STOP_SIGNALS:
                     signal.signal(stop_signal, signal.SIG_IGN)
+
+    def unreceived_signal(self, signum: int, frame: FrameType | None) -> None:
+        """A stop signal while no receiver is open: ignored once the forced stop has begun,
+        otherwise what the handler before ``run()`` would have done."""
+        if self.forced_by is not None:
+            return
+        handler = self.previous_handlers.get(signal.Signals(signum), signal.SIG_DFL)
+        if callable(handler):
+            handler(signum, frame)
+        elif handler == signal.SIG_DFL:
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
 
     async def _stop_on(self, which: signal.Signals) -> None:
         service = self.service
