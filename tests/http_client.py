@@ -1,8 +1,9 @@
-"""A minimal HTTP/1.1 client for the status-server tests: one request per connection."""
+"""For tests against a real status server: a minimal HTTP/1.1 client, and polling."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -38,3 +39,11 @@ async def http(port: int, path: str, method: str = "GET") -> tuple[int, dict[str
     """One request whose answer is JSON: status, headers, the decoded body (None if empty)."""
     status, headers, body = await request(port, path, method)
     return status, headers, json.loads(body) if body else None
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Poll ``condition`` until it holds, within a bound."""
+    with anyio.fail_after(PROMPTLY):
+        # The state polled lives in another task (or a server's answer): nothing to wait on.
+        while not condition():  # noqa: ASYNC110
+            await anyio.sleep(0.01)

@@ -5,7 +5,7 @@ Real server, so real time: a test waits (polling within a bound) for what it the
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -16,16 +16,9 @@ from prometheus_client.samples import Sample
 from anyservice import Service, ServiceState, StatusServer, Supervisor, _hooks, task, timer
 from anyservice.taskqueue import TaskQueue, TaskWorker
 
-from .http_client import PROMPTLY, request
+from .http_client import PROMPTLY, request, until
 
 pytestmark = pytest.mark.anyio
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    with anyio.fail_after(PROMPTLY):
-        # The state polled lives in another task: nothing to wait on.
-        while not condition():  # noqa: ASYNC110
-            await anyio.sleep(0.01)
 
 
 async def scrape(server: StatusServer) -> dict[str, list[Sample]]:

@@ -8,7 +8,7 @@ time in ``test_status_snapshot.py``.
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +28,9 @@ from anyservice import (
 )
 from anyservice.taskqueue import TaskQueue, TaskWorker
 
-from .http_client import PROMPTLY, http, request
+from .http_client import PROMPTLY, http, request, until
 
 pytestmark = pytest.mark.anyio
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Poll ``condition`` until it holds, within a bound."""
-    with anyio.fail_after(PROMPTLY):
-        # The state polled lives in another task (or a server's answer): nothing to wait on.
-        while not condition():  # noqa: ASYNC110
-            await anyio.sleep(0.01)
 
 
 class Ticker(Service):

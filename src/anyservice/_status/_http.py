@@ -12,29 +12,34 @@ hypercorn closes its descriptor when it stops, the caller closes its own.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-__all__ = ["HTTP_EXTRA_HINT", "bind", "require_hypercorn", "serve"]
+__all__ = ["HTTP_EXTRA_HINT", "bind", "require", "require_hypercorn", "serve"]
 
 HTTP_EXTRA_HINT = "pip install 'anyservice[http]'"
 
 
-def require_hypercorn() -> None:
-    """Check that hypercorn can be imported.
+def require(module: str, *, what: str, hint: str) -> None:
+    """Check that the optional ``module`` can be imported.
 
     Raises:
-        ImportError: it cannot, with the command that installs it.
+        ImportError: it cannot, saying ``what`` needs it and ``hint`` (how to install it).
     """
     try:
-        import hypercorn.config  # noqa: F401
+        importlib.import_module(module)
     except ImportError as exc:
-        raise ImportError(
-            f"the status server needs hypercorn, which is not installed: {HTTP_EXTRA_HINT}"
-        ) from exc
+        package = module.partition(".")[0]
+        raise ImportError(f"{what} needs {package}, which is not installed: {hint}") from exc
+
+
+def require_hypercorn() -> None:
+    """Check that hypercorn can be imported (or raise ImportError with the extra to install)."""
+    require("hypercorn.config", what="the status server", hint=HTTP_EXTRA_HINT)
 
 
 def bind(host: str, port: int, *, what: str) -> socket.socket:

@@ -23,6 +23,7 @@ import anyio
 
 from .. import _hooks
 from .._state import ServiceState
+from ._http import require
 from ._snapshot import task_workers, walk
 
 if TYPE_CHECKING:
@@ -44,17 +45,8 @@ QUEUE_DEPTH_TIMEOUT = 2.0
 
 
 def require_prometheus_client() -> None:
-    """Check that prometheus_client can be imported.
-
-    Raises:
-        ImportError: it cannot, with the command that installs it.
-    """
-    try:
-        import prometheus_client  # noqa: F401
-    except ImportError as exc:
-        raise ImportError(
-            "metrics need prometheus_client, which is not installed: " + METRICS_EXTRA_HINT
-        ) from exc
+    """Check that prometheus_client can be imported (or raise ImportError with the extra)."""
+    require("prometheus_client", what="metrics", hint=METRICS_EXTRA_HINT)
 
 
 def metrics_available() -> bool:
