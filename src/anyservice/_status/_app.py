@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import _metrics, _snapshot
+from ._core_names import Service
 from ._page import PAGE
-
-if TYPE_CHECKING:
-    from .._service import Service
 
 __all__ = ["StatusApp"]
 

@@ -22,12 +22,11 @@ from weakref import WeakKeyDictionary
 import anyio
 
 from .. import _hooks
-from .._state import ServiceState
+from ._core_names import Service, ServiceState
 from ._http import require
 from ._snapshot import task_workers, walk
 
 if TYPE_CHECKING:
-    from .._service import Service
     from ..taskqueue import TaskWorker
 
 __all__ = ["METRICS_EXTRA_HINT", "Observations", "exposition", "require_prometheus_client"]

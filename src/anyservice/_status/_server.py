@@ -6,17 +6,15 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import anyio.abc
 
 from . import _http
 from ._app import StatusApp
+from ._core_names import Service
 from ._metrics import Observations, metrics_available, require_prometheus_client
-
-if TYPE_CHECKING:
-    from .._service import Service
 
 __all__ = ["StatusServer"]
 
@@ -83,8 +81,6 @@ class StatusServer:
         host: str = "127.0.0.1",
         metrics: bool | None = None,
     ) -> None:
-        from .._service import Service
-
         if not isinstance(service, Service):
             raise TypeError(f"StatusServer() needs a Service, got {service!r}")
         what = getattr(service, "name", type(service).__name__)

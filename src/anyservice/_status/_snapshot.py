@@ -11,11 +11,9 @@ import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from .._state import ServiceState
-from .._timers import TimerStats
+from ._core_names import Service, ServiceState, TimerStats
 
 if TYPE_CHECKING:
-    from .._service import Service
     from ..taskqueue import TaskWorker
 
 __all__ = ["liveness", "readiness", "task_workers", "tree", "walk"]

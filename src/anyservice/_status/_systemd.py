@@ -13,16 +13,12 @@ import logging
 import os
 import socket
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
 
-from .._state import ServiceState
+from ._core_names import Service, ServiceState
 from ._snapshot import walk
-
-if TYPE_CHECKING:
-    from .._service import Service
 
 __all__ = ["SystemdNotifier"]
 
