@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from anyservice.taskqueue._broker import (
 from anyservice.taskqueue._memory import MemoryBroker
 from anyservice.taskqueue._sqlite import SqliteBroker
 from anyservice.taskqueue._urls import broker_from_url
+from tests._postgres import postgres_schema
 
 pytestmark = pytest.mark.anyio
 
@@ -54,9 +55,13 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / 'runs.db'}"
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
+def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "postgresql":
+        with postgres_schema(request.getfixturevalue("postgres_url")) as url:
+            yield url
+    else:
+        yield "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / 'runs.db'}"
 
 
 @pytest.fixture
@@ -625,11 +630,12 @@ def test_sqlite_url_names_a_relative_or_absolute_file(url: str, path: str) -> No
 
 @pytest.mark.parametrize(
     ("url", "scheme"),
-    [("postgresql://user:secret@host/db", "postgresql"), ("redis://localhost", "redis")],
+    [("redis://localhost", "redis"), ("mysql://user:secret@host/db", "mysql")],
 )
 def test_unsupported_scheme_lists_the_supported_ones(url: str, scheme: str) -> None:
     with pytest.raises(
-        ValueError, match=f"^unsupported scheme '{scheme}'; supported: sqlite, memory$"
+        ValueError,
+        match=f"^unsupported scheme '{scheme}'; supported: sqlite, memory, postgresql, postgres$",
     ):
         broker_from_url(url)
 

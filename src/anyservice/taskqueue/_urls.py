@@ -2,7 +2,9 @@
 
 * ``sqlite:///anyservice.db``: a file relative to the current directory (three slashes),
 * ``sqlite:////var/lib/app/runs.db``: an absolute path (four slashes),
-* ``memory://``: runs kept in this process only.
+* ``memory://``: runs kept in this process only,
+* ``postgresql://user:password@host:5432/db`` (or ``postgres://``): a PostgreSQL database,
+  for workers on many hosts (needs the ``anyservice[postgres]`` extra).
 """
 
 from __future__ import annotations
@@ -18,18 +20,20 @@ __all__ = ["DEFAULT_URL", "SUPPORTED_SCHEMES", "broker_from_url"]
 
 #: Where runs are stored when no URL is given.
 DEFAULT_URL = "sqlite:///anyservice.db"
-SUPPORTED_SCHEMES = ("sqlite", "memory")
+SUPPORTED_SCHEMES = ("sqlite", "memory", "postgresql", "postgres")
 
 
 def broker_from_url(url: str, *, clock: Callable[[], float] = time.time) -> Broker:
     """Make the broker a URL names. The broker is not opened yet.
 
     Args:
-        url: ``sqlite:///relative.db``, ``sqlite:////absolute/path.db`` or ``memory://``.
+        url: ``sqlite:///relative.db``, ``sqlite:////absolute/path.db``, ``memory://`` or
+            ``postgresql://user:password@host:port/db?schema=...``.
         clock: Wall-clock time in epoch seconds, for tests that move time.
 
     Raises:
         ValueError: The scheme is not supported, or the URL has no usable path.
+        ImportError: A PostgreSQL URL without the ``anyservice[postgres]`` extra installed.
     """
     scheme, separator, rest = url.partition("://")
     scheme = scheme.lower()
@@ -42,6 +46,8 @@ def broker_from_url(url: str, *, clock: Callable[[], float] = time.time) -> Brok
         )
     if scheme not in SUPPORTED_SCHEMES:
         raise ValueError(f"unsupported scheme {scheme!r}; supported: {supported}")
+    if scheme in ("postgresql", "postgres"):
+        return _postgres_broker(url, clock)
     if scheme == "memory":
         if rest:
             raise ValueError(
@@ -63,3 +69,14 @@ def broker_from_url(url: str, *, clock: Callable[[], float] = time.time) -> Brok
             "workers; use 'memory://' for an in-process broker"
         )
     return SqliteBroker(path, clock=clock)
+
+
+def _postgres_broker(url: str, clock: Callable[[], float]) -> Broker:
+    try:
+        from .brokers._postgres import PostgresBroker
+    except ImportError as exc:
+        raise ImportError(
+            f"a PostgreSQL broker needs psycopg and psycopg-pool ({exc}): "
+            "pip install 'anyservice[postgres]'"
+        ) from exc
+    return PostgresBroker(url, clock=clock)

@@ -1,0 +1,1 @@
+"""The storages of task runs, one module each, behind the broker protocol."""
