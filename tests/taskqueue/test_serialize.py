@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from anyservice.taskqueue._broker import PayloadError, RunError
+from anyservice.taskqueue._records import PayloadError, RunError
 from anyservice.taskqueue._serialize import (
     decode_arguments,
     decode_result,

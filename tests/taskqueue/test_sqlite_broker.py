@@ -17,15 +17,10 @@ import anyio
 import anyio.to_thread
 import pytest
 
-from anyservice.taskqueue._broker import (
-    CORRUPT_RUN_ERROR_TYPE,
-    BrokerBusyError,
-    BrokerError,
-    PayloadError,
-    RunState,
-)
+from anyservice.taskqueue._errors import BrokerBusyError, BrokerError
+from anyservice.taskqueue._records import CORRUPT_RUN_ERROR_TYPE, PayloadError, RunState
 from anyservice.taskqueue._serialize import decode_arguments
-from anyservice.taskqueue._sqlite import SCHEMA_VERSION, SqliteBroker
+from anyservice.taskqueue.brokers._sqlite import SCHEMA_VERSION, SqliteBroker
 
 PAYLOAD = '{"args":["hi"],"kwargs":{}}'
 LEASE = 30.0
@@ -152,7 +147,7 @@ CLAIMING_PROCESS = textwrap.dedent(
 
     import anyio
 
-    from anyservice.taskqueue._sqlite import SqliteBroker
+    from anyservice.taskqueue.brokers._sqlite import SqliteBroker
 
     async def main(path: str, owner: str) -> None:
         Path(f"{path}.ready.{owner}").touch()

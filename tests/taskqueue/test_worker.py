@@ -1,7 +1,8 @@
 """The worker in-process: running runs, retries, timeouts, limits, leases, stopping, bad rows.
 
-Runs go through a real SQLite file where time does not matter, and through a memory broker
-with a fake wall clock where leases must expire on cue. Waits are bounded by fail_after.
+Runs go through a real SQLite file and a real PostgreSQL database where time does not
+matter, and through a memory broker and PostgreSQL with a fake wall clock where leases must
+expire on cue. Waits are bounded by fail_after.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from anyservice.taskqueue import (
     current_run,
     serve,
 )
+from anyservice.taskqueue.brokers import broker_from_url
+from tests._postgres import postgres_schema
 
 pytestmark = pytest.mark.anyio
 
@@ -54,11 +57,18 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture
-async def clocked_queue(clock: FakeClock) -> AsyncIterator[TaskQueue]:
-    """A queue in memory whose leases and retry delays follow ``clock``."""
-    async with TaskQueue(broker=MemoryBroker(clock=clock)) as queue:
-        yield queue
+@pytest.fixture(params=["memory", "postgresql"])
+async def clocked_queue(
+    request: pytest.FixtureRequest, clock: FakeClock
+) -> AsyncIterator[TaskQueue]:
+    """A queue whose leases and retry delays follow ``clock``."""
+    if request.param == "memory":
+        async with TaskQueue(broker=MemoryBroker(clock=clock)) as queue:
+            yield queue
+        return
+    with postgres_schema(request.getfixturevalue("postgres_url")) as url:
+        async with TaskQueue(broker=broker_from_url(url, clock=clock)) as queue:
+            yield queue
 
 
 @pytest.fixture
@@ -67,9 +77,21 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def queue(db_path: Path) -> AsyncIterator[TaskQueue]:
+async def sqlite_queue(db_path: Path) -> AsyncIterator[TaskQueue]:
     async with TaskQueue(f"sqlite:///{db_path}") as queue:
         yield queue
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def queue(request: pytest.FixtureRequest, db_path: Path) -> AsyncIterator[TaskQueue]:
+    """A queue on a real database, where time does not matter."""
+    if request.param == "sqlite":
+        async with TaskQueue(f"sqlite:///{db_path}") as queue:
+            yield queue
+        return
+    with postgres_schema(request.getfixturevalue("postgres_url")) as url:
+        async with TaskQueue(url) as queue:
+            yield queue
 
 
 async def wait_until(condition: Callable[[], bool], what: str) -> None:
@@ -690,14 +712,16 @@ async def test_an_undecodable_payload_fails_that_run_and_the_worker_goes_on(
         corrupt = await queue.broker.submit("say", '{"args": ["unterminated"')
         with pytest.raises(TaskRunFailed, match="run arguments is not valid JSON") as caught:
             await (await queue.get_run(corrupt.id)).result(timeout=PROMPTLY)
-        assert caught.value.error_type == "anyservice.taskqueue._broker.PayloadError"
+        assert caught.value.error_type == "anyservice.taskqueue.PayloadError"
         assert await (await say.delay("still here")).result(timeout=PROMPTLY) == "still here"
         assert worker.state is ServiceState.RUNNING
 
 
 async def test_a_corrupt_row_fails_that_run_and_the_worker_goes_on(
-    queue: TaskQueue, db_path: Path
+    sqlite_queue: TaskQueue, db_path: Path
 ) -> None:
+    queue = sqlite_queue
+
     @queue.task
     async def say(message: str) -> str:
         return message

@@ -20,29 +20,32 @@ Runs are claimed under a lease that the worker renews; a worker that dies loses 
 lets its runs finish within the grace period and hands back the rest at once.
 """
 
-from ._broker import Broker as Broker
-from ._broker import BrokerBusyError as BrokerBusyError
-from ._broker import BrokerError as BrokerError
-from ._broker import PayloadError as PayloadError
-from ._broker import RunError as RunError
-from ._broker import RunRecord as RunRecord
-from ._broker import RunState as RunState
 from ._context import RunContext as RunContext
 from ._context import current_run as current_run
+from ._errors import BrokerBusyError as BrokerBusyError
+from ._errors import BrokerError as BrokerError
 from ._errors import TaskRunFailed as TaskRunFailed
 from ._errors import TaskRunNotFound as TaskRunNotFound
 from ._errors import TaskRunTimeout as TaskRunTimeout
 from ._errors import TaskTimeoutError as TaskTimeoutError
-from ._memory import MemoryBroker as MemoryBroker
 from ._queue import AsyncTask as AsyncTask
 from ._queue import SyncTask as SyncTask
 from ._queue import Task as Task
 from ._queue import TaskQueue as TaskQueue
 from ._queue import TaskRun as TaskRun
-from ._sqlite import SqliteBroker as SqliteBroker
-from ._urls import DEFAULT_URL as DEFAULT_URL
+from ._records import PayloadError as PayloadError
+from ._records import RunError as RunError
+from ._records import RunRecord as RunRecord
+from ._records import RunState as RunState
 from ._worker import TaskWorker as TaskWorker
 from ._worker import serve as serve
+from .brokers import DEFAULT_URL as DEFAULT_URL
+from .brokers import Broker as Broker
+from .brokers import MemoryBroker as MemoryBroker
+from .brokers import SqliteBroker as SqliteBroker
+
+# Importing the subpackage bound its name here; it is private, the names above are public.
+del brokers  # type: ignore[name-defined]  # noqa: F821 - bound by the import system
 
 __all__ = [
     "DEFAULT_URL",

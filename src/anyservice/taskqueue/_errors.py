@@ -1,4 +1,5 @@
-"""The errors users of task runs see: a run that failed, a wait that timed out.
+"""The errors users of task runs see: a run that failed, a wait that timed out, a broker
+that cannot be used.
 
 They are public from :mod:`anyservice.taskqueue`, and say so in their ``__module__``, so
 that a run error recorded in the database names ``anyservice.taskqueue.TaskTimeoutError``
@@ -7,9 +8,24 @@ rather than the private module it happens to be defined in.
 
 from __future__ import annotations
 
-from ._broker import RunError, RunState
+from ._records import RunError, RunState
 
-__all__ = ["TaskRunFailed", "TaskRunNotFound", "TaskRunTimeout", "TaskTimeoutError"]
+__all__ = [
+    "BrokerBusyError",
+    "BrokerError",
+    "TaskRunFailed",
+    "TaskRunNotFound",
+    "TaskRunTimeout",
+    "TaskTimeoutError",
+]
+
+
+class BrokerError(Exception):
+    """The broker's storage cannot be used: closed, unreachable, corrupt or too new."""
+
+
+class BrokerBusyError(BrokerError):
+    """The database stayed locked by other connections for longer than allowed."""
 
 
 def _seconds(value: float) -> str:
@@ -99,5 +115,12 @@ class TaskRunNotFound(LookupError):
     """There is no run with this id in the queue's database."""
 
 
-for _error in (TaskRunFailed, TaskRunTimeout, TaskTimeoutError, TaskRunNotFound):
+for _error in (
+    BrokerError,
+    BrokerBusyError,
+    TaskRunFailed,
+    TaskRunTimeout,
+    TaskTimeoutError,
+    TaskRunNotFound,
+):
     _error.__module__ = "anyservice.taskqueue"

@@ -21,10 +21,10 @@ import anyio
 import anyio.from_thread
 import anyio.lowlevel
 
-from ._broker import DEFAULT_MAX_ATTEMPTS, Broker, RunError, RunRecord, RunState
 from ._errors import TaskRunFailed, TaskRunNotFound, TaskRunTimeout
+from ._records import DEFAULT_MAX_ATTEMPTS, RunError, RunRecord, RunState
 from ._serialize import decode_result, encode_arguments
-from ._urls import DEFAULT_URL, broker_from_url
+from .brokers import DEFAULT_URL, Broker, broker_from_url
 
 __all__ = ["AsyncTask", "SyncTask", "Task", "TaskDecorator", "TaskQueue", "TaskRun"]
 

@@ -19,7 +19,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
-from ._broker import PayloadError, describe_stored
+from ._records import PayloadError, describe_stored
 
 __all__ = [
     "PayloadError",

@@ -38,10 +38,10 @@ from .._decorators import task as background_task
 from .._runner import run as run_service
 from .._service import Service
 from . import _http_backend
-from ._broker import BrokerError, PayloadError, RunError, RunRecord
 from ._context import RunContext, running
-from ._errors import TaskTimeoutError
+from ._errors import BrokerError, TaskTimeoutError
 from ._queue import Task, TaskQueue
+from ._records import PayloadError, RunError, RunRecord
 from ._serialize import decode_arguments, encode_result
 from ._status import StatusApp
 

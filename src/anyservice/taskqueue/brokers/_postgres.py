@@ -37,34 +37,38 @@ from __future__ import annotations
 import math
 import threading
 import time
-import uuid
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, Self, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
-import psycopg
-import psycopg.errors
-import psycopg_pool
-from psycopg import sql
 
-from .._broker import (
+try:
+    import psycopg
+    import psycopg.errors
+    import psycopg_pool
+    from psycopg import sql
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ImportError(
+        f"the PostgreSQL broker needs psycopg and psycopg-pool ({exc}): "
+        "pip install 'anyservice[postgres]'"
+    ) from exc
+
+from .._errors import BrokerError
+from .._records import (
     ABANDONED_ERROR_TYPE,
     CORRUPT_RUN_ERROR_TYPE,
-    DEFAULT_MAX_ATTEMPTS,
-    BrokerError,
     PayloadError,
     RunError,
     RunRecord,
     RunState,
-    check_claim_options,
-    check_heartbeat_options,
-    check_submit_options,
+    abandoned_error,
 )
+from ._base import BaseBroker, Claimed
+from ._notifier import ChangeNotifier
 
 __all__ = ["SCHEMA_VERSION", "PostgresBroker"]
 
@@ -147,12 +151,20 @@ _COLUMNS = (
 )
 _RETURNING = ", ".join(f"r.{name}" for name in _COLUMNS)
 
-# The abandoned run's error, built by the claim statement itself: the same words as
-# ``abandoned_error`` (``%L`` quotes the task name as Python's repr does for plain names).
-_ABANDONED_MESSAGE = (
-    "run %s of task %L was abandoned by a worker: its lease expired before the run "
-    "finished, and it had been claimed %s times (max_attempts=%s), so it is not claimed again"
-)
+
+def _abandoned_template() -> str:
+    """``abandoned_error``'s message as a ``format()`` template for the claim statement.
+
+    The run is crashed by the claim statement itself, so its error is written in SQL;
+    deriving the words from ``abandoned_error`` keeps the two brokers' messages one text.
+    (``%L`` quotes the task name as Python's ``repr`` does for names without quotes.)
+    """
+    message = abandoned_error("RUN_ID", "TASK", 1_111_111_111, 2_222_222_222).message
+    template = message.replace("%", "%%").replace("RUN_ID", "%1$s").replace("'TASK'", "%2$L")
+    return template.replace("1111111111", "%3$s").replace("2222222222", "%4$s")
+
+
+_ABANDONED_MESSAGE = _abandoned_template()
 
 _CLAIM = """
 WITH crashed AS (
@@ -195,8 +207,8 @@ WITH crashed AS (
         (SELECT min(lease_expires_at) FROM {runs} WHERE state = 'RUNNING'
             AND lease_expires_at > %(now)s AND lease_owner <> %(owner)s
             AND task = ANY(%(tasks)s)) AS expiring,
-        (SELECT array_agg(id) FROM crashed) AS crashed,
-        (SELECT pg_notify(%(channel)s, 'f ' || id) FROM crashed LIMIT 0) AS notified
+        (SELECT array_agg(c.id) FROM crashed c
+            CROSS JOIN LATERAL pg_notify(%(channel)s, 'f ' || c.id) AS n) AS crashed
 )
 SELECT later.scheduled, later.expiring, later.crashed, claimed.*
 FROM later LEFT JOIN claimed ON true
@@ -357,23 +369,32 @@ class _Waiter:
             self.event = anyio.Event()
 
 
-class _Wakeups:
-    """This broker's waiters, woken by its own writes and by notifications.
+class _Wakeups(ChangeNotifier):
+    """A notifier that also wakes this broker's own waiters, each for what it waits for.
 
-    ``work`` counts events that may make a run claimable, so a wait compares the count it
-    saw at its last claim with the current one and misses nothing in between. Used from
-    the broker's one event loop only.
+    Work wakes the waiters for work; a run's finish wakes only the waiters for that run,
+    so a thousand tasks awaiting a thousand results do not all read their run at every
+    finish. Notifications from other processes arrive through :meth:`work_arrived` and
+    :meth:`run_finished`. Used from the broker's one event loop only.
     """
 
     def __init__(self) -> None:
-        self.work = 0
+        super().__init__()
         self._work_waiters: set[_Waiter] = set()
         self._run_waiters: dict[str, set[_Waiter]] = {}
 
+    @property
+    def work(self) -> int:
+        return self.generation(work=True)
+
+    def notify(self, *, work: bool) -> None:
+        super().notify(work=work)
+        if work:
+            for waiter in self._work_waiters:
+                waiter.wake()
+
     def work_arrived(self) -> None:
-        self.work += 1
-        for waiter in self._work_waiters:
-            waiter.wake()
+        self.notify(work=True)
 
     def run_finished(self, run_id: str) -> None:
         for waiter in self._run_waiters.get(run_id, ()):
@@ -381,7 +402,7 @@ class _Wakeups:
 
     def everyone(self) -> None:
         """Wake every waiter: anything may have changed."""
-        self.work += 1
+        self.notify(work=True)
         for waiter in self._all():
             waiter.wake()
 
@@ -414,7 +435,7 @@ class _Wakeups:
                 del self._run_waiters[waiter.run_id]
 
 
-class PostgresBroker:
+class PostgresBroker(BaseBroker):
     """Task runs in a PostgreSQL database shared by workers on any number of hosts.
 
     Args:
@@ -435,23 +456,22 @@ class PostgresBroker:
         if not isinstance(url, str):
             raise TypeError(f"url must be a string, got {url!r}")
         options = parse_url(url)
+        self._wakeups = _Wakeups()
+        # The waits are this broker's own (LISTEN, and per-run wake-ups), not the base's.
+        super().__init__(clock=clock, notifier=self._wakeups, poll_interval=None)
         self._url = url
         self._conninfo = options.conninfo
         self._schema = options.schema
         self._listen = options.listen
         self._pool_size = options.pool_size
         self._pool_timeout = options.pool_timeout
-        self._poll_interval = options.poll_interval or (
+        self._poll_every = options.poll_interval or (
             _DEFAULT_POLL_INTERVAL if self._listen else _POLL_ONLY_INTERVAL
         )
-        self._clock = clock
         self._channel = f"anyservice:{self._schema}"
         self._runs = sql.SQL("{}.anyservice_runs").format(sql.Identifier(self._schema))
         self._pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] | None = None
         self._limiter = anyio.CapacityLimiter(self._pool_size)
-        self._wakeups = _Wakeups()
-        self._work_seen_by_claim = 0
-        self._next_due: float | None = None
         # The attempt each run had when this broker leased it: the fencing token.
         self._claimed: dict[tuple[str, str], int] = {}
         self._listener: psycopg.Connection[Any] | None = None
@@ -476,20 +496,13 @@ class PostgresBroker:
         """Whether waits are woken by LISTEN/NOTIFY (``False``: ``?listen=false``)."""
         return self._listen
 
+    @classmethod
+    def from_url(cls, url: str, *, clock: Callable[[], float] = time.time) -> Self:
+        """``postgresql://user:password@host:port/db?schema=...`` (see the class)."""
+        return cls(url, clock=clock)
+
     def __repr__(self) -> str:
         return f"<PostgresBroker {self.url!r}>"
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # --- running statements ------------------------------------------------------------
 
@@ -521,10 +534,7 @@ class PostgresBroker:
         """
         pool = self._pool
         if pool is None:
-            raise BrokerError(
-                f"PostgreSQL broker {self.url!r} is not open; "
-                "use 'async with broker:' or 'await broker.open()'"
-            )
+            raise self._not_open()
         call = _Call()
 
         async def cancel_when_cancelled() -> None:
@@ -582,15 +592,15 @@ class PostgresBroker:
 
     # --- opening and closing -------------------------------------------------------------
 
-    async def open(self) -> None:
-        """Connect, and create the tables (or check their version). Idempotent.
+    async def _open(self) -> bool:
+        """Connect, and create the tables (or check their version).
 
         Raises:
             BrokerError: The server cannot be reached, or its tables are newer than this
                 anyservice understands.
         """
         if self._pool is not None:
-            return
+            return False
         pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] = psycopg_pool.ConnectionPool(
             self._conninfo,
             min_size=1,
@@ -620,7 +630,17 @@ class PostgresBroker:
             raise self._error(exc) from exc
         self._pool = pool
         self._reconnect_at = 0.0
-        self._work_seen_by_claim = self._wakeups.work
+        return True
+
+    async def _check_open(self) -> None:
+        if self._pool is None:
+            raise self._not_open()
+
+    def _not_open(self) -> BrokerError:
+        return BrokerError(
+            f"PostgreSQL broker {self.url!r} is not open; "
+            "use 'async with broker:' or 'await broker.open()'"
+        )
 
     def _prepare(self, conn: psycopg.Connection[Any]) -> None:
         schema = sql.Identifier(self._schema)
@@ -688,79 +708,41 @@ class PostgresBroker:
         # Waiters reading the closed listener must notice.
         self._wakeups.everyone()
 
-    # --- the broker protocol -------------------------------------------------------------
+    # --- storage -----------------------------------------------------------------------
 
-    async def submit(
-        self,
-        task: str,
-        payload: str,
-        *,
-        retries: int = 0,
-        retry_delay: float = 0.0,
-        timeout: float | None = None,
-        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-        scheduled_at: float | None = None,
-    ) -> RunRecord:
-        """See :meth:`Broker.submit`."""
-        check_submit_options(
-            task,
-            payload,
-            retries=retries,
-            retry_delay=retry_delay,
-            timeout=timeout,
-            max_attempts=max_attempts,
-            scheduled_at=scheduled_at,
-        )
-        now = self._clock()
-        run = RunRecord(
-            id=uuid.uuid4().hex,
-            task=task,
-            payload=payload,
-            state=RunState.SCHEDULED,
-            attempts=0,
-            max_attempts=max_attempts,
-            retries_left=retries,
-            retry_delay=float(retry_delay),
-            timeout=None if timeout is None else float(timeout),
-            created_at=now,
-            scheduled_at=now if scheduled_at is None else float(scheduled_at),
-        )
+    async def _insert(self, run: RunRecord) -> None:
         # One statement, so the notification goes out with the commit of the row.
         await self._call(
             self._execute(
                 "WITH inserted AS (INSERT INTO {runs} (id, task, payload, state, attempts,"
                 " max_attempts, retries_left, retry_delay, timeout, created_at, scheduled_at)"
-                " VALUES (%(id)s, %(task)s, %(payload)s, 'SCHEDULED', 0, %(max_attempts)s,"
-                " %(retries)s, %(retry_delay)s, %(timeout)s, %(now)s, %(scheduled_at)s)"
+                " VALUES (%(id)s, %(task)s, %(payload)s, %(state)s, %(attempts)s,"
+                " %(max_attempts)s, %(retries_left)s, %(retry_delay)s, %(timeout)s,"
+                " %(created_at)s, %(scheduled_at)s)"
                 " RETURNING 1)"
                 " SELECT pg_notify(%(channel)s, 'w') FROM inserted",
                 {
                     "id": run.id,
-                    "task": task,
-                    "payload": payload,
-                    "max_attempts": max_attempts,
-                    "retries": retries,
+                    "task": run.task,
+                    "payload": run.payload,
+                    "state": run.state.value,
+                    "attempts": run.attempts,
+                    "max_attempts": run.max_attempts,
+                    "retries_left": run.retries_left,
                     "retry_delay": run.retry_delay,
                     "timeout": run.timeout,
-                    "now": now,
+                    "created_at": run.created_at,
                     "scheduled_at": run.scheduled_at,
                     "channel": self._channel,
                 },
             )
         )
-        self._wakeups.work_arrived()
-        return run
 
-    async def claim(
-        self, owner: str, tasks: Collection[str], *, limit: int, lease_seconds: float
-    ) -> list[RunRecord]:
-        """See :meth:`Broker.claim`.
-
-        One statement, whatever ``limit``: runs locked by another claim in progress are
-        skipped, not waited for.
-        """
-        check_claim_options(owner, tasks, limit=limit, lease_seconds=lease_seconds)
-        self._work_seen_by_claim = self._wakeups.work
+    async def _claim(
+        self, owner: str, tasks: list[str], limit: int, lease_seconds: float
+    ) -> Claimed:
+        # One statement, whatever the limit: runs locked by another claim in progress are
+        # skipped, not waited for.
         now = self._clock()
         rows = await self._call(
             self._execute(
@@ -769,7 +751,7 @@ class PostgresBroker:
                     "now": now,
                     "expires": now + lease_seconds,
                     "owner": owner,
-                    "tasks": sorted(set(tasks)),
+                    "tasks": tasks,
                     "limit": limit,
                     "channel": self._channel,
                     "abandoned": ABANDONED_ERROR_TYPE,
@@ -778,47 +760,31 @@ class PostgresBroker:
             )
         )
         scheduled, expiring, crashed = rows[0][:3]
+        # Oldest first: by due time, then submission order (the sequence number).
         claimed = sorted(
             (row[3:] for row in rows if row[3] is not None), key=lambda row: (row[11], row[0])
         )
         runs = [_record(row) for row in claimed]
         for run in runs:
             self._claimed[owner, run.id] = run.attempts
-        if crashed:
-            for run_id in crashed:
-                self._wakeups.run_finished(run_id)
-            await self._notify_finished(crashed)
+        for run_id in crashed or ():
+            self._wakeups.run_finished(run_id)
         if len(runs) == limit and limit > 0:
-            self._next_due = now
+            next_due: float | None = now
         else:
             times = [t for t in (scheduled, expiring) if t is not None]
-            self._next_due = min(times) if times else None
-        return runs
+            next_due = min(times) if times else None
+        return Claimed(runs=runs, finished=bool(crashed), next_due=next_due)
 
-    async def _notify_finished(self, run_ids: Iterable[str]) -> None:
-        """Tell other processes' waiters that these runs finished."""
-        ids = list(run_ids)
-        await self._call(
-            self._execute(
-                "SELECT pg_notify(%(channel)s, 'f ' || id) FROM unnest(%(ids)s::text[]) AS id",
-                {"channel": self._channel, "ids": ids},
-            )
-        )
-
-    async def heartbeat(
-        self, owner: str, run_ids: Collection[str], *, lease_seconds: float
-    ) -> set[str]:
-        """See :meth:`Broker.heartbeat`."""
-        check_heartbeat_options(run_ids, lease_seconds=lease_seconds)
-        ids = list(dict.fromkeys(run_ids))
-        if not ids:
+    async def _heartbeat(self, owner: str, run_ids: list[str], lease_seconds: float) -> set[str]:
+        if not run_ids:
             return set()
         rows = await self._call(
             self._execute(
                 "UPDATE {runs} SET lease_expires_at = %(expires)s"
                 " WHERE state = 'RUNNING' AND lease_owner = %(owner)s AND id = ANY(%(ids)s)"
                 " RETURNING id",
-                {"expires": self._clock() + lease_seconds, "owner": owner, "ids": ids},
+                {"expires": self._clock() + lease_seconds, "owner": owner, "ids": run_ids},
             )
         )
         return {run_id for (run_id,) in rows}
@@ -828,16 +794,21 @@ class PostgresBroker:
     ) -> RunState | None:
         """Update a run only while ``owner`` holds its lease (at the attempt it claimed).
 
+        The statement also notifies the other processes, on commit: of work if the run
+        is SCHEDULED again, of the run's finish if it finished.
+
         Returns:
             The run's new state, or ``None`` when ``owner`` did not hold it.
         """
         attempt = self._claimed.get((owner, run_id))
         rows = await self._call(
             self._execute(
-                f"UPDATE {{runs}} SET {assignments}"
+                f"WITH held AS (UPDATE {{runs}} SET {assignments}"
                 " WHERE id = %(id)s AND state = 'RUNNING' AND lease_owner = %(owner)s"
                 " AND (%(attempt)s::integer IS NULL OR attempts = %(attempt)s::integer)"
-                " RETURNING state",
+                " RETURNING id, state)"
+                " SELECT state, pg_notify(%(channel)s,"
+                " CASE WHEN state = 'SCHEDULED' THEN 'w' ELSE 'f ' || id END) FROM held",
                 {
                     **parameters,
                     "id": run_id,
@@ -849,35 +820,27 @@ class PostgresBroker:
             )
         )
         self._claimed.pop((owner, run_id), None)
-        return RunState(rows[0][0]) if rows else None
+        if not rows:
+            return None
+        state = RunState(rows[0][0])
+        if state.finished:
+            self._wakeups.run_finished(run_id)
+        return state
 
-    async def complete(self, owner: str, run_id: str, result: str) -> bool:
-        """See :meth:`Broker.complete`."""
+    async def _complete(self, owner: str, run_id: str, result: str) -> bool:
         state = await self._update_held(
             owner,
             run_id,
             "state = 'COMPLETED', finished_at = %(now)s, lease_owner = NULL,"
-            " lease_expires_at = NULL, result = %(result)s, error = NULL"
-            # Evaluated once, with the row: the waiters elsewhere hear of it on commit.
-            ", payload = payload || left(pg_notify(%(channel)s, 'f ' || %(id)s)::text, 0)",
+            " lease_expires_at = NULL, result = %(result)s, error = NULL",
             {"result": result},
         )
-        return self._finished(run_id, state)
+        return state is not None
 
-    def _finished(self, run_id: str, state: RunState | None) -> bool:
-        if state is None:
-            return False
-        if state.finished:
-            self._wakeups.run_finished(run_id)
-        else:
-            self._wakeups.work_arrived()
-        return True
-
-    async def fail(self, owner: str, run_id: str, error: RunError, *, retry: bool) -> bool:
-        """See :meth:`Broker.fail`."""
+    async def _fail(self, owner: str, run_id: str, error: RunError, retry: bool) -> RunState | None:
         # Every expression in an UPDATE sees the row as it was, so the CASEs agree.
         retried = "(%(retry)s AND retries_left > 0)"
-        state = await self._update_held(
+        return await self._update_held(
             owner,
             run_id,
             f"state = CASE WHEN {retried} THEN 'SCHEDULED' ELSE 'FAILED' END,"
@@ -886,32 +849,26 @@ class PostgresBroker:
             f" retries_left = CASE WHEN {retried} THEN retries_left - 1 ELSE retries_left END,"
             f" started_at = CASE WHEN {retried} THEN NULL ELSE started_at END,"
             f" finished_at = CASE WHEN {retried} THEN NULL ELSE %(now)s END,"
-            " lease_owner = NULL, lease_expires_at = NULL, error = %(error)s,"
-            " payload = payload || left(pg_notify(%(channel)s,"
-            f" CASE WHEN {retried} THEN 'w' ELSE 'f ' || %(id)s END)::text, 0)",
+            " lease_owner = NULL, lease_expires_at = NULL, error = %(error)s",
             {"retry": retry, "error": error.to_json()},
         )
-        return self._finished(run_id, state)
 
-    async def release(self, owner: str, run_id: str) -> bool:
-        """See :meth:`Broker.release`."""
+    async def _release(self, owner: str, run_id: str) -> bool:
         state = await self._update_held(
             owner,
             run_id,
             "state = 'SCHEDULED', attempts = greatest(attempts - 1, 0), started_at = NULL,"
-            " lease_owner = NULL, lease_expires_at = NULL,"
-            " payload = payload || left(pg_notify(%(channel)s, 'w')::text, 0)",
+            " lease_owner = NULL, lease_expires_at = NULL",
             {},
         )
-        return self._finished(run_id, state)
+        return state is not None
 
-    async def cancel(self, run_id: str) -> bool:
-        """See :meth:`Broker.cancel`."""
+    async def _cancel(self, run_id: str) -> bool:
         rows = await self._call(
             self._execute(
-                "UPDATE {runs} SET state = 'CANCELLED', finished_at = %(now)s,"
-                " payload = payload || left(pg_notify(%(channel)s, 'f ' || id)::text, 0)"
-                " WHERE id = %(id)s AND state = 'SCHEDULED' RETURNING 1",
+                "WITH cancelled AS (UPDATE {runs} SET state = 'CANCELLED', finished_at = %(now)s"
+                " WHERE id = %(id)s AND state = 'SCHEDULED' RETURNING id)"
+                " SELECT pg_notify(%(channel)s, 'f ' || id) FROM cancelled",
                 {"now": self._clock(), "id": run_id, "channel": self._channel},
             )
         )
@@ -919,8 +876,7 @@ class PostgresBroker:
             self._wakeups.run_finished(run_id)
         return bool(rows)
 
-    async def get(self, run_id: str) -> RunRecord | None:
-        """See :meth:`Broker.get`."""
+    async def _get(self, run_id: str) -> RunRecord | None:
         rows = await self._call(
             self._execute(
                 f"SELECT {', '.join(_COLUMNS)} FROM {{runs}} WHERE id = %(id)s", {"id": run_id}
@@ -928,8 +884,8 @@ class PostgresBroker:
         )
         return _record(rows[0]) if rows else None
 
-    async def counts(self) -> dict[RunState, int]:
-        """See :meth:`Broker.counts`. Rows with an unknown state count as FAILED."""
+    async def _counts(self) -> dict[RunState, int]:
+        # Rows with an unknown state count as FAILED, as they read.
         rows = await self._call(
             self._execute("SELECT state, count(*) FROM {runs} GROUP BY state", {})
         )
@@ -944,20 +900,19 @@ class PostgresBroker:
     # --- waiting -------------------------------------------------------------------------
 
     async def wait_for_work(self, timeout: float) -> None:
-        """See :meth:`Broker.wait_for_work`."""
+        await self._check_open()
         if self._next_due is not None:
             timeout = min(timeout, max(self._next_due - self._clock(), 0.0))
         # Past a poll interval the caller claims again: that claim is the poll.
-        timeout = min(timeout, self._poll_interval)
+        timeout = min(timeout, self._poll_every)
         waiter = _Waiter(None)
         self._wakeups.add(waiter)
         try:
-            await self._wait(waiter, timeout, self._work_seen_by_claim)
+            await self._wait_woken(waiter, timeout, self._work_seen_by_claim)
         finally:
             self._wakeups.discard(waiter)
 
     async def wait_until_finished(self, run_id: str, timeout: float) -> RunRecord | None:
-        """See :meth:`Broker.wait_until_finished`."""
         deadline = anyio.current_time() + timeout
         # Registered before each read of the run, so a finish in between is not missed.
         waiter = _Waiter(run_id)
@@ -970,11 +925,11 @@ class PostgresBroker:
                 if run is None or run.finished or remaining <= 0:
                     return run
                 # Past a poll interval the run is read again: that read is the poll.
-                await self._wait(waiter, min(remaining, self._poll_interval), None)
+                await self._wait_woken(waiter, min(remaining, self._poll_every), None)
         finally:
             self._wakeups.discard(waiter)
 
-    async def _wait(self, waiter: _Waiter, timeout: float, work_seen: int | None) -> None:
+    async def _wait_woken(self, waiter: _Waiter, timeout: float, work_seen: int | None) -> None:
         """Wait until ``waiter`` is woken (or work arrived since ``work_seen``), or timeout.
 
         While no other waiter does, this one reads the LISTEN connection itself and wakes

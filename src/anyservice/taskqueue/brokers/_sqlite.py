@@ -20,33 +20,26 @@ import random
 import sqlite3
 import threading
 import time
-import uuid
 import weakref
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
-from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import anyio
 import anyio.to_thread
 
-from ._broker import (
+from .._errors import BrokerBusyError, BrokerError
+from .._records import (
     CORRUPT_RUN_ERROR_TYPE,
-    DEFAULT_MAX_ATTEMPTS,
-    BrokerBusyError,
-    BrokerError,
-    ChangeNotifier,
     PayloadError,
     RunError,
     RunRecord,
     RunState,
     abandoned_error,
-    check_claim_options,
-    check_heartbeat_options,
-    check_submit_options,
     describe_stored,
-    wait_until_finished,
 )
+from ._base import BaseBroker, Claimed
+from ._notifier import ChangeNotifier
 
 __all__ = ["SCHEMA_VERSION", "SqliteBroker"]
 
@@ -238,7 +231,7 @@ def _read_row(row: tuple[Any, ...]) -> tuple[int, RunRecord, bool]:
     return seq, record, True
 
 
-class SqliteBroker:
+class SqliteBroker(BaseBroker):
     """Task runs in a SQLite file shared by the processes of one machine.
 
     Args:
@@ -281,20 +274,39 @@ class SqliteBroker:
                 "(use 'memory://' for an in-process broker)"
             )
         self._path = os.path.abspath(self._given_path)
-        self._clock = clock
+        super().__init__(
+            clock=clock, notifier=_notifier_for(self._path), poll_interval=float(poll_interval)
+        )
         self._busy_timeout = float(busy_timeout)
         self._lock_timeout = float(lock_timeout)
-        self._poll_interval = float(poll_interval)
-        self._notifier = _notifier_for(self._path)
         # One connection, used from worker threads one call at a time.
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._data_version = 0
         self._last_poll = -math.inf
-        self._work_seen_by_claim = 0
-        self._next_due: float | None = None
+        self._poll_every = float(poll_interval)
         #: How many times a locked database was retried; a health signal.
         self.lock_retries = 0
+
+    @classmethod
+    def from_url(cls, url: str, *, clock: Callable[[], float] = time.time) -> Self:
+        """``sqlite:///relative.db`` (three slashes) or ``sqlite:////absolute/path.db``."""
+        rest = url.partition("://")[2]
+        # sqlite:///path: the host part between "//" and the third "/" must be empty.
+        if not rest.startswith("/") or len(rest) == 1:
+            raise ValueError(
+                f"SQLite broker URL {url!r} needs a file path: 'sqlite:///relative.db' or "
+                "'sqlite:////absolute/path.db'"
+            )
+        path = rest[1:]
+        if "?" in path:
+            raise ValueError(f"SQLite broker URL {url!r}: query options are not supported")
+        if path == ":memory:":
+            raise ValueError(
+                f"SQLite broker URL {url!r}: an in-memory SQLite database cannot be shared by "
+                "workers; use 'memory://' for an in-process broker"
+            )
+        return cls(path, clock=clock)
 
     @property
     def url(self) -> str:
@@ -308,18 +320,6 @@ class SqliteBroker:
 
     def __repr__(self) -> str:
         return f"<SqliteBroker {self.url!r}>"
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # --- running statements ------------------------------------------------------------
 
@@ -412,17 +412,11 @@ class SqliteBroker:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
 
-    async def open(self) -> None:
-        """Connect, switch the file to WAL mode and create or migrate the schema.
-
-        Calling it again does nothing.
-
-        Raises:
-            BrokerError: The file cannot be opened or put in WAL mode, or its schema is
-                newer than this version of anyservice.
-        """
+    async def _open(self) -> bool:
+        # Connect, switch the file to WAL mode and create or migrate the schema; a file
+        # that cannot be, or has a newer schema, is a BrokerError.
         if self._conn is not None:
-            return
+            return False
         try:
             await anyio.to_thread.run_sync(self._connect)
         except sqlite3.Error as exc:
@@ -432,7 +426,7 @@ class SqliteBroker:
         except BaseException:
             await self.close()
             raise
-        self._work_seen_by_claim = self._notifier.generation(work=True)
+        return True
 
     def _disconnect(self) -> None:
         with self._lock:
@@ -451,44 +445,8 @@ class SqliteBroker:
 
     # --- the broker protocol -------------------------------------------------------------
 
-    async def submit(
-        self,
-        task: str,
-        payload: str,
-        *,
-        retries: int = 0,
-        retry_delay: float = 0.0,
-        timeout: float | None = None,
-        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-        scheduled_at: float | None = None,
-    ) -> RunRecord:
-        """See :meth:`Broker.submit`."""
-        check_submit_options(
-            task,
-            payload,
-            retries=retries,
-            retry_delay=retry_delay,
-            timeout=timeout,
-            max_attempts=max_attempts,
-            scheduled_at=scheduled_at,
-        )
-        run_id = uuid.uuid4().hex
-
-        def insert(conn: sqlite3.Connection) -> RunRecord:
-            now = self._clock()
-            run = RunRecord(
-                id=run_id,
-                task=task,
-                payload=payload,
-                state=RunState.SCHEDULED,
-                attempts=0,
-                max_attempts=max_attempts,
-                retries_left=retries,
-                retry_delay=float(retry_delay),
-                timeout=None if timeout is None else float(timeout),
-                created_at=now,
-                scheduled_at=now if scheduled_at is None else float(scheduled_at),
-            )
+    async def _insert(self, run: RunRecord) -> None:
+        def insert(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "INSERT INTO anyservice_runs (id, task, payload, state, attempts, max_attempts,"
                 " retries_left, retry_delay, timeout, created_at, scheduled_at)"
@@ -507,25 +465,17 @@ class SqliteBroker:
                     run.scheduled_at,
                 ),
             )
-            return run
 
-        run = await self._call(insert)
-        self._notifier.notify(work=True)
-        return run
+        await self._call(insert)
 
-    async def claim(
-        self, owner: str, tasks: Collection[str], *, limit: int, lease_seconds: float
-    ) -> list[RunRecord]:
-        """See :meth:`Broker.claim`.
+    async def _claim(
+        self, owner: str, tasks: list[str], limit: int, lease_seconds: float
+    ) -> Claimed:
+        # Rows with an unknown state are never claimed. A due row that is otherwise
+        # unreadable is marked FAILED with a CorruptRunError instead of being claimed.
+        names = tasks
 
-        Rows with an unknown state are never claimed. A due row that is otherwise
-        unreadable is marked FAILED with a ``CorruptRunError`` instead of being claimed.
-        """
-        check_claim_options(owner, tasks, limit=limit, lease_seconds=lease_seconds)
-        names = sorted(set(tasks))
-        self._work_seen_by_claim = self._notifier.generation(work=True)
-
-        def claim(conn: sqlite3.Connection) -> tuple[list[RunRecord], bool, float | None]:
+        def claim(conn: sqlite3.Connection) -> Claimed:
             conn.execute("BEGIN IMMEDIATE")
             now = self._clock()
             finished = self._crash_abandoned(conn, owner, now)
@@ -569,12 +519,9 @@ class SqliteBroker:
                         )
                 next_due = now if leftover else self._next_due_time(conn, names, owner, now)
             conn.execute("COMMIT")
-            return claimed, finished, next_due
+            return Claimed(claimed, finished, next_due)
 
-        claimed, finished, self._next_due = await self._call(claim)
-        if finished:
-            self._notifier.notify(work=False)
-        return claimed
+        return await self._call(claim)
 
     @staticmethod
     def _crash_abandoned(conn: sqlite3.Connection, owner: str, now: float) -> bool:
@@ -625,12 +572,7 @@ class SqliteBroker:
         times = [t for t in (scheduled, expiring) if isinstance(t, int | float)]
         return float(min(times)) if times else None
 
-    async def heartbeat(
-        self, owner: str, run_ids: Collection[str], *, lease_seconds: float
-    ) -> set[str]:
-        """See :meth:`Broker.heartbeat`."""
-        check_heartbeat_options(run_ids, lease_seconds=lease_seconds)
-        ids = list(dict.fromkeys(run_ids))
+    async def _heartbeat(self, owner: str, ids: list[str], lease_seconds: float) -> set[str]:
         if not ids:
             return set()
 
@@ -653,64 +595,66 @@ class SqliteBroker:
 
         return await self._call(renew)
 
-    async def _update_held(self, sql: str, parameters: dict[str, Any]) -> bool:
+    @staticmethod
+    def _update_held(conn: sqlite3.Connection, sql: str, parameters: dict[str, Any]) -> bool:
         """Run one UPDATE guarded by ``WHERE`` the run is RUNNING under ``:owner``'s lease.
 
         A single statement is atomic on its own, so no explicit transaction is needed.
         """
-
-        def update(conn: sqlite3.Connection) -> bool:
-            cursor = conn.execute(
-                f"{sql} WHERE id = :id AND state = 'RUNNING' AND lease_owner = :owner",
-                {**parameters, "now": self._clock()},
-            )
-            return cursor.rowcount == 1
-
-        return await self._call(update)
-
-    async def complete(self, owner: str, run_id: str, result: str) -> bool:
-        """See :meth:`Broker.complete`."""
-        done = await self._update_held(
-            "UPDATE anyservice_runs SET state = 'COMPLETED', finished_at = :now,"
-            " lease_owner = NULL, lease_expires_at = NULL, result = :result, error = NULL",
-            {"id": run_id, "owner": owner, "result": result},
+        cursor = conn.execute(
+            f"{sql} WHERE id = :id AND state = 'RUNNING' AND lease_owner = :owner", parameters
         )
-        if done:
-            self._notifier.notify(work=False)
-        return done
+        return cursor.rowcount == 1
 
-    async def fail(self, owner: str, run_id: str, error: RunError, *, retry: bool) -> bool:
-        """See :meth:`Broker.fail`."""
+    async def _complete(self, owner: str, run_id: str, result: str) -> bool:
+        return await self._call(
+            lambda conn: self._update_held(
+                conn,
+                "UPDATE anyservice_runs SET state = 'COMPLETED', finished_at = :now,"
+                " lease_owner = NULL, lease_expires_at = NULL, result = :result, error = NULL",
+                {"id": run_id, "owner": owner, "result": result, "now": self._clock()},
+            )
+        )
+
+    async def _fail(self, owner: str, run_id: str, error: RunError, retry: bool) -> RunState | None:
         # Every expression in an UPDATE sees the row as it was, so the CASEs agree.
         retried = ":retry AND retries_left > 0"
-        done = await self._update_held(
+        sql = (
             "UPDATE anyservice_runs SET"
             f" state = CASE WHEN {retried} THEN 'SCHEDULED' ELSE 'FAILED' END,"
             f" scheduled_at = CASE WHEN {retried} THEN :now + retry_delay ELSE scheduled_at END,"
             f" retries_left = CASE WHEN {retried} THEN retries_left - 1 ELSE retries_left END,"
             f" started_at = CASE WHEN {retried} THEN NULL ELSE started_at END,"
             f" finished_at = CASE WHEN {retried} THEN NULL ELSE :now END,"
-            " lease_owner = NULL, lease_expires_at = NULL, error = :error",
-            {"id": run_id, "owner": owner, "retry": retry, "error": error.to_json()},
+            " lease_owner = NULL, lease_expires_at = NULL, error = :error"
         )
-        if done:
-            # Whether it was retried is not reported back; a spurious wake costs one claim.
-            self._notifier.notify(work=retry)
-        return done
+        parameters = {"id": run_id, "owner": owner, "retry": retry, "error": error.to_json()}
 
-    async def release(self, owner: str, run_id: str) -> bool:
-        """See :meth:`Broker.release`."""
-        done = await self._update_held(
-            "UPDATE anyservice_runs SET state = 'SCHEDULED', attempts = MAX(attempts - 1, 0),"
-            " started_at = NULL, lease_owner = NULL, lease_expires_at = NULL",
-            {"id": run_id, "owner": owner},
+        def fail(conn: sqlite3.Connection) -> RunState | None:
+            # One transaction, so the state read back is the one this UPDATE wrote.
+            conn.execute("BEGIN IMMEDIATE")
+            state: RunState | None = None
+            if self._update_held(conn, sql, {**parameters, "now": self._clock()}):
+                (stored,) = conn.execute(
+                    "SELECT state FROM anyservice_runs WHERE id = ?", (run_id,)
+                ).fetchone()
+                state = RunState(stored)
+            conn.execute("COMMIT")
+            return state
+
+        return await self._call(fail)
+
+    async def _release(self, owner: str, run_id: str) -> bool:
+        return await self._call(
+            lambda conn: self._update_held(
+                conn,
+                "UPDATE anyservice_runs SET state = 'SCHEDULED', attempts = MAX(attempts - 1, 0),"
+                " started_at = NULL, lease_owner = NULL, lease_expires_at = NULL",
+                {"id": run_id, "owner": owner},
+            )
         )
-        if done:
-            self._notifier.notify(work=True)
-        return done
 
-    async def cancel(self, run_id: str) -> bool:
-        """See :meth:`Broker.cancel`."""
+    async def _cancel(self, run_id: str) -> bool:
 
         def cancel(conn: sqlite3.Connection) -> bool:
             cursor = conn.execute(
@@ -720,17 +664,11 @@ class SqliteBroker:
             )
             return cursor.rowcount == 1
 
-        done = await self._call(cancel)
-        if done:
-            self._notifier.notify(work=False)
-        return done
+        return await self._call(cancel)
 
-    async def get(self, run_id: str) -> RunRecord | None:
-        """See :meth:`Broker.get`.
-
-        A row the broker cannot make sense of comes back as a FAILED run whose error is
-        a ``CorruptRunError`` listing what is wrong (the row itself is left as it is).
-        """
+    async def _get(self, run_id: str) -> RunRecord | None:
+        # A row the broker cannot make sense of comes back as a FAILED run whose error is
+        # a CorruptRunError listing what is wrong (the row itself is left as it is).
 
         def get(conn: sqlite3.Connection) -> RunRecord | None:
             row = conn.execute(f"{_SELECT} WHERE id = ?", (run_id,)).fetchone()
@@ -738,8 +676,8 @@ class SqliteBroker:
 
         return await self._call(get)
 
-    async def counts(self) -> dict[RunState, int]:
-        """See :meth:`Broker.counts`. Rows with an unknown state count as FAILED."""
+    async def _counts(self) -> dict[RunState, int]:
+        # Rows with an unknown state count as FAILED.
 
         def count(conn: sqlite3.Connection) -> dict[RunState, int]:
             counts = dict.fromkeys(RunState, 0)
@@ -759,7 +697,7 @@ class SqliteBroker:
     def _data_version_changed(self, conn: sqlite3.Connection) -> bool:
         # Several waiters share one poll per interval; the first to look reports it.
         now = time.monotonic()
-        if now - self._last_poll < self._poll_interval / 2:
+        if now - self._last_poll < self._poll_every / 2:
             return False
         self._last_poll = now
         (version,) = conn.execute("PRAGMA data_version").fetchone()
@@ -767,29 +705,5 @@ class SqliteBroker:
         self._data_version = version
         return changed
 
-    async def _poll_other_connections(self) -> None:
-        if await self._call(self._data_version_changed):
-            self._notifier.notify(work=True)
-
-    async def wait_for_work(self, timeout: float) -> None:
-        """See :meth:`Broker.wait_for_work`."""
-        if self._next_due is not None:
-            timeout = min(timeout, max(self._next_due - self._clock(), 0.0))
-        await self._notifier.wait(
-            work=True,
-            since=self._work_seen_by_claim,
-            timeout=timeout,
-            poll=self._poll_other_connections,
-            poll_interval=self._poll_interval,
-        )
-
-    async def wait_until_finished(self, run_id: str, timeout: float) -> RunRecord | None:
-        """See :meth:`Broker.wait_until_finished`."""
-        return await wait_until_finished(
-            self.get,
-            self._notifier,
-            run_id,
-            timeout,
-            poll=self._poll_other_connections,
-            poll_interval=self._poll_interval,
-        )
+    async def _poll(self) -> bool:
+        return await self._call(self._data_version_changed)

@@ -5,22 +5,32 @@
 * ``memory://``: runs kept in this process only,
 * ``postgresql://user:password@host:5432/db`` (or ``postgres://``): a PostgreSQL database,
   for workers on many hosts (needs the ``anyservice[postgres]`` extra).
+
+A scheme is one entry of ``_SCHEMES``: the module of this package and the broker class
+in it, imported only when a URL names the scheme (so a broker's driver is only needed
+by those who use it). The class parses the rest of the URL in its ``from_url``.
 """
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable
 
-from ._broker import Broker
-from ._memory import MemoryBroker
-from ._sqlite import SqliteBroker
+from ._base import BaseBroker, Broker
 
 __all__ = ["DEFAULT_URL", "SUPPORTED_SCHEMES", "broker_from_url"]
 
 #: Where runs are stored when no URL is given.
 DEFAULT_URL = "sqlite:///anyservice.db"
-SUPPORTED_SCHEMES = ("sqlite", "memory", "postgresql", "postgres")
+
+_SCHEMES: dict[str, tuple[str, str]] = {
+    "sqlite": ("._sqlite", "SqliteBroker"),
+    "memory": ("._memory", "MemoryBroker"),
+    "postgresql": ("._postgres", "PostgresBroker"),
+    "postgres": ("._postgres", "PostgresBroker"),
+}
+SUPPORTED_SCHEMES = tuple(_SCHEMES)
 
 
 def broker_from_url(url: str, *, clock: Callable[[], float] = time.time) -> Broker:
@@ -35,7 +45,7 @@ def broker_from_url(url: str, *, clock: Callable[[], float] = time.time) -> Brok
         ValueError: The scheme is not supported, or the URL has no usable path.
         ImportError: A PostgreSQL URL without the ``anyservice[postgres]`` extra installed.
     """
-    scheme, separator, rest = url.partition("://")
+    scheme, separator, _ = url.partition("://")
     scheme = scheme.lower()
     supported = ", ".join(SUPPORTED_SCHEMES)
     # The URL itself is not repeated in these messages: a database URL may hold a password.
@@ -44,39 +54,8 @@ def broker_from_url(url: str, *, clock: Callable[[], float] = time.time) -> Brok
             f"broker URL has no scheme; supported: {supported} "
             "(e.g. 'sqlite:///anyservice.db' or 'memory://')"
         )
-    if scheme not in SUPPORTED_SCHEMES:
+    if scheme not in _SCHEMES:
         raise ValueError(f"unsupported scheme {scheme!r}; supported: {supported}")
-    if scheme in ("postgresql", "postgres"):
-        return _postgres_broker(url, clock)
-    if scheme == "memory":
-        if rest:
-            raise ValueError(
-                f"a memory broker URL takes no path or options: use 'memory://', not {url!r}"
-            )
-        return MemoryBroker(clock=clock)
-    # sqlite:///path: the host part between "//" and the third "/" must be empty.
-    if not rest.startswith("/") or len(rest) == 1:
-        raise ValueError(
-            f"SQLite broker URL {url!r} needs a file path: 'sqlite:///relative.db' or "
-            "'sqlite:////absolute/path.db'"
-        )
-    path = rest[1:]
-    if "?" in path:
-        raise ValueError(f"SQLite broker URL {url!r}: query options are not supported")
-    if path == ":memory:":
-        raise ValueError(
-            f"SQLite broker URL {url!r}: an in-memory SQLite database cannot be shared by "
-            "workers; use 'memory://' for an in-process broker"
-        )
-    return SqliteBroker(path, clock=clock)
-
-
-def _postgres_broker(url: str, clock: Callable[[], float]) -> Broker:
-    try:
-        from .brokers._postgres import PostgresBroker
-    except ImportError as exc:
-        raise ImportError(
-            f"a PostgreSQL broker needs psycopg and psycopg-pool ({exc}): "
-            "pip install 'anyservice[postgres]'"
-        ) from exc
-    return PostgresBroker(url, clock=clock)
+    module, name = _SCHEMES[scheme]
+    broker_class: type[BaseBroker] = getattr(importlib.import_module(module, __package__), name)
+    return broker_class.from_url(url, clock=clock)

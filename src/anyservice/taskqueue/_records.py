@@ -1,0 +1,388 @@
+"""Task runs as records, and the pure transitions between their states.
+
+A run's life is a small state machine::
+
+    SCHEDULED --claim--> RUNNING --complete--> COMPLETED
+        ^  |                |  |--fail (no retry left)--> FAILED
+        |  |                |  '--lease expired after max_attempts claims--> CRASHED
+        |  '--cancel--> CANCELLED
+        '--------release / fail with a retry left--'
+
+Each transition here is a pure function of a record, the caller and the time: no I/O, no
+clock, no randomness, so it can be checked exhaustively (``tests/taskqueue/test_records.py``)
+and every broker agrees on it. The memory broker applies these functions to its dict; the
+SQLite broker says the same in SQL, and the conformance suite checks that its rows equal
+what these functions give for the same operations.
+
+Fencing: the transitions a worker asks for while it runs a run (renew, complete, fail,
+release) take the ``owner`` that claimed it and refuse (return ``None``, the record stays
+as it is) unless the run is RUNNING under that owner's lease. An owner names one worker
+instance, and a claim never hands a run to the owner that already holds it, so a worker
+that lost its lease to another can change nothing.
+
+All times are wall-clock epoch seconds, given by the caller.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import traceback as traceback_module
+from dataclasses import dataclass, replace
+from typing import Any
+
+__all__ = [
+    "ABANDONED_ERROR_TYPE",
+    "CORRUPT_RUN_ERROR_TYPE",
+    "DEFAULT_MAX_ATTEMPTS",
+    "FINISHED_STATES",
+    "PayloadError",
+    "RunError",
+    "RunRecord",
+    "RunState",
+    "abandon",
+    "abandoned_error",
+    "cancel",
+    "claim",
+    "claimable",
+    "complete",
+    "describe_stored",
+    "due_at",
+    "fail",
+    "new_run",
+    "release",
+    "renew",
+]
+
+DEFAULT_MAX_ATTEMPTS = 5
+
+#: ``RunError.type`` of a run that ended CRASHED because its workers kept dying on it.
+ABANDONED_ERROR_TYPE = "RunAbandonedError"
+#: ``RunError.type`` of a run whose stored row a broker cannot read.
+CORRUPT_RUN_ERROR_TYPE = "CorruptRunError"
+
+
+class RunState(enum.StrEnum):
+    """Where a task run is in its life (Prefect's state names)."""
+
+    SCHEDULED = "SCHEDULED"
+    """Waiting to be claimed once its ``scheduled_at`` is due."""
+    RUNNING = "RUNNING"
+    """Claimed by a worker that holds its lease."""
+    COMPLETED = "COMPLETED"
+    """Finished and returned a result."""
+    FAILED = "FAILED"
+    """Raised with no retries left (or its stored row is corrupt)."""
+    CANCELLED = "CANCELLED"
+    """Cancelled by a user before a worker claimed it."""
+    CRASHED = "CRASHED"
+    """Abandoned by a worker (its lease expired) after ``max_attempts`` claims."""
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run will never change state again."""
+        return self in FINISHED_STATES
+
+
+FINISHED_STATES = frozenset(
+    {RunState.COMPLETED, RunState.FAILED, RunState.CANCELLED, RunState.CRASHED}
+)
+
+
+class PayloadError(ValueError):
+    """Stored run arguments, a result or an error could not be decoded."""
+
+
+# Public from anyservice.taskqueue, and recorded by name as a run's error type: the name
+# must not change when the private module it is defined in does.
+PayloadError.__module__ = "anyservice.taskqueue"
+
+
+def describe_stored(text: object, limit: int = 80) -> str:
+    """A short ``repr`` of stored text for error messages (long rows are cut)."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
+@dataclass(frozen=True)
+class RunError:
+    """Why a run failed, in a form that survives a round trip through the database.
+
+    Attributes:
+        type: The exception's qualified type name, e.g. ``"ValueError"`` or
+            ``"mypkg.errors.Boom"``.
+        message: ``str()`` of the exception.
+        traceback: The formatted traceback, or ``""`` when there is none.
+    """
+
+    type: str
+    message: str
+    traceback: str = ""
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> RunError:
+        """Capture an exception's type, message and traceback."""
+        kind = type(exc)
+        name = kind.__qualname__
+        if kind.__module__ != "builtins":
+            name = f"{kind.__module__}.{name}"
+        formatted = "".join(traceback_module.format_exception(exc))
+        return cls(type=name, message=str(exc), traceback=formatted)
+
+    def to_json(self) -> str:
+        """Encode as a JSON object with ``type``, ``message`` and ``traceback``."""
+        return json.dumps(
+            {"type": self.type, "message": self.message, "traceback": self.traceback},
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> RunError:
+        """Decode what :meth:`to_json` produced.
+
+        Raises:
+            PayloadError: ``text`` is not a JSON object with string ``type`` and
+                ``message`` (and optionally ``traceback``) fields.
+        """
+        try:
+            data: Any = json.loads(text)
+        except (TypeError, ValueError) as exc:
+            raise PayloadError(
+                f"stored run error is not valid JSON ({exc}): {describe_stored(text)}"
+            ) from exc
+        if not isinstance(data, dict):
+            raise PayloadError(f"stored run error is not a JSON object: {describe_stored(text)}")
+        kind, message, trace = data.get("type"), data.get("message"), data.get("traceback", "")
+        if not (isinstance(kind, str) and isinstance(message, str) and isinstance(trace, str)):
+            raise PayloadError(
+                "stored run error needs string 'type', 'message' and 'traceback' fields: "
+                f"{describe_stored(text)}"
+            )
+        return cls(type=kind, message=message, traceback=trace)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A snapshot of one task run as the broker stores it.
+
+    Attributes:
+        id: A uuid4 hex string.
+        task: The task's registered name.
+        payload: JSON text of the arguments (see ``encode_arguments``); the broker never
+            decodes it.
+        state: Where the run is in its life.
+        attempts: How many times a worker claimed it (a released claim is not counted).
+        max_attempts: After this many claims, an expired lease ends the run CRASHED.
+        retries_left: Failures that may still be retried.
+        retry_delay: Seconds between a failure and the retry becoming due.
+        timeout: Seconds a single attempt may take (enforced by the worker), or ``None``.
+        created_at: When it was submitted (epoch seconds).
+        scheduled_at: When it is (or was) due to be claimed.
+        started_at: When the current attempt was claimed, if one is in flight or ended.
+        finished_at: When it reached a finished state.
+        lease_owner: The worker that holds it, while RUNNING.
+        lease_expires_at: When that lease expires unless renewed.
+        result: JSON text of the return value, once COMPLETED.
+        error: Why it last failed, crashed or was found corrupt.
+    """
+
+    id: str
+    task: str
+    payload: str
+    state: RunState
+    attempts: int
+    max_attempts: int
+    retries_left: int
+    retry_delay: float
+    timeout: float | None
+    created_at: float
+    scheduled_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    lease_owner: str | None = None
+    lease_expires_at: float | None = None
+    result: str | None = None
+    error: RunError | None = None
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run reached COMPLETED, FAILED, CANCELLED or CRASHED."""
+        return self.state in FINISHED_STATES
+
+
+def abandoned_error(run_id: str, task: str, attempts: int, max_attempts: int) -> RunError:
+    """The error of a run whose lease expired after its last allowed claim."""
+    return RunError(
+        type=ABANDONED_ERROR_TYPE,
+        message=(
+            f"run {run_id} of task {task!r} was abandoned by a worker: its lease expired "
+            f"before the run finished, and it had been claimed {attempts} times "
+            f"(max_attempts={max_attempts}), so it is not claimed again"
+        ),
+    )
+
+
+# --- transitions -------------------------------------------------------------------------
+
+
+def new_run(
+    run_id: str,
+    task: str,
+    payload: str,
+    *,
+    retries: int,
+    retry_delay: float,
+    timeout: float | None,
+    max_attempts: int,
+    scheduled_at: float | None,
+    now: float,
+) -> RunRecord:
+    """A submitted run: SCHEDULED, due at ``scheduled_at`` (``now`` by default)."""
+    return RunRecord(
+        id=run_id,
+        task=task,
+        payload=payload,
+        state=RunState.SCHEDULED,
+        attempts=0,
+        max_attempts=max_attempts,
+        retries_left=retries,
+        retry_delay=float(retry_delay),
+        timeout=None if timeout is None else float(timeout),
+        created_at=now,
+        scheduled_at=now if scheduled_at is None else float(scheduled_at),
+    )
+
+
+def _lease_lost(run: RunRecord, owner: str, now: float) -> bool:
+    """Whether ``run`` is RUNNING under someone else's lease that has expired."""
+    if run.state is not RunState.RUNNING or run.lease_owner == owner:
+        return False
+    # A RUNNING record without an expiry is not leased to anyone alive.
+    return run.lease_expires_at is None or run.lease_expires_at <= now
+
+
+def claimable(run: RunRecord, owner: str, now: float) -> bool:
+    """Whether ``owner`` may claim ``run`` at ``now``.
+
+    A SCHEDULED run is claimable once due. A RUNNING run is claimable by another owner
+    once its lease expired, unless that was its last allowed attempt (then it is to be
+    :func:`abandon`-ed). An owner never claims a run it holds: it is still working on it.
+    """
+    if run.state is RunState.SCHEDULED:
+        return run.scheduled_at <= now
+    return _lease_lost(run, owner, now) and run.attempts < run.max_attempts
+
+
+def due_at(run: RunRecord, owner: str) -> float | None:
+    """When ``run`` may next become claimable (or abandoned) for ``owner``, if ever."""
+    if run.state is RunState.SCHEDULED:
+        return run.scheduled_at
+    if run.state is RunState.RUNNING and run.lease_owner != owner:
+        return run.lease_expires_at
+    return None
+
+
+def claim(run: RunRecord, owner: str, now: float, lease_seconds: float) -> RunRecord | None:
+    """Lease a :func:`claimable` run to ``owner`` until ``now + lease_seconds``.
+
+    Each claim counts an attempt. Returns ``None`` if the run is not claimable.
+    """
+    if not claimable(run, owner, now):
+        return None
+    return replace(
+        run,
+        state=RunState.RUNNING,
+        attempts=run.attempts + 1,
+        started_at=now,
+        lease_owner=owner,
+        lease_expires_at=now + lease_seconds,
+    )
+
+
+def abandon(run: RunRecord, owner: str, now: float) -> RunRecord | None:
+    """End CRASHED a run whose lease expired after its last allowed attempt.
+
+    ``owner`` is the one looking (a claimer); its own runs are never abandoned. Returns
+    ``None`` if the run is not abandoned.
+    """
+    if not _lease_lost(run, owner, now) or run.attempts < run.max_attempts:
+        return None
+    return replace(
+        run,
+        state=RunState.CRASHED,
+        finished_at=now,
+        lease_owner=None,
+        lease_expires_at=None,
+        error=abandoned_error(run.id, run.task, run.attempts, run.max_attempts),
+    )
+
+
+def _held_by(run: RunRecord, owner: str) -> bool:
+    return run.state is RunState.RUNNING and run.lease_owner == owner
+
+
+def renew(run: RunRecord, owner: str, now: float, lease_seconds: float) -> RunRecord | None:
+    """Renew ``owner``'s lease to ``now + lease_seconds`` (a heartbeat); fenced by owner."""
+    if not _held_by(run, owner):
+        return None
+    return replace(run, lease_expires_at=now + lease_seconds)
+
+
+def complete(run: RunRecord, owner: str, result: str, now: float) -> RunRecord | None:
+    """End COMPLETED with the JSON ``result``; fenced by owner."""
+    if not _held_by(run, owner):
+        return None
+    return replace(
+        run,
+        state=RunState.COMPLETED,
+        finished_at=now,
+        lease_owner=None,
+        lease_expires_at=None,
+        result=result,
+        error=None,
+    )
+
+
+def fail(
+    run: RunRecord, owner: str, error: RunError, now: float, *, retry: bool
+) -> RunRecord | None:
+    """Record a failed attempt; fenced by owner.
+
+    With ``retry`` and retries left the run is SCHEDULED again, due ``retry_delay``
+    seconds from ``now``, with one retry fewer; otherwise it ends FAILED. The error is
+    kept either way.
+    """
+    if not _held_by(run, owner):
+        return None
+    if retry and run.retries_left > 0:
+        run = replace(
+            run,
+            state=RunState.SCHEDULED,
+            retries_left=run.retries_left - 1,
+            scheduled_at=now + run.retry_delay,
+            started_at=None,
+        )
+    else:
+        run = replace(run, state=RunState.FAILED, finished_at=now)
+    return replace(run, lease_owner=None, lease_expires_at=None, error=error)
+
+
+def release(run: RunRecord, owner: str) -> RunRecord | None:
+    """Hand a run back: SCHEDULED, lease cleared, the attempt not counted; fenced by owner."""
+    if not _held_by(run, owner):
+        return None
+    return replace(
+        run,
+        state=RunState.SCHEDULED,
+        attempts=max(run.attempts - 1, 0),
+        started_at=None,
+        lease_owner=None,
+        lease_expires_at=None,
+    )
+
+
+def cancel(run: RunRecord, now: float) -> RunRecord | None:
+    """End CANCELLED a run no worker has claimed yet (only a SCHEDULED run)."""
+    if run.state is not RunState.SCHEDULED:
+        return None
+    return replace(run, state=RunState.CANCELLED, finished_at=now)

@@ -1,0 +1,432 @@
+"""The broker protocol, and the base class every broker of this package is built on.
+
+A broker stores task runs and hands them to workers under a lease. The worker only ever
+talks to :class:`Broker`. Every broker keeps the same promises, checked by one
+conformance test suite:
+
+* A run is claimed by one owner at a time: while its lease is live nobody else gets it.
+* A lease that expires (the worker died) makes the run claimable again, and ``attempts``
+  counts the claims. A run whose lease expires once ``attempts`` has reached
+  ``max_attempts`` ends :attr:`RunState.CRASHED` instead of being claimed forever.
+* Completing, failing, releasing and heartbeating only succeed for the current lease
+  owner: a worker that lost its lease is told so (``False``) and changes nothing.
+* Payloads and results are opaque JSON text to the broker (see ``_serialize.py``), so a
+  run with an undecodable payload never breaks a claim: the worker decides what to do.
+
+All times are wall-clock epoch seconds from the broker's ``clock`` (``time.time`` by
+default), because leases are shared by processes that have no common monotonic clock.
+
+How a broker is written
+-----------------------
+:class:`BaseBroker` owns everything that is not storage: checking the arguments of each
+call, waking waiters through a :class:`ChangeNotifier` (and polling for other processes'
+changes where the storage cannot push them), ``wait_for_work``, ``wait_until_finished``,
+``async with`` and the docstrings. A subclass writes only its storage, as these methods,
+each applying the transitions of ``taskqueue/_records.py`` to the stored records:
+
+* ``url`` (a property), ``from_url(url, clock=...)`` (a classmethod, for its scheme),
+  ``_open() -> bool`` (True if it opened now, False if it was open already), ``close()``.
+* ``_insert(run)``: store a new record, built by the base class with ``new_run``.
+* ``_claim(owner, tasks, limit, lease_seconds) -> Claimed``: first ``abandon`` every
+  abandoned run (of any task), then ``claim`` up to ``limit`` claimable runs of ``tasks``,
+  ordered by ``scheduled_at`` then submission order, all in one atomic step, reading
+  ``now`` from the clock inside it; report whether any run was finished on the way and
+  when the next run becomes claimable (``now`` if ``limit`` left due runs behind).
+* ``_heartbeat(owner, ids, lease_seconds) -> set[str]`` (``renew``),
+  ``_complete(owner, id, result) -> bool``,
+  ``_fail(owner, id, error, retry) -> RunState | None`` (the state the run went to),
+  ``_release(owner, id) -> bool``: each fenced by ``(id, owner)``: it changes the run only
+  while the run is RUNNING under ``owner``'s lease, atomically with that check.
+* ``_cancel(id) -> bool`` (only a SCHEDULED run), ``_get(id)``, ``_counts()``.
+* Optionally ``_poll() -> bool`` (did another process change runs?) with a
+  ``poll_interval`` given to ``__init__``, and ``_check_open()`` for calls that would not
+  otherwise touch the storage.
+
+Every storage method raises :class:`BrokerError` when the storage cannot be used. A new
+URL scheme is one line in ``_SCHEMES`` of ``brokers/_urls.py``.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+import uuid
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Protocol, Self
+
+import anyio
+
+from .._records import DEFAULT_MAX_ATTEMPTS, RunError, RunRecord, RunState, new_run
+from ._notifier import ChangeNotifier
+from ._options import check_claim_options, check_heartbeat_options, check_submit_options
+
+__all__ = ["BaseBroker", "Broker", "Claimed"]
+
+
+class Broker(Protocol):
+    """Durable storage of task runs, shared by the processes that submit and run them.
+
+    Every method may raise :class:`BrokerError` when the storage cannot be used (not
+    open, closed, unreachable); transient lock contention is retried internally.
+    """
+
+    @property
+    def url(self) -> str:
+        """The URL this broker was made from, e.g. ``"sqlite:///anyservice.db"``."""
+        ...
+
+    async def open(self) -> None:
+        """Connect and create or migrate the schema. Calling it again does nothing.
+
+        Raises:
+            BrokerError: The storage cannot be opened or has a newer schema.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Release connections. Calling it again (or before :meth:`open`) does nothing."""
+        ...
+
+    async def submit(
+        self,
+        task: str,
+        payload: str,
+        *,
+        retries: int = 0,
+        retry_delay: float = 0.0,
+        timeout: float | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        scheduled_at: float | None = None,
+    ) -> RunRecord:
+        """Store a new SCHEDULED run, due at ``scheduled_at`` (now by default).
+
+        Raises:
+            ValueError: An option is out of range (negative retries, ``max_attempts`` < 1,
+                a non-positive timeout, an empty task name).
+        """
+        ...
+
+    async def claim(
+        self, owner: str, tasks: Collection[str], *, limit: int, lease_seconds: float
+    ) -> list[RunRecord]:
+        """Lease up to ``limit`` due runs of the named tasks to ``owner``, oldest first.
+
+        Claimable are SCHEDULED runs whose ``scheduled_at`` is due and RUNNING runs whose
+        lease expired and is held by another owner (``owner`` must be unique per worker
+        instance: a live owner is still working on its own runs). Each claim counts an
+        attempt. Before claiming, runs (of any task) whose lease expired after their
+        last allowed attempt are marked CRASHED.
+
+        Raises:
+            ValueError: ``limit`` is negative or ``lease_seconds`` is not positive.
+            TypeError: ``tasks`` is a single string instead of a collection of names.
+        """
+        ...
+
+    async def heartbeat(
+        self, owner: str, run_ids: Collection[str], *, lease_seconds: float
+    ) -> set[str]:
+        """Renew ``owner``'s leases to ``now + lease_seconds``.
+
+        Returns:
+            The ids whose lease ``owner`` still held (and now renewed); the others were
+            lost to another worker or are no longer running.
+        """
+        ...
+
+    async def complete(self, owner: str, run_id: str, result: str) -> bool:
+        """Record a COMPLETED run with its JSON ``result``, if ``owner`` holds its lease."""
+        ...
+
+    async def fail(self, owner: str, run_id: str, error: RunError, *, retry: bool) -> bool:
+        """Record a failed attempt, if ``owner`` holds the run's lease.
+
+        With ``retry`` and retries left, the run goes back to SCHEDULED, due after its
+        ``retry_delay``, with one retry fewer; otherwise it ends FAILED. The error is kept
+        either way.
+        """
+        ...
+
+    async def release(self, owner: str, run_id: str) -> bool:
+        """Hand a run back at once (SCHEDULED, lease cleared, the attempt not counted).
+
+        For a worker shutting down with the run unfinished, so nobody waits for the lease
+        to expire.
+        """
+        ...
+
+    async def cancel(self, run_id: str) -> bool:
+        """Cancel a run that no worker has claimed yet (SCHEDULED → CANCELLED)."""
+        ...
+
+    async def get(self, run_id: str) -> RunRecord | None:
+        """The run's current record, or ``None`` if there is no such run."""
+        ...
+
+    async def counts(self) -> dict[RunState, int]:
+        """How many runs are in each state (every state is a key)."""
+        ...
+
+    async def wait_for_work(self, timeout: float) -> None:
+        """Wait until work may be claimable, for at most ``timeout`` seconds.
+
+        Returns early when a run was submitted, released or rescheduled since this
+        broker's last :meth:`claim` (at once if that already happened), when another
+        process may have changed the runs, or when a run that the last claim saw
+        scheduled for later (or leased to someone else) becomes due. Spurious returns are
+        allowed; the caller just claims again.
+        """
+        ...
+
+    async def wait_until_finished(self, run_id: str, timeout: float) -> RunRecord | None:
+        """Wait for the run to finish, for at most ``timeout`` seconds.
+
+        Returns:
+            The finished record, its latest unfinished record once ``timeout`` elapsed,
+            or ``None`` if there is no such run.
+        """
+        ...
+
+
+@dataclass
+class Claimed:
+    """What one storage claim did, for :meth:`BaseBroker.claim` to pass on.
+
+    Attributes:
+        runs: The records now leased to the claimer.
+        finished: Whether a run reached a finished state on the way (abandoned, corrupt).
+        next_due: When a run of the claimed tasks becomes claimable next, if known.
+    """
+
+    runs: list[RunRecord] = field(default_factory=list)
+    finished: bool = False
+    next_due: float | None = None
+
+
+class BaseBroker(Broker, abc.ABC):
+    """The shared half of a broker: checks, wake-ups, waiting and ``async with``.
+
+    A subclass writes its storage (see the module's docstring) and inherits the public
+    methods, documented on :class:`Broker`.
+
+    Args:
+        clock: Wall-clock time in epoch seconds; tests pass a fake one to move time.
+        notifier: Wakes this broker's waiters; brokers of one storage in one process may
+            share one, so a write through one wakes the waiters of all at once.
+        poll_interval: Seconds between :meth:`_poll` calls while waiting, for changes
+            nobody notifies about (other processes'); ``None`` never polls.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.time,
+        notifier: ChangeNotifier | None = None,
+        poll_interval: float | None = None,
+    ) -> None:
+        self._clock = clock
+        self._notifier = ChangeNotifier() if notifier is None else notifier
+        self._poll_interval = poll_interval
+        # The work generation the last claim saw, and when a run it saw becomes due.
+        self._work_seen_by_claim = 0
+        self._next_due: float | None = None
+
+    @classmethod
+    @abc.abstractmethod
+    def from_url(cls, url: str, *, clock: Callable[[], float] = time.time) -> Self:
+        """Make a broker from a URL of this broker's scheme (not opened yet).
+
+        Raises:
+            ValueError: The URL has no usable path or options for this broker.
+        """
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # --- storage, written by each broker ---------------------------------------------------
+
+    @abc.abstractmethod
+    async def _open(self) -> bool:
+        """Make the storage usable; True if it opened now, False if it was open already."""
+
+    @abc.abstractmethod
+    async def _insert(self, run: RunRecord) -> None:
+        """Store a new run."""
+
+    @abc.abstractmethod
+    async def _claim(
+        self, owner: str, tasks: list[str], limit: int, lease_seconds: float
+    ) -> Claimed:
+        """Abandon what is abandoned, then claim up to ``limit`` runs of ``tasks``."""
+
+    @abc.abstractmethod
+    async def _heartbeat(self, owner: str, run_ids: list[str], lease_seconds: float) -> set[str]:
+        """Renew the leases ``owner`` holds among ``run_ids`` (distinct ids)."""
+
+    @abc.abstractmethod
+    async def _complete(self, owner: str, run_id: str, result: str) -> bool:
+        """Complete the run if ``owner`` holds it."""
+
+    @abc.abstractmethod
+    async def _fail(self, owner: str, run_id: str, error: RunError, retry: bool) -> RunState | None:
+        """Fail the run if ``owner`` holds it: the state it went to, or ``None``."""
+
+    @abc.abstractmethod
+    async def _release(self, owner: str, run_id: str) -> bool:
+        """Release the run if ``owner`` holds it."""
+
+    @abc.abstractmethod
+    async def _cancel(self, run_id: str) -> bool:
+        """Cancel the run if it is SCHEDULED."""
+
+    @abc.abstractmethod
+    async def _get(self, run_id: str) -> RunRecord | None:
+        """The stored record."""
+
+    @abc.abstractmethod
+    async def _counts(self) -> dict[RunState, int]:
+        """Runs per state, every state a key."""
+
+    async def _poll(self) -> bool:
+        """Whether another process may have changed the runs since the last poll."""
+        return False
+
+    async def _check_open(self) -> None:
+        """Raise :class:`BrokerError` if the broker is not open (before a wait)."""
+
+    # --- the protocol ----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if await self._open():
+            self._work_seen_by_claim = self._notifier.generation(work=True)
+
+    async def submit(
+        self,
+        task: str,
+        payload: str,
+        *,
+        retries: int = 0,
+        retry_delay: float = 0.0,
+        timeout: float | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        scheduled_at: float | None = None,
+    ) -> RunRecord:
+        check_submit_options(
+            task,
+            payload,
+            retries=retries,
+            retry_delay=retry_delay,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            scheduled_at=scheduled_at,
+        )
+        run = new_run(
+            uuid.uuid4().hex,
+            task,
+            payload,
+            retries=retries,
+            retry_delay=retry_delay,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            scheduled_at=scheduled_at,
+            now=self._clock(),
+        )
+        await self._insert(run)
+        self._notifier.notify(work=True)
+        return run
+
+    async def claim(
+        self, owner: str, tasks: Collection[str], *, limit: int, lease_seconds: float
+    ) -> list[RunRecord]:
+        check_claim_options(owner, tasks, limit=limit, lease_seconds=lease_seconds)
+        # Read before claiming: work that arrives during the claim wakes the next wait.
+        self._work_seen_by_claim = self._notifier.generation(work=True)
+        claimed = await self._claim(owner, sorted(set(tasks)), limit, lease_seconds)
+        self._next_due = claimed.next_due
+        if claimed.finished:
+            self._notifier.notify(work=False)
+        return claimed.runs
+
+    async def heartbeat(
+        self, owner: str, run_ids: Collection[str], *, lease_seconds: float
+    ) -> set[str]:
+        check_heartbeat_options(run_ids, lease_seconds=lease_seconds)
+        return await self._heartbeat(owner, list(dict.fromkeys(run_ids)), lease_seconds)
+
+    async def complete(self, owner: str, run_id: str, result: str) -> bool:
+        done = await self._complete(owner, run_id, result)
+        if done:
+            self._notifier.notify(work=False)
+        return done
+
+    async def fail(self, owner: str, run_id: str, error: RunError, *, retry: bool) -> bool:
+        state = await self._fail(owner, run_id, error, retry)
+        if state is None:
+            return False
+        # Only a retried run (SCHEDULED again) is new work; a FAILED one is just a change.
+        self._notifier.notify(work=state is RunState.SCHEDULED)
+        return True
+
+    async def release(self, owner: str, run_id: str) -> bool:
+        done = await self._release(owner, run_id)
+        if done:
+            self._notifier.notify(work=True)
+        return done
+
+    async def cancel(self, run_id: str) -> bool:
+        done = await self._cancel(run_id)
+        if done:
+            self._notifier.notify(work=False)
+        return done
+
+    async def get(self, run_id: str) -> RunRecord | None:
+        return await self._get(run_id)
+
+    async def counts(self) -> dict[RunState, int]:
+        return await self._counts()
+
+    # --- waiting ---------------------------------------------------------------------------
+
+    async def _poll_and_notify(self) -> None:
+        if await self._poll():
+            self._notifier.notify(work=True)
+
+    async def _wait(self, *, work: bool, since: int, timeout: float) -> None:
+        if self._poll_interval is None:
+            await self._notifier.wait(work=work, since=since, timeout=timeout)
+        else:
+            await self._notifier.wait(
+                work=work,
+                since=since,
+                timeout=timeout,
+                poll=self._poll_and_notify,
+                poll_interval=self._poll_interval,
+            )
+
+    async def wait_for_work(self, timeout: float) -> None:
+        await self._check_open()
+        if self._next_due is not None:
+            timeout = min(timeout, max(self._next_due - self._clock(), 0.0))
+        await self._wait(work=True, since=self._work_seen_by_claim, timeout=timeout)
+
+    async def wait_until_finished(self, run_id: str, timeout: float) -> RunRecord | None:
+        deadline = anyio.current_time() + timeout
+        while True:
+            # Read the generation before the record: a change in between wakes the wait.
+            since = self._notifier.generation(work=False)
+            run = await self.get(run_id)
+            remaining = deadline - anyio.current_time()
+            if run is None or run.finished or remaining <= 0:
+                return run
+            await self._wait(work=False, since=since, timeout=remaining)

@@ -1,0 +1,94 @@
+"""Waking the tasks that wait for a change to the runs, in this process."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import anyio
+import anyio.lowlevel
+
+__all__ = ["ChangeNotifier"]
+
+
+@dataclass(eq=False)
+class _Waiter:
+    event: anyio.Event
+    thread: int
+    work_only: bool
+
+
+class ChangeNotifier:
+    """Counts changes to runs and wakes the tasks waiting for one.
+
+    Two generation counters: ``changes`` moves on every write, ``work`` only on writes
+    that made a run claimable: a submit, a release, or a failure that was retried (the
+    run is SCHEDULED again). A failure that ended the run FAILED is a change, not work.
+    Waiters compare a generation they saw earlier with the current one, so a change
+    between "look" and "wait" is never missed.
+
+    Brokers of one SQLite file in one process share a notifier, and they may run in
+    different threads with their own event loops. An anyio event can only be set from its
+    own loop, so :meth:`notify` sets the events of waiters in the calling thread (whose
+    loop is the caller's) and waiters elsewhere see the new generation at their next poll.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._changes = 0
+        self._work = 0
+        self._waiters: list[_Waiter] = []
+
+    def generation(self, *, work: bool) -> int:
+        """The current ``work`` (or ``changes``) generation."""
+        return self._work if work else self._changes
+
+    def notify(self, *, work: bool) -> None:
+        """Record a change (one that may have made work claimable, if ``work``)."""
+        thread = threading.get_ident()
+        with self._lock:
+            self._changes += 1
+            if work:
+                self._work += 1
+            ready = [w for w in self._waiters if w.thread == thread and (work or not w.work_only)]
+            for waiter in ready:
+                self._waiters.remove(waiter)
+        for waiter in ready:
+            waiter.event.set()
+
+    async def wait(
+        self,
+        *,
+        work: bool,
+        since: int,
+        timeout: float,
+        poll: Callable[[], Awaitable[None]] | None = None,
+        poll_interval: float = 0.005,
+    ) -> None:
+        """Return once the generation differs from ``since``, or after ``timeout`` seconds.
+
+        ``poll``, if given, is awaited every ``poll_interval`` seconds to detect changes
+        nobody notifies about (another process's commits); it calls :meth:`notify` itself.
+        """
+        await anyio.lowlevel.checkpoint()
+        if self.generation(work=work) != since or timeout <= 0:
+            return
+        deadline = anyio.current_time() + timeout
+        waiter = _Waiter(anyio.Event(), threading.get_ident(), work)
+        with self._lock:
+            self._waiters.append(waiter)
+        try:
+            while self.generation(work=work) == since:
+                remaining = deadline - anyio.current_time()
+                if remaining <= 0:
+                    return
+                step = remaining if poll is None else min(remaining, poll_interval)
+                with anyio.move_on_after(step):
+                    await waiter.event.wait()
+                if poll is not None and self.generation(work=work) == since:
+                    await poll()
+        finally:
+            with self._lock:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)

@@ -1,0 +1,364 @@
+"""The run transitions as pure functions: properties over any record, no database."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from anyservice.taskqueue import _records as records
+from anyservice.taskqueue._records import ABANDONED_ERROR_TYPE, RunError, RunRecord, RunState
+
+OWNERS = ("w1", "w2", "w3")
+BOOM = RunError(type="ValueError", message="boom", traceback="Traceback ...")
+
+times = st.floats(min_value=0.0, max_value=1_000.0, allow_nan=False)
+seconds = st.floats(min_value=0.001, max_value=100.0, allow_nan=False)
+owners = st.sampled_from(OWNERS)
+
+
+@st.composite
+def run_records(draw: st.DrawFn, *states: RunState) -> RunRecord:
+    """Any record a broker may hold, in one of ``states`` if any are given."""
+    state = draw(st.sampled_from(states or tuple(RunState)))
+    running = state is RunState.RUNNING
+    finished = state.finished
+    max_attempts = draw(st.integers(1, 5))
+    return RunRecord(
+        id=draw(st.sampled_from(["a" * 32, "b" * 32])),
+        task=draw(st.sampled_from(["say", "add"])),
+        payload='{"args":[],"kwargs":{}}',
+        state=state,
+        attempts=draw(st.integers(1 if running else 0, 7)),
+        max_attempts=max_attempts,
+        retries_left=draw(st.integers(0, 3)),
+        retry_delay=draw(st.floats(0.0, 10.0)),
+        timeout=draw(st.none() | seconds),
+        created_at=0.0,
+        scheduled_at=draw(times),
+        started_at=draw(times) if running or finished else None,
+        finished_at=draw(times) if finished else None,
+        lease_owner=draw(owners) if running else None,
+        lease_expires_at=draw(times) if running else None,
+        result='"ok"' if state is RunState.COMPLETED else None,
+        error=BOOM if state in (RunState.FAILED, RunState.CRASHED) else None,
+    )
+
+
+def fenced_transitions(run: RunRecord, owner: str, now: float) -> dict[str, RunRecord | None]:
+    """Every transition that only the run's lease owner may make."""
+    return {
+        "renew": records.renew(run, owner, now, 30.0),
+        "complete": records.complete(run, owner, '"ok"', now),
+        "fail with retry": records.fail(run, owner, BOOM, now, retry=True),
+        "fail without retry": records.fail(run, owner, BOOM, now, retry=False),
+        "release": records.release(run, owner),
+    }
+
+
+# --- fencing ------------------------------------------------------------------------------
+
+
+@given(run_records(), owners, times)
+def test_only_the_lease_owner_of_a_running_run_changes_it(
+    run: RunRecord, owner: str, now: float
+) -> None:
+    held = run.state is RunState.RUNNING and run.lease_owner == owner
+    for name, changed in fenced_transitions(run, owner, now).items():
+        assert (changed is not None) == held, name
+
+
+@given(run_records(RunState.RUNNING), owners, times)
+def test_a_worker_that_lost_its_lease_changes_nothing(
+    run: RunRecord, stale: str, now: float
+) -> None:
+    # Another owner took the run over after the stale one's lease expired.
+    taken = records.claim(replace(run, lease_expires_at=now), "w-new", now, 30.0)
+    assert taken is not None or run.attempts >= run.max_attempts
+    if taken is not None:
+        assert all(value is None for value in fenced_transitions(taken, stale, now).values())
+
+
+@given(run_records(*records.FINISHED_STATES), owners, times)
+def test_a_finished_run_never_changes(run: RunRecord, owner: str, now: float) -> None:
+    assert run.finished
+    assert records.claim(run, owner, now, 30.0) is None
+    assert records.abandon(run, owner, now) is None
+    assert records.cancel(run, now) is None
+    assert not records.claimable(run, owner, now)
+    assert records.due_at(run, owner) is None
+    assert all(value is None for value in fenced_transitions(run, owner, now).values())
+
+
+# --- claiming -----------------------------------------------------------------------------
+
+
+@given(run_records(), owners, times, seconds)
+def test_claim_leases_exactly_the_claimable_runs(
+    run: RunRecord, owner: str, now: float, lease: float
+) -> None:
+    claimed = records.claim(run, owner, now, lease)
+    assert (claimed is not None) == records.claimable(run, owner, now)
+    if claimed is not None:
+        assert claimed == replace(
+            run,
+            state=RunState.RUNNING,
+            attempts=run.attempts + 1,
+            started_at=now,
+            lease_owner=owner,
+            lease_expires_at=now + lease,
+        )
+
+
+@given(run_records(RunState.SCHEDULED), owners, times)
+def test_a_scheduled_run_is_claimable_once_due(run: RunRecord, owner: str, now: float) -> None:
+    assert records.claimable(run, owner, now) == (run.scheduled_at <= now)
+    assert records.due_at(run, owner) == run.scheduled_at
+    assert records.abandon(run, owner, now) is None
+
+
+@given(run_records(RunState.RUNNING), owners, times)
+def test_an_expired_lease_is_either_claimable_or_abandoned(
+    run: RunRecord, owner: str, now: float
+) -> None:
+    claimable = records.claimable(run, owner, now)
+    abandoned = records.abandon(run, owner, now)
+    assert records.due_at(run, owner) == (
+        None if run.lease_owner == owner else run.lease_expires_at
+    )
+    assert run.lease_expires_at is not None
+    if run.lease_owner == owner or run.lease_expires_at > now:
+        # A live lease, or the looker's own run: it is still being worked on.
+        assert not claimable
+        assert abandoned is None
+    elif run.attempts < run.max_attempts:
+        assert claimable
+        assert abandoned is None
+    else:
+        assert not claimable
+        assert abandoned == replace(
+            run,
+            state=RunState.CRASHED,
+            finished_at=now,
+            lease_owner=None,
+            lease_expires_at=None,
+            error=records.abandoned_error(run.id, run.task, run.attempts, run.max_attempts),
+        )
+        assert abandoned.error is not None
+        assert abandoned.error.type == ABANDONED_ERROR_TYPE
+        assert f"claimed {run.attempts} times (max_attempts={run.max_attempts})" in (
+            abandoned.error.message
+        )
+
+
+def test_a_running_record_without_an_expiry_is_not_held_by_anyone_alive() -> None:
+    run = replace(
+        records.new_run(
+            "a" * 32,
+            "say",
+            "{}",
+            retries=0,
+            retry_delay=0.0,
+            timeout=None,
+            max_attempts=2,
+            scheduled_at=None,
+            now=5.0,
+        ),
+        state=RunState.RUNNING,
+        attempts=1,
+        lease_owner="w1",
+    )
+    assert records.claimable(run, "w2", 5.0)
+    assert not records.claimable(run, "w1", 5.0)
+    assert records.abandon(replace(run, attempts=2), "w2", 5.0) is not None
+
+
+# --- a worker's verdicts ------------------------------------------------------------------
+
+
+@given(run_records(RunState.RUNNING), times, seconds)
+def test_renew_moves_only_the_lease_expiry(run: RunRecord, now: float, lease: float) -> None:
+    assert run.lease_owner is not None
+    assert records.renew(run, run.lease_owner, now, lease) == replace(
+        run, lease_expires_at=now + lease
+    )
+
+
+@given(run_records(RunState.RUNNING), times)
+def test_complete_keeps_the_result_and_drops_the_lease(run: RunRecord, now: float) -> None:
+    assert run.lease_owner is not None
+    assert records.complete(run, run.lease_owner, "[1]", now) == replace(
+        run,
+        state=RunState.COMPLETED,
+        finished_at=now,
+        lease_owner=None,
+        lease_expires_at=None,
+        result="[1]",
+        error=None,
+    )
+
+
+@given(run_records(RunState.RUNNING), times, st.booleans())
+def test_fail_retries_while_retries_are_left_and_asked_for(
+    run: RunRecord, now: float, retry: bool
+) -> None:
+    assert run.lease_owner is not None
+    failed = records.fail(run, run.lease_owner, BOOM, now, retry=retry)
+    unleased = replace(run, lease_owner=None, lease_expires_at=None, error=BOOM)
+    if retry and run.retries_left > 0:
+        assert failed == replace(
+            unleased,
+            state=RunState.SCHEDULED,
+            retries_left=run.retries_left - 1,
+            scheduled_at=now + run.retry_delay,
+            started_at=None,
+        )
+    else:
+        assert failed == replace(unleased, state=RunState.FAILED, finished_at=now)
+
+
+@given(run_records(RunState.RUNNING))
+def test_release_hands_the_run_back_without_counting_the_attempt(run: RunRecord) -> None:
+    assert run.lease_owner is not None
+    assert records.release(run, run.lease_owner) == replace(
+        run,
+        state=RunState.SCHEDULED,
+        attempts=run.attempts - 1,
+        started_at=None,
+        lease_owner=None,
+        lease_expires_at=None,
+    )
+
+
+@given(run_records(RunState.SCHEDULED), owners, times, seconds)
+def test_release_undoes_a_claim(run: RunRecord, owner: str, now: float, lease: float) -> None:
+    run = replace(run, started_at=None, scheduled_at=now)
+    claimed = records.claim(run, owner, now, lease)
+    assert claimed is not None
+    assert records.release(claimed, owner) == run
+
+
+@given(run_records(), times)
+def test_only_a_scheduled_run_can_be_cancelled(run: RunRecord, now: float) -> None:
+    cancelled = records.cancel(run, now)
+    if run.state is RunState.SCHEDULED:
+        assert cancelled == replace(run, state=RunState.CANCELLED, finished_at=now)
+    else:
+        assert cancelled is None
+
+
+# --- any sequence of operations -----------------------------------------------------------
+
+
+def apply(operation: str, run: RunRecord, owner: str, now: float) -> RunRecord | None:
+    """Apply the named transition as ``owner`` at ``now``."""
+    match operation:
+        case "claim":
+            return records.claim(run, owner, now, 30.0)
+        case "abandon":
+            return records.abandon(run, owner, now)
+        case "renew":
+            return records.renew(run, owner, now, 30.0)
+        case "complete":
+            return records.complete(run, owner, '"ok"', now)
+        case "fail" | "retry":
+            return records.fail(run, owner, BOOM, now, retry=operation == "retry")
+        case "release":
+            return records.release(run, owner)
+        case _:
+            return records.cancel(run, now)
+
+
+operations = st.lists(
+    st.tuples(
+        st.sampled_from(
+            [
+                "advance",
+                "claim",
+                "abandon",
+                "renew",
+                "complete",
+                "fail",
+                "retry",
+                "release",
+                "cancel",
+            ]
+        ),
+        owners,
+        st.floats(0.0, 50.0),
+    ),
+    max_size=40,
+)
+
+
+@given(
+    st.integers(0, 3),
+    st.integers(1, 4),
+    st.floats(0.0, 20.0),
+    operations,
+)
+def test_any_sequence_keeps_the_record_consistent(
+    retries: int, max_attempts: int, retry_delay: float, steps: list[tuple[str, str, float]]
+) -> None:
+    now = 0.0
+    run = records.new_run(
+        "a" * 32,
+        "say",
+        "{}",
+        retries=retries,
+        retry_delay=retry_delay,
+        timeout=None,
+        max_attempts=max_attempts,
+        scheduled_at=None,
+        now=now,
+    )
+    claims = 0
+    for operation, owner, amount in steps:
+        if operation == "advance":
+            now += amount
+            continue
+        before = run
+        changed = apply(operation, run, owner, now)
+        if changed is None:
+            continue
+        run = changed
+        claims += operation == "claim"
+        claims -= operation == "release"
+        assert not before.finished
+        # The fields that say who holds the run agree with its state.
+        running = run.state is RunState.RUNNING
+        assert (run.lease_owner is not None) == running
+        assert (run.lease_expires_at is not None) == running
+        assert (run.finished_at is not None) == run.finished
+        assert (run.result is not None) == (run.state is RunState.COMPLETED)
+        assert run.attempts == claims
+        assert 0 <= run.retries_left <= retries
+        assert (run.id, run.task, run.max_attempts, run.created_at) == (
+            before.id,
+            before.task,
+            before.max_attempts,
+            before.created_at,
+        )
+
+
+@pytest.mark.parametrize("state", sorted(set(RunState) - {RunState.SCHEDULED}))
+def test_only_scheduled_and_running_runs_can_ever_become_due(state: RunState) -> None:
+    run = replace(
+        records.new_run(
+            "a" * 32,
+            "say",
+            "{}",
+            retries=0,
+            retry_delay=0.0,
+            timeout=None,
+            max_attempts=1,
+            scheduled_at=None,
+            now=0.0,
+        ),
+        state=state,
+        lease_owner="w1" if state is RunState.RUNNING else None,
+        lease_expires_at=1.0 if state is RunState.RUNNING else None,
+    )
+    assert records.due_at(run, "w2") == (1.0 if state is RunState.RUNNING else None)
