@@ -1,13 +1,16 @@
 """The promises every broker keeps, checked against each kind of broker.
 
 Time is a fake wall clock passed to the broker, so leases expire and retries fall due
-exactly when a test moves the clock; only the tests of waking use real (short) time.
+exactly when a test moves the clock; only the tests of waking use real (short) time. The
+last tests drive random sequences of calls through each broker and through the pure
+transitions of ``_records.py``, and compare every record field by field.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -15,7 +18,10 @@ from typing import Any
 
 import anyio
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from anyservice.taskqueue import _records as records
 from anyservice.taskqueue._errors import BrokerError
 from anyservice.taskqueue._records import ABANDONED_ERROR_TYPE, RunError, RunRecord, RunState
 from anyservice.taskqueue.brokers import Broker, MemoryBroker, SqliteBroker, broker_from_url
@@ -648,3 +654,170 @@ def test_unsupported_scheme_lists_the_supported_ones(url: str, scheme: str) -> N
 def test_malformed_urls_are_rejected(url: str) -> None:
     with pytest.raises(ValueError, match=r"broker URL|unsupported scheme"):
         broker_from_url(url)
+
+
+# --- the same as the pure transitions ---------------------------------------------------------
+
+OWNERS = ("w1", "w2")
+TASKS = ("say", "add")
+
+steps = st.one_of(
+    st.tuples(
+        st.just("submit"),
+        st.sampled_from(TASKS),
+        st.integers(0, 2),
+        st.sampled_from([0.0, 5.0]),
+        st.integers(1, 3),
+        st.none() | st.sampled_from([0.0, 10.0, 40.0]),
+    ),
+    st.tuples(
+        st.just("claim"),
+        st.sampled_from(OWNERS),
+        st.sampled_from([TASKS, TASKS[:1]]),
+        st.integers(0, 3),
+    ),
+    st.tuples(
+        st.just("heartbeat"), st.sampled_from(OWNERS), st.lists(st.integers(0, 9), max_size=3)
+    ),
+    st.tuples(
+        st.sampled_from(["complete", "fail", "retry", "release"]),
+        st.sampled_from(OWNERS),
+        st.integers(0, 9),
+    ),
+    st.tuples(st.just("cancel"), st.integers(0, 9)),
+    st.tuples(st.just("advance"), st.sampled_from([1.0, 10.0, 31.0])),
+)
+
+
+class PureModel:
+    """The runs as the pure transitions of ``_records.py`` make them, in submission order."""
+
+    def __init__(self) -> None:
+        self.runs: list[RunRecord] = []
+
+    def claim(self, owner: str, tasks: tuple[str, ...], limit: int, now: float) -> list[str]:
+        for index, run in enumerate(self.runs):
+            self.runs[index] = records.abandon(run, owner, now) or run
+        due = sorted(
+            (i for i, run in enumerate(self.runs) if run.task in tasks),
+            key=lambda i: (self.runs[i].scheduled_at, i),
+        )
+        due = [i for i in due if records.claimable(self.runs[i], owner, now)][:limit]
+        for i in due:
+            self.runs[i] = records.claim(self.runs[i], owner, now, LEASE) or self.runs[i]
+        return [self.runs[i].id for i in due]
+
+    def apply(self, index: int, changed: RunRecord | None) -> bool:
+        if changed is not None:
+            self.runs[index] = changed
+        return changed is not None
+
+
+async def drive(url: str, script: list[tuple[Any, ...]]) -> None:
+    """Run ``script`` through the broker and the model, comparing every result and record."""
+    clock = FakeClock()
+    model = PureModel()
+    # Runs to act on from the first step: a script rarely submits before it claims.
+    script = [("submit", task, 1, 5.0, 2, None) for task in (*TASKS, *TASKS)] + script
+    async with broker_from_url(url, clock=clock) as broker:  # type: ignore[attr-defined]
+        for step in script:
+            kind, *args = step
+            runs = model.runs
+            if kind == "submit":
+                task, retries, delay, max_attempts, later = args
+                scheduled = None if later is None else clock.now + later
+                run = await broker.submit(
+                    task,
+                    PAYLOAD,
+                    retries=retries,
+                    retry_delay=delay,
+                    max_attempts=max_attempts,
+                    scheduled_at=scheduled,
+                )
+                expected = records.new_run(
+                    run.id,
+                    task,
+                    PAYLOAD,
+                    retries=retries,
+                    retry_delay=delay,
+                    timeout=None,
+                    max_attempts=max_attempts,
+                    scheduled_at=scheduled,
+                    now=clock.now,
+                )
+                assert run == expected, step
+                runs.append(expected)
+            elif kind == "advance":
+                clock.advance(args[0])
+            elif kind == "claim":
+                owner, tasks, limit = args
+                claimed = await broker.claim(owner, tasks, limit=limit, lease_seconds=LEASE)
+                assert [run.id for run in claimed] == model.claim(owner, tasks, limit, clock.now)
+            elif not runs:
+                continue
+            elif kind == "heartbeat":
+                owner, indices = args
+                ids = {runs[i % len(runs)].id for i in indices}
+                held = await broker.heartbeat(owner, ids, lease_seconds=LEASE)
+                expected_held = set()
+                for i, run in enumerate(runs):
+                    if run.id in ids and model.apply(
+                        i, records.renew(run, owner, clock.now, LEASE)
+                    ):
+                        expected_held.add(run.id)
+                assert held == expected_held, step
+            elif kind == "cancel":
+                i = args[0] % len(runs)
+                done = await broker.cancel(runs[i].id)
+                assert done == model.apply(i, records.cancel(runs[i], clock.now)), step
+            else:
+                owner, i = args[0], args[1] % len(runs)
+                run = runs[i]
+                if kind == "complete":
+                    done = await broker.complete(owner, run.id, '"ok"')
+                    changed = records.complete(run, owner, '"ok"', clock.now)
+                elif kind == "release":
+                    done = await broker.release(owner, run.id)
+                    changed = records.release(run, owner)
+                else:
+                    retry = kind == "retry"
+                    done = await broker.fail(owner, run.id, BOOM, retry=retry)
+                    changed = records.fail(run, owner, BOOM, clock.now, retry=retry)
+                assert done == model.apply(i, changed), step
+            for expected in runs:
+                assert await broker.get(expected.id) == expected, step
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(script=st.lists(steps, min_size=10, max_size=40))
+def test_any_sequence_of_calls_leaves_the_records_the_pure_transitions_give(
+    kind: str, backend: str, script: list[tuple[Any, ...]]
+) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        url = "memory://" if kind == "memory" else f"sqlite:///{Path(directory) / 'runs.db'}"
+        anyio.run(drive, url, script, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(script=st.lists(steps, min_size=10, max_size=40))
+def test_any_sequence_of_calls_on_postgresql_leaves_the_records_the_pure_transitions_give(
+    postgres_url: str, backend: str, script: list[tuple[Any, ...]]
+) -> None:
+    # Fewer examples than the embedded brokers: each makes (and drops) a schema.
+    with postgres_schema(postgres_url) as url:
+        anyio.run(drive, url, script, backend=backend)
+
+
+async def test_only_a_retried_failure_counts_as_new_work(broker: Broker) -> None:
+    notifier = broker._notifier  # type: ignore[attr-defined]
+    await broker.submit("say", PAYLOAD, retries=1)
+    await broker.submit("say", PAYLOAD, retries=1)
+    first, second = await broker.claim("w1", ["say"], limit=2, lease_seconds=LEASE)
+    work = notifier.generation(work=True)
+    assert await broker.fail("w1", first.id, BOOM, retry=False)
+    assert notifier.generation(work=True) == work
+    assert await broker.fail("w1", second.id, BOOM, retry=True)
+    assert notifier.generation(work=True) == work + 1

@@ -47,6 +47,23 @@ def run_records(draw: st.DrawFn, *states: RunState) -> RunRecord:
     )
 
 
+def submitted(
+    *, max_attempts: int, now: float, retries: int = 0, retry_delay: float = 0.0
+) -> RunRecord:
+    """A run just submitted, due at once."""
+    return records.new_run(
+        "a" * 32,
+        "say",
+        "{}",
+        retries=retries,
+        retry_delay=retry_delay,
+        timeout=None,
+        max_attempts=max_attempts,
+        scheduled_at=None,
+        now=now,
+    )
+
+
 def fenced_transitions(run: RunRecord, owner: str, now: float) -> dict[str, RunRecord | None]:
     """Every transition that only the run's lease owner may make."""
     return {
@@ -155,17 +172,7 @@ def test_an_expired_lease_is_either_claimable_or_abandoned(
 
 def test_a_running_record_without_an_expiry_is_not_held_by_anyone_alive() -> None:
     run = replace(
-        records.new_run(
-            "a" * 32,
-            "say",
-            "{}",
-            retries=0,
-            retry_delay=0.0,
-            timeout=None,
-            max_attempts=2,
-            scheduled_at=None,
-            now=5.0,
-        ),
+        submitted(max_attempts=2, now=5.0),
         state=RunState.RUNNING,
         attempts=1,
         lease_owner="w1",
@@ -303,17 +310,7 @@ def test_any_sequence_keeps_the_record_consistent(
     retries: int, max_attempts: int, retry_delay: float, steps: list[tuple[str, str, float]]
 ) -> None:
     now = 0.0
-    run = records.new_run(
-        "a" * 32,
-        "say",
-        "{}",
-        retries=retries,
-        retry_delay=retry_delay,
-        timeout=None,
-        max_attempts=max_attempts,
-        scheduled_at=None,
-        now=now,
-    )
+    run = submitted(max_attempts=max_attempts, now=now, retries=retries, retry_delay=retry_delay)
     claims = 0
     for operation, owner, amount in steps:
         if operation == "advance":
@@ -346,17 +343,7 @@ def test_any_sequence_keeps_the_record_consistent(
 @pytest.mark.parametrize("state", sorted(set(RunState) - {RunState.SCHEDULED}))
 def test_only_scheduled_and_running_runs_can_ever_become_due(state: RunState) -> None:
     run = replace(
-        records.new_run(
-            "a" * 32,
-            "say",
-            "{}",
-            retries=0,
-            retry_delay=0.0,
-            timeout=None,
-            max_attempts=1,
-            scheduled_at=None,
-            now=0.0,
-        ),
+        submitted(max_attempts=1, now=0.0),
         state=state,
         lease_owner="w1" if state is RunState.RUNNING else None,
         lease_expires_at=1.0 if state is RunState.RUNNING else None,

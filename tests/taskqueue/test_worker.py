@@ -1,8 +1,10 @@
 """The worker in-process: running runs, retries, timeouts, limits, leases, stopping, bad rows.
 
 Runs go through a real SQLite file and a real PostgreSQL database where time does not
-matter, and through a memory broker and PostgreSQL with a fake wall clock where leases must
-expire on cue. Waits are bounded by fail_after.
+matter, through a memory broker and PostgreSQL with a fake wall clock where leases must
+expire on cue, and through a memory broker on the backend's clock, under ``virtual_time``,
+where a test waits for a delay to pass (or for nothing to happen for a while). Real-time
+waits are bounded by fail_after.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ import pytest
 from anyservice import ServiceState
 from anyservice.taskqueue import (
     MemoryBroker,
+    RunRecord,
     RunState,
     SqliteBroker,
     TaskQueue,
@@ -72,6 +75,13 @@ async def clocked_queue(
 
 
 @pytest.fixture
+async def virtual_queue() -> AsyncIterator[TaskQueue]:
+    """A queue in memory on the backend's clock: with ``virtual_time``, waits cost nothing."""
+    async with TaskQueue(broker=MemoryBroker(clock=anyio.current_time)) as queue:
+        yield queue
+
+
+@pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     return tmp_path / "runs.db"
 
@@ -95,11 +105,19 @@ async def queue(request: pytest.FixtureRequest, db_path: Path) -> AsyncIterator[
 
 
 async def wait_until(condition: Callable[[], bool], what: str) -> None:
-    """Poll ``condition()`` until true, for at most ``PROMPTLY`` seconds."""
-    with anyio.fail_after(PROMPTLY):
+    """Poll ``condition()`` until true; fail naming ``what`` after ``PROMPTLY`` seconds."""
+    with anyio.move_on_after(PROMPTLY):
         while not condition():  # noqa: ASYNC110 - worker state has no event to wait on
             await anyio.sleep(0.005)
-    assert condition(), what
+        return
+    pytest.fail(f"not within {PROMPTLY:g} s: {what}")
+
+
+@pytest.mark.virtual_time
+async def test_wait_until_fails_naming_what_never_happened() -> None:
+    with pytest.raises(pytest.fail.Exception, match="not within 10 s: the moon turned blue"):
+        await wait_until(lambda: False, "the moon turned blue")
+    await wait_until(lambda: True, "already true")
 
 
 async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
@@ -227,14 +245,17 @@ async def test_a_run_out_of_retries_fails_with_its_last_error(queue: TaskQueue) 
     assert run.error.message == "no luck on attempt 2"
 
 
-async def test_a_retry_waits_for_its_delay(clocked_queue: TaskQueue, clock: FakeClock) -> None:
-    queue = clocked_queue
+@pytest.mark.virtual_time
+async def test_a_retry_waits_for_its_delay(virtual_queue: TaskQueue) -> None:
+    queue = virtual_queue
+    failures: list[float] = []
 
     @queue.task(retries=1, retry_delay=60)
     async def flaky() -> str:
         context = current_run()
         assert context is not None
         if context.attempt == 1:
+            failures.append(anyio.current_time())
             raise ConnectionError("down")
         return "up"
 
@@ -245,11 +266,12 @@ async def test_a_retry_waits_for_its_delay(clocked_queue: TaskQueue, clock: Fake
             return await run.refresh() is RunState.SCHEDULED and run.error is not None
 
         await eventually(failed_once)
-        assert run.record.scheduled_at == clock.now + 60
-        await anyio.sleep(0.1)
+        due = run.record.scheduled_at
+        assert failures[0] + 60 <= due < failures[0] + 61
+        await anyio.sleep(due - 0.1 - anyio.current_time())
         assert await run.refresh() is RunState.SCHEDULED  # not due: not claimed
-        clock.now += 60
         assert await run.result(timeout=PROMPTLY) == "up"
+        assert anyio.current_time() >= due
 
 
 async def test_an_async_run_past_its_timeout_fails_with_a_timeout_error(queue: TaskQueue) -> None:
@@ -345,7 +367,9 @@ async def test_a_sync_task_can_submit_another_run(queue: TaskQueue) -> None:
 # ------------------------------------------------------------------ limits
 
 
-async def test_limit_bounds_the_runs_in_flight(queue: TaskQueue) -> None:
+@pytest.mark.virtual_time
+async def test_limit_bounds_the_runs_in_flight(virtual_queue: TaskQueue) -> None:
+    queue = virtual_queue
     gate = anyio.Event()
     running = 0
     most = 0
@@ -361,7 +385,9 @@ async def test_limit_bounds_the_runs_in_flight(queue: TaskQueue) -> None:
     async with TaskWorker(hold, limit=2) as worker:
         runs = [await hold.delay() for _ in range(5)]
         await wait_until(lambda: running == 2, "two runs in flight")
-        await anyio.sleep(0.05)
+        # A minute of the worker polling for work, in virtual time: no third run starts.
+        await anyio.sleep(60)
+        assert running == 2
         status = worker.status()
         assert (status["current"], status["available"], status["limit"]) == (2, 0, 2)
         gate.set()
@@ -761,10 +787,23 @@ def database_locked(path: Path) -> Iterator[None]:
             conn.execute("ROLLBACK")
 
 
+class ClaimCountingBroker(SqliteBroker):
+    """A SQLite broker that counts the claims tried through it."""
+
+    claims = 0
+
+    async def claim(
+        self, owner: str, tasks: Collection[str], *, limit: int, lease_seconds: float
+    ) -> list[RunRecord]:
+        self.claims += 1
+        return await super().claim(owner, tasks, limit=limit, lease_seconds=lease_seconds)
+
+
 async def test_a_locked_database_never_crashes_the_worker(
     db_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    queue = TaskQueue(broker=SqliteBroker(db_path, lock_timeout=0.05))
+    broker = ClaimCountingBroker(db_path, lock_timeout=0.05)
+    queue = TaskQueue(broker=broker)
 
     @queue.task
     async def say(message: str) -> str:
@@ -777,7 +816,9 @@ async def test_a_locked_database_never_crashes_the_worker(
             with database_locked(db_path):
                 await wait_until(lambda: worker.healthz()[0] is False, "broker trouble seen")
                 assert "database is locked" in worker.healthz()[1]["reason"]
-                await anyio.sleep(0.2)
+                # The worker goes on claiming (and meeting the lock) after the failure.
+                seen = broker.claims
+                await wait_until(lambda: broker.claims > seen + 2, "claims tried again")
                 assert worker.state is ServiceState.RUNNING
             assert await (await queue.get_run(run.id)).result(timeout=PROMPTLY) == "hi"
             await wait_until(lambda: worker.healthz()[0], "healthy again")

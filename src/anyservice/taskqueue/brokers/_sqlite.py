@@ -234,6 +234,12 @@ def _read_row(row: tuple[Any, ...]) -> tuple[int, RunRecord, bool]:
 class SqliteBroker(BaseBroker):
     """Task runs in a SQLite file shared by the processes of one machine.
 
+    The file can be edited by anything, so rows are read column by column: a row that
+    makes no sense comes back from :meth:`get` as a FAILED run whose error is a
+    ``CorruptRunError`` listing what is wrong, a due one is marked so by :meth:`claim`
+    instead of being claimed, a row with an unknown state is never claimed and
+    :meth:`counts` counts it as FAILED.
+
     Args:
         path: The database file; created (with its schema) on :meth:`open`. A relative
             path is relative to the current directory when the broker is made.
