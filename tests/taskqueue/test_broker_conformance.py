@@ -25,6 +25,7 @@ from anyservice.taskqueue import _records as records
 from anyservice.taskqueue._errors import BrokerError
 from anyservice.taskqueue._records import ABANDONED_ERROR_TYPE, RunError, RunRecord, RunState
 from anyservice.taskqueue.brokers import Broker, MemoryBroker, SqliteBroker, broker_from_url
+from anyservice.taskqueue.brokers._base import PURGE_BATCH
 from tests._postgres import postgres_schema
 
 pytestmark = pytest.mark.anyio
@@ -821,3 +822,52 @@ async def test_only_a_retried_failure_counts_as_new_work(broker: Broker) -> None
     assert notifier.generation(work=True) == work
     assert await broker.fail("w1", second.id, BOOM, retry=True)
     assert notifier.generation(work=True) == work + 1
+
+
+# --- purging -------------------------------------------------------------------------------
+
+
+async def test_purge_deletes_only_runs_finished_before_the_cutoff(
+    broker: Broker, clock: FakeClock
+) -> None:
+    completed, failed, cancelled, running, recent = [
+        (await broker.submit("say", PAYLOAD)).id for _ in range(5)
+    ]
+    assert await claim(broker, "w1", limit=2) == [completed, failed]
+    assert await broker.complete("w1", completed, "null")
+    assert await broker.fail("w1", failed, BOOM, retry=False)
+    assert await broker.cancel(cancelled)
+    clock.advance(100)
+    assert await claim(broker, "w1", limit=2) == [running, recent]
+    assert await broker.complete("w1", recent, "null")
+
+    assert await broker.purge(older_than=50) == 3
+
+    for gone in (completed, failed, cancelled):
+        assert await broker.get(gone) is None
+    for kept in (running, recent):
+        assert await broker.get(kept) is not None
+    assert await broker.purge(older_than=50) == 0
+    clock.advance(LEASE + 1)
+    assert await broker.purge(older_than=0) == 1
+    # Its lease expired, but it never finished: only a claim may end it.
+    assert await state_of(broker, running) is RunState.RUNNING
+
+
+async def test_purge_goes_on_past_one_batch(broker: Broker, clock: FakeClock) -> None:
+    ids = [(await broker.submit("say", PAYLOAD)).id for _ in range(PURGE_BATCH + 3)]
+    for run_id in ids:
+        assert await broker.cancel(run_id)
+    clock.advance(1)
+    assert await broker.purge(older_than=0.5) == PURGE_BATCH + 3
+    assert await broker.counts() == dict.fromkeys(RunState, 0)
+
+
+@pytest.mark.parametrize(
+    ("older_than", "error"), [(-1, ValueError), (math.nan, ValueError), ("1", TypeError)]
+)
+async def test_purge_rejects_a_bad_age(
+    broker: Broker, older_than: Any, error: type[Exception]
+) -> None:
+    with pytest.raises(error, match="older_than"):
+        await broker.purge(older_than=older_than)

@@ -823,3 +823,28 @@ async def test_a_locked_database_never_crashes_the_worker(
             assert await (await queue.get_run(run.id)).result(timeout=PROMPTLY) == "hi"
             await wait_until(lambda: worker.healthz()[0], "healthy again")
     assert "broker error while claiming runs" in caplog.text
+
+
+# ------------------------------------------------------------------ retention
+
+
+async def test_a_worker_purges_the_runs_its_queue_no_longer_keeps(clock: FakeClock) -> None:
+    queue = TaskQueue(broker=MemoryBroker(clock=clock), retention=60)
+
+    @queue.task
+    async def say() -> None: ...
+
+    async with queue:
+        old = await say.delay()
+        assert await old.cancel()
+        clock.now += 61
+        recent = await say.delay()
+        assert await recent.cancel()
+
+        async with TaskWorker(say):
+
+            async def purged() -> bool:
+                return await queue.broker.get(old.id) is None
+
+            await eventually(purged)
+        assert await queue.broker.get(recent.id) is not None

@@ -61,6 +61,7 @@ from .._errors import BrokerError
 from .._records import (
     ABANDONED_ERROR_TYPE,
     CORRUPT_RUN_ERROR_TYPE,
+    FINISHED_STATES,
     PayloadError,
     RunError,
     RunRecord,
@@ -406,11 +407,16 @@ class _Wakeups(ChangeNotifier):
         for waiter in self._all():
             waiter.wake()
 
-    def hand_over(self) -> None:
-        """Ask one waiter (if any) to read the LISTEN connection from now on."""
+    def hand_over(self, leaving: _Waiter) -> None:
+        """Ask one other waiter (if any) to read the LISTEN connection from now on.
+
+        Called whenever a waiter stops reading or stops waiting while nobody reads: the
+        waiter asked either reads next or, leaving too, asks another in turn.
+        """
         for waiter in self._all():
-            waiter.event.set()
-            return
+            if waiter is not leaving and not waiter.woken:
+                waiter.event.set()
+                return
 
     def _all(self) -> list[_Waiter]:
         waiters = list(self._work_waiters)
@@ -546,18 +552,25 @@ class PostgresBroker(BaseBroker):
                         await anyio.to_thread.run_sync(call.cancel)
 
         outcome: list[T] = []
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(cancel_when_cancelled)
-                try:
-                    outcome.append(
-                        await anyio.to_thread.run_sync(
-                            self._in_thread, pool, call, operation, limiter=self._limiter
-                        )
+        failure: list[Exception] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cancel_when_cancelled)
+            try:
+                outcome.append(
+                    await anyio.to_thread.run_sync(
+                        self._in_thread, pool, call, operation, limiter=self._limiter
                     )
-                finally:
-                    call.finished = True
-                    tg.cancel_scope.cancel()
+                )
+            except Exception as exc:
+                # Raised here, it would leave the task group wrapped in a group.
+                failure.append(exc)
+            finally:
+                call.finished = True
+                tg.cancel_scope.cancel()
+        if outcome:
+            return outcome[0]
+        try:
+            raise failure[0]
         except psycopg.errors.QueryCanceled:
             if not call.cancel_sent:
                 raise
@@ -577,7 +590,6 @@ class PostgresBroker(BaseBroker):
             raise self._error(exc) from exc
         except psycopg.Error as exc:
             raise self._error(exc) from exc
-        return outcome[0]
 
     def _execute(
         self, query: str, parameters: dict[str, Any]
@@ -648,10 +660,14 @@ class PostgresBroker(BaseBroker):
         version_query = sql.SQL("SELECT value FROM {} WHERE key = 'schema_version'").format(meta)
 
         def stored_version() -> int | None:
+            # A query of the catalog, not to_regclass(): its cache may not yet show a
+            # table another worker has just committed.
             exists = conn.execute(
-                "SELECT to_regclass(format('%%I.anyservice_meta', %s::text))", (self._schema,)
+                "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE n.nspname = %s AND c.relname = 'anyservice_meta'",
+                (self._schema,),
             ).fetchone()
-            if exists is None or exists[0] is None:
+            if exists is None:
                 return None
             row = conn.execute(version_query).fetchone()
             return None if row is None else int(row[0])
@@ -884,6 +900,30 @@ class PostgresBroker(BaseBroker):
         )
         return _record(rows[0]) if rows else None
 
+    async def _purge(self, before: float, limit: int) -> int:
+        # Housekeeping is one process's job at a time: the one that gets the advisory lock
+        # (held for this statement's transaction) deletes; the others delete nothing.
+        rows = await self._call(
+            self._execute(
+                "WITH housekeeper AS"
+                " (SELECT pg_try_advisory_xact_lock(hashtext(%(lock)s)) AS held),"
+                " doomed AS (SELECT seq FROM {runs} WHERE finished_at < %(before)s"
+                " AND state = ANY(%(finished)s) AND (SELECT held FROM housekeeper)"
+                " ORDER BY finished_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED),"
+                " gone AS (DELETE FROM {runs} r USING doomed WHERE r.seq = doomed.seq"
+                " RETURNING 1)"
+                " SELECT count(*) FROM gone",
+                {
+                    "lock": f"anyservice:{self._schema}:housekeeping",
+                    "before": before,
+                    "finished": sorted(state.value for state in FINISHED_STATES),
+                    "limit": limit,
+                },
+            )
+        )
+        deleted: int = rows[0][0]
+        return deleted
+
     async def _counts(self) -> dict[RunState, int]:
         # Rows with an unknown state count as FAILED, as they read.
         rows = await self._call(
@@ -910,7 +950,7 @@ class PostgresBroker(BaseBroker):
         try:
             await self._wait_woken(waiter, timeout, self._work_seen_by_claim)
         finally:
-            self._wakeups.discard(waiter)
+            self._stop_waiting(waiter)
 
     async def wait_until_finished(self, run_id: str, timeout: float) -> RunRecord | None:
         deadline = anyio.current_time() + timeout
@@ -927,7 +967,12 @@ class PostgresBroker(BaseBroker):
                 # Past a poll interval the run is read again: that read is the poll.
                 await self._wait_woken(waiter, min(remaining, self._poll_every), None)
         finally:
-            self._wakeups.discard(waiter)
+            self._stop_waiting(waiter)
+
+    def _stop_waiting(self, waiter: _Waiter) -> None:
+        self._wakeups.discard(waiter)
+        if not self._listening:
+            self._wakeups.hand_over(waiter)
 
     async def _wait_woken(self, waiter: _Waiter, timeout: float, work_seen: int | None) -> None:
         """Wait until ``waiter`` is woken (or work arrived since ``work_seen``), or timeout.
@@ -953,7 +998,7 @@ class PostgresBroker(BaseBroker):
                         waiter.rearm()  # asked to take over the reading: loop to do so
         finally:
             if reading:
-                self._wakeups.hand_over()
+                self._wakeups.hand_over(waiter)
 
     async def _read_notifications(self, timeout: float) -> None:
         """Read one batch of notifications, waiting at most ``timeout`` seconds for it."""

@@ -31,6 +31,7 @@ import anyio.to_thread
 from .._errors import BrokerBusyError, BrokerError
 from .._records import (
     CORRUPT_RUN_ERROR_TYPE,
+    FINISHED_STATES,
     PayloadError,
     RunError,
     RunRecord,
@@ -46,7 +47,7 @@ __all__ = ["SCHEMA_VERSION", "SqliteBroker"]
 T = TypeVar("T")
 
 #: ``PRAGMA user_version`` of a database with the current schema.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # _MIGRATIONS[n] takes a database from user_version n to n + 1. The table name is
 # prefixed because the file may be shared with an application's own tables.
@@ -76,6 +77,11 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """,
         "CREATE INDEX anyservice_runs_due ON anyservice_runs (state, scheduled_at)",
         "CREATE INDEX anyservice_runs_leases ON anyservice_runs (state, lease_expires_at)",
+    ),
+    # Purging old runs reads finished runs by age.
+    (
+        "CREATE INDEX anyservice_runs_finished ON anyservice_runs (finished_at)"
+        " WHERE finished_at IS NOT NULL",
     ),
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION
@@ -681,6 +687,19 @@ class SqliteBroker(BaseBroker):
             return None if row is None else _read_row(row)[1]
 
         return await self._call(get)
+
+    async def _purge(self, before: float, limit: int) -> int:
+        finished = ", ".join(f"'{state.value}'" for state in sorted(FINISHED_STATES))
+
+        def purge(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute(
+                "DELETE FROM anyservice_runs WHERE seq IN (SELECT seq FROM anyservice_runs"
+                f" WHERE finished_at < ? AND state IN ({finished}) LIMIT ?)",
+                (before, limit),
+            )
+            return cursor.rowcount
+
+        return await self._call(purge)
 
     async def _counts(self) -> dict[RunState, int]:
         # Rows with an unknown state count as FAILED.
