@@ -160,6 +160,28 @@ async def test_a_run_on_a_killed_worker_completes_on_another(setup: Setup) -> No
         assert await survivor.exit_code() == 0, survivor.output()
 
 
+async def test_a_killed_workers_run_is_taken_over_long_before_its_lease_expires(
+    setup: Setup,
+) -> None:
+    lease = 60.0  # far past every wait below: only knowing the worker died can be this quick
+    async with (
+        setup.worker(f"--lease={lease}") as first,
+        setup.worker(f"--lease={lease}") as second,
+    ):
+        await first.wait_until_serving()
+        await second.wait_until_serving()
+        run = await setup.tasks["hang_first"].delay()
+        pid = int(await wait_for_file(setup.dir / f"{run.id}.hanging"))
+        victim, survivor = (first, second) if pid == first.process.pid else (second, first)
+
+        victim.process.kill()
+        assert await victim.exit_code() == -signal.SIGKILL
+
+        assert await run.result(timeout=PROMPTLY) == 2, survivor.output()
+        survivor.process.terminate()
+        assert await survivor.exit_code() == 0, survivor.output()
+
+
 async def test_sigterm_lets_the_run_in_flight_finish_and_exits_0(setup: Setup) -> None:
     async with setup.worker() as worker:
         await worker.wait_until_serving()

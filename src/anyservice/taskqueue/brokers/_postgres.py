@@ -35,6 +35,7 @@ default), created on first use under an advisory lock and versioned by a row in
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -70,6 +71,7 @@ from .._records import (
 )
 from ._base import BaseBroker, Claimed
 from ._notifier import ChangeNotifier
+from ._workers import WORKERS_EVERY, WORKERS_FORGOTTEN, host_identity, process_gone
 
 __all__ = ["SCHEMA_VERSION", "PostgresBroker"]
 
@@ -476,8 +478,14 @@ class PostgresBroker(BaseBroker):
         )
         self._channel = f"anyservice:{self._schema}"
         self._runs = sql.SQL("{}.anyservice_runs").format(sql.Identifier(self._schema))
+        self._workers = sql.SQL("{}.anyservice_workers").format(sql.Identifier(self._schema))
         self._pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] | None = None
         self._limiter = anyio.CapacityLimiter(self._pool_size)
+        # This process, as the workers table records it.
+        self._host = host_identity()
+        self._pid = os.getpid()
+        self._started_at = time.time()
+        self._workers_seen: dict[str, float] = {}  # owner -> monotonic time last recorded
         # The attempt each run had when this broker leased it: the fencing token.
         self._claimed: dict[tuple[str, str], int] = {}
         self._listener: psycopg.Connection[Any] | None = None
@@ -594,7 +602,7 @@ class PostgresBroker(BaseBroker):
     def _execute(
         self, query: str, parameters: dict[str, Any]
     ) -> Callable[[psycopg.Connection[Any]], list[tuple[Any, ...]]]:
-        statement = sql.SQL(query).format(runs=self._runs)
+        statement = sql.SQL(query).format(runs=self._runs, workers=self._workers)
 
         def execute(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
             cursor = conn.execute(statement, parameters, prepare=True)
@@ -711,6 +719,12 @@ class PostgresBroker(BaseBroker):
 
     async def close(self) -> None:
         """Close the connections. Calling it again (or before :meth:`open`) does nothing."""
+        if self._pool is not None:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self._pool_timeout):
+                try:
+                    await self._forget_workers()
+                except BrokerError:
+                    pass  # the rows are forgotten a day later instead
         pool, self._pool = self._pool, None
         listener, self._listener = self._listener, None
         self._claimed.clear()
@@ -757,6 +771,7 @@ class PostgresBroker(BaseBroker):
     async def _claim(
         self, owner: str, tasks: list[str], limit: int, lease_seconds: float
     ) -> Claimed:
+        await self._keep_workers(owner)
         # One statement, whatever the limit: runs locked by another claim in progress are
         # skipped, not waited for.
         now = self._clock()
@@ -791,6 +806,62 @@ class PostgresBroker(BaseBroker):
             times = [t for t in (scheduled, expiring) if t is not None]
             next_due = min(times) if times else None
         return Claimed(runs=runs, finished=bool(crashed), next_due=next_due)
+
+    async def _keep_workers(self, owner: str) -> None:
+        """Record ``owner`` as alive and free the runs of dead workers on this host.
+
+        A worker killed on this host (kill -9, the OOM killer) leaves its runs leased
+        until the leases expire. Its row names its process, which is gone: its leases are
+        ended now, so the claim that follows takes its runs over at once. Done at most
+        every ``WORKERS_EVERY`` seconds per owner, from claims (an idle worker claims
+        about once a second).
+        """
+        seen = time.monotonic()
+        if seen - self._workers_seen.get(owner, -math.inf) < WORKERS_EVERY:
+            return
+        self._workers_seen[owner] = seen
+        now = self._clock()
+        rows = await self._call(
+            self._execute(
+                "WITH seen AS (INSERT INTO {workers} (owner, host, pid, started_at, heartbeat_at)"
+                " VALUES (%(owner)s, %(host)s, %(pid)s, %(started)s, %(now)s)"
+                " ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at),"
+                " forgotten AS (DELETE FROM {workers} WHERE heartbeat_at < %(forget)s)"
+                " SELECT owner, pid, started_at FROM {workers}"
+                " WHERE host = %(host)s AND pid <> %(pid)s",
+                {
+                    "owner": owner,
+                    "host": self._host,
+                    "pid": self._pid,
+                    "started": self._started_at,
+                    "now": now,
+                    "forget": now - WORKERS_FORGOTTEN,
+                },
+            )
+        )
+        dead = [dead for dead, pid, started in rows if process_gone(pid, started)]
+        if not dead:
+            return
+        await self._call(
+            self._execute(
+                "WITH gone AS (DELETE FROM {workers} WHERE owner = ANY(%(dead)s))"
+                " UPDATE {runs} SET lease_expires_at = %(now)s"
+                " WHERE state = 'RUNNING' AND lease_owner = ANY(%(dead)s)"
+                " AND lease_expires_at > %(now)s",
+                {"dead": dead, "now": now},
+            )
+        )
+
+    async def _forget_workers(self) -> None:
+        """Delete this process's worker rows (a clean stop leaves nothing to recover)."""
+        if self._workers_seen:
+            owners = list(self._workers_seen)
+            self._workers_seen.clear()
+            await self._call(
+                self._execute(
+                    "DELETE FROM {workers} WHERE owner = ANY(%(owners)s)", {"owners": owners}
+                )
+            )
 
     async def _heartbeat(self, owner: str, run_ids: list[str], lease_seconds: float) -> set[str]:
         if not run_ids:
