@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import anyio
 import anyio.from_thread
@@ -107,6 +108,16 @@ async def test_an_unreachable_server_is_a_broker_error() -> None:
         broker = PostgresBroker(f"postgresql://app@127.0.0.1:{port}/x?pool_timeout=0.5")
         with pytest.raises(BrokerError, match=r"could not connect within 0\.5 s"):
             await broker.open()
+
+
+async def test_libpq_options_in_the_url_reach_the_server(postgres_url: str) -> None:
+    with postgres_schema(postgres_url, options="-c%20statement_timeout%3D4321") as url:
+        async with PostgresBroker(url) as broker:
+
+            def setting(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+                return conn.execute("SHOW statement_timeout").fetchall()
+
+            assert await broker._call(setting) == [("4321ms",)]
 
 
 # --- the schema --------------------------------------------------------------------------

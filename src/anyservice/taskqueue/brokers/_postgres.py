@@ -34,6 +34,7 @@ default), created on first use under an advisory lock and versioned by a row in
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import threading
@@ -41,7 +42,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Self, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import anyio
 import anyio.lowlevel
@@ -132,26 +133,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
-_COLUMNS = (
-    "seq",
-    "id",
-    "task",
-    "payload",
-    "state",
-    "attempts",
-    "max_attempts",
-    "retries_left",
-    "retry_delay",
-    "timeout",
-    "created_at",
-    "scheduled_at",
-    "started_at",
-    "finished_at",
-    "lease_owner",
-    "lease_expires_at",
-    "result",
-    "error",
-)
+# The record's fields in its order, after the submission sequence number.
+_COLUMNS = ("seq", *(column.name for column in dataclasses.fields(RunRecord)))
 _RETURNING = ", ".join(f"r.{name}" for name in _COLUMNS)
 
 
@@ -243,25 +226,9 @@ def _record(row: Iterable[Any]) -> RunRecord:
             message=f"run {values['id']} is corrupt in the database: {'; '.join(problems)}",
         )
         values.update(state=RunState.FAILED, lease_owner=None, lease_expires_at=None)
-    return RunRecord(
-        id=values["id"],
-        task=values["task"],
-        payload=values["payload"],
-        state=state,
-        attempts=values["attempts"],
-        max_attempts=values["max_attempts"],
-        retries_left=values["retries_left"],
-        retry_delay=values["retry_delay"],
-        timeout=values["timeout"],
-        created_at=values["created_at"],
-        scheduled_at=values["scheduled_at"],
-        started_at=values["started_at"],
-        finished_at=values["finished_at"],
-        lease_owner=values["lease_owner"],
-        lease_expires_at=values["lease_expires_at"],
-        result=values["result"],
-        error=error,
-    )
+    del values["seq"]
+    values.update(state=state, error=error)
+    return RunRecord(**values)
 
 
 def _masked(url: str) -> str:
@@ -330,7 +297,9 @@ def parse_url(url: str) -> _UrlOptions:
         else:
             libpq.append((name, value))
     scheme = "postgresql" if parts.scheme.lower() == "postgres" else parts.scheme.lower()
-    options.conninfo = urlunsplit(parts._replace(scheme=scheme, query=urlencode(libpq)))
+    # libpq decodes %20, not "+", as a space (as in ``options=-c%20statement_timeout=5s``).
+    query = urlencode(libpq, quote_via=quote)
+    options.conninfo = urlunsplit(parts._replace(scheme=scheme, query=query))
     return options
 
 
@@ -358,6 +327,8 @@ class _Waiter:
 
     run_id: str | None
     event: anyio.Event = field(default_factory=anyio.Event)
+    #: An anyio event can only be set from its own event loop's thread.
+    thread: int = field(default_factory=threading.get_ident)
     #: Set with the event when what it waits for may have happened; an event set without
     #: it asks the waiter to take over reading the LISTEN connection.
     woken: bool = False
@@ -393,20 +364,20 @@ class _Wakeups(ChangeNotifier):
     def notify(self, *, work: bool) -> None:
         super().notify(work=work)
         if work:
-            for waiter in self._work_waiters:
+            for waiter in self._here(self._work_waiters):
                 waiter.wake()
 
     def work_arrived(self) -> None:
         self.notify(work=True)
 
     def run_finished(self, run_id: str) -> None:
-        for waiter in self._run_waiters.get(run_id, ()):
+        for waiter in self._here(self._run_waiters.get(run_id, ())):
             waiter.wake()
 
     def everyone(self) -> None:
         """Wake every waiter: anything may have changed."""
         self.notify(work=True)
-        for waiter in self._all():
+        for waiter in self._here(self._all()):
             waiter.wake()
 
     def hand_over(self, leaving: _Waiter) -> None:
@@ -415,10 +386,20 @@ class _Wakeups(ChangeNotifier):
         Called whenever a waiter stops reading or stops waiting while nobody reads: the
         waiter asked either reads next or, leaving too, asks another in turn.
         """
-        for waiter in self._all():
+        for waiter in self._here(self._all()):
             if waiter is not leaving and not waiter.woken:
                 waiter.event.set()
                 return
+
+    @staticmethod
+    def _here(waiters: Iterable[_Waiter]) -> list[_Waiter]:
+        """The waiters whose event loop runs in this thread.
+
+        A broker used from a sync caller's short-lived loop (``delay_sync``) cannot set
+        the events of another loop's waiters: they see the change at their next poll.
+        """
+        thread = threading.get_ident()
+        return [waiter for waiter in waiters if waiter.thread == thread]
 
     def _all(self) -> list[_Waiter]:
         waiters = list(self._work_waiters)
