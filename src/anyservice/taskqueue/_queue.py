@@ -14,6 +14,7 @@ import inspect
 import math
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from types import TracebackType
 from typing import Any, Generic, ParamSpec, Protocol, Self, TypeVar, cast, overload
 
@@ -26,11 +27,22 @@ from ._records import DEFAULT_MAX_ATTEMPTS, RunError, RunRecord, RunState
 from ._serialize import decode_result, encode_arguments
 from .brokers import DEFAULT_URL, Broker, broker_from_url
 
-__all__ = ["AsyncTask", "SyncTask", "Task", "TaskDecorator", "TaskQueue", "TaskRun"]
+__all__ = [
+    "DEFAULT_RETENTION",
+    "AsyncTask",
+    "SyncTask",
+    "Task",
+    "TaskDecorator",
+    "TaskQueue",
+    "TaskRun",
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
+
+#: How long finished runs are kept by default before workers purge them: 7 days.
+DEFAULT_RETENTION = 7 * 24 * 3600.0
 
 # How long one wait_until_finished() call lasts when the caller gave no timeout: the wait
 # is repeated, so this only bounds how stale a broker's view may get.
@@ -49,6 +61,14 @@ def _check_seconds(value: object, what: str, *, allow_zero: bool) -> float:
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{what} must be a finite number of seconds {bound}, got {value!r}")
     return seconds
+
+
+def _retention_seconds(value: object, what: str) -> float:
+    """Seconds from a number or a ``timedelta``: a finite, positive amount."""
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    if not _is_number(seconds):
+        raise TypeError(f"{what} must be seconds or a timedelta, got {value!r}")
+    return _check_seconds(seconds, what, allow_zero=False)
 
 
 def _check_wait_timeout(timeout: float | None, what: str) -> float | None:
@@ -99,13 +119,16 @@ class TaskQueue:
             clock, or a ``SqliteBroker`` with its own timeouts).
         max_attempts: How many times a run may be claimed (at least its retries + 1)
             before a worker dying on it ends it CRASHED rather than handing it on again.
+        retention: How long finished runs are kept (seconds or a ``timedelta``; 7 days
+            by default): the queue's workers purge older ones now and then. ``None``
+            keeps them until :meth:`purge` is called.
 
     The broker is opened on first use (``delay()``, a worker's start) and stays open until
     :meth:`close`; ``async with queue:`` opens it and closes it at the end of the block.
 
     Raises:
         ValueError: an unsupported URL scheme or a URL without a usable path, both a URL
-            and a broker, or a bad ``max_attempts``.
+            and a broker, or a bad ``max_attempts`` or ``retention``.
     """
 
     def __init__(
@@ -114,6 +137,7 @@ class TaskQueue:
         *,
         broker: Broker | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        retention: float | timedelta | None = DEFAULT_RETENTION,
     ) -> None:
         if broker is not None and url is not None:
             raise ValueError("TaskQueue takes a url or a broker, not both")
@@ -125,6 +149,8 @@ class TaskQueue:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts!r}")
         self._broker: Broker = broker if broker is not None else broker_from_url(url or DEFAULT_URL)
         self.max_attempts = max_attempts
+        #: Seconds finished runs are kept before workers purge them (``None``: forever).
+        self.retention = None if retention is None else _retention_seconds(retention, "retention")
         self._tasks: dict[str, Task[Any, Any]] = {}
         # Opening: who holds the broker open, whether someone used it outside any holder
         # (then it stays open until close()), and an open in progress.
@@ -340,6 +366,30 @@ class TaskQueue:
         """How many runs are in each state."""
         broker = await self.ensure_open()
         return await broker.counts()
+
+    async def purge(self, older_than: float | timedelta | None = None) -> int:
+        """Delete the runs that finished more than ``older_than`` ago, in small batches.
+
+        Args:
+            older_than: Seconds or a ``timedelta``; the queue's ``retention`` by default.
+
+        Returns:
+            How many runs were deleted (on PostgreSQL, 0 while another process purges).
+
+        Raises:
+            ValueError: ``older_than`` is not a positive duration, or it is not given and
+                the queue has no retention.
+        """
+        if older_than is None:
+            if self.retention is None:
+                raise ValueError(
+                    "purge() needs older_than= when the queue keeps runs forever (retention=None)"
+                )
+            seconds = self.retention
+        else:
+            seconds = _retention_seconds(older_than, "older_than")
+        broker = await self.ensure_open()
+        return await broker.purge(seconds)
 
 
 class _TaskOptions:

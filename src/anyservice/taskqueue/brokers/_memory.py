@@ -160,6 +160,18 @@ class MemoryBroker(BaseBroker):
         await self._check_open()
         return self._runs.get(run_id)
 
+    async def _purge(self, before: float, limit: int) -> int:
+        await self._check_open()
+        doomed = [
+            run_id
+            for run_id, run in self._runs.items()
+            if run.finished and run.finished_at is not None and run.finished_at < before
+        ][:limit]
+        for run_id in doomed:
+            del self._runs[run_id]
+            self._sequence.pop(run_id, None)
+        return len(doomed)
+
     async def _counts(self) -> dict[RunState, int]:
         await self._check_open()
         counts = dict.fromkeys(RunState, 0)
