@@ -144,9 +144,7 @@ _LOOP = _LoopSpec()
 LoopService._background_specs = (_LOOP,)
 
 
-async def run_services(
-    *services: Service | Iterable[Service], handle_signals: bool = True
-) -> None:
+async def run_services(*services: Service | Iterable[Service], handle_signals: bool = True) -> None:
     """Run several services until all have stopped, under one signal handler.
 
     Prefect's ``run_multiple_services``: ``run_services([a, b])`` as Prefect takes them, or
@@ -178,7 +176,7 @@ def _flatten(given: tuple[Service | Iterable[Service], ...]) -> tuple[Service, .
     for item in given:
         if isinstance(item, Service):
             flat.append(item)
-        elif isinstance(item, Iterable) and not isinstance(item, str | bytes):
+        elif isinstance(item, Iterable):
             for service in item:
                 if not isinstance(service, Service):
                     raise TypeError(f"run_services() takes services, got {service!r}")

@@ -29,7 +29,11 @@ def loop_caller() -> LoopCaller:
     except RuntimeError:
         pass
     else:
-        return loop.call_soon_threadsafe
+
+        def call_soon(function: Callable[[], object]) -> None:
+            loop.call_soon_threadsafe(function)
+
+        return call_soon
     import trio  # only reached under trio, so only imported with it installed
 
     return trio.lowlevel.current_trio_token().run_sync_soon

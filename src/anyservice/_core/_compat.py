@@ -56,7 +56,6 @@ class Compat:
         _pending: Pending
         _tree: Tree
         _log: logging.LoggerAdapter[logging.Logger]
-        _loop_caller: LoopCaller | None
 
         @property
         def should_stop(self) -> bool: ...

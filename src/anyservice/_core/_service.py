@@ -25,7 +25,7 @@ import anyio.lowlevel
 from .._schedule import MissedTickPolicy, TimerStats, check_interval
 from ._backend import loop_caller
 from ._compat import Compat
-from ._diag import Diag, coroutine_stack, format_tree
+from ._diag import coroutine_stack, format_tree
 from ._exceptions import first_real_error, is_logged, mark_logged, only_cancellation, real_leaves
 from ._health import HealthMonitorSpec, run_healthcheck
 from ._itertimer import itertimer
@@ -491,7 +491,7 @@ def _prepare_subclass(cls: type[Service], overrides: Iterable[str]) -> None:
     _check_shadowing(cls, overrides)
     cls._background_specs, cls._requirement_methods = collect(cls)
     if cls.__dict__.get("abstract", False):
-        cls.__new__ = _refuse_abstract  # type: ignore[method-assign]
+        cls.__new__ = _refuse_abstract  # type: ignore[method-assign,assignment]  # a staticmethod-like __new__
     if cls.healthcheck is not Service.healthcheck or (
         cls.monitoring_task is not Service.monitoring_task
     ):

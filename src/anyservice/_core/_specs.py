@@ -277,6 +277,4 @@ def collect(namespace_owner: type) -> tuple[tuple[BackgroundSpec, ...], tuple[st
                 requirement_methods[attribute] = needs
             else:
                 requirement_methods.pop(attribute, None)
-    return tuple(specs.values()), order_requirements(
-        namespace_owner.__name__, requirement_methods
-    )
+    return tuple(specs.values()), order_requirements(namespace_owner.__name__, requirement_methods)

@@ -48,7 +48,7 @@ class WaitResults(NamedTuple):
 def _awaitable_of(item: object, what: str) -> Callable[[], Awaitable[Any]]:
     if inspect.isawaitable(item):
         return lambda: item
-    wait = getattr(item, "wait", None)
+    wait: Callable[[], Awaitable[Any]] | None = getattr(item, "wait", None)
     if callable(wait):
         return wait  # an event: anyio's, asyncio's or trio's
     raise TypeError(f"{what} takes awaitables or events (with a wait() method), got {item!r}")
