@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import anyio
 import anyio.abc
 
-from ._backend import LoopCaller, call_in_loop
 from ._diag import Diag
 from ._health import monitor_health
+from ._loop import EventLoopToken, call_in_loop
 from ._run import Resources, Run, inside
 from ._state import Pending, ServiceError, ServiceState
 from ._wait import WaitResult, WaitResults, race
@@ -88,7 +88,7 @@ class Compat:
     wait_for_shutdown: ClassVar[bool] = False
 
     # Class-level defaults: an instance pays for these only once it uses them.
-    _loop_caller: LoopCaller | None = None
+    _loop_token: EventLoopToken | None = None
     _shutdown_set: bool = False
     _shutdown_event: anyio.Event | None = None
     _exit_stacks: tuple[Resources, ExitStack, AsyncExitStack] | None = None
@@ -158,14 +158,7 @@ class Compat:
             TimeoutError: if ``timeout`` seconds passed first.
             Exception: what the awaitable raised.
         """
-        what = f"{self.name}: wait()"
-        results, stopped = await race(
-            awaitables,
-            self.wait_until_stopped,
-            every=False,
-            timeout=check_wait_timeout(timeout, what),
-            what=what,
-        )
+        results, stopped = await self._race_first(awaitables, timeout, "wait()")
         if results:
             return WaitResult(results[min(results)], False)
         return WaitResult(None, stopped)
@@ -204,17 +197,19 @@ class Compat:
         Raises:
             As for ``wait()``.
         """
-        what = f"{self.name}: wait_first()"
-        results, stopped = await race(
-            awaitables,
-            self.wait_until_stopped,
-            every=False,
-            timeout=check_wait_timeout(timeout, what),
-            what=what,
-        )
+        results, stopped = await self._race_first(awaitables, timeout, "wait_first()")
         order = sorted(results)
         return WaitResults(
             [awaitables[index] for index in order], [results[index] for index in order], stopped
+        )
+
+    async def _race_first(
+        self, awaitables: tuple[object, ...], timeout: float | None, method: str
+    ) -> tuple[dict[int, Any], bool]:
+        what = f"{self.name}: {method}"
+        seconds = check_wait_timeout(timeout, what)
+        return await race(
+            awaitables, self.wait_until_stopped, every=False, timeout=seconds, what=what
         )
 
     async def wait_for_stopped(self, *awaitables: object, timeout: float | None = None) -> bool:
@@ -367,8 +362,8 @@ class Compat:
         kept for its first run, as with ``stop()`` (call it from the event loop's thread
         then).
         """
-        caller = self._loop_caller
-        if caller is None or not call_in_loop(caller, self._request_stop_sticky):
+        token = self._loop_token
+        if token is None or not call_in_loop(token, self._request_stop_sticky):
             self._request_stop_sticky()
 
     def _request_stop_sticky(self) -> None:

@@ -23,12 +23,12 @@ import anyio.abc
 import anyio.lowlevel
 
 from .._schedule import MissedTickPolicy, TimerStats, check_interval
-from ._backend import loop_caller
 from ._compat import Compat
 from ._diag import coroutine_stack, format_tree
 from ._exceptions import first_real_error, is_logged, mark_logged, only_cancellation, real_leaves
 from ._health import HealthMonitorSpec, run_healthcheck
 from ._itertimer import itertimer
+from ._loop import current_token
 from ._run import ContextSource, InFlight, Resources, Run, current_slot, inside, sleep_until
 from ._specs import BackgroundSpec, collect
 from ._state import Health, Pending, ServiceError, ServiceState, check_transition
@@ -490,7 +490,9 @@ RESERVED = frozenset(
 def _prepare_subclass(cls: type[Service], overrides: Iterable[str]) -> None:
     _check_shadowing(cls, overrides)
     cls._background_specs, cls._requirement_methods = collect(cls)
-    if cls.__dict__.get("abstract", False):
+    if "abstract" not in cls.__dict__:
+        cls.abstract = False  # only the class that says so is abstract, not its subclasses
+    elif cls.abstract:
         cls.__new__ = _refuse_abstract  # type: ignore[method-assign,assignment]  # a staticmethod-like __new__
     if cls.healthcheck is not Service.healthcheck or (
         cls.monitoring_task is not Service.monitoring_task
@@ -672,7 +674,7 @@ async def _run_service(
         task_status.started()
         return
     _check_resources_reusable(service)
-    service._loop_caller = loop_caller()
+    service._loop_token = current_token()
     while True:
         await Run(service).execute(task_status, restart=restart)
         task_status = anyio.TASK_STATUS_IGNORED
