@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import json
 import logging
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -37,6 +39,14 @@ async def test_state_compares_with_modes_lowercase_strings() -> None:
         assert f"{service.state}" == "running"
     assert service.state == "stopped"
     assert ServiceState("crashed") is ServiceState.CRASHED
+
+
+def test_states_print_and_serialise_readably() -> None:
+    service = Service(name="db")
+    assert repr(service) == "<Service 'db' INIT>"
+    assert service.describe() == "db [INIT]"
+    assert json.dumps({"state": service.state}) == '{"state": "init"}'
+    assert str(ServiceState.STOPPING) == "stopping"
 
 
 async def test_crashed_and_running_follow_the_state() -> None:
@@ -189,6 +199,29 @@ async def test_on_restart_runs_before_the_new_start_not_at_the_first() -> None:
     assert events == ["start", "restart 1", "start"]
 
 
+async def test_on_restart_runs_when_a_supervisor_restarts_a_child() -> None:
+    from anyservice import Backoff, Supervisor
+
+    events: list[str] = []
+
+    class Flaky(Service):
+        async def on_restart(self) -> None:
+            events.append("restart")
+
+        @task
+        async def work(self) -> None:
+            events.append("work")
+            if len(events) == 1:
+                raise ConnectionResetError("dropped")
+            await anyio.sleep_forever()
+
+    child = Flaky()
+    async with Supervisor(child, backoff=Backoff(initial=0.1)):
+        await anyio.sleep(1)
+    assert events == ["work", "restart", "work"]
+    assert child.restart_count == 1
+
+
 async def test_monitoring_task_is_a_hook_that_runs_for_the_life_of_the_service() -> None:
     checks: list[float] = []
 
@@ -254,6 +287,35 @@ async def test_wait_with_an_event_returns_when_it_is_set() -> None:
         result = await service.wait(event)
         assert result.stopped is False
         assert await service.wait_for_stopped(event) is False
+
+
+async def test_wait_cancels_the_awaitables_that_did_not_finish() -> None:
+    cancelled: list[bool] = []
+
+    async def slow() -> None:
+        try:
+            await anyio.sleep(10)
+        except anyio.get_cancelled_exc_class():
+            cancelled.append(True)
+            raise
+
+    async def fast() -> int:
+        await anyio.sleep(1)
+        return 1
+
+    async with Service() as service:
+        assert await service.wait(slow(), fast()) == (1, False)
+        assert cancelled == [True]
+        assert anyio.current_time() < 2
+
+
+async def test_wait_on_a_stopped_service_returns_at_once_and_closes_the_coroutine() -> None:
+    service = Service()
+    async with service:
+        pass
+    coroutine = anyio.sleep(5)
+    assert await service.wait(coroutine) == (None, True)
+    assert inspect.getcoroutinestate(coroutine) == "CORO_CLOSED"
 
 
 async def test_wait_times_out_with_timeout_error() -> None:

@@ -10,15 +10,17 @@ says so.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from contextlib import AsyncExitStack, ExitStack
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import anyio
 import anyio.abc
 
+from .._schedule import MissedTickPolicy, TimerStats
 from ._diag import Diag
 from ._health import monitor_health
+from ._itertimer import itertimer
 from ._loop import EventLoopToken, call_in_loop
 from ._run import Resources, Run, inside
 from ._state import Pending, ServiceError, ServiceState
@@ -66,7 +68,12 @@ class Compat:
         @property
         def _owner(self) -> Compat | None: ...
 
+        @property
+        def timer_stats(self) -> dict[str, TimerStats]: ...
+
         def tracebacks(self) -> dict[str, str]: ...
+
+        async def _sleep_until(self, deadline: float) -> bool: ...
 
         async def run(
             self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -340,6 +347,27 @@ class Compat:
             resources.push_async(async_stack)
             stacks = self._exit_stacks = (resources, sync_stack, async_stack)
         return stacks[1], stacks[2]
+
+    # ------------------------------------------------------------ timers
+
+    def itertimer(
+        self,
+        interval: float,
+        *,
+        policy: MissedTickPolicy | str = MissedTickPolicy.SKIP,
+        exec_first: bool = False,
+        name: str | None = None,
+    ) -> AsyncIterator[float]:
+        """``async for lateness in self.itertimer(5):`` — a drift-free timer inside a task.
+
+        Ticks on the grid ``t0 + k * interval`` with the same missed-tick policies as
+        ``@timer`` and yields each tick's lateness; ends when the service stops (mode's
+        ``itertimer``). With ``name`` (mode's), its statistics are in ``timer_stats[name]``.
+
+        Raises:
+            TypeError, ValueError: for a bad interval or policy (at the first iteration).
+        """
+        return itertimer(self, interval, policy=policy, exec_first=exec_first, name=name)
 
     # ------------------------------------------------------------ diagnostics
 

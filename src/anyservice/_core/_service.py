@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from types import TracebackType
 from typing import Any, ClassVar, Self
@@ -22,12 +22,11 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
-from .._schedule import MissedTickPolicy, TimerStats, check_interval
+from .._schedule import TimerStats, check_interval
 from ._compat import Compat
 from ._diag import coroutine_stack, format_tree
 from ._exceptions import first_real_error, is_logged, mark_logged, only_cancellation, real_leaves
 from ._health import HealthMonitorSpec, run_healthcheck
-from ._itertimer import itertimer
 from ._loop import current_token
 from ._run import ContextSource, InFlight, Resources, Run, current_slot, inside, sleep_until
 from ._specs import BackgroundSpec, collect
@@ -81,7 +80,8 @@ class Service(Compat):
     ``anyservice.run(service)``.
 
     Names follow mode's ``Service`` where users come from it: ``add_dependency``,
-    ``on_started``, ``crash_reason``, ``crash()``, ``add_future``, ``should_stop``.
+    ``on_started``, ``crash_reason``, ``crash()``, ``add_future``, ``should_stop``; the rest
+    of mode's, Prefect's and core_service's (``wait()``, ``request_stop()``...) from ``Compat``.
 
     The other public methods and properties are the service's machinery: a subclass that
     defines one (``run``, ``stop``, ``sleep``, ``spawn``, ``log``, ``state``, ...) gets a
@@ -380,25 +380,6 @@ class Service(Compat):
     async def _sleep_until(self, deadline: float) -> bool:
         """Sleep until ``deadline``; False if a stop came first."""
         return await sleep_until(self._run, deadline)
-
-    def itertimer(
-        self,
-        interval: float,
-        *,
-        policy: MissedTickPolicy | str = MissedTickPolicy.SKIP,
-        exec_first: bool = False,
-        name: str | None = None,
-    ) -> AsyncIterator[float]:
-        """``async for lateness in self.itertimer(5):`` — a drift-free timer inside a task.
-
-        Ticks on the grid ``t0 + k * interval`` with the same missed-tick policies as
-        ``@timer`` and yields each tick's lateness; ends when the service stops (mode's
-        ``itertimer``). With ``name`` (mode's), its statistics are in ``timer_stats[name]``.
-
-        Raises:
-            TypeError, ValueError: for a bad interval or policy (at the first iteration).
-        """
-        return itertimer(self, interval, policy=policy, exec_first=exec_first, name=name)
 
     def _request_stop(self, *, deadline: bool = True, sticky: bool = False) -> None:
         """The one way a stop begins, whoever asks for it (``stop()``, ``async with``, ...)."""
