@@ -18,10 +18,10 @@ import anyio
 import anyio.abc
 
 from .._schedule import MissedTickPolicy, TimerStats
+from ._backend import call_in_loop
 from ._diag import Diag
 from ._health import monitor_health
 from ._itertimer import itertimer
-from ._loop import EventLoopToken, call_in_loop
 from ._run import Resources, Run, inside
 from ._state import Pending, ServiceError, ServiceState
 from ._wait import WaitResult, WaitResults, race
@@ -95,7 +95,7 @@ class Compat:
     wait_for_shutdown: ClassVar[bool] = False
 
     # Class-level defaults: an instance pays for these only once it uses them.
-    _loop_token: EventLoopToken | None = None
+    _loop: object = None
     _shutdown_set: bool = False
     _shutdown_event: anyio.Event | None = None
     _exit_stacks: tuple[Resources, ExitStack, AsyncExitStack] | None = None
@@ -390,8 +390,8 @@ class Compat:
         kept for its first run, as with ``stop()`` (call it from the event loop's thread
         then).
         """
-        token = self._loop_token
-        if token is None or not call_in_loop(token, self._request_stop_sticky):
+        loop = self._loop
+        if loop is None or not call_in_loop(loop, self._request_stop_sticky):
             self._request_stop_sticky()
 
     def _request_stop_sticky(self) -> None:

@@ -23,11 +23,11 @@ import anyio.abc
 import anyio.lowlevel
 
 from .._schedule import TimerStats, check_interval
+from ._backend import current_loop
 from ._compat import Compat
 from ._diag import coroutine_stack, format_tree
 from ._exceptions import first_real_error, is_logged, mark_logged, only_cancellation, real_leaves
 from ._health import HealthMonitorSpec, run_healthcheck
-from ._loop import current_token
 from ._run import ContextSource, InFlight, Resources, Run, current_slot, inside, sleep_until
 from ._specs import BackgroundSpec, collect
 from ._state import Health, Pending, ServiceError, ServiceState, check_transition
@@ -655,7 +655,9 @@ async def _run_service(
         task_status.started()
         return
     _check_resources_reusable(service)
-    service._loop_token = current_token()
+    owner = service._owner
+    # A dependency runs in its owner's loop: only the root of a tree asks which it is.
+    service._loop = owner._loop if owner is not None and owner._run is not None else current_loop()
     while True:
         await Run(service).execute(task_status, restart=restart)
         task_status = anyio.TASK_STATUS_IGNORED
