@@ -91,6 +91,8 @@ class Owner(Host, Protocol):
 
     def _dependencies_to_start(self) -> Sequence[Owner]: ...
 
+    def _has_dependencies(self) -> bool: ...
+
     def _set_state(self, new: ServiceState) -> None: ...
 
     def _record_crash(self, exc: BaseException) -> None: ...
@@ -175,9 +177,18 @@ class InFlight:
 class Slot:
     """One background task of a running service, in its own cancel scope."""
 
-    __slots__ = ("in_flight", "name", "ready", "released", "run", "scope", "task")
+    __slots__ = (
+        "idle_runs_user_code",
+        "in_flight",
+        "name",
+        "ready",
+        "released",
+        "run",
+        "scope",
+        "task",
+    )
 
-    def __init__(self, name: str, run: Run) -> None:
+    def __init__(self, name: str, run: Run, *, idle_runs_user_code: bool = True) -> None:
         self.name = name
         self.run = run
         self.scope = anyio.CancelScope()
@@ -186,6 +197,14 @@ class Slot:
         self.task: anyio.TaskInfo | None = None
         #: Set when the task reports ready, for a spec that makes the start wait for it.
         self.ready: anyio.Event | None = None
+        #: False when, outside ``in_flight()``, the task runs only the library's code (a
+        #: timer between ticks): cancelling it then cannot be observed.
+        self.idle_runs_user_code = idle_runs_user_code
+
+    @property
+    def observable(self) -> bool:
+        """True if ending this task now could run code of the user's."""
+        return bool(self.in_flight) or self.idle_runs_user_code
 
     def release(self) -> None:
         """The service is stopping: end now if idle, else when the in-flight work is done."""
@@ -271,6 +290,30 @@ class Started:
             await event.wait()
 
 
+class _Countdown:
+    """One ``task_status`` for dependencies started together: one wait for all of them.
+
+    Each run tells its ``task_status`` at most once (:class:`_Handover`), so counting the
+    calls counts the dependencies that are RUNNING (or whose start a stop cut short).
+    """
+
+    __slots__ = ("event", "remaining")
+
+    def __init__(self) -> None:
+        self.remaining = 0
+        self.event: anyio.Event | None = None
+
+    def started(self, value: object = None) -> None:
+        self.remaining -= 1
+        if not self.remaining and self.event is not None:
+            self.event.set()
+
+    async def wait(self) -> None:
+        if self.remaining:
+            self.event = anyio.Event()
+            await self.event.wait()
+
+
 class _Handover:
     """The caller's ``task_status``, told at most once that the service is RUNNING."""
 
@@ -344,15 +387,20 @@ class Run:
             and not self.task_group.cancel_scope.cancel_called
         )
 
-    def has_stop_work(self) -> bool:
-        """True if anything of this run can observe the order its stop comes in."""
+    def stop_is_observable(self) -> bool:
+        """True if anything of this run can observe the order its stop comes in.
+
+        Hooks, resources and dependencies run code at stop; so does a task that holds work
+        in flight, or whose idle wait is the user's own code (its ``finally`` runs on
+        cancellation). A timer between ticks holds none of that.
+        """
         service = self.service
         return bool(
-            self.slots
-            or self.started_dependencies
+            self.started_dependencies
             or self.resources.stack is not None
             or "on_stop" in service._overridden_hooks
             or "on_shutdown" in service._overridden_hooks
+            or any(slot.observable for slot in self.slots)
         )
 
     def stop_deadline(self) -> float:
@@ -461,8 +509,7 @@ class Run:
         hooked = False
         assert self.running_scope is not None
         with self.running_scope:
-            for dependency in service._dependencies_to_start():
-                await self._start_dependency(dependency)
+            await self._start_dependencies(service._dependencies_to_start())
             if not service._started_once:
                 service._started_once = True
                 await self._call_hook("on_first_start")
@@ -483,25 +530,49 @@ class Run:
         waits: list[Slot] = []
         for spec in self.service._background_specs:
             for slot_name in spec.slot_names():
-                slot = self.spawn(slot_name, spec.run, self.service)
+                slot = self.spawn(
+                    slot_name,
+                    spec.run,
+                    self.service,
+                    idle_runs_user_code=spec.idle_runs_user_code,
+                )
                 if spec.reports_ready:
                     slot.ready = anyio.Event()
                     waits.append(slot)
         for slot in waits:
             await slot.ready.wait()  # type: ignore[union-attr]  # set just above
 
-    async def _start_dependency(self, dependency: Owner) -> None:
+    async def _start_dependencies(self, dependencies: Sequence[Owner]) -> None:
+        """Start the dependencies in order, each RUNNING before the next where it shows.
+
+        A dependency whose start runs none of the user's code (no start hooks, resources,
+        dependencies of its own, or task the start waits for) cannot tell whether the one
+        before it is RUNNING yet: a run of such dependencies starts together, with one wait
+        for all of them, before the next dependency that can tell.
+        """
+        together = _Countdown()
+        for dependency in dependencies:
+            if _start_is_observable(dependency):
+                await together.wait()
+                together = _Countdown()
+                started = Started()
+                self._spawn_dependency(dependency, started)
+                await started.wait()
+            else:
+                together.remaining += 1
+                self._spawn_dependency(dependency, together)
+        await together.wait()
+
+    def _spawn_dependency(self, dependency: Owner, status: anyio.abc.TaskStatus[None]) -> None:
         # start_soon and an event rather than task_group.start(): the same wait for RUNNING,
         # at a fraction of the cost of start()'s hand-over on trio. A crash of the dependency
-        # reaches this service through the task group, which cancels this wait.
-        started = Started()
+        # reaches this service through the task group, which cancels the wait.
         self.started_dependencies.append(dependency)
         assert self.task_group is not None
         self.task_group.start_soon(
-            functools.partial(dependency.run, task_status=started),
+            functools.partial(dependency.run, task_status=status),
             name=f"{dependency.name} (of {self.service.name})",
         )
-        await started.wait()
 
     async def _call_hook(self, hook: str) -> None:
         service = self.service
@@ -545,24 +616,37 @@ class Run:
         self._advance(RunPhase.CRASHING)
 
     async def _stop_dependencies(self) -> None:
+        """Stop the dependencies in reverse order, where the order can be observed.
+
+        A dependency whose stop can observe it (see :meth:`stop_is_observable`) is waited
+        for before the ones started before it are stopped. The others only unwind: they are
+        told to stop and their tasks released at once, so that none of them can begin work
+        in flight meanwhile, and the task group's exit waits for all of them together,
+        within this service's own deadline.
+        """
         started = self.started_dependencies
         while started:
             dependency = started.pop()
             dependency_run = dependency._run
-            if dependency_run is not None and dependency_run.has_stop_work():
+            if dependency_run is None:
+                continue
+            if dependency_run.stop_is_observable():
                 await dependency._stop()
-            elif dependency_run is not None:
-                # Nothing of it can observe the order (no hooks, tasks, resources or
-                # dependencies): let it unwind with the others instead of waiting for it
-                # alone; the task group's exit waits for all of them, within this
-                # service's own deadline.
+            else:
                 dependency._request_stop(deadline=False)
+                dependency_run.release_slots()
 
     # ------------------------------------------------------------ slots
 
-    def spawn(self, name: str, body: Callable[..., Awaitable[None]], *args: Any) -> Slot:
+    def spawn(
+        self,
+        name: str,
+        body: Callable[..., Awaitable[None]],
+        *args: Any,
+        idle_runs_user_code: bool = True,
+    ) -> Slot:
         """Run ``body(*args)`` as a background task of this run, in its own slot."""
-        slot = Slot(name, self)
+        slot = Slot(name, self, idle_runs_user_code=idle_runs_user_code)
         self.slots[slot] = None
         assert self.task_group is not None
         self.task_group.start_soon(
@@ -593,12 +677,28 @@ class Run:
                 self.slots_done.set()
 
     async def _stop_slots(self) -> None:
+        self.release_slots()
+        await self.wait_slots_done()
+
+    def release_slots(self) -> None:
         for slot in list(self.slots):
             slot.release()
-        await self.wait_slots_done()
 
     async def wait_slots_done(self) -> None:
         if self.slots:
             if self.slots_done is None:
                 self.slots_done = anyio.Event()
             await self.slots_done.wait()
+
+
+def _start_is_observable(service: Owner) -> bool:
+    """True if the start of ``service`` runs code of the user's, or waits for a task."""
+    return bool(
+        service._has_dependencies()
+        or service._contexts
+        or not _START_HOOKS.isdisjoint(service._overridden_hooks)
+        or any(spec.reports_ready for spec in service._background_specs)
+    )
+
+
+_START_HOOKS = frozenset({"on_first_start", "on_start", "on_started"})

@@ -292,6 +292,9 @@ class Service:
     def _dependencies_to_start(self) -> list[Service]:
         return self._tree.to_start()  # type: ignore[return-value]  # nodes are Services
 
+    def _has_dependencies(self) -> bool:
+        return self._tree.has_dependencies()
+
     def add_context(self, context: ContextSource) -> Any:
         """Register or enter a (sync or async) context manager as a resource of the service.
 
