@@ -7,25 +7,29 @@ From the outside in, a run opens:
   cancel scope is the *hard* scope. Only the run itself cancels it or sets its deadline:
   ``now + shutdown_timeout`` when a stop is requested or the service crashes; whatever is
   left then is cancelled. A task that raises cancels it too (that is anyio's doing);
-- the *running* scope, around the start only. Only :meth:`Run.request_stop` cancels it,
+- the *running* scope, around the start only, and only for a start that can await (one
+  that runs no code of the user's never does). Only :meth:`Run.request_stop` cancels it,
   and only while STARTING: a stop cuts the start short. Once RUNNING, the run waits on its
-  ``stopping`` event, which a stop sets, so nothing needs cancelling to end serving;
-- one *slot* scope per background task. Only the slot's release cancels it (at once if the
-  task is idle, or when it leaves ``in_flight()``), or the task itself when it stops or
+  stop request (:meth:`Run.wait_stopping`), so nothing needs cancelling to end serving;
+- one *slot* scope per background task, which runs in a task of its own, or, for a
+  service whose one task no hook runs beside (no ``on_started``, no ``on_stop``), in the
+  run's own task once RUNNING. Only the slot's release cancels it (at once if the task
+  is idle, or when it leaves ``in_flight()``), or the task itself when it stops or
   restarts its own service from inside, so that it unwinds; the hard deadline cuts both
-  short.
+  short. A stop with no ``on_stop`` to run first releases the slots at once.
 
 The run's :class:`~anyservice._core._state.RunPhase` moves forward only: STARTING (the
 dependencies, ``on_start``, resources, tasks, ``on_started``), RUNNING (reported to the
 caller), STOPPING (``on_stop``, the tasks end, ``on_shutdown``), CRASHING (a task or a hook
 raised: no more hooks run, the task group is being cancelled), CLOSED (the body is over; the
 task group takes no new task and only waits for its own, so a late ``crash()`` is kept aside
-and raised once the group has closed). A stop requested is the ``stopping`` event, set once:
+and raised once the group has closed). A stop requested is the ``stop_requested`` flag, set once:
 it may come in any phase, and the phase says what is left to undo.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, AsyncExitStack
@@ -130,7 +134,7 @@ async def sleep_until(run: Run | None, deadline: float) -> bool:
         await anyio.sleep_until(deadline)
         return True
     with anyio.move_on_at(deadline):
-        await run.stopping.wait()
+        await run.wait_stopping()
         return False
     return True
 
@@ -333,6 +337,7 @@ class Run:
 
     __slots__ = (
         "cut_short",
+        "deferred",
         "inside",
         "live_resources",
         "phase",
@@ -342,6 +347,7 @@ class Run:
         "slots",
         "slots_done",
         "started_dependencies",
+        "stop_requested",
         "stopping",
         "task",
         "task_group",
@@ -350,10 +356,16 @@ class Run:
     def __init__(self, service: Owner) -> None:
         self.service = service
         self.phase = RunPhase.STARTING
-        self.running_scope: anyio.CancelScope | None = anyio.CancelScope()
+        # A start that runs none of the user's code never awaits: nothing to cut short.
+        self.running_scope: anyio.CancelScope | None = (
+            anyio.CancelScope() if _start_is_observable(service) else None
+        )
         self.task_group: anyio.abc.TaskGroup | None = None
         #: Set once, by the first stop request: the one signal that serving should end.
-        self.stopping = anyio.Event()
+        self.stop_requested = False
+        #: Made for the first task that waits for a stop: a service whose one task runs in
+        #: the run's own task ends that task at the stop, and then need not wait.
+        self.stopping: anyio.Event | None = None
         # A dict as an ordered set: an empty one is a third of the size of an empty set.
         self.slots: dict[Slot, None] = {}
         self.slots_done: anyio.Event | None = None
@@ -365,6 +377,9 @@ class Run:
         #: The resources while they may still be added to: from the start until the tasks
         #: have stopped.
         self.live_resources: Resources | None = None
+        #: The one background task that the run's own task runs once RUNNING, instead of
+        #: a task of its own (see :meth:`_start_background`).
+        self.deferred: BackgroundSpec | None = None
 
     # ------------------------------------------------------------ questions
 
@@ -374,9 +389,14 @@ class Run:
         assert self.task_group is not None, "the run's task group is not open yet"
         return self.task_group.cancel_scope
 
-    @property
-    def stop_requested(self) -> bool:
-        return self.stopping.is_set()
+    async def wait_stopping(self) -> None:
+        """Return once a stop was requested (at once, after a checkpoint, if it was)."""
+        if self.stop_requested:
+            await anyio.lowlevel.checkpoint()
+            return
+        if self.stopping is None:
+            self.stopping = anyio.Event()
+        await self.stopping.wait()
 
     @property
     def takes_tasks(self) -> bool:
@@ -489,8 +509,11 @@ class Run:
             # Started (or cut short): from here a stop only sets the event, so the scope can
             # go, and with it what anyio keeps for it while the service runs.
             self.running_scope = None
+            deferred, self.deferred = self.deferred, None
+            if deferred is not None:
+                await _serve_deferred(self, deferred)
             # An event rather than sleep_forever(): no timer to schedule per service.
-            await self.stopping.wait()
+            await self.wait_stopping()
             # A stop was requested: the start was cut short, or serving ends.
             if self.phase is RunPhase.CRASHING:
                 # The crash cancels this scope at the next checkpoint: no hooks to run.
@@ -507,9 +530,8 @@ class Run:
         """Start, in the running scope; returns whether ``on_start`` completed."""
         service = self.service
         hooked = False
-        assert self.running_scope is not None
-        with self.running_scope:
-            await self._start_dependencies(service._dependencies_to_start())
+        with self.running_scope or contextlib.nullcontext():
+            await _start_dependencies(self, service._dependencies_to_start())
             if not service._started_once:
                 service._started_once = True
                 await self._call_hook("on_first_start")
@@ -527,8 +549,15 @@ class Run:
         return hooked
 
     async def _start_background(self) -> None:
+        specs = self.service._background_specs
+        if _serves_inline(self.service):
+            # One task, which the start does not wait for, and no hook between the start of
+            # the tasks and their end (on_started, on_stop): the run's own task, which has
+            # nothing else to do until a stop, runs it once RUNNING. A task less per service.
+            self.deferred = specs[0]
+            return
         waits: list[Slot] = []
-        for spec in self.service._background_specs:
+        for spec in specs:
             for slot_name in spec.slot_names():
                 slot = self.spawn(
                     slot_name,
@@ -541,38 +570,6 @@ class Run:
                     waits.append(slot)
         for slot in waits:
             await slot.ready.wait()  # type: ignore[union-attr]  # set just above
-
-    async def _start_dependencies(self, dependencies: Sequence[Owner]) -> None:
-        """Start the dependencies in order, each RUNNING before the next where it shows.
-
-        A dependency whose start runs none of the user's code (no start hooks, resources,
-        dependencies of its own, or task the start waits for) cannot tell whether the one
-        before it is RUNNING yet: a run of such dependencies starts together, with one wait
-        for all of them, before the next dependency that can tell.
-        """
-        together = _Countdown()
-        for dependency in dependencies:
-            if _start_is_observable(dependency):
-                await together.wait()
-                together = _Countdown()
-                started = Started()
-                self._spawn_dependency(dependency, started)
-                await started.wait()
-            else:
-                together.remaining += 1
-                self._spawn_dependency(dependency, together)
-        await together.wait()
-
-    def _spawn_dependency(self, dependency: Owner, status: anyio.abc.TaskStatus[None]) -> None:
-        # start_soon and an event rather than task_group.start(): the same wait for RUNNING,
-        # at a fraction of the cost of start()'s hand-over on trio. A crash of the dependency
-        # reaches this service through the task group, which cancels the wait.
-        self.started_dependencies.append(dependency)
-        assert self.task_group is not None
-        self.task_group.start_soon(
-            functools.partial(dependency.run, task_status=status),
-            name=f"{dependency.name} (of {self.service.name})",
-        )
 
     async def _call_hook(self, hook: str) -> None:
         service = self.service
@@ -592,16 +589,22 @@ class Run:
 
     def request_stop(self, *, deadline: bool = True) -> bool:
         """Begin the stop: cut a start short, end serving. False if already requested."""
-        if self.stopping.is_set():
+        if self.stop_requested:
             return False
         if deadline:
             self.set_deadline()
+        if "on_stop" not in self.service._overridden_hooks:
+            # Nothing runs before the tasks end: they may end now. The run's own task may
+            # be running one of them (a deferred one), and is free only once it has ended.
+            self.release_slots()
         scope = self.running_scope
         if scope is not None and self.phase is RunPhase.STARTING:
             # Still starting: cut the start short. Once RUNNING, the run task only waits
             # for the event below, so cancelling (which costs anyio a retry loop) is moot.
             scope.cancel()
-        self.stopping.set()
+        self.stop_requested = True
+        if self.stopping is not None:
+            self.stopping.set()
         return True
 
     def set_deadline(self) -> None:
@@ -670,11 +673,14 @@ class Run:
             self.note_crash()
             raise
         finally:
-            # A start that waits for this task must not wait for one that ended.
-            slot.set_ready()
-            self.slots.pop(slot, None)
-            if not self.slots and self.slots_done is not None:
-                self.slots_done.set()
+            self.slot_ended(slot)
+
+    def slot_ended(self, slot: Slot) -> None:
+        # A start that waits for this task must not wait for one that ended.
+        slot.set_ready()
+        self.slots.pop(slot, None)
+        if not self.slots and self.slots_done is not None:
+            self.slots_done.set()
 
     async def _stop_slots(self) -> None:
         self.release_slots()
@@ -702,3 +708,83 @@ def _start_is_observable(service: Owner) -> bool:
 
 
 _START_HOOKS = frozenset({"on_first_start", "on_start", "on_started"})
+
+
+def _serves_inline(service: Owner) -> bool:
+    """True if the run's own task can run the service's one background task itself."""
+    specs = service._background_specs
+    return (
+        len(specs) == 1
+        and not specs[0].reports_ready
+        and len(specs[0].slot_names()) == 1
+        and _INLINE_BLOCKERS.isdisjoint(service._overridden_hooks)
+    )
+
+
+#: Hooks that run while the tasks run: the run's own task must be free for them.
+_INLINE_BLOCKERS = frozenset({"on_started", "on_stop"})
+
+
+async def _reraise(error: Exception) -> None:
+    raise error
+
+
+async def _start_dependencies(run: Run, dependencies: Sequence[Owner]) -> None:
+    """Start the dependencies in order, each RUNNING before the next where it shows.
+
+    A dependency whose start runs none of the user's code (no start hooks, resources,
+    dependencies of its own, or task the start waits for) cannot tell whether the one
+    before it is RUNNING yet: a run of such dependencies starts together, with one wait
+    for all of them, before the next dependency that can tell.
+    """
+    together = _Countdown()
+    for dependency in dependencies:
+        if _start_is_observable(dependency):
+            await together.wait()
+            together = _Countdown()
+            started = Started()
+            _spawn_dependency(run, dependency, started)
+            await started.wait()
+        else:
+            together.remaining += 1
+            _spawn_dependency(run, dependency, together)
+    await together.wait()
+
+
+def _spawn_dependency(run: Run, dependency: Owner, status: anyio.abc.TaskStatus[None]) -> None:
+    # start_soon and an event rather than task_group.start(): the same wait for RUNNING,
+    # at a fraction of the cost of start()'s hand-over on trio. A crash of the dependency
+    # reaches this service through the task group, which cancels the wait.
+    run.started_dependencies.append(dependency)
+    assert run.task_group is not None
+    run.task_group.start_soon(
+        functools.partial(dependency.run, task_status=status),
+        name=f"{dependency.name} (of {run.service.name})",
+    )
+
+
+async def _serve_deferred(run: Run, spec: BackgroundSpec) -> None:
+    """Run ``spec``'s one task in the run's own task, in a slot as any task is."""
+    slot = Slot(spec.name, run, idle_runs_user_code=spec.idle_runs_user_code)
+    slot.task = run.task
+    run.slots[slot] = None
+    if run.stop_requested:
+        slot.release()
+    token = _current_slot.set(slot)
+    error: Exception | None = None
+    try:
+        with slot.scope:
+            await spec.run(run.service)
+    except Exception as exc:
+        exc.add_note(f"anyservice: raised in {slot.name!r} of service {run.service.name!r}")
+        run.note_crash()
+        error = exc
+    finally:
+        _current_slot.reset(token)
+        run.slot_ended(slot)
+    if error is not None:
+        # Raised by a task of the group, as it would have been with a task of its own:
+        # the group is cancelled, the tree below unwinds within the deadline, and the
+        # error leaves the run in the same exception group.
+        assert run.task_group is not None
+        run.task_group.start_soon(_reraise, error, name=f"{run.service.name}.{slot.name}")
