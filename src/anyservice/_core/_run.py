@@ -101,6 +101,8 @@ class Owner(Host, Protocol):
 
     def _record_crash(self, exc: BaseException) -> None: ...
 
+    def _log_lifecycle(self, message: str) -> None: ...
+
     def _request_stop(self, *, deadline: bool = True, sticky: bool = False) -> None: ...
 
     async def _stop(self, *, block: bool = True, timeout: float | None = None) -> bool: ...
@@ -445,7 +447,7 @@ class Run:
         service.crash_reason = None
         service._pending_crash = None
         service._set_state(ServiceState.STARTING)
-        service.log.log(service.lifecycle_log_level, "starting")
+        service._log_lifecycle("starting")
         handover = _Handover(task_status)
         try:
             await self._run_scoped(handover)
@@ -476,7 +478,7 @@ class Run:
         if service.state in (ServiceState.STARTING, ServiceState.RUNNING):
             service._set_state(ServiceState.STOPPING)
         service._set_state(ServiceState.STOPPED)
-        service.log.log(service.lifecycle_log_level, message)
+        service._log_lifecycle(message)
 
     async def _run_scoped(self, handover: _Handover) -> None:
         service = self.service
@@ -512,8 +514,9 @@ class Run:
             deferred, self.deferred = self.deferred, None
             if deferred is not None:
                 await _serve_deferred(self, deferred)
-            # An event rather than sleep_forever(): no timer to schedule per service.
-            await self.wait_stopping()
+            if deferred is None or not self.stop_requested:
+                # An event rather than sleep_forever(): no timer to schedule per service.
+                await self.wait_stopping()
             # A stop was requested: the start was cut short, or serving ends.
             if self.phase is RunPhase.CRASHING:
                 # The crash cancels this scope at the next checkpoint: no hooks to run.
@@ -544,7 +547,7 @@ class Run:
             if not self.stop_requested:
                 self._advance(RunPhase.RUNNING)
                 service._set_state(ServiceState.RUNNING)
-                service.log.log(service.lifecycle_log_level, "started")
+                service._log_lifecycle("started")
                 handover.started()
         return hooked
 
