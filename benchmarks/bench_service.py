@@ -10,7 +10,7 @@ deadline, under one parent and under a ``Supervisor``.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -123,92 +123,93 @@ def _check_states(services: list[Any], expected: str) -> None:
         )
 
 
-def service_lifecycle(config: Config, shape: str, size: int) -> Callable[[], SampleFunction]:
+Services = Callable[[], tuple[Any, list[Any]]]
+
+
+def lifecycle(
+    config: Config, library: Callable[[], Any], services: Services
+) -> Callable[[], SampleFunction]:
+    """Time ``async with root`` until all RUNNING and ``await root.stop()`` until all STOPPED."""
+
     def build() -> SampleFunction:
-        require(_library, config)
+        require(library, config)
 
         async def sample() -> Metrics:
-            root, services = _services(shape, size)
+            root, members = services()
             started = now()
             async with root:
                 running = now()
-                _check_states(services, "RUNNING")
+                _check_states(members, "RUNNING")
                 stopping = now()
                 await root.stop()
                 stopped = now()
-            _check_states(services, "STOPPED")
+            _check_states(members, "STOPPED")
             return {"start": running - started, "stop": stopped - stopping}
 
         return sample
 
     return build
+
+
+def held_memory(
+    config: Config, library: Callable[[], Any], services: Services, size: int
+) -> Callable[[], SampleFunction]:
+    """Bytes held per service once every service is RUNNING."""
+
+    def build() -> SampleFunction:
+        require(library, config)
+
+        async def sample() -> Metrics:
+            with HeldMemory() as memory:
+                root, members = services()
+                async with root:
+                    held = memory.held()
+                    _check_states(members, "RUNNING")
+                    await root.stop()
+            return {"bytes": held / size}
+
+        return sample
+
+    return build
+
+
+def service_lifecycle(config: Config, shape: str, size: int) -> Callable[[], SampleFunction]:
+    return lifecycle(config, _library, functools.partial(_services, shape, size))
 
 
 def service_memory(config: Config, size: int) -> Callable[[], SampleFunction]:
-    def build() -> SampleFunction:
-        require(_library, config)
-
-        async def sample() -> Metrics:
-            with HeldMemory() as memory:
-                root, services = _services("flat", size)
-                async with root:
-                    held = memory.held()
-                    _check_states(services, "RUNNING")
-                    await root.stop()
-            return {"bytes": held / size}
-
-        return sample
-
-    return build
+    return held_memory(config, _library, functools.partial(_services, "flat", size), size)
 
 
 def timer_lifecycle(config: Config, owner: str, size: int) -> Callable[[], SampleFunction]:
-    def build() -> SampleFunction:
-        require(_timer_library, config)
-
-        async def sample() -> Metrics:
-            root, services = _timer_services(owner, size)
-            started = now()
-            async with root:
-                running = now()
-                _check_states(services, "RUNNING")
-                stopping = now()
-                await root.stop()
-                stopped = now()
-            _check_states(services, "STOPPED")
-            return {"start": running - started, "stop": stopped - stopping}
-
-        return sample
-
-    return build
+    return lifecycle(config, _timer_library, functools.partial(_timer_services, owner, size))
 
 
 def timer_memory(config: Config, owner: str, size: int) -> Callable[[], SampleFunction]:
-    def build() -> SampleFunction:
-        require(_timer_library, config)
-
-        async def sample() -> Metrics:
-            with HeldMemory() as memory:
-                root, services = _timer_services(owner, size)
-                async with root:
-                    held = memory.held()
-                    _check_states(services, "RUNNING")
-                    await root.stop()
-            return {"bytes": held / size}
-
-        return sample
-
-    return build
+    services = functools.partial(_timer_services, owner, size)
+    return held_memory(config, _timer_library, services, size)
 
 
 # --- the raw anyio baselines ---------------------------------------------------------------
 
 
-def tasks_lifecycle(shape: str, size: int) -> SampleFunction:
+def _sleep(until: float | None) -> Awaitable[None]:
+    """Sleep forever (an idle service), or ``until`` seconds from now (an idle timer).
+
+    Returns the backend's coroutine itself: a coroutine of its own here would add a frame
+    to every baseline task.
+    """
+    if until is None:
+        return anyio.sleep_forever()
+    return anyio.sleep_until(anyio.current_time() + until)
+
+
+def tasks_lifecycle(shape: str, size: int, until: float | None = None) -> SampleFunction:
     """A task group of ``size`` sleeping tasks, or nested task groups shaped like the tree.
 
     The task group opened here plays the parent (flat) or the root (tree): the tree has
-    ``size - 1`` tasks besides it, the flat shape ``size``, as the services do.
+    ``size - 1`` tasks besides it, the flat shape ``size``, as the services do. Each task
+    sleeps forever, or ``until`` seconds (a timer's wait for its next tick).
     """
 
     async def sample() -> Metrics:
@@ -220,7 +221,7 @@ def tasks_lifecycle(shape: str, size: int) -> SampleFunction:
 
         async def sleeper() -> None:
             ready.arrive()
-            await anyio.sleep_forever()
+            await _sleep(until)
 
         async def node(index: int) -> None:
             async with anyio.create_task_group() as group:
@@ -246,60 +247,14 @@ def tasks_lifecycle(shape: str, size: int) -> SampleFunction:
     return sample
 
 
-def tasks_memory(size: int) -> SampleFunction:
+def tasks_memory(size: int, until: float | None = None) -> SampleFunction:
     async def sample() -> Metrics:
         with HeldMemory() as memory:
             ready = Countdown(size)
 
             async def sleeper() -> None:
                 ready.arrive()
-                await anyio.sleep_forever()
-
-            async with anyio.create_task_group() as group:
-                for _ in range(size):
-                    group.start_soon(sleeper)
-                await ready.wait()
-                held = memory.held()
-                group.cancel_scope.cancel()
-        return {"bytes": held / size}
-
-    return sample
-
-
-def deadline_tasks_lifecycle(size: int) -> SampleFunction:
-    """A task group of ``size`` tasks each sleeping until a deadline, as a timer does."""
-
-    async def sample() -> Metrics:
-        ready = Countdown(size)
-        deadline = anyio.current_time() + TIMER_INTERVAL
-
-        async def sleeper() -> None:
-            ready.arrive()
-            await anyio.sleep_until(deadline)
-
-        started = now()
-        async with anyio.create_task_group() as group:
-            for _ in range(size):
-                group.start_soon(sleeper)
-            await ready.wait()
-            running = now()
-            stopping = now()
-            group.cancel_scope.cancel()
-        stopped = now()
-        return {"start": running - started, "stop": stopped - stopping}
-
-    return sample
-
-
-def deadline_tasks_memory(size: int) -> SampleFunction:
-    async def sample() -> Metrics:
-        with HeldMemory() as memory:
-            ready = Countdown(size)
-            deadline = anyio.current_time() + TIMER_INTERVAL
-
-            async def sleeper() -> None:
-                ready.arrive()
-                await anyio.sleep_until(deadline)
+                await _sleep(until)
 
             async with anyio.create_task_group() as group:
                 for _ in range(size):
@@ -459,7 +414,7 @@ def timer_rows(config: Config) -> list[Table]:
             subject, baseline = compare(
                 backend,
                 timer_lifecycle(config, owner, TIMER_SIZE),
-                deadline_tasks_lifecycle(TIMER_SIZE),
+                tasks_lifecycle("flat", TIMER_SIZE, until=TIMER_INTERVAL),
                 **plan(config, TIMER_SIZE),
             )
             for table, metric in ((start, "start"), (stop, "stop")):
@@ -471,7 +426,7 @@ def timer_rows(config: Config) -> list[Table]:
             subject, baseline = compare(
                 backend,
                 timer_memory(config, owner, TIMER_SIZE),
-                deadline_tasks_memory(TIMER_SIZE),
+                tasks_memory(TIMER_SIZE, until=TIMER_INTERVAL),
                 repeats=memory_repeats(config, TIMER_SIZE),
                 warmup=0,
             )
