@@ -1,14 +1,16 @@
-"""The Service core: what an idle service costs to stop, to start and to keep in memory.
+"""The Service core: what a service costs to stop, to start and to keep in memory.
 
-Each anyservice figure is set beside the same thing done with raw anyio: a service is
+Each anyservice figure is set beside the same thing done with raw anyio: an idle service is
 compared with a task sleeping in ``anyio.sleep_forever()``, a parent with dependencies with a
-task group holding tasks, a tree of services with nested task groups of the same shape.
+task group holding tasks, a tree of services with nested task groups of the same shape. A
+service with one ``@timer`` (the shape users build) is compared with a task sleeping until a
+deadline, under one parent and under a ``Supervisor``.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -31,7 +33,7 @@ from _harness import (
 )
 
 NAME = "service"
-TITLE = "Service core: stop latency, start cost and memory of idle services"
+TITLE = "Service core: stop latency, start cost and memory of services"
 
 STOP_SIZES = (1, 100, 1_000, 10_000)
 START_SIZES = (1_000, 10_000)
@@ -39,6 +41,10 @@ START_SIZES = (1_000, 10_000)
 STOP_TARGET_SIZE = 1_000
 TARGET = 1.5
 FANOUT = 10
+#: Services with one timer each, under one parent or one supervisor.
+TIMER_SIZE = 1_000
+#: Long enough that no tick falls inside a run: what is measured is the idle timer.
+TIMER_INTERVAL = 3600.0
 
 
 def children(index: int, size: int) -> range:
@@ -62,6 +68,31 @@ def _library() -> tuple[type[Any], Any]:
         pass
 
     return Idle, ServiceState
+
+
+@functools.cache
+def _timer_library() -> tuple[type[Any], type[Any]]:
+    from anyservice import Service, Supervisor, timer
+
+    class Ticker(Service):  # one timer, as users write them
+        @timer(TIMER_INTERVAL)
+        async def tick(self) -> None:
+            pass
+
+    return Ticker, Supervisor
+
+
+def _timer_services(owner: str, size: int) -> tuple[Any, list[Any]]:
+    """A parent (``owner="parent"``) or a Supervisor over ``size`` services with a timer."""
+    ticker, supervisor = _timer_library()
+    members = [ticker() for _ in range(size)]
+    if owner == "supervisor":
+        root = supervisor(*members, name="supervisor")
+    else:
+        root = _library()[0](name="parent")
+        for child in members:
+            root.add_dependency(child)
+    return root, [root, *members]
 
 
 def _services(shape: str, size: int) -> tuple[Any, list[Any]]:
@@ -92,20 +123,27 @@ def _check_states(services: list[Any], expected: str) -> None:
         )
 
 
-def service_lifecycle(config: Config, shape: str, size: int) -> Callable[[], SampleFunction]:
+Services = Callable[[], tuple[Any, list[Any]]]
+
+
+def lifecycle(
+    config: Config, library: Callable[[], Any], services: Services
+) -> Callable[[], SampleFunction]:
+    """Time ``async with root`` until all RUNNING and ``await root.stop()`` until all STOPPED."""
+
     def build() -> SampleFunction:
-        require(_library, config)
+        require(library, config)
 
         async def sample() -> Metrics:
-            root, services = _services(shape, size)
+            root, members = services()
             started = now()
             async with root:
                 running = now()
-                _check_states(services, "RUNNING")
+                _check_states(members, "RUNNING")
                 stopping = now()
                 await root.stop()
                 stopped = now()
-            _check_states(services, "STOPPED")
+            _check_states(members, "STOPPED")
             return {"start": running - started, "stop": stopped - stopping}
 
         return sample
@@ -113,16 +151,20 @@ def service_lifecycle(config: Config, shape: str, size: int) -> Callable[[], Sam
     return build
 
 
-def service_memory(config: Config, size: int) -> Callable[[], SampleFunction]:
+def held_memory(
+    config: Config, library: Callable[[], Any], services: Services, size: int
+) -> Callable[[], SampleFunction]:
+    """Bytes held per service once every service is RUNNING."""
+
     def build() -> SampleFunction:
-        require(_library, config)
+        require(library, config)
 
         async def sample() -> Metrics:
             with HeldMemory() as memory:
-                root, services = _services("flat", size)
+                root, members = services()
                 async with root:
                     held = memory.held()
-                    _check_states(services, "RUNNING")
+                    _check_states(members, "RUNNING")
                     await root.stop()
             return {"bytes": held / size}
 
@@ -131,14 +173,43 @@ def service_memory(config: Config, size: int) -> Callable[[], SampleFunction]:
     return build
 
 
+def service_lifecycle(config: Config, shape: str, size: int) -> Callable[[], SampleFunction]:
+    return lifecycle(config, _library, functools.partial(_services, shape, size))
+
+
+def service_memory(config: Config, size: int) -> Callable[[], SampleFunction]:
+    return held_memory(config, _library, functools.partial(_services, "flat", size), size)
+
+
+def timer_lifecycle(config: Config, owner: str, size: int) -> Callable[[], SampleFunction]:
+    return lifecycle(config, _timer_library, functools.partial(_timer_services, owner, size))
+
+
+def timer_memory(config: Config, owner: str, size: int) -> Callable[[], SampleFunction]:
+    services = functools.partial(_timer_services, owner, size)
+    return held_memory(config, _timer_library, services, size)
+
+
 # --- the raw anyio baselines ---------------------------------------------------------------
 
 
-def tasks_lifecycle(shape: str, size: int) -> SampleFunction:
+def _sleep(until: float | None) -> Awaitable[None]:
+    """Sleep forever (an idle service), or ``until`` seconds from now (an idle timer).
+
+    Returns the backend's coroutine itself: a coroutine of its own here would add a frame
+    to every baseline task.
+    """
+    if until is None:
+        return anyio.sleep_forever()
+    return anyio.sleep_until(anyio.current_time() + until)
+
+
+def tasks_lifecycle(shape: str, size: int, until: float | None = None) -> SampleFunction:
     """A task group of ``size`` sleeping tasks, or nested task groups shaped like the tree.
 
     The task group opened here plays the parent (flat) or the root (tree): the tree has
-    ``size - 1`` tasks besides it, the flat shape ``size``, as the services do.
+    ``size - 1`` tasks besides it, the flat shape ``size``, as the services do. Each task
+    sleeps forever, or ``until`` seconds (a timer's wait for its next tick).
     """
 
     async def sample() -> Metrics:
@@ -150,7 +221,7 @@ def tasks_lifecycle(shape: str, size: int) -> SampleFunction:
 
         async def sleeper() -> None:
             ready.arrive()
-            await anyio.sleep_forever()
+            await _sleep(until)
 
         async def node(index: int) -> None:
             async with anyio.create_task_group() as group:
@@ -176,14 +247,14 @@ def tasks_lifecycle(shape: str, size: int) -> SampleFunction:
     return sample
 
 
-def tasks_memory(size: int) -> SampleFunction:
+def tasks_memory(size: int, until: float | None = None) -> SampleFunction:
     async def sample() -> Metrics:
         with HeldMemory() as memory:
             ready = Countdown(size)
 
             async def sleeper() -> None:
                 ready.arrive()
-                await anyio.sleep_forever()
+                await _sleep(until)
 
             async with anyio.create_task_group() as group:
                 for _ in range(size):
@@ -290,6 +361,8 @@ def run(config: Config) -> list[Table]:
                 *comparison_cells(subject, baseline, "bytes", fmt=fmt_bytes, target=TARGET),
             )
 
+    timer_tables = timer_rows(config)
+
     flat, tree = stop_tables["flat"], stop_tables["tree"]
     flat.notes += [
         f"Medians of {plan(config, 1)['repeats']} runs after one discarded warm-up pair "
@@ -326,4 +399,63 @@ def run(config: Config) -> list[Table]:
         f"{runs(memory_repeats(config, 10_000))}); not timed (tracemalloc is slow).",
         f"Target: <= {TARGET}x the bytes of a bare sleeping task.",
     ]
-    return [flat, tree, start, memory]
+    return [flat, tree, start, memory, *timer_tables]
+
+
+def timer_rows(config: Config) -> list[Table]:
+    """N services with one ``@timer`` each, under a parent and under a Supervisor."""
+    columns = ["backend", "owner", "anyservice", "baseline", "ratio", "target", "met?"]
+    n = fmt_count(TIMER_SIZE)
+    start = Table(f"{n} services with a timer: start until all RUNNING", columns)
+    stop = Table(f"{n} services with a timer: stop until all STOPPED", columns)
+    memory = Table(f"{n} services with a timer: memory held per running service", columns)
+    for backend in config.backends:
+        for owner in ("parent", "supervisor"):
+            subject, baseline = compare(
+                backend,
+                timer_lifecycle(config, owner, TIMER_SIZE),
+                tasks_lifecycle("flat", TIMER_SIZE, until=TIMER_INTERVAL),
+                **plan(config, TIMER_SIZE),
+            )
+            for table, metric in ((start, "start"), (stop, "stop")):
+                table.add_row(
+                    backend,
+                    owner,
+                    *comparison_cells(subject, baseline, metric, fmt=fmt_time, target=TARGET),
+                )
+            subject, baseline = compare(
+                backend,
+                timer_memory(config, owner, TIMER_SIZE),
+                tasks_memory(TIMER_SIZE, until=TIMER_INTERVAL),
+                repeats=memory_repeats(config, TIMER_SIZE),
+                warmup=0,
+            )
+            memory.add_row(
+                backend,
+                owner,
+                *comparison_cells(subject, baseline, "bytes", fmt=fmt_bytes, target=TARGET),
+            )
+    shape = (
+        f"anyservice: {n} services of a class with one `@timer({TIMER_INTERVAL:g})` (no tick "
+        "falls inside a run), the dependencies of one parent service or the children of one "
+        "`Supervisor`. Baseline: a task group of "
+        f"{n} tasks each in `anyio.sleep_until(deadline)`."
+    )
+    start.notes += [
+        shape,
+        "From entering `async with` until the first line inside it (every service RUNNING), "
+        "against `tg.start_soon` of the tasks until each has reached its sleep.",
+        f"Target: <= {TARGET}x.",
+    ]
+    stop.notes += [
+        "From just before `await root.stop()` to its return (every service is then asserted "
+        "STOPPED), against `tg.cancel_scope.cancel()` until the task group exits. A "
+        "supervisor stops its children one at a time in reverse order, by design.",
+        f"Target: <= {TARGET}x.",
+    ]
+    memory.notes += [
+        "tracemalloc: bytes allocated since just before the services (or tasks) were built "
+        "and still held once all are running, after a `gc.collect()`, divided by N.",
+        f"Target: <= {TARGET}x the bytes of a task sleeping until a deadline.",
+    ]
+    return [start, stop, memory]

@@ -146,6 +146,15 @@ def test_delay_fires_at_the_end_of_an_overrun_and_restarts_the_grid_there() -> N
     assert schedule.due == 4.5
 
 
+def test_catch_up_drops_the_points_a_late_start_came_too_late_for() -> None:
+    schedule = IntervalSchedule(1.0, start=0.0, policy="skip")
+    assert schedule.catch_up(1.75) == 0
+    assert schedule.due == 1.0
+    assert schedule.catch_up(2.0) == 0
+    assert schedule.catch_up(3.5) == 2
+    assert (schedule.index, schedule.due) == (3, 3.0)
+
+
 def test_burst_fires_every_missed_grid_point_back_to_back() -> None:
     schedule = IntervalSchedule(1.0, start=0.0, policy="burst")
     assert schedule.advance(1.0, 3.5) == TickOutcome(lateness=0.0, overran=True, missed=0)
@@ -881,3 +890,21 @@ def test_successive_fire_times_are_strictly_increasing_and_never_repeat(
         seen.append(moment)
     assert seen == sorted(set(seen))
     assert seen == [t for t in oracle_fire_times(zone, around, pattern) if seen[0] <= t <= seen[-1]]
+
+
+@settings(max_examples=150)
+@given(intervals, starts, st.floats(0, 50), st.booleans())
+def test_catch_up_leaves_the_tick_less_than_an_interval_late(
+    interval: float, start: float, late_by: float, exec_first: bool
+) -> None:
+    schedule = IntervalSchedule(interval, start=start, exec_first=exec_first)
+    before = schedule.index
+    due = schedule.due
+    woke = due + late_by * interval
+    dropped = schedule.catch_up(woke)
+    assert schedule.index == before + dropped
+    if woke <= start + (before + 1) * interval:
+        assert dropped == 0
+    else:
+        assert dropped >= 1
+        assert start + schedule.index * interval <= woke < start + (schedule.index + 1) * interval

@@ -17,6 +17,7 @@ from anyservice import (
     ServiceState,
     requirements,
     task,
+    timer,
     transitions_to,
 )
 
@@ -665,6 +666,70 @@ async def test_from_awaitable_stops_when_the_awaitable_completes() -> None:
 
 
 # ------------------------------------------------------------------ dependencies
+
+
+class Ticking(Service):
+    """A service with one timer and nothing else: its start and stop run no user code."""
+
+    @timer(60.0)
+    async def tick(self) -> None:
+        pass
+
+
+async def test_siblings_whose_start_runs_no_user_code_start_together() -> None:
+    parent = Service(name="parent")
+    first = parent.add_dependency(Ticking(name="first"))
+    second = parent.add_dependency(Ticking(name="second"))
+    seen: list[ServiceState] = []
+
+    async def watch() -> None:
+        await first.wait_for(ServiceState.RUNNING)
+        seen.append(second.state)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(watch)
+        async with parent:
+            pass
+    # One at a time, the second would not have begun when the first was RUNNING.
+    assert seen
+    assert seen[0] is not ServiceState.INIT
+
+
+async def test_siblings_whose_stop_runs_no_user_code_stop_together() -> None:
+    parent = Service(name="parent")
+    siblings = [parent.add_dependency(Ticking(name=f"s{index}")) for index in range(3)]
+    seen: list[list[ServiceState]] = []
+
+    async def watch() -> None:
+        await siblings[-1].wait_for(ServiceState.STOPPED)
+        seen.append([sibling.state for sibling in siblings[:-1]])
+
+    async with anyio.create_task_group() as group, parent:
+        group.start_soon(watch)
+        await anyio.lowlevel.checkpoint()
+    # One at a time, the earlier ones would still be RUNNING when the last had stopped.
+    assert seen
+    assert ServiceState.RUNNING not in seen[0]
+    assert all(sibling.state is ServiceState.STOPPED for sibling in siblings)
+
+
+async def test_a_later_sibling_with_work_in_flight_stops_before_the_earlier_ones() -> None:
+    seen: list[ServiceState] = []
+    parent = Service(name="parent")
+    earlier = parent.add_dependency(Ticking(name="earlier"))
+
+    class Busy(Service):
+        @timer(1.0)
+        async def work(self) -> None:
+            await anyio.sleep(0.5)
+            seen.append(earlier.state)
+
+    later = parent.add_dependency(Busy(name="later"))
+    async with parent:
+        await anyio.sleep(1.25)  # the body runs from 1 to 1.5
+    assert seen == [ServiceState.RUNNING]
+    assert later.state is ServiceState.STOPPED
+    assert earlier.state is ServiceState.STOPPED
 
 
 async def test_add_runtime_dependency_starts_it_at_once() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import itertools
 import logging
@@ -13,8 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from anyservice import MissedTickPolicy, Service, ServiceState, crontab, timer
+from anyservice import MissedTickPolicy, Service, ServiceState, crontab, task, timer
 from anyservice.testing import virtual_wall_clock
+from anyservice.testing._clock import VirtualTimeEventLoop
 
 pytestmark = [pytest.mark.anyio, pytest.mark.virtual_time]
 
@@ -152,6 +154,102 @@ async def test_ticks_land_where_the_policy_says_for_any_pattern(
             assert close(start, due)
         previous_end = end
         index += 1
+
+
+# ------------------------------------------------------------------ a busy event loop
+
+
+def block_the_event_loop(backend: str, seconds: float) -> None:
+    """What ``time.sleep(seconds)`` in a task does, on the virtual clock: time passes and
+    no other task runs until the caller awaits."""
+    if backend == "trio":
+        import trio.lowlevel
+        import trio.testing
+
+        clock = trio.lowlevel.current_clock()
+        assert isinstance(clock, trio.testing.MockClock)
+        clock.jump(seconds)
+    else:
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, VirtualTimeEventLoop)
+        loop.advance(seconds)
+
+
+def busy_loop_ticker(
+    backend: str, *, block_at: float, block_for: float, body: float
+) -> tuple[Service, list[float]]:
+    """A 10 ms timer whose body takes ``body``, beside a task that blocks the loop once."""
+    starts: list[float] = []
+
+    class Busy(Service):
+        shutdown_timeout = 0.0
+
+        @timer(0.01)
+        async def tick(self) -> None:
+            starts.append(anyio.current_time())
+            if body:
+                await anyio.sleep(body)
+
+        @task
+        async def hog(self) -> None:
+            await anyio.sleep(block_at)
+            block_the_event_loop(backend, block_for)
+
+    return Busy(), starts
+
+
+async def test_a_late_wake_up_with_a_short_body_is_not_an_overrun(
+    anyio_backend: tuple[str, object], caplog: pytest.LogCaptureFixture
+) -> None:
+    # The loop is blocked from 5 ms to 25 ms: the tick due at 10 ms wakes at 25 ms, after the
+    # next grid point (20 ms), so it is dropped; the one due at 20 ms runs at once, late.
+    service, starts = busy_loop_ticker(anyio_backend[0], block_at=0.005, block_for=0.02, body=0)
+    with caplog.at_level(logging.WARNING, logger="anyservice"):
+        t0 = await run_for(service, 0.305)
+    stats = service.timer_stats["tick"]
+    assert (stats.ticks, stats.overruns, stats.missed) == (29, 0, 1)
+    assert starts[0] - t0 == pytest.approx(0.025)
+    assert [start - t0 for start in starts[1:4]] == pytest.approx([0.03, 0.04, 0.05])
+    assert stats.worst_lateness == pytest.approx(0.005)
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 1
+    assert "woke up 0.015000s late" in warnings[0]
+    assert "the event loop was busy, not the body" in warnings[0]
+    assert "skips 1 tick(s)" in warnings[0]
+    assert "overran" not in warnings[0]
+
+
+async def test_a_tick_started_late_that_ends_past_the_next_point_is_followed_at_once(
+    anyio_backend: tuple[str, object], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Blocked from 5 ms to 18 ms: the tick due at 10 ms starts at 18 ms, before the next grid
+    # point, and its 4 ms body ends at 22 ms. Late start, short body: no overrun, nothing
+    # missed; the tick due at 20 ms starts at 22 ms.
+    service, starts = busy_loop_ticker(
+        anyio_backend[0], block_at=0.005, block_for=0.013, body=0.004
+    )
+    with caplog.at_level(logging.WARNING, logger="anyservice"):
+        t0 = await run_for(service, 0.105)
+    stats = service.timer_stats["tick"]
+    assert (stats.overruns, stats.missed) == (0, 0)
+    assert [start - t0 for start in starts[:4]] == pytest.approx([0.018, 0.022, 0.03, 0.04])
+    assert stats.worst_lateness == pytest.approx(0.008)
+    assert caplog.records == []
+
+
+async def test_a_long_body_is_still_an_overrun_and_says_so(
+    anyio_backend: tuple[str, object], caplog: pytest.LogCaptureFixture
+) -> None:
+    # No late wake-up: the first body takes 25 ms on a 10 ms grid, the real cause.
+    service, runs = ticker(0.01, [0.025])
+    with caplog.at_level(logging.WARNING, logger="anyservice"):
+        t0 = await run_for(service, 0.105)
+    assert [start - t0 for start, _ in runs[:3]] == pytest.approx([0.01, 0.04, 0.05])
+    stats = service.timer_stats["tick"]
+    assert (stats.overruns, stats.missed) == (1, 2)
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 1
+    assert "the body took 0.025000s against an interval of 0.01s" in warnings[0]
 
 
 # ------------------------------------------------------------------ errors and stopping
@@ -351,7 +449,7 @@ async def test_a_timer_interval_may_be_a_timedelta_or_a_numeric_string() -> None
         async def by_string(self) -> None:
             seen.append(2.0)
 
-    await run_for(Mixed(), 4.5)
+    await run_for(Mixed(), 4.75)  # off the grid points, so no tick races the stop
     assert sorted(seen) == [1.5, 1.5, 1.5, 2.0, 2.0]
 
 

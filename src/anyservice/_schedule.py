@@ -178,6 +178,33 @@ class IntervalSchedule:
             index += 1
         return index
 
+    def catch_up(self, started_at: float) -> int:
+        """The due tick starts at ``started_at``: drop the grid points it came too late for.
+
+        A tick is dropped only when its own start came after the next grid point: a tick
+        woken late (a busy event loop) stands for the latest grid point at or before
+        ``started_at``, and the points before that one are dropped. A tick that starts
+        before (or at) the next grid point, however late, is not.
+
+        Args:
+            started_at: Clock reading when the due tick's body is about to start.
+
+        Returns:
+            How many grid points were dropped (0 when the tick is less than an interval late).
+
+        Raises:
+            ValueError: If ``started_at`` is not finite.
+        """
+        started_at = check_clock_reading(started_at, "started_at")
+        ran = self._index
+        if started_at <= self._grid(ran + 1):
+            return 0
+        latest = self._first_index_at_or_after(started_at, ran + 1)
+        if self._grid(latest) > started_at:
+            latest -= 1
+        self._index = latest
+        return latest - ran
+
     def advance(self, started_at: float, finished_at: float) -> TickOutcome:
         """Record that the due tick ran, and move :attr:`due` to the next tick.
 
@@ -482,6 +509,7 @@ class TimerStats:
     last_duration: float = 0.0
     worst_duration: float = 0.0
     _overrunning: bool = field(default=False, repr=False)
+    _waking_late: bool = field(default=False, repr=False)
 
     @classmethod
     def for_interval(cls, interval: float) -> TimerStats:

@@ -63,6 +63,8 @@ class _PeriodicSpec(BackgroundSpec):
 
     #: Exceptions that crash the service even with ``on_error="log"``.
     propagate: tuple[type[Exception], ...] = ()
+    #: Between ticks only the library's own sleep is on the stack: the body runs in flight.
+    idle_runs_user_code = False
 
     def __init__(self, function: Callable[[Any], Awaitable[None]], *, on_error: OnError) -> None:
         super().__init__(function)
@@ -141,10 +143,18 @@ class TimerSpec(_PeriodicSpec):
             policy=self.policy,
             exec_first=self.exec_first,
         )
+        skip = self.policy is MissedTickPolicy.SKIP
         while True:
             due = schedule.due
             await anyio.sleep_until(due)
+            if skip:
+                due = self.catch_up(service, stats, schedule, due)
             started, finished = await self.run_body(service, stats, due)
+            if skip and finished - started <= schedule.interval:
+                # The body alone fits in an interval: if it still ended past the next grid
+                # point, a late start did that, and the next tick runs at once, late, rather
+                # than being counted as an overrun and skipped.
+                finished = min(finished, due + schedule.interval)
             outcome = schedule.advance(started, finished)
             stats.missed += outcome.missed
             if outcome.overran:
@@ -153,6 +163,29 @@ class TimerSpec(_PeriodicSpec):
             else:
                 stats._overrunning = False
             await self.after_tick(service)
+
+    def catch_up(
+        self, service: Host, stats: TimerStats, schedule: IntervalSchedule, due: float
+    ) -> float:
+        """Drop the ticks a late wake-up came too late for; returns the due time of the tick."""
+        woke = anyio.current_time()
+        dropped = schedule.catch_up(woke)
+        if not dropped:
+            stats._waking_late = False
+            return due
+        stats.missed += dropped
+        if not stats._waking_late:
+            # One warning per run of late wake-ups, as for overruns.
+            stats._waking_late = True
+            service.log.warning(
+                "%s woke up %.6fs late, past the next grid point (the event loop was busy, "
+                "not the body); policy %r skips %s tick(s) to the latest grid point",
+                self.describe(),
+                woke - due,
+                self.policy.value,
+                dropped,
+            )
+        return schedule.due
 
     async def after_tick(self, service: Host) -> None:
         """Called after each tick has been accounted for."""

@@ -54,7 +54,9 @@ class Compat:
         _run: Run | None
         _pending: Pending
         _tree: Tree
-        _log: logging.LoggerAdapter[logging.Logger]
+
+        @property
+        def log(self) -> logging.LoggerAdapter[logging.Logger]: ...
 
         @property
         def should_stop(self) -> bool: ...
@@ -128,7 +130,7 @@ class Compat:
     @property
     def logger(self) -> logging.LoggerAdapter[logging.Logger]:
         """The same logger as ``log``, under Prefect's (and mode's) name."""
-        return self._log
+        return self.log
 
     @property
     def crashed(self) -> bool:

@@ -7,25 +7,29 @@ From the outside in, a run opens:
   cancel scope is the *hard* scope. Only the run itself cancels it or sets its deadline:
   ``now + shutdown_timeout`` when a stop is requested or the service crashes; whatever is
   left then is cancelled. A task that raises cancels it too (that is anyio's doing);
-- the *running* scope, around the start only. Only :meth:`Run.request_stop` cancels it,
+- the *running* scope, around the start only, and only for a start that can await (one
+  that runs no code of the user's never does). Only :meth:`Run.request_stop` cancels it,
   and only while STARTING: a stop cuts the start short. Once RUNNING, the run waits on its
-  ``stopping`` event, which a stop sets, so nothing needs cancelling to end serving;
-- one *slot* scope per background task. Only the slot's release cancels it (at once if the
-  task is idle, or when it leaves ``in_flight()``), or the task itself when it stops or
+  stop request (:meth:`Run.wait_stopping`), so nothing needs cancelling to end serving;
+- one *slot* scope per background task, which runs in a task of its own, or, for a
+  service whose one task no hook runs beside (no ``on_started``, no ``on_stop``), in the
+  run's own task once RUNNING. Only the slot's release cancels it (at once if the task
+  is idle, or when it leaves ``in_flight()``), or the task itself when it stops or
   restarts its own service from inside, so that it unwinds; the hard deadline cuts both
-  short.
+  short. A stop with no ``on_stop`` to run first releases the slots at once.
 
 The run's :class:`~anyservice._core._state.RunPhase` moves forward only: STARTING (the
 dependencies, ``on_start``, resources, tasks, ``on_started``), RUNNING (reported to the
 caller), STOPPING (``on_stop``, the tasks end, ``on_shutdown``), CRASHING (a task or a hook
 raised: no more hooks run, the task group is being cancelled), CLOSED (the body is over; the
 task group takes no new task and only waits for its own, so a late ``crash()`` is kept aside
-and raised once the group has closed). A stop requested is the ``stopping`` event, set once:
+and raised once the group has closed). A stop requested is the ``stop_requested`` flag, set once:
 it may come in any phase, and the phase says what is left to undo.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, AsyncExitStack
@@ -94,11 +98,15 @@ class Owner(Host, Protocol):
 
     def _dependencies_to_start(self) -> Sequence[Owner]: ...
 
+    def _has_dependencies(self) -> bool: ...
+
     def _set_state(self, new: ServiceState) -> None: ...
 
     async def _wait_for_shutdown_flag(self) -> None: ...
 
     def _record_crash(self, exc: BaseException) -> None: ...
+
+    def _log_lifecycle(self, message: str) -> None: ...
 
     def _request_stop(self, *, deadline: bool = True, sticky: bool = False) -> None: ...
 
@@ -133,7 +141,7 @@ async def sleep_until(run: Run | None, deadline: float) -> bool:
         await anyio.sleep_until(deadline)
         return True
     with anyio.move_on_at(deadline):
-        await run.stopping.wait()
+        await run.wait_stopping()
         return False
     return True
 
@@ -180,9 +188,18 @@ class InFlight:
 class Slot:
     """One background task of a running service, in its own cancel scope."""
 
-    __slots__ = ("in_flight", "name", "ready", "released", "run", "scope", "task")
+    __slots__ = (
+        "idle_runs_user_code",
+        "in_flight",
+        "name",
+        "ready",
+        "released",
+        "run",
+        "scope",
+        "task",
+    )
 
-    def __init__(self, name: str, run: Run) -> None:
+    def __init__(self, name: str, run: Run, *, idle_runs_user_code: bool = True) -> None:
         self.name = name
         self.run = run
         self.scope = anyio.CancelScope()
@@ -191,6 +208,14 @@ class Slot:
         self.task: anyio.TaskInfo | None = None
         #: Set when the task reports ready, for a spec that makes the start wait for it.
         self.ready: anyio.Event | None = None
+        #: False when, outside ``in_flight()``, the task runs only the library's code (a
+        #: timer between ticks): cancelling it then cannot be observed.
+        self.idle_runs_user_code = idle_runs_user_code
+
+    @property
+    def observable(self) -> bool:
+        """True if ending this task now could run code of the user's."""
+        return bool(self.in_flight) or self.idle_runs_user_code
 
     def release(self) -> None:
         """The service is stopping: end now if idle, else when the in-flight work is done."""
@@ -280,6 +305,30 @@ class Started:
             await event.wait()
 
 
+class _Countdown:
+    """One ``task_status`` for dependencies started together: one wait for all of them.
+
+    Each run tells its ``task_status`` at most once (:class:`_Handover`), so counting the
+    calls counts the dependencies that are RUNNING (or whose start a stop cut short).
+    """
+
+    __slots__ = ("event", "remaining")
+
+    def __init__(self) -> None:
+        self.remaining = 0
+        self.event: anyio.Event | None = None
+
+    def started(self, value: object = None) -> None:
+        self.remaining -= 1
+        if not self.remaining and self.event is not None:
+            self.event.set()
+
+    async def wait(self) -> None:
+        if self.remaining:
+            self.event = anyio.Event()
+            await self.event.wait()
+
+
 class _Handover:
     """The caller's ``task_status``, told at most once that the service is RUNNING."""
 
@@ -299,6 +348,7 @@ class Run:
 
     __slots__ = (
         "cut_short",
+        "deferred",
         "inside",
         "live_resources",
         "phase",
@@ -309,6 +359,7 @@ class Run:
         "slots",
         "slots_done",
         "started_dependencies",
+        "stop_requested",
         "stopping",
         "task",
         "task_group",
@@ -319,10 +370,16 @@ class Run:
         self.phase = RunPhase.STARTING
         #: True if this run follows an earlier one of the service (a restart).
         self.restarted = False
-        self.running_scope: anyio.CancelScope | None = anyio.CancelScope()
+        # A start that runs none of the user's code never awaits: nothing to cut short.
+        self.running_scope: anyio.CancelScope | None = (
+            anyio.CancelScope() if _start_is_observable(service) else None
+        )
         self.task_group: anyio.abc.TaskGroup | None = None
         #: Set once, by the first stop request: the one signal that serving should end.
-        self.stopping = anyio.Event()
+        self.stop_requested = False
+        #: Made for the first task that waits for a stop: a service whose one task runs in
+        #: the run's own task ends that task at the stop, and then need not wait.
+        self.stopping: anyio.Event | None = None
         # A dict as an ordered set: an empty one is a third of the size of an empty set.
         self.slots: dict[Slot, None] = {}
         self.slots_done: anyio.Event | None = None
@@ -334,6 +391,9 @@ class Run:
         #: The resources while they may still be added to: from the start until the tasks
         #: have stopped.
         self.live_resources: Resources | None = None
+        #: The one background task that the run's own task runs once RUNNING, instead of
+        #: a task of its own (see :meth:`_start_background`).
+        self.deferred: BackgroundSpec | None = None
 
     # ------------------------------------------------------------ questions
 
@@ -343,9 +403,14 @@ class Run:
         assert self.task_group is not None, "the run's task group is not open yet"
         return self.task_group.cancel_scope
 
-    @property
-    def stop_requested(self) -> bool:
-        return self.stopping.is_set()
+    async def wait_stopping(self) -> None:
+        """Return once a stop was requested (at once, after a checkpoint, if it was)."""
+        if self.stop_requested:
+            await anyio.lowlevel.checkpoint()
+            return
+        if self.stopping is None:
+            self.stopping = anyio.Event()
+        await self.stopping.wait()
 
     @property
     def takes_tasks(self) -> bool:
@@ -356,15 +421,20 @@ class Run:
             and not self.task_group.cancel_scope.cancel_called
         )
 
-    def has_stop_work(self) -> bool:
-        """True if anything of this run can observe the order its stop comes in."""
+    def stop_is_observable(self) -> bool:
+        """True if anything of this run can observe the order its stop comes in.
+
+        Hooks, resources and dependencies run code at stop; so does a task that holds work
+        in flight, or whose idle wait is the user's own code (its ``finally`` runs on
+        cancellation). A timer between ticks holds none of that.
+        """
         service = self.service
         return bool(
-            self.slots
-            or self.started_dependencies
+            self.started_dependencies
             or self.resources.stack is not None
             or "on_stop" in service._overridden_hooks
             or "on_shutdown" in service._overridden_hooks
+            or any(slot.observable for slot in self.slots)
         )
 
     def stop_deadline(self) -> float:
@@ -390,7 +460,7 @@ class Run:
         service.crash_reason = None
         service._pending_crash = None
         service._set_state(ServiceState.STARTING)
-        service.log.log(service.lifecycle_log_level, "starting")
+        service._log_lifecycle("starting")
         handover = _Handover(task_status)
         try:
             await self._run_scoped(handover)
@@ -421,7 +491,7 @@ class Run:
         if service.state in (ServiceState.STARTING, ServiceState.RUNNING):
             service._set_state(ServiceState.STOPPING)
         service._set_state(ServiceState.STOPPED)
-        service.log.log(service.lifecycle_log_level, message)
+        service._log_lifecycle(message)
 
     async def _run_scoped(self, handover: _Handover) -> None:
         service = self.service
@@ -454,8 +524,12 @@ class Run:
             # Started (or cut short): from here a stop only sets the event, so the scope can
             # go, and with it what anyio keeps for it while the service runs.
             self.running_scope = None
-            # An event rather than sleep_forever(): no timer to schedule per service.
-            await self.stopping.wait()
+            deferred, self.deferred = self.deferred, None
+            if deferred is not None:
+                await _serve_deferred(self, deferred)
+            if deferred is None or not self.stop_requested:
+                # An event rather than sleep_forever(): no timer to schedule per service.
+                await self.wait_stopping()
             # A stop was requested: the start was cut short, or serving ends.
             if self.phase is RunPhase.CRASHING:
                 # The crash cancels this scope at the next checkpoint: no hooks to run.
@@ -476,12 +550,10 @@ class Run:
         """Start, in the running scope; returns whether ``on_start`` completed."""
         service = self.service
         hooked = False
-        assert self.running_scope is not None
-        with self.running_scope:
+        with self.running_scope or contextlib.nullcontext():
             if self.restarted:
                 await self._call_hook("on_restart")
-            for dependency in service._dependencies_to_start():
-                await self._start_dependency(dependency)
+            await _start_dependencies(self, service._dependencies_to_start())
             if not service._started_once:
                 service._started_once = True
                 await self._call_hook("on_first_start")
@@ -494,33 +566,32 @@ class Run:
             if not self.stop_requested:
                 self._advance(RunPhase.RUNNING)
                 service._set_state(ServiceState.RUNNING)
-                service.log.log(service.lifecycle_log_level, "started")
+                service._log_lifecycle("started")
                 handover.started()
         return hooked
 
     async def _start_background(self) -> None:
+        specs = self.service._background_specs
+        if _serves_inline(self.service):
+            # One task, which the start does not wait for, and no hook between the start of
+            # the tasks and their end (on_started, on_stop): the run's own task, which has
+            # nothing else to do until a stop, runs it once RUNNING. A task less per service.
+            self.deferred = specs[0]
+            return
         waits: list[Slot] = []
-        for spec in self.service._background_specs:
+        for spec in specs:
             for slot_name in spec.slot_names():
-                slot = self.spawn(slot_name, spec.run, self.service)
+                slot = self.spawn(
+                    slot_name,
+                    spec.run,
+                    self.service,
+                    idle_runs_user_code=spec.idle_runs_user_code,
+                )
                 if spec.reports_ready:
                     slot.ready = anyio.Event()
                     waits.append(slot)
         for slot in waits:
             await slot.ready.wait()  # type: ignore[union-attr]  # set just above
-
-    async def _start_dependency(self, dependency: Owner) -> None:
-        # start_soon and an event rather than task_group.start(): the same wait for RUNNING,
-        # at a fraction of the cost of start()'s hand-over on trio. A crash of the dependency
-        # reaches this service through the task group, which cancels this wait.
-        started = Started()
-        self.started_dependencies.append(dependency)
-        assert self.task_group is not None
-        self.task_group.start_soon(
-            functools.partial(dependency.run, task_status=started),
-            name=f"{dependency.name} (of {self.service.name})",
-        )
-        await started.wait()
 
     async def _call_hook(self, hook: str) -> None:
         service = self.service
@@ -540,16 +611,22 @@ class Run:
 
     def request_stop(self, *, deadline: bool = True) -> bool:
         """Begin the stop: cut a start short, end serving. False if already requested."""
-        if self.stopping.is_set():
+        if self.stop_requested:
             return False
         if deadline:
             self.set_deadline()
+        if "on_stop" not in self.service._overridden_hooks:
+            # Nothing runs before the tasks end: they may end now. The run's own task may
+            # be running one of them (a deferred one), and is free only once it has ended.
+            self.release_slots()
         scope = self.running_scope
         if scope is not None and self.phase is RunPhase.STARTING:
             # Still starting: cut the start short. Once RUNNING, the run task only waits
             # for the event below, so cancelling (which costs anyio a retry loop) is moot.
             scope.cancel()
-        self.stopping.set()
+        self.stop_requested = True
+        if self.stopping is not None:
+            self.stopping.set()
         return True
 
     def set_deadline(self) -> None:
@@ -564,24 +641,37 @@ class Run:
         self._advance(RunPhase.CRASHING)
 
     async def _stop_dependencies(self) -> None:
+        """Stop the dependencies in reverse order, where the order can be observed.
+
+        A dependency whose stop can observe it (see :meth:`stop_is_observable`) is waited
+        for before the ones started before it are stopped. The others only unwind: they are
+        told to stop and their tasks released at once, so that none of them can begin work
+        in flight meanwhile, and the task group's exit waits for all of them together,
+        within this service's own deadline.
+        """
         started = self.started_dependencies
         while started:
             dependency = started.pop()
             dependency_run = dependency._run
-            if dependency_run is not None and dependency_run.has_stop_work():
+            if dependency_run is None:
+                continue
+            if dependency_run.stop_is_observable():
                 await dependency._stop()
-            elif dependency_run is not None:
-                # Nothing of it can observe the order (no hooks, tasks, resources or
-                # dependencies): let it unwind with the others instead of waiting for it
-                # alone; the task group's exit waits for all of them, within this
-                # service's own deadline.
+            else:
                 dependency._request_stop(deadline=False)
+                dependency_run.release_slots()
 
     # ------------------------------------------------------------ slots
 
-    def spawn(self, name: str, body: Callable[..., Awaitable[None]], *args: Any) -> Slot:
+    def spawn(
+        self,
+        name: str,
+        body: Callable[..., Awaitable[None]],
+        *args: Any,
+        idle_runs_user_code: bool = True,
+    ) -> Slot:
         """Run ``body(*args)`` as a background task of this run, in its own slot."""
-        slot = Slot(name, self)
+        slot = Slot(name, self, idle_runs_user_code=idle_runs_user_code)
         self.slots[slot] = None
         assert self.task_group is not None
         self.task_group.start_soon(
@@ -605,19 +695,118 @@ class Run:
             self.note_crash()
             raise
         finally:
-            # A start that waits for this task must not wait for one that ended.
-            slot.set_ready()
-            self.slots.pop(slot, None)
-            if not self.slots and self.slots_done is not None:
-                self.slots_done.set()
+            self.slot_ended(slot)
+
+    def slot_ended(self, slot: Slot) -> None:
+        # A start that waits for this task must not wait for one that ended.
+        slot.set_ready()
+        self.slots.pop(slot, None)
+        if not self.slots and self.slots_done is not None:
+            self.slots_done.set()
 
     async def _stop_slots(self) -> None:
+        self.release_slots()
+        await self.wait_slots_done()
+
+    def release_slots(self) -> None:
         for slot in list(self.slots):
             slot.release()
-        await self.wait_slots_done()
 
     async def wait_slots_done(self) -> None:
         if self.slots:
             if self.slots_done is None:
                 self.slots_done = anyio.Event()
             await self.slots_done.wait()
+
+
+def _start_is_observable(service: Owner) -> bool:
+    """True if the start of ``service`` runs code of the user's, or waits for a task."""
+    return bool(
+        service._has_dependencies()
+        or service._contexts
+        or not _START_HOOKS.isdisjoint(service._overridden_hooks)
+        or any(spec.reports_ready for spec in service._background_specs)
+    )
+
+
+_START_HOOKS = frozenset({"on_first_start", "on_restart", "on_start", "on_started"})
+
+
+def _serves_inline(service: Owner) -> bool:
+    """True if the run's own task can run the service's one background task itself."""
+    specs = service._background_specs
+    return (
+        len(specs) == 1
+        and not specs[0].reports_ready
+        and len(specs[0].slot_names()) == 1
+        and _INLINE_BLOCKERS.isdisjoint(service._overridden_hooks)
+    )
+
+
+#: Hooks that run while the tasks run: the run's own task must be free for them.
+_INLINE_BLOCKERS = frozenset({"on_started", "on_stop"})
+
+
+async def _reraise(error: Exception) -> None:
+    raise error
+
+
+async def _start_dependencies(run: Run, dependencies: Sequence[Owner]) -> None:
+    """Start the dependencies in order, each RUNNING before the next where it shows.
+
+    A dependency whose start runs none of the user's code (no start hooks, resources,
+    dependencies of its own, or task the start waits for) cannot tell whether the one
+    before it is RUNNING yet: a run of such dependencies starts together, with one wait
+    for all of them, before the next dependency that can tell.
+    """
+    together = _Countdown()
+    for dependency in dependencies:
+        if _start_is_observable(dependency):
+            await together.wait()
+            together = _Countdown()
+            started = Started()
+            _spawn_dependency(run, dependency, started)
+            await started.wait()
+        else:
+            together.remaining += 1
+            _spawn_dependency(run, dependency, together)
+    await together.wait()
+
+
+def _spawn_dependency(run: Run, dependency: Owner, status: anyio.abc.TaskStatus[None]) -> None:
+    # start_soon and an event rather than task_group.start(): the same wait for RUNNING,
+    # at a fraction of the cost of start()'s hand-over on trio. A crash of the dependency
+    # reaches this service through the task group, which cancels the wait.
+    run.started_dependencies.append(dependency)
+    assert run.task_group is not None
+    run.task_group.start_soon(
+        functools.partial(dependency.run, task_status=status),
+        name=f"{dependency.name} (of {run.service.name})",
+    )
+
+
+async def _serve_deferred(run: Run, spec: BackgroundSpec) -> None:
+    """Run ``spec``'s one task in the run's own task, in a slot as any task is."""
+    slot = Slot(spec.name, run, idle_runs_user_code=spec.idle_runs_user_code)
+    slot.task = run.task
+    run.slots[slot] = None
+    if run.stop_requested:
+        slot.release()
+    token = _current_slot.set(slot)
+    error: Exception | None = None
+    try:
+        with slot.scope:
+            await spec.run(run.service)
+    except Exception as exc:
+        exc.add_note(f"anyservice: raised in {slot.name!r} of service {run.service.name!r}")
+        run.note_crash()
+        error = exc
+    finally:
+        _current_slot.reset(token)
+        run.slot_ended(slot)
+    if error is not None:
+        # Raised by a task of the group, as it would have been with a task of its own:
+        # the group is cancelled, the tree below unwinds within the deadline, and the
+        # error leaves the run in the same exception group.
+        assert run.task_group is not None
+        run.task_group.start_soon(_reraise, error, name=f"{run.service.name}.{slot.name}")

@@ -61,6 +61,13 @@ class _ServiceLog(logging.LoggerAdapter[logging.Logger]):
         return f"[{extra['service']}] {msg}", kwargs
 
 
+def _log_lifecycle(service: Service, message: str) -> None:
+    # Most services log nothing but their lifecycle, at a level that is usually off: the
+    # adapter is not made for them.
+    if _library_log.isEnabledFor(service.lifecycle_log_level):
+        service.log.log(service.lifecycle_log_level, message)
+
+
 def _check_timeout(value: object, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{what} must be a number of seconds, got {value!r}")
@@ -123,7 +130,7 @@ class Service(Compat):
             )
         else:
             _check_timeout(self.shutdown_timeout, f"{self.name}: shutdown_timeout")
-        self._log = _ServiceLog(_library_log, {"service": self.name})
+        self._log: _ServiceLog | None = None  # made at the first line logged
         self.diag = self.Diag(self.name)
         self.crash_reason: BaseException | None = None
         self.restart_count = 0
@@ -186,7 +193,11 @@ class Service(Compat):
         service's name (so ``%(service)s`` works in a format); each line starts with
         ``[name]``.
         """
+        if self._log is None:
+            self._log = _ServiceLog(_library_log, {"service": self.name})
         return self._log
+
+    _log_lifecycle = _log_lifecycle
 
     @property
     def state(self) -> ServiceState:
@@ -299,6 +310,9 @@ class Service(Compat):
 
     def _dependencies_to_start(self) -> list[Service]:
         return self._tree.to_start()  # type: ignore[return-value]  # nodes are Services
+
+    def _has_dependencies(self) -> bool:
+        return self._tree.has_dependencies()
 
     def add_context(self, context: ContextSource) -> Any:
         """Register or enter a (sync or async) context manager as a resource of the service.
@@ -755,7 +769,7 @@ def _request_stop(service: Service, *, deadline: bool = True, sticky: bool = Fal
         return
     if run.request_stop(deadline=deadline) and service._state is not ServiceState.STOPPING:
         service._set_state(ServiceState.STOPPING)
-        service._log.log(service.lifecycle_log_level, "stopping")
+        service._log_lifecycle("stopping")
 
 
 async def _stop(
@@ -782,7 +796,7 @@ async def _stop(
 
 def _log_stuck(service: Service, waited: float) -> None:
     stacks = service.tracebacks()
-    service._log.error(
+    service.log.error(
         "still not stopped after %ss (state %s); stuck tasks:\n%s",
         waited,
         service._state.name,
@@ -843,9 +857,9 @@ def _record_crash(service: Service, exc: BaseException) -> None:
     if fresh:
         for leaf in fresh:
             mark_logged(leaf)
-        service._log.error("crashed: %r", reason, exc_info=reason)
+        service.log.error("crashed: %r", reason, exc_info=reason)
     else:
-        service._log.error("crashed: %r (logged above)", reason)
+        service.log.error("crashed: %r (logged above)", reason)
 
 
 def _tracebacks(service: Service) -> dict[str, str]:

@@ -48,6 +48,9 @@ class BackgroundSpec:
     #: True for work the start waits for: the service reports RUNNING only once each copy
     #: has called ``report_ready()`` (or ended).
     reports_ready = False
+    #: False for work that runs no code of the user's while idle (a timer between ticks):
+    #: cancelling it then cannot be observed, so its stop need not wait its turn.
+    idle_runs_user_code = True
 
     def __init__(self, function: AsyncMethod) -> None:
         self.function = function
