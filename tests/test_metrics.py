@@ -13,10 +13,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from anyservice import Service, ServiceState, StatusServer, Supervisor, _hooks, task, timer
+from anyservice import Service, ServiceState, StatusServer, Supervisor, _hooks, timer
 from anyservice.taskqueue import TaskQueue, TaskWorker
 
-from .http_client import PROMPTLY, request, until
+from .status_helpers import PROMPTLY, BreaksOnce, request, until
 
 pytestmark = pytest.mark.anyio
 
@@ -45,21 +45,9 @@ class Ticker(Service):
     async def tick(self) -> None: ...
 
 
-class BreaksOnce(Service):
-    def __init__(self) -> None:
-        super().__init__(name="flaky")
-        self.broken = False
-
-    @task
-    async def work(self) -> None:
-        if not self.broken:
-            self.broken = True
-            raise RuntimeError("once")
-        await anyio.sleep_forever()
-
-
 async def test_services_and_timers_are_exported_by_name() -> None:
-    flaky = BreaksOnce()
+    flaky = BreaksOnce("flaky")
+    flaky.now.set()
     tree = Supervisor(Ticker(name="ticker"), flaky, name="top")
     async with StatusServer(tree, metrics=True) as server, tree:
         ticker = tree.children()[0]

@@ -14,9 +14,10 @@ import anyio
 import anyio.to_thread
 import pytest
 
-from anyservice import Service, ServiceState, StatusServer, Supervisor, task, timer
+from anyservice import Service, ServiceState, StatusServer, Supervisor, timer
 
 from . import chromium
+from .status_helpers import BreaksOnce
 
 pytestmark = pytest.mark.anyio
 
@@ -47,20 +48,6 @@ def browser() -> Iterator[chromium.Chromium]:
 class Ticker(Service):
     @timer(0.05)
     async def beat(self) -> None: ...
-
-
-class BreaksOnce(Service):
-    def __init__(self, name: str) -> None:
-        super().__init__(name=name)
-        self.now = anyio.Event()
-        self.broken = False
-
-    @task
-    async def work(self) -> None:
-        await self.now.wait()
-        if not self.broken:
-            self.broken = True
-            raise RuntimeError("told to break")
 
 
 async def shown_until(

@@ -28,7 +28,7 @@ from anyservice import (
 )
 from anyservice.taskqueue import TaskQueue, TaskWorker
 
-from .http_client import PROMPTLY, http, request, until
+from .status_helpers import PROMPTLY, BreaksOnce, http, request, until
 
 pytestmark = pytest.mark.anyio
 
@@ -46,22 +46,6 @@ class Flagged(Service):
     @transitions_to("FLUSHING")
     async def flush(self) -> None:
         await anyio.sleep_forever()
-
-
-class Breaks(Service):
-    """Crashes once (and so is restarted by its supervisor) when told to."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(name=name)
-        self.now = anyio.Event()
-        self.broken = False
-
-    @task
-    async def wait_for_it(self) -> None:
-        await self.now.wait()
-        if not self.broken:
-            self.broken = True
-            raise RuntimeError("told to break")
 
 
 class Sick(Service):
@@ -82,7 +66,7 @@ async def test_port_0_picks_a_free_port_readable_from_the_server() -> None:
 
 
 async def test_the_tree_shows_states_restarts_flags_timers_and_children() -> None:
-    breaks = Breaks("breaks")
+    breaks = BreaksOnce("breaks")
     tree = Supervisor(Ticker(name="ticker"), Flagged(name="flagged"), breaks, name="top")
     async with tree, StatusServer(tree) as server:
         await until(lambda: "FLUSHING" in tree.children()[1].diag.flags)

@@ -4,9 +4,10 @@ The runner's task group holds the service's run, in a cancel scope of its own, a
 that receives signals through anyio (so both backends, no backend code): the first SIGINT
 or SIGTERM asks the service to stop gracefully, a second one cancels that scope, and SIGUSR1
 logs the service tree and its task stacks. Once that forced stop has begun, SIGINT and
-SIGTERM are ignored until ``run()`` returns: the receiver's exit restores the default
-actions, and a third signal then would kill the process before it reports how it ended.
-What the service's run ends with becomes the exit code.
+SIGTERM are ignored until ``run()`` returns: a receiver that closes puts back a handler
+(the default action on asyncio, the one it found on trio, which then delivers again what it
+had not handed out), and a third signal must not kill the process before it reports how it
+ended. What the service's run ends with becomes the exit code.
 
 Around the run, and outliving it, an optional status server (so ``/readyz`` says the tree
 is stopping while it drains) and, under systemd, the notify protocol.

@@ -13,7 +13,7 @@ import pytest
 from anyservice import ServiceState
 from anyservice.taskqueue import TaskQueue, TaskWorker
 
-from ..http_client import PROMPTLY, http
+from ..status_helpers import PROMPTLY, http
 
 pytestmark = pytest.mark.anyio
 

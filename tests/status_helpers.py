@@ -1,4 +1,4 @@
-"""For tests against a real status server: a minimal HTTP/1.1 client, and polling."""
+"""For tests against a real status server: an HTTP/1.1 client, polling, a flaky service."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
+
+from anyservice import Service, task
 
 #: Bound on one request to a server that works; it only matters when something is broken.
 PROMPTLY = 10.0
@@ -47,3 +49,19 @@ async def until(condition: Callable[[], bool]) -> None:
         # The state polled lives in another task (or a server's answer): nothing to wait on.
         while not condition():  # noqa: ASYNC110
             await anyio.sleep(0.01)
+
+
+class BreaksOnce(Service):
+    """Crashes once when told to (``now.set()``), so its supervisor restarts it; then idles."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name=name)
+        self.now = anyio.Event()
+        self.broken = False
+
+    @task
+    async def work(self) -> None:
+        await self.now.wait()
+        if not self.broken:
+            self.broken = True
+            raise RuntimeError("told to break")
