@@ -7,6 +7,7 @@ from typing import Protocol
 
 import anyio
 
+from .._checks import Seconds
 from .._schedule import IntervalSchedule, MissedTickPolicy, check_interval
 
 __all__ = ["itertimer"]
@@ -21,7 +22,7 @@ class _Sleeper(Protocol):
 
 async def itertimer(
     service: _Sleeper,
-    interval: float,
+    interval: Seconds,
     *,
     policy: MissedTickPolicy | str = MissedTickPolicy.SKIP,
     exec_first: bool = False,
