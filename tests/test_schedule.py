@@ -20,6 +20,7 @@ from anyservice._schedule import (
     IntervalSchedule,
     MissedTickPolicy,
     TickOutcome,
+    TimerStats,
     check_interval,
     check_policy,
 )
@@ -232,6 +233,28 @@ def test_delay_drops_a_grid_point_the_body_ended_exactly_on() -> None:
     schedule = IntervalSchedule(1.0, start=0.0, policy="delay")
     # Tick 1 ran from 1 to 4: points 2, 3 and 4 passed (4 at the very end), one stands in.
     assert schedule.advance(1.0, 4.0) == TickOutcome(lateness=0.0, overran=True, missed=2)
+
+
+@pytest.mark.parametrize(
+    ("interval", "late_after"), [(0.005, 0.0005), (0.01, 0.001), (3600.0, 0.001)]
+)
+def test_a_timer_is_late_after_a_tenth_of_its_interval_at_most_a_millisecond(
+    interval: float, late_after: float
+) -> None:
+    stats = TimerStats.for_interval(interval)
+    assert (stats.interval, stats.late_after) == (interval, late_after)
+    assert (stats.ticks, stats.late_ticks, stats.mean_lateness) == (0, 0, 0.0)
+
+
+def test_timer_stats_record_lateness_and_durations() -> None:
+    stats = TimerStats(late_after=0.5)
+    stats.record(0.5, 2.0)  # exactly late_after: not late
+    stats.record(1.5, 0.25)
+    stats.record(0.0, 1.0)
+    assert (stats.ticks, stats.late_ticks) == (3, 1)
+    assert (stats.worst_lateness, stats.total_lateness, stats.mean_lateness) == (1.5, 2.0, 2 / 3)
+    assert (stats.last_duration, stats.worst_duration) == (1.0, 2.0)
+    assert (stats.overruns, stats.missed, stats.errors) == (0, 0, 0)
 
 
 # ---------------------------------------------------------------------------------------
