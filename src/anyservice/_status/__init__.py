@@ -1,0 +1,9 @@
+"""Operating a service tree: the status server, its metrics, its page, systemd notify.
+
+Read from the tree through public properties only (state, children, restart counts, timer
+statistics, health, Diag flags), at the moment of each request.
+"""
+
+from ._server import StatusServer as StatusServer
+
+__all__ = ["StatusServer"]
