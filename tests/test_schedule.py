@@ -250,9 +250,14 @@ def test_timer_stats_record_lateness_and_durations() -> None:
     stats = TimerStats(late_after=0.5)
     stats.record(0.5, 2.0)  # exactly late_after: not late
     stats.record(1.5, 0.25)
+    stats.record(0.75, 0.5)
     stats.record(0.0, 1.0)
-    assert (stats.ticks, stats.late_ticks) == (3, 1)
-    assert (stats.worst_lateness, stats.total_lateness, stats.mean_lateness) == (1.5, 2.0, 2 / 3)
+    assert (stats.ticks, stats.late_ticks) == (4, 2)
+    assert (stats.worst_lateness, stats.total_lateness, stats.mean_lateness) == (
+        1.5,
+        2.75,
+        2.75 / 4,
+    )
     assert (stats.last_duration, stats.worst_duration) == (1.0, 2.0)
     assert (stats.overruns, stats.missed, stats.errors) == (0, 0, 0)
 
