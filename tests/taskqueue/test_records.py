@@ -402,3 +402,48 @@ def test_stored_text_that_is_no_json_is_named_too() -> None:
         records.PayloadError, match=r"^stored run error is not valid JSON \(.*\): 'nope'$"
     ):
         RunError.from_json("nope")
+
+
+def test_a_new_run_is_scheduled_with_what_was_submitted() -> None:
+    run = records.new_run(
+        "r" * 32,
+        "say",
+        '{"args":[],"kwargs":{}}',
+        retries=2,
+        retry_delay=1,
+        timeout=5,
+        max_attempts=3,
+        scheduled_at=None,
+        now=100.0,
+    )
+    assert (run.id, run.task, run.payload, run.state) == (
+        "r" * 32,
+        "say",
+        '{"args":[],"kwargs":{}}',
+        RunState.SCHEDULED,
+    )
+    assert (run.attempts, run.max_attempts, run.retries_left) == (0, 3, 2)
+    assert (run.retry_delay, run.timeout, run.created_at, run.scheduled_at) == (
+        1.0,
+        5.0,
+        100.0,
+        100.0,
+    )
+    assert type(run.retry_delay) is float
+    assert type(run.timeout) is float
+
+
+def test_a_new_run_may_be_due_later_and_have_no_timeout() -> None:
+    run = records.new_run(
+        "r" * 32,
+        "say",
+        "{}",
+        retries=0,
+        retry_delay=0.0,
+        timeout=None,
+        max_attempts=1,
+        scheduled_at=250,
+        now=100.0,
+    )
+    assert (run.timeout, run.created_at, run.scheduled_at) == (None, 100.0, 250.0)
+    assert type(run.scheduled_at) is float
