@@ -21,6 +21,7 @@ from anyservice._checks import (
     check_clock_reading,
     check_coroutine_function,
     check_count,
+    check_delay,
     check_host,
     check_number,
     check_optional_count,
@@ -178,6 +179,25 @@ def test_optional_seconds_passes_none_through_and_checks_the_rest() -> None:
         ValueError, match=exactly("timeout must be a finite number of seconds > 0, got 0")
     ):
         check_optional_seconds(0, "timeout")
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [(1, 1.0), ("0.5", 0.5), (dt.timedelta(seconds=-3), 0.0), (-2.5, 0.0), (math.inf, math.inf)],
+)
+def test_a_delay_is_a_duration_where_negative_means_none(value: object, seconds: float) -> None:
+    result = check_delay(value, "seconds")
+    assert result == seconds
+    assert type(result) is float
+
+
+def test_a_delay_is_never_nan_nor_a_non_duration() -> None:
+    with pytest.raises(ValueError, match=exactly("seconds must be a number of seconds, got nan")):
+        check_delay(math.nan, "seconds")
+    with pytest.raises(TypeError, match=r"^seconds must be a number of seconds "):
+        check_delay(None, "seconds")
+    with pytest.raises(ValueError, match=r"^seconds must be a finite number of seconds, got 1000"):
+        check_delay(10**400, "seconds")
 
 
 # ---------------------------------------------------------------------------------------

@@ -346,7 +346,7 @@ def test_load_service_creates_classes_and_calls_factories() -> None:
         ),
         (["run", "tests.cli_targets:Quick", "--status-port", "70000"], "within 0..65535"),
         (["run", "tests.cli_targets:Quick", "--status-port", "web"], "within 0..65535"),
-        (["run", "tests.cli_targets:Quick", "--status-host", ""], "must not be empty"),
+        (["run", "tests.cli_targets:Quick", "--status-host", ""], "must be a non-empty host"),
         (["run", "tests.cli_targets:Quick", "--log-format", "xml"], "invalid choice: 'xml'"),
         (["run", "tests.cli_targets:Quick", "--metrics"], "--metrics needs a status server"),
         (["run", "sys:exit"], "sys:exit is not a service"),

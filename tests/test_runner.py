@@ -127,7 +127,7 @@ def test_an_error_before_the_service_runs_is_logged_with_its_traceback(
 def test_bad_arguments_are_refused_before_running() -> None:
     with pytest.raises(TypeError, match="needs a Service"):
         run(object())  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="backend must be one of asyncio, trio"):
+    with pytest.raises(ValueError, match=r"^backend must be one of 'asyncio', 'trio', got 'curio'"):
         run(OneTask(lambda service: None), backend="curio")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="threshold must be a finite number of seconds > 0"):
         run(OneTask(lambda service: None), blocking_threshold=0)

@@ -20,6 +20,7 @@ from anyservice._schedule import (
     IntervalSchedule,
     MissedTickPolicy,
     TickOutcome,
+    TimerStats,
     check_interval,
     check_policy,
 )
@@ -79,7 +80,8 @@ def test_policy_is_accepted_as_enum_or_string_value(policy: MissedTickPolicy) ->
 
 @pytest.mark.parametrize("value", ["SKIP", "catch-up", "", None, 1])
 def test_unknown_policy_error_lists_the_valid_values(value: object) -> None:
-    with pytest.raises(ValueError, match="'skip', 'delay', 'burst'"):
+    message = f"missed-tick policy must be one of 'skip', 'delay', 'burst', got {value!r}"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         check_policy(value)  # type: ignore[arg-type]
 
 
@@ -96,7 +98,7 @@ def test_interval_schedule_rejects_a_bad_interval(interval: float) -> None:
 
 @pytest.mark.parametrize("start", [math.nan, math.inf])
 def test_interval_schedule_rejects_a_start_that_is_not_finite(start: float) -> None:
-    with pytest.raises(ValueError, match="start"):
+    with pytest.raises(ValueError, match=f"^start must be a finite clock reading, got {start!r}$"):
         IntervalSchedule(1.0, start=start)
 
 
@@ -240,6 +242,33 @@ def test_delay_drops_a_grid_point_the_body_ended_exactly_on() -> None:
     schedule = IntervalSchedule(1.0, start=0.0, policy="delay")
     # Tick 1 ran from 1 to 4: points 2, 3 and 4 passed (4 at the very end), one stands in.
     assert schedule.advance(1.0, 4.0) == TickOutcome(lateness=0.0, overran=True, missed=2)
+
+
+@pytest.mark.parametrize(
+    ("interval", "late_after"), [(0.005, 0.0005), (0.01, 0.001), (3600.0, 0.001)]
+)
+def test_a_timer_is_late_after_a_tenth_of_its_interval_at_most_a_millisecond(
+    interval: float, late_after: float
+) -> None:
+    stats = TimerStats.for_interval(interval)
+    assert (stats.interval, stats.late_after) == (interval, late_after)
+    assert (stats.ticks, stats.late_ticks, stats.mean_lateness) == (0, 0, 0.0)
+
+
+def test_timer_stats_record_lateness_and_durations() -> None:
+    stats = TimerStats(late_after=0.5)
+    stats.record(0.5, 2.0)  # exactly late_after: not late
+    stats.record(1.5, 0.25)
+    stats.record(0.75, 0.5)
+    stats.record(0.0, 1.0)
+    assert (stats.ticks, stats.late_ticks) == (4, 2)
+    assert (stats.worst_lateness, stats.total_lateness, stats.mean_lateness) == (
+        1.5,
+        2.75,
+        2.75 / 4,
+    )
+    assert (stats.last_duration, stats.worst_duration) == (1.0, 2.0)
+    assert (stats.overruns, stats.missed, stats.errors) == (0, 0, 0)
 
 
 # ---------------------------------------------------------------------------------------

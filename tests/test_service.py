@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
+import math
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
@@ -391,8 +393,15 @@ async def test_task_swallowing_cancellation_is_reported_not_waited_forever(
 
 
 async def test_stop_rejects_a_bad_timeout() -> None:
-    with pytest.raises(ValueError, match="stop\\(timeout=\\) must be >= 0"):
+    with pytest.raises(ValueError, match=r"stop\(timeout=\) must be a number of seconds >= 0"):
         await Service().stop(timeout=-1)
+    with pytest.raises(TypeError, match=r"Service: stop\(timeout=\) must be a number of seconds"):
+        await Service().stop(timeout=[1])  # type: ignore[arg-type]
+
+
+async def test_stop_timeout_may_be_a_timedelta_or_a_numeric_string() -> None:
+    assert await Service().stop(timeout=datetime.timedelta(seconds=1)) is True
+    assert await Service().stop(timeout="0.5") is True
 
 
 # ------------------------------------------------------------------ crashes
@@ -938,19 +947,68 @@ async def test_wait_for_a_state() -> None:
 
 
 def test_bad_constructor_arguments_are_refused() -> None:
-    with pytest.raises(ValueError, match="shutdown_timeout must be >= 0"):
+    bad_grace = "shutdown_timeout must be a finite number of seconds >= 0"
+    with pytest.raises(ValueError, match=bad_grace):
         Service(shutdown_timeout=-1)
-    with pytest.raises(ValueError, match="shutdown_timeout must be >= 0"):
+    with pytest.raises(ValueError, match=bad_grace):
         Service(shutdown_timeout=float("nan"))
     with pytest.raises(ValueError, match="non-empty str"):
         Service(name="")
 
 
+@pytest.mark.parametrize("timeout", [math.inf, "inf"])
+def test_an_infinite_shutdown_timeout_is_refused_a_stop_must_end(timeout: object) -> None:
+    message = "Service: shutdown_timeout must be a finite number of seconds >= 0"
+    with pytest.raises(ValueError, match=message):
+        Service(shutdown_timeout=timeout)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"Endless\.shutdown_timeout must be a finite number"):
+
+        class Endless(Service):
+            shutdown_timeout = math.inf
+
+
+def test_shutdown_timeout_may_be_a_timedelta_or_a_numeric_string() -> None:
+    assert Service(shutdown_timeout=datetime.timedelta(seconds=2)).shutdown_timeout == 2.0
+    assert Service(shutdown_timeout="0.5").shutdown_timeout == 0.5
+
+    class Patient(Service):
+        shutdown_timeout = "3"  # type: ignore[assignment]
+
+    assert Patient.shutdown_timeout == 3.0
+    assert Patient().shutdown_timeout == 3.0
+
+
+def test_health_durations_are_checked_and_kept_as_floats() -> None:
+    class Monitored(Service):
+        monitoring_interval = datetime.timedelta(seconds=30)  # type: ignore[assignment]
+        healthcheck_timeout = "2"  # type: ignore[assignment]
+
+        async def healthcheck(self) -> None:
+            pass
+
+    assert (Monitored.monitoring_interval, Monitored.healthcheck_timeout) == (30.0, 2.0)
+
+
+async def test_sleep_takes_timedeltas_numeric_strings_and_negatives() -> None:
+    async with Service() as service:
+        start = anyio.current_time()
+        await service.sleep(datetime.timedelta(seconds=2))
+        await service.sleep("1.5")
+        await service.sleep(-3)
+        assert anyio.current_time() - start == 3.5
+        with pytest.raises(ValueError, match=r"^Service: sleep\(\) seconds must be a number"):
+            await service.sleep(math.nan)
+
+
 def test_task_decorator_rejects_bad_input() -> None:
-    with pytest.raises(TypeError, match="needs an 'async def' method"):
+    with pytest.raises(TypeError, match=r"^@task method must be an 'async def' function"):
         task(lambda self: None)
     with pytest.raises(ValueError, match="workers must be an int >= 1"):
         task(workers=0)(_async_noop)
+    with pytest.raises(TypeError, match="workers must be an int, got '2'"):
+        task(workers="2")(_async_noop)  # type: ignore[call-overload]
+    with pytest.raises(ValueError, match="workers must be an int <= 2147483647"):
+        task(workers=2**63)(_async_noop)
     with pytest.raises(ValueError, match="periodic=True needs a sleep_interval"):
         task(periodic=True)(_async_noop)
     with pytest.raises(ValueError, match="sleep_interval only applies with periodic=True"):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import logging
+import math
 
 import anyio
 import anyio.lowlevel
@@ -298,6 +300,17 @@ async def test_stopping_the_supervisor_stops_children_gracefully_in_reverse() ->
         "a stop@3",
         "a flushed@5",
     ]
+
+
+def test_supervisor_numbers_are_checked_naming_the_supervisor() -> None:
+    with pytest.raises(ValueError, match=r"^Supervisor: max_restarts must be an int <= 2147483647"):
+        Supervisor(max_restarts=2**63)
+    with pytest.raises(TypeError, match=r"^Supervisor: max_restarts must be an int, got '3'$"):
+        Supervisor(max_restarts="3")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^Supervisor: within must be a finite number of seconds"):
+        Supervisor(within=math.inf)
+    assert Supervisor(within=datetime.timedelta(minutes=1)).within == 60.0
+    assert Supervisor(within="2.5").within == 2.5
 
 
 async def test_start_child_at_runtime_and_bad_input() -> None:

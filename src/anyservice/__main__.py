@@ -18,10 +18,10 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Literal, cast
 
+from ._checks import check_host, check_port
 from ._core import Service
 from ._logging import JsonFormatter
 from ._runner import run
-from ._status import check_host, check_port
 
 __all__ = ["main"]
 

@@ -32,6 +32,7 @@ __all__ = [
     "check_clock_reading",
     "check_coroutine_function",
     "check_count",
+    "check_delay",
     "check_host",
     "check_number",
     "check_optional_count",
@@ -152,6 +153,25 @@ def check_seconds(
     if minimum is not None and seconds < minimum:
         raise ValueError(f"{name} must be at least {minimum!r} seconds, got {describe(value)}")
     return seconds
+
+
+def check_delay(value: object, name: str) -> float:
+    """Check a time to wait, as ``sleep()`` takes it: often computed, so lenient at the ends.
+
+    A negative delay is a deadline already passed (no wait), as ``asyncio.sleep`` and
+    ``trio.sleep`` take it, and ``inf`` waits until something else ends the wait.
+
+    Returns:
+        The delay as a float, negative delays as 0.
+
+    Raises:
+        TypeError: If ``value`` is not a duration (see :func:`check_seconds`).
+        ValueError: If it is NaN, a string that is not a number, or too large for a float.
+    """
+    seconds = _seconds_of(value, name)
+    if math.isnan(seconds):
+        raise ValueError(f"{name} must be a number of seconds, got {describe(value)}")
+    return max(0.0, seconds)
 
 
 def check_optional_seconds(

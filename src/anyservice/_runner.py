@@ -25,6 +25,7 @@ import anyio
 import anyio.abc
 
 from ._blocking import BlockingDetector
+from ._checks import check_choice
 from ._core import LOGGED as _LOGGED
 from ._core import Service
 from ._core import leaves as _leaves
@@ -86,8 +87,7 @@ def run(
     """
     if not isinstance(service, Service):
         raise TypeError(f"anyservice.run() needs a Service, got {service!r}")
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(_BACKENDS)}, got {backend!r}")
+    check_choice(backend, "backend", _BACKENDS)
     detector = None if blocking_threshold is None else BlockingDetector(blocking_threshold)
     if status_port is None:
         if metrics:

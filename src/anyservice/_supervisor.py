@@ -12,6 +12,7 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ._checks import Seconds, check_choice, check_count
 from ._core import (
     Service,
     ServiceError,
@@ -55,14 +56,6 @@ class RestartType(enum.Enum):
 
 class SupervisorError(RuntimeError):
     """A supervisor gave up: its children restarted more often than its intensity allows."""
-
-
-def _enum(kind: type[enum.Enum], value: object, what: str) -> Any:
-    try:
-        return kind(value.value if isinstance(value, kind) else value)
-    except ValueError:
-        valid = ", ".join(repr(member.value) for member in kind)
-        raise ValueError(f"{what} must be one of {valid}, got {value!r}") from None
 
 
 @dataclass(eq=False)
@@ -118,23 +111,26 @@ class Supervisor(Service):
         *children: Service,
         strategy: Strategy | str | None = None,
         max_restarts: int | None = None,
-        within: float | None = None,
+        within: Seconds | None = None,
         backoff: Backoff | None = None,
         name: str | None = None,
-        shutdown_timeout: float | None = None,
+        shutdown_timeout: Seconds | None = None,
     ) -> None:
         super().__init__(name=name, shutdown_timeout=shutdown_timeout)
-        self.strategy = _enum(Strategy, self.strategy if strategy is None else strategy, "strategy")
-        if max_restarts is not None:
-            self.max_restarts = max_restarts
-        if within is not None:
-            self.within = check_interval(within, f"{self.name}: within")
+        self.strategy = check_choice(
+            self.strategy if strategy is None else strategy, f"{self.name}: strategy", Strategy
+        )
+        self.max_restarts = check_count(
+            self.max_restarts if max_restarts is None else max_restarts,
+            f"{self.name}: max_restarts",
+        )
+        self.within = check_interval(
+            self.within if within is None else within, f"{self.name}: within"
+        )
         if backoff is not None:
             if not isinstance(backoff, Backoff):
                 raise TypeError(f"{self.name}: backoff must be a Backoff, got {backoff!r}")
             self.backoff = backoff
-        # Validates max_restarts and within.
-        RestartIntensity(self.max_restarts, self.within)
         self._children: list[_Child] = []
         self._exits: MemoryObjectSendStream[_Exit] | None = None
         self._exits_received: MemoryObjectReceiveStream[_Exit] | None = None
@@ -174,7 +170,7 @@ class Supervisor(Service):
         return service
 
     def _add(self, service: Service, restart: RestartType | str) -> _Child:
-        kind = _enum(RestartType, restart, f"{self.name}: restart")
+        kind = check_choice(restart, f"{self.name}: restart", RestartType)
         adopt(self, service, "child")
         child = _Child(service, kind)
         self._children.append(child)

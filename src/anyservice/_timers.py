@@ -12,12 +12,13 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import anyio
 
 from . import _hooks
-from ._core import BackgroundSpec, Host, attach_spec, check_coroutine_function, check_name
+from ._checks import Seconds, check_choice, check_coroutine_function
+from ._core import BackgroundSpec, Host, attach_spec, check_name
 from ._schedule import (
     CronSchedule,
     IntervalSchedule,
@@ -68,11 +69,9 @@ class _PeriodicSpec(BackgroundSpec):
 
     def __init__(self, function: Callable[[Any], Awaitable[None]], *, on_error: OnError) -> None:
         super().__init__(function)
-        if on_error not in ("crash", "log"):
-            raise ValueError(
-                f"{self.describe()}: on_error must be 'crash' or 'log', got {on_error!r}"
-            )
-        self.on_error = on_error
+        self.on_error = cast(
+            OnError, check_choice(on_error, f"{self.describe()}: on_error", ("crash", "log"))
+        )
 
     def new_stats(self) -> TimerStats:
         return TimerStats()
@@ -115,7 +114,7 @@ class TimerSpec(_PeriodicSpec):
     def __init__(
         self,
         function: Callable[[Any], Awaitable[None]],
-        interval: float,
+        interval: Seconds,
         *,
         policy: MissedTickPolicy | str,
         exec_first: bool,
@@ -249,7 +248,7 @@ class CronSpec(_PeriodicSpec):
 
 
 def timer(
-    interval: float,
+    interval: Seconds,
     *,
     policy: MissedTickPolicy | str = MissedTickPolicy.SKIP,
     exec_first: bool = False,
@@ -279,7 +278,7 @@ def timer(
     check_name(name, "@timer name")
 
     def decorate(function: F) -> F:
-        check_coroutine_function(function, "@timer")
+        check_coroutine_function(function, "@timer method")
         spec = TimerSpec(
             function, interval, policy=policy, exec_first=exec_first, on_error=on_error, name=name
         )
@@ -306,7 +305,7 @@ def crontab(
     schedule = CronSchedule(expression, timezone=timezone)
 
     def decorate(function: F) -> F:
-        check_coroutine_function(function, "@crontab")
+        check_coroutine_function(function, "@crontab method")
         return attach_spec(function, CronSpec(function, schedule, on_error=on_error))
 
     return decorate

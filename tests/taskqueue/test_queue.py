@@ -86,16 +86,21 @@ async def test_a_task_name_is_unique_per_queue(queue: TaskQueue) -> None:
 @pytest.mark.parametrize(
     ("options", "error", "message"),
     [
-        ({"retries": -1}, ValueError, "retries must be >= 0"),
+        ({"retries": -1}, ValueError, "@queue.task retries must be an int >= 0, got -1"),
+        ({"retries": 2**63}, ValueError, "@queue.task retries must be an int <= 2147483646"),
+        ({"retries": "3"}, TypeError, "@queue.task retries must be an int, got '3'"),
+        ({"retry_delay": 10**400}, ValueError, r"retry_delay .*\(too large for a float\)"),
+        ({"retry_delay": "soon"}, ValueError, "retry_delay must be a number of seconds"),
         ({"retries": 1.5}, TypeError, "retries must be an int"),
         ({"retries": True}, TypeError, "retries must be an int"),
         ({"retry_delay": -1}, ValueError, "retry_delay"),
         ({"retry_delay": math.inf}, ValueError, "retry_delay"),
-        ({"retry_delay": "1"}, TypeError, "retry_delay must be a number"),
+        ({"retry_delay": [1]}, TypeError, "retry_delay must be a number"),
         ({"timeout": 0}, ValueError, "timeout must be a finite number of seconds > 0"),
         ({"timeout": -2}, ValueError, "timeout"),
         ({"timeout": math.nan}, ValueError, "timeout"),
-        ({"timeout": "5"}, TypeError, "timeout must be a number"),
+        ({"timeout": b"5"}, TypeError, "timeout must be a number"),
+        ({"timeout": math.inf}, ValueError, "timeout must be a finite number of seconds > 0"),
         ({"name": ""}, ValueError, "name must not be empty"),
         ({"name": 3}, TypeError, "name must be a str"),
     ],
@@ -105,6 +110,21 @@ async def test_bad_task_options_fail_at_decoration(
 ) -> None:
     with pytest.raises(error, match=message):
         queue.task(**options)
+
+
+async def test_task_durations_may_be_timedeltas_or_numeric_strings(queue: TaskQueue) -> None:
+    @queue.task(retry_delay=timedelta(seconds=2), timeout="1.5")
+    async def say() -> None: ...
+
+    assert (say.retry_delay, say.timeout) == (2.0, 1.5)
+
+
+async def test_the_most_retries_still_store_a_run(queue: TaskQueue) -> None:
+    @queue.task(retries=2**31 - 2)
+    async def say() -> None: ...
+
+    run = await say.delay()
+    assert run.record.max_attempts == 2**31 - 1
 
 
 async def test_generators_and_tasks_cannot_be_tasks(queue: TaskQueue) -> None:
@@ -139,7 +159,8 @@ async def test_unknown_url_scheme_is_refused() -> None:
     [
         ({"url": "memory://", "broker": MemoryBroker()}, ValueError, "not both"),
         ({"url": 3}, TypeError, "url must be a str"),
-        ({"max_attempts": 0}, ValueError, "max_attempts must be >= 1"),
+        ({"max_attempts": 0}, ValueError, "max_attempts must be an int >= 1, got 0"),
+        ({"max_attempts": 2**63}, ValueError, "max_attempts must be an int <= 2147483647"),
         ({"max_attempts": 2.0}, TypeError, "max_attempts must be an int"),
     ],
 )
@@ -344,7 +365,8 @@ def test_retention_is_seven_days_unless_told() -> None:
         (-5, ValueError),
         (math.inf, ValueError),
         (timedelta(0), ValueError),
-        ("7d", TypeError),
+        ("7d", ValueError),  # a string, but not a number of seconds
+        ([7], TypeError),
         (True, TypeError),
     ],
 )

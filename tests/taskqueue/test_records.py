@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import traceback
 from dataclasses import replace
 
 import pytest
@@ -349,3 +351,99 @@ def test_only_scheduled_and_running_runs_can_ever_become_due(state: RunState) ->
         lease_expires_at=1.0 if state is RunState.RUNNING else None,
     )
     assert records.due_at(run, "w2") == (1.0 if state is RunState.RUNNING else None)
+
+
+# ------------------------------------------------------------------ run errors, as stored
+
+
+def test_stored_text_is_shown_whole_up_to_the_limit_then_cut() -> None:
+    assert records.describe_stored("x" * 78) == repr("x" * 78)
+    assert records.describe_stored("x" * 79) == repr("x" * 79)[:77] + "..."
+    assert len(records.describe_stored("x" * 79)) == 80
+    assert records.describe_stored("abcdef", limit=6) == "'ab..."
+
+
+def test_a_run_error_is_stored_as_compact_json() -> None:
+    error = RunError(type="T", message="m", traceback="")
+    assert error.to_json() == '{"type":"T","message":"m","traceback":""}'
+
+
+def test_a_run_error_keeps_the_whole_formatted_traceback() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError as exc:
+        caught = exc
+    expected = "".join(traceback.format_exception(caught))
+    assert RunError.from_exception(caught).traceback == expected
+
+
+def test_a_stored_run_error_without_traceback_has_an_empty_one() -> None:
+    assert RunError.from_json('{"type":"T","message":"m"}') == RunError("T", "m", "")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[1]", "stored run error is not a JSON object: '[1]'"),
+        (
+            '{"type":"T"}',
+            "stored run error needs string 'type', 'message' and 'traceback' fields: "
+            '\'{"type":"T"}\'',
+        ),
+    ],
+)
+def test_a_bad_stored_run_error_is_named_with_its_text(text: str, message: str) -> None:
+    with pytest.raises(records.PayloadError, match=f"^{re.escape(message)}$"):
+        RunError.from_json(text)
+
+
+def test_stored_text_that_is_no_json_is_named_too() -> None:
+    with pytest.raises(
+        records.PayloadError, match=r"^stored run error is not valid JSON \(.*\): 'nope'$"
+    ):
+        RunError.from_json("nope")
+
+
+def test_a_new_run_is_scheduled_with_what_was_submitted() -> None:
+    run = records.new_run(
+        "r" * 32,
+        "say",
+        '{"args":[],"kwargs":{}}',
+        retries=2,
+        retry_delay=1,
+        timeout=5,
+        max_attempts=3,
+        scheduled_at=None,
+        now=100.0,
+    )
+    assert (run.id, run.task, run.payload, run.state) == (
+        "r" * 32,
+        "say",
+        '{"args":[],"kwargs":{}}',
+        RunState.SCHEDULED,
+    )
+    assert (run.attempts, run.max_attempts, run.retries_left) == (0, 3, 2)
+    assert (run.retry_delay, run.timeout, run.created_at, run.scheduled_at) == (
+        1.0,
+        5.0,
+        100.0,
+        100.0,
+    )
+    assert type(run.retry_delay) is float
+    assert type(run.timeout) is float
+
+
+def test_a_new_run_may_be_due_later_and_have_no_timeout() -> None:
+    run = records.new_run(
+        "r" * 32,
+        "say",
+        "{}",
+        retries=0,
+        retry_delay=0.0,
+        timeout=None,
+        max_attempts=1,
+        scheduled_at=250,
+        now=100.0,
+    )
+    assert (run.timeout, run.created_at, run.scheduled_at) == (None, 100.0, 250.0)
+    assert type(run.scheduled_at) is float

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import sqlite3
 import subprocess
@@ -103,6 +104,17 @@ def test_timeouts_and_intervals_must_be_positive(path: Path) -> None:
         SqliteBroker(path, lock_timeout=-1)
     with pytest.raises(ValueError, match="poll_interval"):
         SqliteBroker(path, poll_interval=float("inf"))
+
+
+@pytest.mark.parametrize("option", ["busy_timeout", "lock_timeout", "poll_interval"])
+def test_a_boolean_is_not_a_timeout(path: Path, option: str) -> None:
+    with pytest.raises(TypeError, match=f"^{option} must be a number of seconds"):
+        SqliteBroker(path, **{option: True})  # type: ignore[arg-type]
+
+
+def test_sqlite_timeouts_may_be_timedeltas_or_numeric_strings(path: Path) -> None:
+    broker = SqliteBroker(path, busy_timeout=datetime.timedelta(milliseconds=50), lock_timeout="2")
+    assert (broker._busy_timeout, broker._lock_timeout) == (0.05, 2.0)
 
 
 def test_in_memory_database_is_rejected() -> None:

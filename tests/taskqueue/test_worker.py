@@ -10,7 +10,9 @@ waits are bounded by fail_after.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
+import math
 import sqlite3
 import threading
 import time
@@ -419,18 +421,22 @@ async def test_no_limit_runs_everything_at_once(queue: TaskQueue) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"limit": 0}, ValueError, "limit must be >= 1"),
-        ({"limit": -3}, ValueError, "limit must be >= 1"),
-        ({"limit": 2.5}, TypeError, "limit must be an int or None"),
-        ({"limit": True}, TypeError, "limit must be an int or None"),
-        ({"lease_seconds": 0}, ValueError, "lease_seconds must be > 0"),
-        ({"lease_seconds": "30"}, TypeError, "lease_seconds must be a number"),
-        ({"status_server_port": -1}, ValueError, r"within 0\.\.65535"),
-        ({"status_server_port": 70000}, ValueError, r"within 0\.\.65535"),
+        ({"limit": 0}, ValueError, "limit must be an int >= 1, got 0"),
+        ({"limit": -3}, ValueError, "limit must be an int >= 1"),
+        ({"limit": 2**63}, ValueError, "limit must be an int <= 2147483647"),
+        ({"limit": 2.5}, TypeError, "limit must be an int, got 2.5"),
+        ({"limit": True}, TypeError, "limit must be an int, got True"),
+        ({"lease_seconds": 0}, ValueError, "lease_seconds must be a finite number of seconds > 0"),
+        ({"lease_seconds": 1e-9}, ValueError, "lease_seconds must be at least 0.05 seconds"),
+        ({"lease_seconds": math.inf}, ValueError, "lease_seconds must be a finite number"),
+        ({"lease_seconds": [30]}, TypeError, "lease_seconds must be a number"),
+        ({"status_server_port": -1}, ValueError, "status_server_port must be an int >= 0"),
+        ({"status_server_port": 70000}, ValueError, "status_server_port must be an int <= 65535"),
         ({"status_server_port": "8080"}, TypeError, "status_server_port must be an int"),
-        ({"status_server_host": 123}, TypeError, "status_server_host must be a str"),
-        ({"status_server_host": ""}, ValueError, "status_server_host must not be empty"),
+        ({"status_server_host": 123}, TypeError, "status_server_host must be a host name"),
+        ({"status_server_host": ""}, ValueError, "status_server_host must be a non-empty"),
         ({"shutdown_timeout": -1}, ValueError, "shutdown_timeout"),
+        ({"shutdown_timeout": math.inf}, ValueError, "shutdown_timeout must be a finite number"),
     ],
 )
 async def test_bad_worker_options_are_refused(
@@ -464,10 +470,18 @@ async def test_serve_refuses_an_unknown_backend_before_running_anything(queue: T
     @queue.task
     async def say() -> None: ...
 
-    with pytest.raises(ValueError, match="backend must be one of asyncio, trio, got 'curio'"):
+    with pytest.raises(ValueError, match="backend must be one of 'asyncio', 'trio', got 'curio'"):
         serve(say, backend="curio")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="limit must be >= 1"):
+    with pytest.raises(ValueError, match="limit must be an int >= 1"):
         serve(say, limit=0)
+
+
+async def test_worker_durations_may_be_timedeltas_or_numeric_strings(queue: TaskQueue) -> None:
+    @queue.task
+    async def say() -> None: ...
+
+    worker = TaskWorker(say, lease_seconds=datetime.timedelta(minutes=1), shutdown_timeout="5")
+    assert (worker.lease_seconds, worker.shutdown_timeout) == (60.0, 5.0)
 
 
 # ------------------------------------------------------------------ stopping

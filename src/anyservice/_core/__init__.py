@@ -23,7 +23,6 @@ from ._service import stop_service as stop_service
 from ._specs import BackgroundSpec as BackgroundSpec
 from ._specs import TaskSpec as TaskSpec
 from ._specs import attach_spec as attach_spec
-from ._specs import check_coroutine_function as check_coroutine_function
 from ._specs import check_name as check_name
 from ._specs import requirements as requirements
 from ._specs import task as task

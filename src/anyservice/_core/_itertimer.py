@@ -7,6 +7,7 @@ from typing import Protocol
 
 import anyio
 
+from .._checks import Seconds
 from .._schedule import IntervalSchedule, MissedTickPolicy, TimerStats, check_interval
 from ._specs import check_name
 
@@ -25,7 +26,7 @@ class _Sleeper(Protocol):
 
 async def itertimer(
     service: _Sleeper,
-    interval: float,
+    interval: Seconds,
     *,
     policy: MissedTickPolicy | str = MissedTickPolicy.SKIP,
     exec_first: bool = False,

@@ -12,7 +12,6 @@ an instance attribute one at the assignment), and only the hooks are meant to be
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from types import TracebackType
@@ -22,6 +21,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
+from .._checks import Seconds, check_delay, check_optional_seconds, check_seconds
 from .._schedule import TimerStats, check_interval
 from ._backend import current_loop
 from ._compat import Compat
@@ -68,13 +68,9 @@ def _log_lifecycle(service: Service, message: str) -> None:
         service.log.log(service.lifecycle_log_level, message)
 
 
-def _check_timeout(value: object, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{what} must be a number of seconds, got {value!r}")
-    seconds = float(value)
-    if math.isnan(seconds) or seconds < 0:
-        raise ValueError(f"{what} must be >= 0 seconds, got {value!r}")
-    return seconds
+def _check_grace(value: object, what: str) -> float:
+    # A stop must end: the grace period is finite, and 0 cancels work in flight at once.
+    return check_seconds(value, what, allow_zero=True)
 
 
 class Service(Compat):
@@ -98,7 +94,8 @@ class Service(Compat):
 
     Attributes:
         name: The class name unless given; in every log line and error.
-        shutdown_timeout: Grace period of a stop, in seconds (class attribute or argument).
+        shutdown_timeout: Grace period of a stop, in seconds (class attribute or argument;
+            a number, a ``timedelta`` or a numeric string, finite: a stop must end).
         crash_reason: The exception that crashed the service, if it crashed.
         restart_count: How many times the service was restarted.
         diag: mode's diagnostic flags.
@@ -120,16 +117,15 @@ class Service(Compat):
         super().__init_subclass__(**kwargs)
         _prepare_subclass(cls, overrides)
 
-    def __init__(self, *, name: str | None = None, shutdown_timeout: float | None = None) -> None:
+    def __init__(self, *, name: str | None = None, shutdown_timeout: Seconds | None = None) -> None:
         if name is not None and (not isinstance(name, str) or not name):
             raise ValueError(f"a service name must be a non-empty str, got {name!r}")
         self.name: str = name or type(self).__name__
-        if shutdown_timeout is not None:
-            self.shutdown_timeout = _check_timeout(
-                shutdown_timeout, f"{self.name}: shutdown_timeout"
-            )
-        else:
-            _check_timeout(self.shutdown_timeout, f"{self.name}: shutdown_timeout")
+        # Also checks a value assigned to the instance before super().__init__().
+        self.shutdown_timeout = _check_grace(
+            self.shutdown_timeout if shutdown_timeout is None else shutdown_timeout,
+            f"{self.name}: shutdown_timeout",
+        )
         self._log: _ServiceLog | None = None  # made at the first line logged
         self.diag = self.Diag(self.name)
         self.crash_reason: BaseException | None = None
@@ -387,9 +383,14 @@ class Service(Compat):
         """
         _spawn_extra(self, function, str(name or getattr(function, "__name__", "task")))
 
-    async def sleep(self, seconds: float) -> None:
-        """Sleep for ``seconds``, or until a stop is requested, whichever comes first."""
-        await self._sleep_until(anyio.current_time() + seconds)
+    async def sleep(self, seconds: Seconds) -> None:
+        """Sleep ``seconds`` (mode's ``Seconds``; negative: no wait) or until a stop comes.
+
+        Raises:
+            TypeError, ValueError: for a ``seconds`` that is not a duration, or NaN.
+        """
+        delay = check_delay(seconds, f"{self.name}: sleep() seconds")
+        await self._sleep_until(anyio.current_time() + delay)
 
     async def _sleep_until(self, deadline: float) -> bool:
         """Sleep until ``deadline``; False if a stop came first."""
@@ -399,7 +400,7 @@ class Service(Compat):
         """The one way a stop begins, whoever asks for it (``stop()``, ``async with``, ...)."""
         _request_stop(self, deadline=deadline, sticky=sticky)
 
-    async def stop(self, block: bool = True, *, timeout: float | None = None) -> bool:
+    async def stop(self, block: bool = True, *, timeout: Seconds | None = None) -> bool:
         """Stop the service gracefully; return whether it is stopped.
 
         The service's idle tasks end at once; work in flight gets ``shutdown_timeout``;
@@ -418,12 +419,13 @@ class Service(Compat):
         ``block`` may be given by position, as Prefect's ``stop(block)`` takes it.
 
         Raises:
-            ValueError: for a negative or NaN ``timeout``.
+            TypeError, ValueError: for a ``timeout`` (mode's ``Seconds``; ``inf`` waits for
+                as long as the stop takes) that is not a duration, negative or NaN.
         """
         return await self._stop(block=block, timeout=timeout, sticky=True)
 
     async def _stop(
-        self, *, block: bool = True, timeout: float | None = None, sticky: bool = False
+        self, *, block: bool = True, timeout: Seconds | None = None, sticky: bool = False
     ) -> bool:
         """Request a stop and, with ``block``, wait for it (what policies call)."""
         return await _stop(self, block=block, timeout=timeout, sticky=sticky)
@@ -492,11 +494,18 @@ def _prepare_subclass(cls: type[Service], overrides: Iterable[str]) -> None:
     if cls.healthcheck is not Service.healthcheck or (
         cls.monitoring_task is not Service.monitoring_task
     ):
-        check_interval(cls.monitoring_interval, f"{cls.__name__}.monitoring_interval")
-        check_interval(cls.healthcheck_timeout, f"{cls.__name__}.healthcheck_timeout")
+        # Kept as floats, so that a timedelta or "10" class attribute works as a number.
+        cls.monitoring_interval = check_interval(
+            cls.monitoring_interval, f"{cls.__name__}.monitoring_interval"
+        )
+        cls.healthcheck_timeout = check_interval(
+            cls.healthcheck_timeout, f"{cls.__name__}.healthcheck_timeout"
+        )
         cls._background_specs = (*cls._background_specs, _HEALTH_MONITOR)
-    if not isinstance(cls.__dict__.get("shutdown_timeout", 0.0), int | float):
-        raise TypeError(f"{cls.__name__}.shutdown_timeout must be a number of seconds")
+    if "shutdown_timeout" in cls.__dict__:
+        cls.shutdown_timeout = _check_grace(
+            cls.shutdown_timeout, f"{cls.__name__}.shutdown_timeout"
+        )
     # Hooks not overridden are not awaited: thousands of idle services add up.
     cls._overridden_hooks = frozenset(
         hook for hook in _HOOKS if getattr(cls, hook) is not getattr(Service, hook)
@@ -773,11 +782,13 @@ def _request_stop(service: Service, *, deadline: bool = True, sticky: bool = Fal
 
 
 async def _stop(
-    service: Service, *, block: bool = True, timeout: float | None = None, sticky: bool = False
+    service: Service, *, block: bool = True, timeout: Seconds | None = None, sticky: bool = False
 ) -> bool:
     """Request a stop and, with ``block``, wait for it (what policies call)."""
-    if timeout is not None:
-        timeout = _check_timeout(timeout, f"{service.name}: stop(timeout=)")
+    # How long the caller waits, not the stop's own deadline: inf may wait for ever.
+    wait_for = check_optional_seconds(
+        timeout, f"{service.name}: stop(timeout=)", allow_zero=True, allow_infinite=True
+    )
     service._request_stop(sticky=sticky)
     if service in inside():
         await _unwind_caller()
@@ -786,7 +797,7 @@ async def _stop(
         return service._state.is_final
     if service._state.is_final and service._run is None:
         return True
-    wait = service.shutdown_timeout + 1.0 if timeout is None else timeout
+    wait = service.shutdown_timeout + 1.0 if wait_for is None else wait_for
     with anyio.move_on_after(wait):
         await service.wait_for(ServiceState.STOPPED, ServiceState.CRASHED)
         return True

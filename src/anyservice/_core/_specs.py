@@ -8,13 +8,13 @@ runs for the life of a service) plug in beside plain tasks without the core know
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar, overload
 
 import anyio
 
+from .._checks import Seconds, check_coroutine_function, check_count
 from .._schedule import check_interval
 from ._host import Host
 
@@ -22,7 +22,6 @@ __all__ = [
     "BackgroundSpec",
     "TaskSpec",
     "attach_spec",
-    "check_coroutine_function",
     "check_name",
     "collect",
     "requirements",
@@ -75,11 +74,10 @@ class TaskSpec(BackgroundSpec):
         *,
         workers: int = 1,
         periodic: bool = False,
-        sleep_interval: float | None = None,
+        sleep_interval: Seconds | None = None,
     ) -> None:
         super().__init__(function)
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"@task {self.name!r}: workers must be an int >= 1, got {workers!r}")
+        workers = check_count(workers, f"@task {self.name!r}: workers", minimum=1)
         if periodic:
             if sleep_interval is None:
                 raise ValueError(f"@task {self.name!r}: periodic=True needs a sleep_interval")
@@ -116,7 +114,7 @@ def task(function: F, /) -> F: ...
 
 @overload
 def task(
-    *, workers: int = 1, periodic: bool = False, sleep_interval: float | None = None
+    *, workers: int = 1, periodic: bool = False, sleep_interval: Seconds | None = None
 ) -> Callable[[F], F]: ...
 
 
@@ -126,7 +124,7 @@ def task(
     *,
     workers: int = 1,
     periodic: bool = False,
-    sleep_interval: float | None = None,
+    sleep_interval: Seconds | None = None,
 ) -> F | Callable[[F], F]:
     """Run a coroutine method for the life of the service (mode's and core_service's ``@task``).
 
@@ -141,7 +139,7 @@ def task(
     """
 
     def decorate(func: F) -> F:
-        check_coroutine_function(func, "@task")
+        check_coroutine_function(func, "@task method")
         setattr(
             func,
             _SPEC_ATTRIBUTE,
@@ -247,12 +245,6 @@ def check_name(name: object, what: str) -> None:
         raise TypeError(f"{what} must be a str, got {name!r}")
     if not name:
         raise ValueError(f"{what} must not be empty")
-
-
-def check_coroutine_function(func: object, decorator: str) -> None:
-    """Raise ``TypeError`` unless ``func`` is an ``async def`` function."""
-    if not inspect.iscoroutinefunction(func):
-        raise TypeError(f"{decorator} needs an 'async def' method, got {func!r}")
 
 
 def attach_spec(func: F, spec: BackgroundSpec) -> F:

@@ -5,7 +5,5 @@ statistics, health, Diag flags), at the moment of each request.
 """
 
 from ._server import StatusServer as StatusServer
-from ._server import check_host as check_host
-from ._server import check_port as check_port
 
-__all__ = ["StatusServer", "check_host", "check_port"]
+__all__ = ["StatusServer"]

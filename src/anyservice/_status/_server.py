@@ -11,6 +11,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from .._checks import check_host, check_port
 from . import _http
 from ._app import StatusApp
 from ._core_names import Service
@@ -22,34 +23,6 @@ log = logging.getLogger("anyservice.status")
 
 #: How long requests under way may take to finish once the server is told to stop.
 _GRACE = 0.5
-
-
-def check_port(port: object, what: str) -> int:
-    """``port`` if it is a TCP port (0 picks a free one).
-
-    Raises:
-        TypeError: it is not an int.
-        ValueError: it is outside 0..65535.
-    """
-    if isinstance(port, bool) or not isinstance(port, int):
-        raise TypeError(f"{what} must be an int, got {port!r}")
-    if not 0 <= port <= 65535:
-        raise ValueError(f"{what} must be within 0..65535 (0 picks a free port), got {port}")
-    return port
-
-
-def check_host(host: object, what: str) -> str:
-    """``host`` if it is an address to bind to.
-
-    Raises:
-        TypeError: it is not a str.
-        ValueError: it is empty.
-    """
-    if not isinstance(host, str):
-        raise TypeError(f"{what} must be a str (an address such as '127.0.0.1'), got {host!r}")
-    if not host:
-        raise ValueError(f"{what} must not be empty; use '0.0.0.0' for every interface")
-    return host
 
 
 class StatusServer:

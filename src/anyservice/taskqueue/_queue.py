@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
-from datetime import timedelta
 from types import TracebackType
 from typing import Any, Generic, ParamSpec, Protocol, Self, TypeVar, cast, overload
 
@@ -22,6 +20,7 @@ import anyio
 import anyio.from_thread
 import anyio.lowlevel
 
+from .._checks import MAX_COUNT, Seconds, check_count, check_optional_seconds, check_seconds
 from ._errors import TaskRunFailed, TaskRunNotFound, TaskRunTimeout
 from ._records import DEFAULT_MAX_ATTEMPTS, RunError, RunRecord, RunState
 from ._serialize import decode_result, encode_arguments
@@ -47,34 +46,6 @@ DEFAULT_RETENTION = 7 * 24 * 3600.0
 # How long one wait_until_finished() call lasts when the caller gave no timeout: the wait
 # is repeated, so this only bounds how stale a broker's view may get.
 _WAIT_CHUNK = 60.0
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _check_seconds(value: object, what: str, *, allow_zero: bool) -> float:
-    if not _is_number(value):
-        raise TypeError(f"{what} must be a number of seconds, got {value!r}")
-    seconds = float(cast(float, value))
-    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{what} must be a finite number of seconds {bound}, got {value!r}")
-    return seconds
-
-
-def _retention_seconds(value: object, what: str) -> float:
-    """Seconds from a number or a ``timedelta``: a finite, positive amount."""
-    seconds = value.total_seconds() if isinstance(value, timedelta) else value
-    if not _is_number(seconds):
-        raise TypeError(f"{what} must be seconds or a timedelta, got {value!r}")
-    return _check_seconds(seconds, what, allow_zero=False)
-
-
-def _check_wait_timeout(timeout: float | None, what: str) -> float | None:
-    if timeout is None:
-        return None
-    return _check_seconds(timeout, what, allow_zero=True)
 
 
 def _in_event_loop() -> bool:
@@ -137,20 +108,17 @@ class TaskQueue:
         *,
         broker: Broker | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-        retention: float | timedelta | None = DEFAULT_RETENTION,
+        retention: Seconds | None = DEFAULT_RETENTION,
     ) -> None:
         if broker is not None and url is not None:
             raise ValueError("TaskQueue takes a url or a broker, not both")
         if url is not None and not isinstance(url, str):
             raise TypeError(f"TaskQueue url must be a str, got {url!r}")
-        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int):
-            raise TypeError(f"max_attempts must be an int, got {max_attempts!r}")
-        if max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {max_attempts!r}")
+        max_attempts = check_count(max_attempts, "max_attempts", minimum=1)
         self._broker: Broker = broker if broker is not None else broker_from_url(url or DEFAULT_URL)
         self.max_attempts = max_attempts
         #: Seconds finished runs are kept before workers purge them (``None``: forever).
-        self.retention = None if retention is None else _retention_seconds(retention, "retention")
+        self.retention = None if retention is None else check_seconds(retention, "retention")
         self._tasks: dict[str, Task[Any, Any]] = {}
         # Opening: who holds the broker open, whether someone used it outside any holder
         # (then it stays open until close()), and an open in progress.
@@ -195,8 +163,8 @@ class TaskQueue:
         *,
         name: str | None = None,
         retries: int = 0,
-        retry_delay: float = 0.0,
-        timeout: float | None = None,
+        retry_delay: Seconds = 0.0,
+        timeout: Seconds | None = None,
     ) -> TaskDecorator: ...
 
     def task(
@@ -206,8 +174,8 @@ class TaskQueue:
         *,
         name: str | None = None,
         retries: int = 0,
-        retry_delay: float = 0.0,
-        timeout: float | None = None,
+        retry_delay: Seconds = 0.0,
+        timeout: Seconds | None = None,
     ) -> Task[Any, Any] | TaskDecorator:
         """Define a task: ``@queue.task`` or ``@queue.task(name=, retries=, ...)``.
 
@@ -367,7 +335,7 @@ class TaskQueue:
         broker = await self.ensure_open()
         return await broker.counts()
 
-    async def purge(self, older_than: float | timedelta | None = None) -> int:
+    async def purge(self, older_than: Seconds | None = None) -> int:
         """Delete the runs that finished more than ``older_than`` ago, in small batches.
 
         Args:
@@ -387,7 +355,7 @@ class TaskQueue:
                 )
             seconds = self.retention
         else:
-            seconds = _retention_seconds(older_than, "older_than")
+            seconds = check_seconds(older_than, "older_than")
         broker = await self.ensure_open()
         return await broker.purge(seconds)
 
@@ -411,17 +379,11 @@ class _TaskOptions:
             raise TypeError(f"@queue.task name must be a str, got {name!r}")
         if name == "":
             raise ValueError("@queue.task name must not be empty")
-        if isinstance(retries, bool) or not isinstance(retries, int):
-            raise TypeError(f"@queue.task retries must be an int, got {retries!r}")
-        if retries < 0:
-            raise ValueError(f"@queue.task retries must be >= 0, got {retries!r}")
-        delay = _check_seconds(retry_delay, "@queue.task retry_delay", allow_zero=True)
-        limit = (
-            None
-            if timeout is None
-            else _check_seconds(timeout, "@queue.task timeout", allow_zero=False)
-        )
-        return cls(name, retries, delay, limit)
+        # One attempt more than the retries must still be a count the brokers store.
+        count = check_count(retries, "@queue.task retries", maximum=MAX_COUNT - 1)
+        delay = check_seconds(retry_delay, "@queue.task retry_delay", allow_zero=True)
+        limit = check_optional_seconds(timeout, "@queue.task timeout")
+        return cls(name, count, delay, limit)
 
 
 class Task(Generic[P, R]):
@@ -607,7 +569,7 @@ class TaskRun(Generic[R]):
         self._record = record
         return record.state
 
-    async def wait(self, timeout: float | None = None) -> RunState:
+    async def wait(self, timeout: Seconds | None = None) -> RunState:
         """Wait until the run finishes (any finished state); return that state.
 
         Raises:
@@ -615,7 +577,7 @@ class TaskRun(Generic[R]):
             TaskRunNotFound: the run is gone.
             ValueError: ``timeout`` is negative or not finite.
         """
-        seconds = _check_wait_timeout(timeout, "wait() timeout")
+        seconds = check_optional_seconds(timeout, "wait() timeout", allow_zero=True)
         broker = await self._queue.ensure_open()
         deadline = None if seconds is None else anyio.current_time() + seconds
         while True:
@@ -632,7 +594,7 @@ class TaskRun(Generic[R]):
                     run_id=self.id, task=self.task, timeout=seconds, state=record.state
                 )
 
-    async def result(self, timeout: float | None = None) -> R:
+    async def result(self, timeout: Seconds | None = None) -> R:
         """Wait until the run finishes and return what the task returned (JSON-decoded).
 
         Raises:
@@ -653,7 +615,7 @@ class TaskRun(Generic[R]):
             )
         return cast(R, decode_result(record.result if record.result is not None else ""))
 
-    def result_sync(self, timeout: float | None = None) -> R:
+    def result_sync(self, timeout: Seconds | None = None) -> R:
         """:meth:`result` for synchronous code; see ``Task.delay_sync`` for where it works."""
 
         async def result() -> R:

@@ -17,7 +17,6 @@ finish; an optional status server keeps answering until they have.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import sys
 import time
@@ -34,10 +33,18 @@ import anyio.abc
 import anyio.to_thread
 
 from .. import _hooks
+from .._checks import (
+    Seconds,
+    check_choice,
+    check_host,
+    check_optional_count,
+    check_port,
+    check_seconds,
+)
 from .._core import Service
 from .._core import task as background_task
 from .._runner import run as run_service
-from .._status import StatusServer, check_host, check_port
+from .._status import StatusServer
 from ._context import RunContext, running
 from ._errors import BrokerError, TaskTimeoutError
 from ._queue import Task, TaskQueue
@@ -45,6 +52,10 @@ from ._records import PayloadError, RunError, RunRecord
 from ._serialize import decode_arguments, encode_result
 
 __all__ = ["TaskWorker", "serve"]
+
+#: The shortest lease a worker takes, in seconds: its renewal, every third of it, must
+#: have time to reach the broker. Production leases are tens of seconds.
+MIN_LEASE_SECONDS = 0.05
 
 #: Most runs claimed in one broker call when the worker has no limit.
 _UNLIMITED_CLAIM = 100
@@ -159,7 +170,8 @@ class TaskWorker(Service, overrides=("run",)):
         *tasks: The tasks to serve, all from one :class:`TaskQueue`.
         limit: Most runs in flight at once; ``None`` for no limit.
         lease_seconds: How long a claim lasts without renewal; renewed every third of
-            it. A worker that dies holds its runs this long.
+            it. A worker that dies holds its runs this long. At least
+            :data:`MIN_LEASE_SECONDS`; a number, a ``timedelta`` or a numeric string.
         status_server_port: Serve ``GET /status`` and ``GET /healthz`` on this port
             (0 picks a free one: read :attr:`status_server_port` once started). Needs
             ``anyservice[http]``.
@@ -185,11 +197,11 @@ class TaskWorker(Service, overrides=("run",)):
         self,
         *tasks: Task[Any, Any],
         limit: int | None = 10,
-        lease_seconds: float = 30.0,
+        lease_seconds: Seconds = 30.0,
         status_server_port: int | None = None,
         status_server_host: str = "127.0.0.1",
         name: str | None = None,
-        shutdown_timeout: float | None = None,
+        shutdown_timeout: Seconds | None = None,
     ) -> None:
         super().__init__(name=name, shutdown_timeout=shutdown_timeout)
         if not tasks:
@@ -203,28 +215,26 @@ class TaskWorker(Service, overrides=("run",)):
         if len(queues) > 1:
             urls = ", ".join(sorted(queue.url for queue in queues.values()))
             raise ValueError(f"{self.name}: the tasks come from different queues ({urls})")
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
-            raise TypeError(f"{self.name}: limit must be an int or None, got {limit!r}")
-        if limit is not None and limit < 1:
-            raise ValueError(f"{self.name}: limit must be >= 1 (or None for none), got {limit}")
-        if isinstance(lease_seconds, bool) or not isinstance(lease_seconds, int | float):
-            raise TypeError(f"{self.name}: lease_seconds must be a number, got {lease_seconds!r}")
-        if not math.isfinite(lease_seconds) or lease_seconds <= 0:
-            raise ValueError(f"{self.name}: lease_seconds must be > 0, got {lease_seconds!r}")
+        limit = check_optional_count(limit, f"{self.name}: limit", minimum=1)
+        # The lease is renewed every third of it: the renewal must have time to reach the
+        # broker before the lease lapses, or a run that takes longer never completes.
+        lease = check_seconds(
+            lease_seconds, f"{self.name}: lease_seconds", minimum=MIN_LEASE_SECONDS
+        )
+        host = check_host(status_server_host, f"{self.name}: status_server_host")
         if status_server_port is not None:
             check_port(status_server_port, f"{self.name}: status_server_port")
-        check_host(status_server_host, f"{self.name}: status_server_host")
         #: The status server (the one of :class:`anyservice.StatusServer`), if asked for.
         self.status_server = (
             None
             if status_server_port is None
-            else StatusServer(self, port=status_server_port, host=status_server_host)
+            else StatusServer(self, port=status_server_port, host=host)
         )
         self.queue: TaskQueue = tasks[0].queue
         self.tasks: dict[str, Task[Any, Any]] = {task.name: task for task in tasks}
         self.limit = limit
-        self.lease_seconds = float(lease_seconds)
-        self.status_server_host = status_server_host
+        self.lease_seconds = lease
+        self.status_server_host = host
         #: The status server's port: as asked until started, then the one bound.
         self.status_server_port = status_server_port
         self.client_id = uuid.uuid4().hex
@@ -703,8 +713,8 @@ def serve(
     status_server_port: int | None = None,
     backend: Literal["asyncio", "trio"] = "asyncio",
     status_server_host: str = "127.0.0.1",
-    lease_seconds: float = 30.0,
-    shutdown_timeout: float | None = None,
+    lease_seconds: Seconds = 30.0,
+    shutdown_timeout: Seconds | None = None,
 ) -> int:
     """Serve ``tasks`` until SIGINT or SIGTERM (Prefect's ``serve``); return the exit code.
 
@@ -720,8 +730,7 @@ def serve(
     Raises:
         ValueError: an unknown backend, or bad worker options (see :class:`TaskWorker`).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    check_choice(backend, "backend", BACKENDS)
     worker = TaskWorker(
         *tasks,
         limit=limit,

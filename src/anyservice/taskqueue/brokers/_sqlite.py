@@ -28,6 +28,7 @@ from typing import Any, Self, TypeVar
 import anyio
 import anyio.to_thread
 
+from ..._checks import Seconds, check_seconds
 from .._errors import BrokerBusyError, BrokerError
 from .._records import (
     CORRUPT_RUN_ERROR_TYPE,
@@ -281,17 +282,13 @@ class SqliteBroker(BaseBroker):
         path: str | os.PathLike[str],
         *,
         clock: Callable[[], float] = time.time,
-        busy_timeout: float = 0.1,
-        lock_timeout: float = 30.0,
-        poll_interval: float = 0.005,
+        busy_timeout: Seconds = 0.1,
+        lock_timeout: Seconds = 30.0,
+        poll_interval: Seconds = 0.005,
     ) -> None:
-        for name, value in (
-            ("busy_timeout", busy_timeout),
-            ("lock_timeout", lock_timeout),
-            ("poll_interval", poll_interval),
-        ):
-            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        busy = check_seconds(busy_timeout, "busy_timeout")
+        lock = check_seconds(lock_timeout, "lock_timeout")
+        poll = check_seconds(poll_interval, "poll_interval")
         self._given_path = os.fspath(path)
         if self._given_path in ("", ":memory:") or self._given_path.startswith("file:"):
             raise ValueError(
@@ -299,17 +296,15 @@ class SqliteBroker(BaseBroker):
                 "(use 'memory://' for an in-process broker)"
             )
         self._path = os.path.abspath(self._given_path)
-        super().__init__(
-            clock=clock, notifier=_notifier_for(self._path), poll_interval=float(poll_interval)
-        )
-        self._busy_timeout = float(busy_timeout)
-        self._lock_timeout = float(lock_timeout)
+        super().__init__(clock=clock, notifier=_notifier_for(self._path), poll_interval=poll)
+        self._busy_timeout = busy
+        self._lock_timeout = lock
         # One connection, used from worker threads one call at a time.
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._data_version = 0
         self._last_poll = -math.inf
-        self._poll_every = float(poll_interval)
+        self._poll_every = poll
         #: How many times a locked database was retried; a health signal.
         self.lock_retries = 0
         # This process, as the workers table records it.
