@@ -91,7 +91,7 @@ NO_SYNC = "-c%20synchronous_commit%3Doff"
 
 
 #: Submits are one fsync'd commit each; concurrent ones share fsyncs. Stored before t0.
-SUBMIT_RATE, SUBMITTERS = 150.0, 8
+SUBMIT_RATE, SUBMITTERS = 40.0, 8
 
 
 def runs_for(config: Config) -> int:
