@@ -41,7 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import anyio
@@ -424,85 +424,31 @@ class _Wakeups(ChangeNotifier):
                 del self._run_waiters[waiter.run_id]
 
 
-class PostgresBroker(BaseBroker):
-    """Task runs in a PostgreSQL database shared by workers on any number of hosts.
+class _Connections:
+    """The connection side of :class:`PostgresBroker`: the pool, statements, the schema."""
 
-    Args:
-        url: ``postgresql://user:password@host:5432/dbname`` (or ``postgres://``), with
-            optional query options: ``schema`` (where the ``anyservice_*`` tables live;
-            default ``public``), ``listen=false`` (poll only: for PgBouncer in transaction
-            mode), ``pool_size`` (connections, default 4), ``poll_interval`` (seconds
-            between polls while waiting; default 1 with LISTEN, 0.05 without) and
-            ``pool_timeout`` (seconds to wait for a connection, default 5). Other query
-            options go to libpq.
-        clock: Wall-clock time in epoch seconds; tests pass a fake one to move time.
+    _shown_url: str
+    _conninfo: str
+    _schema: str
+    _pool_size: int
+    _pool_timeout: float
+    _runs: sql.Composed
+    _workers: sql.Composed
+    _pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] | None
+    _limiter: anyio.CapacityLimiter
+    _listener: psycopg.Connection[Any] | None
+    _reconnect_at: float
+    _claimed: dict[tuple[str, str], int]
+    _wakeups: _Wakeups
 
-    Raises:
-        ValueError: A URL option has a bad value.
-    """
+    if TYPE_CHECKING:  # written by PostgresBroker; declared for the type checker only
 
-    def __init__(self, url: str, *, clock: Callable[[], float] = time.time) -> None:
-        if not isinstance(url, str):
-            raise TypeError(f"url must be a string, got {url!r}")
-        options = parse_url(url)
-        self._wakeups = _Wakeups()
-        # The waits are this broker's own (LISTEN, and per-run wake-ups), not the base's.
-        super().__init__(clock=clock, notifier=self._wakeups, poll_interval=None)
-        self._url = url
-        self._conninfo = options.conninfo
-        self._schema = options.schema
-        self._listen = options.listen
-        self._pool_size = options.pool_size
-        self._pool_timeout = options.pool_timeout
-        self._poll_every = options.poll_interval or (
-            _DEFAULT_POLL_INTERVAL if self._listen else _POLL_ONLY_INTERVAL
-        )
-        self._channel = f"anyservice:{self._schema}"
-        self._runs = sql.SQL("{}.anyservice_runs").format(sql.Identifier(self._schema))
-        self._workers = sql.SQL("{}.anyservice_workers").format(sql.Identifier(self._schema))
-        self._pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] | None = None
-        self._limiter = anyio.CapacityLimiter(self._pool_size)
-        # This process, as the workers table records it.
-        self._host = host_identity()
-        self._pid = os.getpid()
-        self._started_at = time.time()
-        self._workers_seen: dict[str, float] = {}  # owner -> monotonic time last recorded
-        # The attempt each run had when this broker leased it: the fencing token.
-        self._claimed: dict[tuple[str, str], int] = {}
-        self._listener: psycopg.Connection[Any] | None = None
-        self._listening = False  # a waiter is reading the listener right now
-        self._reconnect_at = 0.0
-        self._reconnect_delay = _FIRST_RECONNECT
-        #: How many times the LISTEN connection was (re)made; a health signal.
-        self.listen_connects = 0
-
-    @property
-    def url(self) -> str:
-        """The URL this broker was made from, its password masked."""
-        return _masked(self._url)
-
-    @property
-    def schema(self) -> str:
-        """The PostgreSQL schema holding the ``anyservice_*`` tables."""
-        return self._schema
-
-    @property
-    def listens(self) -> bool:
-        """Whether waits are woken by LISTEN/NOTIFY (``False``: ``?listen=false``)."""
-        return self._listen
-
-    @classmethod
-    def from_url(cls, url: str, *, clock: Callable[[], float] = time.time) -> Self:
-        """``postgresql://user:password@host:port/db?schema=...`` (see the class)."""
-        return cls(url, clock=clock)
-
-    def __repr__(self) -> str:
-        return f"<PostgresBroker {self.url!r}>"
+        async def _forget_workers(self) -> None: ...
 
     # --- running statements ------------------------------------------------------------
 
     def _error(self, exc: BaseException) -> BrokerError:
-        return BrokerError(f"PostgreSQL broker {self.url!r}: {exc}")
+        return BrokerError(f"PostgreSQL broker {self._shown_url!r}: {exc}")
 
     def _in_thread(
         self,
@@ -568,7 +514,7 @@ class PostgresBroker(BaseBroker):
             raise
         except psycopg_pool.PoolTimeout as exc:
             raise BrokerError(
-                f"PostgreSQL broker {self.url!r}: no connection within "
+                f"PostgreSQL broker {self._shown_url!r}: no connection within "
                 f"{self._pool_timeout:g} s (pool_timeout): {exc}"
             ) from exc
         except psycopg.OperationalError as exc:
@@ -624,7 +570,7 @@ class PostgresBroker(BaseBroker):
             await anyio.to_thread.run_sync(start)
         except psycopg_pool.PoolTimeout as exc:
             raise BrokerError(
-                f"PostgreSQL broker {self.url!r}: could not connect within "
+                f"PostgreSQL broker {self._shown_url!r}: could not connect within "
                 f"{self._pool_timeout:g} s (pool_timeout): {exc}"
             ) from exc
         except psycopg.Error as exc:
@@ -639,7 +585,7 @@ class PostgresBroker(BaseBroker):
 
     def _not_open(self) -> BrokerError:
         return BrokerError(
-            f"PostgreSQL broker {self.url!r} is not open; "
+            f"PostgreSQL broker {self._shown_url!r} is not open; "
             "use 'async with broker:' or 'await broker.open()'"
         )
 
@@ -718,6 +664,239 @@ class PostgresBroker(BaseBroker):
                 await anyio.to_thread.run_sync(pool.close)
         # Waiters reading the closed listener must notice.
         self._wakeups.everyone()
+
+
+class _Waits:
+    """The waiting side of :class:`PostgresBroker`: LISTEN/NOTIFY and polling."""
+
+    _conninfo: str
+    _channel: str
+    _listen: bool
+    _poll_every: float
+    _pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] | None
+    _wakeups: _Wakeups
+    _work_seen_by_claim: int
+    _next_due: float | None
+    _clock: Callable[[], float]
+    _listener: psycopg.Connection[Any] | None
+    _listening: bool
+    _reconnect_at: float
+    _reconnect_delay: float
+    listen_connects: int
+
+    if TYPE_CHECKING:  # written by the other classes of PostgresBroker; for the type checker
+
+        async def _check_open(self) -> None: ...
+
+        async def get(self, run_id: str) -> RunRecord | None: ...
+
+    # --- waiting -------------------------------------------------------------------------
+
+    async def wait_for_work(self, timeout: float) -> None:
+        await self._check_open()
+        if self._next_due is not None:
+            timeout = min(timeout, max(self._next_due - self._clock(), 0.0))
+        # Past a poll interval the caller claims again: that claim is the poll.
+        timeout = min(timeout, self._poll_every)
+        waiter = _Waiter(None)
+        self._wakeups.add(waiter)
+        try:
+            await self._wait_woken(waiter, timeout, self._work_seen_by_claim)
+        finally:
+            self._stop_waiting(waiter)
+
+    async def wait_until_finished(self, run_id: str, timeout: float) -> RunRecord | None:
+        deadline = anyio.current_time() + timeout
+        # Registered before each read of the run, so a finish in between is not missed.
+        waiter = _Waiter(run_id)
+        self._wakeups.add(waiter)
+        try:
+            while True:
+                waiter.rearm()
+                run = await self.get(run_id)
+                remaining = deadline - anyio.current_time()
+                if run is None or run.finished or remaining <= 0:
+                    return run
+                # Past a poll interval the run is read again: that read is the poll.
+                await self._wait_woken(waiter, min(remaining, self._poll_every), None)
+        finally:
+            self._stop_waiting(waiter)
+
+    def _stop_waiting(self, waiter: _Waiter) -> None:
+        self._wakeups.discard(waiter)
+        if not self._listening:
+            self._wakeups.hand_over(waiter)
+
+    async def _wait_woken(self, waiter: _Waiter, timeout: float, work_seen: int | None) -> None:
+        """Wait until ``waiter`` is woken (or work arrived since ``work_seen``), or timeout.
+
+        While no other waiter does, this one reads the LISTEN connection itself and wakes
+        the others; leaving, it hands the reading over to one of them.
+        """
+        await anyio.lowlevel.checkpoint()
+        deadline = anyio.current_time() + timeout
+        reading = False
+        try:
+            while not waiter.woken and (work_seen is None or work_seen == self._wakeups.work):
+                remaining = deadline - anyio.current_time()
+                if remaining <= 0:
+                    return
+                if self._listen and self._pool is not None and not self._listening:
+                    reading = True
+                    await self._read_notifications(remaining)
+                else:
+                    with anyio.move_on_after(remaining):
+                        await waiter.event.wait()
+                    if not waiter.woken:
+                        waiter.rearm()  # asked to take over the reading: loop to do so
+        finally:
+            if reading:
+                self._wakeups.hand_over(waiter)
+
+    async def _read_notifications(self, timeout: float) -> None:
+        """Read one batch of notifications, waiting at most ``timeout`` seconds for it."""
+        self._listening = True
+        try:
+            listener = await self._ensure_listener()
+            if listener is None:
+                # Down: wait out the reconnect delay (the caller's polls go on meanwhile).
+                await anyio.sleep(min(timeout, max(self._reconnect_at - time.monotonic(), 0)))
+                return
+            try:
+                with anyio.move_on_after(timeout):
+                    await anyio.wait_readable(listener.fileno())
+            except anyio.ClosedResourceError:
+                return  # closed by close()
+            try:
+                # Only what already arrived: this never blocks the event loop.
+                notifies = list(listener.notifies(timeout=0))
+            except psycopg.Error:
+                self._drop_listener()
+                self._wakeups.everyone()
+                return
+            for notify in notifies:
+                if notify.payload == "w":
+                    self._wakeups.work_arrived()
+                elif notify.payload.startswith("f "):
+                    self._wakeups.run_finished(notify.payload[2:])
+        finally:
+            self._listening = False
+
+    def _drop_listener(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+        self._reconnect_at = time.monotonic() + self._reconnect_delay
+        self._reconnect_delay = min(self._reconnect_delay * 2, _MAX_RECONNECT)
+
+    async def _ensure_listener(self) -> psycopg.Connection[Any] | None:
+        if self._listener is not None and not self._listener.closed:
+            return self._listener
+        if time.monotonic() < self._reconnect_at:
+            return None
+        channel = sql.Identifier(self._channel)
+
+        def connect() -> psycopg.Connection[Any]:
+            conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5)
+            try:
+                conn.execute(sql.SQL("LISTEN {}").format(channel))
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+
+        try:
+            with anyio.CancelScope(shield=True):
+                listener = await anyio.to_thread.run_sync(connect)
+        except psycopg.Error:
+            self._drop_listener()
+            return None
+        if self._pool is None:  # closed meanwhile
+            listener.close()
+            return None
+        self._listener = listener
+        self._reconnect_delay = _FIRST_RECONNECT
+        self.listen_connects += 1
+        # Notifications sent while nobody listened are lost: everyone looks again.
+        self._wakeups.everyone()
+        return listener
+
+
+class PostgresBroker(_Waits, _Connections, BaseBroker):
+    """Task runs in a PostgreSQL database shared by workers on any number of hosts.
+
+    Args:
+        url: ``postgresql://user:password@host:5432/dbname`` (or ``postgres://``), with
+            optional query options: ``schema`` (where the ``anyservice_*`` tables live;
+            default ``public``), ``listen=false`` (poll only: for PgBouncer in transaction
+            mode), ``pool_size`` (connections, default 4), ``poll_interval`` (seconds
+            between polls while waiting; default 1 with LISTEN, 0.05 without) and
+            ``pool_timeout`` (seconds to wait for a connection, default 5). Other query
+            options go to libpq.
+        clock: Wall-clock time in epoch seconds; tests pass a fake one to move time.
+
+    Raises:
+        ValueError: A URL option has a bad value.
+    """
+
+    def __init__(self, url: str, *, clock: Callable[[], float] = time.time) -> None:
+        if not isinstance(url, str):
+            raise TypeError(f"url must be a string, got {url!r}")
+        options = parse_url(url)
+        self._wakeups = _Wakeups()
+        # The waits are this broker's own (LISTEN, and per-run wake-ups), not the base's.
+        super().__init__(clock=clock, notifier=self._wakeups, poll_interval=None)
+        self._url = url
+        self._shown_url = _masked(url)
+        self._conninfo = options.conninfo
+        self._schema = options.schema
+        self._listen = options.listen
+        self._pool_size = options.pool_size
+        self._pool_timeout = options.pool_timeout
+        self._poll_every = options.poll_interval or (
+            _DEFAULT_POLL_INTERVAL if self._listen else _POLL_ONLY_INTERVAL
+        )
+        self._channel = f"anyservice:{self._schema}"
+        self._runs = sql.SQL("{}.anyservice_runs").format(sql.Identifier(self._schema))
+        self._workers = sql.SQL("{}.anyservice_workers").format(sql.Identifier(self._schema))
+        self._pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] | None = None
+        self._limiter = anyio.CapacityLimiter(self._pool_size)
+        # This process, as the workers table records it.
+        self._host = host_identity()
+        self._pid = os.getpid()
+        self._started_at = time.time()
+        self._workers_seen: dict[str, float] = {}  # owner -> monotonic time last recorded
+        # The attempt each run had when this broker leased it: the fencing token.
+        self._claimed: dict[tuple[str, str], int] = {}
+        self._listener: psycopg.Connection[Any] | None = None
+        self._listening = False  # a waiter is reading the listener right now
+        self._reconnect_at = 0.0
+        self._reconnect_delay = _FIRST_RECONNECT
+        #: How many times the LISTEN connection was (re)made; a health signal.
+        self.listen_connects = 0
+
+    @property
+    def url(self) -> str:
+        """The URL this broker was made from, its password masked."""
+        return _masked(self._url)
+
+    @property
+    def schema(self) -> str:
+        """The PostgreSQL schema holding the ``anyservice_*`` tables."""
+        return self._schema
+
+    @property
+    def listens(self) -> bool:
+        """Whether waits are woken by LISTEN/NOTIFY (``False``: ``?listen=false``)."""
+        return self._listen
+
+    @classmethod
+    def from_url(cls, url: str, *, clock: Callable[[], float] = time.time) -> Self:
+        """``postgresql://user:password@host:port/db?schema=...`` (see the class)."""
+        return cls(url, clock=clock)
+
+    def __repr__(self) -> str:
+        return f"<PostgresBroker {self.url!r}>"
 
     # --- storage -----------------------------------------------------------------------
 
@@ -988,134 +1167,3 @@ class PostgresBroker(BaseBroker):
             except ValueError:
                 counts[RunState.FAILED] += number
         return counts
-
-    # --- waiting -------------------------------------------------------------------------
-
-    async def wait_for_work(self, timeout: float) -> None:
-        await self._check_open()
-        if self._next_due is not None:
-            timeout = min(timeout, max(self._next_due - self._clock(), 0.0))
-        # Past a poll interval the caller claims again: that claim is the poll.
-        timeout = min(timeout, self._poll_every)
-        waiter = _Waiter(None)
-        self._wakeups.add(waiter)
-        try:
-            await self._wait_woken(waiter, timeout, self._work_seen_by_claim)
-        finally:
-            self._stop_waiting(waiter)
-
-    async def wait_until_finished(self, run_id: str, timeout: float) -> RunRecord | None:
-        deadline = anyio.current_time() + timeout
-        # Registered before each read of the run, so a finish in between is not missed.
-        waiter = _Waiter(run_id)
-        self._wakeups.add(waiter)
-        try:
-            while True:
-                waiter.rearm()
-                run = await self.get(run_id)
-                remaining = deadline - anyio.current_time()
-                if run is None or run.finished or remaining <= 0:
-                    return run
-                # Past a poll interval the run is read again: that read is the poll.
-                await self._wait_woken(waiter, min(remaining, self._poll_every), None)
-        finally:
-            self._stop_waiting(waiter)
-
-    def _stop_waiting(self, waiter: _Waiter) -> None:
-        self._wakeups.discard(waiter)
-        if not self._listening:
-            self._wakeups.hand_over(waiter)
-
-    async def _wait_woken(self, waiter: _Waiter, timeout: float, work_seen: int | None) -> None:
-        """Wait until ``waiter`` is woken (or work arrived since ``work_seen``), or timeout.
-
-        While no other waiter does, this one reads the LISTEN connection itself and wakes
-        the others; leaving, it hands the reading over to one of them.
-        """
-        await anyio.lowlevel.checkpoint()
-        deadline = anyio.current_time() + timeout
-        reading = False
-        try:
-            while not waiter.woken and (work_seen is None or work_seen == self._wakeups.work):
-                remaining = deadline - anyio.current_time()
-                if remaining <= 0:
-                    return
-                if self._listen and self._pool is not None and not self._listening:
-                    reading = True
-                    await self._read_notifications(remaining)
-                else:
-                    with anyio.move_on_after(remaining):
-                        await waiter.event.wait()
-                    if not waiter.woken:
-                        waiter.rearm()  # asked to take over the reading: loop to do so
-        finally:
-            if reading:
-                self._wakeups.hand_over(waiter)
-
-    async def _read_notifications(self, timeout: float) -> None:
-        """Read one batch of notifications, waiting at most ``timeout`` seconds for it."""
-        self._listening = True
-        try:
-            listener = await self._ensure_listener()
-            if listener is None:
-                # Down: wait out the reconnect delay (the caller's polls go on meanwhile).
-                await anyio.sleep(min(timeout, max(self._reconnect_at - time.monotonic(), 0)))
-                return
-            try:
-                with anyio.move_on_after(timeout):
-                    await anyio.wait_readable(listener.fileno())
-            except anyio.ClosedResourceError:
-                return  # closed by close()
-            try:
-                # Only what already arrived: this never blocks the event loop.
-                notifies = list(listener.notifies(timeout=0))
-            except psycopg.Error:
-                self._drop_listener()
-                self._wakeups.everyone()
-                return
-            for notify in notifies:
-                if notify.payload == "w":
-                    self._wakeups.work_arrived()
-                elif notify.payload.startswith("f "):
-                    self._wakeups.run_finished(notify.payload[2:])
-        finally:
-            self._listening = False
-
-    def _drop_listener(self) -> None:
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.close()
-        self._reconnect_at = time.monotonic() + self._reconnect_delay
-        self._reconnect_delay = min(self._reconnect_delay * 2, _MAX_RECONNECT)
-
-    async def _ensure_listener(self) -> psycopg.Connection[Any] | None:
-        if self._listener is not None and not self._listener.closed:
-            return self._listener
-        if time.monotonic() < self._reconnect_at:
-            return None
-        channel = sql.Identifier(self._channel)
-
-        def connect() -> psycopg.Connection[Any]:
-            conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5)
-            try:
-                conn.execute(sql.SQL("LISTEN {}").format(channel))
-            except BaseException:
-                conn.close()
-                raise
-            return conn
-
-        try:
-            with anyio.CancelScope(shield=True):
-                listener = await anyio.to_thread.run_sync(connect)
-        except psycopg.Error:
-            self._drop_listener()
-            return None
-        if self._pool is None:  # closed meanwhile
-            listener.close()
-            return None
-        self._listener = listener
-        self._reconnect_delay = _FIRST_RECONNECT
-        self.listen_connects += 1
-        # Notifications sent while nobody listened are lost: everyone looks again.
-        self._wakeups.everyone()
-        return listener
