@@ -864,7 +864,7 @@ async def test_purge_goes_on_past_one_batch(broker: Broker, clock: FakeClock) ->
 
 
 @pytest.mark.parametrize(
-    ("older_than", "error"), [(-1, ValueError), (math.nan, ValueError), ("1", TypeError)]
+    ("older_than", "error"), [(-1, ValueError), (math.nan, ValueError), ("soon", ValueError), ([1], TypeError)]
 )
 async def test_purge_rejects_a_bad_age(
     broker: Broker, older_than: Any, error: type[Exception]
