@@ -22,7 +22,7 @@ from ._core import LOGGED as _LOGGED
 from ._core import Service
 from ._core import leaves as _leaves
 
-__all__ = ["run"]
+__all__ = ["run", "run_here"]
 
 log = logging.getLogger("anyservice.runner")
 
@@ -71,6 +71,22 @@ def run(
     except BaseException as exc:
         # asyncio lets SystemExit and KeyboardInterrupt out of the loop at once, bare.
         runner.error = runner.error or exc
+    return runner.exit_code()
+
+
+async def run_here(service: Service, *, handle_signals: bool = True) -> int:
+    """:func:`run` inside the running event loop: run ``service`` to its end there.
+
+    The same signals, logs and exit codes as :func:`run`, for code that already has an
+    event loop (``await serve(...)``).
+
+    Raises:
+        TypeError: if ``service`` is not a Service.
+    """
+    if not isinstance(service, Service):
+        raise TypeError(f"anyservice.run_here() needs a Service, got {service!r}")
+    runner = _Runner(service, handle_signals=handle_signals, detector=None)
+    await runner.serve()
     return runner.exit_code()
 
 

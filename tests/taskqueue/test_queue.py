@@ -273,11 +273,14 @@ async def test_result_timeout_says_the_timeout_and_the_state(queue: TaskQueue) -
     with pytest.raises(TaskRunTimeout) as caught:
         await run.result(timeout=0.05)
     assert isinstance(caught.value, TimeoutError)
+    # The database's absolute path: a run nobody runs may sit in a file no worker serves.
+    assert queue.location == queue.url.removeprefix("sqlite:///")  # made from an absolute path
     assert str(caught.value) == (
-        f"run {run.id} of task 'say' did not finish within 0.05 s (it is SCHEDULED); "
-        "the run goes on"
+        f"run {run.id} of task 'say' in {queue.location} did not finish within 0.05 s "
+        "(it is SCHEDULED); the run goes on"
     )
     assert (caught.value.timeout, caught.value.state) == (0.05, RunState.SCHEDULED)
+    assert caught.value.database == queue.location
     with pytest.raises(TaskRunTimeout):
         await run.wait(timeout=0)
 

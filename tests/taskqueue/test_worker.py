@@ -606,11 +606,13 @@ async def test_a_run_whose_lease_is_lost_is_cancelled_here(
         with anyio.fail_after(PROMPTLY):
             await cancelled.wait()
         await wait_until(lambda: not worker.status()["current"], "run forgotten")
-        assert worker.counts["lost"] == 1
         assert worker.state is ServiceState.RUNNING
-    record = await queue.broker.get(run.id)
-    assert record is not None
-    assert (record.state, record.lease_owner, record.attempts) == (RunState.RUNNING, "thief", 2)
+        # Once a lease expired the worker itself may have claimed the run again before the
+        # thief did: each of its attempts was lost, and the thief holds the last.
+        record = await queue.broker.get(run.id)
+        assert record is not None
+        assert (record.state, record.lease_owner) == (RunState.RUNNING, "thief")
+        assert worker.counts["lost"] == record.attempts - 1 >= 1
 
 
 async def test_a_thread_that_lost_its_lease_records_nothing(
@@ -630,7 +632,7 @@ async def test_a_thread_that_lost_its_lease_records_nothing(
             run = await blocking.delay()
             await anyio.to_thread.run_sync(started.wait, PROMPTLY)
             await steal(queue, clock, "blocking")
-            await wait_until(lambda: worker.counts["lost"] == 1, "lease loss noticed")
+            await wait_until(lambda: worker.counts["lost"] >= 1, "lease loss noticed")
             release.set()
             await wait_until(lambda: not worker.status()["current"], "thread returned")
     finally:
