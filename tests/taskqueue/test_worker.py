@@ -801,3 +801,93 @@ async def test_a_locked_database_never_crashes_the_worker(
             assert await (await queue.get_run(run.id)).result(timeout=PROMPTLY) == "hi"
             await wait_until(lambda: worker.healthz()[0], "healthy again")
     assert "broker error while claiming runs" in caplog.text
+
+
+async def test_a_record_locked_out_past_the_lease_is_run_again_by_the_same_worker(
+    db_path: Path,
+) -> None:
+    queue = TaskQueue(broker=SqliteBroker(db_path, lock_timeout=0.05))
+    finishing, locked = anyio.Event(), anyio.Event()
+
+    @queue.task
+    async def say(message: str) -> str:
+        context = current_run()
+        if context is not None and context.attempt == 1:
+            finishing.set()
+            await locked.wait()
+        return message
+
+    async with TaskWorker(say, lease_seconds=1.0) as worker:
+        run = await say.delay("hi")
+        with anyio.fail_after(PROMPTLY):
+            await finishing.wait()
+        # Another connection holds the write lock for longer than the lease: neither the
+        # record nor a renewal can get through, and the worker gives up at the lease's end.
+        with database_locked(db_path):
+            locked.set()
+            await wait_until(lambda: worker.counts["not_recorded"] == 1, "record given up")
+            assert worker.healthz()[0] is False
+            assert str(db_path) in worker.healthz()[1]["reason"]
+            assert await state_of(queue, run.id) is RunState.RUNNING
+        # The lease has expired: this very worker claims the run again, as a new attempt.
+        assert await run.result(timeout=PROMPTLY) == "hi"
+        assert (run.record.attempts, run.record.lease_owner) == (2, None)
+        await wait_until(lambda: worker.counts["completed"] == 1, "the outcome counted")
+        await wait_until(lambda: worker.healthz()[0], "healthy again")
+
+
+async def test_a_record_locked_out_for_less_than_the_lease_is_retried_until_it_lands(
+    db_path: Path,
+) -> None:
+    queue = TaskQueue(broker=SqliteBroker(db_path, lock_timeout=0.05))
+    finishing, locked = anyio.Event(), anyio.Event()
+
+    @queue.task
+    async def say(message: str) -> str:
+        finishing.set()
+        await locked.wait()
+        return message
+
+    async with TaskWorker(say, lease_seconds=30.0) as worker:
+        run = await say.delay("hi")
+        with anyio.fail_after(PROMPTLY):
+            await finishing.wait()
+        with database_locked(db_path):
+            locked.set()
+            await wait_until(lambda: worker.healthz()[0] is False, "the record meets the lock")
+            assert await state_of(queue, run.id) is RunState.RUNNING
+        assert await run.result(timeout=PROMPTLY) == "hi"
+        assert run.record.attempts == 1
+        await wait_until(lambda: worker.counts["completed"] == 1, "the outcome counted")
+        assert worker.counts["not_recorded"] == 0
+
+
+def remove_database(path: Path, replacement: Path | None) -> None:
+    """Delete the database file (and its WAL and SHM files); move ``replacement`` there."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    if replacement is not None:
+        replacement.replace(path)
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+async def test_a_worker_whose_database_file_goes_away_reports_unhealthy_naming_it(
+    db_path: Path, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    queue = TaskQueue(f"sqlite:///{db_path}")
+
+    @queue.task
+    async def say() -> None: ...
+
+    with caplog.at_level(logging.WARNING, logger="anyservice"):
+        async with TaskWorker(say) as worker:
+            assert worker.healthz()[0]
+            other = db_path.with_name("other.db")
+            if how == "replaced":
+                async with SqliteBroker(other):
+                    pass
+            remove_database(db_path, replacement=other if how == "replaced" else None)
+            await wait_until(lambda: worker.healthz()[0] is False, "the file's loss noticed")
+            reason = worker.healthz()[1]["reason"]
+            assert f"SQLite database {db_path} was {how}" in reason
+    assert f"SQLite database {db_path} was {how}" in caplog.text

@@ -393,6 +393,8 @@ class TaskWorker(Service, overrides=("run",)):
             while self.limit is not None and len(self._runs) >= self.limit:
                 self._freed = self._freed or anyio.Event()
                 await self._freed.wait()
+            if self.should_stop:
+                return  # A stop is under way: its cancellation may not have come yet.
             wanted = _UNLIMITED_CLAIM if self.limit is None else self.limit - len(self._runs)
             claimed: list[RunRecord] | None
             async with self.in_flight():
@@ -478,10 +480,11 @@ class TaskWorker(Service, overrides=("run",)):
             async with self.in_flight():
                 outcome = await attempt(entry, self.client_id, self._threads)
                 if entry.stop_worker:
-                    entry.settled = True
-                    await self._recorder.hand_back(entry.record, "its task raised StopTaskWorker")
+                    # Stop first: handed back before, the run could be claimed again here.
                     self.log.info("%s raised StopTaskWorker: stopping", entry.describe())
                     self._request_stop()
+                    entry.settled = True
+                    await self._recorder.hand_back(entry.record, "its task raised StopTaskWorker")
                 elif outcome is not None:
                     await self._recorder.settle(entry, outcome)
         except anyio.get_cancelled_exc_class():
