@@ -393,13 +393,13 @@ class TaskWorker(Service, overrides=("run",)):
             while self.limit is not None and len(self._runs) >= self.limit:
                 self._freed = self._freed or anyio.Event()
                 await self._freed.wait()
-            if self.should_stop:
+            if self._stopping():
                 return  # A stop is under way: its cancellation may not have come yet.
             wanted = _UNLIMITED_CLAIM if self.limit is None else self.limit - len(self._runs)
             claimed: list[RunRecord] | None
             async with self.in_flight():
                 claimed = await self._claim(names, wanted)
-                if claimed and self.should_stop:
+                if claimed and self._stopping():
                     # Claimed while a stop came in: hand them straight back.
                     for record in claimed:
                         await self._recorder.hand_back(record, "the worker is stopping")
@@ -417,6 +417,10 @@ class TaskWorker(Service, overrides=("run",)):
                 except BrokerError as exc:
                     self._stats.broker_failed(exc, "waiting for work")
                     await anyio.sleep(backoff)
+
+    def _stopping(self) -> bool:
+        # A call, not the property: a stop may come in during the claim between two looks.
+        return self.should_stop
 
     async def _claim(self, names: list[str], wanted: int) -> list[RunRecord] | None:
         """Claim up to ``wanted`` runs; ``None`` when the broker failed.
