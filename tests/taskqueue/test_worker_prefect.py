@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -23,9 +23,10 @@ import pytest
 from anyservice import ServiceState
 from anyservice.taskqueue import RunState, StopTaskWorker, TaskQueue, TaskWorker
 
+from .test_worker import PROMPTLY, wait_until
+
 pytestmark = pytest.mark.anyio
 
-PROMPTLY = 10.0
 #: Bound on starting a Python process that imports the library, on a slow machine.
 STARTUP = 30.0
 
@@ -34,14 +35,6 @@ STARTUP = 30.0
 async def queue(tmp_path: Path) -> AsyncIterator[TaskQueue]:
     async with TaskQueue(f"sqlite:///{tmp_path / 'runs.db'}") as queue:
         yield queue
-
-
-async def wait_until(condition: Callable[[], bool], what: str) -> None:
-    with anyio.move_on_after(PROMPTLY):
-        while not condition():  # noqa: ASYNC110 - worker state has no event to wait on
-            await anyio.sleep(0.005)
-        return
-    pytest.fail(f"not within {PROMPTLY:g} s: {what}")
 
 
 async def test_start_runs_the_worker_until_stop(queue: TaskQueue) -> None:
