@@ -24,6 +24,7 @@ from anyservice.taskqueue import _records as records
 from anyservice.taskqueue._errors import BrokerError
 from anyservice.taskqueue._records import ABANDONED_ERROR_TYPE, RunError, RunRecord, RunState
 from anyservice.taskqueue.brokers import Broker, MemoryBroker, SqliteBroker, broker_from_url
+from anyservice.taskqueue.brokers._options import hide_password
 
 pytestmark = pytest.mark.anyio
 
@@ -875,3 +876,18 @@ async def test_only_a_retried_failure_counts_as_new_work(broker: Broker) -> None
     assert notifier.generation(work=True) == work
     assert await broker.fail("w1", second.id, 1, BOOM, retry=True)
     assert notifier.generation(work=True) == work + 1
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (
+            "postgresql://app:secret@db.example:5432/runs",
+            "postgresql://app:***@db.example:5432/runs",
+        ),
+        ("postgresql://app@db.example/runs", "postgresql://app@db.example/runs"),
+        ("memory://", "memory://"),
+    ],
+)
+def test_a_location_never_shows_a_password(url: str, shown: str) -> None:
+    assert hide_password(url) == shown
