@@ -32,7 +32,7 @@ from ._core import leaves as _leaves
 from ._status import StatusServer
 from ._status._systemd import SystemdNotifier
 
-__all__ = ["run"]
+__all__ = ["run", "run_here"]
 
 log = logging.getLogger("anyservice.runner")
 
@@ -113,6 +113,22 @@ def run(
         runner.previous_handlers = {}
         for which, handler in previous.items():
             signal.signal(which, handler)
+
+
+async def run_here(service: Service, *, handle_signals: bool = True) -> int:
+    """:func:`run` inside the running event loop: run ``service`` to its end there.
+
+    The same signals, logs and exit codes as :func:`run`, for code that already has an
+    event loop (``await serve(...)``).
+
+    Raises:
+        TypeError: if ``service`` is not a Service.
+    """
+    if not isinstance(service, Service):
+        raise TypeError(f"anyservice.run_here() needs a Service, got {service!r}")
+    runner = _Runner(service, handle_signals=handle_signals, detector=None)
+    await runner.serve()
+    return runner.exit_code()
 
 
 class _Runner:

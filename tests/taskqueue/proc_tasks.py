@@ -71,13 +71,14 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr, level=logging.INFO, format=f"{os.getpid()} %(levelname)s %(message)s"
     )
     _, tasks = build(args.url, args.dir)
-    return serve(
+    code: int = serve(
         *tasks.values(),
         limit=args.limit,
         backend=args.backend,
         lease_seconds=args.lease,
         shutdown_timeout=args.shutdown_timeout,
     )
+    return code
 
 
 if __name__ == "__main__":

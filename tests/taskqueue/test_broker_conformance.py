@@ -9,7 +9,6 @@ transitions of ``_records.py``, and compare every record field by field.
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -26,6 +25,7 @@ from anyservice.taskqueue._errors import BrokerError
 from anyservice.taskqueue._records import ABANDONED_ERROR_TYPE, RunError, RunRecord, RunState
 from anyservice.taskqueue.brokers import Broker, MemoryBroker, SqliteBroker, broker_from_url
 from anyservice.taskqueue.brokers._base import PURGE_BATCH
+from anyservice.taskqueue.brokers._options import hide_password
 from tests._postgres import postgres_schema
 
 pytestmark = pytest.mark.anyio
@@ -236,14 +236,44 @@ async def test_expired_lease_is_claimed_by_another_owner_as_a_new_attempt(
     assert again.lease_expires_at == clock.now + LEASE
 
 
-async def test_owner_does_not_reclaim_its_own_expired_lease(
+async def test_owner_reclaims_its_own_expired_lease_as_a_new_attempt(
     broker: Broker, clock: FakeClock
 ) -> None:
     run = await broker.submit("say", PAYLOAD)
     await claim_one(broker, "w1")
-    clock.advance(LEASE + 1)
+    clock.advance(LEASE - 1)
     assert await claim(broker, "w1") == []
-    assert await broker.complete("w1", run.id, "null")
+    clock.advance(1)
+    again = await claim_one(broker, "w1")
+    assert (again.id, again.attempts, again.lease_owner) == (run.id, 2, "w1")
+    # The first attempt is fenced off by its number, though its owner is the same.
+    assert not await broker.complete("w1", run.id, 1, '"late"')
+    assert await broker.heartbeat("w1", {run.id: 1}, lease_seconds=LEASE) == set()
+    assert await broker.heartbeat("w1", {run.id: 2}, lease_seconds=LEASE) == {run.id}
+    assert await broker.complete("w1", run.id, 2, '"on time"')
+
+
+async def test_claim_run_claims_that_run_only_when_claimable(
+    broker: Broker, clock: FakeClock
+) -> None:
+    first = await broker.submit("say", PAYLOAD)
+    later = await broker.submit("say", PAYLOAD, scheduled_at=clock.now + 10)
+    claimed = await broker.claim_run("w1", later.id, lease_seconds=LEASE)
+    assert claimed is None
+    clock.advance(10)
+    claimed = await broker.claim_run("w1", later.id, lease_seconds=LEASE)
+    assert claimed is not None
+    assert (claimed.id, claimed.attempts, claimed.lease_owner) == (later.id, 1, "w1")
+    assert claimed == await broker.get(later.id)
+    assert await broker.claim_run("w2", later.id, lease_seconds=LEASE) is None
+    assert await broker.claim_run("w2", "0" * 32, lease_seconds=LEASE) is None
+    assert await state_of(broker, first.id) is RunState.SCHEDULED
+    clock.advance(LEASE)
+    again = await broker.claim_run("w2", later.id, lease_seconds=LEASE)
+    assert again is not None
+    assert (again.attempts, again.lease_owner) == (2, "w2")
+    with pytest.raises(ValueError, match="lease_seconds"):
+        await broker.claim_run("w2", first.id, lease_seconds=0)
 
 
 async def test_run_abandoned_on_its_last_attempt_ends_crashed(
@@ -267,7 +297,7 @@ async def test_run_abandoned_on_its_last_attempt_ends_crashed(
     assert crashed.error.type == ABANDONED_ERROR_TYPE
     assert "abandoned by a worker" in crashed.error.message
     assert "claimed 2 times" in crashed.error.message
-    assert not await broker.complete("w2", run.id, "null")
+    assert not await broker.complete("w2", run.id, 2, "null")
 
 
 async def test_abandoned_runs_of_unknown_tasks_are_crashed_too(
@@ -287,7 +317,7 @@ async def test_heartbeat_extends_the_lease(broker: Broker, clock: FakeClock) -> 
     run = await broker.submit("say", PAYLOAD)
     await claim_one(broker, "w1")
     clock.advance(LEASE - 1)
-    assert await broker.heartbeat("w1", [run.id], lease_seconds=LEASE) == {run.id}
+    assert await broker.heartbeat("w1", {run.id: 1}, lease_seconds=LEASE) == {run.id}
     clock.advance(LEASE - 1)
     assert await claim(broker, "w2") == []
     renewed = await broker.get(run.id)
@@ -303,20 +333,41 @@ async def test_heartbeat_reports_only_the_leases_still_held(
     kept = await broker.submit("say", PAYLOAD)
     done = await broker.submit("say", PAYLOAD)
     await claim(broker, "w1")
-    assert await broker.complete("w1", done.id, "null")
+    assert await broker.complete("w1", done.id, 1, "null")
     clock.advance(LEASE)
     assert await claim(broker, "w2", limit=1) == [lost.id]
 
-    held = await broker.heartbeat("w1", [lost.id, kept.id, done.id, "0" * 32], lease_seconds=LEASE)
+    leases = {lost.id: 1, kept.id: 1, done.id: 1, "0" * 32: 1}
+    held = await broker.heartbeat("w1", leases, lease_seconds=LEASE)
 
     assert held == {kept.id}
-    assert await broker.heartbeat("w1", [], lease_seconds=LEASE) == set()
+    assert await broker.heartbeat("w1", {kept.id: 2}, lease_seconds=LEASE) == set()
+    assert await broker.heartbeat("w1", {}, lease_seconds=LEASE) == set()
 
 
-async def test_heartbeat_rejects_a_single_string_as_run_ids(broker: Broker) -> None:
+@pytest.mark.parametrize("leases", ["0" * 32, ["0" * 32], {"0" * 32}])
+async def test_heartbeat_needs_the_attempt_of_each_lease(broker: Broker, leases: Any) -> None:
+    with pytest.raises(TypeError, match=r"leases must map each run id to the attempt"):
+        await broker.heartbeat("w1", leases, lease_seconds=LEASE)
+
+
+@pytest.mark.parametrize(
+    ("attempt", "error"), [(0, ValueError), ("1", TypeError), (True, TypeError)]
+)
+async def test_fenced_calls_refuse_a_bad_attempt(
+    broker: Broker, attempt: Any, error: type[Exception]
+) -> None:
     run = await broker.submit("say", PAYLOAD)
-    with pytest.raises(TypeError, match="collection of run ids"):
-        await broker.heartbeat("w1", run.id, lease_seconds=LEASE)
+    await claim_one(broker, "w1")
+    with pytest.raises(error, match="attempt"):
+        await broker.complete("w1", run.id, attempt, "null")
+    with pytest.raises(error, match="attempt"):
+        await broker.fail("w1", run.id, attempt, BOOM, retry=False)
+    with pytest.raises(error, match="attempt"):
+        await broker.release("w1", run.id, attempt)
+    with pytest.raises(error, match="attempt"):
+        await broker.heartbeat("w1", {run.id: attempt}, lease_seconds=LEASE)
+    assert await state_of(broker, run.id) is RunState.RUNNING
 
 
 async def test_non_owner_cannot_change_a_claimed_run(broker: Broker) -> None:
@@ -324,11 +375,14 @@ async def test_non_owner_cannot_change_a_claimed_run(broker: Broker) -> None:
     await claim_one(broker, "w1")
     before = await broker.get(run.id)
 
-    assert not await broker.complete("intruder", run.id, '"mine"')
-    assert not await broker.fail("intruder", run.id, BOOM, retry=True)
-    assert not await broker.fail("intruder", run.id, BOOM, retry=False)
-    assert not await broker.release("intruder", run.id)
-    assert await broker.heartbeat("intruder", [run.id], lease_seconds=LEASE) == set()
+    assert not await broker.complete("intruder", run.id, 1, '"mine"')
+    assert not await broker.fail("intruder", run.id, 1, BOOM, retry=True)
+    assert not await broker.fail("intruder", run.id, 1, BOOM, retry=False)
+    assert not await broker.release("intruder", run.id, 1)
+    assert await broker.heartbeat("intruder", {run.id: 1}, lease_seconds=LEASE) == set()
+    # The owner, naming an attempt its claim did not make, is refused as well.
+    assert not await broker.complete("w1", run.id, 2, '"mine"')
+    assert not await broker.release("w1", run.id, 2)
 
     assert await broker.get(run.id) == before
 
@@ -341,20 +395,20 @@ async def test_worker_that_lost_its_lease_cannot_finish_the_run(
     clock.advance(LEASE)
     await claim_one(broker, "w2")
 
-    assert not await broker.complete("w1", run.id, '"late"')
-    assert not await broker.fail("w1", run.id, BOOM, retry=False)
-    assert not await broker.release("w1", run.id)
+    assert not await broker.complete("w1", run.id, 1, '"late"')
+    assert not await broker.fail("w1", run.id, 1, BOOM, retry=False)
+    assert not await broker.release("w1", run.id, 1)
 
     assert await claim_owner(broker, run.id) == "w2"
-    assert await broker.complete("w2", run.id, '"on time"')
+    assert await broker.complete("w2", run.id, 2, '"on time"')
 
 
 async def test_runs_not_running_cannot_be_completed_failed_or_released(broker: Broker) -> None:
     run = await broker.submit("say", PAYLOAD)
-    assert not await broker.complete("w1", run.id, "null")
-    assert not await broker.fail("w1", run.id, BOOM, retry=False)
-    assert not await broker.release("w1", run.id)
-    assert not await broker.complete("w1", "0" * 32, "null")
+    assert not await broker.complete("w1", run.id, 1, "null")
+    assert not await broker.fail("w1", run.id, 1, BOOM, retry=False)
+    assert not await broker.release("w1", run.id, 1)
+    assert not await broker.complete("w1", "0" * 32, 1, "null")
     assert await state_of(broker, run.id) is RunState.SCHEDULED
 
 
@@ -366,14 +420,14 @@ async def test_complete_records_the_result(broker: Broker, clock: FakeClock) -> 
     await claim_one(broker, "w1")
     clock.advance(2)
 
-    assert await broker.complete("w1", run.id, '{"said":"hi"}')
+    assert await broker.complete("w1", run.id, 1, '{"said":"hi"}')
 
     done = await broker.get(run.id)
     assert done is not None
     assert (done.state, done.result, done.error) == (RunState.COMPLETED, '{"said":"hi"}', None)
     assert (done.started_at, done.finished_at) == (START, START + 2)
     assert done.lease_owner is done.lease_expires_at is None
-    assert not await broker.complete("w1", run.id, "null")
+    assert not await broker.complete("w1", run.id, 1, "null")
 
 
 async def test_failure_with_retries_left_is_retried_after_its_delay(
@@ -383,7 +437,7 @@ async def test_failure_with_retries_left_is_retried_after_its_delay(
     await claim_one(broker, "w1")
     clock.advance(1)
 
-    assert await broker.fail("w1", run.id, BOOM, retry=True)
+    assert await broker.fail("w1", run.id, 1, BOOM, retry=True)
 
     retried = await broker.get(run.id)
     assert retried is not None
@@ -401,10 +455,10 @@ async def test_failure_with_retries_left_is_retried_after_its_delay(
 async def test_failure_with_no_retries_left_ends_failed(broker: Broker, clock: FakeClock) -> None:
     run = await broker.submit("say", PAYLOAD, retries=1)
     await claim_one(broker, "w1")
-    assert await broker.fail("w1", run.id, RunError("KeyError", "first"), retry=True)
+    assert await broker.fail("w1", run.id, 1, RunError("KeyError", "first"), retry=True)
     await claim_one(broker, "w1")
 
-    assert await broker.fail("w1", run.id, BOOM, retry=True)
+    assert await broker.fail("w1", run.id, 2, BOOM, retry=True)
 
     failed = await broker.get(run.id)
     assert failed is not None
@@ -419,7 +473,7 @@ async def test_failure_without_retry_ends_failed_whatever_retries_are_left(
 ) -> None:
     run = await broker.submit("say", PAYLOAD, retries=5)
     await claim_one(broker, "w1")
-    assert await broker.fail("w1", run.id, BOOM, retry=False)
+    assert await broker.fail("w1", run.id, 1, BOOM, retry=False)
     failed = await broker.get(run.id)
     assert failed is not None
     assert (failed.state, failed.retries_left) == (RunState.FAILED, 5)
@@ -431,7 +485,7 @@ async def test_released_run_is_claimable_at_once_without_counting_the_attempt(
     run = await broker.submit("say", PAYLOAD, max_attempts=1)
     await claim_one(broker, "w1")
 
-    assert await broker.release("w1", run.id)
+    assert await broker.release("w1", run.id, 1)
 
     released = await broker.get(run.id)
     assert released is not None
@@ -460,7 +514,7 @@ async def test_cancel_leaves_claimed_finished_and_unknown_runs_alone(broker: Bro
     running = await broker.submit("say", PAYLOAD)
     await claim_one(broker, "w1")
     assert not await broker.cancel(running.id)
-    assert await broker.complete("w1", running.id, "null")
+    assert await broker.complete("w1", running.id, 1, "null")
     assert not await broker.cancel(running.id)
     assert not await broker.cancel("0" * 32)
     assert await state_of(broker, running.id) is RunState.COMPLETED
@@ -476,9 +530,9 @@ async def test_counts_reports_every_state(broker: Broker, clock: FakeClock) -> N
     ]
     await broker.submit("say", PAYLOAD)  # stays SCHEDULED
     assert await claim(broker, "w1", limit=3) == [completed, failed, cancelled]
-    await broker.complete("w1", completed, "null")
-    await broker.fail("w1", failed, BOOM, retry=False)
-    await broker.release("w1", cancelled)
+    await broker.complete("w1", completed, 1, "null")
+    await broker.fail("w1", failed, 1, BOOM, retry=False)
+    await broker.release("w1", cancelled, 1)
     assert await broker.cancel(cancelled)
     assert await claim(broker, "w2", limit=1) == [running]
 
@@ -526,7 +580,7 @@ async def test_wait_for_work_wakes_when_a_retry_falls_due(real_time_broker: Brok
     # Long enough that the claim right after the failure comes before it on a busy machine.
     run = await broker.submit("say", PAYLOAD, retries=1, retry_delay=0.5)
     await claim_one(broker, "w1")
-    assert await broker.fail("w1", run.id, BOOM, retry=True)
+    assert await broker.fail("w1", run.id, 1, BOOM, retry=True)
     assert await claim(broker, "w1") == []
     with anyio.fail_after(4):
         while not (claimed := await claim(broker, "w1")):
@@ -559,7 +613,7 @@ async def test_wait_until_finished_returns_the_finished_run(broker: Broker) -> N
             await claim_one(broker, "w1")
             await anyio.sleep(0.02)
             assert not finished
-            await broker.complete("w1", run.id, '"ok"')
+            await broker.complete("w1", run.id, 1, '"ok"')
 
     (done,) = finished
     assert done is not None
@@ -615,16 +669,21 @@ def test_memory_url_makes_a_memory_broker() -> None:
 @pytest.mark.parametrize(
     ("url", "path"),
     [
-        ("sqlite:///relative.db", os.path.abspath("relative.db")),
-        ("sqlite:///data/runs.db", os.path.abspath("data/runs.db")),
-        ("sqlite:////abs/path.db", "/abs/path.db"),
-        ("SQLite:////abs/path.db", "/abs/path.db"),
+        ("sqlite:///relative.db", "relative.db"),
+        ("sqlite:///data/runs.db", "data/runs.db"),
+        ("sqlite:///{here}/abs.db", "abs.db"),
+        ("SQLite:///{here}/abs.db", "abs.db"),
     ],
 )
-def test_sqlite_url_names_a_relative_or_absolute_file(url: str, path: str) -> None:
+def test_sqlite_url_names_a_relative_or_absolute_file(
+    url: str, path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    url = url.format(here=tmp_path)
     broker = broker_from_url(url)
     assert isinstance(broker, SqliteBroker)
-    assert broker.path == path
+    assert broker.path == broker.location == str(tmp_path / path)
     assert broker.url.lower() == url.lower()
 
 
@@ -661,6 +720,13 @@ def test_malformed_urls_are_rejected(url: str) -> None:
 
 OWNERS = ("w1", "w2")
 TASKS = ("say", "add")
+#: How many claims behind the run's current attempt a fenced call names (0: the current).
+STALENESS = st.sampled_from([0, 0, 1])
+
+
+def fence(run: RunRecord, staleness: int) -> int:
+    return max(run.attempts - staleness, 1)
+
 
 steps = st.one_of(
     st.tuples(
@@ -678,12 +744,16 @@ steps = st.one_of(
         st.integers(0, 3),
     ),
     st.tuples(
-        st.just("heartbeat"), st.sampled_from(OWNERS), st.lists(st.integers(0, 9), max_size=3)
+        st.just("heartbeat"),
+        st.sampled_from(OWNERS),
+        st.lists(st.integers(0, 9), max_size=3),
+        STALENESS,
     ),
     st.tuples(
         st.sampled_from(["complete", "fail", "retry", "release"]),
         st.sampled_from(OWNERS),
         st.integers(0, 9),
+        STALENESS,
     ),
     st.tuples(st.just("cancel"), st.integers(0, 9)),
     st.tuples(st.just("advance"), st.sampled_from([1.0, 10.0, 31.0])),
@@ -698,12 +768,12 @@ class PureModel:
 
     def claim(self, owner: str, tasks: tuple[str, ...], limit: int, now: float) -> list[str]:
         for index, run in enumerate(self.runs):
-            self.runs[index] = records.abandon(run, owner, now) or run
+            self.runs[index] = records.abandon(run, now) or run
         due = sorted(
             (i for i, run in enumerate(self.runs) if run.task in tasks),
             key=lambda i: (self.runs[i].scheduled_at, i),
         )
-        due = [i for i in due if records.claimable(self.runs[i], owner, now)][:limit]
+        due = [i for i in due if records.claimable(self.runs[i], now)][:limit]
         for i in due:
             self.runs[i] = records.claim(self.runs[i], owner, now, LEASE) or self.runs[i]
         return [self.runs[i].id for i in due]
@@ -757,13 +827,15 @@ async def drive(url: str, script: list[tuple[Any, ...]]) -> None:
             elif not runs:
                 continue
             elif kind == "heartbeat":
-                owner, indices = args
-                ids = {runs[i % len(runs)].id for i in indices}
-                held = await broker.heartbeat(owner, ids, lease_seconds=LEASE)
+                owner, indices, staleness = args
+                leases = {
+                    runs[i % len(runs)].id: fence(runs[i % len(runs)], staleness) for i in indices
+                }
+                held = await broker.heartbeat(owner, leases, lease_seconds=LEASE)
                 expected_held = set()
                 for i, run in enumerate(runs):
-                    if run.id in ids and model.apply(
-                        i, records.renew(run, owner, clock.now, LEASE)
+                    if run.id in leases and model.apply(
+                        i, records.renew(run, owner, leases[run.id], clock.now, LEASE)
                     ):
                         expected_held.add(run.id)
                 assert held == expected_held, step
@@ -774,16 +846,17 @@ async def drive(url: str, script: list[tuple[Any, ...]]) -> None:
             else:
                 owner, i = args[0], args[1] % len(runs)
                 run = runs[i]
+                attempt = fence(run, args[2])
                 if kind == "complete":
-                    done = await broker.complete(owner, run.id, '"ok"')
-                    changed = records.complete(run, owner, '"ok"', clock.now)
+                    done = await broker.complete(owner, run.id, attempt, '"ok"')
+                    changed = records.complete(run, owner, attempt, '"ok"', clock.now)
                 elif kind == "release":
-                    done = await broker.release(owner, run.id)
-                    changed = records.release(run, owner)
+                    done = await broker.release(owner, run.id, attempt)
+                    changed = records.release(run, owner, attempt)
                 else:
                     retry = kind == "retry"
-                    done = await broker.fail(owner, run.id, BOOM, retry=retry)
-                    changed = records.fail(run, owner, BOOM, clock.now, retry=retry)
+                    done = await broker.fail(owner, run.id, attempt, BOOM, retry=retry)
+                    changed = records.fail(run, owner, attempt, BOOM, clock.now, retry=retry)
                 assert done == model.apply(i, changed), step
             for expected in runs:
                 assert await broker.get(expected.id) == expected, step
@@ -818,9 +891,9 @@ async def test_only_a_retried_failure_counts_as_new_work(broker: Broker) -> None
     await broker.submit("say", PAYLOAD, retries=1)
     first, second = await broker.claim("w1", ["say"], limit=2, lease_seconds=LEASE)
     work = notifier.generation(work=True)
-    assert await broker.fail("w1", first.id, BOOM, retry=False)
+    assert await broker.fail("w1", first.id, 1, BOOM, retry=False)
     assert notifier.generation(work=True) == work
-    assert await broker.fail("w1", second.id, BOOM, retry=True)
+    assert await broker.fail("w1", second.id, 1, BOOM, retry=True)
     assert notifier.generation(work=True) == work + 1
 
 
@@ -834,12 +907,12 @@ async def test_purge_deletes_only_runs_finished_before_the_cutoff(
         (await broker.submit("say", PAYLOAD)).id for _ in range(5)
     ]
     assert await claim(broker, "w1", limit=2) == [completed, failed]
-    assert await broker.complete("w1", completed, "null")
-    assert await broker.fail("w1", failed, BOOM, retry=False)
+    assert await broker.complete("w1", completed, 1, "null")
+    assert await broker.fail("w1", failed, 1, BOOM, retry=False)
     assert await broker.cancel(cancelled)
     clock.advance(100)
     assert await claim(broker, "w1", limit=2) == [running, recent]
-    assert await broker.complete("w1", recent, "null")
+    assert await broker.complete("w1", recent, 1, "null")
 
     assert await broker.purge(older_than=50) == 3
 
@@ -864,10 +937,26 @@ async def test_purge_goes_on_past_one_batch(broker: Broker, clock: FakeClock) ->
 
 
 @pytest.mark.parametrize(
-    ("older_than", "error"), [(-1, ValueError), (math.nan, ValueError), ("soon", ValueError), ([1], TypeError)]
+    ("older_than", "error"),
+    [(-1, ValueError), (math.nan, ValueError), ("soon", ValueError), ([1], TypeError)],
 )
 async def test_purge_rejects_a_bad_age(
     broker: Broker, older_than: Any, error: type[Exception]
 ) -> None:
     with pytest.raises(error, match="older_than"):
         await broker.purge(older_than=older_than)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (
+            "postgresql://app:secret@db.example:5432/runs",
+            "postgresql://app:***@db.example:5432/runs",
+        ),
+        ("postgresql://app@db.example/runs", "postgresql://app@db.example/runs"),
+        ("memory://", "memory://"),
+    ],
+)
+def test_a_location_never_shows_a_password(url: str, shown: str) -> None:
+    assert hide_password(url) == shown

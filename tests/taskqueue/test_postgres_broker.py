@@ -184,7 +184,7 @@ async def test_a_result_awaited_in_another_process_arrives_on_notification(url: 
             await anyio.sleep(0.1)
             assert not done
             started = time.monotonic()
-            assert await worker.complete("w1", run.id, '"ok"')
+            assert await worker.complete("w1", run.id, 1, '"ok"')
         assert done == [RunState.COMPLETED]
         assert time.monotonic() - started < PROMPTLY
 
@@ -206,7 +206,7 @@ async def test_many_waiters_for_different_runs_each_get_their_own(url: str) -> N
                 await worker.claim("w1", ["say"], limit=5, lease_seconds=30)
                 for run in runs:
                     await anyio.sleep(0.02)
-                    assert await worker.complete("w1", run.id, "null")
+                    assert await worker.complete("w1", run.id, 1, "null")
         assert finished == {run.id: RunState.COMPLETED for run in runs}
 
 
@@ -223,7 +223,7 @@ async def test_without_listen_waits_poll(postgres_url: str) -> None:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(submitter.wait_until_finished, run.id, 3600)
                     await anyio.sleep(0.1)
-                    await worker.complete("w1", run.id, "null")
+                    await worker.complete("w1", run.id, 1, "null")
 
 
 # --- trouble -----------------------------------------------------------------------------

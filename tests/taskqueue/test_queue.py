@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta
@@ -22,6 +24,7 @@ from anyservice.taskqueue import (
     TaskRunFailed,
     TaskRunNotFound,
     TaskRunTimeout,
+    TaskWorker,
     current_run,
 )
 
@@ -175,6 +178,7 @@ async def test_default_queue_is_a_wal_sqlite_file_in_the_current_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ANYSERVICE_TASKQUEUE_URL", raising=False)
     queue = TaskQueue()
     assert queue.url == DEFAULT_URL == "sqlite:///anyservice.db"
 
@@ -186,6 +190,50 @@ async def test_default_queue_is_a_wal_sqlite_file_in_the_current_directory(
     with sqlite3.connect(tmp_path / "anyservice.db") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     conn.close()
+
+
+def test_the_url_comes_from_the_environment_when_none_is_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    monkeypatch.setenv("ANYSERVICE_TASKQUEUE_URL", url)
+    assert TaskQueue().url == url
+    assert TaskQueue().location == str(tmp_path / "shared.db")
+    # A URL given in the code wins over the environment.
+    assert TaskQueue("memory://").url == "memory://"
+    monkeypatch.setenv("ANYSERVICE_TASKQUEUE_URL", "  ")
+    with pytest.raises(ValueError, match="ANYSERVICE_TASKQUEUE_URL environment variable is set"):
+        TaskQueue()
+
+
+@pytest.mark.parametrize("url", ["", " "])
+def test_an_empty_url_is_refused(url: str) -> None:
+    with pytest.raises(ValueError, match="TaskQueue url must not be empty"):
+        TaskQueue(url)
+
+
+def test_a_queue_in_a_missing_directory_is_refused_at_once(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "runs.db"
+    with pytest.raises(ValueError, match=f"its directory {re.escape(str(missing.parent))} does"):
+        TaskQueue(f"sqlite:///{missing}")
+    (tmp_path / "plain").write_text("")
+    with pytest.raises(ValueError, match="is not a directory"):
+        TaskQueue(f"sqlite:///{tmp_path / 'plain' / 'runs.db'}")
+
+
+async def test_a_worker_logs_and_serves_the_absolute_path_of_its_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    queue = TaskQueue("sqlite:///relative.db")
+
+    @queue.task
+    async def say() -> None: ...
+
+    with caplog.at_level(logging.INFO, logger="anyservice"):
+        async with TaskWorker(say) as worker:
+            assert worker.status()["database"] == str(tmp_path / "relative.db")
+    assert f"serving say from {tmp_path / 'relative.db'} with limit 10" in caplog.text
 
 
 async def test_a_queue_used_without_async_with_stays_open_until_closed() -> None:
@@ -294,11 +342,14 @@ async def test_result_timeout_says_the_timeout_and_the_state(queue: TaskQueue) -
     with pytest.raises(TaskRunTimeout) as caught:
         await run.result(timeout=0.05)
     assert isinstance(caught.value, TimeoutError)
+    # The database's absolute path: a run nobody runs may sit in a file no worker serves.
+    assert queue.location == queue.url.removeprefix("sqlite:///")  # made from an absolute path
     assert str(caught.value) == (
-        f"run {run.id} of task 'say' did not finish within 0.05 s (it is SCHEDULED); "
-        "the run goes on"
+        f"run {run.id} of task 'say' in {queue.location} did not finish within 0.05 s "
+        "(it is SCHEDULED); the run goes on"
     )
     assert (caught.value.timeout, caught.value.state) == (0.05, RunState.SCHEDULED)
+    assert caught.value.database == queue.location
     with pytest.raises(TaskRunTimeout):
         await run.wait(timeout=0)
 

@@ -66,49 +66,60 @@ def submitted(
     )
 
 
-def fenced_transitions(run: RunRecord, owner: str, now: float) -> dict[str, RunRecord | None]:
-    """Every transition that only the run's lease owner may make."""
+def fenced_transitions(
+    run: RunRecord, owner: str, attempt: int, now: float
+) -> dict[str, RunRecord | None]:
+    """Every transition that only the claim ``(owner, attempt)`` holding the run may make."""
     return {
-        "renew": records.renew(run, owner, now, 30.0),
-        "complete": records.complete(run, owner, '"ok"', now),
-        "fail with retry": records.fail(run, owner, BOOM, now, retry=True),
-        "fail without retry": records.fail(run, owner, BOOM, now, retry=False),
-        "release": records.release(run, owner),
+        "renew": records.renew(run, owner, attempt, now, 30.0),
+        "complete": records.complete(run, owner, attempt, '"ok"', now),
+        "fail with retry": records.fail(run, owner, attempt, BOOM, now, retry=True),
+        "fail without retry": records.fail(run, owner, attempt, BOOM, now, retry=False),
+        "release": records.release(run, owner, attempt),
     }
 
 
 # --- fencing ------------------------------------------------------------------------------
 
 
-@given(run_records(), owners, times)
-def test_only_the_lease_owner_of_a_running_run_changes_it(
-    run: RunRecord, owner: str, now: float
+@given(run_records(), owners, st.integers(1, 8), times)
+def test_only_the_claim_that_holds_a_running_run_changes_it(
+    run: RunRecord, owner: str, attempt: int, now: float
 ) -> None:
-    held = run.state is RunState.RUNNING and run.lease_owner == owner
-    for name, changed in fenced_transitions(run, owner, now).items():
+    held = run.state is RunState.RUNNING and run.lease_owner == owner and run.attempts == attempt
+    assert records.held(run, owner, attempt) == held
+    for name, changed in fenced_transitions(run, owner, attempt, now).items():
         assert (changed is not None) == held, name
 
 
 @given(run_records(RunState.RUNNING), owners, times)
-def test_a_worker_that_lost_its_lease_changes_nothing(
-    run: RunRecord, stale: str, now: float
+def test_a_claim_whose_lease_expired_and_was_claimed_again_changes_nothing(
+    run: RunRecord, new: str, now: float
 ) -> None:
-    # Another owner took the run over after the stale one's lease expired.
-    taken = records.claim(replace(run, lease_expires_at=now), "w-new", now, 30.0)
+    # Once the lease expired anyone may claim the run, the stale owner itself included:
+    # the attempt number tells the two claims apart.
+    assert run.lease_owner is not None
+    old = (run.lease_owner, run.attempts)
+    taken = records.claim(replace(run, lease_expires_at=now), new, now, 30.0)
     assert taken is not None or run.attempts >= run.max_attempts
     if taken is not None:
-        assert all(value is None for value in fenced_transitions(taken, stale, now).values())
+        assert taken.attempts == run.attempts + 1
+        assert all(value is None for value in fenced_transitions(taken, *old, now).values())
+        assert all(
+            value is not None
+            for value in fenced_transitions(taken, new, taken.attempts, now).values()
+        )
 
 
-@given(run_records(*records.FINISHED_STATES), owners, times)
-def test_a_finished_run_never_changes(run: RunRecord, owner: str, now: float) -> None:
+@given(run_records(*records.FINISHED_STATES), owners, st.integers(0, 8), times)
+def test_a_finished_run_never_changes(run: RunRecord, owner: str, attempt: int, now: float) -> None:
     assert run.finished
     assert records.claim(run, owner, now, 30.0) is None
-    assert records.abandon(run, owner, now) is None
+    assert records.abandon(run, now) is None
     assert records.cancel(run, now) is None
-    assert not records.claimable(run, owner, now)
-    assert records.due_at(run, owner) is None
-    assert all(value is None for value in fenced_transitions(run, owner, now).values())
+    assert not records.claimable(run, now)
+    assert records.due_at(run) is None
+    assert all(value is None for value in fenced_transitions(run, owner, attempt, now).values())
 
 
 # --- claiming -----------------------------------------------------------------------------
@@ -119,7 +130,7 @@ def test_claim_leases_exactly_the_claimable_runs(
     run: RunRecord, owner: str, now: float, lease: float
 ) -> None:
     claimed = records.claim(run, owner, now, lease)
-    assert (claimed is not None) == records.claimable(run, owner, now)
+    assert (claimed is not None) == records.claimable(run, now)
     if claimed is not None:
         assert claimed == replace(
             run,
@@ -131,25 +142,21 @@ def test_claim_leases_exactly_the_claimable_runs(
         )
 
 
-@given(run_records(RunState.SCHEDULED), owners, times)
-def test_a_scheduled_run_is_claimable_once_due(run: RunRecord, owner: str, now: float) -> None:
-    assert records.claimable(run, owner, now) == (run.scheduled_at <= now)
-    assert records.due_at(run, owner) == run.scheduled_at
-    assert records.abandon(run, owner, now) is None
+@given(run_records(RunState.SCHEDULED), times)
+def test_a_scheduled_run_is_claimable_once_due(run: RunRecord, now: float) -> None:
+    assert records.claimable(run, now) == (run.scheduled_at <= now)
+    assert records.due_at(run) == run.scheduled_at
+    assert records.abandon(run, now) is None
 
 
-@given(run_records(RunState.RUNNING), owners, times)
-def test_an_expired_lease_is_either_claimable_or_abandoned(
-    run: RunRecord, owner: str, now: float
-) -> None:
-    claimable = records.claimable(run, owner, now)
-    abandoned = records.abandon(run, owner, now)
-    assert records.due_at(run, owner) == (
-        None if run.lease_owner == owner else run.lease_expires_at
-    )
+@given(run_records(RunState.RUNNING), times)
+def test_an_expired_lease_is_either_claimable_or_abandoned(run: RunRecord, now: float) -> None:
+    claimable = records.claimable(run, now)
+    abandoned = records.abandon(run, now)
+    assert records.due_at(run) == run.lease_expires_at
     assert run.lease_expires_at is not None
-    if run.lease_owner == owner or run.lease_expires_at > now:
-        # A live lease, or the looker's own run: it is still being worked on.
+    if run.lease_expires_at > now:
+        # A live lease: it is still being worked on.
         assert not claimable
         assert abandoned is None
     elif run.attempts < run.max_attempts:
@@ -179,9 +186,25 @@ def test_a_running_record_without_an_expiry_is_not_held_by_anyone_alive() -> Non
         attempts=1,
         lease_owner="w1",
     )
-    assert records.claimable(run, "w2", 5.0)
-    assert not records.claimable(run, "w1", 5.0)
-    assert records.abandon(replace(run, attempts=2), "w2", 5.0) is not None
+    assert records.claimable(run, 5.0)
+    assert records.abandon(replace(run, attempts=2), 5.0) is not None
+
+
+def test_the_owner_of_an_expired_lease_may_claim_the_run_again() -> None:
+    run = replace(
+        submitted(max_attempts=3, now=0.0),
+        state=RunState.RUNNING,
+        attempts=1,
+        lease_owner="w1",
+        lease_expires_at=10.0,
+    )
+    assert records.claim(run, "w1", 9.0, 30.0) is None
+    again = records.claim(run, "w1", 10.0, 30.0)
+    assert again is not None
+    assert (again.lease_owner, again.attempts) == ("w1", 2)
+    # The first attempt's late verdict is refused; the second one's is taken.
+    assert records.complete(again, "w1", 1, '"late"', 11.0) is None
+    assert records.complete(again, "w1", 2, '"ok"', 11.0) is not None
 
 
 # --- a worker's verdicts ------------------------------------------------------------------
@@ -190,7 +213,7 @@ def test_a_running_record_without_an_expiry_is_not_held_by_anyone_alive() -> Non
 @given(run_records(RunState.RUNNING), times, seconds)
 def test_renew_moves_only_the_lease_expiry(run: RunRecord, now: float, lease: float) -> None:
     assert run.lease_owner is not None
-    assert records.renew(run, run.lease_owner, now, lease) == replace(
+    assert records.renew(run, run.lease_owner, run.attempts, now, lease) == replace(
         run, lease_expires_at=now + lease
     )
 
@@ -198,7 +221,7 @@ def test_renew_moves_only_the_lease_expiry(run: RunRecord, now: float, lease: fl
 @given(run_records(RunState.RUNNING), times)
 def test_complete_keeps_the_result_and_drops_the_lease(run: RunRecord, now: float) -> None:
     assert run.lease_owner is not None
-    assert records.complete(run, run.lease_owner, "[1]", now) == replace(
+    assert records.complete(run, run.lease_owner, run.attempts, "[1]", now) == replace(
         run,
         state=RunState.COMPLETED,
         finished_at=now,
@@ -214,7 +237,7 @@ def test_fail_retries_while_retries_are_left_and_asked_for(
     run: RunRecord, now: float, retry: bool
 ) -> None:
     assert run.lease_owner is not None
-    failed = records.fail(run, run.lease_owner, BOOM, now, retry=retry)
+    failed = records.fail(run, run.lease_owner, run.attempts, BOOM, now, retry=retry)
     unleased = replace(run, lease_owner=None, lease_expires_at=None, error=BOOM)
     if retry and run.retries_left > 0:
         assert failed == replace(
@@ -231,7 +254,7 @@ def test_fail_retries_while_retries_are_left_and_asked_for(
 @given(run_records(RunState.RUNNING))
 def test_release_hands_the_run_back_without_counting_the_attempt(run: RunRecord) -> None:
     assert run.lease_owner is not None
-    assert records.release(run, run.lease_owner) == replace(
+    assert records.release(run, run.lease_owner, run.attempts) == replace(
         run,
         state=RunState.SCHEDULED,
         attempts=run.attempts - 1,
@@ -246,7 +269,7 @@ def test_release_undoes_a_claim(run: RunRecord, owner: str, now: float, lease: f
     run = replace(run, started_at=None, scheduled_at=now)
     claimed = records.claim(run, owner, now, lease)
     assert claimed is not None
-    assert records.release(claimed, owner) == run
+    assert records.release(claimed, owner, claimed.attempts) == run
 
 
 @given(run_records(), times)
@@ -261,21 +284,21 @@ def test_only_a_scheduled_run_can_be_cancelled(run: RunRecord, now: float) -> No
 # --- any sequence of operations -----------------------------------------------------------
 
 
-def apply(operation: str, run: RunRecord, owner: str, now: float) -> RunRecord | None:
-    """Apply the named transition as ``owner`` at ``now``."""
+def apply(operation: str, run: RunRecord, owner: str, attempt: int, now: float) -> RunRecord | None:
+    """Apply the named transition as the claim ``(owner, attempt)`` at ``now``."""
     match operation:
         case "claim":
             return records.claim(run, owner, now, 30.0)
         case "abandon":
-            return records.abandon(run, owner, now)
+            return records.abandon(run, now)
         case "renew":
-            return records.renew(run, owner, now, 30.0)
+            return records.renew(run, owner, attempt, now, 30.0)
         case "complete":
-            return records.complete(run, owner, '"ok"', now)
+            return records.complete(run, owner, attempt, '"ok"', now)
         case "fail" | "retry":
-            return records.fail(run, owner, BOOM, now, retry=operation == "retry")
+            return records.fail(run, owner, attempt, BOOM, now, retry=operation == "retry")
         case "release":
-            return records.release(run, owner)
+            return records.release(run, owner, attempt)
         case _:
             return records.cancel(run, now)
 
@@ -296,6 +319,7 @@ operations = st.lists(
             ]
         ),
         owners,
+        st.integers(1, 5),
         st.floats(0.0, 50.0),
     ),
     max_size=40,
@@ -309,17 +333,20 @@ operations = st.lists(
     operations,
 )
 def test_any_sequence_keeps_the_record_consistent(
-    retries: int, max_attempts: int, retry_delay: float, steps: list[tuple[str, str, float]]
+    retries: int,
+    max_attempts: int,
+    retry_delay: float,
+    steps: list[tuple[str, str, int, float]],
 ) -> None:
     now = 0.0
     run = submitted(max_attempts=max_attempts, now=now, retries=retries, retry_delay=retry_delay)
     claims = 0
-    for operation, owner, amount in steps:
+    for operation, owner, attempt, amount in steps:
         if operation == "advance":
             now += amount
             continue
         before = run
-        changed = apply(operation, run, owner, now)
+        changed = apply(operation, run, owner, attempt, now)
         if changed is None:
             continue
         run = changed
@@ -350,7 +377,7 @@ def test_only_scheduled_and_running_runs_can_ever_become_due(state: RunState) ->
         lease_owner="w1" if state is RunState.RUNNING else None,
         lease_expires_at=1.0 if state is RunState.RUNNING else None,
     )
-    assert records.due_at(run, "w2") == (1.0 if state is RunState.RUNNING else None)
+    assert records.due_at(run) == (1.0 if state is RunState.RUNNING else None)
 
 
 # ------------------------------------------------------------------ run errors, as stored

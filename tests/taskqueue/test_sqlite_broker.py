@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import os
+import re
 import sqlite3
+import stat
 import subprocess
 import sys
 import textwrap
@@ -84,9 +87,86 @@ async def test_file_with_a_newer_schema_is_refused(path: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_file_in_a_missing_directory_is_a_broker_error(tmp_path: Path) -> None:
-    with pytest.raises(BrokerError, match="unable to open"):
-        await SqliteBroker(tmp_path / "missing" / "runs.db").open()
+async def test_a_directory_removed_before_open_is_a_broker_error_naming_the_file(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "gone").mkdir()
+    broker = SqliteBroker(tmp_path / "gone" / "runs.db")
+    (tmp_path / "gone").rmdir()
+    with pytest.raises(BrokerError, match=re.escape(str(tmp_path / "gone" / "runs.db"))):
+        await broker.open()
+
+
+def test_a_file_in_a_missing_directory_is_refused_when_the_broker_is_made(
+    tmp_path: Path,
+) -> None:
+    missing = tmp_path / "missing" / "runs.db"
+    with pytest.raises(ValueError, match=f"directory {re.escape(str(missing.parent))} does not"):
+        SqliteBroker(missing)
+    (tmp_path / "file").touch()
+    with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path / 'file'))} is not a dir"):
+        SqliteBroker(tmp_path / "file" / "runs.db")
+
+
+@pytest.mark.anyio
+async def test_broker_errors_name_the_absolute_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    broker = SqliteBroker("runs.db")
+    assert broker.location == str(tmp_path / "runs.db")
+    with pytest.raises(BrokerError, match=f"SQLite database {re.escape(str(tmp_path))}/runs.db"):
+        await broker.get("0" * 32)
+
+
+@pytest.mark.anyio
+async def test_the_database_and_its_wal_and_shm_files_are_private_to_the_user(
+    path: Path,
+) -> None:
+    # With no umask at all, a file SQLite created by itself would be world-writable.
+    old = os.umask(0)
+    try:
+        async with SqliteBroker(path) as broker:
+            await broker.submit("say", PAYLOAD)
+            modes = {
+                suffix: stat.S_IMODE(os.stat(f"{path}{suffix}").st_mode)
+                for suffix in ("", "-wal", "-shm")
+            }
+    finally:
+        os.umask(old)
+    assert modes == {"": 0o600, "-wal": 0o600, "-shm": 0o600}
+
+
+def _remove(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+async def _replace(path: Path) -> None:
+    other = path.with_name("other.db")
+    async with SqliteBroker(other):
+        pass
+    _remove(path)
+    other.replace(path)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+async def test_a_deleted_or_replaced_file_is_a_broker_error_naming_it(path: Path, how: str) -> None:
+    async with SqliteBroker(path) as broker:
+        await broker.submit("say", PAYLOAD)
+        if how == "deleted":
+            _remove(path)
+        else:
+            await _replace(path)
+        said = f"SQLite database {re.escape(str(path))} was {how}"
+        with pytest.raises(BrokerError, match=said):
+            await broker.claim("w1", ["say"], limit=1, lease_seconds=LEASE)
+        with pytest.raises(BrokerError, match=said):
+            await broker.submit("say", PAYLOAD)
+        # A waiting worker notices it too, through the poll for other processes' commits.
+        with anyio.fail_after(10), pytest.raises(BrokerError, match=said):
+            await broker.wait_for_work(timeout=5)
 
 
 @pytest.mark.anyio
@@ -135,7 +215,7 @@ async def test_racing_brokers_on_one_file_claim_each_run_exactly_once(path: Path
         while runs := await broker.claim(owner, ["say"], limit=5, lease_seconds=LEASE):
             for run in runs:
                 mine.append(run.id)
-                assert await broker.complete(owner, run.id, "null")
+                assert await broker.complete(owner, run.id, run.attempts, "null")
 
     async with contextlib.AsyncExitStack() as stack:
         for broker in brokers:
@@ -170,7 +250,7 @@ CLAIMING_PROCESS = textwrap.dedent(
             # Every run was submitted before "go": an empty claim means none are left.
             while runs := await broker.claim(owner, ["say"], limit=5, lease_seconds=30):
                 for run in runs:
-                    assert await broker.complete(owner, run.id, f'"{owner}"')
+                    assert await broker.complete(owner, run.id, run.attempts, f'"{owner}"')
                     done.append(run.id)
         print("\\n".join(done))
 

@@ -24,6 +24,7 @@ from ._context import RunContext as RunContext
 from ._context import current_run as current_run
 from ._errors import BrokerBusyError as BrokerBusyError
 from ._errors import BrokerError as BrokerError
+from ._errors import StopTaskWorker as StopTaskWorker
 from ._errors import TaskRunFailed as TaskRunFailed
 from ._errors import TaskRunNotFound as TaskRunNotFound
 from ._errors import TaskRunTimeout as TaskRunTimeout
@@ -60,6 +61,7 @@ __all__ = [
     "RunRecord",
     "RunState",
     "SqliteBroker",
+    "StopTaskWorker",
     "SyncTask",
     "Task",
     "TaskQueue",

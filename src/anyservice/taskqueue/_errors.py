@@ -13,6 +13,7 @@ from ._records import RunError, RunState
 __all__ = [
     "BrokerBusyError",
     "BrokerError",
+    "StopTaskWorker",
     "TaskRunFailed",
     "TaskRunNotFound",
     "TaskRunTimeout",
@@ -89,15 +90,21 @@ class TaskRunTimeout(TimeoutError):
         task: The task's name.
         timeout: The seconds waited.
         state: The run's state when the wait gave up.
+        database: Where the run is stored (a SQLite file's absolute path): a run that
+            never starts may be waiting in a database no worker serves.
     """
 
-    def __init__(self, *, run_id: str, task: str, timeout: float, state: RunState) -> None:
+    def __init__(
+        self, *, run_id: str, task: str, timeout: float, state: RunState, database: str = ""
+    ) -> None:
         self.run_id = run_id
         self.task = task
         self.timeout = timeout
         self.state = state
+        self.database = database
+        where = f" in {database}" if database else ""
         super().__init__(
-            f"run {run_id} of task {task!r} did not finish within {_seconds(timeout)} "
+            f"run {run_id} of task {task!r}{where} did not finish within {_seconds(timeout)} "
             f"(it is {state.value}); the run goes on"
         )
 
@@ -115,6 +122,15 @@ class TaskRunNotFound(LookupError):
     """There is no run with this id in the queue's database."""
 
 
+class StopTaskWorker(Exception):
+    """Raised by a task to stop the worker that runs it (Prefect's name).
+
+    The worker stops gracefully (nothing new is claimed, the other runs in flight finish
+    within its grace period) and hands this run back unfinished, so another worker (or
+    this one, started again) runs it.
+    """
+
+
 for _error in (
     BrokerError,
     BrokerBusyError,
@@ -122,5 +138,6 @@ for _error in (
     TaskRunTimeout,
     TaskTimeoutError,
     TaskRunNotFound,
+    StopTaskWorker,
 ):
     _error.__module__ = "anyservice.taskqueue"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -25,6 +26,9 @@ from ._errors import TaskRunFailed, TaskRunNotFound, TaskRunTimeout
 from ._records import DEFAULT_MAX_ATTEMPTS, RunError, RunRecord, RunState
 from ._serialize import decode_result, encode_arguments
 from .brokers import DEFAULT_URL, Broker, broker_from_url
+
+#: The environment variable a queue made without a URL or broker takes its URL from.
+URL_ENVIRONMENT_VARIABLE = "ANYSERVICE_TASKQUEUE_URL"
 
 __all__ = [
     "DEFAULT_RETENTION",
@@ -48,7 +52,8 @@ DEFAULT_RETENTION = 7 * 24 * 3600.0
 _WAIT_CHUNK = 60.0
 
 
-def _in_event_loop() -> bool:
+def in_event_loop() -> bool:
+    """Whether the caller runs inside an event loop (of any backend)."""
     try:
         anyio.lowlevel.current_token()
     except anyio.NoEventLoopError:
@@ -66,7 +71,7 @@ def _run_blocking(function: Callable[[], Coroutine[Any, Any, T]], what: str, hin
         RuntimeError: if called from inside a running event loop, where blocking would
             stall every other task of the loop.
     """
-    if _in_event_loop():
+    if in_event_loop():
         raise RuntimeError(
             f"{what} blocks, so it cannot be called from inside a running event loop; "
             f"use {hint} there"
@@ -79,13 +84,33 @@ def _run_blocking(function: Callable[[], Coroutine[Any, Any, T]], what: str, hin
     return anyio.run(function)
 
 
+def _url(url: str | None) -> str:
+    """The URL a queue uses: the one given, else the environment's, else the default."""
+    if url is None:
+        url = os.environ.get(URL_ENVIRONMENT_VARIABLE)
+        if url is not None and not url.strip():
+            raise ValueError(
+                f"the {URL_ENVIRONMENT_VARIABLE} environment variable is set but empty; "
+                "unset it or give a broker URL such as 'sqlite:////var/lib/app/runs.db'"
+            )
+        return DEFAULT_URL if url is None else url
+    if not url.strip():
+        raise ValueError(
+            f"TaskQueue url must not be empty, got {url!r}; give e.g. "
+            "'sqlite:////var/lib/app/runs.db', or None for the default"
+        )
+    return url
+
+
 class TaskQueue:
     """Where task runs are stored: an embedded SQLite file unless told otherwise.
 
     Args:
-        url: The broker's URL: ``sqlite:///relative/path.db`` (the default,
-            ``sqlite:///anyservice.db``, is relative to the current directory),
-            ``sqlite:////absolute/path.db``, or ``memory://`` (this process only).
+        url: The broker's URL: ``sqlite:///relative/path.db`` (relative to the current
+            directory), ``sqlite:////absolute/path.db``, or ``memory://`` (this process
+            only). Without one, the ``ANYSERVICE_TASKQUEUE_URL`` environment variable's,
+            or else ``sqlite:///anyservice.db``: give every process of an application the
+            same absolute URL, so none writes to a file of its own directory.
         broker: A broker object instead of a URL (e.g. a ``MemoryBroker`` with a fake
             clock, or a ``SqliteBroker`` with its own timeouts).
         max_attempts: How many times a run may be claimed (at least its retries + 1)
@@ -98,8 +123,10 @@ class TaskQueue:
     :meth:`close`; ``async with queue:`` opens it and closes it at the end of the block.
 
     Raises:
-        ValueError: an unsupported URL scheme or a URL without a usable path, both a URL
-            and a broker, or a bad ``max_attempts`` or ``retention``.
+        ValueError: an unsupported URL scheme, an empty URL or a URL without a usable
+            path, a SQLite file whose directory does not exist (or is not a directory),
+            both a URL and a broker, or a bad ``max_attempts`` or ``retention``.
+        TypeError: a URL that is not a string, or a ``max_attempts`` that is not an int.
     """
 
     def __init__(
@@ -115,7 +142,7 @@ class TaskQueue:
         if url is not None and not isinstance(url, str):
             raise TypeError(f"TaskQueue url must be a str, got {url!r}")
         max_attempts = check_count(max_attempts, "max_attempts", minimum=1)
-        self._broker: Broker = broker if broker is not None else broker_from_url(url or DEFAULT_URL)
+        self._broker: Broker = broker if broker is not None else broker_from_url(_url(url))
         self.max_attempts = max_attempts
         #: Seconds finished runs are kept before workers purge them (``None``: forever).
         self.retention = None if retention is None else check_seconds(retention, "retention")
@@ -131,6 +158,11 @@ class TaskQueue:
     def url(self) -> str:
         """The broker's URL."""
         return self._broker.url
+
+    @property
+    def location(self) -> str:
+        """Where the runs are stored, safe to log: a SQLite file's absolute path."""
+        return self._broker.location
 
     @property
     def broker(self) -> Broker:
@@ -327,7 +359,7 @@ class TaskQueue:
         broker = await self.ensure_open()
         record = await broker.get(run_id)
         if record is None:
-            raise TaskRunNotFound(f"no run {run_id!r} in {self.url!r}")
+            raise TaskRunNotFound(f"no run {run_id!r} in {self.location}")
         return TaskRun(self, record)
 
     async def counts(self) -> dict[RunState, int]:
@@ -565,7 +597,7 @@ class TaskRun(Generic[R]):
         broker = await self._queue.ensure_open()
         record = await broker.get(self.id)
         if record is None:
-            raise TaskRunNotFound(f"run {self.id} is not in {self._queue.url!r}")
+            raise TaskRunNotFound(f"run {self.id} is not in {self._queue.location}")
         self._record = record
         return record.state
 
@@ -584,14 +616,18 @@ class TaskRun(Generic[R]):
             remaining = _WAIT_CHUNK if deadline is None else deadline - anyio.current_time()
             record = await broker.wait_until_finished(self.id, max(remaining, 0.0))
             if record is None:
-                raise TaskRunNotFound(f"run {self.id} is not in {self._queue.url!r}")
+                raise TaskRunNotFound(f"run {self.id} is not in {self._queue.location}")
             self._record = record
             if record.finished:
                 return record.state
             if deadline is not None and anyio.current_time() >= deadline:
                 assert seconds is not None
                 raise TaskRunTimeout(
-                    run_id=self.id, task=self.task, timeout=seconds, state=record.state
+                    run_id=self.id,
+                    task=self.task,
+                    timeout=seconds,
+                    state=record.state,
+                    database=self._queue.location,
                 )
 
     async def result(self, timeout: Seconds | None = None) -> R:

@@ -15,10 +15,11 @@ SQLite broker says the same in SQL, and the conformance suite checks that its ro
 what these functions give for the same operations.
 
 Fencing: the transitions a worker asks for while it runs a run (renew, complete, fail,
-release) take the ``owner`` that claimed it and refuse (return ``None``, the record stays
-as it is) unless the run is RUNNING under that owner's lease. An owner names one worker
-instance, and a claim never hands a run to the owner that already holds it, so a worker
-that lost its lease to another can change nothing.
+release) take the ``owner`` that claimed it and the ``attempt`` its claim made (the run's
+``attempts`` right after that claim), and refuse (return ``None``, the record stays as it
+is) unless the run is still RUNNING under that very claim. A lease that expired makes the
+run claimable by anyone, the worker that held it included; the new claim counts an
+attempt, so whoever held the old one, even the same worker, can change nothing.
 
 All times are wall-clock epoch seconds, given by the caller.
 """
@@ -49,6 +50,7 @@ __all__ = [
     "describe_stored",
     "due_at",
     "fail",
+    "held",
     "new_run",
     "release",
     "renew",
@@ -253,31 +255,32 @@ def new_run(
     )
 
 
-def _lease_lost(run: RunRecord, owner: str, now: float) -> bool:
-    """Whether ``run`` is RUNNING under someone else's lease that has expired."""
-    if run.state is not RunState.RUNNING or run.lease_owner == owner:
+def _lease_expired(run: RunRecord, now: float) -> bool:
+    """Whether ``run`` is RUNNING under a lease that has expired, whoever held it."""
+    if run.state is not RunState.RUNNING:
         return False
     # A RUNNING record without an expiry is not leased to anyone alive.
     return run.lease_expires_at is None or run.lease_expires_at <= now
 
 
-def claimable(run: RunRecord, owner: str, now: float) -> bool:
-    """Whether ``owner`` may claim ``run`` at ``now``.
+def claimable(run: RunRecord, now: float) -> bool:
+    """Whether a claim at ``now`` may take ``run``.
 
-    A SCHEDULED run is claimable once due. A RUNNING run is claimable by another owner
-    once its lease expired, unless that was its last allowed attempt (then it is to be
-    :func:`abandon`-ed). An owner never claims a run it holds: it is still working on it.
+    A SCHEDULED run is claimable once due. A RUNNING run is claimable once its lease
+    expired, unless that was its last allowed attempt (then it is to be
+    :func:`abandon`-ed), by any owner, the one that held it included: the new claim counts
+    an attempt, and the attempt number fences off whoever held the old one.
     """
     if run.state is RunState.SCHEDULED:
         return run.scheduled_at <= now
-    return _lease_lost(run, owner, now) and run.attempts < run.max_attempts
+    return _lease_expired(run, now) and run.attempts < run.max_attempts
 
 
-def due_at(run: RunRecord, owner: str) -> float | None:
-    """When ``run`` may next become claimable (or abandoned) for ``owner``, if ever."""
+def due_at(run: RunRecord) -> float | None:
+    """When ``run`` may next become claimable (or abandoned), if ever."""
     if run.state is RunState.SCHEDULED:
         return run.scheduled_at
-    if run.state is RunState.RUNNING and run.lease_owner != owner:
+    if run.state is RunState.RUNNING:
         return run.lease_expires_at
     return None
 
@@ -285,9 +288,10 @@ def due_at(run: RunRecord, owner: str) -> float | None:
 def claim(run: RunRecord, owner: str, now: float, lease_seconds: float) -> RunRecord | None:
     """Lease a :func:`claimable` run to ``owner`` until ``now + lease_seconds``.
 
-    Each claim counts an attempt. Returns ``None`` if the run is not claimable.
+    Each claim counts an attempt: the new ``attempts`` is the claim's fencing token.
+    Returns ``None`` if the run is not claimable.
     """
-    if not claimable(run, owner, now):
+    if not claimable(run, now):
         return None
     return replace(
         run,
@@ -299,13 +303,12 @@ def claim(run: RunRecord, owner: str, now: float, lease_seconds: float) -> RunRe
     )
 
 
-def abandon(run: RunRecord, owner: str, now: float) -> RunRecord | None:
+def abandon(run: RunRecord, now: float) -> RunRecord | None:
     """End CRASHED a run whose lease expired after its last allowed attempt.
 
-    ``owner`` is the one looking (a claimer); its own runs are never abandoned. Returns
-    ``None`` if the run is not abandoned.
+    Returns ``None`` if the run is not abandoned.
     """
-    if not _lease_lost(run, owner, now) or run.attempts < run.max_attempts:
+    if not _lease_expired(run, now) or run.attempts < run.max_attempts:
         return None
     return replace(
         run,
@@ -317,20 +320,23 @@ def abandon(run: RunRecord, owner: str, now: float) -> RunRecord | None:
     )
 
 
-def _held_by(run: RunRecord, owner: str) -> bool:
-    return run.state is RunState.RUNNING and run.lease_owner == owner
+def held(run: RunRecord, owner: str, attempt: int) -> bool:
+    """Whether ``owner``'s claim number ``attempt`` still holds ``run`` (the fence)."""
+    return run.state is RunState.RUNNING and run.lease_owner == owner and run.attempts == attempt
 
 
-def renew(run: RunRecord, owner: str, now: float, lease_seconds: float) -> RunRecord | None:
-    """Renew ``owner``'s lease to ``now + lease_seconds`` (a heartbeat); fenced by owner."""
-    if not _held_by(run, owner):
+def renew(
+    run: RunRecord, owner: str, attempt: int, now: float, lease_seconds: float
+) -> RunRecord | None:
+    """Renew the lease to ``now + lease_seconds`` (a heartbeat); fenced."""
+    if not held(run, owner, attempt):
         return None
     return replace(run, lease_expires_at=now + lease_seconds)
 
 
-def complete(run: RunRecord, owner: str, result: str, now: float) -> RunRecord | None:
-    """End COMPLETED with the JSON ``result``; fenced by owner."""
-    if not _held_by(run, owner):
+def complete(run: RunRecord, owner: str, attempt: int, result: str, now: float) -> RunRecord | None:
+    """End COMPLETED with the JSON ``result``; fenced."""
+    if not held(run, owner, attempt):
         return None
     return replace(
         run,
@@ -344,15 +350,15 @@ def complete(run: RunRecord, owner: str, result: str, now: float) -> RunRecord |
 
 
 def fail(
-    run: RunRecord, owner: str, error: RunError, now: float, *, retry: bool
+    run: RunRecord, owner: str, attempt: int, error: RunError, now: float, *, retry: bool
 ) -> RunRecord | None:
-    """Record a failed attempt; fenced by owner.
+    """Record a failed attempt; fenced.
 
     With ``retry`` and retries left the run is SCHEDULED again, due ``retry_delay``
     seconds from ``now``, with one retry fewer; otherwise it ends FAILED. The error is
     kept either way.
     """
-    if not _held_by(run, owner):
+    if not held(run, owner, attempt):
         return None
     if retry and run.retries_left > 0:
         run = replace(
@@ -367,9 +373,9 @@ def fail(
     return replace(run, lease_owner=None, lease_expires_at=None, error=error)
 
 
-def release(run: RunRecord, owner: str) -> RunRecord | None:
-    """Hand a run back: SCHEDULED, lease cleared, the attempt not counted; fenced by owner."""
-    if not _held_by(run, owner):
+def release(run: RunRecord, owner: str, attempt: int) -> RunRecord | None:
+    """Hand a run back: SCHEDULED, lease cleared, the attempt not counted; fenced."""
+    if not held(run, owner, attempt):
         return None
     return replace(
         run,

@@ -5,10 +5,12 @@ A worker is three kinds of background work in the service's scope:
 - the *claim loop* waits for free capacity and for work, claims up to that many runs
   under a lease in one broker call, and starts each in its own task;
 - each *run* executes the task inside ``in_flight()`` (a stop lets it finish within the
-  grace period), then records the outcome; cancelled at the stop deadline, it hands the
-  run back at once with ``broker.release()``, shielded, so nobody waits for its lease;
-- the *lease keeper* renews the leases of the runs in flight every ``lease_seconds / 3``
-  and cancels, here, any run whose lease another worker took over.
+  grace period), then records the outcome (``_recording.py``); cancelled at the stop
+  deadline, it hands the run back at once with ``broker.release()``, shielded, so nobody
+  waits for its lease;
+- the *lease keeper* renews the leases of the runs in flight (and of those whose outcome
+  is being recorded) every ``lease_seconds / 3`` and cancels, here, any run that was
+  claimed again after its lease expired.
 
 A stop cancels the idle waits at once (nothing new is claimed) and lets the runs in flight
 finish; an optional status server keeps answering until they have.
@@ -17,22 +19,18 @@ finish; an optional status server keeps answering until they have.
 from __future__ import annotations
 
 import functools
-import os
 import sys
-import time
+import threading
 import uuid
-from collections import deque
-from collections.abc import Awaitable, Callable
 from contextlib import closing
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import anyio
 import anyio.abc
-import anyio.to_thread
+import anyio.from_thread
+import anyio.lowlevel
 
-from .. import _hooks
 from .._checks import (
     Seconds,
     check_choice,
@@ -41,15 +39,16 @@ from .._checks import (
     check_port,
     check_seconds,
 )
-from .._core import Service
+from .._core import Service, ServiceState
 from .._core import task as background_task
 from .._runner import run as run_service
+from .._runner import run_here as run_service_here
 from .._status import StatusServer
-from ._context import RunContext, running
-from ._errors import BrokerError, TaskTimeoutError
-from ._queue import Task, TaskQueue
-from ._records import PayloadError, RunError, RunRecord
-from ._serialize import decode_arguments, encode_result
+from ._errors import BrokerError
+from ._execution import RunInFlight, attempt
+from ._queue import Task, TaskQueue, TaskRun, in_event_loop
+from ._recording import HAND_BACK_BUDGET, Recorder, WorkerStats
+from ._records import RunRecord
 
 __all__ = ["TaskWorker", "serve"]
 
@@ -61,99 +60,93 @@ MIN_LEASE_SECONDS = 0.05
 _UNLIMITED_CLAIM = 100
 #: Longest wait for work between claims; the broker usually wakes the worker sooner.
 _IDLE_WAIT = 1.0
-#: Backoff between broker calls that failed (the broker already retried a locked file).
+#: Backoff between claims that failed (the broker already retried a locked file).
 _FIRST_BACKOFF = 0.05
 _MAX_BACKOFF = 2.0
 #: Threads for sync tasks when the worker has no limit (anyio's default thread limit).
 _UNLIMITED_THREADS = 40
-#: Longest a claim or a hand-back may hold off a cancellation; past it, leases expiring do.
-_HAND_BACK_BUDGET = 5.0
 #: How often a worker purges the runs its queue's retention has passed.
 _PURGE_EVERY = 600.0
-#: How many finished run ids the status server lists.
-_FINISHED_SHOWN = 100
 
 
 def _epoch_iso(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).isoformat()
 
 
-@dataclass(eq=False)
-class _Outcome:
-    """What an attempt came to: a JSON result, or an error (maybe worth a retry)."""
-
-    result: str | None = None
-    error: RunError | None = None
-    exception: BaseException | None = None
-    retry: bool = False
-
-    @classmethod
-    def failure(cls, exc: BaseException, *, retry: bool, traceback: bool = True) -> _Outcome:
-        """The task (or the worker's verdict on it) raised ``exc``.
-
-        The recorded traceback starts at the task's own code: the worker's and the event
-        loop's frames above it say nothing to whoever reads it.
-        """
-        error = RunError.from_exception(_from_task_code(exc))
-        if not traceback:
-            error = RunError(type=error.type, message=error.message)
-        return cls(error=error, exception=exc, retry=retry)
-
-
-def _internal_prefixes() -> tuple[str, ...]:
-    """Where the frames between the worker and a task's code come from."""
-    prefixes = [__file__]
-    for name in ("anyio", "asyncio", "trio", "outcome"):
-        module = sys.modules.get(name)
-        if module is not None and module.__file__ is not None:
-            prefixes.append(os.path.dirname(module.__file__) + os.sep)
-    return tuple(prefixes)
-
-
-def _from_task_code(exc: BaseException) -> BaseException:
-    """``exc`` with the worker's and the event loop's leading frames dropped (if any remain)."""
-    prefixes = _internal_prefixes()
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(prefixes):
-        tb = tb.tb_next
-    return exc if tb is None else exc.with_traceback(tb)
-
-
-class _RunInFlight:
-    """One claimed run while this worker holds it."""
-
-    __slots__ = ("began", "lost", "record", "scope", "settled", "settling", "started", "task")
-
-    def __init__(self, record: RunRecord, task: Task[Any, Any]) -> None:
-        self.record = record
-        self.task = task
-        #: Cancelled when the lease is lost, so the attempt stops here.
-        self.scope = anyio.CancelScope()
-        self.started = time.time()
-        #: The backend clock at the claim, for the run's duration.
-        self.began = anyio.current_time()
-        #: The outcome is being recorded: the lease keeper leaves it alone.
-        self.settling = False
-        #: The outcome is recorded (or given up on): nothing to hand back.
-        self.settled = False
-        #: Another worker took the run over: record nothing.
-        self.lost = False
-
-    def describe(self) -> str:
-        return f"run {self.record.id} of {self.task.name!r} (attempt {self.record.attempts})"
-
-    def log_extra(self, service: str) -> dict[str, Any]:
-        return run_log_extra(service, self.record)
-
-
-def run_log_extra(service: str, record: RunRecord) -> dict[str, Any]:
-    """The ``extra`` of a log record about a run: JSON log lines carry these fields."""
+def _in_flight_status(runs: dict[str, RunInFlight]) -> dict[str, Any]:
     return {
-        "service": service,
-        "task": record.task,
-        "run_id": record.id,
-        "attempt": record.attempts,
+        run_id: {
+            "task": entry.task.name,
+            "attempt": entry.attempt,
+            "started": _epoch_iso(entry.started),
+        }
+        for run_id, entry in runs.items()
     }
+
+
+def _call_soon_in_loop(token: anyio.lowlevel.EventLoopToken, function: Any, name: str) -> None:
+    """Have ``function()`` called in the event loop of ``token``, from any thread or handler."""
+
+    def call() -> None:
+        try:
+            anyio.from_thread.run_sync(function, token=token)
+        except RuntimeError:
+            pass  # The event loop ended meanwhile: nothing is left to call it for.
+
+    # A thread of its own: a signal handler may run on the event loop's thread, which must
+    # not block waiting for itself.
+    threading.Thread(target=call, name=name, daemon=True).start()
+
+
+def _check_tasks(name: str, tasks: tuple[Task[Any, Any], ...]) -> TaskQueue:
+    """The one queue of ``tasks``."""
+    if not tasks:
+        raise TypeError(f"{name}: give the tasks to serve, e.g. TaskWorker(say)")
+    for task in tasks:
+        if not isinstance(task, Task):
+            raise TypeError(f"{name}: {task!r} is not a task; decorate it with @queue.task")
+    queues = {id(task.queue): task.queue for task in tasks}
+    if len(queues) > 1:
+        urls = ", ".join(sorted(queue.url for queue in queues.values()))
+        raise ValueError(f"{name}: the tasks come from different queues ({urls})")
+    return tasks[0].queue
+
+
+def _check_options(
+    name: str,
+    limit: object,
+    lease_seconds: object,
+    status_server_port: object,
+    status_server_host: object,
+) -> tuple[int | None, float, str]:
+    """The worker's ``limit``, ``lease_seconds`` and status host, checked."""
+    checked_limit = check_optional_count(limit, f"{name}: limit", minimum=1)
+    # The lease is renewed every third of it: the renewal must have time to reach the
+    # broker before the lease lapses, or a run that takes longer never completes.
+    lease = check_seconds(lease_seconds, f"{name}: lease_seconds", minimum=MIN_LEASE_SECONDS)
+    host = check_host(status_server_host, f"{name}: status_server_host")
+    if status_server_port is not None:
+        check_port(status_server_port, f"{name}: status_server_port")
+    return checked_limit, lease, host
+
+
+async def _purge_now_and_then(queue: TaskQueue, stats: WorkerStats) -> None:
+    """Delete the runs finished longer ago than the queue's retention, now and then.
+
+    Every worker does it; on PostgreSQL the one holding the housekeeping lock at the
+    moment deletes, the others find nothing to do.
+    """
+    if queue.retention is None:
+        return
+    while True:
+        try:
+            purged = await queue.purge()
+        except BrokerError as exc:
+            stats.broker_failed(exc, "purging old runs")
+        else:
+            if purged:
+                stats.log.info("purged %d run(s) finished over %gs ago", purged, queue.retention)
+        await anyio.sleep(_PURGE_EVERY)
 
 
 class TaskWorker(Service, overrides=("run",)):
@@ -164,7 +157,10 @@ class TaskWorker(Service, overrides=("run",)):
     worker that dies loses nothing: its leases expire and another worker takes the runs
     (at-least-once; ``attempts`` counts the claims). A stop claims nothing more, lets the
     runs in flight finish within ``shutdown_timeout``, and hands back at once whatever is
-    still running at that deadline.
+    still running at that deadline. Prefect's names work: ``await worker.start()`` runs
+    it until stopped, ``await worker.stop()`` stops it, ``handle_sigterm`` is a signal
+    handler, ``execute_task_run(run)`` runs one given run here, and a task that raises
+    :class:`StopTaskWorker` stops its worker.
 
     Args:
         *tasks: The tasks to serve, all from one :class:`TaskQueue`.
@@ -182,6 +178,8 @@ class TaskWorker(Service, overrides=("run",)):
         client_id: This worker's lease-owner id, unique per instance (Prefect's name).
         queue: The tasks' queue.
         tasks: The served tasks, by name.
+        counts: Outcomes since the worker was made: completed, failed, retried,
+            handed_back, lost, not_recorded.
 
     Raises:
         TypeError, ValueError: no tasks, something that is not a task, tasks of
@@ -204,33 +202,16 @@ class TaskWorker(Service, overrides=("run",)):
         shutdown_timeout: Seconds | None = None,
     ) -> None:
         super().__init__(name=name, shutdown_timeout=shutdown_timeout)
-        if not tasks:
-            raise TypeError(f"{self.name}: give the tasks to serve, e.g. TaskWorker(say)")
-        for task in tasks:
-            if not isinstance(task, Task):
-                raise TypeError(
-                    f"{self.name}: {task!r} is not a task; decorate it with @queue.task"
-                )
-        queues = {id(task.queue): task.queue for task in tasks}
-        if len(queues) > 1:
-            urls = ", ".join(sorted(queue.url for queue in queues.values()))
-            raise ValueError(f"{self.name}: the tasks come from different queues ({urls})")
-        limit = check_optional_count(limit, f"{self.name}: limit", minimum=1)
-        # The lease is renewed every third of it: the renewal must have time to reach the
-        # broker before the lease lapses, or a run that takes longer never completes.
-        lease = check_seconds(
-            lease_seconds, f"{self.name}: lease_seconds", minimum=MIN_LEASE_SECONDS
+        self.queue: TaskQueue = _check_tasks(self.name, tasks)
+        limit, lease, host = _check_options(
+            self.name, limit, lease_seconds, status_server_port, status_server_host
         )
-        host = check_host(status_server_host, f"{self.name}: status_server_host")
-        if status_server_port is not None:
-            check_port(status_server_port, f"{self.name}: status_server_port")
         #: The status server (the one of :class:`anyservice.StatusServer`), if asked for.
         self.status_server = (
             None
             if status_server_port is None
             else StatusServer(self, port=status_server_port, host=host)
         )
-        self.queue: TaskQueue = tasks[0].queue
         self.tasks: dict[str, Task[Any, Any]] = {task.name: task for task in tasks}
         self.limit = limit
         self.lease_seconds = lease
@@ -239,18 +220,20 @@ class TaskWorker(Service, overrides=("run",)):
         self.status_server_port = status_server_port
         self.client_id = uuid.uuid4().hex
         self.started_at: datetime | None = None
-        #: Outcomes since the worker was made: completed, failed, retried, handed_back, lost.
-        self.counts = dict.fromkeys(
-            ("completed", "failed", "retried", "handed_back", "lost", "not_recorded"), 0
+        self._stats = WorkerStats(self.log, self)
+        self.counts = self._stats.counts
+        self._recorder = Recorder(
+            lambda: self.queue.broker, self.client_id, self.lease_seconds, self._stats
         )
-        self._finished: deque[str] = deque(maxlen=_FINISHED_SHOWN)
-        self._runs: dict[str, _RunInFlight] = {}
-        self._broker_problem: str | None = None
+        self._runs: dict[str, RunInFlight] = {}
         # Made per start, inside the event loop.
         self._busy = self._idle = self._drained = anyio.Event()
         self._freed: anyio.Event | None = None
         self._threads: anyio.CapacityLimiter | None = None
         self._holding_queue = False
+        self._token: anyio.lowlevel.EventLoopToken | None = None
+        #: Set by serve(): print one line at start, logging configured or not.
+        self._announce = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -260,6 +243,7 @@ class TaskWorker(Service, overrides=("run",)):
         self._idle.set()
         self._freed = None
         self._threads = anyio.CapacityLimiter(self.limit or _UNLIMITED_THREADS)
+        self._token = anyio.lowlevel.current_token()
         if not self._holding_queue:
             await self.queue.hold()
             self._holding_queue = True
@@ -273,10 +257,27 @@ class TaskWorker(Service, overrides=("run",)):
         self.log.info(
             "serving %s from %s with limit %s as %s%s",
             ", ".join(sorted(self.tasks)),
-            self.queue.url,
+            self.queue.location,
             self.limit,
             self.client_id,
-            "" if server is None else f"; status on {server.url}status",
+            "" if self.status_url is None else f"; status on {self.status_url}",
+        )
+        if self._announce:
+            print(self._announcement(), file=sys.stderr, flush=True)
+
+    @property
+    def status_url(self) -> str | None:
+        """``http://host:port/status`` once the status server is bound, else ``None``."""
+        server = self.status_server
+        if server is None or self.started_at is None:
+            return None
+        return f"{server.url}status"
+
+    def _announcement(self) -> str:
+        status = "no status server" if self.status_url is None else f"status: {self.status_url}"
+        return (
+            f"anyservice task worker {self.name}: serving {', '.join(sorted(self.tasks))} "
+            f"from {self.queue.location} (limit {self.limit}); {status}"
         )
 
     async def run(
@@ -291,6 +292,57 @@ class TaskWorker(Service, overrides=("run",)):
             if self._holding_queue:
                 self._holding_queue = False
                 await self.queue.let_go()
+
+    async def start(self) -> None:
+        """Run until stopped (Prefect's ``TaskWorker.start()``); same as :meth:`run`.
+
+        Raises:
+            ServiceError: the worker is already running.
+            BaseExceptionGroup: what crashed it.
+        """
+        await self.run()
+
+    def handle_sigterm(self, signum: int, frame: object) -> None:
+        """Stop gracefully: a handler for ``signal.signal(signal.SIGTERM, ...)`` (Prefect's).
+
+        Safe from a signal handler and from any thread: the stop is handed over to the
+        worker's event loop. Unlike Prefect's, it does not exit the process: ``start()``
+        returns once the runs in flight have finished (or been handed back).
+        """
+        token = self._token
+        if token is None or self.state not in (ServiceState.STARTING, ServiceState.RUNNING):
+            return
+        self.log.info("received signal %d: stopping gracefully", signum)
+        _call_soon_in_loop(token, self._request_stop, f"{self.name} stop")
+
+    async def execute_task_run(self, run: TaskRun[Any] | RunRecord | str) -> bool:
+        """Claim this one run and execute it here, now (Prefect's ``execute_task_run``).
+
+        Returns once its outcome is recorded: ``True`` if this worker claimed and ran it,
+        ``False`` if it was not claimable (not due yet, claimed elsewhere, finished).
+
+        Raises:
+            RuntimeError: the worker is not running.
+            ValueError: the run is of a task this worker does not serve, or no such run.
+        """
+        if self.state is not ServiceState.RUNNING:
+            raise RuntimeError(f"{self.name}: execute_task_run() needs a running worker")
+        run_id = run if isinstance(run, str) else run.id
+        broker = self.queue.broker
+        found = await broker.get(run_id)
+        if found is None:
+            raise ValueError(f"{self.name}: no run {run_id!r} in {self.queue.location}")
+        if found.task not in self.tasks:
+            raise ValueError(
+                f"{self.name}: run {run_id} is of task {found.task!r}, which this worker "
+                f"does not serve ({', '.join(sorted(self.tasks))})"
+            )
+        record = await broker.claim_run(self.client_id, run_id, lease_seconds=self.lease_seconds)
+        if record is None:
+            return False
+        entry = self._start(record)
+        await entry.done.wait()
+        return True
 
     async def on_stop(self) -> None:
         if self._runs:
@@ -312,10 +364,11 @@ class TaskWorker(Service, overrides=("run",)):
     # ------------------------------------------------------------------ status
 
     def status(self) -> dict[str, Any]:
-        """Prefect's status fields, plus ``state`` and ``counts``: what ``/status`` serves.
+        """Prefect's status fields, plus ``state``, ``counts`` and ``database``.
 
         ``finished`` lists the ids of the last runs this worker finished (at most 100);
-        ``in_flight`` maps the ids of the runs it holds to their task, attempt and start.
+        ``in_flight`` maps the ids of the runs it holds to their task, attempt and start;
+        ``database`` is where the runs are stored (a SQLite file's absolute path).
         """
         current = len(self._runs)
         return {
@@ -328,34 +381,18 @@ class TaskWorker(Service, overrides=("run",)):
             "current": current,
             "available": None if self.limit is None else max(self.limit - current, 0),
             "tasks": sorted(self.tasks),
-            "finished": list(self._finished),
-            "in_flight": {
-                run_id: {
-                    "task": entry.task.name,
-                    "attempt": entry.record.attempts,
-                    "started": _epoch_iso(entry.started),
-                }
-                for run_id, entry in self._runs.items()
-            },
+            "database": self.queue.location,
+            "finished": list(self._stats.finished),
+            "in_flight": _in_flight_status(self._runs),
             "counts": dict(self.counts),
         }
 
     def healthz(self) -> tuple[bool, dict[str, Any]]:
         """What ``GET /healthz`` answers: whether the last broker call worked, and if not why."""
-        if self._broker_problem is not None:
-            return False, {"status": "unhealthy", "reason": self._broker_problem}
+        problem = self._stats.broker_problem
+        if problem is not None:
+            return False, {"status": "unhealthy", "reason": problem}
         return True, {"status": "ok", "state": self.state.name}
-
-    def _broker_failed(self, exc: BrokerError, doing: str) -> None:
-        problem = f"broker error while {doing}: {exc}"
-        if problem != self._broker_problem:
-            self.log.warning("%s (retrying)", problem)
-        self._broker_problem = problem
-
-    def _broker_worked(self) -> None:
-        if self._broker_problem is not None:
-            self.log.info("broker reachable again")
-            self._broker_problem = None
 
     # ------------------------------------------------------------------ claiming
 
@@ -368,14 +405,16 @@ class TaskWorker(Service, overrides=("run",)):
             while self.limit is not None and len(self._runs) >= self.limit:
                 self._freed = self._freed or anyio.Event()
                 await self._freed.wait()
+            if self._stopping():
+                return  # A stop is under way: its cancellation may not have come yet.
             wanted = _UNLIMITED_CLAIM if self.limit is None else self.limit - len(self._runs)
             claimed: list[RunRecord] | None
             async with self.in_flight():
                 claimed = await self._claim(names, wanted)
-                if claimed and self.should_stop:
+                if claimed and self._stopping():
                     # Claimed while a stop came in: hand them straight back.
                     for record in claimed:
-                        await self._hand_back(record, "the worker is stopping")
+                        await self._recorder.hand_back(record, "the worker is stopping")
                     return
                 for record in claimed or ():
                     self._start(record)
@@ -388,8 +427,12 @@ class TaskWorker(Service, overrides=("run",)):
                 try:
                     await broker.wait_for_work(_IDLE_WAIT)
                 except BrokerError as exc:
-                    self._broker_failed(exc, "waiting for work")
+                    self._stats.broker_failed(exc, "waiting for work")
                     await anyio.sleep(backoff)
+
+    def _stopping(self) -> bool:
+        # A call, not the property: a stop may come in during the claim between two looks.
+        return self.should_stop
 
     async def _claim(self, names: list[str], wanted: int) -> list[RunRecord] | None:
         """Claim up to ``wanted`` runs; ``None`` when the broker failed.
@@ -398,23 +441,28 @@ class TaskWorker(Service, overrides=("run",)):
         its runs leased to nobody until the leases expire. Claimed, they are started or
         handed back, whatever cancellation comes.
         """
-        with anyio.move_on_after(_HAND_BACK_BUDGET, shield=True):
+        with anyio.move_on_after(HAND_BACK_BUDGET, shield=True):
             try:
                 claimed = await self.queue.broker.claim(
                     self.client_id, names, limit=wanted, lease_seconds=self.lease_seconds
                 )
             except BrokerError as exc:
-                self._broker_failed(exc, "claiming runs")
+                self._stats.broker_failed(exc, "claiming runs")
                 return None
-            self._broker_worked()
+            self._stats.broker_worked()
             return claimed
-        self._broker_failed(
-            BrokerError(f"no answer within {_HAND_BACK_BUDGET:g} s"), "claiming runs"
+        self._stats.broker_failed(
+            BrokerError(f"no answer within {HAND_BACK_BUDGET:g} s"), "claiming runs"
         )
         return None
 
-    def _start(self, record: RunRecord) -> None:
-        entry = _RunInFlight(record, self.tasks[record.task])
+    def _start(self, record: RunRecord) -> RunInFlight:
+        entry = RunInFlight(record, self.tasks[record.task], self.lease_seconds)
+        earlier = self._runs.get(record.id)
+        if earlier is not None:
+            # This worker claimed the run again after an earlier attempt's lease expired:
+            # that attempt is fenced off, so stop it here.
+            self._lose(earlier)
         if not self._runs:
             self._busy.set()
             self._idle = anyio.Event()
@@ -423,8 +471,10 @@ class TaskWorker(Service, overrides=("run",)):
             functools.partial(self._execute, entry),
             name=f"run {record.id[:8]} of {record.task}",
         )
+        return entry
 
-    def _forget(self, entry: _RunInFlight) -> None:
+    def _forget(self, entry: RunInFlight) -> None:
+        entry.done.set()
         # A retry can be claimed again (a new entry under the same id) before the attempt
         # that recorded the failure has unwound: forget only this entry.
         if self._runs.get(entry.record.id) is not entry:
@@ -441,224 +491,47 @@ class TaskWorker(Service, overrides=("run",)):
 
     # ------------------------------------------------------------------ running
 
-    async def _execute(self, entry: _RunInFlight) -> None:
+    async def _execute(self, entry: RunInFlight) -> None:
         try:
             async with self.in_flight():
-                outcome = await self._attempt(entry)
-                if outcome is not None:
-                    await self._settle(entry, outcome)
+                outcome = await attempt(entry, self.client_id, self._threads)
+                if entry.stop_worker:
+                    # Stop first: handed back before, the run could be claimed again here.
+                    self.log.info("%s raised StopTaskWorker: stopping", entry.describe())
+                    self._request_stop()
+                    entry.settled = True
+                    await self._recorder.hand_back(entry.record, "its task raised StopTaskWorker")
+                elif outcome is not None:
+                    await self._recorder.settle(entry, outcome)
         except anyio.get_cancelled_exc_class():
             if not entry.settled and not entry.lost:
                 # The stop deadline, a forced stop or a crash: hand the run back now rather
                 # than after its lease.
                 entry.settled = True
-                await self._hand_back(entry.record, "its worker was cancelled")
+                await self._recorder.hand_back(entry.record, "its worker was cancelled")
             raise
         finally:
             self._forget(entry)
 
-    async def _attempt(self, entry: _RunInFlight) -> _Outcome | None:
-        """Run the task once; ``None`` if the lease was lost meanwhile."""
-        record, task = entry.record, entry.task
-        try:
-            args, kwargs = decode_arguments(record.payload)
-        except PayloadError as exc:
-            return _Outcome.failure(exc, retry=False, traceback=False)
-        running(
-            RunContext(
-                run_id=record.id,
-                task=task.name,
-                attempt=record.attempts,
-                retries_left=record.retries_left,
-                worker=self.client_id,
-            )
-        )
-        outcome: _Outcome | None = None
-        with entry.scope:
-            try:
-                value = await self._call(task, args, kwargs, record.timeout)
-            except TaskTimeoutError as exc:
-                outcome = _Outcome.failure(exc, retry=True, traceback=False)
-            except Exception as exc:
-                outcome = _Outcome.failure(exc, retry=True)
-            else:
-                try:
-                    outcome = _Outcome(result=encode_result(value, task_name=task.name))
-                except TypeError as exc:
-                    outcome = _Outcome.failure(exc, retry=False)
-        return None if entry.lost else outcome
-
-    async def _call(
-        self, task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any], timeout: float | None
-    ) -> Any:
-        if task.is_async:
-            if timeout is None:
-                return await task.function(*args, **kwargs)
-            with anyio.move_on_after(timeout):
-                return await task.function(*args, **kwargs)
-            raise TaskTimeoutError(
-                f"task {task.name!r} took longer than its timeout of {timeout:g} s"
-            )
-        call = functools.partial(task.function, *args, **kwargs)
-        if timeout is None:
-            # A thread cannot be interrupted: a stop or a lost lease waits for it to return.
-            return await anyio.to_thread.run_sync(call, limiter=self._threads)
-        # Only the task's own timeout gives up on the thread, which is left to finish.
-        with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
-            return await anyio.to_thread.run_sync(
-                call, abandon_on_cancel=True, limiter=self._threads
-            )
-        raise TaskTimeoutError(
-            f"task {task.name!r} took longer than its timeout of {timeout:g} s; its thread "
-            "cannot be interrupted, so it was left running to finish and its result will "
-            "be discarded"
-        )
-
-    def _record_budget(self) -> float:
-        # Past the lease the broker refuses the record anyway.
-        return self.lease_seconds
-
-    async def _settle(self, entry: _RunInFlight, outcome: _Outcome) -> None:
-        """Record the outcome, shielded from a stop and retried through broker errors."""
-        entry.settling = True
-        record = entry.record
-        broker = self.queue.broker
-        retrying = outcome.retry and record.retries_left > 0
-
-        async def store() -> bool:
-            if outcome.error is None:
-                assert outcome.result is not None
-                return await broker.complete(self.client_id, record.id, outcome.result)
-            return await broker.fail(self.client_id, record.id, outcome.error, retry=outcome.retry)
-
-        stored: bool | None = None
-        with anyio.move_on_after(self._record_budget(), shield=True):
-            stored = await self._retrying(store, f"recording {entry.describe()}")
-        entry.settled = True
-        extra = entry.log_extra(self.name)
-        if stored is None:
-            self._count(record, "not_recorded")
-            self.log.error(
-                "%s: could not record its outcome within %ss; its lease will expire and "
-                "another worker will run it again",
-                entry.describe(),
-                self._record_budget(),
-                extra=extra,
-            )
+    def _lose(self, entry: RunInFlight) -> None:
+        """The claim no longer holds the run: stop its attempt, record nothing."""
+        if entry.lost or entry.settled:
             return
-        if not stored:
-            self._count(record, "lost")
-            self.log.warning(
-                "%s finished, but its lease had passed to another worker: outcome not recorded",
-                entry.describe(),
-                extra=extra,
-            )
-            return
-        if not retrying:
-            self._finished.append(record.id)
-        seconds = anyio.current_time() - entry.began
-        if outcome.error is None:
-            self._count(record, "completed", seconds)
-        elif retrying:
-            self._count(record, "retried", seconds)
-            self.log.warning(
-                "%s failed: %s: %s; retrying in %gs (%d retr%s left)",
-                entry.describe(),
-                outcome.error.type,
-                outcome.error.message,
-                record.retry_delay,
-                record.retries_left - 1,
-                "y" if record.retries_left - 1 == 1 else "ies",
-                extra=extra,
-            )
-        else:
-            self._count(record, "failed", seconds)
-            self.log.error(
-                "%s failed: %s: %s",
-                entry.describe(),
-                outcome.error.type,
-                outcome.error.message,
-                exc_info=outcome.exception if outcome.error.traceback else None,
-                extra=extra,
-            )
-
-    def _count(self, record: RunRecord, outcome: str, seconds: float | None = None) -> None:
-        self.counts[outcome] += 1
-        observe = _hooks.task_run
-        if observe is not None:
-            observe(self, record.task, outcome, seconds)
-
-    async def _retrying(self, call: Callable[[], Awaitable[bool]], doing: str) -> bool:
-        backoff = _FIRST_BACKOFF
-        while True:
-            try:
-                done = await call()
-            except BrokerError as exc:
-                self._broker_failed(exc, doing)
-                await anyio.sleep(backoff)
-                backoff = min(backoff * 2, _MAX_BACKOFF)
-            else:
-                self._broker_worked()
-                return done
-
-    async def _hand_back(self, record: RunRecord, why: str) -> None:
-        """Release a claimed run at once, shielded from the cancellation under way."""
-        released: bool | None = None
-        with anyio.move_on_after(min(self.lease_seconds, _HAND_BACK_BUDGET), shield=True):
-            released = await self._retrying(
-                lambda: self.queue.broker.release(self.client_id, record.id),
-                f"handing back run {record.id}",
-            )
-        extra = run_log_extra(self.name, record)
-        if released:
-            self._count(record, "handed_back")
-            self.log.warning(
-                "run %s of %r handed back unfinished (%s): another worker will run it",
-                record.id,
-                record.task,
-                why,
-                extra=extra,
-            )
-        elif released is None:
-            self.log.error(
-                "run %s of %r could not be handed back (%s); it will be run again once "
-                "its lease expires",
-                record.id,
-                record.task,
-                why,
-                extra=extra,
-            )
-        else:
-            self.log.warning(
-                "run %s of %r was not handed back (%s): its lease had passed to another worker",
-                record.id,
-                record.task,
-                why,
-                extra=extra,
-            )
-
-    # ------------------------------------------------------------------ retention
+        entry.lost = True
+        if entry.settling:
+            return  # The record in progress gives up (or was refused) by itself.
+        self._stats.count(entry.record, "lost")
+        self.log.warning(
+            "%s: its lease was lost (the run was claimed again): cancelled here",
+            entry.describe(),
+            extra=self._stats.extra(entry.record),
+        )
+        entry.scope.cancel()
 
     @background_task
     async def _purge_old_runs(self) -> None:
-        """Delete the runs finished longer ago than the queue's retention, now and then.
-
-        Every worker does it; on PostgreSQL the one holding the housekeeping lock at the
-        moment deletes, the others find nothing to do.
-        """
-        if self.queue.retention is None:
-            return
-        while True:
-            try:
-                purged = await self.queue.purge()
-            except BrokerError as exc:
-                self._broker_failed(exc, "purging old runs")
-            else:
-                if purged:
-                    self.log.info(
-                        "purged %d run(s) finished over %gs ago", purged, self.queue.retention
-                    )
-            await anyio.sleep(_PURGE_EVERY)
+        # The retention loop needs only the queue and the broker health it reports to.
+        await _purge_now_and_then(self.queue, self._stats)
 
     # ------------------------------------------------------------------ leases
 
@@ -677,29 +550,8 @@ class TaskWorker(Service, overrides=("run",)):
                         await self._renew()
 
     async def _renew(self) -> None:
-        ids = [run_id for run_id, entry in self._runs.items() if not entry.settling]
-        if not ids:
-            return
-        try:
-            held = await self.queue.broker.heartbeat(
-                self.client_id, ids, lease_seconds=self.lease_seconds
-            )
-        except BrokerError as exc:
-            self._broker_failed(exc, "renewing leases")
-            return
-        self._broker_worked()
-        for run_id in ids:
-            entry = self._runs.get(run_id)
-            if run_id in held or entry is None or entry.settling or entry.lost:
-                continue
-            entry.lost = True
-            self._count(entry.record, "lost")
-            self.log.warning(
-                "%s: its lease was lost (another worker may have it): cancelled here",
-                entry.describe(),
-                extra=entry.log_extra(self.name),
-            )
-            entry.scope.cancel()
+        for entry in await self._recorder.renew(self._runs):
+            self._lose(entry)
 
 
 # ---------------------------------------------------------------------- serve()
@@ -715,17 +567,22 @@ def serve(
     status_server_host: str = "127.0.0.1",
     lease_seconds: Seconds = 30.0,
     shutdown_timeout: Seconds | None = None,
-) -> int:
-    """Serve ``tasks`` until SIGINT or SIGTERM (Prefect's ``serve``); return the exit code.
+) -> Any:
+    """Serve ``tasks`` until SIGINT or SIGTERM (Prefect's ``serve``); the exit code.
 
-    Blocks: runs a :class:`TaskWorker` with ``anyservice.run`` in a new event loop of
-    ``backend``. The first SIGINT/SIGTERM stops it gracefully (no new claims, runs in
-    flight finish within ``shutdown_timeout``, the rest are handed back); a second one
-    stops it at once, handing back what is in flight.
+    From plain code it blocks: it runs a :class:`TaskWorker` with ``anyservice.run`` in a
+    new event loop of ``backend`` and returns the exit code. From inside a running event
+    loop it returns an awaitable instead, so ``await serve(...)`` (Prefect's spelling)
+    serves in that loop, whatever its backend, and gives the exit code. Either way the
+    first SIGINT/SIGTERM stops it gracefully (no new claims, runs in flight finish within
+    ``shutdown_timeout``, the rest are handed back), a second one stops it at once,
+    handing back what is in flight; and one line goes to stderr at start, logging
+    configured or not: what it serves, from which database, and the status URL.
 
     Returns:
-        ``anyservice.run``'s exit code: 0 after a stop, 1 if the worker crashed (logged
-        with its traceback), 128 + the signal's number after a second signal.
+        ``anyservice.run``'s exit code (or an awaitable of it): 0 after a stop, 1 if the
+        worker crashed (logged with its traceback), 128 + the signal's number after a
+        second signal.
 
     Raises:
         ValueError: an unknown backend, or bad worker options (see :class:`TaskWorker`).
@@ -739,4 +596,7 @@ def serve(
         lease_seconds=lease_seconds,
         shutdown_timeout=shutdown_timeout,
     )
+    worker._announce = True
+    if in_event_loop():
+        return run_service_here(worker, handle_signals=True)
     return run_service(worker, backend=backend, handle_signals=True)

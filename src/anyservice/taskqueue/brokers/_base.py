@@ -8,8 +8,11 @@ conformance test suite:
 * A lease that expires (the worker died) makes the run claimable again, and ``attempts``
   counts the claims. A run whose lease expires once ``attempts`` has reached
   ``max_attempts`` ends :attr:`RunState.CRASHED` instead of being claimed forever.
-* Completing, failing, releasing and heartbeating only succeed for the current lease
-  owner: a worker that lost its lease is told so (``False``) and changes nothing.
+* Completing, failing, releasing and heartbeating are fenced by ``(id, attempt, owner)``:
+  they only succeed for the claim that holds the run now, named by its owner and the
+  attempt number the claim gave it (``RunRecord.attempts`` as the claim returned it). A
+  worker whose lease expired and was claimed again, by another worker or by itself, is
+  told so (``False``) and changes nothing.
 * Payloads and results are opaque JSON text to the broker (see ``_serialize.py``), so a
   run with an undecodable payload never breaks a claim: the worker decides what to do.
 
@@ -32,11 +35,14 @@ each applying the transitions of ``taskqueue/_records.py`` to the stored records
   ordered by ``scheduled_at`` then submission order, all in one atomic step, reading
   ``now`` from the clock inside it; report whether any run was finished on the way and
   when the next run becomes claimable (``now`` if ``limit`` left due runs behind).
-* ``_heartbeat(owner, ids, lease_seconds) -> set[str]`` (``renew``),
-  ``_complete(owner, id, result) -> bool``,
-  ``_fail(owner, id, error, retry) -> RunState | None`` (the state the run went to),
-  ``_release(owner, id) -> bool``: each fenced by ``(id, owner)``: it changes the run only
-  while the run is RUNNING under ``owner``'s lease, atomically with that check.
+* ``_claim_run(owner, id, lease_seconds) -> RunRecord | None``: ``claim`` that one run
+  if it is claimable, atomically (for a worker told to run a given run).
+* ``_heartbeat(owner, leases, lease_seconds) -> set[str]`` (``renew``; ``leases`` maps
+  distinct run ids to their attempt), ``_complete(owner, id, attempt, result) -> bool``,
+  ``_fail(owner, id, attempt, error, retry) -> RunState | None`` (the state the run went
+  to), ``_release(owner, id, attempt) -> bool``: each fenced by ``(id, attempt, owner)``:
+  it changes the run only while the run is RUNNING under that claim (``lease_owner ==
+  owner`` and ``attempts == attempt``), atomically with that check.
 * ``_cancel(id) -> bool`` (only a SCHEDULED run), ``_get(id)``, ``_counts()``.
 * ``_purge(before, limit) -> int``: delete up to ``limit`` finished runs whose
   ``finished_at`` is before ``before``.
@@ -53,7 +59,7 @@ from __future__ import annotations
 import abc
 import time
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol, Self
@@ -64,10 +70,12 @@ import anyio.lowlevel
 from .._records import DEFAULT_MAX_ATTEMPTS, RunError, RunRecord, RunState, new_run
 from ._notifier import ChangeNotifier
 from ._options import (
+    check_attempt,
     check_claim_options,
     check_heartbeat_options,
     check_purge_options,
     check_submit_options,
+    hide_password,
 )
 
 __all__ = ["PURGE_BATCH", "BaseBroker", "Broker", "Claimed"]
@@ -86,6 +94,12 @@ class Broker(Protocol):
     @property
     def url(self) -> str:
         """The URL this broker was made from, e.g. ``"sqlite:///anyservice.db"``."""
+        ...
+
+    @property
+    def location(self) -> str:
+        """Where the runs are stored, safe to log: a SQLite file's absolute path, a URL
+        without its password."""
         ...
 
     async def open(self) -> None:
@@ -125,10 +139,11 @@ class Broker(Protocol):
         """Lease up to ``limit`` due runs of the named tasks to ``owner``, oldest first.
 
         Claimable are SCHEDULED runs whose ``scheduled_at`` is due and RUNNING runs whose
-        lease expired and is held by another owner (``owner`` must be unique per worker
-        instance: a live owner is still working on its own runs). Each claim counts an
-        attempt. Before claiming, runs (of any task) whose lease expired after their
-        last allowed attempt are marked CRASHED.
+        lease expired, whoever held it (``owner`` included). Each claim counts an attempt:
+        the ``attempts`` of a returned record is the claim's fencing token, to pass to
+        :meth:`heartbeat`, :meth:`complete`, :meth:`fail` and :meth:`release`. Before
+        claiming, runs (of any task) whose lease expired after their last allowed attempt
+        are marked CRASHED.
 
         Raises:
             ValueError: ``limit`` is negative or ``lease_seconds`` is not positive.
@@ -136,23 +151,40 @@ class Broker(Protocol):
         """
         ...
 
-    async def heartbeat(
-        self, owner: str, run_ids: Collection[str], *, lease_seconds: float
-    ) -> set[str]:
-        """Renew ``owner``'s leases to ``now + lease_seconds``.
+    async def claim_run(self, owner: str, run_id: str, *, lease_seconds: float) -> RunRecord | None:
+        """Lease this one run to ``owner`` if it is claimable now, as :meth:`claim` would.
 
         Returns:
-            The ids whose lease ``owner`` still held (and now renewed); the others were
-            lost to another worker or are no longer running.
+            The claimed record (its ``attempts`` the claim's fencing token), or ``None``
+            if there is no such run or it is not claimable (not due, leased, finished).
+
+        Raises:
+            ValueError: ``owner`` is empty or ``lease_seconds`` is not positive.
         """
         ...
 
-    async def complete(self, owner: str, run_id: str, result: str) -> bool:
-        """Record a COMPLETED run with its JSON ``result``, if ``owner`` holds its lease."""
+    async def heartbeat(
+        self, owner: str, leases: Mapping[str, int], *, lease_seconds: float
+    ) -> set[str]:
+        """Renew ``owner``'s leases, given as ``{run_id: attempt}``, to ``now + lease_seconds``.
+
+        Returns:
+            The ids whose claim still holds the run (and is now renewed); the others were
+            claimed again after their lease expired, or are no longer running.
+
+        Raises:
+            TypeError: ``leases`` is not a mapping of run ids to attempt numbers.
+        """
         ...
 
-    async def fail(self, owner: str, run_id: str, error: RunError, *, retry: bool) -> bool:
-        """Record a failed attempt, if ``owner`` holds the run's lease.
+    async def complete(self, owner: str, run_id: str, attempt: int, result: str) -> bool:
+        """Record a COMPLETED run with its JSON ``result``, if the claim still holds it."""
+        ...
+
+    async def fail(
+        self, owner: str, run_id: str, attempt: int, error: RunError, *, retry: bool
+    ) -> bool:
+        """Record a failed attempt, if ``owner``'s claim number ``attempt`` still holds it.
 
         With ``retry`` and retries left, the run goes back to SCHEDULED, due after its
         ``retry_delay``, with one retry fewer; otherwise it ends FAILED. The error is kept
@@ -160,7 +192,7 @@ class Broker(Protocol):
         """
         ...
 
-    async def release(self, owner: str, run_id: str) -> bool:
+    async def release(self, owner: str, run_id: str, attempt: int) -> bool:
         """Hand a run back at once (SCHEDULED, lease cleared, the attempt not counted).
 
         For a worker shutting down with the run unfinished, so nobody waits for the lease
@@ -297,20 +329,28 @@ class BaseBroker(Broker, abc.ABC):
         """Abandon what is abandoned, then claim up to ``limit`` runs of ``tasks``."""
 
     @abc.abstractmethod
-    async def _heartbeat(self, owner: str, run_ids: list[str], lease_seconds: float) -> set[str]:
-        """Renew the leases ``owner`` holds among ``run_ids`` (distinct ids)."""
+    async def _claim_run(self, owner: str, run_id: str, lease_seconds: float) -> RunRecord | None:
+        """Claim the run if :func:`~anyservice.taskqueue._records.claimable`, atomically."""
 
     @abc.abstractmethod
-    async def _complete(self, owner: str, run_id: str, result: str) -> bool:
-        """Complete the run if ``owner`` holds it."""
+    async def _heartbeat(
+        self, owner: str, leases: dict[str, int], lease_seconds: float
+    ) -> set[str]:
+        """Renew the leases ``owner`` holds among ``leases`` (``{run_id: attempt}``)."""
 
     @abc.abstractmethod
-    async def _fail(self, owner: str, run_id: str, error: RunError, retry: bool) -> RunState | None:
-        """Fail the run if ``owner`` holds it: the state it went to, or ``None``."""
+    async def _complete(self, owner: str, run_id: str, attempt: int, result: str) -> bool:
+        """Complete the run if ``owner``'s claim ``attempt`` holds it."""
 
     @abc.abstractmethod
-    async def _release(self, owner: str, run_id: str) -> bool:
-        """Release the run if ``owner`` holds it."""
+    async def _fail(
+        self, owner: str, run_id: str, attempt: int, error: RunError, retry: bool
+    ) -> RunState | None:
+        """Fail the run if the claim holds it: the state it went to, or ``None``."""
+
+    @abc.abstractmethod
+    async def _release(self, owner: str, run_id: str, attempt: int) -> bool:
+        """Release the run if ``owner``'s claim ``attempt`` holds it."""
 
     @abc.abstractmethod
     async def _cancel(self, run_id: str) -> bool:
@@ -388,28 +428,42 @@ class BaseBroker(Broker, abc.ABC):
             self._notifier.notify(work=False)
         return claimed.runs
 
-    async def heartbeat(
-        self, owner: str, run_ids: Collection[str], *, lease_seconds: float
-    ) -> set[str]:
-        check_heartbeat_options(run_ids, lease_seconds=lease_seconds)
-        return await self._heartbeat(owner, list(dict.fromkeys(run_ids)), lease_seconds)
+    @property
+    def location(self) -> str:
+        return hide_password(self.url)
 
-    async def complete(self, owner: str, run_id: str, result: str) -> bool:
-        done = await self._complete(owner, run_id, result)
+    async def claim_run(self, owner: str, run_id: str, *, lease_seconds: float) -> RunRecord | None:
+        check_claim_options(owner, (), limit=1, lease_seconds=lease_seconds)
+        claimed = await self._claim_run(owner, run_id, lease_seconds)
+        return claimed
+
+    async def heartbeat(
+        self, owner: str, leases: Mapping[str, int], *, lease_seconds: float
+    ) -> set[str]:
+        check_heartbeat_options(leases, lease_seconds=lease_seconds)
+        return await self._heartbeat(owner, dict(leases), lease_seconds)
+
+    async def complete(self, owner: str, run_id: str, attempt: int, result: str) -> bool:
+        check_attempt(attempt)
+        done = await self._complete(owner, run_id, attempt, result)
         if done:
             self._notifier.notify(work=False)
         return done
 
-    async def fail(self, owner: str, run_id: str, error: RunError, *, retry: bool) -> bool:
-        state = await self._fail(owner, run_id, error, retry)
+    async def fail(
+        self, owner: str, run_id: str, attempt: int, error: RunError, *, retry: bool
+    ) -> bool:
+        check_attempt(attempt)
+        state = await self._fail(owner, run_id, attempt, error, retry)
         if state is None:
             return False
         # Only a retried run (SCHEDULED again) is new work; a FAILED one is just a change.
         self._notifier.notify(work=state is RunState.SCHEDULED)
         return True
 
-    async def release(self, owner: str, run_id: str) -> bool:
-        done = await self._release(owner, run_id)
+    async def release(self, owner: str, run_id: str, attempt: int) -> bool:
+        check_attempt(attempt)
+        done = await self._release(owner, run_id, attempt)
         if done:
             self._notifier.notify(work=True)
         return done

@@ -105,13 +105,13 @@ class MemoryBroker(BaseBroker):
         later: list[float] = []
         for run_id in list(self._unfinished):
             run = self._runs[run_id]
-            if self._apply(records.abandon(run, owner, now)):
+            if self._apply(records.abandon(run, now)):
                 outcome.finished = True
             elif run.task in names:
-                if records.claimable(run, owner, now):
+                if records.claimable(run, now):
                     due.append(run)
                 else:
-                    at = records.due_at(run, owner)
+                    at = records.due_at(run)
                     if at is not None and at > now:
                         later.append(at)
         due.sort(key=lambda run: (run.scheduled_at, self._sequence[run.id]))
@@ -123,33 +123,45 @@ class MemoryBroker(BaseBroker):
         outcome.next_due = now if len(due) > limit else min(later, default=None)
         return outcome
 
-    async def _heartbeat(self, owner: str, run_ids: list[str], lease_seconds: float) -> set[str]:
+    async def _heartbeat(
+        self, owner: str, leases: dict[str, int], lease_seconds: float
+    ) -> set[str]:
         await self._check_open()
         now = self._clock()
         return {
             run_id
-            for run_id in run_ids
+            for run_id, attempt in leases.items()
             if run_id in self._runs
-            and self._apply(records.renew(self._runs[run_id], owner, now, lease_seconds))
+            and self._apply(records.renew(self._runs[run_id], owner, attempt, now, lease_seconds))
         }
 
-    async def _complete(self, owner: str, run_id: str, result: str) -> bool:
+    async def _complete(self, owner: str, run_id: str, attempt: int, result: str) -> bool:
         await self._check_open()
         run = self._runs.get(run_id)
-        return run is not None and self._apply(records.complete(run, owner, result, self._clock()))
+        return run is not None and self._apply(
+            records.complete(run, owner, attempt, result, self._clock())
+        )
 
-    async def _fail(self, owner: str, run_id: str, error: RunError, retry: bool) -> RunState | None:
+    async def _fail(
+        self, owner: str, run_id: str, attempt: int, error: RunError, retry: bool
+    ) -> RunState | None:
         await self._check_open()
         run = self._runs.get(run_id)
         if run is None:
             return None
-        failed = records.fail(run, owner, error, self._clock(), retry=retry)
+        failed = records.fail(run, owner, attempt, error, self._clock(), retry=retry)
         return None if failed is None else self._store(failed).state
 
-    async def _release(self, owner: str, run_id: str) -> bool:
+    async def _release(self, owner: str, run_id: str, attempt: int) -> bool:
         await self._check_open()
         run = self._runs.get(run_id)
-        return run is not None and self._apply(records.release(run, owner))
+        return run is not None and self._apply(records.release(run, owner, attempt))
+
+    async def _claim_run(self, owner: str, run_id: str, lease_seconds: float) -> RunRecord | None:
+        await self._check_open()
+        run = self._runs.get(run_id)
+        claimed = None if run is None else records.claim(run, owner, self._clock(), lease_seconds)
+        return None if claimed is None else self._store(claimed)
 
     async def _cancel(self, run_id: str) -> bool:
         await self._check_open()

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
 from ..._checks import check_count, check_number, check_optional_seconds, check_seconds
 
 __all__ = [
+    "check_attempt",
     "check_claim_options",
     "check_heartbeat_options",
     "check_purge_options",
     "check_submit_options",
+    "hide_password",
 ]
+
+
+def hide_password(url: str) -> str:
+    """``url`` with the password of its user part, if any, shown as ``***``."""
+    scheme, separator, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    user, at, host = authority.rpartition("@")
+    if not separator or not at or ":" not in user:
+        return url
+    return f"{scheme}://{user.partition(':')[0]}:***@{host}{slash}{path}"
 
 
 def check_submit_options(
@@ -46,15 +58,35 @@ def _check_lease_seconds(lease_seconds: float) -> None:
     check_seconds(lease_seconds, "lease_seconds")
 
 
-def check_heartbeat_options(run_ids: Collection[str], *, lease_seconds: float) -> None:
+def check_attempt(attempt: object, name: str = "attempt") -> None:
+    """Validate the attempt number that fences a call (what the claim returned).
+
+    Raises:
+        TypeError: ``attempt`` is not an int.
+        ValueError: ``attempt`` is below 1 (no claim gives that).
+    """
+    if isinstance(attempt, bool) or not isinstance(attempt, int):
+        raise TypeError(
+            f"{name} must be the int attempt number the claim returned, got {attempt!r}"
+        )
+    if attempt < 1:
+        raise ValueError(f"{name} must be >= 1 (a claim counts from 1), got {attempt!r}")
+
+
+def check_heartbeat_options(leases: Mapping[str, int], *, lease_seconds: float) -> None:
     """Validate :meth:`Broker.heartbeat` arguments.
 
     Raises:
-        TypeError: ``run_ids`` is a single string instead of a collection of ids.
-        ValueError: ``lease_seconds`` is not a finite number > 0.
+        TypeError: ``leases`` is not a mapping of run ids to attempt numbers.
+        ValueError: ``lease_seconds`` is not a finite number > 0, or an attempt is < 1.
     """
-    if isinstance(run_ids, str):
-        raise TypeError(f"run_ids must be a collection of run ids, not the string {run_ids!r}")
+    if not isinstance(leases, Mapping):
+        raise TypeError(
+            "leases must map each run id to the attempt its claim returned "
+            f"({{run_id: attempt}}), got {leases!r}"
+        )
+    for run_id, attempt in leases.items():
+        check_attempt(attempt, f"leases[{run_id!r}] (the attempt of that run)")
     _check_lease_seconds(lease_seconds)
 
 

@@ -72,6 +72,7 @@ from .._records import (
 )
 from ._base import BaseBroker, Claimed
 from ._notifier import ChangeNotifier
+from ._options import hide_password
 from ._workers import WORKERS_EVERY, WORKERS_FORGOTTEN, host_identity, process_gone
 
 __all__ = ["SCHEMA_VERSION", "PostgresBroker"]
@@ -163,7 +164,7 @@ WITH crashed AS (
         )::text
     WHERE r.seq IN (
         SELECT seq FROM {runs} WHERE state = 'RUNNING' AND lease_expires_at <= %(now)s
-            AND attempts >= max_attempts AND lease_owner <> %(owner)s
+            AND attempts >= max_attempts
         FOR UPDATE SKIP LOCKED
     )
     RETURNING r.id
@@ -175,7 +176,7 @@ WITH crashed AS (
 ), expired AS (
     SELECT seq, scheduled_at FROM {runs}
     WHERE state = 'RUNNING' AND lease_expires_at <= %(now)s AND task = ANY(%(tasks)s)
-        AND attempts < max_attempts AND lease_owner <> %(owner)s
+        AND attempts < max_attempts
     ORDER BY lease_expires_at, seq LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ), picked AS (
@@ -191,8 +192,7 @@ WITH crashed AS (
         (SELECT min(scheduled_at) FROM {runs} WHERE state = 'SCHEDULED'
             AND scheduled_at > %(now)s AND task = ANY(%(tasks)s)) AS scheduled,
         (SELECT min(lease_expires_at) FROM {runs} WHERE state = 'RUNNING'
-            AND lease_expires_at > %(now)s AND lease_owner <> %(owner)s
-            AND task = ANY(%(tasks)s)) AS expiring,
+            AND lease_expires_at > %(now)s AND task = ANY(%(tasks)s)) AS expiring,
         (SELECT array_agg(c.id) FROM crashed c
             CROSS JOIN LATERAL pg_notify(%(channel)s, 'f ' || c.id) AS n) AS crashed
 )
@@ -229,15 +229,6 @@ def _record(row: Iterable[Any]) -> RunRecord:
     del values["seq"]
     values.update(state=state, error=error)
     return RunRecord(**values)
-
-
-def _masked(url: str) -> str:
-    """The URL without its password, for messages and ``repr``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _option_seconds(name: str, text: str) -> float:
@@ -438,7 +429,6 @@ class _Connections:
     _limiter: anyio.CapacityLimiter
     _listener: psycopg.Connection[Any] | None
     _reconnect_at: float
-    _claimed: dict[tuple[str, str], int]
     _wakeups: _Wakeups
 
     if TYPE_CHECKING:  # written by PostgresBroker; declared for the type checker only
@@ -654,7 +644,6 @@ class _Connections:
                     pass  # the rows are forgotten a day later instead
         pool, self._pool = self._pool, None
         listener, self._listener = self._listener, None
-        self._claimed.clear()
         with anyio.CancelScope(shield=True):
             if listener is not None:
                 # A waiter blocked on its socket must be told before the socket goes.
@@ -847,7 +836,7 @@ class PostgresBroker(_Waits, _Connections, BaseBroker):
         # The waits are this broker's own (LISTEN, and per-run wake-ups), not the base's.
         super().__init__(clock=clock, notifier=self._wakeups, poll_interval=None)
         self._url = url
-        self._shown_url = _masked(url)
+        self._shown_url = hide_password(url)
         self._conninfo = options.conninfo
         self._schema = options.schema
         self._listen = options.listen
@@ -866,8 +855,6 @@ class PostgresBroker(_Waits, _Connections, BaseBroker):
         self._pid = os.getpid()
         self._started_at = time.time()
         self._workers_seen: dict[str, float] = {}  # owner -> monotonic time last recorded
-        # The attempt each run had when this broker leased it: the fencing token.
-        self._claimed: dict[tuple[str, str], int] = {}
         self._listener: psycopg.Connection[Any] | None = None
         self._listening = False  # a waiter is reading the listener right now
         self._reconnect_at = 0.0
@@ -878,7 +865,7 @@ class PostgresBroker(_Waits, _Connections, BaseBroker):
     @property
     def url(self) -> str:
         """The URL this broker was made from, its password masked."""
-        return _masked(self._url)
+        return hide_password(self._url)
 
     @property
     def schema(self) -> str:
@@ -956,8 +943,6 @@ class PostgresBroker(_Waits, _Connections, BaseBroker):
             (row[3:] for row in rows if row[3] is not None), key=lambda row: (row[11], row[0])
         )
         runs = [_record(row) for row in claimed]
-        for run in runs:
-            self._claimed[owner, run.id] = run.attempts
         for run_id in crashed or ():
             self._wakeups.run_finished(run_id)
         if len(runs) == limit and limit > 0:
@@ -1023,23 +1008,55 @@ class PostgresBroker(_Waits, _Connections, BaseBroker):
                 )
             )
 
-    async def _heartbeat(self, owner: str, run_ids: list[str], lease_seconds: float) -> set[str]:
-        if not run_ids:
-            return set()
+    async def _claim_run(self, owner: str, run_id: str, lease_seconds: float) -> RunRecord | None:
+        await self._keep_workers(owner)
+        # The rule of every claim (records.claimable), in the statement that claims.
+        now = self._clock()
         rows = await self._call(
             self._execute(
-                "UPDATE {runs} SET lease_expires_at = %(expires)s"
-                " WHERE state = 'RUNNING' AND lease_owner = %(owner)s AND id = ANY(%(ids)s)"
-                " RETURNING id",
-                {"expires": self._clock() + lease_seconds, "owner": owner, "ids": run_ids},
+                "UPDATE {runs} r SET state = 'RUNNING', attempts = r.attempts + 1,"
+                " started_at = %(now)s, lease_owner = %(owner)s, lease_expires_at = %(expires)s"
+                " WHERE r.id = %(id)s AND ((r.state = 'SCHEDULED' AND r.scheduled_at <= %(now)s)"
+                " OR (r.state = 'RUNNING' AND r.lease_expires_at <= %(now)s"
+                " AND r.attempts < r.max_attempts))"
+                f" RETURNING {_RETURNING}",
+                {"id": run_id, "owner": owner, "now": now, "expires": now + lease_seconds},
+            )
+        )
+        return _record(rows[0]) if rows else None
+
+    async def _heartbeat(
+        self, owner: str, leases: dict[str, int], lease_seconds: float
+    ) -> set[str]:
+        if not leases:
+            return set()
+        ids, attempts = list(leases), list(leases.values())
+        rows = await self._call(
+            self._execute(
+                "UPDATE {runs} r SET lease_expires_at = %(expires)s"
+                " FROM unnest(%(ids)s::text[], %(attempts)s::integer[]) AS held(id, attempt)"
+                " WHERE r.id = held.id AND r.attempts = held.attempt"
+                " AND r.state = 'RUNNING' AND r.lease_owner = %(owner)s"
+                " RETURNING r.id",
+                {
+                    "expires": self._clock() + lease_seconds,
+                    "owner": owner,
+                    "ids": ids,
+                    "attempts": attempts,
+                },
             )
         )
         return {run_id for (run_id,) in rows}
 
     async def _update_held(
-        self, owner: str, run_id: str, assignments: str, parameters: dict[str, Any]
+        self,
+        owner: str,
+        run_id: str,
+        attempt: int,
+        assignments: str,
+        parameters: dict[str, Any],
     ) -> RunState | None:
-        """Update a run only while ``owner`` holds its lease (at the attempt it claimed).
+        """Update a run only while ``owner``'s claim number ``attempt`` holds its lease.
 
         The statement also notifies the other processes, on commit: of work if the run
         is SCHEDULED again, of the run's finish if it finished.
@@ -1047,12 +1064,11 @@ class PostgresBroker(_Waits, _Connections, BaseBroker):
         Returns:
             The run's new state, or ``None`` when ``owner`` did not hold it.
         """
-        attempt = self._claimed.get((owner, run_id))
         rows = await self._call(
             self._execute(
                 f"WITH held AS (UPDATE {{runs}} SET {assignments}"
                 " WHERE id = %(id)s AND state = 'RUNNING' AND lease_owner = %(owner)s"
-                " AND (%(attempt)s::integer IS NULL OR attempts = %(attempt)s::integer)"
+                " AND attempts = %(attempt)s"
                 " RETURNING id, state)"
                 " SELECT state, pg_notify(%(channel)s,"
                 " CASE WHEN state = 'SCHEDULED' THEN 'w' ELSE 'f ' || id END) FROM held",
@@ -1066,7 +1082,6 @@ class PostgresBroker(_Waits, _Connections, BaseBroker):
                 },
             )
         )
-        self._claimed.pop((owner, run_id), None)
         if not rows:
             return None
         state = RunState(rows[0][0])
@@ -1074,22 +1089,26 @@ class PostgresBroker(_Waits, _Connections, BaseBroker):
             self._wakeups.run_finished(run_id)
         return state
 
-    async def _complete(self, owner: str, run_id: str, result: str) -> bool:
+    async def _complete(self, owner: str, run_id: str, attempt: int, result: str) -> bool:
         state = await self._update_held(
             owner,
             run_id,
+            attempt,
             "state = 'COMPLETED', finished_at = %(now)s, lease_owner = NULL,"
             " lease_expires_at = NULL, result = %(result)s, error = NULL",
             {"result": result},
         )
         return state is not None
 
-    async def _fail(self, owner: str, run_id: str, error: RunError, retry: bool) -> RunState | None:
+    async def _fail(
+        self, owner: str, run_id: str, attempt: int, error: RunError, retry: bool
+    ) -> RunState | None:
         # Every expression in an UPDATE sees the row as it was, so the CASEs agree.
         retried = "(%(retry)s AND retries_left > 0)"
         return await self._update_held(
             owner,
             run_id,
+            attempt,
             f"state = CASE WHEN {retried} THEN 'SCHEDULED' ELSE 'FAILED' END,"
             f" scheduled_at = CASE WHEN {retried} THEN %(now)s + retry_delay"
             " ELSE scheduled_at END,"
@@ -1100,10 +1119,11 @@ class PostgresBroker(_Waits, _Connections, BaseBroker):
             {"retry": retry, "error": error.to_json()},
         )
 
-    async def _release(self, owner: str, run_id: str) -> bool:
+    async def _release(self, owner: str, run_id: str, attempt: int) -> bool:
         state = await self._update_held(
             owner,
             run_id,
+            attempt,
             "state = 'SCHEDULED', attempts = greatest(attempts - 1, 0), started_at = NULL,"
             " lease_owner = NULL, lease_expires_at = NULL",
             {},

@@ -21,7 +21,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Self, TypeVar
 
@@ -29,6 +29,7 @@ import anyio
 import anyio.to_thread
 
 from ..._checks import Seconds, check_seconds
+from .. import _records as records
 from .._errors import BrokerBusyError, BrokerError
 from .._records import (
     CORRUPT_RUN_ERROR_TYPE,
@@ -122,9 +123,6 @@ _COLUMNS = (
 )
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM anyservice_runs"
 
-# Old SQLite builds allow at most 999 parameters per statement.
-_CHUNK = 500
-
 _FIRST_BACKOFF = 0.005
 _MAX_BACKOFF = 0.5
 
@@ -143,6 +141,18 @@ def _notifier_for(path: str) -> ChangeNotifier:
         return notifier
 
 
+def _check_directory(path: str) -> None:
+    """Refuse a database whose directory is missing, rather than fail at first use."""
+    directory = os.path.dirname(path)
+    if not os.path.exists(directory):
+        raise ValueError(
+            f"SQLite database {path}: its directory {directory} does not exist; create it "
+            "or give another path"
+        )
+    if not os.path.isdir(directory):
+        raise ValueError(f"SQLite database {path}: {directory} is not a directory")
+
+
 def _is_locked(exc: sqlite3.OperationalError) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
     if code is not None:
@@ -151,11 +161,6 @@ def _is_locked(exc: sqlite3.OperationalError) -> bool:
         return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
     message = str(exc).lower()
     return "locked" in message or "busy" in message
-
-
-def _chunks(items: list[str]) -> Iterator[list[str]]:
-    for start in range(0, len(items), _CHUNK):
-        yield items[start : start + _CHUNK]
 
 
 def _marks(count: int) -> str:
@@ -296,12 +301,15 @@ class SqliteBroker(BaseBroker):
                 "(use 'memory://' for an in-process broker)"
             )
         self._path = os.path.abspath(self._given_path)
+        _check_directory(self._path)
         super().__init__(clock=clock, notifier=_notifier_for(self._path), poll_interval=poll)
         self._busy_timeout = busy
         self._lock_timeout = lock
         # One connection, used from worker threads one call at a time.
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
+        #: (device, inode) of the file opened, to notice it deleted or replaced.
+        self._identity: tuple[int, int] | None = None
         self._data_version = 0
         self._last_poll = -math.inf
         self._poll_every = poll
@@ -343,6 +351,11 @@ class SqliteBroker(BaseBroker):
         """The absolute path of the database file."""
         return self._path
 
+    @property
+    def location(self) -> str:
+        """The absolute path of the database file."""
+        return self._path
+
     def __repr__(self) -> str:
         return f"<SqliteBroker {self.url!r}>"
 
@@ -353,7 +366,7 @@ class SqliteBroker(BaseBroker):
             conn = self._conn
             if conn is None:
                 raise BrokerError(
-                    f"SQLite broker {self.url!r} is not open; "
+                    f"SQLite database {self._path} is not open; "
                     "use 'async with broker:' or 'await broker.open()'"
                 )
             try:
@@ -380,7 +393,7 @@ class SqliteBroker(BaseBroker):
                 return await anyio.to_thread.run_sync(self._in_thread, operation)
             except sqlite3.OperationalError as exc:
                 if not _is_locked(exc):
-                    raise BrokerError(f"SQLite broker {self.url!r}: {exc}") from exc
+                    raise BrokerError(f"SQLite database {self._path}: {exc}") from exc
                 remaining = deadline - anyio.current_time()
                 if remaining <= 0:
                     raise BrokerBusyError(
@@ -392,13 +405,17 @@ class SqliteBroker(BaseBroker):
                 await anyio.sleep(min(delay * random.uniform(0.5, 1.0), remaining))
                 delay = min(delay * 2, _MAX_BACKOFF)
             except sqlite3.Error as exc:
-                raise BrokerError(f"SQLite broker {self.url!r}: {exc}") from exc
+                raise BrokerError(f"SQLite database {self._path}: {exc}") from exc
 
     # --- opening and closing -------------------------------------------------------------
 
     def _connect(self) -> None:
         with self._lock:
             if self._conn is None:
+                # Task arguments and results are the user's own: create the file 0600, and
+                # SQLite gives its WAL and shared-memory files the mode of the database's.
+                # An existing file keeps its mode.
+                os.close(os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600))
                 self._conn = sqlite3.connect(
                     self._path,
                     timeout=self._busy_timeout,
@@ -421,6 +438,32 @@ class SqliteBroker(BaseBroker):
         if version != SCHEMA_VERSION:
             self._migrate(conn)
         (self._data_version,) = conn.execute("PRAGMA data_version").fetchone()
+        info = os.stat(self._path)
+        self._identity = (info.st_dev, info.st_ino)
+
+    def _check_file(self) -> None:
+        """Raise :class:`BrokerError` if the open file was deleted or replaced.
+
+        A connection keeps using the file it opened, unlinked or not, while processes
+        that open the path afterwards get a new file: their runs and this broker's would
+        never meet.
+        """
+        try:
+            info = os.stat(self._path)
+        except FileNotFoundError:
+            raise BrokerError(
+                f"SQLite database {self._path} was deleted while open: its runs are gone "
+                "for every other process; restart with the file in place"
+            ) from None
+        except OSError as exc:
+            raise BrokerError(
+                f"SQLite database {self._path}: cannot check the file: {exc}"
+            ) from exc
+        if self._identity is not None and (info.st_dev, info.st_ino) != self._identity:
+            raise BrokerError(
+                f"SQLite database {self._path} was replaced by another file while open: "
+                "new runs go to the new file, which this broker does not see; restart it"
+            )
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")
@@ -444,7 +487,7 @@ class SqliteBroker(BaseBroker):
             return False
         try:
             await anyio.to_thread.run_sync(self._connect)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise BrokerError(f"cannot open SQLite database {self._path!r}: {exc}") from exc
         try:
             await self._call(self._prepare)
@@ -481,6 +524,7 @@ class SqliteBroker(BaseBroker):
 
     async def _insert(self, run: RunRecord) -> None:
         def insert(conn: sqlite3.Connection) -> None:
+            self._check_file()
             conn.execute(
                 "INSERT INTO anyservice_runs (id, task, payload, state, attempts, max_attempts,"
                 " retries_left, retry_delay, timeout, created_at, scheduled_at)"
@@ -510,20 +554,21 @@ class SqliteBroker(BaseBroker):
         names = tasks
 
         def claim(conn: sqlite3.Connection) -> Claimed:
+            self._check_file()
             conn.execute("BEGIN IMMEDIATE")
             now = self._clock()
             self._keep_workers(conn, owner, now)
-            finished = self._crash_abandoned(conn, owner, now)
+            finished = self._crash_abandoned(conn, now)
             claimed: list[RunRecord] = []
             next_due: float | None = None
             if names:
                 rows = conn.execute(
                     f"{_SELECT} WHERE task IN ({_marks(len(names))}) AND ("
                     " (state = 'SCHEDULED' AND scheduled_at <= ?)"
-                    " OR (state = 'RUNNING' AND lease_owner IS NOT ?"
+                    " OR (state = 'RUNNING'"
                     "     AND (lease_expires_at IS NULL OR lease_expires_at <= ?)))"
                     " ORDER BY scheduled_at, seq LIMIT ?",
-                    (*names, now, owner, now, limit + 1),
+                    (*names, now, now, limit + 1),
                 ).fetchall()
                 expires = now + lease_seconds
                 leftover = False
@@ -552,7 +597,7 @@ class SqliteBroker(BaseBroker):
                                 lease_expires_at=expires,
                             )
                         )
-                next_due = now if leftover else self._next_due_time(conn, names, owner, now)
+                next_due = now if leftover else self._next_due_time(conn, names, now)
             conn.execute("COMMIT")
             return Claimed(claimed, finished, next_due)
 
@@ -592,12 +637,12 @@ class SqliteBroker(BaseBroker):
                 conn.execute("DELETE FROM anyservice_workers WHERE owner = ?", (dead,))
 
     @staticmethod
-    def _crash_abandoned(conn: sqlite3.Connection, owner: str, now: float) -> bool:
+    def _crash_abandoned(conn: sqlite3.Connection, now: float) -> bool:
         """Mark CRASHED the runs whose lease expired after their last allowed attempt."""
         rows = conn.execute(
             f"{_SELECT} WHERE state = 'RUNNING' AND lease_expires_at <= ?"
-            " AND attempts >= max_attempts AND lease_owner IS NOT ?",
-            (now, owner),
+            " AND attempts >= max_attempts",
+            (now,),
         ).fetchall()
         for row in rows:
             seq, run, corrupt = _read_row(row)
@@ -622,9 +667,7 @@ class SqliteBroker(BaseBroker):
         )
 
     @staticmethod
-    def _next_due_time(
-        conn: sqlite3.Connection, names: list[str], owner: str, now: float
-    ) -> float | None:
+    def _next_due_time(conn: sqlite3.Connection, names: list[str], now: float) -> float | None:
         """When the next run of these tasks becomes claimable, as far as we know now."""
         (scheduled,) = conn.execute(
             "SELECT MIN(scheduled_at) FROM anyservice_runs WHERE state = 'SCHEDULED'"
@@ -633,31 +676,30 @@ class SqliteBroker(BaseBroker):
         ).fetchone()
         (expiring,) = conn.execute(
             "SELECT MIN(lease_expires_at) FROM anyservice_runs WHERE state = 'RUNNING'"
-            " AND lease_expires_at > ? AND lease_owner IS NOT ?"
-            f" AND task IN ({_marks(len(names))})",
-            (now, owner, *names),
+            f" AND lease_expires_at > ? AND task IN ({_marks(len(names))})",
+            (now, *names),
         ).fetchone()
         times = [t for t in (scheduled, expiring) if isinstance(t, int | float)]
         return float(min(times)) if times else None
 
-    async def _heartbeat(self, owner: str, ids: list[str], lease_seconds: float) -> set[str]:
-        if not ids:
+    async def _heartbeat(
+        self, owner: str, leases: dict[str, int], lease_seconds: float
+    ) -> set[str]:
+        if not leases:
             return set()
 
         def renew(conn: sqlite3.Connection) -> set[str]:
             conn.execute("BEGIN IMMEDIATE")
             expires = self._clock() + lease_seconds
-            held: set[str] = set()
-            for chunk in _chunks(ids):
-                where = f"state = 'RUNNING' AND lease_owner = ? AND id IN ({_marks(len(chunk))})"
-                rows = conn.execute(
-                    f"SELECT id FROM anyservice_runs WHERE {where}", (owner, *chunk)
-                ).fetchall()
-                held.update(run_id for (run_id,) in rows)
-                conn.execute(
-                    f"UPDATE anyservice_runs SET lease_expires_at = ? WHERE {where}",
-                    (expires, owner, *chunk),
+            held = {
+                run_id
+                for run_id, attempt in leases.items()
+                if self._update_held(
+                    conn,
+                    "UPDATE anyservice_runs SET lease_expires_at = :expires",
+                    {"id": run_id, "owner": owner, "attempt": attempt, "expires": expires},
                 )
+            }
             conn.execute("COMMIT")
             return held
 
@@ -665,26 +707,32 @@ class SqliteBroker(BaseBroker):
 
     @staticmethod
     def _update_held(conn: sqlite3.Connection, sql: str, parameters: dict[str, Any]) -> bool:
-        """Run one UPDATE guarded by ``WHERE`` the run is RUNNING under ``:owner``'s lease.
+        """Run one UPDATE fenced by ``WHERE`` the run is RUNNING under the claim
+        ``(:owner, :attempt)``.
 
         A single statement is atomic on its own, so no explicit transaction is needed.
         """
         cursor = conn.execute(
-            f"{sql} WHERE id = :id AND state = 'RUNNING' AND lease_owner = :owner", parameters
+            f"{sql} WHERE id = :id AND state = 'RUNNING' AND lease_owner = :owner"
+            " AND attempts = :attempt",
+            parameters,
         )
         return cursor.rowcount == 1
 
-    async def _complete(self, owner: str, run_id: str, result: str) -> bool:
+    async def _complete(self, owner: str, run_id: str, attempt: int, result: str) -> bool:
+        parameters = {"id": run_id, "owner": owner, "attempt": attempt, "result": result}
         return await self._call(
             lambda conn: self._update_held(
                 conn,
                 "UPDATE anyservice_runs SET state = 'COMPLETED', finished_at = :now,"
                 " lease_owner = NULL, lease_expires_at = NULL, result = :result, error = NULL",
-                {"id": run_id, "owner": owner, "result": result, "now": self._clock()},
+                {**parameters, "now": self._clock()},
             )
         )
 
-    async def _fail(self, owner: str, run_id: str, error: RunError, retry: bool) -> RunState | None:
+    async def _fail(
+        self, owner: str, run_id: str, attempt: int, error: RunError, retry: bool
+    ) -> RunState | None:
         # Every expression in an UPDATE sees the row as it was, so the CASEs agree.
         retried = ":retry AND retries_left > 0"
         sql = (
@@ -696,7 +744,13 @@ class SqliteBroker(BaseBroker):
             f" finished_at = CASE WHEN {retried} THEN NULL ELSE :now END,"
             " lease_owner = NULL, lease_expires_at = NULL, error = :error"
         )
-        parameters = {"id": run_id, "owner": owner, "retry": retry, "error": error.to_json()}
+        parameters = {
+            "id": run_id,
+            "owner": owner,
+            "attempt": attempt,
+            "retry": retry,
+            "error": error.to_json(),
+        }
 
         def fail(conn: sqlite3.Connection) -> RunState | None:
             if not retry:
@@ -716,15 +770,45 @@ class SqliteBroker(BaseBroker):
 
         return await self._call(fail)
 
-    async def _release(self, owner: str, run_id: str) -> bool:
+    async def _release(self, owner: str, run_id: str, attempt: int) -> bool:
         return await self._call(
             lambda conn: self._update_held(
                 conn,
                 "UPDATE anyservice_runs SET state = 'SCHEDULED', attempts = MAX(attempts - 1, 0),"
                 " started_at = NULL, lease_owner = NULL, lease_expires_at = NULL",
-                {"id": run_id, "owner": owner},
+                {"id": run_id, "owner": owner, "attempt": attempt},
             )
         )
+
+    async def _claim_run(self, owner: str, run_id: str, lease_seconds: float) -> RunRecord | None:
+        # A corrupt row is left as it is (get() shows it FAILED); only a claimable one is
+        # taken, by the same rule as every claim.
+
+        def claim_one(conn: sqlite3.Connection) -> RunRecord | None:
+            self._check_file()
+            conn.execute("BEGIN IMMEDIATE")
+            row = conn.execute(f"{_SELECT} WHERE id = ?", (run_id,)).fetchone()
+            claimed: RunRecord | None = None
+            if row is not None:
+                seq, run, corrupt = _read_row(row)
+                if not corrupt:
+                    claimed = records.claim(run, owner, self._clock(), lease_seconds)
+                if claimed is not None:
+                    conn.execute(
+                        "UPDATE anyservice_runs SET state = 'RUNNING', attempts = ?,"
+                        " started_at = ?, lease_owner = ?, lease_expires_at = ? WHERE seq = ?",
+                        (
+                            claimed.attempts,
+                            claimed.started_at,
+                            owner,
+                            claimed.lease_expires_at,
+                            seq,
+                        ),
+                    )
+            conn.execute("COMMIT")
+            return claimed
+
+        return await self._call(claim_one)
 
     async def _cancel(self, run_id: str) -> bool:
 
@@ -785,6 +869,7 @@ class SqliteBroker(BaseBroker):
         if now - self._last_poll < self._poll_every / 2:
             return False
         self._last_poll = now
+        self._check_file()
         (version,) = conn.execute("PRAGMA data_version").fetchone()
         changed: bool = version != self._data_version
         self._data_version = version

@@ -1,0 +1,186 @@
+"""One claimed run inside a worker: running its task, and what the attempt came to.
+
+A run in flight goes through three phases, each a flag of :class:`RunInFlight`:
+
+- *executing*: the task runs inside the run's cancel scope, which the lease keeper
+  cancels if the claim no longer holds the run (``lost``);
+- *settling*: the outcome is being recorded; the lease keeper goes on renewing the lease,
+  and the record is retried for as long as the lease lasts (``lease_until``);
+- *settled*: recorded, refused, given up on or handed back: nothing is left to do.
+
+Every call the worker makes about a run is fenced by the claim's ``(id, attempt, owner)``,
+so an attempt that outlived its lease (the run was claimed again, by another worker or by
+this one) changes nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from ._context import RunContext, running
+from ._errors import StopTaskWorker, TaskTimeoutError
+from ._queue import Task
+from ._records import PayloadError, RunError, RunRecord
+from ._serialize import decode_arguments, encode_result
+
+__all__ = ["Outcome", "RunInFlight", "attempt"]
+
+
+@dataclass(eq=False)
+class Outcome:
+    """What an attempt came to: a JSON result, or an error (maybe worth a retry)."""
+
+    result: str | None = None
+    error: RunError | None = None
+    exception: BaseException | None = None
+    retry: bool = False
+
+    @classmethod
+    def failure(cls, exc: BaseException, *, retry: bool, traceback: bool = True) -> Outcome:
+        """The task (or the worker's verdict on it) raised ``exc``.
+
+        The recorded traceback starts at the task's own code: the worker's and the event
+        loop's frames above it say nothing to whoever reads it.
+        """
+        error = RunError.from_exception(_from_task_code(exc))
+        if not traceback:
+            error = RunError(type=error.type, message=error.message)
+        return cls(error=error, exception=exc, retry=retry)
+
+
+def _internal_prefixes() -> tuple[str, ...]:
+    """Where the frames between the worker and a task's code come from."""
+    prefixes = [__file__, os.path.join(os.path.dirname(__file__), "_worker.py")]
+    for name in ("anyio", "asyncio", "trio", "outcome"):
+        module = sys.modules.get(name)
+        if module is not None and module.__file__ is not None:
+            prefixes.append(os.path.dirname(module.__file__) + os.sep)
+    return tuple(prefixes)
+
+
+def _from_task_code(exc: BaseException) -> BaseException:
+    """``exc`` with the worker's and the event loop's leading frames dropped (if any remain)."""
+    prefixes = _internal_prefixes()
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(prefixes):
+        tb = tb.tb_next
+    return exc if tb is None else exc.with_traceback(tb)
+
+
+class RunInFlight:
+    """One claimed run while this worker holds it."""
+
+    __slots__ = (
+        "began",
+        "done",
+        "lease_until",
+        "lost",
+        "record",
+        "scope",
+        "settled",
+        "settling",
+        "started",
+        "stop_worker",
+        "task",
+    )
+
+    def __init__(self, record: RunRecord, task: Task[Any, Any], lease_seconds: float) -> None:
+        self.record = record
+        self.task = task
+        #: Cancelled when the lease is lost, so the attempt stops here.
+        self.scope = anyio.CancelScope()
+        self.started = time.time()
+        #: The backend clock at the claim, for the run's duration.
+        self.began = anyio.current_time()
+        #: When the lease runs out as far as this worker knows (on the event loop's
+        #: clock): claimed now, moved on by every renewal the broker confirmed.
+        self.lease_until = anyio.current_time() + lease_seconds
+        #: The outcome is being recorded.
+        self.settling = False
+        #: The outcome is recorded (or given up on): nothing to hand back.
+        self.settled = False
+        #: The claim no longer holds the run (it was claimed again): record nothing.
+        self.lost = False
+        #: The task raised StopTaskWorker: hand the run back and stop the worker.
+        self.stop_worker = False
+        #: Set once the worker is done with the run (recorded, handed back or lost).
+        self.done = anyio.Event()
+
+    @property
+    def attempt(self) -> int:
+        """The claim's attempt number: the fencing token of every call about this run."""
+        return self.record.attempts
+
+    def describe(self) -> str:
+        return f"run {self.record.id} of {self.task.name!r} (attempt {self.record.attempts})"
+
+
+async def attempt(
+    entry: RunInFlight, worker_id: str, threads: anyio.CapacityLimiter | None
+) -> Outcome | None:
+    """Run the task once; ``None`` if the lease was lost meanwhile or it stopped the worker."""
+    record, task = entry.record, entry.task
+    try:
+        args, kwargs = decode_arguments(record.payload)
+    except PayloadError as exc:
+        return Outcome.failure(exc, retry=False, traceback=False)
+    running(
+        RunContext(
+            run_id=record.id,
+            task=task.name,
+            attempt=record.attempts,
+            retries_left=record.retries_left,
+            worker=worker_id,
+        )
+    )
+    outcome: Outcome | None = None
+    with entry.scope:
+        try:
+            value = await _call(task, args, kwargs, record.timeout, threads)
+        except StopTaskWorker:
+            entry.stop_worker = True
+        except TaskTimeoutError as exc:
+            outcome = Outcome.failure(exc, retry=True, traceback=False)
+        except Exception as exc:
+            outcome = Outcome.failure(exc, retry=True)
+        else:
+            try:
+                outcome = Outcome(result=encode_result(value, task_name=task.name))
+            except TypeError as exc:
+                outcome = Outcome.failure(exc, retry=False)
+    return None if entry.lost else outcome
+
+
+async def _call(
+    task: Task[Any, Any],
+    args: list[Any],
+    kwargs: dict[str, Any],
+    timeout: float | None,
+    threads: anyio.CapacityLimiter | None,
+) -> Any:
+    if task.is_async:
+        if timeout is None:
+            return await task.function(*args, **kwargs)
+        with anyio.move_on_after(timeout):
+            return await task.function(*args, **kwargs)
+        raise TaskTimeoutError(f"task {task.name!r} took longer than its timeout of {timeout:g} s")
+    call = functools.partial(task.function, *args, **kwargs)
+    if timeout is None:
+        # A thread cannot be interrupted: a stop or a lost lease waits for it to return.
+        return await anyio.to_thread.run_sync(call, limiter=threads)
+    # Only the task's own timeout gives up on the thread, which is left to finish.
+    with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
+        return await anyio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=threads)
+    raise TaskTimeoutError(
+        f"task {task.name!r} took longer than its timeout of {timeout:g} s; its thread "
+        "cannot be interrupted, so it was left running to finish and its result will "
+        "be discarded"
+    )

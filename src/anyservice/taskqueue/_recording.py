@@ -1,0 +1,267 @@
+"""What a worker tells its broker about the runs it holds, and what it counts of them.
+
+Recording an outcome must never leave a run RUNNING for good: a record that meets broker
+errors (a database locked by another process, a full disk) is retried with backoff for
+as long as the lease lasts, and the lease keeper goes on renewing it meanwhile. Once the
+lease has run out the worker gives up: the run is claimable again by any worker, this one
+included, and the attempt number fences off this attempt's late writes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+
+from .. import _hooks
+from ._errors import BrokerError
+from ._execution import Outcome, RunInFlight
+from ._records import RunRecord
+from .brokers import Broker
+
+__all__ = ["Recorder", "WorkerStats", "run_log_extra"]
+
+#: Backoff between broker calls that failed (the broker already retried a locked file).
+FIRST_BACKOFF = 0.05
+MAX_BACKOFF = 2.0
+#: Longest a claim or a hand-back may hold off a cancellation; past it, leases expiring do.
+HAND_BACK_BUDGET = 5.0
+#: How many finished run ids the status server lists.
+FINISHED_SHOWN = 100
+
+Log = logging.LoggerAdapter[logging.Logger]
+
+
+def run_log_extra(service: str, record: RunRecord) -> dict[str, Any]:
+    """The ``extra`` of a log record about a run: JSON log lines carry these fields."""
+    return {
+        "service": service,
+        "task": record.task,
+        "run_id": record.id,
+        "attempt": record.attempts,
+    }
+
+
+class WorkerStats:
+    """Outcomes counted since the worker was made, and whether its broker answers.
+
+    Args:
+        log: The worker's logger.
+        worker: The worker itself, as the metrics hook and the log records name it.
+    """
+
+    def __init__(self, log: Log, worker: Any) -> None:
+        self.log = log
+        self.worker = worker
+        #: completed, failed, retried, handed_back, lost, not_recorded.
+        self.counts = dict.fromkeys(
+            ("completed", "failed", "retried", "handed_back", "lost", "not_recorded"), 0
+        )
+        self.finished: deque[str] = deque(maxlen=FINISHED_SHOWN)
+        #: Why the last broker call failed, while it does.
+        self.broker_problem: str | None = None
+
+    def count(self, record: RunRecord, outcome: str, seconds: float | None = None) -> None:
+        """Count one ``outcome`` of ``record`` (a ``counts`` key) and tell the metrics."""
+        self.counts[outcome] += 1
+        observe = _hooks.task_run
+        if observe is not None:
+            observe(self.worker, record.task, outcome, seconds)
+
+    def extra(self, record: RunRecord) -> dict[str, Any]:
+        """The ``extra`` of this worker's log records about ``record``."""
+        return run_log_extra(self.worker.name, record)
+
+    def broker_failed(self, exc: BrokerError, doing: str) -> None:
+        problem = f"broker error while {doing}: {exc}"
+        if problem != self.broker_problem:
+            self.log.warning("%s (retrying)", problem)
+        self.broker_problem = problem
+
+    def broker_worked(self) -> None:
+        if self.broker_problem is not None:
+            self.log.info("broker reachable again")
+            self.broker_problem = None
+
+    async def retrying(self, call: Callable[[], Awaitable[bool]], doing: str) -> bool:
+        """``await call()`` until the broker answers, backing off through its errors."""
+        backoff = FIRST_BACKOFF
+        while True:
+            try:
+                done = await call()
+            except BrokerError as exc:
+                self.broker_failed(exc, doing)
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+            else:
+                self.broker_worked()
+                return done
+
+
+class Recorder:
+    """Records outcomes and hands runs back for one worker, fenced by each claim."""
+
+    def __init__(
+        self, broker: Callable[[], Broker], owner: str, lease_seconds: float, stats: WorkerStats
+    ) -> None:
+        self._broker = broker
+        self._owner = owner
+        self._lease_seconds = lease_seconds
+        self._stats = stats
+        self._log = stats.log
+
+    async def _while_held(
+        self, entry: RunInFlight, call: Callable[[], Awaitable[bool]], doing: str
+    ) -> bool | None:
+        """``await call()`` through broker errors for as long as the lease lasts.
+
+        Returns what the broker answered, ``False`` once the claim is known to be lost,
+        or ``None`` when the lease ran out with the broker still failing.
+        """
+        backoff = FIRST_BACKOFF
+        while not entry.lost:
+            remaining = entry.lease_until - anyio.current_time()
+            if remaining <= 0:
+                return None
+            # The lease keeper may move lease_until on meanwhile: the loop looks again.
+            with anyio.move_on_after(remaining):
+                try:
+                    done = await call()
+                except BrokerError as exc:
+                    self._stats.broker_failed(exc, doing)
+                else:
+                    self._stats.broker_worked()
+                    return done
+                await anyio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF)
+        return False
+
+    async def renew(self, runs: dict[str, RunInFlight]) -> list[RunInFlight]:
+        """Renew the leases of ``runs``; the runs whose claim no longer holds them."""
+        # Runs whose outcome is being recorded are renewed too: the record is retried for
+        # as long as the lease lasts.
+        leases = {run_id: e.attempt for run_id, e in runs.items() if not e.settled}
+        if not leases:
+            return []
+        asked_at = anyio.current_time()
+        try:
+            held = await self._broker().heartbeat(
+                self._owner, leases, lease_seconds=self._lease_seconds
+            )
+        except BrokerError as exc:
+            self._stats.broker_failed(exc, "renewing leases")
+            return []
+        self._stats.broker_worked()
+        lost: list[RunInFlight] = []
+        for run_id, number in leases.items():
+            entry = runs.get(run_id)
+            if entry is None or entry.attempt != number:
+                continue
+            if run_id in held:
+                entry.lease_until = asked_at + self._lease_seconds
+            else:
+                lost.append(entry)
+        return lost
+
+    async def settle(self, entry: RunInFlight, outcome: Outcome) -> None:
+        """Record the outcome, shielded from a stop, retried while the lease lasts."""
+        entry.settling = True
+        record = entry.record
+        broker = self._broker()
+
+        async def store() -> bool:
+            if outcome.error is None:
+                assert outcome.result is not None
+                return await broker.complete(self._owner, record.id, entry.attempt, outcome.result)
+            return await broker.fail(
+                self._owner, record.id, entry.attempt, outcome.error, retry=outcome.retry
+            )
+
+        with anyio.CancelScope(shield=True):
+            stored = await self._while_held(entry, store, f"recording {entry.describe()}")
+        entry.settled = True
+        if stored is None:
+            self._stats.count(record, "not_recorded")
+            self._log.error(
+                "%s: could not record its outcome before its lease ran out; the run is "
+                "claimable again (by any worker, this one included) and will run again",
+                entry.describe(),
+                extra=self._stats.extra(record),
+            )
+        elif not stored:
+            self._stats.count(record, "lost")
+            self._log.warning(
+                "%s finished, but it had been claimed again after its lease expired: "
+                "outcome not recorded",
+                entry.describe(),
+                extra=self._stats.extra(record),
+            )
+        else:
+            self._count(entry, outcome)
+
+    def _count(self, entry: RunInFlight, outcome: Outcome) -> None:
+        record, stats = entry.record, self._stats
+        retrying = outcome.retry and record.retries_left > 0
+        if not retrying:
+            stats.finished.append(record.id)
+        seconds = anyio.current_time() - entry.began
+        if outcome.error is None:
+            stats.count(record, "completed", seconds)
+        elif retrying:
+            stats.count(record, "retried", seconds)
+            left = record.retries_left - 1
+            self._log.warning(
+                "%s failed: %s: %s; retrying in %gs (%d retr%s left)",
+                entry.describe(),
+                outcome.error.type,
+                outcome.error.message,
+                record.retry_delay,
+                left,
+                "y" if left == 1 else "ies",
+                extra=stats.extra(record),
+            )
+        else:
+            stats.count(record, "failed", seconds)
+            self._log.error(
+                "%s failed: %s: %s",
+                entry.describe(),
+                outcome.error.type,
+                outcome.error.message,
+                exc_info=outcome.exception if outcome.error.traceback else None,
+                extra=stats.extra(record),
+            )
+
+    async def hand_back(self, record: RunRecord, why: str) -> None:
+        """Release a claimed run at once, shielded from the cancellation under way."""
+        released: bool | None = None
+        broker = self._broker()
+        with anyio.move_on_after(min(self._lease_seconds, HAND_BACK_BUDGET), shield=True):
+            released = await self._stats.retrying(
+                lambda: broker.release(self._owner, record.id, record.attempts),
+                f"handing back run {record.id}",
+            )
+        shown: tuple[Any, ...] = (record.id, record.task, why)
+        extra = self._stats.extra(record)
+        if released:
+            self._stats.count(record, "handed_back")
+            self._log.warning(
+                "run %s of %r handed back unfinished (%s): another worker will run it",
+                *shown,
+                extra=extra,
+            )
+        elif released is None:
+            self._log.error(
+                "run %s of %r could not be handed back (%s); it will be run again once "
+                "its lease expires",
+                *shown,
+                extra=extra,
+            )
+        else:
+            self._log.warning(
+                "run %s of %r was not handed back (%s): it had been claimed again",
+                *shown,
+                extra=extra,
+            )
