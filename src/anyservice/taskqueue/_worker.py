@@ -176,19 +176,16 @@ class TaskWorker(Service, overrides=("run",)):
 
     Attributes:
         client_id: This worker's lease-owner id, unique per instance (Prefect's name).
-        queue: The tasks' queue.
-        tasks: The served tasks, by name.
+        queue, tasks: The tasks' queue, and the served tasks by name.
         counts: Outcomes since the worker was made: completed, failed, retried,
             handed_back, lost, not_recorded.
 
     Raises:
-        TypeError, ValueError: no tasks, something that is not a task, tasks of
-            different queues, or a bad limit, lease or port.
+        TypeError, ValueError: no tasks, a non-task, tasks of two queues, a bad option.
         ImportError: a status server was asked for and hypercorn is not installed.
     """
 
-    # Within Kubernetes' default 30 s between SIGTERM and SIGKILL, with time left over to
-    # hand back what did not finish.
+    # Within Kubernetes' 30 s from SIGTERM to SIGKILL, with time left to hand runs back.
     shutdown_timeout = 25.0
 
     def __init__(
