@@ -177,7 +177,7 @@ WITH crashed AS (
     SELECT seq, scheduled_at FROM {runs}
     WHERE state = 'RUNNING' AND lease_expires_at <= %(now)s AND task = ANY(%(tasks)s)
         AND attempts < max_attempts
-    ORDER BY lease_expires_at, seq LIMIT %(limit)s
+    ORDER BY scheduled_at, seq LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ), picked AS (
     SELECT seq FROM (SELECT * FROM fresh UNION ALL SELECT * FROM expired) AS due
