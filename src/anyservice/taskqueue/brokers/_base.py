@@ -42,6 +42,8 @@ each applying the transitions of ``taskqueue/_records.py`` to the stored records
   ``poll_interval`` given to ``__init__``, and ``_check_open()`` for calls that would not
   otherwise touch the storage.
 
+The cluster's storage methods (ticks, leases) are listed in ``brokers/_cluster.py``.
+
 Every storage method raises :class:`BrokerError` when the storage cannot be used. A new
 URL scheme is one line in ``_SCHEMES`` of ``brokers/_urls.py``.
 """
@@ -59,13 +61,14 @@ from typing import Protocol, Self
 import anyio
 
 from .._records import DEFAULT_MAX_ATTEMPTS, RunError, RunRecord, RunState, new_run
+from ._cluster import ClusterBroker, ClusterMethods
 from ._notifier import ChangeNotifier
 from ._options import check_claim_options, check_heartbeat_options, check_submit_options
 
 __all__ = ["BaseBroker", "Broker", "Claimed"]
 
 
-class Broker(Protocol):
+class Broker(ClusterBroker, Protocol):
     """Durable storage of task runs, shared by the processes that submit and run them.
 
     Every method may raise :class:`BrokerError` when the storage cannot be used (not
@@ -205,7 +208,7 @@ class Claimed:
     next_due: float | None = None
 
 
-class BaseBroker(Broker, abc.ABC):
+class BaseBroker(ClusterMethods, Broker, abc.ABC):
     """The shared half of a broker: checks, wake-ups, waiting and ``async with``.
 
     A subclass writes its storage (see the module's docstring) and inherits the public

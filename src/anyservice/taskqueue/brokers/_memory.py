@@ -15,6 +15,7 @@ import anyio.lowlevel
 
 from .. import _records as records
 from .._errors import BrokerError
+from .._leases import Lease, TickCounts, TickResult, acquire_lease, release_lease
 from .._records import RunError, RunRecord, RunState
 from ._base import BaseBroker, Claimed
 
@@ -37,6 +38,10 @@ class MemoryBroker(BaseBroker):
         self._sequence: dict[str, int] = {}
         self._unfinished: set[str] = set()
         self._is_open = False
+        # Ticks by schedule: due time -> the run's id, or None for a skipped tick.
+        self._ticks: dict[str, dict[float, str | None]] = {}
+        self._schedule_of: dict[str, str] = {}
+        self._leases: dict[str, Lease] = {}
 
     @classmethod
     def from_url(cls, url: str, *, clock: Callable[[], float] = time.time) -> Self:
@@ -166,3 +171,49 @@ class MemoryBroker(BaseBroker):
         for run in self._runs.values():
             counts[run.state] += 1
         return counts
+
+    # --- the cluster's storage (see _cluster.py) -------------------------------------------
+
+    async def _insert_tick(
+        self, schedule: str, due: float, run: RunRecord, overlap: bool
+    ) -> TickResult:
+        await self._check_open()
+        ticks = self._ticks.setdefault(schedule, {})
+        if due in ticks:
+            return TickResult.TAKEN
+        if not overlap and any(
+            self._schedule_of.get(run_id) == schedule
+            and self._runs[run_id].state is RunState.RUNNING
+            for run_id in self._unfinished
+        ):
+            ticks[due] = None
+            return TickResult.SKIPPED
+        ticks[due] = run.id
+        self._schedule_of[run.id] = schedule
+        self._sequence[run.id] = len(self._sequence)
+        self._store(run)
+        return TickResult.STORED
+
+    async def _tick_counts(self, schedule: str) -> TickCounts:
+        await self._check_open()
+        ticks = self._ticks.get(schedule, {})
+        runs = sum(run_id is not None for run_id in ticks.values())
+        return TickCounts(runs=runs, skipped=len(ticks) - runs, latest=max(ticks, default=None))
+
+    async def _acquire_lease(self, name: str, holder: str, lease_seconds: float) -> Lease | None:
+        await self._check_open()
+        lease = acquire_lease(self._leases.get(name), name, holder, self._clock(), lease_seconds)
+        if lease is not None:
+            self._leases[name] = lease
+        return lease
+
+    async def _release_lease(self, name: str, holder: str) -> bool:
+        await self._check_open()
+        if not release_lease(self._leases.get(name), holder):
+            return False
+        del self._leases[name]
+        return True
+
+    async def _get_lease(self, name: str) -> Lease | None:
+        await self._check_open()
+        return self._leases.get(name)

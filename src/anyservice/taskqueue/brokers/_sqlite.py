@@ -40,6 +40,7 @@ from .._records import (
 )
 from ._base import BaseBroker, Claimed
 from ._notifier import ChangeNotifier
+from ._sqlite_cluster import SqliteClusterStorage
 
 __all__ = ["SCHEMA_VERSION", "SqliteBroker"]
 
@@ -231,7 +232,7 @@ def _read_row(row: tuple[Any, ...]) -> tuple[int, RunRecord, bool]:
     return seq, record, True
 
 
-class SqliteBroker(BaseBroker):
+class SqliteBroker(SqliteClusterStorage, BaseBroker):
     """Task runs in a SQLite file shared by the processes of one machine.
 
     The file can be edited by anything, so rows are read column by column: a row that
