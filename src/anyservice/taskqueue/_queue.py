@@ -23,7 +23,9 @@ import anyio.lowlevel
 
 from ._errors import TaskRunFailed, TaskRunNotFound, TaskRunTimeout
 from ._records import DEFAULT_MAX_ATTEMPTS, RunError, RunRecord, RunState
+from ._scheduler import Schedule
 from ._serialize import decode_result, encode_arguments
+from ._ticks import DEFAULT_CATCH_UP, MissedTicks, check_missed, grid_from
 from .brokers import DEFAULT_URL, Broker, broker_from_url
 
 __all__ = ["AsyncTask", "SyncTask", "Task", "TaskDecorator", "TaskQueue", "TaskRun"]
@@ -126,6 +128,7 @@ class TaskQueue:
         self._broker: Broker = broker if broker is not None else broker_from_url(url or DEFAULT_URL)
         self.max_attempts = max_attempts
         self._tasks: dict[str, Task[Any, Any]] = {}
+        self._schedules: dict[str, Schedule] = {}
         # Opening: who holds the broker open, whether someone used it outside any holder
         # (then it stays open until close()), and an open in progress.
         self._holders = 0
@@ -147,6 +150,11 @@ class TaskQueue:
     def tasks(self) -> Mapping[str, Task[Any, Any]]:
         """The tasks defined on this queue, by name."""
         return dict(self._tasks)
+
+    @property
+    def schedules(self) -> Mapping[str, Schedule]:
+        """The schedules defined on this queue, by name."""
+        return dict(self._schedules)
 
     def __repr__(self) -> str:
         return f"<TaskQueue {self.url!r} tasks={sorted(self._tasks)}>"
@@ -171,6 +179,9 @@ class TaskQueue:
         retries: int = 0,
         retry_delay: float = 0.0,
         timeout: float | None = None,
+        schedule: object = None,
+        missed: MissedTicks | str = MissedTicks.SKIP,
+        overlap: bool = False,
     ) -> TaskDecorator: ...
 
     def task(
@@ -182,6 +193,9 @@ class TaskQueue:
         retries: int = 0,
         retry_delay: float = 0.0,
         timeout: float | None = None,
+        schedule: object = None,
+        missed: MissedTicks | str = MissedTicks.SKIP,
+        overlap: bool = False,
     ) -> Task[Any, Any] | TaskDecorator:
         """Define a task: ``@queue.task`` or ``@queue.task(name=, retries=, ...)``.
 
@@ -196,6 +210,8 @@ class TaskQueue:
             timeout: Seconds one attempt may take; then it fails with
                 ``TaskTimeoutError``. An async task is cancelled; a sync task's thread
                 cannot be, so it is left to finish and its result is discarded.
+            schedule, missed, overlap: Run the task (without arguments) on this
+                schedule, as :meth:`schedule` does, under the task's name.
 
         Raises:
             TypeError: ``function`` is not a plain or async function (a generator, a
@@ -203,9 +219,14 @@ class TaskQueue:
             ValueError: an option is out of range, or the name is already taken.
         """
         options = _TaskOptions.check(name, retries, retry_delay, timeout)
+        grid = None if schedule is None else grid_from(schedule)
+        policy = check_missed(missed)
 
         def decorate(function: Callable[..., Any]) -> Task[Any, Any]:
-            return self._define(function, options)
+            task = self._define(function, options)
+            if grid is not None:
+                self.schedule(task, grid, missed=policy, overlap=overlap)
+            return task
 
         if function is not None:
             return decorate(function)
@@ -236,6 +257,97 @@ class TaskQueue:
         task = kind(self, function, name, options)
         self._tasks[name] = task
         return task
+
+    def schedule(
+        self,
+        task: Task[Any, Any],
+        schedule: object,
+        *,
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        name: str | None = None,
+        timezone: str | None = None,
+        missed: MissedTicks | str = MissedTicks.SKIP,
+        overlap: bool = False,
+        catch_up: int = DEFAULT_CATCH_UP,
+    ) -> Schedule:
+        """Run ``task(*args, **kwargs)`` on a schedule, once per tick across every worker.
+
+        Every :class:`TaskWorker` serving ``task`` stores the ticks as they fall due; each
+        is stored under (``name``, due time), so however many workers there are, each
+        tick gets one run, due at the tick.
+
+        Args:
+            task: A task of this queue.
+            schedule: A cron expression (``"*/5 * * * *"``; a sixth field, last, for seconds), a
+                ``CronSchedule``, or a number of seconds / ``timedelta``: a fixed interval
+                on the epoch grid (ticks at multiples of it), so processes agree on it.
+            args, kwargs: The arguments every run gets (JSON-serialisable).
+            name: The schedule's name, unique per queue: ticks are stored under it. The
+                task's name by default.
+            timezone: The cron expression's timezone (an IANA name; UTC by default).
+            missed: After every worker was down: ``"skip"`` runs only the next tick,
+                ``"latest"`` also the most recent missed one, ``"all"`` every missed one
+                (at most ``catch_up``).
+            overlap: If false (the default), a tick due while the previous run of this
+                schedule is RUNNING is skipped, and counted.
+            catch_up: Most missed ticks ``missed="all"`` runs.
+
+        Raises:
+            TypeError: a bad schedule, arguments that do not fit the task or JSON, or an
+                option of the wrong type.
+            ValueError: a task of another queue, a name already taken, a bad cron
+                expression, interval or timezone.
+        """
+        if not isinstance(task, Task):
+            raise TypeError(f"schedule() needs a task made by @queue.task, got {task!r}")
+        if task.queue is not self:
+            raise ValueError(f"task {task.name!r} belongs to another queue ({task.queue.url!r})")
+        grid = grid_from(schedule, timezone=timezone)
+        if name is None:
+            name = task.name
+        if not isinstance(name, str):
+            raise TypeError(f"schedule name must be a str, got {name!r}")
+        if not name:
+            raise ValueError("schedule name must not be empty")
+        if name in self._schedules:
+            raise ValueError(
+                f"schedule name {name!r} is already taken on this queue; pass a different name="
+            )
+        if not isinstance(overlap, bool):
+            raise TypeError(f"overlap must be a bool, got {overlap!r}")
+        if isinstance(catch_up, bool) or not isinstance(catch_up, int):
+            raise TypeError(f"catch_up must be an int, got {catch_up!r}")
+        if catch_up < 1:
+            raise ValueError(f"catch_up must be >= 1, got {catch_up!r}")
+        if not isinstance(args, tuple | list):
+            raise TypeError(f"args must be a tuple or list, got {args!r}")
+        if kwargs is not None and not isinstance(kwargs, Mapping):
+            raise TypeError(f"kwargs must be a mapping, got {kwargs!r}")
+        payload = task.encode(tuple(args), dict(kwargs or {}))
+        defined = Schedule(
+            name=name,
+            task=task,
+            grid=grid,
+            payload=payload,
+            missed=check_missed(missed),
+            overlap=overlap,
+            catch_up=catch_up,
+        )
+        self._schedules[name] = defined
+        return defined
+
+    async def schedule_counts(self, name: str) -> dict[str, Any]:
+        """What the broker holds of a schedule: ``runs``, ``skipped`` and ``latest`` tick.
+
+        Raises:
+            KeyError: no schedule of that name on this queue.
+        """
+        if name not in self._schedules:
+            raise KeyError(f"no schedule {name!r} on this queue")
+        broker = await self.ensure_open()
+        counts = await broker.tick_counts(name)
+        return {"runs": counts.runs, "skipped": counts.skipped, "latest": counts.latest}
 
     # ------------------------------------------------------------- opening the broker
 

@@ -42,6 +42,7 @@ from ._context import RunContext, running
 from ._errors import BrokerError, TaskTimeoutError
 from ._queue import Task, TaskQueue
 from ._records import PayloadError, RunError, RunRecord
+from ._scheduler import keep_schedule
 from ._serialize import decode_arguments, encode_result
 from ._status import StatusApp
 
@@ -245,6 +246,12 @@ class TaskWorker(Service):
             self.add_context(closing(sock))
             self.status_server_port = sock.getsockname()[1]
             self.spawn(functools.partial(self._serve_status, sock), name="status server")
+        for schedule in self.queue.schedules.values():
+            if schedule.task.name in self.tasks:
+                self.spawn(
+                    functools.partial(keep_schedule, schedule, self.log),
+                    name=f"schedule {schedule.name}",
+                )
         self.started_at = datetime.now(UTC)
         self.log.info(
             "serving %s from %s with limit %s as %s%s",
