@@ -38,6 +38,7 @@ from ._records import RunError as RunError
 from ._records import RunRecord as RunRecord
 from ._records import RunState as RunState
 from ._scheduler import Schedule as Schedule
+from ._singleton import Singleton as Singleton
 from ._ticks import MissedTicks as MissedTicks
 from ._worker import TaskWorker as TaskWorker
 from ._worker import serve as serve
@@ -63,6 +64,7 @@ __all__ = [
     "RunRecord",
     "RunState",
     "Schedule",
+    "Singleton",
     "SqliteBroker",
     "SyncTask",
     "Task",
