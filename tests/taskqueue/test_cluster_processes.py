@@ -18,8 +18,10 @@ from pathlib import Path
 import anyio
 import pytest
 
+from anyservice.taskqueue import RunState
+
 from .proc_cluster import build_schedule
-from .test_worker_processes import PROMPTLY, Setup, Worker, eventually
+from .test_worker_processes import PROMPTLY, Setup, Worker, eventually, wait_for_file
 
 pytestmark = [
     pytest.mark.anyio,
@@ -174,3 +176,16 @@ async def test_a_singleton_runs_on_one_of_three_processes_and_fails_over(
     assert took_over_after_kill <= lease + 2.0, spans
     # SIGTERM: handed over at once, well before a lease would have expired.
     assert took_over_after_term < lease, spans
+
+
+async def test_a_running_run_is_cancelled_on_the_process_that_runs_it(cluster: Cluster) -> None:
+    async with cluster.queue, cluster.worker("--lease=1") as worker:
+        await worker.wait_until_serving()
+        run = await cluster.tasks["slow"].delay(3600)
+        await wait_for_file(cluster.dir / f"{run.id}.started")
+        assert await run.cancel(timeout=PROMPTLY), worker.output()
+        assert run.state is RunState.CANCELLED
+        assert run.attempts == 1
+        worker.process.terminate()
+        assert await worker.exit_code() == 0, worker.output()
+    assert "cancellation asked for: cancelling its body" in worker.output()

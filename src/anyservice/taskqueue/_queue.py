@@ -9,6 +9,7 @@ as Prefect's ``@task`` does, so it stays testable.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import inspect
 import math
@@ -453,6 +454,43 @@ class TaskQueue:
         broker = await self.ensure_open()
         return await broker.counts()
 
+    async def runs(
+        self,
+        *,
+        state: RunState | str | None = None,
+        task: str | Task[Any, Any] | None = None,
+        since: float | None = None,
+        limit: int = 100,
+    ) -> list[TaskRun[Any]]:
+        """The runs stored, newest first: to inspect, retry or cancel them.
+
+        Args:
+            state: Only runs in this state (``RunState.FAILED`` or ``"FAILED"``).
+            task: Only runs of this task (a task or its name).
+            since: Only runs submitted at or after this time (epoch seconds).
+            limit: At most this many runs.
+
+        Raises:
+            ValueError: an unknown state, or ``limit`` < 1.
+            TypeError: an option of the wrong type.
+        """
+        name = task.name if isinstance(task, Task) else task
+        broker = await self.ensure_open()
+        records = await broker.list_runs(
+            state=None if state is None else RunState(state), task=name, since=since, limit=limit
+        )
+        return [TaskRun(self, record) for record in records]
+
+    async def purge(self, *, older_than: float) -> int:
+        """Delete the runs that finished more than ``older_than`` seconds ago; how many.
+
+        Raises:
+            ValueError: ``older_than`` is negative or not finite.
+        """
+        seconds = _check_seconds(older_than, "purge() older_than", allow_zero=True)
+        broker = await self.ensure_open()
+        return await broker.purge(before=broker.now() - seconds)
+
 
 class _TaskOptions:
     __slots__ = ("name", "retries", "retry_delay", "timeout")
@@ -555,6 +593,67 @@ class Task(Generic[P, R]):
             timeout=self.timeout,
             max_attempts=max(self.queue.max_attempts, self.retries + 1),
         )
+        return TaskRun(self.queue, record)
+
+    async def apply_async(
+        self,
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        at: float | datetime.datetime | None = None,
+        countdown: float | None = None,
+        key: str | None = None,
+    ) -> TaskRun[R]:
+        """Store a run with these arguments, due ``at`` a time or after a ``countdown``.
+
+        Prefect's (and Celery's) name; ``delay(*args, **kwargs)`` is the short form.
+
+        Args:
+            args, kwargs: The task's arguments (JSON-serialisable).
+            at: When the run is due: epoch seconds or an aware ``datetime``.
+            countdown: Seconds from now until it is due (not with ``at``).
+            key: Deduplicate: while a run submitted under ``key`` is not finished,
+                submitting again returns that run instead of storing another.
+
+        Raises:
+            TypeError: arguments that do not fit the task or JSON, a naive datetime, or an
+                option of the wrong type.
+            ValueError: both ``at`` and ``countdown``, a negative countdown, an empty key.
+        """
+        if not isinstance(args, tuple | list):
+            raise TypeError(f"apply_async() args must be a tuple or list, got {args!r}")
+        if kwargs is not None and not isinstance(kwargs, Mapping):
+            raise TypeError(f"apply_async() kwargs must be a mapping, got {kwargs!r}")
+        if at is not None and countdown is not None:
+            raise ValueError("apply_async() takes at= or countdown=, not both")
+        payload = self.encode(tuple(args), dict(kwargs or {}))
+        broker = await self.queue.ensure_open()
+        scheduled_at: float | None = None
+        if isinstance(at, datetime.datetime):
+            if at.utcoffset() is None:
+                raise TypeError(f"apply_async() at= needs an aware datetime, got {at!r}")
+            scheduled_at = at.timestamp()
+        elif at is not None:
+            if not _is_number(at):
+                raise TypeError(
+                    f"apply_async() at= must be epoch seconds or a datetime, got {at!r}"
+                )
+            scheduled_at = float(at)
+        elif countdown is not None:
+            scheduled_at = broker.now() + _check_seconds(
+                countdown, "apply_async() countdown", allow_zero=True
+            )
+        options: dict[str, Any] = {
+            "retries": self.retries,
+            "retry_delay": self.retry_delay,
+            "timeout": self.timeout,
+            "max_attempts": max(self.queue.max_attempts, self.retries + 1),
+            "scheduled_at": scheduled_at,
+        }
+        if key is None:
+            record = await broker.submit(self.name, payload, **options)
+        else:
+            record, _ = await broker.submit_once(key, self.name, payload, **options)
         return TaskRun(self.queue, record)
 
     def delay_sync(self, *args: P.args, **kwargs: P.kwargs) -> TaskRun[R]:
@@ -724,9 +823,35 @@ class TaskRun(Generic[R]):
 
         return _run_blocking(result, "TaskRun.result_sync()", "'await run.result()'")
 
-    async def cancel(self) -> bool:
-        """Cancel the run if no worker has claimed it yet; return whether it was."""
+    async def cancel(self, timeout: float | None = 60.0) -> bool:
+        """Cancel the run, even a RUNNING one; return whether it ended CANCELLED.
+
+        A SCHEDULED run is cancelled at once. For a RUNNING run the request is stored and
+        its worker, wherever it is, cancels the task's scope at its next heartbeat (a
+        third of its lease): the task's ``finally`` blocks run, and the run ends
+        CANCELLED. This waits for that, for at most ``timeout`` seconds (``None``: as long
+        as it takes); False if the run finished otherwise first, or was finished already.
+
+        Raises:
+            TaskRunTimeout: a RUNNING run did not end within ``timeout``.
+        """
+        seconds = _check_wait_timeout(timeout, "cancel() timeout")
         broker = await self._queue.ensure_open()
-        cancelled = await broker.cancel(self.id)
+        state = await broker.request_cancel(self.id)
+        if state is RunState.RUNNING:
+            return await self.wait(seconds) is RunState.CANCELLED
         await self.refresh()
-        return cancelled
+        return state is RunState.CANCELLED
+
+    async def retry(self) -> bool:
+        """Run a FAILED, CRASHED or CANCELLED run again, as a new series of attempts.
+
+        It is SCHEDULED now, with its task's ``retries`` (when the task is defined on this
+        queue; none otherwise). Returns whether it was re-queued (False for a run that is
+        not in one of those states).
+        """
+        task = self._queue.tasks.get(self.task)
+        broker = await self._queue.ensure_open()
+        record = await broker.requeue(self.id, retries=0 if task is None else task.retries)
+        await self.refresh()
+        return record is not None

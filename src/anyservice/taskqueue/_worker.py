@@ -75,6 +75,7 @@ class _Outcome:
     error: RunError | None = None
     exception: BaseException | None = None
     retry: bool = False
+    cancelled: bool = False
 
     @classmethod
     def failure(cls, exc: BaseException, *, retry: bool, traceback: bool = True) -> _Outcome:
@@ -111,7 +112,16 @@ def _from_task_code(exc: BaseException) -> BaseException:
 class _RunInFlight:
     """One claimed run while this worker holds it."""
 
-    __slots__ = ("lost", "record", "scope", "settled", "settling", "started", "task")
+    __slots__ = (
+        "cancelled",
+        "lost",
+        "record",
+        "scope",
+        "settled",
+        "settling",
+        "started",
+        "task",
+    )
 
     def __init__(self, record: RunRecord, task: Task[Any, Any]) -> None:
         self.record = record
@@ -125,6 +135,8 @@ class _RunInFlight:
         self.settled = False
         #: Another worker took the run over: record nothing.
         self.lost = False
+        #: A user asked for the run to be cancelled: it ends CANCELLED.
+        self.cancelled = False
 
     def describe(self) -> str:
         return f"run {self.record.id} of {self.task.name!r} (attempt {self.record.attempts})"
@@ -219,7 +231,8 @@ class TaskWorker(Service):
         self.started_at: datetime | None = None
         #: Outcomes since the worker was made: completed, failed, retried, handed_back, lost.
         self.counts = dict.fromkeys(
-            ("completed", "failed", "retried", "handed_back", "lost", "not_recorded"), 0
+            ("completed", "failed", "retried", "cancelled", "handed_back", "lost", "not_recorded"),
+            0,
         )
         self._finished: deque[str] = deque(maxlen=_FINISHED_SHOWN)
         self._runs: dict[str, _RunInFlight] = {}
@@ -491,6 +504,8 @@ class TaskWorker(Service):
                     outcome = _Outcome(result=encode_result(value, task_name=task.name))
                 except TypeError as exc:
                     outcome = _Outcome.failure(exc, retry=False)
+        if entry.cancelled and not entry.lost:
+            return _Outcome(cancelled=True)
         return None if entry.lost else outcome
 
     async def _call(
@@ -531,6 +546,8 @@ class TaskWorker(Service):
         retrying = outcome.retry and record.retries_left > 0
 
         async def store() -> bool:
+            if outcome.cancelled:
+                return await broker.end_cancelled(self.client_id, record.id)
             if outcome.error is None:
                 assert outcome.result is not None
                 return await broker.complete(self.client_id, record.id, outcome.result)
@@ -558,7 +575,10 @@ class TaskWorker(Service):
             return
         if not retrying:
             self._finished.append(record.id)
-        if outcome.error is None:
+        if outcome.cancelled:
+            self.counts["cancelled"] += 1
+            self.log.info("%s cancelled, as asked", entry.describe())
+        elif outcome.error is None:
             self.counts["completed"] += 1
         elif retrying:
             self.counts["retried"] += 1
@@ -654,6 +674,7 @@ class TaskWorker(Service):
             self._broker_failed(exc, "renewing leases")
             return
         self._broker_worked()
+        await self._cancel_requested(held)
         for run_id in ids:
             entry = self._runs.get(run_id)
             if run_id in held or entry is None or entry.settling or entry.lost:
@@ -664,6 +685,21 @@ class TaskWorker(Service):
                 "%s: its lease was lost (another worker may have it): cancelled here",
                 entry.describe(),
             )
+            entry.scope.cancel()
+
+    async def _cancel_requested(self, held: set[str]) -> None:
+        """Cancel, here, the runs among ``held`` whose cancellation a user asked for."""
+        try:
+            requested = await self.queue.broker.cancel_requests(self.client_id, sorted(held))
+        except BrokerError as exc:
+            self._broker_failed(exc, "looking for cancelled runs")
+            return
+        for run_id in requested:
+            entry = self._runs.get(run_id)
+            if entry is None or entry.settling or entry.lost or entry.cancelled:
+                continue
+            entry.cancelled = True
+            self.log.info("%s: cancellation asked for: cancelling its body", entry.describe())
             entry.scope.cancel()
 
 

@@ -12,6 +12,13 @@ arguments and wakes waiters, and a broker writes only these storage methods:
 * ``_acquire_lease(name, holder, lease_seconds) -> Lease | None`` and
   ``_release_lease(name, holder) -> bool``: the transitions of ``_leases.py``, atomic,
   reading ``now`` from the clock inside the step; ``_get_lease(name)``.
+* ``_insert_keyed(key, run) -> RunRecord``: in one atomic step, the unfinished run stored
+  under ``key`` if there is one, else ``run``, stored and put under ``key``.
+* ``_list_runs(state, task, since, limit)``: newest first (by ``created_at``).
+* ``_requeue(run_id, retries)``, ``_request_cancel(run_id) -> RunState | None``,
+  ``_cancel_requests(owner, run_ids)``, ``_end_cancelled(owner, run_id)``: the
+  transitions of ``_controls.py`` and the cancel requests they rest on.
+* ``_purge(before) -> int``: delete finished runs that finished before ``before``.
 
 A broker without them (a plugin written before they existed) raises ``BrokerError`` saying
 so, at the call.
@@ -26,7 +33,7 @@ from typing import Protocol
 
 from .._errors import BrokerError
 from .._leases import Lease, StoredTick, TickCounts, TickResult
-from .._records import DEFAULT_MAX_ATTEMPTS, RunRecord, new_run
+from .._records import DEFAULT_MAX_ATTEMPTS, RunRecord, RunState, new_run
 from .._ticks import tick_key
 from ._notifier import ChangeNotifier
 from ._options import check_submit_options
@@ -102,6 +109,61 @@ class ClusterBroker(Protocol):
         """The lease's current record (maybe expired), or ``None`` if never taken."""
         ...
 
+    async def submit_once(
+        self,
+        key: str,
+        task: str,
+        payload: str,
+        *,
+        retries: int = 0,
+        retry_delay: float = 0.0,
+        timeout: float | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        scheduled_at: float | None = None,
+    ) -> tuple[RunRecord, bool]:
+        """Store a run under ``key`` unless a run under it is not finished yet.
+
+        Returns:
+            The run under ``key`` and whether this call stored it.
+        """
+        ...
+
+    async def list_runs(
+        self,
+        *,
+        state: RunState | None = None,
+        task: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+    ) -> list[RunRecord]:
+        """Runs in ``state``, of ``task``, submitted at or after ``since``; newest first."""
+        ...
+
+    async def requeue(self, run_id: str, *, retries: int = 0) -> RunRecord | None:
+        """Start a FAILED, CRASHED or CANCELLED run over; ``None`` if it is not one."""
+        ...
+
+    async def request_cancel(self, run_id: str) -> RunState | None:
+        """Cancel a SCHEDULED run at once, or ask the worker of a RUNNING one to.
+
+        Returns:
+            CANCELLED (done), RUNNING (asked; its worker ends it within a heartbeat), or
+            ``None``: the run is finished already, or there is no such run.
+        """
+        ...
+
+    async def cancel_requests(self, owner: str, run_ids: list[str]) -> set[str]:
+        """The runs among ``run_ids``, held by ``owner``, whose cancellation was asked for."""
+        ...
+
+    async def end_cancelled(self, owner: str, run_id: str) -> bool:
+        """Record CANCELLED a run ``owner`` holds and stopped because it was asked to."""
+        ...
+
+    async def purge(self, *, before: float) -> int:
+        """Delete the runs that finished before ``before``; how many were deleted."""
+        ...
+
 
 class ClusterMethods(ClusterBroker):
     """The checks and wake-ups of the cluster methods; a broker writes the storage."""
@@ -133,6 +195,36 @@ class ClusterMethods(ClusterBroker):
     async def _get_lease(self, name: str) -> Lease | None:
         """The stored lease."""
         raise self._unsupported("leases")
+
+    async def _insert_keyed(self, key: str, run: RunRecord) -> RunRecord:
+        """The unfinished run under ``key``, or ``run`` stored under it."""
+        raise self._unsupported("run keys")
+
+    async def _list_runs(
+        self, state: RunState | None, task: str | None, since: float | None, limit: int
+    ) -> list[RunRecord]:
+        """Matching runs, newest first."""
+        raise self._unsupported("listing runs")
+
+    async def _requeue(self, run_id: str, retries: int) -> RunRecord | None:
+        """Apply ``requeue`` of ``_controls.py``."""
+        raise self._unsupported("retrying finished runs")
+
+    async def _request_cancel(self, run_id: str) -> RunState | None:
+        """Cancel a SCHEDULED run, or record the request for a RUNNING one."""
+        raise self._unsupported("cancelling running runs")
+
+    async def _cancel_requests(self, owner: str, run_ids: list[str]) -> set[str]:
+        """Requested cancellations among ``owner``'s runs."""
+        raise self._unsupported("cancelling running runs")
+
+    async def _end_cancelled(self, owner: str, run_id: str) -> bool:
+        """Apply ``end_cancelled`` of ``_controls.py``."""
+        raise self._unsupported("cancelling running runs")
+
+    async def _purge(self, before: float) -> int:
+        """Delete what finished before ``before``."""
+        raise self._unsupported("purging runs")
 
     def now(self) -> float:
         return self._clock()
@@ -197,3 +289,94 @@ class ClusterMethods(ClusterBroker):
 
     async def get_lease(self, name: str) -> Lease | None:
         return await self._get_lease(_check_name(name, "lease name"))
+
+    async def submit_once(
+        self,
+        key: str,
+        task: str,
+        payload: str,
+        *,
+        retries: int = 0,
+        retry_delay: float = 0.0,
+        timeout: float | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        scheduled_at: float | None = None,
+    ) -> tuple[RunRecord, bool]:
+        _check_name(key, "key")
+        check_submit_options(
+            task,
+            payload,
+            retries=retries,
+            retry_delay=retry_delay,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            scheduled_at=scheduled_at,
+        )
+        run = new_run(
+            uuid.uuid4().hex,
+            task,
+            payload,
+            retries=retries,
+            retry_delay=retry_delay,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            scheduled_at=scheduled_at,
+            now=self._clock(),
+        )
+        stored = await self._insert_keyed(key, run)
+        created = stored.id == run.id
+        if created:
+            self._notifier.notify(work=True)
+        return stored, created
+
+    async def list_runs(
+        self,
+        *,
+        state: RunState | None = None,
+        task: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+    ) -> list[RunRecord]:
+        if state is not None:
+            state = RunState(state)
+        if task is not None:
+            _check_name(task, "task")
+        if since is not None and (isinstance(since, bool) or not isinstance(since, int | float)):
+            raise TypeError(f"since must be epoch seconds, got {since!r}")
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            raise TypeError(f"limit must be an int, got {limit!r}")
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit!r}")
+        return await self._list_runs(state, task, since, limit)
+
+    async def requeue(self, run_id: str, *, retries: int = 0) -> RunRecord | None:
+        if isinstance(retries, bool) or not isinstance(retries, int):
+            raise TypeError(f"retries must be an int, got {retries!r}")
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries!r}")
+        run = await self._requeue(run_id, retries)
+        if run is not None:
+            self._notifier.notify(work=True)
+        return run
+
+    async def request_cancel(self, run_id: str) -> RunState | None:
+        state = await self._request_cancel(run_id)
+        if state is RunState.CANCELLED:
+            self._notifier.notify(work=False)
+        return state
+
+    async def cancel_requests(self, owner: str, run_ids: list[str]) -> set[str]:
+        if not run_ids:
+            return set()
+        return await self._cancel_requests(owner, list(dict.fromkeys(run_ids)))
+
+    async def end_cancelled(self, owner: str, run_id: str) -> bool:
+        done = await self._end_cancelled(owner, run_id)
+        if done:
+            self._notifier.notify(work=False)
+        return done
+
+    async def purge(self, *, before: float) -> int:
+        if isinstance(before, bool) or not isinstance(before, int | float):
+            raise TypeError(f"before must be epoch seconds, got {before!r}")
+        return await self._purge(float(before))

@@ -14,6 +14,7 @@ from typing import Self
 import anyio.lowlevel
 
 from .. import _records as records
+from .._controls import end_cancelled, requeue
 from .._errors import BrokerError
 from .._leases import Lease, TickCounts, TickResult, acquire_lease, release_lease
 from .._records import RunError, RunRecord, RunState
@@ -42,6 +43,8 @@ class MemoryBroker(BaseBroker):
         self._ticks: dict[str, dict[float, str | None]] = {}
         self._schedule_of: dict[str, str] = {}
         self._leases: dict[str, Lease] = {}
+        self._keys: dict[str, str] = {}
+        self._cancel_requested: set[str] = set()
 
     @classmethod
     def from_url(cls, url: str, *, clock: Callable[[], float] = time.time) -> Self:
@@ -217,3 +220,78 @@ class MemoryBroker(BaseBroker):
     async def _get_lease(self, name: str) -> Lease | None:
         await self._check_open()
         return self._leases.get(name)
+
+    async def _insert_keyed(self, key: str, run: RunRecord) -> RunRecord:
+        await self._check_open()
+        existing = self._keys.get(key)
+        if existing is not None and existing in self._unfinished:
+            return self._runs[existing]
+        self._keys[key] = run.id
+        self._sequence[run.id] = len(self._sequence)
+        return self._store(run)
+
+    async def _list_runs(
+        self, state: RunState | None, task: str | None, since: float | None, limit: int
+    ) -> list[RunRecord]:
+        await self._check_open()
+        found = [
+            run
+            for run in self._runs.values()
+            if (state is None or run.state is state)
+            and (task is None or run.task == task)
+            and (since is None or run.created_at >= since)
+        ]
+        found.sort(key=lambda run: (run.created_at, self._sequence[run.id]), reverse=True)
+        return found[:limit]
+
+    async def _requeue(self, run_id: str, retries: int) -> RunRecord | None:
+        await self._check_open()
+        run = self._runs.get(run_id)
+        again = None if run is None else requeue(run, self._clock(), retries)
+        if again is None:
+            return None
+        self._cancel_requested.discard(run_id)
+        return self._store(again)
+
+    async def _request_cancel(self, run_id: str) -> RunState | None:
+        await self._check_open()
+        run = self._runs.get(run_id)
+        if run is None:
+            return None
+        if self._apply(records.cancel(run, self._clock())):
+            return RunState.CANCELLED
+        if run.state is RunState.RUNNING:
+            self._cancel_requested.add(run_id)
+            return RunState.RUNNING
+        return None
+
+    async def _cancel_requests(self, owner: str, run_ids: list[str]) -> set[str]:
+        await self._check_open()
+        return {
+            run_id
+            for run_id in run_ids
+            if run_id in self._cancel_requested and self._runs[run_id].lease_owner == owner
+        }
+
+    async def _end_cancelled(self, owner: str, run_id: str) -> bool:
+        await self._check_open()
+        run = self._runs.get(run_id)
+        if run is None or not self._apply(end_cancelled(run, owner, self._clock())):
+            return False
+        self._cancel_requested.discard(run_id)
+        return True
+
+    async def _purge(self, before: float) -> int:
+        await self._check_open()
+        gone = {
+            run_id
+            for run_id, run in self._runs.items()
+            if run.finished and run.finished_at is not None and run.finished_at < before
+        }
+        for run_id in gone:
+            del self._runs[run_id]
+            self._sequence.pop(run_id, None)
+            self._schedule_of.pop(run_id, None)
+            self._cancel_requested.discard(run_id)
+        self._keys = {key: run_id for key, run_id in self._keys.items() if run_id not in gone}
+        return len(gone)

@@ -13,8 +13,9 @@ import sqlite3
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
+from .._controls import RETRYABLE_STATES
 from .._leases import Lease, TickCounts, TickResult, acquire_lease
-from .._records import RunRecord
+from .._records import FINISHED_STATES, RunRecord, RunState
 
 __all__ = ["SqliteClusterStorage"]
 
@@ -38,6 +39,10 @@ _TABLES = (
         expires_at REAL NOT NULL
     )
     """,
+    # The run last submitted under each key= (its dedup lasts while it is unfinished).
+    "CREATE TABLE IF NOT EXISTS anyservice_keys (key TEXT PRIMARY KEY, run_id TEXT NOT NULL)",
+    # RUNNING runs whose cancellation was asked for; their worker looks at each heartbeat.
+    "CREATE TABLE IF NOT EXISTS anyservice_cancels (run_id TEXT PRIMARY KEY)",
 )
 
 _INSERT_RUN = (
@@ -45,6 +50,37 @@ _INSERT_RUN = (
     " retries_left, retry_delay, timeout, created_at, scheduled_at)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+
+
+def _insert_run(conn: sqlite3.Connection, run: RunRecord) -> None:
+    conn.execute(
+        _INSERT_RUN,
+        (
+            run.id,
+            run.task,
+            run.payload,
+            run.state.value,
+            run.attempts,
+            run.max_attempts,
+            run.retries_left,
+            run.retry_delay,
+            run.timeout,
+            run.created_at,
+            run.scheduled_at,
+        ),
+    )
+
+
+def _get(conn: sqlite3.Connection, run_id: str) -> RunRecord | None:
+    # Imported here: the broker's module imports this one.
+    from ._sqlite import _SELECT, _read_row
+
+    row = conn.execute(f"{_SELECT} WHERE id = ?", (run_id,)).fetchone()
+    return None if row is None else _read_row(row)[1]
+
+
+_FINISHED = ", ".join(f"'{state.value}'" for state in sorted(FINISHED_STATES))
+_RETRYABLE = ", ".join(f"'{state.value}'" for state in sorted(RETRYABLE_STATES))
 
 
 def _create_tables(conn: sqlite3.Connection) -> None:
@@ -93,22 +129,7 @@ class SqliteClusterStorage:
             elif busy:
                 result = TickResult.SKIPPED
             else:
-                conn.execute(
-                    _INSERT_RUN,
-                    (
-                        run.id,
-                        run.task,
-                        run.payload,
-                        run.state.value,
-                        run.attempts,
-                        run.max_attempts,
-                        run.retries_left,
-                        run.retry_delay,
-                        run.timeout,
-                        run.created_at,
-                        run.scheduled_at,
-                    ),
-                )
+                _insert_run(conn, run)
                 result = TickResult.STORED
             conn.execute("COMMIT")
             return result
@@ -155,6 +176,147 @@ class SqliteClusterStorage:
 
     async def _get_lease(self, name: str) -> Lease | None:
         return await self._cluster_call(lambda conn: _read_lease(conn, name))
+
+    async def _insert_keyed(self, key: str, run: RunRecord) -> RunRecord:
+        def insert(conn: sqlite3.Connection) -> RunRecord:
+            conn.execute("BEGIN IMMEDIATE")
+            row = conn.execute(
+                "SELECT run_id FROM anyservice_keys WHERE key = ?", (key,)
+            ).fetchone()
+            existing = None if row is None else _get(conn, row[0])
+            if existing is not None and not existing.finished:
+                conn.execute("COMMIT")
+                return existing
+            _insert_run(conn, run)
+            conn.execute(
+                "INSERT OR REPLACE INTO anyservice_keys (key, run_id) VALUES (?, ?)", (key, run.id)
+            )
+            conn.execute("COMMIT")
+            return run
+
+        return await self._cluster_call(insert)
+
+    async def _list_runs(
+        self, state: RunState | None, task: str | None, since: float | None, limit: int
+    ) -> list[RunRecord]:
+        from ._sqlite import _SELECT, _read_row
+
+        where: list[str] = []
+        parameters: list[object] = []
+        for clause, value in (("state = ?", state), ("task = ?", task), ("created_at >= ?", since)):
+            if value is not None:
+                where.append(clause)
+                parameters.append(value.value if isinstance(value, RunState) else value)
+        sql = _SELECT + (f" WHERE {' AND '.join(where)}" if where else "")
+        sql += " ORDER BY created_at DESC, seq DESC LIMIT ?"
+
+        def select(conn: sqlite3.Connection) -> list[RunRecord]:
+            return [_read_row(row)[1] for row in conn.execute(sql, (*parameters, limit))]
+
+        return await self._cluster_call(select)
+
+    async def _requeue(self, run_id: str, retries: int) -> RunRecord | None:
+        def requeue(conn: sqlite3.Connection) -> RunRecord | None:
+            conn.execute("BEGIN IMMEDIATE")
+            cursor = conn.execute(
+                "UPDATE anyservice_runs SET state = 'SCHEDULED', attempts = 0, retries_left = ?,"
+                " scheduled_at = ?, started_at = NULL, finished_at = NULL, lease_owner = NULL,"
+                f" lease_expires_at = NULL, result = NULL WHERE id = ? AND state IN ({_RETRYABLE})",
+                (retries, self._clock(), run_id),
+            )
+            run = None
+            if cursor.rowcount == 1:
+                conn.execute("DELETE FROM anyservice_cancels WHERE run_id = ?", (run_id,))
+                run = _get(conn, run_id)
+            conn.execute("COMMIT")
+            return run
+
+        return await self._cluster_call(requeue)
+
+    async def _request_cancel(self, run_id: str) -> RunState | None:
+        def cancel(conn: sqlite3.Connection) -> RunState | None:
+            conn.execute("BEGIN IMMEDIATE")
+            state: RunState | None = None
+            if (
+                conn.execute(
+                    "UPDATE anyservice_runs SET state = 'CANCELLED', finished_at = ?"
+                    " WHERE id = ? AND state = 'SCHEDULED'",
+                    (self._clock(), run_id),
+                ).rowcount
+                == 1
+            ):
+                state = RunState.CANCELLED
+            elif conn.execute(
+                "SELECT 1 FROM anyservice_runs WHERE id = ? AND state = 'RUNNING'", (run_id,)
+            ).fetchone():
+                conn.execute(
+                    "INSERT OR IGNORE INTO anyservice_cancels (run_id) VALUES (?)", (run_id,)
+                )
+                state = RunState.RUNNING
+            conn.execute("COMMIT")
+            return state
+
+        return await self._cluster_call(cancel)
+
+    async def _cancel_requests(self, owner: str, run_ids: list[str]) -> set[str]:
+        def requested(conn: sqlite3.Connection) -> set[str]:
+            found: set[str] = set()
+            for start in range(0, len(run_ids), 500):
+                chunk = run_ids[start : start + 500]
+                found.update(
+                    run_id
+                    for (run_id,) in conn.execute(
+                        "SELECT id FROM anyservice_runs JOIN anyservice_cancels ON run_id = id"
+                        f" WHERE lease_owner = ? AND id IN ({', '.join('?' * len(chunk))})",
+                        (owner, *chunk),
+                    )
+                )
+            return found
+
+        return await self._cluster_call(requested)
+
+    async def _end_cancelled(self, owner: str, run_id: str) -> bool:
+        def end(conn: sqlite3.Connection) -> bool:
+            conn.execute("BEGIN IMMEDIATE")
+            done = (
+                conn.execute(
+                    "UPDATE anyservice_runs SET state = 'CANCELLED', finished_at = ?,"
+                    " lease_owner = NULL, lease_expires_at = NULL"
+                    " WHERE id = ? AND state = 'RUNNING' AND lease_owner = ?",
+                    (self._clock(), run_id, owner),
+                ).rowcount
+                == 1
+            )
+            if done:
+                conn.execute("DELETE FROM anyservice_cancels WHERE run_id = ?", (run_id,))
+            conn.execute("COMMIT")
+            return done
+
+        return await self._cluster_call(end)
+
+    async def _purge(self, before: float) -> int:
+        def purge(conn: sqlite3.Connection) -> int:
+            conn.execute("BEGIN IMMEDIATE")
+            gone = (
+                f"SELECT id FROM anyservice_runs WHERE state IN ({_FINISHED}) AND finished_at < ?"
+            )
+            for table, column in (
+                ("anyservice_keys", "run_id"),
+                ("anyservice_cancels", "run_id"),
+            ):
+                conn.execute(f"DELETE FROM {table} WHERE {column} IN ({gone})", (before,))
+            # A tick stays (so it is never stored again), without its run.
+            conn.execute(
+                f"UPDATE anyservice_ticks SET run_id = NULL WHERE run_id IN ({gone})", (before,)
+            )
+            count = conn.execute(
+                f"DELETE FROM anyservice_runs WHERE state IN ({_FINISHED}) AND finished_at < ?",
+                (before,),
+            ).rowcount
+            conn.execute("COMMIT")
+            return count
+
+        return await self._cluster_call(purge)
 
 
 def _read_lease(conn: sqlite3.Connection, name: str) -> Lease | None:
