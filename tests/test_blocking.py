@@ -6,6 +6,7 @@ blocks; they assert what is reported, never how fast.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import re
 import threading
@@ -126,10 +127,22 @@ async def test_a_crash_beside_it_still_ends_the_thread() -> None:
     assert watchdog_threads() == []
 
 
-@pytest.mark.parametrize("bad", [0, -1, float("nan"), float("inf"), True, "1"])
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), float("inf"), "-1"])
 def test_a_bad_threshold_is_refused(bad: object) -> None:
     with pytest.raises(ValueError, match="threshold must be a finite number of seconds > 0"):
         BlockingDetector(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", [True, None, [1]])
+def test_a_threshold_that_is_not_a_duration_is_a_type_error(bad: object) -> None:
+    with pytest.raises(TypeError, match="threshold must be a number of seconds"):
+        BlockingDetector(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("given", "seconds"), [(dt.timedelta(milliseconds=250), 0.25), ("2", 2.0)])
+def test_a_threshold_may_be_a_timedelta_or_a_numeric_string(given: object, seconds: float) -> None:
+    detector = BlockingDetector(given)  # type: ignore[arg-type]
+    assert (detector.threshold, detector.period) == (seconds, seconds / 4)
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])

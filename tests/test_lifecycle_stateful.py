@@ -75,7 +75,7 @@ IDLE_SECONDS = {Kind.BUSY: 0.01, Kind.STUBBORN: 0.005}
 POOL_KINDS = (Kind.IDLE, Kind.BUSY, Kind.STUBBORN)
 
 
-class Worker(Service):
+class Worker(Service, overrides=("run",)):
     """A service that counts its hooks, its resource's enters and exits, and its runs."""
 
     def __init__(self, name: str, kind: Kind) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import signal
@@ -51,10 +52,17 @@ def test_name_is_the_class_name() -> None:
     assert Counting(name="cleanup").name == "cleanup"
 
 
-@pytest.mark.parametrize("bad", [0, -1, float("nan"), float("inf")])
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), float("inf"), "soon"])
 def test_bad_loop_seconds_is_refused(bad: float) -> None:
-    with pytest.raises(ValueError, match="loop_seconds must be a finite number of seconds > 0"):
+    with pytest.raises(ValueError, match="loop_seconds must be a"):
         Counting(loop_seconds=bad)
+
+
+@pytest.mark.parametrize(("given", "seconds"), [(dt.timedelta(minutes=2), 120.0), ("0.5", 0.5)])
+def test_loop_seconds_may_be_a_timedelta_or_a_numeric_string(
+    given: dt.timedelta | str, seconds: float
+) -> None:
+    assert Counting(loop_seconds=given).loop_seconds == seconds
 
 
 async def test_start_with_loops_returns_stopped_after_n_runs() -> None:
@@ -152,8 +160,12 @@ async def test_stop_block_from_inside_run_once_does_not_deadlock() -> None:
 
 
 async def test_start_rejects_a_bad_loops_count() -> None:
-    with pytest.raises(ValueError, match="loops must be a positive int or None"):
+    with pytest.raises(ValueError, match="Counting: loops must be an int >= 1, got 0"):
         await Counting().start(loops=0)
+    with pytest.raises(TypeError, match="Counting: loops must be an int, got '3'"):
+        await Counting().start(loops="3")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="loops must be an int <= 2147483647"):
+        await Counting().start(loops=2**63)
 
 
 async def test_signals_stop_it_gracefully_when_enabled() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import random
 
@@ -62,20 +63,28 @@ def test_time_going_backwards_is_refused_loudly() -> None:
 
 @pytest.mark.parametrize("now", [math.nan, math.inf])
 def test_now_must_be_finite(now: float) -> None:
-    with pytest.raises(ValueError, match="finite"):
+    with pytest.raises(ValueError, match=f"^now must be a finite clock reading, got {now!r}$"):
         RestartIntensity(2, within=10.0).allow(now)
+
+
+def test_now_must_be_a_number() -> None:
+    with pytest.raises(TypeError, match=r"^now must be a clock reading in seconds, got '5'$"):
+        RestartIntensity(2, within=10.0).allow("5")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
     ("max_restarts", "within", "error", "message"),
     [
-        (-1, 1.0, ValueError, "max_restarts must be >= 0, got -1"),
+        (-1, 1.0, ValueError, "max_restarts must be an int >= 0, got -1"),
+        (2**31, 1.0, ValueError, "max_restarts must be an int <= 2147483647, got 2147483648"),
         (1.5, 1.0, TypeError, "max_restarts must be an int, got 1.5"),
         (True, 1.0, TypeError, "max_restarts must be an int"),
         (1, 0, ValueError, "within must be a finite number of seconds > 0, got 0"),
         (1, -5.0, ValueError, "within .* got -5.0"),
         (1, math.inf, ValueError, "within .* got inf"),
-        (1, "5", TypeError, "within must be a number"),
+        (1, "five", ValueError, "within must be a number of seconds, got the string 'five'"),
+        (1, [5], TypeError, "within must be a number of seconds"),
+        (1, 1e-7, ValueError, "within must be at least 1e-06 seconds, got 1e-07"),
     ],
 )
 def test_bad_intensity_parameters_are_refused(
@@ -190,22 +199,46 @@ def test_a_fixed_jitter_sample_must_be_in_the_unit_interval(sample: float) -> No
 
 
 @pytest.mark.parametrize(
-    ("attempt", "error"), [(0, ValueError), (-1, ValueError), (1.0, TypeError)]
+    ("attempt", "error", "message"),
+    [
+        (0, ValueError, "attempt must be an int >= 1, got 0"),
+        (-1, ValueError, "attempt must be an int >= 1, got -1"),
+        (1.0, TypeError, "attempt must be an int, got 1.0"),
+    ],
 )
-def test_attempts_count_from_one(attempt: int, error: type[Exception]) -> None:
-    with pytest.raises(error, match="attempt"):
+def test_attempts_count_from_one(attempt: int, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=f"^{message}$"):
         Backoff().delay(attempt)
+
+
+def test_attempts_have_no_upper_bound() -> None:
+    assert Backoff(initial=1.0, maximum=5.0).delay(2**40) == 5.0
+
+
+def test_full_jitter_can_take_the_whole_delay_off() -> None:
+    backoff = Backoff(initial=1.0, jitter=1.0)
+    assert backoff.delay(1, rng=0.5) == 0.5
+    assert backoff.delay(1, rng=0.0) == 1.0
+
+
+def test_no_jitter_draws_no_random_number() -> None:
+    random.seed(5)
+    expected = random.random()
+    random.seed(5)
+    assert Backoff(initial=1.0).delay(1) == 1.0
+    assert random.random() == expected
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"initial": -1.0}, "initial must be a finite number >= 0, got -1.0"),
+        ({"initial": -1.0}, "initial must be a finite number of seconds >= 0, got -1.0"),
         ({"initial": math.nan}, "initial .* got nan"),
         ({"factor": 0.5}, "factor must be >= 1, got 0.5"),
         ({"factor": math.inf}, "factor .* got inf"),
         ({"initial": 10.0, "maximum": 5.0}, r"maximum \(5.0\) must be >= initial \(10.0\)"),
-        ({"jitter": 1.5}, "jitter must be between 0 and 1, got 1.5"),
+        ({"maximum": -1.0}, r"^maximum must be a finite number of seconds >= 0, got -1.0$"),
+        ({"jitter": 1.5}, "jitter must be <= 1, got 1.5"),
         ({"jitter": -0.1}, "jitter .* got -0.1"),
     ],
 )
@@ -216,7 +249,20 @@ def test_bad_backoff_parameters_are_refused(kwargs: dict[str, float], message: s
 
 def test_backoff_parameters_must_be_numbers() -> None:
     with pytest.raises(TypeError, match="initial must be a number"):
-        Backoff(initial="1")  # type: ignore[arg-type]
+        Backoff(initial=[1])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="factor must be a number, got '2'"):
+        Backoff(factor="2")  # type: ignore[arg-type]
+
+
+def test_backoff_durations_may_be_timedeltas_or_numeric_strings() -> None:
+    backoff = Backoff(initial=dt.timedelta(milliseconds=250), maximum="4")  # type: ignore[arg-type]
+    assert (backoff.initial, backoff.maximum) == (0.25, 4.0)
+    assert backoff.delay(3) == 1.0
+
+
+def test_a_restart_window_may_be_a_timedelta_or_a_numeric_string() -> None:
+    assert RestartIntensity(1, dt.timedelta(minutes=1)).within == 60.0
+    assert RestartIntensity(1, "2.5").within == 2.5
 
 
 backoffs = st.builds(

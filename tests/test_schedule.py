@@ -6,6 +6,7 @@ import datetime as dt
 import functools
 import itertools
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
@@ -32,20 +33,39 @@ NEW_YORK = ZoneInfo("America/New_York")
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("value", [1, 0.5, 1e-9, 10**6])
+@pytest.mark.parametrize("value", [1, 0.5, 1e-6, 10**6])
 def test_check_interval_returns_a_float(value: float) -> None:
     assert check_interval(value) == float(value)
     assert type(check_interval(value)) is float
 
 
-@pytest.mark.parametrize("value", [0, 0.0, -1, -0.5, math.nan, math.inf, -math.inf, 10**400])
-def test_check_interval_rejects_bad_values_naming_them(value: float) -> None:
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [(dt.timedelta(milliseconds=1500), 1.5), ("1.5", 1.5), (" 2 ", 2.0), ("1e-3", 0.001)],
+)
+def test_check_interval_takes_timedeltas_and_numeric_strings(value: object, seconds: float) -> None:
+    assert check_interval(value) == seconds
+
+
+@pytest.mark.parametrize("value", [0, 0.0, -1, -0.5, math.nan, math.inf, -math.inf, "nan", "-1"])
+def test_check_interval_rejects_bad_values_naming_them(value: object) -> None:
     with pytest.raises(ValueError, match="loop_seconds must be a finite number") as info:
         check_interval(value, "loop_seconds")
     assert repr(value) in str(info.value)
 
 
-@pytest.mark.parametrize("value", [True, "1", None, dt.timedelta(seconds=1), 1j])
+def test_check_interval_names_an_int_too_large_for_a_float() -> None:
+    with pytest.raises(ValueError, match=r"loop_seconds .* got 1000.*\(too large for a float\)"):
+        check_interval(10**400, "loop_seconds")
+
+
+@pytest.mark.parametrize("value", [1e-7, 1e-21, 5e-324, "1e-9"])
+def test_check_interval_refuses_intervals_below_one_microsecond(value: object) -> None:
+    with pytest.raises(ValueError, match=r"@timer interval must be at least 1e-06 seconds"):
+        check_interval(value, "@timer interval")
+
+
+@pytest.mark.parametrize("value", [True, None, [1], 1j, b"1"])
 def test_check_interval_rejects_non_numbers(value: object) -> None:
     with pytest.raises(TypeError, match="interval must be a number"):
         check_interval(value)
@@ -88,6 +108,11 @@ def test_interval_schedule_rejects_a_start_that_is_not_finite(start: float) -> N
 def test_first_tick_is_one_interval_after_start() -> None:
     schedule = IntervalSchedule(2.0, start=10.0)
     assert (schedule.index, schedule.due) == (1, 12.0)
+
+
+def test_interval_schedule_repr_shows_its_grid() -> None:
+    schedule = IntervalSchedule(2.0, start=10.0, policy="burst")
+    assert repr(schedule) == "IntervalSchedule(2.0, anchor=10.0, index=1, policy='burst')"
 
 
 def test_exec_first_fires_the_first_tick_at_start() -> None:
@@ -143,8 +168,18 @@ def test_advance_rejects_a_finish_before_the_start() -> None:
 
 def test_advance_rejects_readings_that_are_not_finite() -> None:
     schedule = IntervalSchedule(1.0, start=0.0)
-    with pytest.raises(ValueError, match="finished_at"):
+    with pytest.raises(ValueError, match=r"^finished_at must be a finite clock reading, got nan$"):
         schedule.advance(1.0, math.nan)
+    with pytest.raises(ValueError, match=r"^started_at must be a finite clock reading, got inf$"):
+        schedule.advance(math.inf, 1.0)
+
+
+def test_a_far_away_finish_is_found_at_once_not_by_walking_the_grid() -> None:
+    # Ten billion grid points passed: a step-by-step search would hang the timer's loop.
+    schedule = IntervalSchedule(1e-3, start=0.0, policy="skip")
+    outcome = schedule.advance(0.001, 1e7 + 0.0005)
+    assert schedule.index == 10**10 + 1
+    assert outcome.missed == 10**10 - 1
 
 
 def test_no_drift_after_a_million_on_time_ticks() -> None:
@@ -159,6 +194,43 @@ def test_no_drift_after_a_million_on_time_ticks() -> None:
     assert schedule.due == start + (10**6 + 1) * interval
     # The same schedule kept by repeated addition is off by now: the test can see drift.
     assert accumulated != schedule.due
+
+
+# (moment, index): the quotient (moment - anchor) / interval rounds to one grid point too
+# few in the first case and one too many in the second (where the moment is exactly grid
+# point `index`), so the grid search must correct it.
+ROUNDED_QUOTIENTS = [(13948.100000000002, 139481), (79792.80000000002, 797927)]
+
+
+@pytest.mark.parametrize(("moment", "index"), ROUNDED_QUOTIENTS)
+def test_skip_corrects_a_rounded_quotient_to_the_first_grid_point_not_passed(
+    moment: float, index: int
+) -> None:
+    schedule = IntervalSchedule(0.1, start=0.1, policy="skip")
+    outcome = schedule.advance(0.2, moment)
+    assert schedule.index == index
+    assert schedule.due == 0.1 + index * 0.1
+    assert schedule.due >= moment > 0.1 + (index - 1) * 0.1
+    assert outcome == TickOutcome(lateness=0.0, overran=True, missed=index - 2)
+
+
+@pytest.mark.parametrize(("moment", "index"), ROUNDED_QUOTIENTS)
+def test_delay_counts_the_passed_points_across_a_rounded_quotient(
+    moment: float, index: int
+) -> None:
+    schedule = IntervalSchedule(0.1, start=0.1, policy="delay")
+    outcome = schedule.advance(0.2, moment)
+    # Grid points 2 .. index - 1 passed, and index too when the body ended exactly on it
+    # (the second case); the immediate tick stands in for one of them.
+    passed = index - 2 + int(0.1 + index * 0.1 == moment)
+    assert outcome == TickOutcome(lateness=0.0, overran=True, missed=passed - 1)
+    assert (schedule.anchor, schedule.index, schedule.due) == (moment, 0, moment)
+
+
+def test_delay_drops_a_grid_point_the_body_ended_exactly_on() -> None:
+    schedule = IntervalSchedule(1.0, start=0.0, policy="delay")
+    # Tick 1 ran from 1 to 4: points 2, 3 and 4 passed (4 at the very end), one stands in.
+    assert schedule.advance(1.0, 4.0) == TickOutcome(lateness=0.0, overran=True, missed=2)
 
 
 # ---------------------------------------------------------------------------------------
@@ -361,8 +433,31 @@ def test_cron_expression_matching_no_date_is_refused_at_construction() -> None:
 
 
 def test_cron_expression_must_be_a_string() -> None:
-    with pytest.raises(TypeError, match="must be a string, got int"):
+    with pytest.raises(TypeError, match=r"^cron expression must be a string, got int$"):
         CronSchedule(5)  # type: ignore[arg-type]
+
+
+def test_a_year_field_in_the_past_is_accepted_until_asked_for_a_fire_time() -> None:
+    # Only fires at the very first second of 1990: probed from just before it.
+    schedule = CronSchedule("0 0 1 1 * 0 1990")
+    assert schedule.next_after(dt.datetime(1989, 6, 1, tzinfo=UTC)) == dt.datetime(
+        1990, 1, 1, tzinfo=UTC
+    )
+    with pytest.raises(ValueError, match="never fires after 1990-01-01T00:00:00"):
+        schedule.next_after(dt.datetime(1990, 1, 1, tzinfo=UTC))
+
+
+def test_a_star_year_field_fires_every_year() -> None:
+    schedule = CronSchedule("0 0 1 1 * 0 *")
+    assert schedule.next_after(dt.datetime(2030, 6, 1, tzinfo=UTC)) == dt.datetime(
+        2031, 1, 1, tzinfo=UTC
+    )
+
+
+def test_delay_until_next_can_be_less_than_a_second() -> None:
+    schedule = CronSchedule("*/5 * * * *")
+    now = dt.datetime(2024, 1, 1, 10, 4, 59, 750000, tzinfo=UTC)
+    assert schedule.delay_until_next(now) == 0.25
 
 
 @pytest.mark.parametrize("name", ["Mars/Olympus_Mons", "europe/paris", "", "../etc/passwd"])
@@ -372,9 +467,57 @@ def test_unknown_timezone_raises_value_error_naming_it(name: str) -> None:
     assert repr(name) in str(info.value)
 
 
+def test_a_timezone_missing_from_the_database_suggests_tzdata() -> None:
+    message = (
+        "unknown timezone 'Mars/Olympus_Mons': not in the IANA time zone database "
+        "(is the tzdata package installed?)"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        CronSchedule("* * * * *", timezone="Mars/Olympus_Mons")
+
+
 def test_timezone_of_the_wrong_type_raises_type_error() -> None:
-    with pytest.raises(TypeError, match="timezone"):
+    message = "timezone must be an IANA name, a tzinfo or None, got int"
+    with pytest.raises(TypeError, match=f"^{message}$"):
         CronSchedule("* * * * *", timezone=2)  # type: ignore[arg-type]
+
+
+class NoOffsetAfter2010(dt.tzinfo):
+    """A broken tzinfo: no UTC offset from 2010 on."""
+
+    def utcoffset(self, moment: dt.datetime | None) -> dt.timedelta | None:
+        return None if moment is not None and moment.year >= 2010 else dt.timedelta(0)
+
+    def dst(self, moment: dt.datetime | None) -> dt.timedelta | None:
+        return dt.timedelta(0)
+
+    def tzname(self, moment: dt.datetime | None) -> str:
+        return "broken"
+
+    def fromutc(self, moment: dt.datetime) -> dt.datetime:
+        return moment
+
+
+class NoOffset(NoOffsetAfter2010):
+    def utcoffset(self, moment: dt.datetime | None) -> dt.timedelta | None:
+        return None
+
+
+def test_a_tzinfo_that_gives_no_offset_is_refused() -> None:
+    zone = NoOffset()
+    with pytest.raises(ValueError, match=f"^timezone {re.escape(repr(zone))} gives no UTC offset$"):
+        CronSchedule("* * * * *", timezone=zone)
+
+
+def test_a_tzinfo_that_stops_giving_offsets_is_named_when_it_does() -> None:
+    schedule = CronSchedule("0 * * * *", timezone=NoOffsetAfter2010())
+    with pytest.raises(ValueError, match=r"has a tzinfo that gives no UTC offset$"):
+        schedule.next_after(dt.datetime(2020, 1, 1, tzinfo=UTC))
+
+
+def test_a_moment_that_is_not_a_datetime_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match=r"^moment must be a datetime, got date$"):
+        CronSchedule("* * * * *").next_after(dt.date(2024, 1, 1))  # type: ignore[arg-type]
 
 
 def test_naive_moment_raises_value_error() -> None:

@@ -6,6 +6,7 @@ import itertools
 import logging
 
 import anyio
+import anyio.lowlevel
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -163,8 +164,9 @@ async def test_beyond_the_intensity_the_supervisor_crashes_with_the_child_error_
     ) as info:
         await run_supervisor(supervisor, 100)
     error = info.value.exceptions[0]
-    assert isinstance(error.__cause__, BaseExceptionGroup)
-    assert isinstance(error.__cause__.exceptions[0], ConnectionError)
+    # The child's own error, its crash_reason, not the group its task group raised.
+    assert isinstance(error.__cause__, ConnectionError)
+    assert error.__cause__ is crasher.crash_reason
     assert crasher.restart_count == 3
     assert supervisor.state is ServiceState.CRASHED
     assert anyio.current_time() == pytest.approx(2.0)
@@ -390,3 +392,72 @@ def test_bad_monitoring_interval_is_refused_when_the_class_is_defined() -> None:
 
             async def healthcheck(self) -> None:
                 pass
+
+
+# ------------------------------------------------------------------ start and stop races
+
+
+class SlowStarter(Service):
+    """Takes ``seconds`` in ``on_start``, so a stop can land while it starts."""
+
+    def __init__(self, name: str, seconds: float = 1.0) -> None:
+        super().__init__(name=name)
+        self.seconds = seconds
+        self.stops = 0
+
+    async def on_start(self) -> None:
+        await anyio.sleep(self.seconds)
+
+    async def on_stop(self) -> None:
+        self.stops += 1
+
+
+async def test_a_supervisor_stopped_as_soon_as_it_runs_stops_cleanly() -> None:
+    a, b = Worker("a", []), Worker("b", [])
+    supervisor = Supervisor(a, b)
+    async with supervisor:
+        pass
+    assert supervisor.state is ServiceState.STOPPED
+    assert (a.state, b.state) == (ServiceState.STOPPED, ServiceState.STOPPED)
+    assert supervisor.crash_reason is None
+
+
+async def test_a_supervisor_stopped_after_one_checkpoint_stops_cleanly() -> None:
+    supervisor = Supervisor(Worker("a", []), Worker("b", []))
+    async with supervisor:
+        await anyio.lowlevel.checkpoint()
+    assert supervisor.state is ServiceState.STOPPED
+
+
+async def test_async_with_a_supervisor_returns_once_every_child_is_running() -> None:
+    first, second = SlowStarter("first", 1), SlowStarter("second", 2)
+    async with Supervisor(first, second) as supervisor:
+        assert supervisor.state is ServiceState.RUNNING
+        assert (first.state, second.state) == (ServiceState.RUNNING, ServiceState.RUNNING)
+        # In order: the second started once the first was RUNNING.
+        assert anyio.current_time() == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("stop_at", [0.0, 0.5, 1.0, 1.5, 2.5, 3.0])
+async def test_a_stop_at_any_moment_of_the_start_is_a_clean_stop(stop_at: float) -> None:
+    first, second = SlowStarter("first", 1), SlowStarter("second", 2)
+    supervisor = Supervisor(first, second)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(supervisor.run)
+        await anyio.sleep(stop_at)
+        assert await supervisor.stop() is True
+    assert supervisor.state is ServiceState.STOPPED
+    assert supervisor.crash_reason is None
+    for child in (first, second):
+        assert child.state in (ServiceState.INIT, ServiceState.STOPPED), (child, stop_at)
+        assert child.crash_reason is None
+
+
+async def test_supervisor_error_cause_is_the_childs_own_exception() -> None:
+    crasher = Worker("crasher", [], crash_after=1)
+    supervisor = Supervisor(crasher, max_restarts=0, backoff=NO_BACKOFF)
+    with pytest.RaisesGroup(pytest.RaisesExc(SupervisorError)) as info:
+        await run_supervisor(supervisor, 10)
+    cause = info.value.exceptions[0].__cause__
+    assert type(cause) is ConnectionError
+    assert cause is crasher.crash_reason

@@ -315,13 +315,44 @@ async def test_itertimer_rejects_a_bad_interval() -> None:
         (-1.0, ValueError),
         (float("nan"), ValueError),
         (float("inf"), ValueError),
-        ("1", TypeError),
+        ("one", ValueError),
+        (10**400, ValueError),
+        ([1], TypeError),
         (True, TypeError),
     ],
 )
 def test_bad_interval_raises_at_decoration(interval: object, error: type[Exception]) -> None:
     with pytest.raises(error, match="@timer interval"):
         timer(interval)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("interval", [1e-21, 5e-324, 9.99e-7])
+def test_an_interval_below_one_microsecond_is_refused_at_decoration(interval: float) -> None:
+    # Finer grid points than a clock reading can tell apart would spin the next-tick search.
+    with pytest.raises(ValueError, match="@timer interval must be at least 1e-06 seconds"):
+
+        class Tiny(Service):
+            @timer(interval)
+            async def tick(self) -> None:
+                pass
+
+
+async def test_a_timer_interval_may_be_a_timedelta_or_a_numeric_string() -> None:
+    seen: list[float] = []
+
+    class Mixed(Service):
+        shutdown_timeout = 0.0
+
+        @timer(datetime.timedelta(milliseconds=1500))  # type: ignore[arg-type]
+        async def by_timedelta(self) -> None:
+            seen.append(1.5)
+
+        @timer("2")  # type: ignore[arg-type]
+        async def by_string(self) -> None:
+            seen.append(2.0)
+
+    await run_for(Mixed(), 4.5)
+    assert sorted(seen) == [1.5, 1.5, 1.5, 2.0, 2.0]
 
 
 def test_bad_policy_and_on_error_raise_at_decoration() -> None:

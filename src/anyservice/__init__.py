@@ -5,12 +5,15 @@ inside and crashes are scope operations with deadlines, never polled flags.
 """
 
 from ._blocking import BlockingDetector as BlockingDetector
-from ._decorators import requirements as requirements
-from ._decorators import task as task
-from ._diag import Diag as Diag
-from ._diag import transitions_to as transitions_to
-from ._health import Health as Health
-from ._health import UnhealthyError as UnhealthyError
+from ._core import Diag as Diag
+from ._core import Health as Health
+from ._core import Service as Service
+from ._core import ServiceError as ServiceError
+from ._core import ServiceState as ServiceState
+from ._core import UnhealthyError as UnhealthyError
+from ._core import requirements as requirements
+from ._core import task as task
+from ._core import transitions_to as transitions_to
 from ._loop_service import LoopService as LoopService
 from ._loop_service import run_services as run_services
 from ._restart import Backoff as Backoff
@@ -18,14 +21,11 @@ from ._runner import run as run
 from ._schedule import CronSchedule as CronSchedule
 from ._schedule import IntervalSchedule as IntervalSchedule
 from ._schedule import MissedTickPolicy as MissedTickPolicy
-from ._service import Service as Service
-from ._state import ServiceError as ServiceError
-from ._state import ServiceState as ServiceState
+from ._schedule import TimerStats as TimerStats
 from ._supervisor import RestartType as RestartType
 from ._supervisor import Strategy as Strategy
 from ._supervisor import Supervisor as Supervisor
 from ._supervisor import SupervisorError as SupervisorError
-from ._timers import TimerStats as TimerStats
 from ._timers import crontab as crontab
 from ._timers import timer as timer
 

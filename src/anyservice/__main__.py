@@ -18,8 +18,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Literal, cast
 
+from ._core import Service
 from ._runner import run
-from ._service import Service
 
 __all__ = ["main"]
 

@@ -10,7 +10,6 @@ stack comes from ``sys._current_frames()``, so the same code serves asyncio and 
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import threading
 import time
@@ -20,8 +19,8 @@ from contextlib import contextmanager
 
 import anyio
 
-from ._decorators import task
-from ._service import Service
+from ._checks import MIN_INTERVAL, Seconds, check_seconds
+from ._core import Service, task
 
 __all__ = ["WATCHDOG_THREAD_NAME", "BlockingDetector"]
 
@@ -46,26 +45,21 @@ class BlockingDetector(Service):
 
     It measures real time: under a virtual clock its heartbeat would spin the clock.
 
+    ``threshold`` is a duration: seconds, a ``timedelta`` or a numeric string.
+
     Raises:
-        ValueError: if ``threshold`` is not a finite number of seconds > 0.
+        TypeError: if ``threshold`` is not a duration.
+        ValueError: if ``threshold`` is not a finite number of seconds, at least one
+            microsecond.
     """
 
     # Its start and stop are not news: it says it is watching in one INFO line.
     lifecycle_log_level = logging.DEBUG
     shutdown_timeout = 1.0
 
-    def __init__(self, threshold: float, *, name: str | None = None) -> None:
+    def __init__(self, threshold: Seconds, *, name: str | None = None) -> None:
         super().__init__(name=name)
-        if (
-            isinstance(threshold, bool)
-            or not isinstance(threshold, int | float)
-            or not math.isfinite(threshold)
-            or threshold <= 0
-        ):
-            raise ValueError(
-                f"{self.name}: threshold must be a finite number of seconds > 0, got {threshold!r}"
-            )
-        self.threshold = float(threshold)
+        self.threshold = check_seconds(threshold, f"{self.name}: threshold", minimum=MIN_INTERVAL)
         #: How often the heartbeat beats and the watchdog looks: often enough to see a block
         #: soon after it passes the threshold.
         self.period = self.threshold / 4

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Sequence
+from typing import Any
 
 import anyio
 import anyio.abc
 
-from ._schedule import MissedTickPolicy, TickOutcome, check_interval
-from ._service import Service
-from ._timers import TimerSpec, TimerStats
+from ._checks import Seconds, check_optional_count
+from ._core import Host, Service
+from ._schedule import MissedTickPolicy, TickOutcome, TimerStats, check_interval
+from ._timers import TimerSpec
 
 __all__ = ["LoopService", "run_services"]
 
@@ -38,11 +40,11 @@ class _LoopSpec(TimerSpec):
         )
         self.name = "run_once"
 
-    async def call(self, service: Service) -> None:
+    async def call(self, service: Host) -> None:
         assert isinstance(service, LoopService)
         await service.run_once()
 
-    def interval_for(self, service: Service) -> float:
+    def interval_for(self, service: Host) -> float:
         assert isinstance(service, LoopService)
         return service.loop_seconds
 
@@ -50,7 +52,7 @@ class _LoopSpec(TimerSpec):
         return TimerStats()
 
     def report_overrun(
-        self, service: Service, stats: TimerStats, duration: float, outcome: TickOutcome
+        self, service: Host, stats: TimerStats, duration: float, outcome: TickOutcome
     ) -> None:
         assert isinstance(service, LoopService)
         service.log.warning(
@@ -60,7 +62,7 @@ class _LoopSpec(TimerSpec):
             service.loop_seconds,
         )
 
-    async def after_tick(self, service: Service) -> None:
+    async def after_tick(self, service: Host) -> None:
         assert isinstance(service, LoopService)
         service.loops_run += 1
         if service._loops is not None and service.loops_run >= service._loops:
@@ -85,7 +87,7 @@ class LoopService(Service):
 
     def __init__(
         self,
-        loop_seconds: float | None = None,
+        loop_seconds: Seconds | None = None,
         handle_signals: bool = False,
         *,
         name: str | None = None,
@@ -101,7 +103,7 @@ class LoopService(Service):
         #: How many times ``run_once`` ran since the last start.
         self.loops_run = 0
 
-    def __init_subclass__(cls, **kwargs: object) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         # Every LoopService runs the loop, whatever else its subclass decorates.
         cls._background_specs = (_LOOP, *cls._background_specs)
@@ -121,14 +123,11 @@ class LoopService(Service):
         """Run the loop until stopped, or for ``loops`` runs; returns with the service STOPPED.
 
         Raises:
-            ValueError: if ``loops`` is not a positive int or None.
+            TypeError: if ``loops`` is not an int or None.
+            ValueError: if ``loops`` is below 1 or above ``MAX_COUNT``.
             BaseExceptionGroup: if the service crashed.
         """
-        if loops is not None and (
-            isinstance(loops, bool) or not isinstance(loops, int) or loops < 1
-        ):
-            raise ValueError(f"{self.name}: loops must be a positive int or None, got {loops!r}")
-        self._loops = loops
+        self._loops = check_optional_count(loops, f"{self.name}: loops", minimum=1)
         if self.handle_signals:
             await run_services(self, handle_signals=True)
         else:

@@ -5,12 +5,11 @@ Nothing here sleeps or reads a clock: the supervisor passes monotonic clock read
 
 from __future__ import annotations
 
-import math
-import numbers
 import random
 from collections import deque
 from dataclasses import dataclass
 
+from ._checks import Seconds, check_clock_reading, check_count, check_number, check_seconds
 from ._schedule import check_interval
 
 __all__ = ["Backoff", "RestartIntensity"]
@@ -26,25 +25,23 @@ class RestartIntensity:
 
     __slots__ = ("_max_restarts", "_recent", "_within")
 
-    def __init__(self, max_restarts: int, within: float) -> None:
+    def __init__(self, max_restarts: int, within: Seconds) -> None:
         """Create an empty restart history.
 
         Args:
             max_restarts: Restarts allowed per window; 0 means never restart.
-            within: The window length in seconds.
+            within: The window length in seconds (or a ``timedelta``, or a numeric string).
 
         Raises:
-            TypeError: If ``max_restarts`` is not an int or ``within`` is not a number.
-            ValueError: If ``max_restarts`` is negative or ``within`` is not finite and > 0.
+            TypeError: If ``max_restarts`` is not an int or ``within`` is not a duration.
+            ValueError: If ``max_restarts`` is negative or above ``MAX_COUNT``, or ``within``
+                is not finite and at least one microsecond.
         """
-        if isinstance(max_restarts, bool) or not isinstance(max_restarts, int):
-            raise TypeError(f"max_restarts must be an int, got {max_restarts!r}")
-        if max_restarts < 0:
-            raise ValueError(f"max_restarts must be >= 0, got {max_restarts!r}")
-        self._max_restarts = max_restarts
+        self._max_restarts = check_count(max_restarts, "max_restarts")
         self._within = check_interval(within, "within")
-        # Only the newest max_restarts restarts can ever decide a refusal.
-        self._recent: deque[float] = deque(maxlen=max_restarts)
+        # Only the newest max_restarts restarts can ever decide a refusal. (The bound only
+        # saves memory: an unbounded history would give the same answers.)
+        self._recent: deque[float] = deque(maxlen=self._max_restarts)  # pragma: no mutate
 
     def __repr__(self) -> str:
         return (
@@ -70,10 +67,10 @@ class RestartIntensity:
             nothing is recorded.
 
         Raises:
+            TypeError: If ``now`` is not a number.
             ValueError: If ``now`` is not finite or is earlier than a recorded restart.
         """
-        if not math.isfinite(now):
-            raise ValueError(f"now must be a finite clock reading, got {now!r}")
+        now = check_clock_reading(now, "now")
         recent = self._recent
         if recent and now < recent[-1]:
             raise ValueError(f"now ({now!r}) is before the last restart ({recent[-1]!r})")
@@ -89,15 +86,6 @@ class RestartIntensity:
         self._recent.clear()
 
 
-def _check_non_negative(value: object, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{what} must be a number, got {value!r}")
-    number = float(value)
-    if not math.isfinite(number) or number < 0:
-        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
-    return number
-
-
 @dataclass(frozen=True, slots=True)
 class Backoff:
     """Exponential backoff between consecutive restarts, capped, with optional jitter.
@@ -106,8 +94,10 @@ class Backoff:
     seconds, minus up to ``jitter`` of that at random, so jitter never exceeds the cap and
     spreads restarts of many services that failed together. ``initial=0`` means no backoff.
 
+    ``initial`` and ``maximum`` are durations: seconds, a ``timedelta`` or a numeric string.
+
     Raises:
-        TypeError: If a parameter is not a number.
+        TypeError: If a parameter is not a number (or, for the durations, a duration).
         ValueError: Unless ``initial >= 0``, ``factor >= 1``, ``maximum >= initial`` (all
             finite) and ``0 <= jitter <= 1``.
     """
@@ -118,14 +108,16 @@ class Backoff:
     jitter: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("initial", "factor", "maximum", "jitter"):
-            object.__setattr__(self, name, _check_non_negative(getattr(self, name), name))
-        if self.factor < 1:
-            raise ValueError(f"factor must be >= 1, got {self.factor!r}")
+        checked = {
+            "initial": check_seconds(self.initial, "initial", allow_zero=True),
+            "factor": check_number(self.factor, "factor", minimum=1),
+            "maximum": check_seconds(self.maximum, "maximum", allow_zero=True),
+            "jitter": check_number(self.jitter, "jitter", minimum=0, maximum=1),
+        }
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
         if self.maximum < self.initial:
             raise ValueError(f"maximum ({self.maximum!r}) must be >= initial ({self.initial!r})")
-        if self.jitter > 1:
-            raise ValueError(f"jitter must be between 0 and 1, got {self.jitter!r}")
 
     def delay(self, attempt: int, *, rng: random.Random | float | None = None) -> float:
         """Seconds to wait before the ``attempt``-th consecutive restart.
@@ -143,10 +135,7 @@ class Backoff:
             TypeError: If ``attempt`` is not an int.
             ValueError: If ``attempt`` < 1 or a fixed sample is outside [0, 1).
         """
-        if isinstance(attempt, bool) or not isinstance(attempt, int):
-            raise TypeError(f"attempt must be an int, got {attempt!r}")
-        if attempt < 1:
-            raise ValueError(f"attempt must be >= 1, got {attempt!r}")
+        attempt = check_count(attempt, "attempt", minimum=1, maximum=None)
         if self.initial == 0:
             return 0.0
         try:

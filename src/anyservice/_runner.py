@@ -18,7 +18,9 @@ import anyio
 import anyio.abc
 
 from ._blocking import BlockingDetector
-from ._service import _LOGGED, Service, _leaves
+from ._core import LOGGED as _LOGGED
+from ._core import Service
+from ._core import leaves as _leaves
 
 __all__ = ["run"]
 

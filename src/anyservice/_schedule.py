@@ -9,18 +9,20 @@ from __future__ import annotations
 import datetime
 import enum
 import math
-import numbers
 import zoneinfo
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from croniter import croniter
+
+from ._checks import MIN_INTERVAL, check_choice, check_clock_reading, check_seconds
 
 __all__ = [
     "CronSchedule",
     "IntervalSchedule",
     "MissedTickPolicy",
     "TickOutcome",
+    "TimerStats",
     "check_interval",
     "check_policy",
 ]
@@ -28,44 +30,29 @@ __all__ = [
 _UTC = datetime.UTC
 _ONE_SECOND = datetime.timedelta(seconds=1)
 _ONE_MICROSECOND = datetime.timedelta(microseconds=1)
+# A date to probe a timezone or a cron expression from: any date does, as long as it is
+# before any year a cron year field is likely to name.
+_PROBE_DATE = datetime.datetime(2000, 1, 1)  # pragma: no mutate
 
 
 def check_interval(value: object, what: str = "interval") -> float:
     """Validate a duration in seconds, such as a timer interval or ``loop_seconds``.
 
     Args:
-        value: The duration the user gave.
+        value: The duration the user gave: seconds as an int or float, a ``timedelta`` or a
+            numeric string (mode's ``Seconds``).
         what: The name to put in the error message, e.g. ``"loop_seconds"``.
 
     Returns:
-        ``value`` as a float: finite and strictly positive.
+        ``value`` as a float: finite and at least :data:`MIN_INTERVAL` (one microsecond).
 
     Raises:
-        TypeError: If ``value`` is not a real number (``bool`` is refused: ``True`` seconds is
+        TypeError: If ``value`` is not a duration (``bool`` is refused: ``True`` seconds is
             a bug, not a duration).
-        ValueError: If ``value`` is NaN, infinite, zero or negative.
+        ValueError: If ``value`` is NaN, infinite, below one microsecond (zero and negative
+            included), or a string that is not a number.
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{what} must be a number of seconds, got {value!r}")
-    try:
-        seconds = float(value)
-    except OverflowError:
-        raise ValueError(f"{what} must be a finite number of seconds, got {value!r}") from None
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(f"{what} must be a finite number of seconds > 0, got {value!r}")
-    return seconds
-
-
-def _check_clock_reading(value: object, what: str) -> float:
-    # advance() runs on every tick: spare plain finite floats the slower ABC check.
-    if type(value) is float and math.isfinite(value):
-        return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{what} must be a clock reading in seconds, got {value!r}")
-    reading = float(value)
-    if not math.isfinite(reading):
-        raise ValueError(f"{what} must be a finite clock reading, got {value!r}")
-    return reading
+    return check_seconds(value, what, minimum=MIN_INTERVAL)
 
 
 class MissedTickPolicy(enum.Enum):
@@ -91,13 +78,7 @@ def check_policy(value: MissedTickPolicy | str) -> MissedTickPolicy:
     Raises:
         ValueError: If ``value`` is neither a member nor the value of one.
     """
-    if isinstance(value, MissedTickPolicy):
-        return value
-    for policy in MissedTickPolicy:
-        if value == policy.value:
-            return policy
-    valid = ", ".join(repr(policy.value) for policy in MissedTickPolicy)
-    raise ValueError(f"missed-tick policy must be one of {valid}, got {value!r}")
+    return check_choice(value, "missed-tick policy", MissedTickPolicy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +130,7 @@ class IntervalSchedule:
                 ``policy`` is unknown.
         """
         self._interval = check_interval(interval)
-        self._anchor = _check_clock_reading(start, "start")
+        self._anchor = check_clock_reading(start, "start")
         self._policy = check_policy(policy)
         self._index = 0 if exec_first else 1
 
@@ -211,8 +192,8 @@ class IntervalSchedule:
         Raises:
             ValueError: If a reading is not finite or ``finished_at`` is before ``started_at``.
         """
-        started_at = _check_clock_reading(started_at, "started_at")
-        finished_at = _check_clock_reading(finished_at, "finished_at")
+        started_at = check_clock_reading(started_at, "started_at")
+        finished_at = check_clock_reading(finished_at, "finished_at")
         if finished_at < started_at:
             raise ValueError(f"finished_at ({finished_at!r}) is before started_at ({started_at!r})")
         ran = self._index
@@ -254,7 +235,7 @@ def _resolve_timezone(timezone: str | datetime.tzinfo | None) -> datetime.tzinfo
         raise TypeError(
             f"timezone must be an IANA name, a tzinfo or None, got {type(timezone).__name__}"
         )
-    if datetime.datetime(2000, 1, 1, tzinfo=tz).utcoffset() is None:
+    if _PROBE_DATE.replace(tzinfo=tz).utcoffset() is None:
         raise ValueError(f"timezone {timezone!r} gives no UTC offset")
     return tz
 
@@ -308,20 +289,22 @@ class CronSchedule:
             raise TypeError(f"cron expression must be a string, got {type(expression).__name__}")
         self._timezone = _resolve_timezone(timezone)
         try:
-            parsed = croniter(expression, datetime.datetime(2000, 1, 1))
+            parsed = croniter(expression)
         except ValueError as exc:
             raise ValueError(f"invalid cron expression {expression!r}: {exc}") from exc
         self._expression = expression
         expanded: list[list[int | str]] = parsed.expanded
+        # croniter writes a full list of hours as "*"; the set comparison is for releases
+        # that might list them instead.
         self._every_hour = expanded[1] == ["*"] or set(expanded[1]) == set(range(24))
         # A year field makes "never fires" depend on the year it is asked from; start the
         # probe just before the earliest year it names.
-        probe_from = datetime.datetime(2000, 1, 1)
+        probe_from = _PROBE_DATE
         if len(expanded) == 7 and expanded[6] != ["*"]:
             years = [int(year) for year in expanded[6]]
             probe_from = datetime.datetime(min(years), 1, 1) - _ONE_SECOND
         try:
-            croniter(expression, probe_from).get_next(datetime.datetime)
+            croniter(expression, probe_from).get_next()
         except ValueError as exc:
             raise ValueError(f"cron expression {expression!r} matches no date: {exc}") from exc
 
@@ -363,7 +346,7 @@ class CronSchedule:
             raise ValueError(f"moment must be a timezone-aware datetime, got {moment!r}")
         instant = moment.astimezone(_UTC)
         local = instant.astimezone(self._timezone)
-        wall = local.replace(tzinfo=None, fold=0)
+        wall = local.replace(tzinfo=None)
         # On the first pass through a repeated stretch, the matching wall times already
         # passed will come round again, and the first of them may beat every wall time ahead.
         behind: datetime.datetime | None = None
@@ -371,7 +354,9 @@ class CronSchedule:
             early, late = self._offsets(wall)
             if early > late:
                 behind = self._first_repeat_after(instant, wall, early - late)
-        for candidate in self._walls_from(wall, instant):
+        candidates = self._walls_from(wall, instant)
+        while True:
+            candidate = next(candidates)
             first, repeat = self._instants(candidate)
             if first is not None and first > instant:
                 fire = first if behind is None else min(first, behind)
@@ -380,7 +365,6 @@ class CronSchedule:
             # occurrence of a later wall time.
             if behind is None and repeat is not None and repeat > instant:
                 return repeat.astimezone(self._timezone)
-        raise AssertionError("unreachable: the candidate walk only ends by raising")
 
     def delay_until_next(self, now: datetime.datetime) -> float:
         """Seconds from ``now`` until :meth:`next_after` ``(now)``.
@@ -462,8 +446,57 @@ class CronSchedule:
         ``instant``.
         """
         fall_back = self._transition(instant, instant + repeat)
-        stretch_start = fall_back.astimezone(self._timezone).replace(tzinfo=None, fold=0)
+        stretch_start = fall_back.astimezone(self._timezone).replace(tzinfo=None)
         candidate = next(self._walls_from(stretch_start, instant))
         if candidate > wall:
             return None
         return self._instants(candidate)[1]
+
+
+@dataclass
+class TimerStats:
+    """Statistics of one timer, readable while it runs (``service.timer_stats[name]``).
+
+    Attributes:
+        ticks: Bodies run.
+        late_ticks: Ticks whose body started more than ``late_after`` seconds after due.
+        overruns: Bodies still running when the next tick was due.
+        missed: Ticks dropped by the missed-tick policy.
+        errors: Bodies that raised (with ``on_error="log"``; otherwise the first crashes).
+        worst_lateness: The largest lateness seen, in seconds.
+        total_lateness: Sum of the latenesses, for :attr:`mean_lateness`.
+        last_duration: How long the last body took.
+        worst_duration: The longest body.
+        late_after: The lateness above which a tick counts as late.
+    """
+
+    interval: float | None = None
+    late_after: float = 0.001
+    ticks: int = 0
+    late_ticks: int = 0
+    overruns: int = 0
+    missed: int = 0
+    errors: int = 0
+    worst_lateness: float = 0.0
+    total_lateness: float = 0.0
+    last_duration: float = 0.0
+    worst_duration: float = 0.0
+    _overrunning: bool = field(default=False, repr=False)
+
+    @classmethod
+    def for_interval(cls, interval: float) -> TimerStats:
+        # "Late" is relative: a millisecond is late for a 10 ms timer, not for an hourly one.
+        return cls(interval=interval, late_after=min(0.001, interval / 10))
+
+    @property
+    def mean_lateness(self) -> float:
+        return self.total_lateness / self.ticks if self.ticks else 0.0
+
+    def record(self, lateness: float, duration: float) -> None:
+        self.ticks += 1
+        self.total_lateness += lateness
+        self.worst_lateness = max(self.worst_lateness, lateness)
+        if lateness > self.late_after:
+            self.late_ticks += 1
+        self.last_duration = duration
+        self.worst_duration = max(self.worst_duration, duration)

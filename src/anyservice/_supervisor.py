@@ -4,18 +4,29 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._decorators import task
+from ._core import (
+    Service,
+    ServiceError,
+    ServiceState,
+    Started,
+    TaskSpec,
+    adopt,
+    attach_spec,
+    leaves,
+    report_ready,
+    run_as_restart,
+    stop_service,
+)
 from ._restart import Backoff, RestartIntensity
 from ._schedule import check_interval
-from ._service import Service, _leaves, _Started
-from ._state import ServiceError, ServiceState
 
 __all__ = ["RestartType", "Strategy", "Supervisor", "SupervisorError"]
 
@@ -68,6 +79,18 @@ class _Child:
 
 
 _Exit = tuple[_Child, BaseException | None]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _ReadySpec(TaskSpec):
+    """A ``@task`` whose service reports RUNNING only once the task calls ``report_ready()``."""
+
+    reports_ready = True
+
+
+def _reports_ready(function: F) -> F:
+    return attach_spec(function, _ReadySpec(function))
 
 
 class Supervisor(Service):
@@ -152,7 +175,7 @@ class Supervisor(Service):
 
     def _add(self, service: Service, restart: RestartType | str) -> _Child:
         kind = _enum(RestartType, restart, f"{self.name}: restart")
-        self._adopt(service, "child")
+        adopt(self, service, "child")
         child = _Child(service, kind)
         self._children.append(child)
         return child
@@ -167,7 +190,7 @@ class Supervisor(Service):
             self._exits, self._exits_received = anyio.create_memory_object_stream[_Exit](math.inf)
         return self._exits, self._exits_received
 
-    @task
+    @_reports_ready
     async def supervise(self) -> None:
         send, receive = self._open_exits()
         intensity = RestartIntensity(self.max_restarts, self.within)
@@ -176,22 +199,18 @@ class Supervisor(Service):
                 for child in list(self._children):
                     if not child.running:
                         await self._start(child)
+                # Every child is RUNNING (or has already exited): the supervisor may be.
+                report_ready()
                 await self._supervise(receive, intensity)
         finally:
             self._exits = self._exits_received = None
             # Stopping or crashing: the children stop gracefully, in reverse order, within
             # the supervisor's own stop deadline.
-            with anyio.CancelScope(shield=True, deadline=self._stop_deadline()):
+            with anyio.CancelScope(shield=True, deadline=self.stop_deadline):
                 for child in reversed(self._children):
                     if child.running:
                         child.stopping = True
-                        await child.service._stop()
-
-    def _stop_deadline(self) -> float:
-        run = self._run
-        if run is None or not run.deadline_set:
-            return anyio.current_time() + self.shutdown_timeout
-        return run.hard_scope.deadline
+                        await stop_service(child.service)
 
     async def _supervise(
         self,
@@ -233,7 +252,7 @@ class Supervisor(Service):
             for other in reversed(targets):
                 if other is not child and other.running:
                     other.stopping = True
-                    await other.service._stop()
+                    await stop_service(other.service)
             if delay:
                 await anyio.sleep(delay)
             for target in targets:
@@ -253,24 +272,28 @@ class Supervisor(Service):
         return [child, *(other for other in self._children[index + 1 :] if other.running)]
 
     async def _start(self, child: _Child) -> None:
-        """Start ``child`` in the supervisor's scope; returns once it is RUNNING (or ended)."""
-        started = _Started()
-        if child.service._started_once:
-            # Every start after the first is a restart, whoever's restart caused it.
-            child.service.restart_count += 1
+        """Start ``child`` in the supervisor's scope; returns once it is RUNNING (or ended).
+
+        A stop of the supervisor meanwhile starts nothing more: it is a clean stop.
+        """
+        if self.should_stop:
+            return
+        started = Started()
         child.running = True
         child.started_at = anyio.current_time()
         self.spawn(lambda: self._run_child(child, started), name=f"child {child.service.name}")
         await started.wait()
 
-    async def _run_child(self, child: _Child, started: _Started) -> None:
+    async def _run_child(self, child: _Child, started: Started) -> None:
         # In flight: a supervisor's stop does not cancel a child, it stops it gracefully.
         outcome: BaseException | None = None
         async with self.in_flight():
             try:
-                await child.service.run(task_status=started)
+                # Every start after the first is a restart, whoever's restart caused it.
+                await run_as_restart(child.service, task_status=started)
             except Exception as exc:
-                outcome = exc
+                # What the child crashed with, not the group its task group wraps it in.
+                outcome = child.service.crash_reason or exc
             finally:
                 child.running = False
                 started.started()
@@ -286,4 +309,4 @@ class Supervisor(Service):
 
 
 def _reason(error: BaseException) -> str:
-    return "; ".join(f"{type(leaf).__name__}: {leaf}" for leaf in _leaves(error))
+    return "; ".join(f"{type(leaf).__name__}: {leaf}" for leaf in leaves(error))

@@ -9,33 +9,28 @@ from __future__ import annotations
 
 import datetime
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import anyio
 
-from ._decorators import BackgroundSpec, _check_coroutine_function, attach_spec
+from ._core import BackgroundSpec, Host, attach_spec, check_coroutine_function
 from ._schedule import (
     CronSchedule,
     IntervalSchedule,
     MissedTickPolicy,
     TickOutcome,
+    TimerStats,
     check_interval,
     check_policy,
 )
 
-if TYPE_CHECKING:
-    from ._service import Service, _Slot
-
 __all__ = [
     "CronSpec",
     "TimerSpec",
-    "TimerStats",
     "crontab",
-    "itertimer",
     "timer",
     "wall_clock",
 ]
@@ -62,55 +57,6 @@ def wall_clock(clock: Callable[[], float]) -> Iterator[None]:
         _wall_clock.reset(token)
 
 
-@dataclass
-class TimerStats:
-    """Statistics of one timer, readable while it runs (``service.timer_stats[name]``).
-
-    Attributes:
-        ticks: Bodies run.
-        late_ticks: Ticks whose body started more than ``late_after`` seconds after due.
-        overruns: Bodies still running when the next tick was due.
-        missed: Ticks dropped by the missed-tick policy.
-        errors: Bodies that raised (with ``on_error="log"``; otherwise the first crashes).
-        worst_lateness: The largest lateness seen, in seconds.
-        total_lateness: Sum of the latenesses, for :attr:`mean_lateness`.
-        last_duration: How long the last body took.
-        worst_duration: The longest body.
-        late_after: The lateness above which a tick counts as late.
-    """
-
-    interval: float | None = None
-    late_after: float = 0.001
-    ticks: int = 0
-    late_ticks: int = 0
-    overruns: int = 0
-    missed: int = 0
-    errors: int = 0
-    worst_lateness: float = 0.0
-    total_lateness: float = 0.0
-    last_duration: float = 0.0
-    worst_duration: float = 0.0
-    _overrunning: bool = field(default=False, repr=False)
-
-    @classmethod
-    def for_interval(cls, interval: float) -> TimerStats:
-        # "Late" is relative: a millisecond is late for a 10 ms timer, not for an hourly one.
-        return cls(interval=interval, late_after=min(0.001, interval / 10))
-
-    @property
-    def mean_lateness(self) -> float:
-        return self.total_lateness / self.ticks if self.ticks else 0.0
-
-    def record(self, lateness: float, duration: float) -> None:
-        self.ticks += 1
-        self.total_lateness += lateness
-        self.worst_lateness = max(self.worst_lateness, lateness)
-        if lateness > self.late_after:
-            self.late_ticks += 1
-        self.last_duration = duration
-        self.worst_duration = max(self.worst_duration, duration)
-
-
 class _PeriodicSpec(BackgroundSpec):
     """What ``@timer`` and ``@crontab`` share: run the body in flight, keep stats, errors."""
 
@@ -128,12 +74,10 @@ class _PeriodicSpec(BackgroundSpec):
     def new_stats(self) -> TimerStats:
         return TimerStats()
 
-    async def call(self, service: Service) -> None:
+    async def call(self, service: Host) -> None:
         await self.function(service)
 
-    async def run_body(
-        self, service: Service, stats: TimerStats, due: float
-    ) -> tuple[float, float]:
+    async def run_body(self, service: Host, stats: TimerStats, due: float) -> tuple[float, float]:
         """Run the body once, in flight; returns when it started and finished."""
         started = anyio.current_time()
         async with service.in_flight():
@@ -150,7 +94,7 @@ class _PeriodicSpec(BackgroundSpec):
         stats.record(max(0.0, started - due), finished - started)
         return started, finished
 
-    def stats_for(self, service: Service) -> TimerStats:
+    def stats_for(self, service: Host) -> TimerStats:
         stats = self.new_stats()
         service.timer_stats[self.name] = stats
         return stats
@@ -175,13 +119,13 @@ class TimerSpec(_PeriodicSpec):
         self.exec_first = bool(exec_first)
         super().__init__(function, on_error=on_error)
 
-    def interval_for(self, service: Service) -> float:
+    def interval_for(self, service: Host) -> float:
         return self.interval
 
     def new_stats(self) -> TimerStats:
         return TimerStats.for_interval(self.interval)
 
-    async def run(self, service: Service, slot: _Slot) -> None:
+    async def run(self, service: Host) -> None:
         stats = self.stats_for(service)
         schedule = IntervalSchedule(
             self.interval_for(service),
@@ -202,11 +146,11 @@ class TimerSpec(_PeriodicSpec):
                 stats._overrunning = False
             await self.after_tick(service)
 
-    async def after_tick(self, service: Service) -> None:
+    async def after_tick(self, service: Host) -> None:
         """Called after each tick has been accounted for."""
 
     def report_overrun(
-        self, service: Service, stats: TimerStats, duration: float, outcome: TickOutcome
+        self, service: Host, stats: TimerStats, duration: float, outcome: TickOutcome
     ) -> None:
         if not stats._overrunning:
             # One warning per run of overruns, not one per tick forever.
@@ -246,7 +190,7 @@ class CronSpec(_PeriodicSpec):
     def describe(self) -> str:
         return f"crontab {self.name!r} ({self.schedule.expression})"
 
-    async def run(self, service: Service, slot: _Slot) -> None:
+    async def run(self, service: Host) -> None:
         stats = self.stats_for(service)
         read_wall = _wall_clock.get()
         last_fire: datetime.datetime | None = None
@@ -289,7 +233,7 @@ def timer(
     check_policy(policy)
 
     def decorate(function: F) -> F:
-        _check_coroutine_function(function, "@timer")
+        check_coroutine_function(function, "@timer")
         return attach_spec(
             function,
             TimerSpec(function, interval, policy=policy, exec_first=exec_first, on_error=on_error),
@@ -316,34 +260,7 @@ def crontab(
     schedule = CronSchedule(expression, timezone=timezone)
 
     def decorate(function: F) -> F:
-        _check_coroutine_function(function, "@crontab")
+        check_coroutine_function(function, "@crontab")
         return attach_spec(function, CronSpec(function, schedule, on_error=on_error))
 
     return decorate
-
-
-async def itertimer(
-    service: Service,
-    interval: float,
-    *,
-    policy: MissedTickPolicy | str = MissedTickPolicy.SKIP,
-    exec_first: bool = False,
-) -> AsyncIterator[float]:
-    """Yield on the grid of ``interval`` until ``service`` stops (mode's ``itertimer``).
-
-    Each value is the tick's lateness in seconds. The loop body counts as the tick's body for
-    the missed-tick policy. Iteration ends as soon as a stop is requested.
-    """
-    schedule = IntervalSchedule(
-        check_interval(interval, "itertimer interval"),
-        start=anyio.current_time(),
-        policy=policy,
-        exec_first=exec_first,
-    )
-    while not service.should_stop:
-        due = schedule.due
-        if not await service._sleep_until(due):
-            return
-        started = anyio.current_time()
-        yield max(0.0, started - due)
-        schedule.advance(started, max(started, anyio.current_time()))

@@ -34,9 +34,9 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from .._decorators import task as background_task
+from .._core import Service
+from .._core import task as background_task
 from .._runner import run as run_service
-from .._service import Service
 from . import _http_backend
 from ._context import RunContext, running
 from ._errors import BrokerError, TaskTimeoutError
@@ -142,7 +142,7 @@ class _RunInFlight:
         return f"run {self.record.id} of {self.task.name!r} (attempt {self.record.attempts})"
 
 
-class TaskWorker(Service):
+class TaskWorker(Service, overrides=("run",)):
     """Runs the task runs that other code submits (Prefect's ``TaskWorker``, durably).
 
     Claims runs of ``tasks`` from their queue's broker under a lease, runs at most

@@ -638,6 +638,10 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
         parameters = {"id": run_id, "owner": owner, "retry": retry, "error": error.to_json()}
 
         def fail(conn: sqlite3.Connection) -> RunState | None:
+            if not retry:
+                # Certainly FAILED: one statement, atomic on its own.
+                done = self._update_held(conn, sql, {**parameters, "now": self._clock()})
+                return RunState.FAILED if done else None
             # One transaction, so the state read back is the one this UPDATE wrote.
             conn.execute("BEGIN IMMEDIATE")
             state: RunState | None = None

@@ -8,16 +8,25 @@ runs for the life of a service) plug in beside plain tasks without the core know
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import Any, TypeVar, overload
 
 import anyio
 
-if TYPE_CHECKING:
-    from ._service import Service, _Slot
+from .._schedule import check_interval
+from ._host import Host
 
-__all__ = ["BackgroundSpec", "TaskSpec", "requirements", "task"]
+__all__ = [
+    "BackgroundSpec",
+    "TaskSpec",
+    "attach_spec",
+    "check_coroutine_function",
+    "collect",
+    "requirements",
+    "task",
+]
 
 _SPEC_ATTRIBUTE = "__anyservice_spec__"
 _REQUIREMENTS_ATTRIBUTE = "__anyservice_requirements__"
@@ -35,6 +44,9 @@ class BackgroundSpec:
     """
 
     kind = "task"
+    #: True for work the start waits for: the service reports RUNNING only once each copy
+    #: has called ``report_ready()`` (or ended).
+    reports_ready = False
 
     def __init__(self, function: AsyncMethod) -> None:
         self.function = function
@@ -43,7 +55,7 @@ class BackgroundSpec:
     def slot_names(self) -> list[str]:
         return [self.name]
 
-    async def run(self, service: Service, slot: _Slot) -> None:
+    async def run(self, service: Host) -> None:
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -67,8 +79,6 @@ class TaskSpec(BackgroundSpec):
         if periodic:
             if sleep_interval is None:
                 raise ValueError(f"@task {self.name!r}: periodic=True needs a sleep_interval")
-            from ._schedule import check_interval
-
             sleep_interval = check_interval(sleep_interval, f"@task {self.name!r} sleep_interval")
         elif sleep_interval is not None:
             raise ValueError(f"@task {self.name!r}: sleep_interval only applies with periodic=True")
@@ -81,7 +91,7 @@ class TaskSpec(BackgroundSpec):
             return [self.name]
         return [f"{self.name}[{index}]" for index in range(self.workers)]
 
-    async def run(self, service: Service, slot: _Slot) -> None:
+    async def run(self, service: Host) -> None:
         method = self.function.__get__(service)
         if not self.periodic:
             await method()
@@ -127,7 +137,7 @@ def task(
     """
 
     def decorate(func: F) -> F:
-        _check_coroutine_function(func, "@task")
+        check_coroutine_function(func, "@task")
         setattr(
             func,
             _SPEC_ATTRIBUTE,
@@ -141,8 +151,8 @@ def task(
 
 
 def requirements(
-    function: Callable[[Any], Iterable[Service]],
-) -> Callable[[Any], Iterable[Service]]:
+    function: Callable[[Any], Iterable[Host]],
+) -> Callable[[Any], Iterable[Host]]:
     """Declare dependencies with a method returning services (core_service's ``@requirements``).
 
     The method is called once, at the service's first start; the services it returns are
@@ -154,9 +164,8 @@ def requirements(
     return function
 
 
-def _check_coroutine_function(func: object, decorator: str) -> None:
-    import inspect
-
+def check_coroutine_function(func: object, decorator: str) -> None:
+    """Raise ``TypeError`` unless ``func`` is an ``async def`` function."""
     if not inspect.iscoroutinefunction(func):
         raise TypeError(f"{decorator} needs an 'async def' method, got {func!r}")
 

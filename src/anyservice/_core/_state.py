@@ -1,10 +1,18 @@
-"""Lifecycle states and the transitions between them: pure, no I/O."""
+"""Lifecycle states, the run phase, health results and the transitions: pure, no I/O."""
 
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
-__all__ = ["ServiceError", "ServiceState", "check_transition"]
+__all__ = [
+    "Health",
+    "RunPhase",
+    "ServiceError",
+    "ServiceState",
+    "UnhealthyError",
+    "check_transition",
+]
 
 
 class ServiceState(enum.Enum):
@@ -63,3 +71,46 @@ def check_transition(name: str, old: ServiceState, new: ServiceState) -> None:
     """
     if new not in _ALLOWED[old]:
         raise ServiceError(f"service {name!r} cannot go from {old.name} to {new.name}")
+
+
+class RunPhase(enum.IntEnum):
+    """How far one run of a service has gone; it only moves forward.
+
+    The service's :class:`ServiceState` is what users see; the phase is what the run's own
+    code needs to know about itself (see :mod:`anyservice._core._run`).
+    """
+
+    #: Dependencies, ``on_start``, resources, background tasks, ``on_started``.
+    STARTING = 1
+    #: Reported RUNNING; waiting for a stop.
+    RUNNING = 2
+    #: The stop sequence runs: ``on_stop``, the tasks end, ``on_shutdown``.
+    STOPPING = 3
+    #: Something raised: the task group is being cancelled; no more hooks run.
+    CRASHING = 4
+    #: The body is over: the task group takes no new tasks, it only waits for its own.
+    CLOSED = 5
+
+
+class UnhealthyError(Exception):
+    """A health check failed; raise it from ``healthcheck()`` with the reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """The result of one health check.
+
+    Attributes:
+        healthy: Whether the check passed.
+        reason: Why not, if it did not.
+        error: The exception the check raised (an ``UnhealthyError`` for a timeout).
+        checked_at: The backend clock's reading when the check finished.
+    """
+
+    healthy: bool
+    checked_at: float
+    reason: str | None = None
+    error: BaseException | None = None
+
+    def describe(self) -> str:
+        return "ok" if self.healthy else f"UNHEALTHY ({self.reason})"

@@ -7,10 +7,9 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable
 from types import FrameType
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
-if TYPE_CHECKING:
-    from ._service import Service
+from ._host import Host
 
 __all__ = ["Diag", "coroutine_stack", "format_tree", "transitions_to"]
 
@@ -88,11 +87,11 @@ def coroutine_stack(coro: object) -> traceback.StackSummary:
     return traceback.StackSummary.extract(iter(frames), capture_locals=False)
 
 
-def format_tree(root: Service) -> str:
+def format_tree(root: Host) -> str:
     """A readable dump of a service tree: one line per service, children indented."""
     lines: list[str] = []
 
-    def visit(service: Service, prefix: str, connector: str, child_prefix: str) -> None:
+    def visit(service: Host, prefix: str, connector: str, child_prefix: str) -> None:
         lines.append(f"{prefix}{connector}{service.describe()}")
         children = service.children()
         for index, child in enumerate(children):

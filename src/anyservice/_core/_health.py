@@ -7,45 +7,17 @@ the service with that reason, so a supervisor above restarts it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import anyio
 
-from ._decorators import BackgroundSpec
-from ._schedule import IntervalSchedule
+from .._schedule import IntervalSchedule
+from ._host import Host
+from ._specs import BackgroundSpec
+from ._state import Health, UnhealthyError
 
-if TYPE_CHECKING:
-    from ._service import Service, _Slot
-
-__all__ = ["Health", "HealthMonitorSpec", "UnhealthyError"]
-
-
-class UnhealthyError(Exception):
-    """A health check failed; raise it from ``healthcheck()`` with the reason."""
+__all__ = ["HealthMonitorSpec", "run_healthcheck"]
 
 
-@dataclass(frozen=True, slots=True)
-class Health:
-    """The result of one health check.
-
-    Attributes:
-        healthy: Whether the check passed.
-        reason: Why not, if it did not.
-        error: The exception the check raised (an ``UnhealthyError`` for a timeout).
-        checked_at: The backend clock's reading when the check finished.
-    """
-
-    healthy: bool
-    checked_at: float
-    reason: str | None = None
-    error: BaseException | None = None
-
-    def describe(self) -> str:
-        return "ok" if self.healthy else f"UNHEALTHY ({self.reason})"
-
-
-async def run_healthcheck(service: Service) -> Health:
+async def run_healthcheck(service: Host) -> Health:
     """Run ``service.healthcheck()`` within ``healthcheck_timeout``; never raises for a failure."""
     timeout = service.healthcheck_timeout
     try:
@@ -66,12 +38,12 @@ class HealthMonitorSpec(BackgroundSpec):
     kind = "healthcheck"
 
     def __init__(self) -> None:
-        async def healthcheck(service: Service) -> None:
+        async def healthcheck(service: Host) -> None:
             await service.healthcheck()
 
         super().__init__(healthcheck)
 
-    async def run(self, service: Service, slot: _Slot) -> None:
+    async def run(self, service: Host) -> None:
         schedule = IntervalSchedule(service.monitoring_interval, start=anyio.current_time())
         while True:
             await anyio.sleep_until(schedule.due)

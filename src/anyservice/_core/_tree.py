@@ -1,0 +1,124 @@
+"""A service's place in the tree: its owner, its dependencies, and how they are changed.
+
+Each service has one owner at most; a dependency is started (RUNNING) before the service
+that depends on it and stopped after it. The run of a service starts and stops its
+dependencies (:mod:`anyservice._core._run`); this module only keeps the tree consistent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import ClassVar, Protocol
+
+from ._run import Owner
+from ._state import ServiceError, ServiceState
+
+__all__ = ["Node", "Tree"]
+
+
+class Node(Owner, Protocol):
+    """A service as the tree sees it."""
+
+    @property
+    def _tree(self) -> Tree: ...
+
+
+class Tree:
+    """The owner and the dependencies of one service."""
+
+    __slots__ = ("dependencies", "owner", "requirements", "service")
+
+    #: The class every node must be an instance of (``Service``, set where it is defined).
+    node_type: ClassVar[type] = object
+
+    def __init__(self, service: Node, requirements: Callable[[], Iterable[object]] | None) -> None:
+        self.service = service
+        self.owner: Node | None = None
+        self.dependencies: list[Node] = []
+        #: Returns the ``@requirements`` services; called once, at the first start.
+        self.requirements: Callable[[], Iterable[object]] | None = requirements
+
+    def check_node(self, service: object, what: str) -> Node:
+        if not isinstance(service, self.node_type):
+            raise TypeError(f"{self.service.name}: a {what} must be a Service, got {service!r}")
+        return service  # type: ignore[return-value]  # a Service is a Node
+
+    def adopt(self, service: object, what: str = "dependency") -> Node:
+        """Make this service the owner of ``service``.
+
+        Raises:
+            TypeError: if ``service`` is not a service.
+            ValueError: if it is this service, belongs to another, or would make a cycle.
+        """
+        node = self.check_node(service, what)
+        name = self.service.name
+        if node is self.service:
+            raise ValueError(f"{name}: a service cannot depend on itself")
+        if node._tree.owner is not None:
+            raise ValueError(f"{name}: {node.name!r} already belongs to {node._tree.owner.name!r}")
+        ancestor: Node | None = self.service
+        while ancestor is not None:
+            if ancestor is node:
+                raise ValueError(f"{name}: depending on {node.name!r} makes a cycle")
+            ancestor = ancestor._tree.owner
+        node._tree.owner = self.service
+        return node
+
+    def add(self, service: object) -> Node:
+        """Add a dependency to a service that is not running."""
+        state = self.service.state
+        if state.is_active:
+            raise ServiceError(
+                f"{self.service.name}: add_dependency() is for services that are not running; "
+                f"use 'await add_runtime_dependency(...)' while {state.name}"
+            )
+        node = self.adopt(service)
+        self.dependencies.append(node)
+        return node
+
+    async def add_runtime(self, service: object) -> Node:
+        """Add a dependency to a running service and start it; returns once it is RUNNING."""
+        run = self.service._run
+        state = self.service.state
+        if state is not ServiceState.RUNNING or run is None or run.task_group is None:
+            raise ServiceError(
+                f"{self.service.name}: add_runtime_dependency() needs a RUNNING service "
+                f"(it is {state.name}); use add_dependency() before start"
+            )
+        node = self.adopt(service)
+        self.dependencies.append(node)
+        try:
+            await run.task_group.start(node.run, name=f"{node.name} (of {self.service.name})")
+        except BaseException:
+            self.disown(node)
+            raise
+        run.started_dependencies.append(node)
+        return node
+
+    async def remove(self, service: Node) -> None:
+        """Stop ``service`` (if it runs) and remove it from the dependencies."""
+        if service not in self.dependencies:
+            raise ValueError(
+                f"{self.service.name}: {service.name!r} is not one of its dependencies"
+            )
+        run = self.service._run
+        if run is not None and service in run.started_dependencies:
+            # Taken off the list first: a stop of this service meanwhile must not stop it
+            # a second time, nor miss it.
+            run.started_dependencies.remove(service)
+        if service._run is not None:
+            await service._stop()
+        if service in self.dependencies:
+            self.disown(service)
+
+    def disown(self, service: Node) -> None:
+        self.dependencies.remove(service)
+        service._tree.owner = None
+
+    def to_start(self) -> list[Node]:
+        """The dependencies to start, in order; resolves ``@requirements`` the first time."""
+        requirements, self.requirements = self.requirements, None
+        if requirements is not None:
+            for service in requirements():
+                self.dependencies.append(self.adopt(service))
+        return list(self.dependencies)
