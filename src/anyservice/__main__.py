@@ -239,7 +239,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     from .taskqueue._cli import add_commands
 
-    add_commands(commands)
+    add_commands(commands, load_object, TargetError)
     return parser
 
 

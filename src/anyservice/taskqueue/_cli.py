@@ -36,6 +36,19 @@ QUEUE_VARIABLE = "ANYSERVICE_QUEUE"
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
+_RUNS_EPILOG = """\
+actions:
+  list [--state STATE] [--task TASK] [--limit N]   the latest runs, newest first
+  show ID                                          everything about one run
+  retry ID                                         run a finished run again
+  cancel ID [--wait DURATION]                      cancel a run, even a RUNNING one
+  purge --older-than DURATION                      delete runs that finished long ago
+
+DURATION is 45s, 15m, 12h, 7d or 2w. Exit codes: 0 done, 1 retry or cancel did not apply
+to the run's state, 2 a bad URL, a missing database or an unknown run id.
+"""
+
+
 class CommandError(Exception):
     """What went wrong, in the one line the user sees (exit code 2)."""
 
@@ -48,8 +61,14 @@ def duration(text: str) -> float:
     return float(match[1]) * _UNITS[match[2] or "s"]
 
 
-def add_commands(commands: Any) -> None:
-    """Add ``serve`` and ``runs`` to the ``anyservice`` command's subparsers."""
+def add_commands(
+    commands: Any, load_object: Callable[[str], object], target_error: type[Exception]
+) -> None:
+    """Add ``serve`` and ``runs`` to the ``anyservice`` command's subparsers.
+
+    ``load_object`` imports what a ``package.module:attribute`` target names, raising
+    ``target_error`` with a one-line message (the ``anyservice`` command's own loader).
+    """
     queue_help = f"the queue's URL (default: ${QUEUE_VARIABLE}, else {DEFAULT_URL})"
     serve = commands.add_parser(
         "serve",
@@ -65,12 +84,14 @@ def add_commands(commands: Any) -> None:
     )
     serve.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
     serve.add_argument("--lease", type=float, default=30.0, help="lease seconds (default: 30)")
-    serve.set_defaults(handler=_serve)
+    serve.set_defaults(handler=_serve, load_object=load_object, target_error=target_error)
 
     runs = commands.add_parser(
         "runs",
         help="list, show, retry, cancel or purge stored task runs",
         description="Inspect and steer the runs stored in a queue.",
+        epilog=_RUNS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     runs.add_argument("--queue", default=None, metavar="URL", help=queue_help)
     runs.add_argument("--json", action="store_true", help="print JSON, for scripts")
@@ -107,12 +128,10 @@ def _fail(message: str) -> int:
 # --- serve ---------------------------------------------------------------------------------
 
 
-def _load_task(target: str) -> Task[Any, Any]:
-    from .. import __main__ as command
-
+def _load_task(args: argparse.Namespace, target: str) -> Task[Any, Any]:
     try:
-        found = command.load_object(target)
-    except command.TargetError as error:
+        found = args.load_object(target)
+    except args.target_error as error:
         raise CommandError(str(error)) from None
     if not isinstance(found, Task):
         raise CommandError(f"{target} is not a task (decorate a function with @queue.task)")
@@ -124,7 +143,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(message)s")
     try:
-        tasks = [_load_task(target) for target in args.tasks]
+        tasks = [_load_task(args, target) for target in args.tasks]
         if args.queue is not None:
             _use_url(tasks, args.queue)
         return serve(

@@ -24,7 +24,7 @@ import anyio.lowlevel
 
 from ._errors import TaskRunFailed, TaskRunNotFound, TaskRunTimeout
 from ._records import DEFAULT_MAX_ATTEMPTS, RunError, RunRecord, RunState
-from ._scheduler import Schedule
+from ._scheduler import Schedule, define_schedule
 from ._serialize import decode_result, encode_arguments
 from ._ticks import DEFAULT_CATCH_UP, MissedTicks, check_missed, grid_from
 from .brokers import DEFAULT_URL, Broker, broker_from_url
@@ -274,9 +274,8 @@ class TaskQueue:
     ) -> Schedule:
         """Run ``task(*args, **kwargs)`` on a schedule, once per tick across every worker.
 
-        Every :class:`TaskWorker` serving ``task`` stores the ticks as they fall due; each
-        is stored under (``name``, due time), so however many workers there are, each
-        tick gets one run, due at the tick.
+        Every :class:`TaskWorker` serving ``task`` stores each tick under (``name``, due
+        time) as it falls due: however many workers there are, a tick gets one run.
 
         Args:
             task: A task of this queue.
@@ -297,45 +296,28 @@ class TaskQueue:
         Raises:
             TypeError: a bad schedule, arguments that do not fit the task or JSON, or an
                 option of the wrong type.
-            ValueError: a task of another queue, a name already taken, a bad cron
-                expression, interval or timezone.
+            ValueError: a task of another queue, a name taken, a bad cron, interval or zone.
         """
         if not isinstance(task, Task):
             raise TypeError(f"schedule() needs a task made by @queue.task, got {task!r}")
         if task.queue is not self:
             raise ValueError(f"task {task.name!r} belongs to another queue ({task.queue.url!r})")
-        grid = grid_from(schedule, timezone=timezone)
-        if name is None:
-            name = task.name
-        if not isinstance(name, str):
-            raise TypeError(f"schedule name must be a str, got {name!r}")
-        if not name:
-            raise ValueError("schedule name must not be empty")
-        if name in self._schedules:
-            raise ValueError(
-                f"schedule name {name!r} is already taken on this queue; pass a different name="
-            )
-        if not isinstance(overlap, bool):
-            raise TypeError(f"overlap must be a bool, got {overlap!r}")
-        if isinstance(catch_up, bool) or not isinstance(catch_up, int):
-            raise TypeError(f"catch_up must be an int, got {catch_up!r}")
-        if catch_up < 1:
-            raise ValueError(f"catch_up must be >= 1, got {catch_up!r}")
-        if not isinstance(args, tuple | list):
-            raise TypeError(f"args must be a tuple or list, got {args!r}")
-        if kwargs is not None and not isinstance(kwargs, Mapping):
-            raise TypeError(f"kwargs must be a mapping, got {kwargs!r}")
-        payload = task.encode(tuple(args), dict(kwargs or {}))
-        defined = Schedule(
-            name=name,
-            task=task,
-            grid=grid,
-            payload=payload,
-            missed=check_missed(missed),
+        defined = define_schedule(
+            task,
+            grid_from(schedule, timezone=timezone),
+            task.name if name is None else name,
+            args=args,
+            kwargs=kwargs,
+            missed=missed,
             overlap=overlap,
             catch_up=catch_up,
         )
-        self._schedules[name] = defined
+        if defined.name in self._schedules:
+            raise ValueError(
+                f"schedule name {defined.name!r} is already taken on this queue; "
+                "pass a different name="
+            )
+        self._schedules[defined.name] = defined
         return defined
 
     async def schedule_counts(self, name: str) -> dict[str, Any]:

@@ -11,19 +11,48 @@ free claims it at once. The tick arithmetic is ``_ticks.py``'s, pure.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 
 from ._errors import BrokerError
 from ._leases import TickResult
-from ._ticks import DEFAULT_CATCH_UP, MissedTicks, TickGrid, plan_ticks
+from ._ticks import DEFAULT_CATCH_UP, MissedTicks, TickGrid, check_missed, plan_ticks
+from .brokers import Broker
 
-if TYPE_CHECKING:
-    from ._queue import Task
+__all__ = ["Schedule", "ScheduledTask", "define_schedule", "keep_schedule"]
 
-__all__ = ["Schedule", "keep_schedule"]
+
+class _Queue(Protocol):
+    @property
+    def broker(self) -> Broker: ...
+
+    @property
+    def max_attempts(self) -> int: ...
+
+
+class ScheduledTask(Protocol):
+    """What a schedule needs of its task (a ``Task`` has it all)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def queue(self) -> _Queue: ...
+
+    @property
+    def retries(self) -> int: ...
+
+    @property
+    def retry_delay(self) -> float: ...
+
+    @property
+    def timeout(self) -> float | None: ...
+
+    def encode(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str: ...
+
 
 #: Backoff after a broker error while storing ticks.
 _RETRY_AFTER = 0.5
@@ -51,7 +80,7 @@ class Schedule:
     """
 
     name: str
-    task: Task[Any, Any]
+    task: ScheduledTask
     grid: TickGrid
     payload: str
     missed: MissedTicks = MissedTicks.SKIP
@@ -63,6 +92,48 @@ class Schedule:
 
     def __repr__(self) -> str:
         return f"<Schedule {self.name!r} of {self.task.name!r} {self.grid.describe()}>"
+
+
+def define_schedule(
+    task: ScheduledTask,
+    grid: TickGrid,
+    name: object,
+    *,
+    args: object,
+    kwargs: object,
+    missed: object,
+    overlap: object,
+    catch_up: object,
+) -> Schedule:
+    """A checked :class:`Schedule` (see ``TaskQueue.schedule`` for the options).
+
+    Raises:
+        TypeError, ValueError: an option of the wrong type or out of range, or arguments
+            that do not fit the task or JSON.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"schedule name must be a str, got {name!r}")
+    if not name:
+        raise ValueError("schedule name must not be empty")
+    if not isinstance(overlap, bool):
+        raise TypeError(f"overlap must be a bool, got {overlap!r}")
+    if isinstance(catch_up, bool) or not isinstance(catch_up, int):
+        raise TypeError(f"catch_up must be an int, got {catch_up!r}")
+    if catch_up < 1:
+        raise ValueError(f"catch_up must be >= 1, got {catch_up!r}")
+    if not isinstance(args, tuple | list):
+        raise TypeError(f"args must be a tuple or list, got {args!r}")
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise TypeError(f"kwargs must be a mapping, got {kwargs!r}")
+    return Schedule(
+        name=name,
+        task=task,
+        grid=grid,
+        payload=task.encode(tuple(args), dict(kwargs or {})),
+        missed=check_missed(missed),
+        overlap=overlap,
+        catch_up=catch_up,
+    )
 
 
 async def _store(

@@ -26,8 +26,8 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from .._decorators import task as background_task
-from .._service import Service
+from .._core import Service
+from .._core import task as background_task
 from ._errors import BrokerError
 from ._leases import Lease
 from ._queue import TaskQueue

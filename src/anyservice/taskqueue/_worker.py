@@ -573,6 +573,11 @@ class TaskWorker(Service, overrides=("run",)):
                 entry.describe(),
             )
             return
+        self._note_recorded(entry, outcome, retrying=retrying)
+
+    def _note_recorded(self, entry: _RunInFlight, outcome: _Outcome, *, retrying: bool) -> None:
+        """Count and log an outcome the broker recorded."""
+        record = entry.record
         if not retrying:
             self._finished.append(record.id)
         if outcome.cancelled:

@@ -229,6 +229,39 @@ class ClusterMethods(ClusterBroker):
     def now(self) -> float:
         return self._clock()
 
+    def _checked_run(
+        self,
+        task: str,
+        payload: str,
+        *,
+        retries: int,
+        retry_delay: float,
+        timeout: float | None,
+        max_attempts: int,
+        scheduled_at: float | None,
+    ) -> RunRecord:
+        """A new run with checked options, as ``submit`` makes it."""
+        check_submit_options(
+            task,
+            payload,
+            retries=retries,
+            retry_delay=retry_delay,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            scheduled_at=scheduled_at,
+        )
+        return new_run(
+            uuid.uuid4().hex,
+            task,
+            payload,
+            retries=retries,
+            retry_delay=retry_delay,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            scheduled_at=scheduled_at,
+            now=self._clock(),
+        )
+
     async def submit_tick(
         self,
         schedule: str,
@@ -247,18 +280,8 @@ class ClusterMethods(ClusterBroker):
             raise TypeError(f"due must be epoch seconds, got {due!r}")
         if not math.isfinite(due):
             raise ValueError(f"due must be finite, got {due!r}")
-        check_submit_options(
-            task,
-            payload,
-            retries=retries,
-            retry_delay=retry_delay,
-            timeout=timeout,
-            max_attempts=max_attempts,
-            scheduled_at=due,
-        )
         key = tick_key(due)
-        run = new_run(
-            uuid.uuid4().hex,
+        run = self._checked_run(
             task,
             payload,
             retries=retries,
@@ -266,7 +289,6 @@ class ClusterMethods(ClusterBroker):
             timeout=timeout,
             max_attempts=max_attempts,
             scheduled_at=key,
-            now=self._clock(),
         )
         result = await self._insert_tick(schedule, key, run, bool(overlap))
         if result is TickResult.STORED:
@@ -303,7 +325,7 @@ class ClusterMethods(ClusterBroker):
         scheduled_at: float | None = None,
     ) -> tuple[RunRecord, bool]:
         _check_name(key, "key")
-        check_submit_options(
+        run = self._checked_run(
             task,
             payload,
             retries=retries,
@@ -311,17 +333,6 @@ class ClusterMethods(ClusterBroker):
             timeout=timeout,
             max_attempts=max_attempts,
             scheduled_at=scheduled_at,
-        )
-        run = new_run(
-            uuid.uuid4().hex,
-            task,
-            payload,
-            retries=retries,
-            retry_delay=retry_delay,
-            timeout=timeout,
-            max_attempts=max_attempts,
-            scheduled_at=scheduled_at,
-            now=self._clock(),
         )
         stored = await self._insert_keyed(key, run)
         created = stored.id == run.id

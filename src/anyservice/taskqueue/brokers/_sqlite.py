@@ -258,6 +258,10 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
         ValueError: A timeout or interval is not a positive number.
     """
 
+    # For the cluster storage (ticks, leases, keys): how rows of runs are read.
+    _select_runs = _SELECT
+    _read_run = staticmethod(_read_row)
+
     def __init__(
         self,
         path: str | os.PathLike[str],

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._controls import RETRYABLE_STATES
 from .._leases import Lease, TickCounts, TickResult, acquire_lease
@@ -71,14 +71,6 @@ def _insert_run(conn: sqlite3.Connection, run: RunRecord) -> None:
     )
 
 
-def _get(conn: sqlite3.Connection, run_id: str) -> RunRecord | None:
-    # Imported here: the broker's module imports this one.
-    from ._sqlite import _SELECT, _read_row
-
-    row = conn.execute(f"{_SELECT} WHERE id = ?", (run_id,)).fetchone()
-    return None if row is None else _read_row(row)[1]
-
-
 _FINISHED = ", ".join(f"'{state.value}'" for state in sorted(FINISHED_STATES))
 _RETRYABLE = ", ".join(f"'{state.value}'" for state in sorted(RETRYABLE_STATES))
 
@@ -98,8 +90,17 @@ class SqliteClusterStorage:
     if TYPE_CHECKING:
         # Given by SqliteBroker, whose own definitions come first in its MRO.
         _clock: Callable[[], float]
+        #: ``SELECT <every column> FROM anyservice_runs``, and the reader of its rows.
+        _select_runs: str
+
+        @staticmethod
+        def _read_run(row: tuple[Any, ...]) -> tuple[int, RunRecord, bool]: ...
 
         async def _call(self, operation: Callable[[sqlite3.Connection], T]) -> T: ...
+
+    def _get_in(self, conn: sqlite3.Connection, run_id: str) -> RunRecord | None:
+        row = conn.execute(f"{self._select_runs} WHERE id = ?", (run_id,)).fetchone()
+        return None if row is None else self._read_run(row)[1]
 
     async def _cluster_call(self, operation: Callable[[sqlite3.Connection], T]) -> T:
         if not self._cluster_tables:
@@ -183,7 +184,7 @@ class SqliteClusterStorage:
             row = conn.execute(
                 "SELECT run_id FROM anyservice_keys WHERE key = ?", (key,)
             ).fetchone()
-            existing = None if row is None else _get(conn, row[0])
+            existing = None if row is None else self._get_in(conn, row[0])
             if existing is not None and not existing.finished:
                 conn.execute("COMMIT")
                 return existing
@@ -199,19 +200,17 @@ class SqliteClusterStorage:
     async def _list_runs(
         self, state: RunState | None, task: str | None, since: float | None, limit: int
     ) -> list[RunRecord]:
-        from ._sqlite import _SELECT, _read_row
-
         where: list[str] = []
         parameters: list[object] = []
         for clause, value in (("state = ?", state), ("task = ?", task), ("created_at >= ?", since)):
             if value is not None:
                 where.append(clause)
                 parameters.append(value.value if isinstance(value, RunState) else value)
-        sql = _SELECT + (f" WHERE {' AND '.join(where)}" if where else "")
+        sql = self._select_runs + (f" WHERE {' AND '.join(where)}" if where else "")
         sql += " ORDER BY created_at DESC, seq DESC LIMIT ?"
 
         def select(conn: sqlite3.Connection) -> list[RunRecord]:
-            return [_read_row(row)[1] for row in conn.execute(sql, (*parameters, limit))]
+            return [self._read_run(row)[1] for row in conn.execute(sql, (*parameters, limit))]
 
         return await self._cluster_call(select)
 
@@ -227,7 +226,7 @@ class SqliteClusterStorage:
             run = None
             if cursor.rowcount == 1:
                 conn.execute("DELETE FROM anyservice_cancels WHERE run_id = ?", (run_id,))
-                run = _get(conn, run_id)
+                run = self._get_in(conn, run_id)
             conn.execute("COMMIT")
             return run
 
