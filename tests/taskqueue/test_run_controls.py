@@ -316,3 +316,36 @@ async def test_queue_runs_lists_and_purges(queue: TaskQueue) -> None:
     assert len(await queue.runs()) == 2
     with pytest.raises(ValueError, match="older_than must be a finite number of seconds >= 0"):
         await queue.purge(older_than=-1)
+
+
+@pytest.mark.virtual_time
+async def test_retry_on_retries_only_the_exceptions_named(queue: TaskQueue) -> None:
+    calls: list[str] = []
+
+    @queue.task(retries=3, retry_on=(ConnectionError, TimeoutError))
+    async def fetch(problem: str) -> None:
+        calls.append(problem)
+        raise ConnectionError("down") if problem == "network" else ValueError("bad input")
+
+    async with TaskWorker(fetch):
+        network = await fetch.delay("network")
+        bad = await fetch.delay("input")
+        assert await network.wait(timeout=60) is RunState.FAILED
+        assert await bad.wait(timeout=60) is RunState.FAILED
+    assert calls.count("network") == 4  # the first attempt and 3 retries
+    assert calls.count("input") == 1  # not retried
+    assert fetch.should_retry(TimeoutError())
+    assert not fetch.should_retry(KeyError())
+
+
+def test_retry_on_must_name_exception_types() -> None:
+    queue = TaskQueue("memory://")
+    with pytest.raises(TypeError, match="retry_on must be an exception type or a tuple"):
+        queue.task(retry_on=("ValueError",))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="retry_on must be an exception type or a tuple"):
+        queue.task(retry_on=())
+
+    @queue.task(retry_on=KeyError)
+    async def one() -> None: ...
+
+    assert one.retry_on == (KeyError,)

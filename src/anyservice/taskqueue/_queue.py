@@ -183,6 +183,7 @@ class TaskQueue:
         schedule: object = None,
         missed: MissedTicks | str = MissedTicks.SKIP,
         overlap: bool = False,
+        retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
     ) -> TaskDecorator: ...
 
     def task(
@@ -197,6 +198,7 @@ class TaskQueue:
         schedule: object = None,
         missed: MissedTicks | str = MissedTicks.SKIP,
         overlap: bool = False,
+        retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
     ) -> Task[Any, Any] | TaskDecorator:
         """Define a task: ``@queue.task`` or ``@queue.task(name=, retries=, ...)``.
 
@@ -213,6 +215,8 @@ class TaskQueue:
                 cannot be, so it is left to finish and its result is discarded.
             schedule, missed, overlap: Run the task (without arguments) on this
                 schedule, as :meth:`schedule` does, under the task's name.
+            retry_on: Retry only these exception types (a type or a tuple; a timeout is
+                ``TaskTimeoutError``); any exception by default.
 
         Raises:
             TypeError: ``function`` is not a plain or async function (a generator, a
@@ -222,9 +226,11 @@ class TaskQueue:
         options = _TaskOptions.check(name, retries, retry_delay, timeout)
         grid = None if schedule is None else grid_from(schedule)
         policy = check_missed(missed)
+        retried = _check_retry_on(retry_on)
 
         def decorate(function: Callable[..., Any]) -> Task[Any, Any]:
             task = self._define(function, options)
+            task.retry_on = retried
             if grid is not None:
                 self.schedule(task, grid, missed=policy, overlap=overlap)
             return task
@@ -474,6 +480,19 @@ class TaskQueue:
         return await broker.purge(before=broker.now() - seconds)
 
 
+def _check_retry_on(value: object) -> tuple[type[BaseException], ...] | None:
+    if value is None:
+        return None
+    types = value if isinstance(value, tuple) else (value,)
+    if not types or not all(
+        isinstance(kind, type) and issubclass(kind, BaseException) for kind in types
+    ):
+        raise TypeError(
+            f"@queue.task retry_on must be an exception type or a tuple of them, got {value!r}"
+        )
+    return types
+
+
 class _TaskOptions:
     __slots__ = ("name", "retries", "retry_delay", "timeout")
 
@@ -510,10 +529,12 @@ class Task(Generic[P, R]):
     """A function that workers run: ``await task.delay(...)`` stores a run of it.
 
     Made by ``@queue.task``. Attributes: ``name``, ``function``, ``queue``, ``retries``,
-    ``retry_delay``, ``timeout``, ``is_async``.
+    ``retry_delay``, ``retry_on``, ``timeout``, ``is_async``.
     """
 
     is_async: bool = False
+    #: The exception types a failure is retried for; ``None``: any.
+    retry_on: tuple[type[BaseException], ...] | None = None
     # Copied from the function, as functools.wraps does.
     __name__: str
     __qualname__: str
@@ -541,6 +562,10 @@ class Task(Generic[P, R]):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} of {self.queue.url!r}>"
+
+    def should_retry(self, exc: BaseException) -> bool:
+        """Whether a failure with ``exc`` may be retried (see ``retry_on``)."""
+        return self.retry_on is None or isinstance(exc, self.retry_on)
 
     def encode(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         """The JSON payload of a run with these arguments.

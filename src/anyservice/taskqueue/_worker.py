@@ -496,9 +496,9 @@ class TaskWorker(Service, overrides=("run",)):
             try:
                 value = await self._call(task, args, kwargs, record.timeout)
             except TaskTimeoutError as exc:
-                outcome = _Outcome.failure(exc, retry=True, traceback=False)
+                outcome = _Outcome.failure(exc, retry=task.should_retry(exc), traceback=False)
             except Exception as exc:
-                outcome = _Outcome.failure(exc, retry=True)
+                outcome = _Outcome.failure(exc, retry=task.should_retry(exc))
             else:
                 try:
                     outcome = _Outcome(result=encode_result(value, task_name=task.name))
