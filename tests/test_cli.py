@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import queue
+import re
 import signal
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -331,7 +335,21 @@ def test_load_service_creates_classes_and_calls_factories() -> None:
     ("args", "message"),
     [
         (["run", "tests.cli_targets:Quick", "--backend", "curio"], "invalid choice: 'curio'"),
-        (["run", "tests.cli_targets:Quick", "--shutdown-timeout", "-1"], "must be >= 0 seconds"),
+        (["run", "tests.cli_targets:Quick", "--shutdown-timeout", "-1"], "must be >= 0 and finite"),
+        (
+            ["run", "tests.cli_targets:Quick", "--shutdown-timeout", "inf"],
+            "must be >= 0 and finite",
+        ),
+        (
+            ["run", "tests.cli_targets:Quick", "--shutdown-timeout", "nan"],
+            "must be >= 0 and finite",
+        ),
+        (["run", "tests.cli_targets:Quick", "--status-port", "70000"], "within 0..65535"),
+        (["run", "tests.cli_targets:Quick", "--status-port", "web"], "within 0..65535"),
+        (["run", "tests.cli_targets:Quick", "--status-host", ""], "must not be empty"),
+        (["run", "tests.cli_targets:Quick", "--log-format", "xml"], "invalid choice: 'xml'"),
+        (["run", "tests.cli_targets:Quick", "--metrics"], "--metrics needs a status server"),
+        (["run", "sys:exit"], "sys:exit is not a service"),
         (["run", "tests.cli_targets:Quick", "--shutdown-timeout", "soon"], "not a number"),
         (["run", "tests.cli_targets:Quick", "--blocking-threshold", "0"], "must be > 0"),
         (["run", "tests.cli_targets:Quick", "--log-level", "LOUD"], "invalid choice: 'LOUD'"),
@@ -388,3 +406,49 @@ def test_run_help_documents_the_target_forms_signals_and_exit_codes(
 def test_the_anyservice_script_is_the_main_of_python_dash_m() -> None:
     (script,) = entry_points(group="console_scripts", name="anyservice")
     assert script.load() is main
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_signals_after_the_second_are_ignored_until_run_returns(backend: str) -> None:
+    finished = subprocess.run(
+        [sys.executable, "-m", "tests.signal_burst", backend],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=EXIT_TIMEOUT,
+        check=False,
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout.startswith("run() returned 143 after "), finished.stderr
+    # The burst really came (the forced stop takes a few milliseconds at least).
+    assert not finished.stdout.startswith("run() returned 143 after 0 ")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_status_port_0_serves_the_tree_on_a_port_it_logs(
+    command: type[Command], backend: str
+) -> None:
+    service = command(
+        "run", "tests.cli_targets:Graceful", "--backend", backend, "--status-port", "0"
+    )
+    service.wait_for_line("status on http://127.0.0.1:")
+    service.wait_for_line("body started")
+    (line,) = [line for line in service.stderr if "status on http://127.0.0.1:" in line]
+    port = int(re.search(r"status on http://127\.0\.0\.1:(\d+)/", line).group(1))  # type: ignore[union-attr]
+    tree = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/tree", timeout=10).read())
+    assert (tree["name"], tree["state"]) == ("Graceful", "RUNNING")
+    ready = urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10)
+    assert json.loads(ready.read()) == {"ready": True}
+    service.send(signal.SIGTERM)
+    assert service.finish() == 0
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10)
+
+
+def test_log_format_json_writes_one_object_per_line(command: type[Command]) -> None:
+    service = command("run", "tests.cli_targets:Quick", "--log-format", "json")
+    assert service.finish() == 0
+    objects = [json.loads(line) for line in service.stderr]
+    assert objects
+    assert all({"time", "level", "logger", "message"} <= set(item) for item in objects)
+    assert objects[-1]["message"] == "Quick stopped: exit code 0"

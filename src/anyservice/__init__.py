@@ -14,6 +14,7 @@ from ._core import UnhealthyError as UnhealthyError
 from ._core import requirements as requirements
 from ._core import task as task
 from ._core import transitions_to as transitions_to
+from ._logging import JsonFormatter as JsonFormatter
 from ._loop_service import LoopService as LoopService
 from ._loop_service import run_services as run_services
 from ._restart import Backoff as Backoff
@@ -22,6 +23,7 @@ from ._schedule import CronSchedule as CronSchedule
 from ._schedule import IntervalSchedule as IntervalSchedule
 from ._schedule import MissedTickPolicy as MissedTickPolicy
 from ._schedule import TimerStats as TimerStats
+from ._status import StatusServer as StatusServer
 from ._supervisor import RestartType as RestartType
 from ._supervisor import Strategy as Strategy
 from ._supervisor import Supervisor as Supervisor
@@ -36,12 +38,14 @@ __all__ = [
     "Diag",
     "Health",
     "IntervalSchedule",
+    "JsonFormatter",
     "LoopService",
     "MissedTickPolicy",
     "RestartType",
     "Service",
     "ServiceError",
     "ServiceState",
+    "StatusServer",
     "Strategy",
     "Supervisor",
     "SupervisorError",

@@ -19,7 +19,9 @@ from collections.abc import Callable, Sequence
 from typing import Literal, cast
 
 from ._core import Service
+from ._logging import JsonFormatter
 from ._runner import run
+from ._status import check_host, check_port
 
 __all__ = ["main"]
 
@@ -45,7 +47,13 @@ sys.path. The attribute may be a dotted path (package.module:app.service) and na
   - a zero-argument factory (a function) that returns a Service.
 
 The first SIGINT or SIGTERM stops the service gracefully, within its shutdown timeout; a
-second one stops it at once. SIGUSR1 logs the service tree and the stacks of its tasks.
+second one stops it at once (further ones are ignored). SIGUSR1 logs the service tree and
+the stacks of its tasks.
+
+With --status-port, a status server answers on 127.0.0.1 (or --status-host): GET / (a
+live page), /healthz, /readyz, /tree (JSON) and /metrics (Prometheus, with
+anyservice[metrics]). Under systemd (NOTIFY_SOCKET set), it speaks the notify protocol:
+READY=1, STOPPING=1, STATUS= and the watchdog.
 """
 
 _RUN_EPILOG = """\
@@ -60,6 +68,7 @@ examples:
   anyservice run myapp.services:Poller
   anyservice run myapp.main:build --backend trio --shutdown-timeout 10
   python -m anyservice run myapp.main:app.worker --log-level DEBUG --blocking-threshold 0.5
+  anyservice run myapp.main:build --status-port 8000 --log-format json
 """
 
 
@@ -84,9 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     if hasattr(args, "handler"):  # the task queue's commands: serve, runs
         return int(args.handler(args))
-    logging.basicConfig(level=args.log_level, format=_LOG_FORMAT)
+    _configure_logging(args.log_level, args.log_format)
     if args.backend == "trio" and importlib.util.find_spec("trio") is None:
         return _fail("the trio backend needs trio: pip install 'anyservice[trio]'")
+    if args.metrics and args.status_port is None:
+        return _fail("--metrics needs a status server: give --status-port too")
     try:
         service = load_service(args.target)
     except TargetError as error:
@@ -95,11 +106,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.shutdown_timeout is not None:
         service.shutdown_timeout = args.shutdown_timeout
     log.info("running %s (%s) on %s, pid %d", args.target, service.name, args.backend, os.getpid())
-    return run(
-        service,
-        backend=cast(Literal["asyncio", "trio"], args.backend),
-        blocking_threshold=args.blocking_threshold,
-    )
+    try:
+        return run(
+            service,
+            backend=cast(Literal["asyncio", "trio"], args.backend),
+            blocking_threshold=args.blocking_threshold,
+            status_port=args.status_port,
+            status_host=args.status_host,
+            metrics=args.metrics,
+        )
+    except ImportError as error:
+        # An extra the options need is not installed: the message says which.
+        return _fail(str(error))
+
+
+def _configure_logging(level: str, log_format: str) -> None:
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 def _fail(message: str) -> int:
@@ -162,6 +189,11 @@ def _as_service(found: object, target: str) -> Service:
         raise TargetError(f"{target} is an async function: a factory must return the service")
     try:
         made = found()
+    except SystemExit as error:
+        # sys:exit and the like: a callable, but what it does is end the process.
+        raise TargetError(
+            f"{target} is not a service: calling it raised SystemExit({error.code!r})"
+        ) from error
     except Exception as error:
         raise TargetError(f"{target}() raised {type(error).__name__}: {error}") from error
     if not isinstance(made, Service):
@@ -182,12 +214,29 @@ def _seconds(at_least_zero: bool) -> Callable[[str], float]:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-        if math.isnan(value) or value < 0 or (not at_least_zero and not 0 < value < math.inf):
-            bound = ">= 0" if at_least_zero else "> 0 and finite"
+        # Finite either way: a stop must be bounded, and so must a threshold.
+        if not math.isfinite(value) or value < 0 or (not at_least_zero and value == 0):
+            bound = ">= 0 and finite" if at_least_zero else "> 0 and finite"
             raise argparse.ArgumentTypeError(f"must be {bound} seconds, got {text!r}")
         return value
 
     return parse
+
+
+def _port(text: str) -> int:
+    try:
+        return check_port(int(text), "the status port")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"must be a port number within 0..65535, got {text!r}"
+        ) from error
+
+
+def _host(text: str) -> str:
+    try:
+        return check_host(text, "the status host")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -236,6 +285,34 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="S",
         help="warn, with its stack, when the event loop is blocked for longer than S seconds",
+    )
+    run_command.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text lines, or one JSON object per line with the service and task-run "
+        "fields (default: text)",
+    )
+    run_command.add_argument(
+        "--status-port",
+        type=_port,
+        default=None,
+        metavar="PORT",
+        help="serve /, /healthz, /readyz, /tree and /metrics on PORT (0: a free port, "
+        "logged); needs anyservice[http]",
+    )
+    run_command.add_argument(
+        "--status-host",
+        type=_host,
+        default="127.0.0.1",
+        metavar="HOST",
+        help="the address the status server binds to (default: 127.0.0.1)",
+    )
+    run_command.add_argument(
+        "--metrics",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="serve /metrics on the status server (default: when prometheus_client is installed)",
     )
     from .taskqueue._cli import add_commands
 

@@ -3,8 +3,13 @@
 The runner's task group holds the service's run, in a cancel scope of its own, and a task
 that receives signals through anyio (so both backends, no backend code): the first SIGINT
 or SIGTERM asks the service to stop gracefully, a second one cancels that scope, and SIGUSR1
-logs the service tree and its task stacks. What the service's run ends with becomes the exit
-code.
+logs the service tree and its task stacks. Once that forced stop has begun, SIGINT and
+SIGTERM are ignored until ``run()`` returns: the receiver's exit restores the default
+actions, and a third signal then would kill the process before it reports how it ended.
+What the service's run ends with becomes the exit code.
+
+Around the run, and outliving it, an optional status server (so ``/readyz`` says the tree
+is stopping while it drains) and, under systemd, the notify protocol.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ from __future__ import annotations
 import logging
 import signal
 from contextlib import AsyncExitStack
-from typing import Literal
+from types import FrameType
+from typing import Any, Literal
 
 import anyio
 import anyio.abc
@@ -21,6 +27,8 @@ from ._blocking import BlockingDetector
 from ._core import LOGGED as _LOGGED
 from ._core import Service
 from ._core import leaves as _leaves
+from ._status import StatusServer
+from ._status._systemd import SystemdNotifier
 
 __all__ = ["run"]
 
@@ -41,6 +49,9 @@ def run(
     backend: Literal["asyncio", "trio"] = "asyncio",
     handle_signals: bool = True,
     blocking_threshold: float | None = None,
+    status_port: int | None = None,
+    status_host: str = "127.0.0.1",
+    metrics: bool | None = None,
 ) -> int:
     """Run ``service`` on ``backend`` until it stops and return the process exit code.
 
@@ -50,6 +61,15 @@ def run(
     tasks at WARNING on the ``anyservice.runner`` logger. With ``blocking_threshold``, a
     :class:`BlockingDetector` warns whenever the event loop is blocked for longer.
 
+    With ``status_port``, a :class:`StatusServer` for the tree serves ``/``, ``/healthz``,
+    ``/readyz``, ``/tree`` and ``/metrics`` on ``status_host`` (loopback by default) from
+    before the start until the service's run has ended; port 0 picks a free port, logged
+    as ``status on http://HOST:PORT/``. ``metrics`` is the server's (``None``: on when
+    prometheus_client is installed). When ``NOTIFY_SOCKET`` is set (systemd's
+    ``Type=notify``), the runner sends ``READY=1`` once the service is RUNNING,
+    ``STOPPING=1`` when it stops, a one-line ``STATUS=``, and ``WATCHDOG=1`` every half
+    ``WATCHDOG_USEC`` while the event loop answers.
+
     Exit codes: 0 when the service stopped, also after a signal; 1 when it crashed (the
     service has logged the crash with its traceback); ``n`` for ``SystemExit(n)`` raised in
     the service; 128 + the signal's number (130 for SIGINT, 143 for SIGTERM) for a stop
@@ -58,25 +78,50 @@ def run(
 
     Raises:
         TypeError: if ``service`` is not a Service.
-        ValueError: for an unknown backend or a bad ``blocking_threshold``.
+        ValueError: for an unknown backend, a bad ``blocking_threshold`` or status port,
+            or ``metrics=True`` without a status port.
+        ImportError: a status server was asked for and hypercorn (or, with
+            ``metrics=True``, prometheus_client) is not installed.
     """
     if not isinstance(service, Service):
         raise TypeError(f"anyservice.run() needs a Service, got {service!r}")
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(_BACKENDS)}, got {backend!r}")
     detector = None if blocking_threshold is None else BlockingDetector(blocking_threshold)
-    runner = _Runner(service, handle_signals=handle_signals, detector=detector)
+    if status_port is None:
+        if metrics:
+            raise ValueError("metrics=True needs a status server: give status_port too")
+        status = None
+    else:
+        status = StatusServer(service, port=status_port, host=status_host, metrics=metrics)
+    runner = _Runner(service, handle_signals=handle_signals, detector=detector, status=status)
+    previous = {which: signal.getsignal(which) for which in _STOP_SIGNALS} if handle_signals else {}
+    runner.previous_handlers = previous
+    for which in previous:
+        # What a stop signal does while no receiver is open. trio's receiver restores this
+        # handler when it closes and then delivers again the signals it had not handed out.
+        signal.signal(which, runner.unreceived_signal)
     try:
         anyio.run(runner.serve, backend=backend)
     except BaseException as exc:
         # asyncio lets SystemExit and KeyboardInterrupt out of the loop at once, bare.
         runner.error = runner.error or exc
-    return runner.exit_code()
+    try:
+        return runner.exit_code()
+    finally:
+        runner.previous_handlers = {}
+        for which, handler in previous.items():
+            signal.signal(which, handler)
 
 
 class _Runner:
     def __init__(
-        self, service: Service, *, handle_signals: bool, detector: BlockingDetector | None
+        self,
+        service: Service,
+        *,
+        handle_signals: bool,
+        detector: BlockingDetector | None,
+        status: StatusServer | None = None,
     ) -> None:
         self.service = service
         # getattr: a subclass whose __init__ forgot super().__init__() has no name, and run()
@@ -84,6 +129,9 @@ class _Runner:
         self.name: str = getattr(service, "name", type(service).__name__)
         self.handle_signals = handle_signals
         self.detector = detector
+        self.status = status
+        #: The stop signals' handlers before run(), for a signal no receiver takes.
+        self.previous_handlers: dict[signal.Signals, Any] = {}
         #: The scope of the service's run (made in the loop): a second stop signal cancels it.
         self.scope: anyio.CancelScope | None = None
         self.stop_signal: signal.Signals | None = None
@@ -97,9 +145,15 @@ class _Runner:
         async with AsyncExitStack() as stack:
             if self.detector is not None:
                 await stack.enter_async_context(self.detector)
+            if self.status is not None:
+                await stack.enter_async_context(self.status)
+                log.info("%s: status on %s", self.name, self.status.url)
             async with anyio.create_task_group() as task_group:
                 if self.handle_signals:
                     await task_group.start(self._receive_signals, name="anyservice signals")
+                notifier = SystemdNotifier.from_environment()
+                if notifier is not None:
+                    task_group.start_soon(notifier.run, self.service, name="systemd notify")
                 try:
                     with scope:
                         await self.service.run()
@@ -117,14 +171,33 @@ class _Runner:
         wanted = [*_STOP_SIGNALS]
         if hasattr(signal, "SIGUSR1"):
             wanted.append(signal.SIGUSR1)
-        with anyio.open_signal_receiver(*wanted) as received:
-            task_status.started()
-            async for signum in received:
-                which = signal.Signals(signum)
-                if which in _STOP_SIGNALS:
-                    await self._stop_on(which)
-                else:
-                    self.log_stacks(which)
+        try:
+            with anyio.open_signal_receiver(*wanted) as received:
+                task_status.started()
+                async for signum in received:
+                    which = signal.Signals(signum)
+                    if which in _STOP_SIGNALS:
+                        await self._stop_on(which)
+                    else:
+                        self.log_stacks(which)
+        finally:
+            if self.forced_by is not None:
+                # asyncio's receiver restores the default actions when it closes: right
+                # after it, not one checkpoint later, ignore them until run() returns.
+                for stop_signal in _STOP_SIGNALS:
+                    signal.signal(stop_signal, signal.SIG_IGN)
+
+    def unreceived_signal(self, signum: int, frame: FrameType | None) -> None:
+        """A stop signal while no receiver is open: ignored once the forced stop has begun,
+        otherwise what the handler before ``run()`` would have done."""
+        if self.forced_by is not None:
+            return
+        handler = self.previous_handlers.get(signal.Signals(signum), signal.SIG_DFL)
+        if callable(handler):
+            handler(signum, frame)
+        elif handler == signal.SIG_DFL:
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
 
     async def _stop_on(self, which: signal.Signals) -> None:
         service = self.service

@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar
 
 import anyio
 
+from . import _hooks
 from ._core import BackgroundSpec, Host, attach_spec, check_coroutine_function
 from ._schedule import (
     CronSchedule,
@@ -91,7 +92,11 @@ class _PeriodicSpec(BackgroundSpec):
                 stats.errors += 1
                 service.log.exception("%s raised; the schedule goes on", self.describe())
         finished = anyio.current_time()
-        stats.record(max(0.0, started - due), finished - started)
+        lateness = max(0.0, started - due)
+        stats.record(lateness, finished - started)
+        observe = _hooks.timer_tick
+        if observe is not None:
+            observe(service, self.name, lateness)
         return started, finished
 
     def stats_for(self, service: Host) -> TimerStats:

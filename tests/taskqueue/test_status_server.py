@@ -1,13 +1,11 @@
-"""The worker's status server: hypercorn serving a tiny ASGI app, on asyncio and trio."""
+"""A task worker's own status server: Prefect's ``/status``, on asyncio and trio."""
 
 from __future__ import annotations
 
-import json
 import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
@@ -15,9 +13,9 @@ import pytest
 from anyservice import ServiceState
 from anyservice.taskqueue import TaskQueue, TaskWorker
 
-pytestmark = pytest.mark.anyio
+from ..http_client import PROMPTLY, http
 
-PROMPTLY = 10.0
+pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
@@ -32,27 +30,6 @@ def port_of(worker: TaskWorker) -> int:
     assert isinstance(port, int)
     assert port > 0
     return port
-
-
-async def http(port: int, path: str, method: str = "GET") -> tuple[int, dict[str, str], Any]:
-    """One HTTP/1.1 request on a fresh connection: status, headers, decoded JSON body."""
-    with anyio.fail_after(PROMPTLY):
-        async with await anyio.connect_tcp("127.0.0.1", port) as stream:
-            request = f"{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
-            await stream.send(request.encode())
-            response = b""
-            try:
-                while True:
-                    response += await stream.receive()
-            except (anyio.EndOfStream, anyio.BrokenResourceError):
-                pass
-    head, _, body = response.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode().split("\r\n")
-    headers = {}
-    for line in header_lines:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(status_line.split()[1]), headers, json.loads(body) if body else None
 
 
 async def test_status_serves_prefects_fields_on_a_free_port(queue: TaskQueue) -> None:
@@ -115,9 +92,9 @@ async def test_unknown_paths_and_methods_are_refused(queue: TaskQueue) -> None:
 
     async with TaskWorker(say, status_server_port=0) as worker:
         port = port_of(worker)
-        status, _, body = await http(port, "/metrics")
+        status, _, body = await http(port, "/nothing")
         assert status == 404
-        assert "try /status or /healthz" in body["error"]
+        assert "try /, /healthz, /readyz, /tree, /metrics, /status" in body["error"]
         status, headers, _ = await http(port, "/status", method="POST")
         assert (status, headers["allow"]) == (405, "GET, HEAD")
         status, _, body = await http(port, "/status", method="HEAD")

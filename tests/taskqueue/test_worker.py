@@ -405,6 +405,8 @@ async def test_no_limit_runs_everything_at_once(queue: TaskQueue) -> None:
         ({"status_server_port": -1}, ValueError, r"within 0\.\.65535"),
         ({"status_server_port": 70000}, ValueError, r"within 0\.\.65535"),
         ({"status_server_port": "8080"}, TypeError, "status_server_port must be an int"),
+        ({"status_server_host": 123}, TypeError, "status_server_host must be a str"),
+        ({"status_server_host": ""}, ValueError, "status_server_host must not be empty"),
         ({"shutdown_timeout": -1}, ValueError, "shutdown_timeout"),
     ],
 )

@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import socket
 import sys
 import time
 import uuid
@@ -34,17 +33,17 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
+from .. import _hooks
 from .._core import Service
 from .._core import task as background_task
 from .._runner import run as run_service
-from . import _http_backend
+from .._status import StatusServer, check_host, check_port
 from ._context import RunContext, running
 from ._errors import BrokerError, TaskTimeoutError
 from ._queue import Task, TaskQueue
 from ._records import PayloadError, RunError, RunRecord
 from ._scheduler import keep_schedule
 from ._serialize import decode_arguments, encode_result
-from ._status import StatusApp
 
 __all__ = ["TaskWorker", "serve"]
 
@@ -113,6 +112,7 @@ class _RunInFlight:
     """One claimed run while this worker holds it."""
 
     __slots__ = (
+        "began",
         "cancelled",
         "lost",
         "record",
@@ -129,6 +129,8 @@ class _RunInFlight:
         #: Cancelled when the lease is lost, so the attempt stops here.
         self.scope = anyio.CancelScope()
         self.started = time.time()
+        #: The backend clock at the claim, for the run's duration.
+        self.began = anyio.current_time()
         #: The outcome is being recorded: the lease keeper leaves it alone.
         self.settling = False
         #: The outcome is recorded (or given up on): nothing to hand back.
@@ -140,6 +142,19 @@ class _RunInFlight:
 
     def describe(self) -> str:
         return f"run {self.record.id} of {self.task.name!r} (attempt {self.record.attempts})"
+
+    def log_extra(self, service: str) -> dict[str, Any]:
+        return run_log_extra(service, self.record)
+
+
+def run_log_extra(service: str, record: RunRecord) -> dict[str, Any]:
+    """The ``extra`` of a log record about a run: JSON log lines carry these fields."""
+    return {
+        "service": service,
+        "task": record.task,
+        "run_id": record.id,
+        "attempt": record.attempts,
+    }
 
 
 class TaskWorker(Service, overrides=("run",)):
@@ -209,16 +224,14 @@ class TaskWorker(Service, overrides=("run",)):
         if not math.isfinite(lease_seconds) or lease_seconds <= 0:
             raise ValueError(f"{self.name}: lease_seconds must be > 0, got {lease_seconds!r}")
         if status_server_port is not None:
-            if isinstance(status_server_port, bool) or not isinstance(status_server_port, int):
-                raise TypeError(
-                    f"{self.name}: status_server_port must be an int, got {status_server_port!r}"
-                )
-            if not 0 <= status_server_port <= 65535:
-                raise ValueError(
-                    f"{self.name}: status_server_port must be within 0..65535 "
-                    f"(0 picks a free port), got {status_server_port}"
-                )
-            _http_backend.require_hypercorn()
+            check_port(status_server_port, f"{self.name}: status_server_port")
+        check_host(status_server_host, f"{self.name}: status_server_host")
+        #: The status server (the one of :class:`anyservice.StatusServer`), if asked for.
+        self.status_server = (
+            None
+            if status_server_port is None
+            else StatusServer(self, port=status_server_port, host=status_server_host)
+        )
         self.queue: TaskQueue = tasks[0].queue
         self.tasks: dict[str, Task[Any, Any]] = {task.name: task for task in tasks}
         self.limit = limit
@@ -226,7 +239,6 @@ class TaskWorker(Service, overrides=("run",)):
         self.status_server_host = status_server_host
         #: The status server's port: as asked until started, then the one bound.
         self.status_server_port = status_server_port
-        self._status_requested = status_server_port
         self.client_id = uuid.uuid4().hex
         self.started_at: datetime | None = None
         #: Outcomes since the worker was made: completed, failed, retried, handed_back, lost.
@@ -254,11 +266,12 @@ class TaskWorker(Service, overrides=("run",)):
         if not self._holding_queue:
             await self.queue.hold()
             self._holding_queue = True
-        if self._status_requested is not None:
-            sock = self._bind_status_socket(self._status_requested)
-            self.add_context(closing(sock))
-            self.status_server_port = sock.getsockname()[1]
-            self.spawn(functools.partial(self._serve_status, sock), name="status server")
+        server = self.status_server
+        if server is not None:
+            server.bind()
+            self.add_context(closing(server))
+            self.status_server_port = server.port
+            self.spawn(self._serve_status, name="status server")
         for schedule in self.queue.schedules.values():
             if schedule.task.name in self.tasks:
                 self.spawn(
@@ -272,9 +285,7 @@ class TaskWorker(Service, overrides=("run",)):
             self.queue.url,
             self.limit,
             self.client_id,
-            ""
-            if self._status_requested is None
-            else f"; status on http://{self.status_server_host}:{self.status_server_port}/status",
+            "" if server is None else f"; status on {server.url}status",
         )
 
     async def run(
@@ -300,32 +311,12 @@ class TaskWorker(Service, overrides=("run",)):
         else:
             self._drained.set()
 
-    def _bind_status_socket(self, port: int) -> socket.socket:
-        host = self.status_server_host
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            sock.listen(100)
-        except OSError as exc:
-            sock.close()
-            raise OSError(
-                exc.errno, f"{self.name}: cannot serve status on {host}:{port}: {exc.strerror}"
-            ) from exc
-        sock.setblocking(False)
-        return sock
-
-    async def _serve_status(self, sock: socket.socket) -> None:
+    async def _serve_status(self) -> None:
         # In flight for its whole life: it keeps answering (stopping: true) while the runs
         # drain, and shuts down once they have.
+        assert self.status_server is not None
         async with self.in_flight():
-            await _http_backend.serve(
-                StatusApp(self),
-                sock,
-                shutdown_trigger=self._drained.wait,
-                logger=self.log.logger.getChild("status"),
-            )
+            await self.status_server.serve(self._drained.wait)
 
     # ------------------------------------------------------------------ status
 
@@ -557,20 +548,23 @@ class TaskWorker(Service, overrides=("run",)):
         with anyio.move_on_after(self._record_budget(), shield=True):
             stored = await self._retrying(store, f"recording {entry.describe()}")
         entry.settled = True
+        extra = entry.log_extra(self.name)
         if stored is None:
-            self.counts["not_recorded"] += 1
+            self._count(record, "not_recorded")
             self.log.error(
                 "%s: could not record its outcome within %ss; its lease will expire and "
                 "another worker will run it again",
                 entry.describe(),
                 self._record_budget(),
+                extra=extra,
             )
             return
         if not stored:
-            self.counts["lost"] += 1
+            self._count(record, "lost")
             self.log.warning(
                 "%s finished, but its lease had passed to another worker: outcome not recorded",
                 entry.describe(),
+                extra=extra,
             )
             return
         self._note_recorded(entry, outcome, retrying=retrying)
@@ -578,15 +572,17 @@ class TaskWorker(Service, overrides=("run",)):
     def _note_recorded(self, entry: _RunInFlight, outcome: _Outcome, *, retrying: bool) -> None:
         """Count and log an outcome the broker recorded."""
         record = entry.record
+        extra = entry.log_extra(self.name)
         if not retrying:
             self._finished.append(record.id)
+        seconds = anyio.current_time() - entry.began
         if outcome.cancelled:
-            self.counts["cancelled"] += 1
-            self.log.info("%s cancelled, as asked", entry.describe())
+            self._count(record, "cancelled", seconds)
+            self.log.info("%s cancelled, as asked", entry.describe(), extra=extra)
         elif outcome.error is None:
-            self.counts["completed"] += 1
+            self._count(record, "completed", seconds)
         elif retrying:
-            self.counts["retried"] += 1
+            self._count(record, "retried", seconds)
             self.log.warning(
                 "%s failed: %s: %s; retrying in %gs (%d retr%s left)",
                 entry.describe(),
@@ -595,16 +591,24 @@ class TaskWorker(Service, overrides=("run",)):
                 record.retry_delay,
                 record.retries_left - 1,
                 "y" if record.retries_left - 1 == 1 else "ies",
+                extra=extra,
             )
         else:
-            self.counts["failed"] += 1
+            self._count(record, "failed", seconds)
             self.log.error(
                 "%s failed: %s: %s",
                 entry.describe(),
                 outcome.error.type,
                 outcome.error.message,
                 exc_info=outcome.exception if outcome.error.traceback else None,
+                extra=extra,
             )
+
+    def _count(self, record: RunRecord, outcome: str, seconds: float | None = None) -> None:
+        self.counts[outcome] += 1
+        observe = _hooks.task_run
+        if observe is not None:
+            observe(self, record.task, outcome, seconds)
 
     async def _retrying(self, call: Callable[[], Awaitable[bool]], doing: str) -> bool:
         backoff = _FIRST_BACKOFF
@@ -627,13 +631,15 @@ class TaskWorker(Service, overrides=("run",)):
                 lambda: self.queue.broker.release(self.client_id, record.id),
                 f"handing back run {record.id}",
             )
+        extra = run_log_extra(self.name, record)
         if released:
-            self.counts["handed_back"] += 1
+            self._count(record, "handed_back")
             self.log.warning(
                 "run %s of %r handed back unfinished (%s): another worker will run it",
                 record.id,
                 record.task,
                 why,
+                extra=extra,
             )
         elif released is None:
             self.log.error(
@@ -642,6 +648,7 @@ class TaskWorker(Service, overrides=("run",)):
                 record.id,
                 record.task,
                 why,
+                extra=extra,
             )
         else:
             self.log.warning(
@@ -649,6 +656,7 @@ class TaskWorker(Service, overrides=("run",)):
                 record.id,
                 record.task,
                 why,
+                extra=extra,
             )
 
     # ------------------------------------------------------------------ leases
@@ -685,10 +693,11 @@ class TaskWorker(Service, overrides=("run",)):
             if run_id in held or entry is None or entry.settling or entry.lost:
                 continue
             entry.lost = True
-            self.counts["lost"] += 1
+            self._count(entry.record, "lost")
             self.log.warning(
                 "%s: its lease was lost (another worker may have it): cancelled here",
                 entry.describe(),
+                extra=entry.log_extra(self.name),
             )
             entry.scope.cancel()
 

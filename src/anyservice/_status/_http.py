@@ -1,9 +1,9 @@
-"""The status server's HTTP side, with hypercorn: the task queue's one backend-specific module.
+"""The status server's HTTP side, with hypercorn: the package's one backend-specific module.
 
 hypercorn has an entry point per event loop (``hypercorn.asyncio.serve`` and
 ``hypercorn.trio.serve``) and anyio has no HTTP server, so the choice is made here, by the
 event loop we run on. hypercorn is an optional dependency (``anyservice[http]``), imported
-only when a worker is asked for a status server.
+only when a status server is asked for.
 
 The listening socket is bound by the caller (so port 0 works and the port is known before
 anything is served) and handed to hypercorn as ``fd://`` of a duplicate descriptor:
@@ -12,30 +12,55 @@ hypercorn closes its descriptor when it stops, the caller closes its own.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-__all__ = ["HTTP_EXTRA_HINT", "require_hypercorn", "serve"]
+__all__ = ["HTTP_EXTRA_HINT", "bind", "require", "require_hypercorn", "serve"]
 
 HTTP_EXTRA_HINT = "pip install 'anyservice[http]'"
 
 
-def require_hypercorn() -> None:
-    """Check that hypercorn can be imported.
+def require(module: str, *, what: str, hint: str) -> None:
+    """Check that the optional ``module`` can be imported.
 
     Raises:
-        ImportError: it cannot, with the command that installs it.
+        ImportError: it cannot, saying ``what`` needs it and ``hint`` (how to install it).
     """
     try:
-        import hypercorn.config  # noqa: F401
+        importlib.import_module(module)
     except ImportError as exc:
-        raise ImportError(
-            f"the task worker's status server needs hypercorn, which is not installed: "
-            f"{HTTP_EXTRA_HINT}"
+        package = module.partition(".")[0]
+        raise ImportError(f"{what} needs {package}, which is not installed: {hint}") from exc
+
+
+def require_hypercorn() -> None:
+    """Check that hypercorn can be imported (or raise ImportError with the extra to install)."""
+    require("hypercorn.config", what="the status server", hint=HTTP_EXTRA_HINT)
+
+
+def bind(host: str, port: int, *, what: str) -> socket.socket:
+    """A non-blocking socket listening on ``host:port`` (port 0: a free one).
+
+    Raises:
+        OSError: it cannot be bound, naming ``what`` wanted it and the address.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(100)
+    except OSError as exc:
+        sock.close()
+        raise OSError(
+            exc.errno, f"{what}: cannot serve status on {host}:{port}: {exc.strerror}"
         ) from exc
+    sock.setblocking(False)
+    return sock
 
 
 def _event_loop() -> str:
@@ -76,7 +101,7 @@ async def serve(
     else:
         raise RuntimeError(f"the status server runs on asyncio or trio, not on {loop!r}")
     config = Config()
-    # hypercorn logs "Running on ..." and its errors here: the worker's logger, not stderr.
+    # hypercorn logs "Running on ..." and its errors here: the service's logger, not stderr.
     config.errorlog = logger
     config.accesslog = None
     config.graceful_timeout = graceful_timeout

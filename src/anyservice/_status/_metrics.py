@@ -1,0 +1,300 @@
+"""``GET /metrics``: the Prometheus text format, through ``prometheus_client``.
+
+Almost every figure is read from the tree at scrape time (states, restart counts, timer
+statistics, task-worker counts, the queue's runs by state), so nothing is collected
+between scrapes. The two histograms (timer lateness, task-run duration) and the task-run
+outcomes by task need every event: while at least one status server exports metrics,
+:data:`anyservice._hooks` points at :class:`Observations`, which counts into fixed
+buckets; with none, the hooks are ``None`` and nothing is kept.
+
+Labels are service, timer and task names (and run states), never run ids, so the number
+of series is bounded by the code, not by the traffic.
+"""
+
+from __future__ import annotations
+
+import logging
+from bisect import bisect_left
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+from weakref import WeakKeyDictionary
+
+import anyio
+import anyio.to_thread
+
+from .. import _hooks
+from ._core_names import Service, ServiceState
+from ._http import require
+from ._snapshot import task_workers, walk
+
+if TYPE_CHECKING:
+    from ..taskqueue import TaskWorker
+
+__all__ = ["METRICS_EXTRA_HINT", "Observations", "exposition", "require_prometheus_client"]
+
+METRICS_EXTRA_HINT = "pip install 'anyservice[metrics]'"
+
+log = logging.getLogger("anyservice.status")
+
+#: Lateness of a timer tick: sub-millisecond is the norm, seconds mean a blocked loop.
+LATENESS_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
+#: Duration of a task run: prometheus_client's defaults, stretched to minutes.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0, 300.0)
+#: The longest a scrape waits for a broker's counts before leaving the queue depth out.
+QUEUE_DEPTH_TIMEOUT = 2.0
+
+
+def require_prometheus_client() -> None:
+    """Check that prometheus_client can be imported (or raise ImportError with the extra)."""
+    require("prometheus_client", what="metrics", hint=METRICS_EXTRA_HINT)
+
+
+def metrics_available() -> bool:
+    try:
+        require_prometheus_client()
+    except ImportError:
+        return False
+    return True
+
+
+class _Histogram:
+    """Counts per bucket (not cumulative) and the sum: an observation is a bisect and two adds."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # Prometheus buckets are "less than or equal": the first bound >= value.
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        buckets: list[tuple[str, float]] = []
+        total = 0
+        for bound, count in zip((*map(repr, self.bounds), "+Inf"), self.counts, strict=True):
+            total += count
+            buckets.append((bound, total))
+        return buckets
+
+
+class Observations:
+    """What the hooks saw, by service (weakly: a service dropped takes its figures along)."""
+
+    _users = 0
+    _current: Observations | None = None
+
+    def __init__(self) -> None:
+        self.lateness: WeakKeyDictionary[Any, dict[str, _Histogram]] = WeakKeyDictionary()
+        self.durations: WeakKeyDictionary[Any, dict[str, _Histogram]] = WeakKeyDictionary()
+        self.outcomes: WeakKeyDictionary[Any, dict[tuple[str, str], int]] = WeakKeyDictionary()
+
+    @classmethod
+    def start(cls) -> Observations:
+        """Turn the hooks on (for one more status server) and return the shared store."""
+        if cls._current is None:
+            cls._current = cls()
+            _hooks.timer_tick = cls._current.timer_tick
+            _hooks.task_run = cls._current.task_run
+        cls._users += 1
+        return cls._current
+
+    @classmethod
+    def stop(cls) -> None:
+        """One status server less; with none left, the hooks are off and the store dropped."""
+        cls._users -= 1
+        if cls._users <= 0:
+            cls._users = 0
+            cls._current = None
+            _hooks.timer_tick = None
+            _hooks.task_run = None
+
+    def timer_tick(self, service: Any, timer: str, lateness: float) -> None:
+        by_timer = self.lateness.get(service)
+        if by_timer is None:
+            by_timer = self.lateness[service] = {}
+        histogram = by_timer.get(timer)
+        if histogram is None:
+            histogram = by_timer[timer] = _Histogram(LATENESS_BUCKETS)
+        histogram.observe(lateness)
+
+    def task_run(self, worker: Any, task: str, outcome: str, seconds: float | None) -> None:
+        counts = self.outcomes.get(worker)
+        if counts is None:
+            counts = self.outcomes[worker] = {}
+        counts[task, outcome] = counts.get((task, outcome), 0) + 1
+        if seconds is not None:
+            by_task = self.durations.get(worker)
+            if by_task is None:
+                by_task = self.durations[worker] = {}
+            histogram = by_task.get(task)
+            if histogram is None:
+                histogram = by_task[task] = _Histogram(DURATION_BUCKETS)
+            histogram.observe(seconds)
+
+
+async def queue_depths(workers: Iterable[TaskWorker]) -> dict[str, int] | None:
+    """Runs by state over the workers' queues, from their brokers; ``None`` if none answered.
+
+    One grouped count per queue (an index covers the state), bounded in time.
+    """
+    depths: dict[str, int] | None = None
+    seen: set[int] = set()
+    for worker in workers:
+        queue = worker.queue
+        if id(queue) in seen or worker.state not in (ServiceState.RUNNING, ServiceState.STOPPING):
+            continue
+        seen.add(id(queue))
+        counts = None
+        with anyio.move_on_after(QUEUE_DEPTH_TIMEOUT):
+            try:
+                counts = await queue.broker.counts()
+            # A scrape reports what it can: a broker that fails now is the worker's to
+            # report (its /healthz says so), not a reason to fail every other figure.
+            except Exception as exc:
+                log.debug("queue depth of %s left out: %r", queue.url, exc)
+        if counts is None:
+            continue
+        depths = depths or {}
+        for state, number in counts.items():
+            # Lower case, as the states of anyservice_task_runs_total.
+            label = str(state).lower()
+            depths[label] = depths.get(label, 0) + number
+    return depths
+
+
+def _families(
+    root: Service, observations: Observations, depths: dict[str, int] | None
+) -> list[Any]:
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+    )
+
+    up = GaugeMetricFamily(
+        "anyservice_service_up", "1 while the service is RUNNING, else 0.", labels=["service"]
+    )
+    healthy = GaugeMetricFamily(
+        "anyservice_service_healthy",
+        "The last health check: 1 passed, 0 failed (only services that ran one).",
+        labels=["service"],
+    )
+    restarts = CounterMetricFamily(
+        "anyservice_service_restarts", "Restarts of the service.", labels=["service"]
+    )
+    lateness = HistogramMetricFamily(
+        "anyservice_timer_lateness_seconds",
+        "How late each timer tick started after it was due.",
+        labels=["service", "timer"],
+    )
+    ticks = CounterMetricFamily(
+        "anyservice_timer_ticks", "Timer bodies run.", labels=["service", "timer"]
+    )
+    overruns = CounterMetricFamily(
+        "anyservice_timer_overruns",
+        "Timer bodies still running when the next tick was due.",
+        labels=["service", "timer"],
+    )
+    missed = CounterMetricFamily(
+        "anyservice_timer_missed_ticks",
+        "Timer ticks dropped by the missed-tick policy.",
+        labels=["service", "timer"],
+    )
+    services = list(walk(root))
+    for service in services:
+        name = service.name
+        up.add_metric([name], 1.0 if service.state is ServiceState.RUNNING else 0.0)
+        if service.last_health is not None:
+            healthy.add_metric([name], 1.0 if service.last_health.healthy else 0.0)
+        restarts.add_metric([name], service.restart_count)
+        for timer, stats in service.timer_stats.items():
+            ticks.add_metric([name, timer], stats.ticks)
+            overruns.add_metric([name, timer], stats.overruns)
+            missed.add_metric([name, timer], stats.missed)
+        for timer, histogram in (observations.lateness.get(service) or {}).items():
+            lateness.add_metric([name, timer], histogram.cumulative(), histogram.sum)
+    families = [up, healthy, restarts, lateness, ticks, overruns, missed]
+
+    workers = task_workers(root)
+    if workers:
+        runs = CounterMetricFamily(
+            "anyservice_task_runs",
+            "Task-run outcomes (completed, failed, retried, cancelled, handed_back, lost, "
+            "not_recorded).",
+            labels=["task", "state"],
+        )
+        duration = HistogramMetricFamily(
+            "anyservice_task_run_duration_seconds",
+            "How long task-run attempts took, from claim to outcome.",
+            labels=["task"],
+        )
+        in_flight = GaugeMetricFamily(
+            "anyservice_task_runs_in_flight", "Runs the worker holds now.", labels=["service"]
+        )
+        lost = CounterMetricFamily(
+            "anyservice_lease_lost",
+            "Runs whose lease passed to another worker while this one held them.",
+            labels=["service"],
+        )
+        outcomes: dict[tuple[str, str], int] = {}
+        durations: dict[str, list[_Histogram]] = {}
+        for worker in workers:
+            in_flight.add_metric([worker.name], worker.status()["current"])
+            lost.add_metric([worker.name], worker.counts["lost"])
+            for key, number in (observations.outcomes.get(worker) or {}).items():
+                outcomes[key] = outcomes.get(key, 0) + number
+            for task, histogram in (observations.durations.get(worker) or {}).items():
+                durations.setdefault(task, []).append(histogram)
+        for (task, state), number in sorted(outcomes.items()):
+            runs.add_metric([task, state], number)
+        for task, histograms in sorted(durations.items()):
+            merged = _merge(histograms)
+            duration.add_metric([task], merged.cumulative(), merged.sum)
+        families += [runs, duration, in_flight, lost]
+    if depths is not None:
+        depth = GaugeMetricFamily(
+            "anyservice_task_queue_depth",
+            "Runs in the task queue by state, read from the broker at scrape time.",
+            labels=["state"],
+        )
+        for state, number in sorted(depths.items()):
+            depth.add_metric([state], number)
+        families.append(depth)
+    return families
+
+
+def _merge(histograms: list[_Histogram]) -> _Histogram:
+    merged = _Histogram(histograms[0].bounds)
+    for histogram in histograms:
+        merged.counts = [a + b for a, b in zip(merged.counts, histogram.counts, strict=True)]
+        merged.sum += histogram.sum
+    return merged
+
+
+class _Families:
+    """A collector that yields families already built (one scrape's)."""
+
+    def __init__(self, families: list[Any]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Any]:
+        return self._families
+
+
+async def exposition(root: Service, observations: Observations) -> tuple[bytes, str]:
+    """The body and content type of ``GET /metrics`` for the tree under ``root``."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+    depths = await queue_depths(task_workers(root))
+    registry = CollectorRegistry(auto_describe=False)
+    # The figures are read here, in the event loop, all at one moment; formatting them is
+    # the slow part (about a second for 1 000 services with timers on a busy machine), so
+    # it runs in a thread and the loop keeps ticking meanwhile.
+    registry.register(_Families(_families(root, observations, depths)))
+    body = await anyio.to_thread.run_sync(generate_latest, registry)
+    return body, CONTENT_TYPE_LATEST
