@@ -122,10 +122,21 @@ async def test_purge_deletes_what_finished_before_the_cutoff(
     recent = await broker.submit("say", PAYLOAD)
     assert await broker.request_cancel(recent.id) is RunState.CANCELLED
     waiting = await broker.submit("say", PAYLOAD)
-    assert await broker.purge(before=START + 50) == 1
+    assert await broker.purge(50) == 1  # it is now START + 100
     assert await broker.get(old.id) is None
     assert await broker.get(recent.id) is not None
     assert await broker.get(waiting.id) is not None
+
+
+async def test_purge_goes_through_many_runs_in_batches(broker: Broker, clock: FakeClock) -> None:
+    for _ in range(1_200):
+        run = await broker.submit("say", PAYLOAD)
+        assert await broker.request_cancel(run.id) is RunState.CANCELLED
+    clock.advance(10)
+    assert await broker.purge(5) == 1_200
+    assert sum((await broker.counts()).values()) == 0
+    with pytest.raises(ValueError, match="older_than must be a finite number >= 0, got -1"):
+        await broker.purge(-1)
 
 
 async def test_submitters_racing_on_one_key_store_one_run(tmp_path: Path) -> None:

@@ -477,7 +477,7 @@ class TaskQueue:
         """
         seconds = _check_seconds(older_than, "purge() older_than", allow_zero=True)
         broker = await self.ensure_open()
-        return await broker.purge(before=broker.now() - seconds)
+        return await broker.purge(seconds)
 
 
 def _check_retry_on(value: object) -> tuple[type[BaseException], ...] | None:

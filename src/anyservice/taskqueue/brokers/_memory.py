@@ -281,13 +281,14 @@ class MemoryBroker(BaseBroker):
         self._cancel_requested.discard(run_id)
         return True
 
-    async def _purge(self, before: float) -> int:
+    async def _purge(self, before: float, limit: int) -> int:
         await self._check_open()
         gone = {
             run_id
             for run_id, run in self._runs.items()
             if run.finished and run.finished_at is not None and run.finished_at < before
         }
+        gone = set(sorted(gone)[:limit])
         for run_id in gone:
             del self._runs[run_id]
             self._sequence.pop(run_id, None)

@@ -293,27 +293,28 @@ class SqliteClusterStorage:
 
         return await self._cluster_call(end)
 
-    async def _purge(self, before: float) -> int:
+    async def _purge(self, before: float, limit: int) -> int:
         def purge(conn: sqlite3.Connection) -> int:
             conn.execute("BEGIN IMMEDIATE")
-            gone = (
-                f"SELECT id FROM anyservice_runs WHERE state IN ({_FINISHED}) AND finished_at < ?"
-            )
-            for table, column in (
-                ("anyservice_keys", "run_id"),
-                ("anyservice_cancels", "run_id"),
-            ):
-                conn.execute(f"DELETE FROM {table} WHERE {column} IN ({gone})", (before,))
-            # A tick stays (so it is never stored again), without its run.
-            conn.execute(
-                f"UPDATE anyservice_ticks SET run_id = NULL WHERE run_id IN ({gone})", (before,)
-            )
-            count = conn.execute(
-                f"DELETE FROM anyservice_runs WHERE state IN ({_FINISHED}) AND finished_at < ?",
-                (before,),
-            ).rowcount
+            doomed = [
+                run_id
+                for (run_id,) in conn.execute(
+                    f"SELECT id FROM anyservice_runs WHERE state IN ({_FINISHED})"
+                    " AND finished_at < ? LIMIT ?",
+                    (before, limit),
+                )
+            ]
+            marks = ", ".join("?" * len(doomed))
+            if doomed:
+                conn.execute(f"DELETE FROM anyservice_keys WHERE run_id IN ({marks})", doomed)
+                conn.execute(f"DELETE FROM anyservice_cancels WHERE run_id IN ({marks})", doomed)
+                # A tick stays (so it is never stored again), without its run.
+                conn.execute(
+                    f"UPDATE anyservice_ticks SET run_id = NULL WHERE run_id IN ({marks})", doomed
+                )
+                conn.execute(f"DELETE FROM anyservice_runs WHERE id IN ({marks})", doomed)
             conn.execute("COMMIT")
-            return count
+            return len(doomed)
 
         return await self._cluster_call(purge)
 
