@@ -58,6 +58,8 @@ _MAX_BACKOFF = 2.0
 _UNLIMITED_THREADS = 40
 #: Longest a claim or a hand-back may hold off a cancellation; past it, leases expiring do.
 _HAND_BACK_BUDGET = 5.0
+#: What became of the runs a worker ran: the keys of ``TaskWorker.counts``.
+OUTCOMES = ("completed", "failed", "retried", "cancelled", "handed_back", "lost", "not_recorded")
 #: How many finished run ids the status server lists.
 _FINISHED_SHOWN = 100
 
@@ -241,11 +243,8 @@ class TaskWorker(Service, overrides=("run",)):
         self.status_server_port = status_server_port
         self.client_id = uuid.uuid4().hex
         self.started_at: datetime | None = None
-        #: Outcomes since the worker was made: completed, failed, retried, handed_back, lost.
-        self.counts = dict.fromkeys(
-            ("completed", "failed", "retried", "cancelled", "handed_back", "lost", "not_recorded"),
-            0,
-        )
+        #: Outcomes since the worker was made (see ``OUTCOMES``).
+        self.counts = dict.fromkeys(OUTCOMES, 0)
         self._finished: deque[str] = deque(maxlen=_FINISHED_SHOWN)
         self._runs: dict[str, _RunInFlight] = {}
         self._broker_problem: str | None = None
