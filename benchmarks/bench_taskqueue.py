@@ -17,8 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager, AsyncExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,17 @@ def runs_for(config: Config) -> int:
 
 def probes_for(config: Config) -> int:
     return 100 if config.quick else 300
+
+
+#: A fresh, empty broker for one sample: a context manager that gives its URL.
+Database = Callable[[], AbstractContextManager[str]]
+
+
+@contextmanager
+def sqlite_database() -> Iterator[str]:
+    """A fresh SQLite file in a temporary directory."""
+    with tempfile.TemporaryDirectory() as directory:
+        yield f"sqlite:///{Path(directory) / 'runs.db'}"
 
 
 # --- the anyservice side (imported lazily) -----------------------------------------------
@@ -123,20 +134,30 @@ async def _kill(process: anyio.abc.Process) -> None:
     await process.aclose()
 
 
-def throughput(config: Config, processes: int, limit: int) -> Callable[[], SampleFunction]:
+def throughput(
+    config: Config,
+    processes: int,
+    limit: int,
+    database: Database = sqlite_database,
+    *,
+    runs: int | None = None,
+    submit_rate: float = 2_000.0,
+    submitters: int = 1,
+) -> Callable[[], SampleFunction]:
     """No-op runs per second through one in-process worker, or ``processes`` processes.
 
     The runs are submitted first, all due at one moment ``t0`` a little later, while the
     workers wait; the figure is runs / (time the last one was recorded COMPLETED - t0).
+    ``t0`` leaves time to submit the runs at ``submit_rate`` runs/s, from ``submitters``
+    concurrent tasks.
     """
 
     def build() -> SampleFunction:
         taskqueue = require(_library, config)
-        runs = runs_for(config)
+        count = runs_for(config) if runs is None else runs
 
         async def sample() -> Metrics:
-            with tempfile.TemporaryDirectory() as directory:
-                url = f"sqlite:///{Path(directory) / 'runs.db'}"
+            with database() as url:
                 queue, noop, _ = define_tasks(url)
                 async with AsyncExitStack() as stack:
                     await stack.enter_async_context(queue)
@@ -147,14 +168,22 @@ def throughput(config: Config, processes: int, limit: int) -> Callable[[], Sampl
                     else:
                         await stack.enter_async_context(taskqueue.TaskWorker(noop, limit=limit))
                     payload = noop.encode((), {})
-                    due = time.time() + 0.5 + runs / 2_000
-                    for _ in range(runs):
-                        await queue.broker.submit("noop", payload, scheduled_at=due)
+                    due = time.time() + 0.5 + count / submit_rate
+
+                    async def submit(share: int) -> None:
+                        for _ in range(share):
+                            await queue.broker.submit("noop", payload, scheduled_at=due)
+
+                    async with anyio.create_task_group() as group:
+                        for index in range(submitters):
+                            group.start_soon(
+                                submit, count // submitters + (index < count % submitters)
+                            )
                     if time.time() >= due:
                         raise RuntimeError("submitting took longer than planned; runs started")
                     await anyio.sleep(due - time.time())
-                    finished = await _all_completed(queue, runs, taskqueue.RunState.COMPLETED)
-            return {"runs/s": runs / (finished - due)}
+                    finished = await _all_completed(queue, count, taskqueue.RunState.COMPLETED)
+            return {"runs/s": count / (finished - due)}
 
         return sample
 
@@ -175,7 +204,9 @@ def anyio_backend() -> str:
     return sniffio.current_async_library()
 
 
-def latency(config: Config, in_process: bool) -> Callable[[], SampleFunction]:
+def latency(
+    config: Config, in_process: bool, database: Database = sqlite_database
+) -> Callable[[], SampleFunction]:
     """Submit-to-start latency: ``await stamp.delay()`` to the task's first line, one at a time.
 
     The task returns ``time.time()`` as it starts; the latency is that minus the time just
@@ -187,8 +218,7 @@ def latency(config: Config, in_process: bool) -> Callable[[], SampleFunction]:
         probes = probes_for(config)
 
         async def sample() -> Metrics:
-            with tempfile.TemporaryDirectory() as directory:
-                url = f"sqlite:///{Path(directory) / 'runs.db'}"
+            with database() as url:
                 queue, _, stamp = define_tasks(url)
                 delays: list[float] = []
                 async with AsyncExitStack() as stack:

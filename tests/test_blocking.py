@@ -24,7 +24,7 @@ from anyservice._runner import run
 pytestmark = pytest.mark.anyio
 
 THRESHOLD = 0.1
-LOGGER = "anyservice.BlockingDetector"
+LOGGER = "anyservice"
 
 
 def watchdog_threads() -> list[threading.Thread]:
@@ -35,7 +35,9 @@ def warnings_from(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [
         record
         for record in caplog.records
-        if record.name == LOGGER and record.levelno == logging.WARNING
+        if record.name == LOGGER
+        and getattr(record, "service", None) == "BlockingDetector"
+        and record.levelno == logging.WARNING
     ]
 
 

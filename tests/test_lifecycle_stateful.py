@@ -47,6 +47,7 @@ STEP_TIMEOUT = 5.0
 #: How long a service may take to reach the state a finished operation promises.
 SETTLE_TIMEOUT = 0.5
 
+STARTING = ServiceState.STARTING
 RUNNING = ServiceState.RUNNING
 STOPPED = ServiceState.STOPPED
 CRASHED = ServiceState.CRASHED
@@ -451,8 +452,8 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     async def add_dependency(self, parent: Worker, kind: Kind) -> Worker:
         dependency = await self.new_worker(kind)
-        if parent.state is not RUNNING:
-            with pytest.raises(ServiceError, match="needs a RUNNING service"):
+        if parent.state not in (STARTING, RUNNING):
+            with pytest.raises(ServiceError, match="needs a STARTING or RUNNING service"):
                 await parent.add_runtime_dependency(dependency)
             assert dependency not in parent.dependencies
             assert dependency.state is INIT

@@ -85,7 +85,8 @@ def test_a_crash_exits_1_and_its_traceback_is_logged_once(
     assert caplog.text.count("Traceback") == 1
     tracebacks = [record for record in caplog.records if record.exc_info is not None]
     assert len(tracebacks) == 1
-    assert tracebacks[0].name == "anyservice.OneTask"
+    assert tracebacks[0].name == "anyservice"
+    assert tracebacks[0].service == "OneTask"  # type: ignore[attr-defined]
     (summary,) = [record for record in caplog.records if record.name == "anyservice.runner"]
     assert summary.getMessage() == (
         "OneTask crashed (ConnectionError('upstream closed the connection')): exit code 1"

@@ -554,7 +554,8 @@ async def test_crash_is_logged_once_with_its_traceback(caplog: pytest.LogCapture
             await anyio.sleep_forever()
     with_traceback = [record for record in caplog.records if record.exc_info]
     assert len(with_traceback) == 1
-    assert with_traceback[0].name == "anyservice.Flaky"
+    assert with_traceback[0].name == "anyservice"
+    assert with_traceback[0].service == "Flaky"  # type: ignore[attr-defined]
     assert any(
         "[parent] crashed" in record.getMessage() and "logged above" in record.getMessage()
         for record in caplog.records
@@ -722,7 +723,7 @@ async def test_bad_dependencies_are_refused_at_the_call() -> None:
     async with parent:
         with pytest.raises(ServiceError, match="use 'await add_runtime_dependency"):
             parent.add_dependency(Service())
-    with pytest.raises(ServiceError, match="needs a RUNNING service"):
+    with pytest.raises(ServiceError, match="needs a STARTING or RUNNING service"):
         await parent.add_runtime_dependency(Service())
 
 
@@ -844,9 +845,12 @@ async def test_name_defaults_to_class_name_and_shows_in_logs(
     with caplog.at_level(logging.INFO, logger="anyservice"):
         async with Poller(name="poller-eu"):
             pass
-    messages = [(record.name, record.getMessage()) for record in caplog.records]
-    assert ("anyservice.poller-eu", "[poller-eu] started") in messages
-    assert ("anyservice.poller-eu", "[poller-eu] stopped") in messages
+    messages = [
+        (record.name, record.service, record.getMessage())  # type: ignore[attr-defined]
+        for record in caplog.records
+    ]
+    assert ("anyservice", "poller-eu", "[poller-eu] started") in messages
+    assert ("anyservice", "poller-eu", "[poller-eu] stopped") in messages
 
 
 async def test_lifecycle_log_level_can_be_lowered(caplog: pytest.LogCaptureFixture) -> None:

@@ -244,7 +244,7 @@ async def test_restart_is_logged_with_its_reason_and_shown_in_the_tree(
     flaky = Worker("flaky", [], crash_after=1)
     flaky.crashes = 2
     supervisor = Supervisor(flaky, name="root", backoff=NO_BACKOFF)
-    with caplog.at_level(logging.WARNING, logger="anyservice.root"):
+    with caplog.at_level(logging.WARNING, logger="anyservice"):
         async with supervisor:
             await anyio.sleep(5)
             tree = supervisor.dump_tree()

@@ -11,6 +11,8 @@ from ._core import Service as Service
 from ._core import ServiceError as ServiceError
 from ._core import ServiceState as ServiceState
 from ._core import UnhealthyError as UnhealthyError
+from ._core import WaitResult as WaitResult
+from ._core import WaitResults as WaitResults
 from ._core import requirements as requirements
 from ._core import task as task
 from ._core import transitions_to as transitions_to
@@ -51,6 +53,8 @@ __all__ = [
     "SupervisorError",
     "TimerStats",
     "UnhealthyError",
+    "WaitResult",
+    "WaitResults",
     "crontab",
     "requirements",
     "run",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import anyio
@@ -39,6 +39,13 @@ class _LoopSpec(TimerSpec):
             on_error="log",
         )
         self.name = "run_once"
+
+    async def run(self, service: Host) -> None:
+        assert isinstance(service, LoopService)
+        # Counted here rather than in on_start: a subclass that overrides on_start without
+        # calling super() still gets its ``loops`` on every start.
+        service.loops_run = 0
+        await super().run(service)
 
     async def call(self, service: Host) -> None:
         assert isinstance(service, LoopService)
@@ -108,9 +115,6 @@ class LoopService(Service):
         # Every LoopService runs the loop, whatever else its subclass decorates.
         cls._background_specs = (_LOOP, *cls._background_specs)
 
-    async def on_start(self) -> None:
-        self.loops_run = 0
-
     async def run_once(self) -> None:
         """One run of the loop: override it.
 
@@ -138,17 +142,20 @@ _LOOP = _LoopSpec()
 LoopService._background_specs = (_LOOP,)
 
 
-async def run_services(*services: Service, handle_signals: bool = True) -> None:
+async def run_services(*services: Service | Iterable[Service], handle_signals: bool = True) -> None:
     """Run several services until all have stopped, under one signal handler.
 
-    Prefect's ``run_multiple_services``: with ``handle_signals=True``, the first SIGINT or
-    SIGTERM stops every service gracefully. A LoopService runs for the ``loops`` its last
+    Prefect's ``run_multiple_services``: ``run_services([a, b])`` as Prefect takes them, or
+    ``run_services(a, b)``. With ``handle_signals=True``, the first SIGINT or SIGTERM stops
+    every service gracefully. A LoopService runs for the ``loops`` its last
     ``start(loops=)`` asked for (by default, until stopped).
 
     Raises:
+        TypeError: if something given is not a service.
         ValueError: if no services are given or one is given twice.
         BaseExceptionGroup: what crashed any of them (the others are then stopped).
     """
+    services = _flatten(services)
     if not services:
         raise ValueError("run_services() needs at least one service")
     if len({id(service) for service in services}) != len(services):
@@ -160,6 +167,21 @@ async def run_services(*services: Service, handle_signals: bool = True) -> None:
             for service in services:
                 inner.start_soon(service.run, name=f"anyservice {service.name}")
         outer.cancel_scope.cancel()
+
+
+def _flatten(given: tuple[Service | Iterable[Service], ...]) -> tuple[Service, ...]:
+    flat: list[Service] = []
+    for item in given:
+        if isinstance(item, Service):
+            flat.append(item)
+        elif isinstance(item, Iterable):
+            for service in item:
+                if not isinstance(service, Service):
+                    raise TypeError(f"run_services() takes services, got {service!r}")
+                flat.append(service)
+        else:
+            raise TypeError(f"run_services() takes services or a list of them, got {item!r}")
+    return tuple(flat)
 
 
 async def _stop_on_signal(

@@ -17,7 +17,7 @@ from typing import Any, Literal, TypeVar
 import anyio
 
 from . import _hooks
-from ._core import BackgroundSpec, Host, attach_spec, check_coroutine_function
+from ._core import BackgroundSpec, Host, attach_spec, check_coroutine_function, check_name
 from ._schedule import (
     CronSchedule,
     IntervalSchedule,
@@ -118,11 +118,14 @@ class TimerSpec(_PeriodicSpec):
         policy: MissedTickPolicy | str,
         exec_first: bool,
         on_error: OnError,
+        name: str | None = None,
     ) -> None:
         self.interval = check_interval(interval, f"@timer {function.__name__!r} interval")
         self.policy = check_policy(policy)
         self.exec_first = bool(exec_first)
         super().__init__(function, on_error=on_error)
+        if name is not None:
+            self.name = name
 
     def interval_for(self, service: Host) -> float:
         return self.interval
@@ -218,6 +221,7 @@ def timer(
     policy: MissedTickPolicy | str = MissedTickPolicy.SKIP,
     exec_first: bool = False,
     on_error: OnError = "crash",
+    name: str | None = None,
 ) -> Callable[[F], F]:
     """Run a coroutine method every ``interval`` seconds, on a grid that never drifts.
 
@@ -227,22 +231,26 @@ def timer(
     ``"delay"`` (run now and re-anchor the grid) or ``"burst"`` (catch up); one warning per
     run of overruns says by how much. An exception in the body crashes the service
     (mode's behaviour) unless ``on_error="log"`` (Prefect's), which logs it and keeps the
-    schedule. Statistics: ``service.timer_stats[name]``.
+    schedule. Statistics: ``service.timer_stats[name]``, where ``name`` (mode's) is the
+    method's name unless given; it also names the timer's task.
 
     Raises:
-        TypeError: if ``interval`` is not a number or the method is not ``async def``.
-        ValueError: for an interval that is not finite and > 0, or an unknown policy.
+        TypeError: if ``interval`` is not a number, ``name`` not a str, or the method is
+            not ``async def``.
+        ValueError: for an interval that is not finite and > 0, an unknown policy or an
+            empty name.
     """
 
     check_interval(interval, "@timer interval")
     check_policy(policy)
+    check_name(name, "@timer name")
 
     def decorate(function: F) -> F:
         check_coroutine_function(function, "@timer")
-        return attach_spec(
-            function,
-            TimerSpec(function, interval, policy=policy, exec_first=exec_first, on_error=on_error),
+        spec = TimerSpec(
+            function, interval, policy=policy, exec_first=exec_first, on_error=on_error, name=name
         )
+        return attach_spec(function, spec)
 
     return decorate
 

@@ -12,7 +12,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,8 @@ from anyservice.taskqueue import _records as records
 from anyservice.taskqueue._errors import BrokerError
 from anyservice.taskqueue._records import ABANDONED_ERROR_TYPE, RunError, RunRecord, RunState
 from anyservice.taskqueue.brokers import Broker, MemoryBroker, SqliteBroker, broker_from_url
+from anyservice.taskqueue.brokers._base import PURGE_BATCH
+from tests._postgres import postgres_schema
 
 pytestmark = pytest.mark.anyio
 
@@ -52,9 +54,13 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / 'runs.db'}"
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
+def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "postgresql":
+        with postgres_schema(request.getfixturevalue("postgres_url")) as url:
+            yield url
+    else:
+        yield "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / 'runs.db'}"
 
 
 @pytest.fixture
@@ -517,7 +523,8 @@ async def test_wait_for_work_returns_after_its_timeout(broker: Broker) -> None:
 
 async def test_wait_for_work_wakes_when_a_retry_falls_due(real_time_broker: Broker) -> None:
     broker = real_time_broker
-    run = await broker.submit("say", PAYLOAD, retries=1, retry_delay=0.05)
+    # Long enough that the claim right after the failure comes before it on a busy machine.
+    run = await broker.submit("say", PAYLOAD, retries=1, retry_delay=0.5)
     await claim_one(broker, "w1")
     assert await broker.fail("w1", run.id, BOOM, retry=True)
     assert await claim(broker, "w1") == []
@@ -623,11 +630,12 @@ def test_sqlite_url_names_a_relative_or_absolute_file(url: str, path: str) -> No
 
 @pytest.mark.parametrize(
     ("url", "scheme"),
-    [("postgresql://user:secret@host/db", "postgresql"), ("redis://localhost", "redis")],
+    [("redis://localhost", "redis"), ("mysql://user:secret@host/db", "mysql")],
 )
 def test_unsupported_scheme_lists_the_supported_ones(url: str, scheme: str) -> None:
     with pytest.raises(
-        ValueError, match=f"^unsupported scheme '{scheme}'; supported: sqlite, memory$"
+        ValueError,
+        match=f"^unsupported scheme '{scheme}'; supported: sqlite, memory, postgresql, postgres$",
     ):
         broker_from_url(url)
 
@@ -793,6 +801,17 @@ def test_any_sequence_of_calls_leaves_the_records_the_pure_transitions_give(
         anyio.run(drive, url, script, backend=backend)
 
 
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(script=st.lists(steps, min_size=10, max_size=40))
+def test_any_sequence_of_calls_on_postgresql_leaves_the_records_the_pure_transitions_give(
+    postgres_url: str, backend: str, script: list[tuple[Any, ...]]
+) -> None:
+    # Fewer examples than the embedded brokers: each makes (and drops) a schema.
+    with postgres_schema(postgres_url) as url:
+        anyio.run(drive, url, script, backend=backend)
+
+
 async def test_only_a_retried_failure_counts_as_new_work(broker: Broker) -> None:
     notifier = broker._notifier  # type: ignore[attr-defined]
     await broker.submit("say", PAYLOAD, retries=1)
@@ -803,3 +822,52 @@ async def test_only_a_retried_failure_counts_as_new_work(broker: Broker) -> None
     assert notifier.generation(work=True) == work
     assert await broker.fail("w1", second.id, BOOM, retry=True)
     assert notifier.generation(work=True) == work + 1
+
+
+# --- purging -------------------------------------------------------------------------------
+
+
+async def test_purge_deletes_only_runs_finished_before_the_cutoff(
+    broker: Broker, clock: FakeClock
+) -> None:
+    completed, failed, cancelled, running, recent = [
+        (await broker.submit("say", PAYLOAD)).id for _ in range(5)
+    ]
+    assert await claim(broker, "w1", limit=2) == [completed, failed]
+    assert await broker.complete("w1", completed, "null")
+    assert await broker.fail("w1", failed, BOOM, retry=False)
+    assert await broker.cancel(cancelled)
+    clock.advance(100)
+    assert await claim(broker, "w1", limit=2) == [running, recent]
+    assert await broker.complete("w1", recent, "null")
+
+    assert await broker.purge(older_than=50) == 3
+
+    for gone in (completed, failed, cancelled):
+        assert await broker.get(gone) is None
+    for kept in (running, recent):
+        assert await broker.get(kept) is not None
+    assert await broker.purge(older_than=50) == 0
+    clock.advance(LEASE + 1)
+    assert await broker.purge(older_than=0) == 1
+    # Its lease expired, but it never finished: only a claim may end it.
+    assert await state_of(broker, running) is RunState.RUNNING
+
+
+async def test_purge_goes_on_past_one_batch(broker: Broker, clock: FakeClock) -> None:
+    ids = [(await broker.submit("say", PAYLOAD)).id for _ in range(PURGE_BATCH + 3)]
+    for run_id in ids:
+        assert await broker.cancel(run_id)
+    clock.advance(1)
+    assert await broker.purge(older_than=0.5) == PURGE_BATCH + 3
+    assert await broker.counts() == dict.fromkeys(RunState, 0)
+
+
+@pytest.mark.parametrize(
+    ("older_than", "error"), [(-1, ValueError), (math.nan, ValueError), ("1", TypeError)]
+)
+async def test_purge_rejects_a_bad_age(
+    broker: Broker, older_than: Any, error: type[Exception]
+) -> None:
+    with pytest.raises(error, match="older_than"):
+        await broker.purge(older_than=older_than)

@@ -87,7 +87,7 @@ def test_runs_show_retry_cancel_and_purge(url: str, capsys: pytest.CaptureFixtur
     code, out, _ = run_command(capsys, "runs", "--queue", url, "--json", "cancel", ids["waiting"])
     assert code == 0
     assert json.loads(out)["run"]["state"] == "CANCELLED"
-    code, out, _ = run_command(capsys, "runs", "--queue", url, "purge", "--older-than", "0s")
+    code, out, _ = run_command(capsys, "runs", "--queue", url, "purge", "--older-than", "0.001s")
     assert (code, out) == (0, "purged 2 runs\n")
     code, out, _ = run_command(capsys, "runs", "--queue", url, "--json", "list")
     assert [run["id"] for run in json.loads(out)] == [ids["failed"]]

@@ -165,7 +165,7 @@ async def test_a_broker_without_cluster_storage_says_so() -> None:
     class Bare(BaseBroker):
         url = "bare://"
         from_url = _open = _insert = _claim = _heartbeat = _complete = None  # type: ignore[assignment]
-        _fail = _release = _cancel = _get = _counts = close = None  # type: ignore[assignment]
+        _fail = _release = _cancel = _get = _counts = _purge = close = None  # type: ignore[assignment]
 
     with pytest.raises(BrokerError, match="Bare does not support scheduled ticks"):
         await store(Bare(), START)

@@ -49,7 +49,7 @@ class Cluster(Setup):
 
 @pytest.fixture
 def cluster(tmp_path: Path, anyio_backend_name: str) -> Cluster:
-    return Cluster(tmp_path, anyio_backend_name)
+    return Cluster(tmp_path, anyio_backend_name, f"sqlite:///{tmp_path / 'runs.db'}")
 
 
 def read_lines(path: Path) -> list[list[str]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -325,3 +325,55 @@ def test_the_package_exports_exactly_what_all_lists() -> None:
     for name in taskqueue.__all__:
         module = getattr(getattr(taskqueue, name), "__module__", "anyservice.taskqueue")
         assert module.startswith("anyservice.taskqueue"), name
+
+
+# ------------------------------------------------------------------ retention
+
+
+def test_retention_is_seven_days_unless_told() -> None:
+    assert TaskQueue("memory://").retention == 7 * 24 * 3600
+    assert TaskQueue("memory://", retention=timedelta(hours=1)).retention == 3600
+    assert TaskQueue("memory://", retention=90).retention == 90
+    assert TaskQueue("memory://", retention=None).retention is None
+
+
+@pytest.mark.parametrize(
+    ("retention", "error"),
+    [
+        (0, ValueError),
+        (-5, ValueError),
+        (math.inf, ValueError),
+        (timedelta(0), ValueError),
+        ("7d", TypeError),
+        (True, TypeError),
+    ],
+)
+def test_a_bad_retention_is_refused(retention: Any, error: type[Exception]) -> None:
+    with pytest.raises(error, match="retention"):
+        TaskQueue("memory://", retention=retention)
+
+
+async def test_purge_keeps_runs_younger_than_the_retention_unless_told() -> None:
+    now = [1_700_000_000.0]
+    queue = TaskQueue(broker=MemoryBroker(clock=lambda: now[0]), retention=60)
+
+    @queue.task
+    async def say() -> None: ...
+
+    async with queue:
+        old = await say.delay()
+        assert await old.cancel()
+        now[0] += 30
+        assert await queue.purge() == 0
+        assert await queue.purge(older_than=timedelta(seconds=10)) == 1
+        with pytest.raises(TaskRunNotFound):
+            await queue.get_run(old.id)
+
+
+async def test_purge_without_a_retention_needs_an_age() -> None:
+    async with TaskQueue("memory://", retention=None) as queue:
+        with pytest.raises(ValueError, match="older_than"):
+            await queue.purge()
+        with pytest.raises(ValueError, match="older_than"):
+            await queue.purge(older_than=0)
+        assert await queue.purge(older_than=1) == 0

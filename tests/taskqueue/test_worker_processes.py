@@ -1,8 +1,10 @@
-"""Real worker processes on one SQLite file: kill -9, SIGTERM, and a stress of 2 000 runs.
+"""Real worker processes on one broker: kill -9, SIGTERM, and a stress of 2 000 runs.
 
-Each worker is ``python -m tests.taskqueue.proc_tasks``, which calls ``serve()`` on the
-backend this test runs on. Every wait is bounded, and every process is killed in a
-``finally`` whatever happens.
+Each test runs on a SQLite file and on a PostgreSQL database. Each worker is
+``python -m tests.taskqueue.proc_tasks``, which calls ``serve()`` on the backend this test
+runs on, in a working directory of its own: the workers share nothing but the broker URL,
+as on separate machines (the tasks report what they did in the test's directory). Every
+wait is bounded, and every process is killed in a ``finally`` whatever happens.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import anyio.abc
 import pytest
 
 from anyservice.taskqueue import RunState, Task, TaskQueue
+from tests._postgres import postgres_schema
 
 from .proc_tasks import build
 
@@ -74,10 +77,10 @@ class Worker:
 class Setup:
     """One test's database file, its tasks, and the worker processes it starts."""
 
-    def __init__(self, tmp_path: Path, backend: str) -> None:
+    def __init__(self, tmp_path: Path, backend: str, url: str) -> None:
         self.dir = tmp_path
         self.backend = backend
-        self.url = f"sqlite:///{tmp_path / 'runs.db'}"
+        self.url = url
         self.queue: TaskQueue
         self.tasks: dict[str, Task[Any, Any]]
         self.queue, self.tasks = build(self.url, tmp_path)
@@ -101,9 +104,12 @@ class Setup:
         """Run ``command`` from the repository's root, its output going to a log file."""
         self.count += 1
         log = self.dir / f"worker-{self.count}.log"
+        home = self.dir / f"worker-{self.count}"
+        home.mkdir()
+        environment = {**os.environ, "PYTHONPATH": str(ROOT)}
         with _log_file(log) as output:
             process = await anyio.open_process(
-                command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT
+                command, cwd=home, env=environment, stdout=output, stderr=subprocess.STDOUT
             )
         try:
             yield Worker(process, log)
@@ -115,11 +121,19 @@ class Setup:
             await process.aclose()
 
 
-@pytest.fixture
-async def setup(tmp_path: Path, anyio_backend_name: str) -> AsyncIterator[Setup]:
-    setup = Setup(tmp_path, anyio_backend_name)
-    async with setup.queue:
-        yield setup
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def setup(
+    request: pytest.FixtureRequest, tmp_path: Path, anyio_backend_name: str
+) -> AsyncIterator[Setup]:
+    if request.param == "sqlite":
+        setup = Setup(tmp_path, anyio_backend_name, f"sqlite:///{tmp_path / 'runs.db'}")
+        async with setup.queue:
+            yield setup
+        return
+    with postgres_schema(request.getfixturevalue("postgres_url")) as url:
+        setup = Setup(tmp_path, anyio_backend_name, url)
+        async with setup.queue:
+            yield setup
 
 
 async def wait_for_file(path: Path) -> str:
@@ -147,6 +161,28 @@ async def test_a_run_on_a_killed_worker_completes_on_another(setup: Setup) -> No
 
         assert await run.result(timeout=PROMPTLY) == 2, survivor.output()
         assert (run.state, run.attempts) == (RunState.COMPLETED, 2)
+        survivor.process.terminate()
+        assert await survivor.exit_code() == 0, survivor.output()
+
+
+async def test_a_killed_workers_run_is_taken_over_long_before_its_lease_expires(
+    setup: Setup,
+) -> None:
+    lease = 60.0  # far past every wait below: only knowing the worker died can be this quick
+    async with (
+        setup.worker(f"--lease={lease}") as first,
+        setup.worker(f"--lease={lease}") as second,
+    ):
+        await first.wait_until_serving()
+        await second.wait_until_serving()
+        run = await setup.tasks["hang_first"].delay()
+        pid = int(await wait_for_file(setup.dir / f"{run.id}.hanging"))
+        victim, survivor = (first, second) if pid == first.process.pid else (second, first)
+
+        victim.process.kill()
+        assert await victim.exit_code() == -signal.SIGKILL
+
+        assert await run.result(timeout=PROMPTLY) == 2, survivor.output()
         survivor.process.terminate()
         assert await survivor.exit_code() == 0, survivor.output()
 

@@ -24,9 +24,12 @@ from ._specs import BackgroundSpec as BackgroundSpec
 from ._specs import TaskSpec as TaskSpec
 from ._specs import attach_spec as attach_spec
 from ._specs import check_coroutine_function as check_coroutine_function
+from ._specs import check_name as check_name
 from ._specs import requirements as requirements
 from ._specs import task as task
 from ._state import Health as Health
 from ._state import ServiceError as ServiceError
 from ._state import ServiceState as ServiceState
 from ._state import UnhealthyError as UnhealthyError
+from ._wait import WaitResult as WaitResult
+from ._wait import WaitResults as WaitResults

@@ -26,8 +26,9 @@ class Diag:
 
     __slots__ = ("flags", "last_transition", "service_name")
 
-    def __init__(self, service_name: str) -> None:
-        self.service_name = service_name
+    def __init__(self, service: str | Host) -> None:
+        # mode's Diag takes the service; a name does as well.
+        self.service_name = service if isinstance(service, str) else service.name
         self.flags: set[str] = set()
         self.last_transition: dict[str, float] = {}
 

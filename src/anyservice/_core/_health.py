@@ -14,7 +14,7 @@ from ._host import Host
 from ._specs import BackgroundSpec
 from ._state import Health, UnhealthyError
 
-__all__ = ["HealthMonitorSpec", "run_healthcheck"]
+__all__ = ["HealthMonitorSpec", "monitor_health", "run_healthcheck"]
 
 
 async def run_healthcheck(service: Host) -> Health:
@@ -44,15 +44,24 @@ class HealthMonitorSpec(BackgroundSpec):
         super().__init__(healthcheck)
 
     async def run(self, service: Host) -> None:
-        schedule = IntervalSchedule(service.monitoring_interval, start=anyio.current_time())
-        while True:
-            await anyio.sleep_until(schedule.due)
-            started = anyio.current_time()
-            health = await service.check_health()
-            if not health.healthy:
-                assert health.error is not None
-                service.log.error("unhealthy: %s", health.reason)
-                raise UnhealthyError(f"{service.name} is unhealthy: {health.reason}") from (
-                    health.error
-                )
-            schedule.advance(started, anyio.current_time())
+        await service.monitoring_task()
+
+
+async def monitor_health(service: Host) -> None:
+    """The default ``monitoring_task()``: check the health on a drift-free grid, forever.
+
+    Raises:
+        UnhealthyError: at the first failed check, which crashes the service.
+    """
+    schedule = IntervalSchedule(service.monitoring_interval, start=anyio.current_time())
+    while True:
+        await anyio.sleep_until(schedule.due)
+        started = anyio.current_time()
+        health = await service.check_health()
+        if not health.healthy:
+            assert health.error is not None
+            service.log.error("unhealthy: %s", health.reason)
+            raise UnhealthyError(f"{service.name} is unhealthy: {health.reason}") from (
+                health.error
+            )
+        schedule.advance(started, anyio.current_time())

@@ -79,6 +79,9 @@ class Owner(Host, Protocol):
     @property
     def _overridden_hooks(self) -> frozenset[str]: ...
 
+    @property
+    def wait_for_shutdown(self) -> bool: ...
+
     _run: Run | None
     _started_once: bool
     _pending_crash: BaseException | None
@@ -92,6 +95,8 @@ class Owner(Host, Protocol):
     def _dependencies_to_start(self) -> Sequence[Owner]: ...
 
     def _set_state(self, new: ServiceState) -> None: ...
+
+    async def _wait_for_shutdown_flag(self) -> None: ...
 
     def _record_crash(self, exc: BaseException) -> None: ...
 
@@ -231,6 +236,10 @@ class Resources:
     def enter_sync(self, manager: AbstractContextManager[Any]) -> Any:
         return self._stack().enter_context(manager)
 
+    def push_async(self, stack: AsyncExitStack) -> None:
+        """Close ``stack`` with the other resources (it needs no entering)."""
+        self._stack().push_async_exit(stack.__aexit__)
+
     async def __aenter__(self) -> Resources:
         return self
 
@@ -294,6 +303,7 @@ class Run:
         "live_resources",
         "phase",
         "resources",
+        "restarted",
         "running_scope",
         "service",
         "slots",
@@ -307,6 +317,8 @@ class Run:
     def __init__(self, service: Owner) -> None:
         self.service = service
         self.phase = RunPhase.STARTING
+        #: True if this run follows an earlier one of the service (a restart).
+        self.restarted = False
         self.running_scope: anyio.CancelScope | None = anyio.CancelScope()
         self.task_group: anyio.abc.TaskGroup | None = None
         #: Set once, by the first stop request: the one signal that serving should end.
@@ -373,6 +385,7 @@ class Run:
         if restart and service._started_once:
             # The one place restarts are counted, whoever asked for the restart.
             service.restart_count += 1
+            self.restarted = True
         service._run = self
         service.crash_reason = None
         service._pending_crash = None
@@ -447,9 +460,13 @@ class Run:
             if self.phase is RunPhase.CRASHING:
                 # The crash cancels this scope at the next checkpoint: no hooks to run.
                 await anyio.lowlevel.checkpoint()
+            served = self.phase is RunPhase.RUNNING
             self._advance(RunPhase.STOPPING)
             if hooked:
                 await self._call_hook("on_stop")
+            if served and self.service.wait_for_shutdown:
+                # mode's: the tasks go on until one says they are done (or the deadline).
+                await self.service._wait_for_shutdown_flag()
             await self._stop_slots()
             self.live_resources = None
         if hooked:
@@ -461,6 +478,8 @@ class Run:
         hooked = False
         assert self.running_scope is not None
         with self.running_scope:
+            if self.restarted:
+                await self._call_hook("on_restart")
             for dependency in service._dependencies_to_start():
                 await self._start_dependency(dependency)
             if not service._started_once:

@@ -11,10 +11,9 @@ an instance attribute one at the assignment), and only the hooks are meant to be
 
 from __future__ import annotations
 
-import enum
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from types import TracebackType
 from typing import Any, ClassVar, Self
@@ -23,40 +22,43 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
-from .._schedule import MissedTickPolicy, TimerStats, check_interval
-from ._diag import Diag, coroutine_stack, format_tree
+from .._schedule import TimerStats, check_interval
+from ._backend import current_loop
+from ._compat import Compat
+from ._diag import coroutine_stack, format_tree
 from ._exceptions import first_real_error, is_logged, mark_logged, only_cancellation, real_leaves
 from ._health import HealthMonitorSpec, run_healthcheck
-from ._itertimer import itertimer
 from ._run import ContextSource, InFlight, Resources, Run, current_slot, inside, sleep_until
 from ._specs import BackgroundSpec, collect
-from ._state import Health, ServiceError, ServiceState, check_transition
+from ._state import Health, Pending, ServiceError, ServiceState, check_transition
 from ._tree import Tree
 
 __all__ = ["RESERVED", "Service", "adopt", "run_as_restart", "stop_service"]
 
 _library_log = logging.getLogger("anyservice")
 
-_HOOKS = ("on_first_start", "on_start", "on_started", "on_stop", "on_shutdown")
-#: What a subclass may override: the hooks, and what the tree dump shows.
-OVERRIDABLE = frozenset({*_HOOKS, "healthcheck", "describe", "children"})
+_HOOKS = ("on_first_start", "on_start", "on_started", "on_stop", "on_shutdown", "on_restart")
+#: What a subclass may override: the hooks, what the tree dump shows, and mode's labels.
+OVERRIDABLE = frozenset(
+    {*_HOOKS, "healthcheck", "monitoring_task", "describe", "children", "label", "shortlabel"}
+    | {"Diag"}
+)
 
 
 class _ServiceLog(logging.LoggerAdapter[logging.Logger]):
-    """Prefixes every line with the service's name, whatever the handler's format."""
+    """The library logger, with the service's name in each record and each line.
+
+    Every service logs through the one ``anyservice`` logger (a logger per name would live
+    as long as the process), with ``extra["service"]`` set, so a ``%(service)s`` format or
+    a filter can tell them apart; the ``[name]`` prefix keeps lines readable under a format
+    that does not show it. A caller's own ``extra`` is kept beside it.
+    """
 
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        return f"[{self.extra['service']}] {msg}", kwargs  # type: ignore[index]
-
-
-class _Pending(enum.Enum):
-    """What comes after the current run, or at the next ``run()`` of a stopped service."""
-
-    NOTHING = 0
-    #: A stop came before the run: the next run ends at once, with nothing started.
-    STOP = 1
-    #: ``restart()``: the run that is ending is followed by another.
-    RESTART = 2
+        extra: Any = self.extra
+        given = kwargs.get("extra")
+        kwargs["extra"] = extra if not given else {**given, **extra}
+        return f"[{extra['service']}] {msg}", kwargs
 
 
 def _check_timeout(value: object, what: str) -> float:
@@ -68,7 +70,7 @@ def _check_timeout(value: object, what: str) -> float:
     return seconds
 
 
-class Service:
+class Service(Compat):
     """A long-running async service whose running instance is an anyio task group.
 
     Subclass it, override the hooks you need (``on_first_start``, ``on_start``,
@@ -78,7 +80,8 @@ class Service:
     ``anyservice.run(service)``.
 
     Names follow mode's ``Service`` where users come from it: ``add_dependency``,
-    ``on_started``, ``crash_reason``, ``crash()``, ``add_future``, ``should_stop``.
+    ``on_started``, ``crash_reason``, ``crash()``, ``add_future``, ``should_stop``; the rest
+    of mode's, Prefect's and core_service's (``wait()``, ``request_stop()``...) from ``Compat``.
 
     The other public methods and properties are the service's machinery: a subclass that
     defines one (``run``, ``stop``, ``sleep``, ``spawn``, ``log``, ``state``, ...) gets a
@@ -120,8 +123,8 @@ class Service:
             )
         else:
             _check_timeout(self.shutdown_timeout, f"{self.name}: shutdown_timeout")
-        self._log = _ServiceLog(_library_log.getChild(self.name), {"service": self.name})
-        self.diag = Diag(self.name)
+        self._log = _ServiceLog(_library_log, {"service": self.name})
+        self.diag = self.Diag(self.name)
         self.crash_reason: BaseException | None = None
         self.restart_count = 0
         #: Statistics of each ``@timer`` / ``@crontab``, by method name, while it runs.
@@ -133,7 +136,7 @@ class Service:
         self._tree = Tree(self, _requirements_of(self) if self._requirement_methods else None)
         self._contexts: list[ContextSource] = []
         self._started_once = False
-        self._pending = _Pending.NOTHING
+        self._pending = Pending.NOTHING
         self._pending_crash: BaseException | None = None
         self._run: Run | None = None
         self._owner_group: anyio.abc.TaskGroup | None = None
@@ -177,7 +180,12 @@ class Service:
 
     @property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:
-        """The service's logger: every line starts with ``[name]``."""
+        """The service's logger (mode's ``log``, core_service's ``log``).
+
+        Records go to the ``anyservice`` logger with ``record.service`` set to the
+        service's name (so ``%(service)s`` works in a format); each line starts with
+        ``[name]``.
+        """
         return self._log
 
     @property
@@ -190,7 +198,7 @@ class Service:
         run = self._run
         if run is not None:
             return run.stop_requested
-        return self._state is not ServiceState.INIT or self._pending is _Pending.STOP
+        return self._state is not ServiceState.INIT or self._pending is Pending.STOP
 
     @property
     def started(self) -> bool:
@@ -199,7 +207,7 @@ class Service:
 
     @property
     def _stop_before_start(self) -> bool:
-        return self._pending is _Pending.STOP
+        return self._pending is Pending.STOP
 
     @property
     def stop_deadline(self) -> float:
@@ -373,29 +381,11 @@ class Service:
         """Sleep until ``deadline``; False if a stop came first."""
         return await sleep_until(self._run, deadline)
 
-    def itertimer(
-        self,
-        interval: float,
-        *,
-        policy: MissedTickPolicy | str = MissedTickPolicy.SKIP,
-        exec_first: bool = False,
-    ) -> AsyncIterator[float]:
-        """``async for lateness in self.itertimer(5):`` — a drift-free timer inside a task.
-
-        Ticks on the grid ``t0 + k * interval`` with the same missed-tick policies as
-        ``@timer`` and yields each tick's lateness; ends when the service stops (mode's
-        ``itertimer``).
-
-        Raises:
-            TypeError, ValueError: for a bad interval or policy (at the first iteration).
-        """
-        return itertimer(self, interval, policy=policy, exec_first=exec_first)
-
     def _request_stop(self, *, deadline: bool = True, sticky: bool = False) -> None:
         """The one way a stop begins, whoever asks for it (``stop()``, ``async with``, ...)."""
         _request_stop(self, deadline=deadline, sticky=sticky)
 
-    async def stop(self, *, block: bool = True, timeout: float | None = None) -> bool:
+    async def stop(self, block: bool = True, *, timeout: float | None = None) -> bool:
         """Stop the service gracefully; return whether it is stopped.
 
         The service's idle tasks end at once; work in flight gets ``shutdown_timeout``;
@@ -410,6 +400,8 @@ class Service:
         the stop is kept for its next run, which then ends at once without starting
         anything: so ``task_group.start_soon(service.run)`` followed by ``stop()`` never
         leaves it running.
+
+        ``block`` may be given by position, as Prefect's ``stop(block)`` takes it.
 
         Raises:
             ValueError: for a negative or NaN ``timeout``.
@@ -468,7 +460,8 @@ _HEALTH_MONITOR = HealthMonitorSpec()
 #: ``overrides``: every public method and property of Service that is not a hook.
 RESERVED = frozenset(
     name
-    for name, value in vars(Service).items()
+    for klass in Service.__mro__[:-1]
+    for name, value in vars(klass).items()
     if not name.startswith("_")
     and name not in OVERRIDABLE
     and (isinstance(value, property | classmethod | staticmethod) or callable(value))
@@ -478,7 +471,13 @@ RESERVED = frozenset(
 def _prepare_subclass(cls: type[Service], overrides: Iterable[str]) -> None:
     _check_shadowing(cls, overrides)
     cls._background_specs, cls._requirement_methods = collect(cls)
-    if cls.healthcheck is not Service.healthcheck:
+    if "abstract" not in cls.__dict__:
+        cls.abstract = False  # only the class that says so is abstract, not its subclasses
+    elif cls.abstract:
+        cls.__new__ = _refuse_abstract  # type: ignore[method-assign,assignment]  # a staticmethod-like __new__
+    if cls.healthcheck is not Service.healthcheck or (
+        cls.monitoring_task is not Service.monitoring_task
+    ):
         check_interval(cls.monitoring_interval, f"{cls.__name__}.monitoring_interval")
         check_interval(cls.healthcheck_timeout, f"{cls.__name__}.healthcheck_timeout")
         cls._background_specs = (*cls._background_specs, _HEALTH_MONITOR)
@@ -488,6 +487,16 @@ def _prepare_subclass(cls: type[Service], overrides: Iterable[str]) -> None:
     cls._overridden_hooks = frozenset(
         hook for hook in _HOOKS if getattr(cls, hook) is not getattr(Service, hook)
     )
+
+
+def _refuse_abstract(cls: type[Service], *args: Any, **kwargs: Any) -> Service:
+    # Installed only on a class that says ``abstract = True``; its subclasses inherit it
+    # but are not abstract unless they say so too.
+    if cls.__dict__.get("abstract", False):
+        raise TypeError(
+            f"{cls.__name__} is abstract (abstract = True): instantiate a subclass of it"
+        )
+    return object.__new__(cls)
 
 
 async def _enter(service: Service) -> anyio.abc.TaskGroup:
@@ -574,8 +583,11 @@ def _refuse_attribute(service: Service, name: str) -> None:
 
 def _requirements_of(service: Service) -> Callable[[], list[Service]]:
     def requirements() -> list[Service]:
-        methods = service._requirement_methods
-        return [dependency for method in methods for dependency in getattr(service, method)()]
+        found: list[Service] = []
+        for method in service._requirement_methods:
+            given = getattr(service, method)()
+            found.extend([given] if isinstance(given, Service) else given)
+        return found
 
     return requirements
 
@@ -638,16 +650,20 @@ async def _run_service(
         raise ServiceError(f"{type(service).__name__}.__init__ did not call super().__init__()")
     if service._state.is_active or service._run is not None:
         raise ServiceError(f"{service.name} is already running ({service._state.name})")
-    if service._pending is _Pending.STOP:
-        service._pending = _Pending.NOTHING
+    if service._pending is Pending.STOP:
+        service._pending = Pending.NOTHING
         task_status.started()
         return
+    _check_resources_reusable(service)
+    owner = service._owner
+    # A dependency runs in its owner's loop: only the root of a tree asks which it is.
+    service._loop = owner._loop if owner is not None and owner._run is not None else current_loop()
     while True:
         await Run(service).execute(task_status, restart=restart)
         task_status = anyio.TASK_STATUS_IGNORED
-        if service._pending is not _Pending.RESTART:
+        if service._pending is not Pending.RESTART:
             return
-        service._pending = _Pending.NOTHING
+        service._pending = Pending.NOTHING
         restart = True
 
 
@@ -684,24 +700,58 @@ def _register_context(service: Service, context: ContextSource) -> None:
         or callable(context)
     ):
         raise TypeError(f"{service.name}: not a context manager or a factory of one: {context!r}")
+    if hasattr(context, "__aenter__") or hasattr(context, "__enter__"):
+        context = _EnteredOnce(service.name, context)
     service._contexts.append(context)
+
+
+class _EnteredOnce:
+    """A context manager given as an instance: it serves the first start only.
+
+    Most context managers (every ``@contextmanager`` one) cannot be entered twice; a
+    second start gets an error that says which resource, and how to get one per start.
+    """
+
+    __slots__ = ("manager", "service_name", "used")
+
+    def __init__(self, service_name: str, manager: Any) -> None:
+        self.service_name = service_name
+        self.manager = manager
+        self.used = False
+
+    def __call__(self) -> Any:
+        if self.used:
+            raise ServiceError(
+                f"{self.service_name}: the resource {self.manager!r} was given to "
+                f"add_context() as a context manager, which serves one start only; this "
+                f"service starts again, so pass a factory that makes a fresh one each time "
+                f"(add_context(make_it), or add_context(lambda: ...))"
+            )
+        self.used = True
+        return self.manager
+
+
+def _check_resources_reusable(service: Service) -> None:
+    for context in service._contexts:
+        if isinstance(context, _EnteredOnce) and context.used:
+            context()  # raises, naming the resource
 
 
 def _request_stop(service: Service, *, deadline: bool = True, sticky: bool = False) -> None:
     """The one way a stop begins, whoever asks for it (``stop()``, ``async with``, ...)."""
     # A stop always wins over a pending restart.
-    restarting = service._pending is _Pending.RESTART
+    restarting = service._pending is Pending.RESTART
     if restarting:
-        service._pending = _Pending.NOTHING
+        service._pending = Pending.NOTHING
     run = service._run
     if run is None:
         if service._state is ServiceState.INIT:
-            service._pending = _Pending.STOP
+            service._pending = Pending.STOP
             service._set_state(ServiceState.STOPPED)
         elif sticky and not restarting:
             # A run may be queued (task_group.start_soon(service.run)) but not begun:
             # the stop is kept for it, so that it ends at once instead of starting.
-            service._pending = _Pending.STOP
+            service._pending = Pending.STOP
         return
     if run.request_stop(deadline=deadline) and service._state is not ServiceState.STOPPING:
         service._set_state(ServiceState.STOPPING)
@@ -747,7 +797,7 @@ async def _restart(service: Service) -> None:
         )
     before = service.restart_count
     service._request_stop()
-    service._pending = _Pending.RESTART
+    service._pending = Pending.RESTART
     if service in inside():
         await _unwind_caller()
         return
@@ -757,7 +807,7 @@ async def _restart(service: Service) -> None:
             return
         if state is ServiceState.CRASHED:
             raise ServiceError(f"{service.name}: restart failed") from service.crash_reason
-        if state is ServiceState.STOPPED and service._pending is not _Pending.RESTART:
+        if state is ServiceState.STOPPED and service._pending is not Pending.RESTART:
             raise ServiceError(f"{service.name}: restart interrupted: the service was stopped")
         await service.wait_for(*(set(ServiceState) - {state}))  # any change
 

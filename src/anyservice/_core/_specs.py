@@ -23,6 +23,7 @@ __all__ = [
     "TaskSpec",
     "attach_spec",
     "check_coroutine_function",
+    "check_name",
     "collect",
     "requirements",
     "task",
@@ -150,18 +151,99 @@ def task(
     return decorate
 
 
+RequirementsMethod = Callable[[Any], Host | Iterable[Host]]
+
+
+@overload
+def requirements(function: RequirementsMethod, /) -> RequirementsMethod: ...
+
+
+@overload
+def requirements(*needs: str) -> Callable[[RequirementsMethod], RequirementsMethod]: ...
+
+
 def requirements(
-    function: Callable[[Any], Iterable[Host]],
-) -> Callable[[Any], Iterable[Host]]:
+    *needs: RequirementsMethod | str,
+) -> RequirementsMethod | Callable[[RequirementsMethod], RequirementsMethod]:
     """Declare dependencies with a method returning services (core_service's ``@requirements``).
 
-    The method is called once, at the service's first start; the services it returns are
-    added as dependencies after those added with ``add_dependency``, in the order given.
+    ``@requirements``, ``@requirements()`` and ``@requirements("db", "cache")``: the method
+    returns a service or an iterable of services; it is called once, at the service's first
+    start, and what it returns is added as dependencies after those added with
+    ``add_dependency``. The names are other ``@requirements`` methods of the class whose
+    services this method's must follow: methods are resolved in that dependency order (and
+    otherwise in the order the class defines them), so ``db``'s services start first.
+
+    Raises:
+        TypeError: for a name that is not a str, or a decorated object that is not callable.
+        ValueError: when the class is defined, for a name that is not a ``@requirements``
+            method of the class, or names that make a cycle.
     """
+    if len(needs) == 1 and callable(needs[0]):
+        return _mark_requirements(needs[0], ())
+    names: list[str] = []
+    for name in needs:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"@requirements() takes method names (str), got {name!r}")
+        names.append(name)
+
+    def decorate(function: RequirementsMethod) -> RequirementsMethod:
+        return _mark_requirements(function, tuple(names))
+
+    return decorate
+
+
+def _mark_requirements(function: object, needs: tuple[str, ...]) -> RequirementsMethod:
     if not callable(function):
         raise TypeError(f"@requirements needs a method, got {function!r}")
-    setattr(function, _REQUIREMENTS_ATTRIBUTE, True)
+    setattr(function, _REQUIREMENTS_ATTRIBUTE, needs)
     return function
+
+
+def order_requirements(owner: str, needs: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
+    """The requirement methods in dependency order: each after the methods it names.
+
+    Raises:
+        ValueError: for a name that is not one of the methods, or a cycle.
+    """
+    ordered: dict[str, None] = {}
+    visiting: list[str] = []
+
+    def visit(method: str) -> None:
+        if method in ordered:
+            return
+        if method in visiting:
+            cycle = " -> ".join([*visiting[visiting.index(method) :], method])
+            raise ValueError(f"{owner}: @requirements make a cycle: {cycle}")
+        visiting.append(method)
+        for name in needs[method]:
+            if name not in needs:
+                raise ValueError(
+                    f"{owner}.{method}: @requirements({name!r}) names no @requirements "
+                    f"method of {owner}; known: {', '.join(needs) or '(none)'}"
+                )
+            visit(name)
+        visiting.pop()
+        ordered[method] = None
+
+    for method in needs:
+        visit(method)
+    return tuple(ordered)
+
+
+def check_name(name: object, what: str) -> None:
+    """Raise unless ``name`` is None or a non-empty str.
+
+    Raises:
+        TypeError: if it is not a str.
+        ValueError: if it is empty.
+    """
+    if name is None:
+        return
+    if not isinstance(name, str):
+        raise TypeError(f"{what} must be a str, got {name!r}")
+    if not name:
+        raise ValueError(f"{what} must not be empty")
 
 
 def check_coroutine_function(func: object, decorator: str) -> None:
@@ -182,7 +264,7 @@ def collect(namespace_owner: type) -> tuple[tuple[BackgroundSpec, ...], tuple[st
     A subclass that redefines a name without a decorator removes the base's spec.
     """
     specs: dict[str, BackgroundSpec] = {}
-    requirement_methods: dict[str, None] = {}
+    requirement_methods: dict[str, tuple[str, ...]] = {}
     for klass in reversed(namespace_owner.__mro__):
         for attribute, value in vars(klass).items():
             spec = getattr(value, _SPEC_ATTRIBUTE, None)
@@ -190,8 +272,9 @@ def collect(namespace_owner: type) -> tuple[tuple[BackgroundSpec, ...], tuple[st
                 specs[attribute] = spec
             else:
                 specs.pop(attribute, None)
-            if getattr(value, _REQUIREMENTS_ATTRIBUTE, False):
-                requirement_methods[attribute] = None
+            needs = getattr(value, _REQUIREMENTS_ATTRIBUTE, None)
+            if isinstance(needs, tuple):
+                requirement_methods[attribute] = needs
             else:
                 requirement_methods.pop(attribute, None)
-    return tuple(specs.values()), tuple(requirement_methods)
+    return tuple(specs.values()), order_requirements(namespace_owner.__name__, requirement_methods)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "Health",
+    "Pending",
     "RunPhase",
     "ServiceError",
     "ServiceState",
@@ -15,11 +16,14 @@ __all__ = [
 ]
 
 
-class ServiceState(enum.Enum):
+class ServiceState(enum.StrEnum):
     """Where a service is in its life.
 
     ``INIT → STARTING → RUNNING → STOPPING → STOPPED``, and ``CRASHED`` from any of the
     active states. A STOPPED or CRASHED service may be started again.
+
+    A ``StrEnum`` with mode's lowercase values, so ``service.state == "running"`` holds
+    while RUNNING, as it does for a mode service; ``str(state)`` is the value.
     """
 
     INIT = "init"
@@ -90,6 +94,16 @@ class RunPhase(enum.IntEnum):
     CRASHING = 4
     #: The body is over: the task group takes no new tasks, it only waits for its own.
     CLOSED = 5
+
+
+class Pending(enum.Enum):
+    """What comes after the current run, or at the next ``run()`` of a stopped service."""
+
+    NOTHING = 0
+    #: A stop came before the run: the next run ends at once, with nothing started.
+    STOP = 1
+    #: ``restart()``: the run that is ending is followed by another.
+    RESTART = 2
 
 
 class UnhealthyError(Exception):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import ClassVar, Protocol
 
-from ._run import Owner
+from ._run import Owner, Run
 from ._state import ServiceError, ServiceState
 
 __all__ = ["Node", "Tree"]
@@ -77,23 +77,41 @@ class Tree:
         return node
 
     async def add_runtime(self, service: object) -> Node:
-        """Add a dependency to a running service and start it; returns once it is RUNNING."""
-        run = self.service._run
-        state = self.service.state
-        if state is not ServiceState.RUNNING or run is None or run.task_group is None:
-            raise ServiceError(
-                f"{self.service.name}: add_runtime_dependency() needs a RUNNING service "
-                f"(it is {state.name}); use add_dependency() before start"
-            )
+        """Add a dependency to a starting or running service and start it.
+
+        Returns once the dependency is RUNNING; from ``on_start`` (mode's and faust's use),
+        the service itself is not RUNNING before its dependency is.
+        """
+        self._check_live("add_runtime_dependency()")
         node = self.adopt(service)
         self.dependencies.append(node)
         try:
-            await run.task_group.start(node.run, name=f"{node.name} (of {self.service.name})")
+            await self.start_runtime(node)
         except BaseException:
             self.disown(node)
             raise
-        run.started_dependencies.append(node)
         return node
+
+    async def start_runtime(self, node: Node) -> None:
+        """Start ``node``, a dependency, in the running service's task group."""
+        run = self._check_live("maybe_start()")
+        assert run.task_group is not None
+        await run.task_group.start(node.run, name=f"{node.name} (of {self.service.name})")
+        run.started_dependencies.append(node)
+
+    def _check_live(self, what: str) -> Run:
+        run = self.service._run
+        state = self.service.state
+        if (
+            state not in (ServiceState.STARTING, ServiceState.RUNNING)
+            or run is None
+            or not run.takes_tasks
+        ):
+            raise ServiceError(
+                f"{self.service.name}: {what} needs a STARTING or RUNNING service "
+                f"(it is {state.name}); use add_dependency() before start"
+            )
+        return run
 
     async def remove(self, service: Node) -> None:
         """Stop ``service`` (if it runs) and remove it from the dependencies."""

@@ -15,6 +15,7 @@ import inspect
 import math
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from types import TracebackType
 from typing import Any, Generic, ParamSpec, Protocol, Self, TypeVar, cast, overload
 
@@ -29,11 +30,22 @@ from ._serialize import decode_result, encode_arguments
 from ._ticks import DEFAULT_CATCH_UP, MissedTicks, check_missed, grid_from
 from .brokers import DEFAULT_URL, Broker, broker_from_url
 
-__all__ = ["AsyncTask", "SyncTask", "Task", "TaskDecorator", "TaskQueue", "TaskRun"]
+__all__ = [
+    "DEFAULT_RETENTION",
+    "AsyncTask",
+    "SyncTask",
+    "Task",
+    "TaskDecorator",
+    "TaskQueue",
+    "TaskRun",
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
+
+#: How long finished runs are kept by default before workers purge them: 7 days.
+DEFAULT_RETENTION = 7 * 24 * 3600.0
 
 # How long one wait_until_finished() call lasts when the caller gave no timeout: the wait
 # is repeated, so this only bounds how stale a broker's view may get.
@@ -52,6 +64,14 @@ def _check_seconds(value: object, what: str, *, allow_zero: bool) -> float:
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{what} must be a finite number of seconds {bound}, got {value!r}")
     return seconds
+
+
+def _retention_seconds(value: object, what: str) -> float:
+    """Seconds from a number or a ``timedelta``: a finite, positive amount."""
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    if not _is_number(seconds):
+        raise TypeError(f"{what} must be seconds or a timedelta, got {value!r}")
+    return _check_seconds(seconds, what, allow_zero=False)
 
 
 def _check_wait_timeout(timeout: float | None, what: str) -> float | None:
@@ -102,13 +122,16 @@ class TaskQueue:
             clock, or a ``SqliteBroker`` with its own timeouts).
         max_attempts: How many times a run may be claimed (at least its retries + 1)
             before a worker dying on it ends it CRASHED rather than handing it on again.
+        retention: How long finished runs are kept (seconds or a ``timedelta``; 7 days
+            by default): the queue's workers purge older ones now and then. ``None``
+            keeps them until :meth:`purge` is called.
 
     The broker is opened on first use (``delay()``, a worker's start) and stays open until
     :meth:`close`; ``async with queue:`` opens it and closes it at the end of the block.
 
     Raises:
         ValueError: an unsupported URL scheme or a URL without a usable path, both a URL
-            and a broker, or a bad ``max_attempts``.
+            and a broker, or a bad ``max_attempts`` or ``retention``.
     """
 
     def __init__(
@@ -117,6 +140,7 @@ class TaskQueue:
         *,
         broker: Broker | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        retention: float | timedelta | None = DEFAULT_RETENTION,
     ) -> None:
         if broker is not None and url is not None:
             raise ValueError("TaskQueue takes a url or a broker, not both")
@@ -128,6 +152,8 @@ class TaskQueue:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts!r}")
         self._broker: Broker = broker if broker is not None else broker_from_url(url or DEFAULT_URL)
         self.max_attempts = max_attempts
+        #: Seconds finished runs are kept before workers purge them (``None``: forever).
+        self.retention = None if retention is None else _retention_seconds(retention, "retention")
         self._tasks: dict[str, Task[Any, Any]] = {}
         self._schedules: dict[str, Schedule] = {}
         # Opening: who holds the broker open, whether someone used it outside any holder
@@ -327,10 +353,9 @@ class TaskQueue:
         return defined
 
     async def schedule_counts(self, name: str) -> dict[str, Any]:
-        """What the broker holds of a schedule: ``runs``, ``skipped`` and ``latest`` tick.
+        """What the broker holds of a schedule: ``runs``, ``skipped``, the ``latest`` tick.
 
-        Raises:
-            KeyError: no schedule of that name on this queue.
+        Raises ``KeyError`` for a schedule this queue does not define.
         """
         if name not in self._schedules:
             raise KeyError(f"no schedule {name!r} on this queue")
@@ -450,17 +475,11 @@ class TaskQueue:
         since: float | None = None,
         limit: int = 100,
     ) -> list[TaskRun[Any]]:
-        """The runs stored, newest first: to inspect, retry or cancel them.
-
-        Args:
-            state: Only runs in this state (``RunState.FAILED`` or ``"FAILED"``).
-            task: Only runs of this task (a task or its name).
-            since: Only runs submitted at or after this time (epoch seconds).
-            limit: At most this many runs.
+        """The runs stored, newest first: in ``state``, of ``task`` (a task or its name),
+        submitted at or after ``since`` (epoch seconds), at most ``limit``.
 
         Raises:
-            ValueError: an unknown state, or ``limit`` < 1.
-            TypeError: an option of the wrong type.
+            ValueError, TypeError: an unknown state, ``limit`` < 1, or a wrong type.
         """
         name = task.name if isinstance(task, Task) else task
         broker = await self.ensure_open()
@@ -469,13 +488,27 @@ class TaskQueue:
         )
         return [TaskRun(self, record) for record in records]
 
-    async def purge(self, *, older_than: float) -> int:
-        """Delete the runs that finished more than ``older_than`` seconds ago; how many.
+    async def purge(self, older_than: float | timedelta | None = None) -> int:
+        """Delete the runs that finished more than ``older_than`` ago, in small batches.
+
+        Args:
+            older_than: Seconds or a ``timedelta``; the queue's ``retention`` by default.
+
+        Returns:
+            How many runs were deleted (on PostgreSQL, 0 while another process purges).
 
         Raises:
-            ValueError: ``older_than`` is negative or not finite.
+            ValueError: ``older_than`` is not a positive duration, or it is not given and
+                the queue has no retention.
         """
-        seconds = _check_seconds(older_than, "purge() older_than", allow_zero=True)
+        if older_than is None:
+            if self.retention is None:
+                raise ValueError(
+                    "purge() needs older_than= when the queue keeps runs forever (retention=None)"
+                )
+            seconds = self.retention
+        else:
+            seconds = _retention_seconds(older_than, "older_than")
         broker = await self.ensure_open()
         return await broker.purge(seconds)
 

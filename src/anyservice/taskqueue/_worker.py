@@ -60,6 +60,8 @@ _UNLIMITED_THREADS = 40
 _HAND_BACK_BUDGET = 5.0
 #: What became of the runs a worker ran: the keys of ``TaskWorker.counts``.
 OUTCOMES = ("completed", "failed", "retried", "cancelled", "handed_back", "lost", "not_recorded")
+#: How often a worker purges the runs its queue's retention has passed.
+_PURGE_EVERY = 600.0
 #: How many finished run ids the status server lists.
 _FINISHED_SHOWN = 100
 
@@ -657,6 +659,29 @@ class TaskWorker(Service, overrides=("run",)):
                 why,
                 extra=extra,
             )
+
+    # ------------------------------------------------------------------ retention
+
+    @background_task
+    async def _purge_old_runs(self) -> None:
+        """Delete the runs finished longer ago than the queue's retention, now and then.
+
+        Every worker does it; on PostgreSQL the one holding the housekeeping lock at the
+        moment deletes, the others find nothing to do.
+        """
+        if self.queue.retention is None:
+            return
+        while True:
+            try:
+                purged = await self.queue.purge()
+            except BrokerError as exc:
+                self._broker_failed(exc, "purging old runs")
+            else:
+                if purged:
+                    self.log.info(
+                        "purged %d run(s) finished over %gs ago", purged, self.queue.retention
+                    )
+            await anyio.sleep(_PURGE_EVERY)
 
     # ------------------------------------------------------------------ leases
 

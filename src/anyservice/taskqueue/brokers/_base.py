@@ -38,6 +38,8 @@ each applying the transitions of ``taskqueue/_records.py`` to the stored records
   ``_release(owner, id) -> bool``: each fenced by ``(id, owner)``: it changes the run only
   while the run is RUNNING under ``owner``'s lease, atomically with that check.
 * ``_cancel(id) -> bool`` (only a SCHEDULED run), ``_get(id)``, ``_counts()``.
+* ``_purge(before, limit) -> int``: delete up to ``limit`` finished runs whose
+  ``finished_at`` is before ``before``.
 * Optionally ``_poll() -> bool`` (did another process change runs?) with a
   ``poll_interval`` given to ``__init__``, and ``_check_open()`` for calls that would not
   otherwise touch the storage.
@@ -59,13 +61,22 @@ from types import TracebackType
 from typing import Protocol, Self
 
 import anyio
+import anyio.lowlevel
 
 from .._records import DEFAULT_MAX_ATTEMPTS, RunError, RunRecord, RunState, new_run
 from ._cluster import ClusterBroker, ClusterMethods
 from ._notifier import ChangeNotifier
-from ._options import check_claim_options, check_heartbeat_options, check_submit_options
+from ._options import (
+    check_claim_options,
+    check_heartbeat_options,
+    check_purge_options,
+    check_submit_options,
+)
 
-__all__ = ["BaseBroker", "Broker", "Claimed"]
+__all__ = ["PURGE_BATCH", "BaseBroker", "Broker", "Claimed"]
+
+#: Runs deleted per statement by ``purge``: small, so a purge never holds the storage long.
+PURGE_BATCH = 500
 
 
 class Broker(ClusterBroker, Protocol):
@@ -170,6 +181,21 @@ class Broker(ClusterBroker, Protocol):
 
     async def counts(self) -> dict[RunState, int]:
         """How many runs are in each state (every state is a key)."""
+        ...
+
+    async def purge(self, older_than: float) -> int:
+        """Delete the runs that finished more than ``older_than`` seconds ago.
+
+        Deletes in small batches, so other calls get the storage in between. Runs that
+        have not finished are never deleted.
+
+        Returns:
+            How many runs were deleted (0 while another process is purging the same
+            storage, where the storage has such a lock).
+
+        Raises:
+            ValueError: ``older_than`` is negative or not a finite number.
+        """
         ...
 
     async def wait_for_work(self, timeout: float) -> None:
@@ -301,6 +327,10 @@ class BaseBroker(ClusterMethods, Broker, abc.ABC):
     async def _counts(self) -> dict[RunState, int]:
         """Runs per state, every state a key."""
 
+    @abc.abstractmethod
+    async def _purge(self, before: float, limit: int) -> int:
+        """Delete up to ``limit`` runs finished before ``before``; how many went."""
+
     async def _poll(self) -> bool:
         """Whether another process may have changed the runs since the last poll."""
         return False
@@ -395,6 +425,18 @@ class BaseBroker(ClusterMethods, Broker, abc.ABC):
 
     async def get(self, run_id: str) -> RunRecord | None:
         return await self._get(run_id)
+
+    async def purge(self, older_than: float) -> int:
+        check_purge_options(older_than)
+        before = self._clock() - older_than
+        deleted = 0
+        while True:
+            batch = await self._purge(before, PURGE_BATCH)
+            deleted += batch
+            if batch < PURGE_BATCH:
+                return deleted
+            # Between batches, the other tasks using this broker get their turn.
+            await anyio.lowlevel.checkpoint()
 
     async def counts(self) -> dict[RunState, int]:
         return await self._counts()

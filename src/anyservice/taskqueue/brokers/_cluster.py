@@ -18,7 +18,6 @@ arguments and wakes waiters, and a broker writes only these storage methods:
 * ``_requeue(run_id, retries)``, ``_request_cancel(run_id) -> RunState | None``,
   ``_cancel_requests(owner, run_ids)``, ``_end_cancelled(owner, run_id)``: the
   transitions of ``_controls.py`` and the cancel requests they rest on.
-* ``_purge(before, limit) -> int``: delete up to ``limit`` runs finished before ``before``.
 
 A broker without them (a plugin written before they existed) raises ``BrokerError`` saying
 so, at the call.
@@ -31,8 +30,6 @@ import uuid
 from collections.abc import Callable
 from typing import Protocol
 
-import anyio.lowlevel
-
 from .._errors import BrokerError
 from .._leases import Lease, StoredTick, TickCounts, TickResult
 from .._records import DEFAULT_MAX_ATTEMPTS, RunRecord, RunState, new_run
@@ -41,9 +38,6 @@ from ._notifier import ChangeNotifier
 from ._options import check_submit_options
 
 __all__ = ["ClusterBroker", "ClusterMethods"]
-
-#: Runs deleted per storage call by ``purge``: small, so it never holds the storage long.
-_PURGE_BATCH = 500
 
 
 def _check_name(value: object, what: str) -> str:
@@ -165,17 +159,6 @@ class ClusterBroker(Protocol):
         """Record CANCELLED a run ``owner`` holds and stopped because it was asked to."""
         ...
 
-    async def purge(self, older_than: float) -> int:
-        """Delete the runs that finished more than ``older_than`` seconds ago; how many.
-
-        Deletes in small batches, so other calls get the storage in between; unfinished
-        runs are never deleted.
-
-        Raises:
-            TypeError, ValueError: ``older_than`` is not a finite number >= 0.
-        """
-        ...
-
 
 class ClusterMethods(ClusterBroker):
     """The checks and wake-ups of the cluster methods; a broker writes the storage."""
@@ -233,10 +216,6 @@ class ClusterMethods(ClusterBroker):
     async def _end_cancelled(self, owner: str, run_id: str) -> bool:
         """Apply ``end_cancelled`` of ``_controls.py``."""
         raise self._unsupported("cancelling running runs")
-
-    async def _purge(self, before: float, limit: int) -> int:
-        """Delete up to ``limit`` runs finished before ``before``; how many went."""
-        raise self._unsupported("purging runs")
 
     def now(self) -> float:
         return self._clock()
@@ -398,18 +377,3 @@ class ClusterMethods(ClusterBroker):
         if done:
             self._notifier.notify(work=False)
         return done
-
-    async def purge(self, older_than: float) -> int:
-        if isinstance(older_than, bool) or not isinstance(older_than, int | float):
-            raise TypeError(f"older_than must be a number of seconds, got {older_than!r}")
-        if not math.isfinite(older_than) or older_than < 0:
-            raise ValueError(f"older_than must be a finite number >= 0, got {older_than!r}")
-        before = self._clock() - older_than
-        deleted = 0
-        while True:
-            batch = await self._purge(before, _PURGE_BATCH)
-            deleted += batch
-            if batch < _PURGE_BATCH:
-                return deleted
-            # Between batches, the other tasks using this broker get their turn.
-            await anyio.lowlevel.checkpoint()

@@ -168,6 +168,18 @@ class MemoryBroker(BaseBroker):
         await self._check_open()
         return self._runs.get(run_id)
 
+    async def _purge(self, before: float, limit: int) -> int:
+        await self._check_open()
+        doomed = [
+            run_id
+            for run_id, run in self._runs.items()
+            if run.finished and run.finished_at is not None and run.finished_at < before
+        ][:limit]
+        for run_id in doomed:
+            del self._runs[run_id]
+            self._sequence.pop(run_id, None)
+        return len(doomed)
+
     async def _counts(self) -> dict[RunState, int]:
         await self._check_open()
         counts = dict.fromkeys(RunState, 0)
@@ -280,19 +292,3 @@ class MemoryBroker(BaseBroker):
             return False
         self._cancel_requested.discard(run_id)
         return True
-
-    async def _purge(self, before: float, limit: int) -> int:
-        await self._check_open()
-        gone = {
-            run_id
-            for run_id, run in self._runs.items()
-            if run.finished and run.finished_at is not None and run.finished_at < before
-        }
-        gone = set(sorted(gone)[:limit])
-        for run_id in gone:
-            del self._runs[run_id]
-            self._sequence.pop(run_id, None)
-            self._schedule_of.pop(run_id, None)
-            self._cancel_requested.discard(run_id)
-        self._keys = {key: run_id for key, run_id in self._keys.items() if run_id not in gone}
-        return len(gone)

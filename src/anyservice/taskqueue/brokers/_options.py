@@ -5,7 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Collection
 
-__all__ = ["check_claim_options", "check_heartbeat_options", "check_submit_options"]
+__all__ = [
+    "check_claim_options",
+    "check_heartbeat_options",
+    "check_purge_options",
+    "check_submit_options",
+]
 
 
 def _is_number(value: object) -> bool:
@@ -79,3 +84,16 @@ def check_claim_options(
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
         raise ValueError(f"limit must be an integer >= 0, got {limit!r}")
     _check_lease_seconds(lease_seconds)
+
+
+def check_purge_options(older_than: float) -> None:
+    """Validate :meth:`Broker.purge` arguments.
+
+    Raises:
+        TypeError: ``older_than`` is not a number.
+        ValueError: ``older_than`` is negative or not finite.
+    """
+    if isinstance(older_than, bool) or not isinstance(older_than, int | float):
+        raise TypeError(f"older_than must be a number of seconds, got {older_than!r}")
+    if not math.isfinite(older_than) or older_than < 0:
+        raise ValueError(f"older_than must be a finite number of seconds >= 0, got {older_than!r}")

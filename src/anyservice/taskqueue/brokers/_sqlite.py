@@ -31,6 +31,7 @@ import anyio.to_thread
 from .._errors import BrokerBusyError, BrokerError
 from .._records import (
     CORRUPT_RUN_ERROR_TYPE,
+    FINISHED_STATES,
     PayloadError,
     RunError,
     RunRecord,
@@ -41,13 +42,14 @@ from .._records import (
 from ._base import BaseBroker, Claimed
 from ._notifier import ChangeNotifier
 from ._sqlite_cluster import SqliteClusterStorage
+from ._workers import WORKERS_EVERY, WORKERS_FORGOTTEN, host_identity, process_gone
 
 __all__ = ["SCHEMA_VERSION", "SqliteBroker"]
 
 T = TypeVar("T")
 
 #: ``PRAGMA user_version`` of a database with the current schema.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 3
 
 # _MIGRATIONS[n] takes a database from user_version n to n + 1. The table name is
 # prefixed because the file may be shared with an application's own tables.
@@ -77,6 +79,23 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """,
         "CREATE INDEX anyservice_runs_due ON anyservice_runs (state, scheduled_at)",
         "CREATE INDEX anyservice_runs_leases ON anyservice_runs (state, lease_expires_at)",
+    ),
+    # Purging old runs reads finished runs by age.
+    (
+        "CREATE INDEX anyservice_runs_finished ON anyservice_runs (finished_at)"
+        " WHERE finished_at IS NOT NULL",
+    ),
+    # Who is working, so that a worker killed on this machine is noticed at once.
+    (
+        """
+        CREATE TABLE anyservice_workers (
+            owner TEXT PRIMARY KEY,
+            host TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            started_at REAL NOT NULL,
+            heartbeat_at REAL NOT NULL
+        )
+        """,
     ),
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION
@@ -298,6 +317,11 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
         self._poll_every = float(poll_interval)
         #: How many times a locked database was retried; a health signal.
         self.lock_retries = 0
+        # This process, as the workers table records it.
+        self._host = host_identity()
+        self._pid = os.getpid()
+        self._started_at = time.time()
+        self._workers_seen: dict[str, float] = {}  # owner -> monotonic time last recorded
 
     @classmethod
     def from_url(cls, url: str, *, clock: Callable[[], float] = time.time) -> Self:
@@ -443,6 +467,15 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
         with self._lock:
             conn, self._conn = self._conn, None
             if conn is not None:
+                owners = list(self._workers_seen)
+                self._workers_seen.clear()
+                try:
+                    # A clean stop leaves nothing to recover.
+                    conn.executemany(
+                        "DELETE FROM anyservice_workers WHERE owner = ?", [(o,) for o in owners]
+                    )
+                except sqlite3.Error:
+                    pass  # locked or read-only: the rows are forgotten a day later instead
                 conn.close()
 
     async def close(self) -> None:
@@ -489,6 +522,7 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
         def claim(conn: sqlite3.Connection) -> Claimed:
             conn.execute("BEGIN IMMEDIATE")
             now = self._clock()
+            self._keep_workers(conn, owner, now)
             finished = self._crash_abandoned(conn, owner, now)
             claimed: list[RunRecord] = []
             next_due: float | None = None
@@ -533,6 +567,39 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
             return Claimed(claimed, finished, next_due)
 
         return await self._call(claim)
+
+    def _keep_workers(self, conn: sqlite3.Connection, owner: str, now: float) -> None:
+        """Record ``owner`` as alive; end the leases of dead workers on this machine.
+
+        A worker killed here (kill -9, the OOM killer) leaves its runs leased until the
+        leases expire; its row names its process, which is gone, so its leases end now
+        and this claim takes its runs over. At most every ``WORKERS_EVERY`` seconds.
+        """
+        seen = time.monotonic()
+        if seen - self._workers_seen.get(owner, -math.inf) < WORKERS_EVERY:
+            return
+        self._workers_seen[owner] = seen
+        conn.execute(
+            "INSERT INTO anyservice_workers (owner, host, pid, started_at, heartbeat_at)"
+            " VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+            (owner, self._host, self._pid, self._started_at, now),
+        )
+        conn.execute(
+            "DELETE FROM anyservice_workers WHERE heartbeat_at < ?", (now - WORKERS_FORGOTTEN,)
+        )
+        rows = conn.execute(
+            "SELECT owner, pid, started_at FROM anyservice_workers WHERE host = ? AND pid != ?",
+            (self._host, self._pid),
+        ).fetchall()
+        for dead, pid, started in rows:
+            if process_gone(pid, started):
+                conn.execute(
+                    "UPDATE anyservice_runs SET lease_expires_at = ? WHERE state = 'RUNNING'"
+                    " AND lease_owner = ? AND lease_expires_at > ?",
+                    (now, dead, now),
+                )
+                conn.execute("DELETE FROM anyservice_workers WHERE owner = ?", (dead,))
 
     @staticmethod
     def _crash_abandoned(conn: sqlite3.Connection, owner: str, now: float) -> bool:
@@ -690,6 +757,19 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
             return None if row is None else _read_row(row)[1]
 
         return await self._call(get)
+
+    async def _purge(self, before: float, limit: int) -> int:
+        finished = ", ".join(f"'{state.value}'" for state in sorted(FINISHED_STATES))
+
+        def purge(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute(
+                "DELETE FROM anyservice_runs WHERE seq IN (SELECT seq FROM anyservice_runs"
+                f" WHERE finished_at < ? AND state IN ({finished}) LIMIT ?)",
+                (before, limit),
+            )
+            return cursor.rowcount
+
+        return await self._call(purge)
 
     async def _counts(self) -> dict[RunState, int]:
         # Rows with an unknown state count as FAILED.

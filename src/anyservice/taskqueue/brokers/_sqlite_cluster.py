@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._controls import RETRYABLE_STATES
 from .._leases import Lease, TickCounts, TickResult, acquire_lease
-from .._records import FINISHED_STATES, RunRecord, RunState
+from .._records import RunRecord, RunState
 
 __all__ = ["SqliteClusterStorage"]
 
@@ -71,7 +71,6 @@ def _insert_run(conn: sqlite3.Connection, run: RunRecord) -> None:
     )
 
 
-_FINISHED = ", ".join(f"'{state.value}'" for state in sorted(FINISHED_STATES))
 _RETRYABLE = ", ".join(f"'{state.value}'" for state in sorted(RETRYABLE_STATES))
 
 
@@ -292,31 +291,6 @@ class SqliteClusterStorage:
             return done
 
         return await self._cluster_call(end)
-
-    async def _purge(self, before: float, limit: int) -> int:
-        def purge(conn: sqlite3.Connection) -> int:
-            conn.execute("BEGIN IMMEDIATE")
-            doomed = [
-                run_id
-                for (run_id,) in conn.execute(
-                    f"SELECT id FROM anyservice_runs WHERE state IN ({_FINISHED})"
-                    " AND finished_at < ? LIMIT ?",
-                    (before, limit),
-                )
-            ]
-            marks = ", ".join("?" * len(doomed))
-            if doomed:
-                conn.execute(f"DELETE FROM anyservice_keys WHERE run_id IN ({marks})", doomed)
-                conn.execute(f"DELETE FROM anyservice_cancels WHERE run_id IN ({marks})", doomed)
-                # A tick stays (so it is never stored again), without its run.
-                conn.execute(
-                    f"UPDATE anyservice_ticks SET run_id = NULL WHERE run_id IN ({marks})", doomed
-                )
-                conn.execute(f"DELETE FROM anyservice_runs WHERE id IN ({marks})", doomed)
-            conn.execute("COMMIT")
-            return len(doomed)
-
-        return await self._cluster_call(purge)
 
 
 def _read_lease(conn: sqlite3.Connection, name: str) -> Lease | None:

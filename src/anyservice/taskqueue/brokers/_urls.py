@@ -2,7 +2,9 @@
 
 * ``sqlite:///anyservice.db``: a file relative to the current directory (three slashes),
 * ``sqlite:////var/lib/app/runs.db``: an absolute path (four slashes),
-* ``memory://``: runs kept in this process only.
+* ``memory://``: runs kept in this process only,
+* ``postgresql://user:password@host:5432/db`` (or ``postgres://``): a PostgreSQL database,
+  for workers on many hosts (needs the ``anyservice[postgres]`` extra).
 
 A scheme is one entry of ``_SCHEMES``: the module of this package and the broker class
 in it, imported only when a URL names the scheme (so a broker's driver is only needed
@@ -25,6 +27,8 @@ DEFAULT_URL = "sqlite:///anyservice.db"
 _SCHEMES: dict[str, tuple[str, str]] = {
     "sqlite": ("._sqlite", "SqliteBroker"),
     "memory": ("._memory", "MemoryBroker"),
+    "postgresql": ("._postgres", "PostgresBroker"),
+    "postgres": ("._postgres", "PostgresBroker"),
 }
 SUPPORTED_SCHEMES = tuple(_SCHEMES)
 
@@ -33,11 +37,13 @@ def broker_from_url(url: str, *, clock: Callable[[], float] = time.time) -> Brok
     """Make the broker a URL names. The broker is not opened yet.
 
     Args:
-        url: ``sqlite:///relative.db``, ``sqlite:////absolute/path.db`` or ``memory://``.
+        url: ``sqlite:///relative.db``, ``sqlite:////absolute/path.db``, ``memory://`` or
+            ``postgresql://user:password@host:port/db?schema=...``.
         clock: Wall-clock time in epoch seconds, for tests that move time.
 
     Raises:
         ValueError: The scheme is not supported, or the URL has no usable path.
+        ImportError: A PostgreSQL URL without the ``anyservice[postgres]`` extra installed.
     """
     scheme, separator, _ = url.partition("://")
     scheme = scheme.lower()

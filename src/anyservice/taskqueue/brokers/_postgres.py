@@ -1,0 +1,1121 @@
+"""Task runs in PostgreSQL (``postgresql://user:pass@host:5432/db``), for workers on many hosts.
+
+The driver is sync psycopg 3 with a ``psycopg_pool.ConnectionPool``: psycopg's async
+connection and pool run on asyncio only, while a sync connection driven from anyio worker
+threads runs the same code on asyncio and on trio. Every statement runs in a thread
+(``anyio.to_thread``, under a capacity limiter the size of the pool) and is cancellable: a
+cancelled call asks the server to cancel its query (``cancel_safe``) in a shielded scope,
+then waits for the thread, so no connection goes back to the pool busy.
+
+How runs move, and why it is safe with any number of workers:
+
+* A claim is one statement: two index-driven branches (due SCHEDULED runs; RUNNING runs
+  whose lease expired) locked with ``FOR UPDATE SKIP LOCKED``, merged, and updated to
+  RUNNING with ``attempts + 1``. Expired leases are recovered by the claim itself, so no
+  reaper and no leader is needed. The same statement ends CRASHED the runs abandoned on
+  their last attempt, and reports when the next run falls due.
+* Completing, failing, releasing and heartbeating match the run's id, its lease owner and
+  (when this broker made the claim) the attempt it claimed: a worker whose lease passed to
+  another changes nothing, even if it later claimed the same run again.
+* A submit, release or retry sends ``pg_notify`` in its own transaction (delivered on
+  commit); so does a run reaching a finished state, naming the run. One dedicated LISTEN
+  connection per broker is waited on with ``anyio.wait_readable``, by whichever waiter is
+  waiting at the moment. Waiting always polls as well (notifications sent while the LISTEN
+  connection was down are lost), and ``?listen=false`` polls only, for PgBouncer in
+  transaction mode, which cannot carry LISTEN.
+
+Times are epoch seconds from the broker's ``clock`` (``time.time``), as in every broker:
+hosts sharing a database need clocks kept in step (NTP), to well within a lease.
+
+The schema lives in tables named ``anyservice_*`` in the URL's ``schema`` (``public`` by
+default), created on first use under an advisory lock and versioned by a row in
+``anyservice_meta``: an older anyservice refuses a newer schema.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Self, TypeVar
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+
+try:
+    import psycopg
+    import psycopg.errors
+    import psycopg_pool
+    from psycopg import sql
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ImportError(
+        f"the PostgreSQL broker needs psycopg and psycopg-pool ({exc}): "
+        "pip install 'anyservice[postgres]'"
+    ) from exc
+
+from .._errors import BrokerError
+from .._records import (
+    ABANDONED_ERROR_TYPE,
+    CORRUPT_RUN_ERROR_TYPE,
+    FINISHED_STATES,
+    PayloadError,
+    RunError,
+    RunRecord,
+    RunState,
+    abandoned_error,
+)
+from ._base import BaseBroker, Claimed
+from ._notifier import ChangeNotifier
+from ._workers import WORKERS_EVERY, WORKERS_FORGOTTEN, host_identity, process_gone
+
+__all__ = ["SCHEMA_VERSION", "PostgresBroker"]
+
+T = TypeVar("T")
+
+#: The ``schema_version`` row of a database with the current tables.
+SCHEMA_VERSION = 1
+
+_DEFAULT_POLL_INTERVAL = 1.0
+_POLL_ONLY_INTERVAL = 0.05
+_FIRST_RECONNECT = 0.1
+_MAX_RECONNECT = 5.0
+
+# _MIGRATIONS[n] takes the tables from version n to n + 1; {s} is the schema.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """
+        CREATE TABLE {s}.anyservice_runs (
+            seq bigserial PRIMARY KEY,
+            id text NOT NULL UNIQUE,
+            task text NOT NULL,
+            payload text NOT NULL,
+            state text NOT NULL,
+            attempts integer NOT NULL,
+            max_attempts integer NOT NULL,
+            retries_left integer NOT NULL,
+            retry_delay double precision NOT NULL,
+            timeout double precision,
+            created_at double precision NOT NULL,
+            scheduled_at double precision NOT NULL,
+            started_at double precision,
+            finished_at double precision,
+            lease_owner text,
+            lease_expires_at double precision,
+            result text,
+            error text
+        )
+        """,
+        # One partial index per claim branch: a single OR over both made the planner scan
+        # the whole table.
+        "CREATE INDEX anyservice_runs_due ON {s}.anyservice_runs (scheduled_at, seq)"
+        " WHERE state = 'SCHEDULED'",
+        "CREATE INDEX anyservice_runs_leases ON {s}.anyservice_runs (lease_expires_at)"
+        " WHERE state = 'RUNNING'",
+        "CREATE INDEX anyservice_runs_finished ON {s}.anyservice_runs (finished_at)"
+        " WHERE finished_at IS NOT NULL",
+        # Who is working: what faster recovery from a dead worker reads.
+        """
+        CREATE TABLE {s}.anyservice_workers (
+            owner text PRIMARY KEY,
+            host text NOT NULL,
+            pid integer NOT NULL,
+            started_at double precision NOT NULL,
+            heartbeat_at double precision NOT NULL
+        )
+        """,
+    ),
+)
+assert len(_MIGRATIONS) == SCHEMA_VERSION
+
+# The record's fields in its order, after the submission sequence number.
+_COLUMNS = ("seq", *(column.name for column in dataclasses.fields(RunRecord)))
+_RETURNING = ", ".join(f"r.{name}" for name in _COLUMNS)
+
+
+def _abandoned_template() -> str:
+    """``abandoned_error``'s message as a ``format()`` template for the claim statement.
+
+    The run is crashed by the claim statement itself, so its error is written in SQL;
+    deriving the words from ``abandoned_error`` keeps the two brokers' messages one text.
+    (``%L`` quotes the task name as Python's ``repr`` does for names without quotes.)
+    """
+    message = abandoned_error("RUN_ID", "TASK", 1_111_111_111, 2_222_222_222).message
+    template = message.replace("%", "%%").replace("RUN_ID", "%1$s").replace("'TASK'", "%2$L")
+    return template.replace("1111111111", "%3$s").replace("2222222222", "%4$s")
+
+
+_ABANDONED_MESSAGE = _abandoned_template()
+
+_CLAIM = """
+WITH crashed AS (
+    UPDATE {runs} r SET state = 'CRASHED', finished_at = %(now)s,
+        lease_owner = NULL, lease_expires_at = NULL,
+        error = json_build_object(
+            'type', %(abandoned)s::text,
+            'message', format(%(message)s::text, r.id, r.task, r.attempts, r.max_attempts),
+            'traceback', ''
+        )::text
+    WHERE r.seq IN (
+        SELECT seq FROM {runs} WHERE state = 'RUNNING' AND lease_expires_at <= %(now)s
+            AND attempts >= max_attempts AND lease_owner <> %(owner)s
+        FOR UPDATE SKIP LOCKED
+    )
+    RETURNING r.id
+), fresh AS (
+    SELECT seq, scheduled_at FROM {runs}
+    WHERE state = 'SCHEDULED' AND scheduled_at <= %(now)s AND task = ANY(%(tasks)s)
+    ORDER BY scheduled_at, seq LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), expired AS (
+    SELECT seq, scheduled_at FROM {runs}
+    WHERE state = 'RUNNING' AND lease_expires_at <= %(now)s AND task = ANY(%(tasks)s)
+        AND attempts < max_attempts AND lease_owner <> %(owner)s
+    ORDER BY lease_expires_at, seq LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), picked AS (
+    SELECT seq FROM (SELECT * FROM fresh UNION ALL SELECT * FROM expired) AS due
+    ORDER BY scheduled_at, seq LIMIT %(limit)s
+), claimed AS (
+    UPDATE {runs} r SET state = 'RUNNING', attempts = r.attempts + 1, started_at = %(now)s,
+        lease_owner = %(owner)s, lease_expires_at = %(expires)s
+    FROM picked WHERE r.seq = picked.seq
+    RETURNING {returning}
+), later AS (
+    SELECT
+        (SELECT min(scheduled_at) FROM {runs} WHERE state = 'SCHEDULED'
+            AND scheduled_at > %(now)s AND task = ANY(%(tasks)s)) AS scheduled,
+        (SELECT min(lease_expires_at) FROM {runs} WHERE state = 'RUNNING'
+            AND lease_expires_at > %(now)s AND lease_owner <> %(owner)s
+            AND task = ANY(%(tasks)s)) AS expiring,
+        (SELECT array_agg(c.id) FROM crashed c
+            CROSS JOIN LATERAL pg_notify(%(channel)s, 'f ' || c.id) AS n) AS crashed
+)
+SELECT later.scheduled, later.expiring, later.crashed, claimed.*
+FROM later LEFT JOIN claimed ON true
+"""
+
+
+def _record(row: Iterable[Any]) -> RunRecord:
+    """A run from a row of :data:`_COLUMNS`; a row that makes no sense reads as FAILED.
+
+    PostgreSQL enforces the column types, so what can be wrong is a state this version
+    does not know or an error that is not the JSON this library writes.
+    """
+    values = dict(zip(_COLUMNS, row, strict=True))
+    problems: list[str] = []
+    try:
+        state = RunState(values["state"])
+    except ValueError:
+        problems.append(f"state {values['state']!r} is not one of {', '.join(RunState)}")
+        state = RunState.FAILED
+    error: RunError | None = None
+    if values["error"] is not None:
+        try:
+            error = RunError.from_json(values["error"])
+        except PayloadError as exc:
+            problems.append(str(exc))
+    if problems:
+        error = RunError(
+            type=CORRUPT_RUN_ERROR_TYPE,
+            message=f"run {values['id']} is corrupt in the database: {'; '.join(problems)}",
+        )
+        values.update(state=RunState.FAILED, lease_owner=None, lease_expires_at=None)
+    del values["seq"]
+    values.update(state=state, error=error)
+    return RunRecord(**values)
+
+
+def _masked(url: str) -> str:
+    """The URL without its password, for messages and ``repr``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _option_seconds(name: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"PostgreSQL broker URL option {name}={text!r} must be seconds > 0")
+    return value
+
+
+@dataclass
+class _UrlOptions:
+    conninfo: str
+    schema: str = "public"
+    listen: bool = True
+    pool_size: int = 4
+    poll_interval: float | None = None
+    pool_timeout: float = 5.0
+
+
+def parse_url(url: str) -> _UrlOptions:
+    """Split a ``postgresql://`` URL into libpq's part and this broker's options.
+
+    The broker's options (``schema``, ``listen``, ``pool_size``, ``poll_interval``,
+    ``pool_timeout``) are taken out of the query; every other query option (``sslmode``,
+    ``connect_timeout``, ``application_name``...) goes to libpq as it is.
+
+    Raises:
+        ValueError: A broker option has a bad value (the message names it).
+    """
+    parts = urlsplit(url)
+    options = _UrlOptions(conninfo="")
+    libpq: list[tuple[str, str]] = []
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name == "schema":
+            if not value:
+                raise ValueError("PostgreSQL broker URL option schema= must not be empty")
+            options.schema = value
+        elif name == "listen":
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                raise ValueError(
+                    f"PostgreSQL broker URL option listen={value!r} must be true or false"
+                )
+            options.listen = value.lower() in ("true", "1", "yes", "on")
+        elif name == "pool_size":
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(
+                    f"PostgreSQL broker URL option pool_size={value!r} must be an integer >= 1"
+                )
+            options.pool_size = int(value)
+        elif name == "poll_interval":
+            options.poll_interval = _option_seconds(name, value)
+        elif name == "pool_timeout":
+            options.pool_timeout = _option_seconds(name, value)
+        else:
+            libpq.append((name, value))
+    scheme = "postgresql" if parts.scheme.lower() == "postgres" else parts.scheme.lower()
+    # libpq decodes %20, not "+", as a space (as in ``options=-c%20statement_timeout=5s``).
+    query = urlencode(libpq, quote_via=quote)
+    options.conninfo = urlunsplit(parts._replace(scheme=scheme, query=query))
+    return options
+
+
+@dataclass(eq=False)
+class _Call:
+    """A statement in flight in a worker thread, so a cancellation can reach its query."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    conn: psycopg.Connection[Any] | None = None
+    finished: bool = False
+    cancel_sent: bool = False
+
+    def cancel(self) -> None:
+        # Under the lock the connection cannot go back to the pool (and on to another
+        # statement) while the cancel request is on its way.
+        with self.lock:
+            if self.conn is not None and not self.finished:
+                self.cancel_sent = True
+                self.conn.cancel_safe()
+
+
+@dataclass(eq=False)
+class _Waiter:
+    """One task waiting for work (``run_id`` ``None``) or for a run to finish."""
+
+    run_id: str | None
+    event: anyio.Event = field(default_factory=anyio.Event)
+    #: An anyio event can only be set from its own event loop's thread.
+    thread: int = field(default_factory=threading.get_ident)
+    #: Set with the event when what it waits for may have happened; an event set without
+    #: it asks the waiter to take over reading the LISTEN connection.
+    woken: bool = False
+
+    def wake(self) -> None:
+        self.woken = True
+        self.event.set()
+
+    def rearm(self) -> None:
+        self.woken = False
+        if self.event.is_set():
+            self.event = anyio.Event()
+
+
+class _Wakeups(ChangeNotifier):
+    """A notifier that also wakes this broker's own waiters, each for what it waits for.
+
+    Work wakes the waiters for work; a run's finish wakes only the waiters for that run,
+    so a thousand tasks awaiting a thousand results do not all read their run at every
+    finish. Notifications from other processes arrive through :meth:`work_arrived` and
+    :meth:`run_finished`. Used from the broker's one event loop only.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._work_waiters: set[_Waiter] = set()
+        self._run_waiters: dict[str, set[_Waiter]] = {}
+
+    @property
+    def work(self) -> int:
+        return self.generation(work=True)
+
+    def notify(self, *, work: bool) -> None:
+        super().notify(work=work)
+        if work:
+            for waiter in self._here(self._work_waiters):
+                waiter.wake()
+
+    def work_arrived(self) -> None:
+        self.notify(work=True)
+
+    def run_finished(self, run_id: str) -> None:
+        for waiter in self._here(self._run_waiters.get(run_id, ())):
+            waiter.wake()
+
+    def everyone(self) -> None:
+        """Wake every waiter: anything may have changed."""
+        self.notify(work=True)
+        for waiter in self._here(self._all()):
+            waiter.wake()
+
+    def hand_over(self, leaving: _Waiter) -> None:
+        """Ask one other waiter (if any) to read the LISTEN connection from now on.
+
+        Called whenever a waiter stops reading or stops waiting while nobody reads: the
+        waiter asked either reads next or, leaving too, asks another in turn.
+        """
+        for waiter in self._here(self._all()):
+            if waiter is not leaving and not waiter.woken:
+                waiter.event.set()
+                return
+
+    @staticmethod
+    def _here(waiters: Iterable[_Waiter]) -> list[_Waiter]:
+        """The waiters whose event loop runs in this thread.
+
+        A broker used from a sync caller's short-lived loop (``delay_sync``) cannot set
+        the events of another loop's waiters: they see the change at their next poll.
+        """
+        thread = threading.get_ident()
+        return [waiter for waiter in waiters if waiter.thread == thread]
+
+    def _all(self) -> list[_Waiter]:
+        waiters = list(self._work_waiters)
+        for group in self._run_waiters.values():
+            waiters.extend(group)
+        return waiters
+
+    def add(self, waiter: _Waiter) -> None:
+        if waiter.run_id is None:
+            self._work_waiters.add(waiter)
+        else:
+            self._run_waiters.setdefault(waiter.run_id, set()).add(waiter)
+
+    def discard(self, waiter: _Waiter) -> None:
+        if waiter.run_id is None:
+            self._work_waiters.discard(waiter)
+            return
+        group = self._run_waiters.get(waiter.run_id)
+        if group is not None:
+            group.discard(waiter)
+            if not group:
+                del self._run_waiters[waiter.run_id]
+
+
+class PostgresBroker(BaseBroker):
+    """Task runs in a PostgreSQL database shared by workers on any number of hosts.
+
+    Args:
+        url: ``postgresql://user:password@host:5432/dbname`` (or ``postgres://``), with
+            optional query options: ``schema`` (where the ``anyservice_*`` tables live;
+            default ``public``), ``listen=false`` (poll only: for PgBouncer in transaction
+            mode), ``pool_size`` (connections, default 4), ``poll_interval`` (seconds
+            between polls while waiting; default 1 with LISTEN, 0.05 without) and
+            ``pool_timeout`` (seconds to wait for a connection, default 5). Other query
+            options go to libpq.
+        clock: Wall-clock time in epoch seconds; tests pass a fake one to move time.
+
+    Raises:
+        ValueError: A URL option has a bad value.
+    """
+
+    def __init__(self, url: str, *, clock: Callable[[], float] = time.time) -> None:
+        if not isinstance(url, str):
+            raise TypeError(f"url must be a string, got {url!r}")
+        options = parse_url(url)
+        self._wakeups = _Wakeups()
+        # The waits are this broker's own (LISTEN, and per-run wake-ups), not the base's.
+        super().__init__(clock=clock, notifier=self._wakeups, poll_interval=None)
+        self._url = url
+        self._conninfo = options.conninfo
+        self._schema = options.schema
+        self._listen = options.listen
+        self._pool_size = options.pool_size
+        self._pool_timeout = options.pool_timeout
+        self._poll_every = options.poll_interval or (
+            _DEFAULT_POLL_INTERVAL if self._listen else _POLL_ONLY_INTERVAL
+        )
+        self._channel = f"anyservice:{self._schema}"
+        self._runs = sql.SQL("{}.anyservice_runs").format(sql.Identifier(self._schema))
+        self._workers = sql.SQL("{}.anyservice_workers").format(sql.Identifier(self._schema))
+        self._pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] | None = None
+        self._limiter = anyio.CapacityLimiter(self._pool_size)
+        # This process, as the workers table records it.
+        self._host = host_identity()
+        self._pid = os.getpid()
+        self._started_at = time.time()
+        self._workers_seen: dict[str, float] = {}  # owner -> monotonic time last recorded
+        # The attempt each run had when this broker leased it: the fencing token.
+        self._claimed: dict[tuple[str, str], int] = {}
+        self._listener: psycopg.Connection[Any] | None = None
+        self._listening = False  # a waiter is reading the listener right now
+        self._reconnect_at = 0.0
+        self._reconnect_delay = _FIRST_RECONNECT
+        #: How many times the LISTEN connection was (re)made; a health signal.
+        self.listen_connects = 0
+
+    @property
+    def url(self) -> str:
+        """The URL this broker was made from, its password masked."""
+        return _masked(self._url)
+
+    @property
+    def schema(self) -> str:
+        """The PostgreSQL schema holding the ``anyservice_*`` tables."""
+        return self._schema
+
+    @property
+    def listens(self) -> bool:
+        """Whether waits are woken by LISTEN/NOTIFY (``False``: ``?listen=false``)."""
+        return self._listen
+
+    @classmethod
+    def from_url(cls, url: str, *, clock: Callable[[], float] = time.time) -> Self:
+        """``postgresql://user:password@host:port/db?schema=...`` (see the class)."""
+        return cls(url, clock=clock)
+
+    def __repr__(self) -> str:
+        return f"<PostgresBroker {self.url!r}>"
+
+    # --- running statements ------------------------------------------------------------
+
+    def _error(self, exc: BaseException) -> BrokerError:
+        return BrokerError(f"PostgreSQL broker {self.url!r}: {exc}")
+
+    def _in_thread(
+        self,
+        pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]],
+        call: _Call,
+        operation: Callable[[psycopg.Connection[Any]], T],
+    ) -> T:
+        with pool.connection(timeout=self._pool_timeout) as conn:
+            with call.lock:
+                call.conn = conn
+            try:
+                return operation(conn)
+            finally:
+                with call.lock:
+                    call.finished = True
+                    call.conn = None
+
+    async def _call(self, operation: Callable[[psycopg.Connection[Any]], T]) -> T:
+        """Run ``operation`` on a pooled connection in a worker thread, cancellably.
+
+        Raises:
+            BrokerError: The broker is not open, no connection could be had within
+                ``pool_timeout``, or the statement failed.
+        """
+        pool = self._pool
+        if pool is None:
+            raise self._not_open()
+        call = _Call()
+
+        async def cancel_when_cancelled() -> None:
+            try:
+                await anyio.sleep_forever()
+            finally:
+                if not call.finished:
+                    with anyio.CancelScope(shield=True):
+                        await anyio.to_thread.run_sync(call.cancel)
+
+        outcome: list[T] = []
+        failure: list[Exception] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cancel_when_cancelled)
+            try:
+                outcome.append(
+                    await anyio.to_thread.run_sync(
+                        self._in_thread, pool, call, operation, limiter=self._limiter
+                    )
+                )
+            except Exception as exc:
+                # Raised here, it would leave the task group wrapped in a group.
+                failure.append(exc)
+            finally:
+                call.finished = True
+                tg.cancel_scope.cancel()
+        if outcome:
+            return outcome[0]
+        try:
+            raise failure[0]
+        except psycopg.errors.QueryCanceled:
+            if not call.cancel_sent:
+                raise
+            # We cancelled it because our caller is cancelled: let that cancellation out.
+            await anyio.lowlevel.checkpoint()
+            raise
+        except psycopg_pool.PoolTimeout as exc:
+            raise BrokerError(
+                f"PostgreSQL broker {self.url!r}: no connection within "
+                f"{self._pool_timeout:g} s (pool_timeout): {exc}"
+            ) from exc
+        except psycopg.OperationalError as exc:
+            # The server restarted or the network failed: the pool replaces the broken
+            # connections it still holds, and the caller retries.
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(pool.check)
+            raise self._error(exc) from exc
+        except psycopg.Error as exc:
+            raise self._error(exc) from exc
+
+    def _execute(
+        self, query: str, parameters: dict[str, Any]
+    ) -> Callable[[psycopg.Connection[Any]], list[tuple[Any, ...]]]:
+        statement = sql.SQL(query).format(runs=self._runs, workers=self._workers)
+
+        def execute(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+            cursor = conn.execute(statement, parameters, prepare=True)
+            return cursor.fetchall() if cursor.description else []
+
+        return execute
+
+    # --- opening and closing -------------------------------------------------------------
+
+    async def _open(self) -> bool:
+        """Connect, and create the tables (or check their version).
+
+        Raises:
+            BrokerError: The server cannot be reached, or its tables are newer than this
+                anyservice understands.
+        """
+        if self._pool is not None:
+            return False
+        pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] = psycopg_pool.ConnectionPool(
+            self._conninfo,
+            min_size=1,
+            max_size=self._pool_size,
+            kwargs={"autocommit": True},
+            open=False,
+            name="anyservice",
+        )
+
+        def start() -> None:
+            pool.open(wait=True, timeout=self._pool_timeout)
+            try:
+                with pool.connection(timeout=self._pool_timeout) as conn:
+                    self._prepare(conn)
+            except BaseException:
+                pool.close()
+                raise
+
+        try:
+            await anyio.to_thread.run_sync(start)
+        except psycopg_pool.PoolTimeout as exc:
+            raise BrokerError(
+                f"PostgreSQL broker {self.url!r}: could not connect within "
+                f"{self._pool_timeout:g} s (pool_timeout): {exc}"
+            ) from exc
+        except psycopg.Error as exc:
+            raise self._error(exc) from exc
+        self._pool = pool
+        self._reconnect_at = 0.0
+        return True
+
+    async def _check_open(self) -> None:
+        if self._pool is None:
+            raise self._not_open()
+
+    def _not_open(self) -> BrokerError:
+        return BrokerError(
+            f"PostgreSQL broker {self.url!r} is not open; "
+            "use 'async with broker:' or 'await broker.open()'"
+        )
+
+    def _prepare(self, conn: psycopg.Connection[Any]) -> None:
+        schema = sql.Identifier(self._schema)
+        meta = sql.SQL("{}.anyservice_meta").format(schema)
+        version_query = sql.SQL("SELECT value FROM {} WHERE key = 'schema_version'").format(meta)
+
+        def stored_version() -> int | None:
+            # A query of the catalog, not to_regclass(): its cache may not yet show a
+            # table another worker has just committed.
+            exists = conn.execute(
+                "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE n.nspname = %s AND c.relname = 'anyservice_meta'",
+                (self._schema,),
+            ).fetchone()
+            if exists is None:
+                return None
+            row = conn.execute(version_query).fetchone()
+            return None if row is None else int(row[0])
+
+        if stored_version() == SCHEMA_VERSION:
+            return
+        with conn.transaction():
+            # Workers starting at once on an empty database take turns here.
+            conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext(%s))", (f"anyservice:{self._schema}",)
+            )
+            version = stored_version()
+            if version is not None and version > SCHEMA_VERSION:
+                raise BrokerError(
+                    f"PostgreSQL schema {self._schema!r} has task-run tables of version "
+                    f"{version}, newer than this anyservice understands ({SCHEMA_VERSION}); "
+                    "upgrade anyservice"
+                )
+            if version is None:
+                found = conn.execute(
+                    "SELECT 1 FROM pg_namespace WHERE nspname = %s", (self._schema,)
+                ).fetchone()
+                if found is None:
+                    conn.execute(sql.SQL("CREATE SCHEMA {}").format(schema))
+                conn.execute(
+                    sql.SQL("CREATE TABLE {} (key text PRIMARY KEY, value text NOT NULL)").format(
+                        meta
+                    )
+                )
+                version = 0
+            for step in _MIGRATIONS[version:]:
+                for statement in step:
+                    conn.execute(sql.SQL(statement).format(s=schema))
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO {} (key, value) VALUES ('schema_version', %s)"
+                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+                ).format(meta),
+                (str(SCHEMA_VERSION),),
+            )
+
+    async def close(self) -> None:
+        """Close the connections. Calling it again (or before :meth:`open`) does nothing."""
+        if self._pool is not None:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self._pool_timeout):
+                try:
+                    await self._forget_workers()
+                except BrokerError:
+                    pass  # the rows are forgotten a day later instead
+        pool, self._pool = self._pool, None
+        listener, self._listener = self._listener, None
+        self._claimed.clear()
+        with anyio.CancelScope(shield=True):
+            if listener is not None:
+                # A waiter blocked on its socket must be told before the socket goes.
+                anyio.notify_closing(listener.fileno())
+                await anyio.to_thread.run_sync(listener.close)
+            if pool is not None:
+                await anyio.to_thread.run_sync(pool.close)
+        # Waiters reading the closed listener must notice.
+        self._wakeups.everyone()
+
+    # --- storage -----------------------------------------------------------------------
+
+    async def _insert(self, run: RunRecord) -> None:
+        # One statement, so the notification goes out with the commit of the row.
+        await self._call(
+            self._execute(
+                "WITH inserted AS (INSERT INTO {runs} (id, task, payload, state, attempts,"
+                " max_attempts, retries_left, retry_delay, timeout, created_at, scheduled_at)"
+                " VALUES (%(id)s, %(task)s, %(payload)s, %(state)s, %(attempts)s,"
+                " %(max_attempts)s, %(retries_left)s, %(retry_delay)s, %(timeout)s,"
+                " %(created_at)s, %(scheduled_at)s)"
+                " RETURNING 1)"
+                " SELECT pg_notify(%(channel)s, 'w') FROM inserted",
+                {
+                    "id": run.id,
+                    "task": run.task,
+                    "payload": run.payload,
+                    "state": run.state.value,
+                    "attempts": run.attempts,
+                    "max_attempts": run.max_attempts,
+                    "retries_left": run.retries_left,
+                    "retry_delay": run.retry_delay,
+                    "timeout": run.timeout,
+                    "created_at": run.created_at,
+                    "scheduled_at": run.scheduled_at,
+                    "channel": self._channel,
+                },
+            )
+        )
+
+    async def _claim(
+        self, owner: str, tasks: list[str], limit: int, lease_seconds: float
+    ) -> Claimed:
+        await self._keep_workers(owner)
+        # One statement, whatever the limit: runs locked by another claim in progress are
+        # skipped, not waited for.
+        now = self._clock()
+        rows = await self._call(
+            self._execute(
+                _CLAIM.replace("{returning}", _RETURNING),
+                {
+                    "now": now,
+                    "expires": now + lease_seconds,
+                    "owner": owner,
+                    "tasks": tasks,
+                    "limit": limit,
+                    "channel": self._channel,
+                    "abandoned": ABANDONED_ERROR_TYPE,
+                    "message": _ABANDONED_MESSAGE,
+                },
+            )
+        )
+        scheduled, expiring, crashed = rows[0][:3]
+        # Oldest first: by due time, then submission order (the sequence number).
+        claimed = sorted(
+            (row[3:] for row in rows if row[3] is not None), key=lambda row: (row[11], row[0])
+        )
+        runs = [_record(row) for row in claimed]
+        for run in runs:
+            self._claimed[owner, run.id] = run.attempts
+        for run_id in crashed or ():
+            self._wakeups.run_finished(run_id)
+        if len(runs) == limit and limit > 0:
+            next_due: float | None = now
+        else:
+            times = [t for t in (scheduled, expiring) if t is not None]
+            next_due = min(times) if times else None
+        return Claimed(runs=runs, finished=bool(crashed), next_due=next_due)
+
+    async def _keep_workers(self, owner: str) -> None:
+        """Record ``owner`` as alive and free the runs of dead workers on this host.
+
+        A worker killed on this host (kill -9, the OOM killer) leaves its runs leased
+        until the leases expire. Its row names its process, which is gone: its leases are
+        ended now, so the claim that follows takes its runs over at once. Done at most
+        every ``WORKERS_EVERY`` seconds per owner, from claims (an idle worker claims
+        about once a second).
+        """
+        seen = time.monotonic()
+        if seen - self._workers_seen.get(owner, -math.inf) < WORKERS_EVERY:
+            return
+        self._workers_seen[owner] = seen
+        now = self._clock()
+        rows = await self._call(
+            self._execute(
+                "WITH seen AS (INSERT INTO {workers} (owner, host, pid, started_at, heartbeat_at)"
+                " VALUES (%(owner)s, %(host)s, %(pid)s, %(started)s, %(now)s)"
+                " ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at),"
+                " forgotten AS (DELETE FROM {workers} WHERE heartbeat_at < %(forget)s)"
+                " SELECT owner, pid, started_at FROM {workers}"
+                " WHERE host = %(host)s AND pid <> %(pid)s",
+                {
+                    "owner": owner,
+                    "host": self._host,
+                    "pid": self._pid,
+                    "started": self._started_at,
+                    "now": now,
+                    "forget": now - WORKERS_FORGOTTEN,
+                },
+            )
+        )
+        dead = [dead for dead, pid, started in rows if process_gone(pid, started)]
+        if not dead:
+            return
+        await self._call(
+            self._execute(
+                "WITH gone AS (DELETE FROM {workers} WHERE owner = ANY(%(dead)s))"
+                " UPDATE {runs} SET lease_expires_at = %(now)s"
+                " WHERE state = 'RUNNING' AND lease_owner = ANY(%(dead)s)"
+                " AND lease_expires_at > %(now)s",
+                {"dead": dead, "now": now},
+            )
+        )
+
+    async def _forget_workers(self) -> None:
+        """Delete this process's worker rows (a clean stop leaves nothing to recover)."""
+        if self._workers_seen:
+            owners = list(self._workers_seen)
+            self._workers_seen.clear()
+            await self._call(
+                self._execute(
+                    "DELETE FROM {workers} WHERE owner = ANY(%(owners)s)", {"owners": owners}
+                )
+            )
+
+    async def _heartbeat(self, owner: str, run_ids: list[str], lease_seconds: float) -> set[str]:
+        if not run_ids:
+            return set()
+        rows = await self._call(
+            self._execute(
+                "UPDATE {runs} SET lease_expires_at = %(expires)s"
+                " WHERE state = 'RUNNING' AND lease_owner = %(owner)s AND id = ANY(%(ids)s)"
+                " RETURNING id",
+                {"expires": self._clock() + lease_seconds, "owner": owner, "ids": run_ids},
+            )
+        )
+        return {run_id for (run_id,) in rows}
+
+    async def _update_held(
+        self, owner: str, run_id: str, assignments: str, parameters: dict[str, Any]
+    ) -> RunState | None:
+        """Update a run only while ``owner`` holds its lease (at the attempt it claimed).
+
+        The statement also notifies the other processes, on commit: of work if the run
+        is SCHEDULED again, of the run's finish if it finished.
+
+        Returns:
+            The run's new state, or ``None`` when ``owner`` did not hold it.
+        """
+        attempt = self._claimed.get((owner, run_id))
+        rows = await self._call(
+            self._execute(
+                f"WITH held AS (UPDATE {{runs}} SET {assignments}"
+                " WHERE id = %(id)s AND state = 'RUNNING' AND lease_owner = %(owner)s"
+                " AND (%(attempt)s::integer IS NULL OR attempts = %(attempt)s::integer)"
+                " RETURNING id, state)"
+                " SELECT state, pg_notify(%(channel)s,"
+                " CASE WHEN state = 'SCHEDULED' THEN 'w' ELSE 'f ' || id END) FROM held",
+                {
+                    **parameters,
+                    "id": run_id,
+                    "owner": owner,
+                    "attempt": attempt,
+                    "now": self._clock(),
+                    "channel": self._channel,
+                },
+            )
+        )
+        self._claimed.pop((owner, run_id), None)
+        if not rows:
+            return None
+        state = RunState(rows[0][0])
+        if state.finished:
+            self._wakeups.run_finished(run_id)
+        return state
+
+    async def _complete(self, owner: str, run_id: str, result: str) -> bool:
+        state = await self._update_held(
+            owner,
+            run_id,
+            "state = 'COMPLETED', finished_at = %(now)s, lease_owner = NULL,"
+            " lease_expires_at = NULL, result = %(result)s, error = NULL",
+            {"result": result},
+        )
+        return state is not None
+
+    async def _fail(self, owner: str, run_id: str, error: RunError, retry: bool) -> RunState | None:
+        # Every expression in an UPDATE sees the row as it was, so the CASEs agree.
+        retried = "(%(retry)s AND retries_left > 0)"
+        return await self._update_held(
+            owner,
+            run_id,
+            f"state = CASE WHEN {retried} THEN 'SCHEDULED' ELSE 'FAILED' END,"
+            f" scheduled_at = CASE WHEN {retried} THEN %(now)s + retry_delay"
+            " ELSE scheduled_at END,"
+            f" retries_left = CASE WHEN {retried} THEN retries_left - 1 ELSE retries_left END,"
+            f" started_at = CASE WHEN {retried} THEN NULL ELSE started_at END,"
+            f" finished_at = CASE WHEN {retried} THEN NULL ELSE %(now)s END,"
+            " lease_owner = NULL, lease_expires_at = NULL, error = %(error)s",
+            {"retry": retry, "error": error.to_json()},
+        )
+
+    async def _release(self, owner: str, run_id: str) -> bool:
+        state = await self._update_held(
+            owner,
+            run_id,
+            "state = 'SCHEDULED', attempts = greatest(attempts - 1, 0), started_at = NULL,"
+            " lease_owner = NULL, lease_expires_at = NULL",
+            {},
+        )
+        return state is not None
+
+    async def _cancel(self, run_id: str) -> bool:
+        rows = await self._call(
+            self._execute(
+                "WITH cancelled AS (UPDATE {runs} SET state = 'CANCELLED', finished_at = %(now)s"
+                " WHERE id = %(id)s AND state = 'SCHEDULED' RETURNING id)"
+                " SELECT pg_notify(%(channel)s, 'f ' || id) FROM cancelled",
+                {"now": self._clock(), "id": run_id, "channel": self._channel},
+            )
+        )
+        if rows:
+            self._wakeups.run_finished(run_id)
+        return bool(rows)
+
+    async def _get(self, run_id: str) -> RunRecord | None:
+        rows = await self._call(
+            self._execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM {{runs}} WHERE id = %(id)s", {"id": run_id}
+            )
+        )
+        return _record(rows[0]) if rows else None
+
+    async def _purge(self, before: float, limit: int) -> int:
+        # Housekeeping is one process's job at a time: the one that gets the advisory lock
+        # (held for this statement's transaction) deletes; the others delete nothing.
+        rows = await self._call(
+            self._execute(
+                "WITH housekeeper AS"
+                " (SELECT pg_try_advisory_xact_lock(hashtext(%(lock)s)) AS held),"
+                " doomed AS (SELECT seq FROM {runs} WHERE finished_at < %(before)s"
+                " AND state = ANY(%(finished)s) AND (SELECT held FROM housekeeper)"
+                " ORDER BY finished_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED),"
+                " gone AS (DELETE FROM {runs} r USING doomed WHERE r.seq = doomed.seq"
+                " RETURNING 1)"
+                " SELECT count(*) FROM gone",
+                {
+                    "lock": f"anyservice:{self._schema}:housekeeping",
+                    "before": before,
+                    "finished": sorted(state.value for state in FINISHED_STATES),
+                    "limit": limit,
+                },
+            )
+        )
+        deleted: int = rows[0][0]
+        return deleted
+
+    async def _counts(self) -> dict[RunState, int]:
+        # Rows with an unknown state count as FAILED, as they read.
+        rows = await self._call(
+            self._execute("SELECT state, count(*) FROM {runs} GROUP BY state", {})
+        )
+        counts = dict.fromkeys(RunState, 0)
+        for state, number in rows:
+            try:
+                counts[RunState(state)] += number
+            except ValueError:
+                counts[RunState.FAILED] += number
+        return counts
+
+    # --- waiting -------------------------------------------------------------------------
+
+    async def wait_for_work(self, timeout: float) -> None:
+        await self._check_open()
+        if self._next_due is not None:
+            timeout = min(timeout, max(self._next_due - self._clock(), 0.0))
+        # Past a poll interval the caller claims again: that claim is the poll.
+        timeout = min(timeout, self._poll_every)
+        waiter = _Waiter(None)
+        self._wakeups.add(waiter)
+        try:
+            await self._wait_woken(waiter, timeout, self._work_seen_by_claim)
+        finally:
+            self._stop_waiting(waiter)
+
+    async def wait_until_finished(self, run_id: str, timeout: float) -> RunRecord | None:
+        deadline = anyio.current_time() + timeout
+        # Registered before each read of the run, so a finish in between is not missed.
+        waiter = _Waiter(run_id)
+        self._wakeups.add(waiter)
+        try:
+            while True:
+                waiter.rearm()
+                run = await self.get(run_id)
+                remaining = deadline - anyio.current_time()
+                if run is None or run.finished or remaining <= 0:
+                    return run
+                # Past a poll interval the run is read again: that read is the poll.
+                await self._wait_woken(waiter, min(remaining, self._poll_every), None)
+        finally:
+            self._stop_waiting(waiter)
+
+    def _stop_waiting(self, waiter: _Waiter) -> None:
+        self._wakeups.discard(waiter)
+        if not self._listening:
+            self._wakeups.hand_over(waiter)
+
+    async def _wait_woken(self, waiter: _Waiter, timeout: float, work_seen: int | None) -> None:
+        """Wait until ``waiter`` is woken (or work arrived since ``work_seen``), or timeout.
+
+        While no other waiter does, this one reads the LISTEN connection itself and wakes
+        the others; leaving, it hands the reading over to one of them.
+        """
+        await anyio.lowlevel.checkpoint()
+        deadline = anyio.current_time() + timeout
+        reading = False
+        try:
+            while not waiter.woken and (work_seen is None or work_seen == self._wakeups.work):
+                remaining = deadline - anyio.current_time()
+                if remaining <= 0:
+                    return
+                if self._listen and self._pool is not None and not self._listening:
+                    reading = True
+                    await self._read_notifications(remaining)
+                else:
+                    with anyio.move_on_after(remaining):
+                        await waiter.event.wait()
+                    if not waiter.woken:
+                        waiter.rearm()  # asked to take over the reading: loop to do so
+        finally:
+            if reading:
+                self._wakeups.hand_over(waiter)
+
+    async def _read_notifications(self, timeout: float) -> None:
+        """Read one batch of notifications, waiting at most ``timeout`` seconds for it."""
+        self._listening = True
+        try:
+            listener = await self._ensure_listener()
+            if listener is None:
+                # Down: wait out the reconnect delay (the caller's polls go on meanwhile).
+                await anyio.sleep(min(timeout, max(self._reconnect_at - time.monotonic(), 0)))
+                return
+            try:
+                with anyio.move_on_after(timeout):
+                    await anyio.wait_readable(listener.fileno())
+            except anyio.ClosedResourceError:
+                return  # closed by close()
+            try:
+                # Only what already arrived: this never blocks the event loop.
+                notifies = list(listener.notifies(timeout=0))
+            except psycopg.Error:
+                self._drop_listener()
+                self._wakeups.everyone()
+                return
+            for notify in notifies:
+                if notify.payload == "w":
+                    self._wakeups.work_arrived()
+                elif notify.payload.startswith("f "):
+                    self._wakeups.run_finished(notify.payload[2:])
+        finally:
+            self._listening = False
+
+    def _drop_listener(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+        self._reconnect_at = time.monotonic() + self._reconnect_delay
+        self._reconnect_delay = min(self._reconnect_delay * 2, _MAX_RECONNECT)
+
+    async def _ensure_listener(self) -> psycopg.Connection[Any] | None:
+        if self._listener is not None and not self._listener.closed:
+            return self._listener
+        if time.monotonic() < self._reconnect_at:
+            return None
+        channel = sql.Identifier(self._channel)
+
+        def connect() -> psycopg.Connection[Any]:
+            conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5)
+            try:
+                conn.execute(sql.SQL("LISTEN {}").format(channel))
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+
+        try:
+            with anyio.CancelScope(shield=True):
+                listener = await anyio.to_thread.run_sync(connect)
+        except psycopg.Error:
+            self._drop_listener()
+            return None
+        if self._pool is None:  # closed meanwhile
+            listener.close()
+            return None
+        self._listener = listener
+        self._reconnect_delay = _FIRST_RECONNECT
+        self.listen_connects += 1
+        # Notifications sent while nobody listened are lost: everyone looks again.
+        self._wakeups.everyone()
+        return listener

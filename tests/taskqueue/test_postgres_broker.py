@@ -1,0 +1,321 @@
+"""What only the PostgreSQL broker does: its URL, schema versions, LISTEN/NOTIFY, lost
+connections, cancelled statements and the housekeeping lock, on a real server.
+
+The promises every broker keeps are in ``test_broker_conformance.py``, which runs on
+PostgreSQL too.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import anyio.to_thread
+import psycopg
+import pytest
+from psycopg import sql
+
+from anyservice.taskqueue import BrokerError, RunState, TaskQueue, TaskWorker
+from anyservice.taskqueue.brokers import broker_from_url
+from anyservice.taskqueue.brokers._postgres import SCHEMA_VERSION, PostgresBroker
+from tests._postgres import postgres_schema
+
+pytestmark = pytest.mark.anyio
+
+PAYLOAD = '{"args":[],"kwargs":{}}'
+#: Long enough that a wait ending sooner was woken by a notification, not a poll.
+NO_POLLING = "3600"
+PROMPTLY = 10.0
+#: What a server restart does to every client connection but the test's own.
+TERMINATE_OTHERS = (
+    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+    " WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'"
+)
+
+
+@pytest.fixture
+def url(postgres_url: str) -> Iterator[str]:
+    with postgres_schema(postgres_url, poll_interval=NO_POLLING) as url:
+        yield url
+
+
+@pytest.fixture
+async def broker(url: str) -> AsyncIterator[PostgresBroker]:
+    async with PostgresBroker(url) as broker:
+        yield broker
+
+
+def schema_of(url: str) -> str:
+    return url.split("schema=")[1].split("&")[0]
+
+
+def server_of(url: str) -> str:
+    return url.split("?")[0]
+
+
+async def admin(url: str, query: sql.Composable | str, *args: object) -> list[tuple[object, ...]]:
+    """Run one statement on a connection of the test's own, as another program would."""
+
+    def run() -> list[tuple[object, ...]]:
+        with psycopg.connect(server_of(url), autocommit=True) as conn:
+            cursor = conn.execute(query, args or None)  # type: ignore[arg-type]
+            return cursor.fetchall() if cursor.description else []
+
+    return await anyio.to_thread.run_sync(run)
+
+
+# --- the URL -----------------------------------------------------------------------------
+
+
+def test_both_schemes_make_a_postgres_broker_with_the_password_masked() -> None:
+    for scheme in ("postgresql", "postgres"):
+        broker = broker_from_url(f"{scheme}://app:s3cret@db.example:5433/runs?schema=jobs")
+        assert isinstance(broker, PostgresBroker)
+        assert broker.url == f"{scheme}://app:***@db.example:5433/runs?schema=jobs"
+        assert "s3cret" not in repr(broker)
+        assert broker.schema == "jobs"
+        assert broker.listens
+
+
+@pytest.mark.parametrize(
+    ("query", "option"),
+    [
+        ("schema=", "schema"),
+        ("listen=maybe", "listen"),
+        ("pool_size=0", "pool_size"),
+        ("pool_size=many", "pool_size"),
+        ("poll_interval=-1", "poll_interval"),
+        ("pool_timeout=nan", "pool_timeout"),
+    ],
+)
+def test_bad_url_options_are_refused_by_name(query: str, option: str) -> None:
+    with pytest.raises(ValueError, match=f"option {option}="):
+        PostgresBroker(f"postgresql://app@localhost/runs?{query}")
+
+
+def test_listen_false_polls_only() -> None:
+    assert not PostgresBroker("postgresql://app@localhost/runs?listen=false").listens
+
+
+async def test_an_unreachable_server_is_a_broker_error() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        port = sock.getsockname()[1]
+        broker = PostgresBroker(f"postgresql://app@127.0.0.1:{port}/x?pool_timeout=0.5")
+        with pytest.raises(BrokerError, match=r"could not connect within 0\.5 s"):
+            await broker.open()
+
+
+async def test_libpq_options_in_the_url_reach_the_server(postgres_url: str) -> None:
+    with postgres_schema(postgres_url, options="-c%20statement_timeout%3D4321") as url:
+        async with PostgresBroker(url) as broker:
+
+            def setting(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+                return conn.execute("SHOW statement_timeout").fetchall()
+
+            assert await broker._call(setting) == [("4321ms",)]
+
+
+# --- the schema --------------------------------------------------------------------------
+
+
+async def test_workers_starting_together_on_an_empty_database_make_one_schema(url: str) -> None:
+    brokers = [PostgresBroker(url) for _ in range(4)]
+    try:
+        async with anyio.create_task_group() as tg:
+            for broker in brokers:
+                tg.start_soon(broker.open)
+        run = await brokers[0].submit("say", PAYLOAD)
+        assert await brokers[3].get(run.id) == run
+    finally:
+        for broker in brokers:
+            await broker.close()
+    rows = await admin(url, f"SELECT value FROM {schema_of(url)}.anyservice_meta")
+    assert rows == [(str(SCHEMA_VERSION),)]
+
+
+async def test_a_newer_schema_is_refused(url: str) -> None:
+    async with PostgresBroker(url):
+        pass
+    meta = sql.SQL("{}.anyservice_meta").format(sql.Identifier(schema_of(url)))
+    await admin(url, sql.SQL("UPDATE {} SET value = '99'").format(meta))
+    with pytest.raises(BrokerError, match="version 99, newer than this anyservice"):
+        await PostgresBroker(url).open()
+
+
+# --- wake-ups ----------------------------------------------------------------------------
+
+
+async def test_a_submit_in_another_process_wakes_a_waiting_worker(url: str) -> None:
+    async with PostgresBroker(url) as worker, PostgresBroker(url) as submitter:
+        assert await worker.claim("w1", ["say"], limit=1, lease_seconds=30) == []
+        woke = anyio.Event()
+
+        async def wait() -> None:
+            await worker.wait_for_work(timeout=3600)
+            woke.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait)
+            await anyio.sleep(0.1)
+            assert not woke.is_set()
+            await submitter.submit("say", PAYLOAD)
+            with anyio.fail_after(PROMPTLY):
+                await woke.wait()
+
+
+async def test_a_result_awaited_in_another_process_arrives_on_notification(url: str) -> None:
+    async with PostgresBroker(url) as worker, PostgresBroker(url) as waiter:
+        run = await worker.submit("say", PAYLOAD)
+        done: list[RunState] = []
+
+        async def wait() -> None:
+            record = await waiter.wait_until_finished(run.id, timeout=3600)
+            assert record is not None
+            done.append(record.state)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait)
+            await worker.claim("w1", ["say"], limit=1, lease_seconds=30)
+            await anyio.sleep(0.1)
+            assert not done
+            started = time.monotonic()
+            assert await worker.complete("w1", run.id, '"ok"')
+        assert done == [RunState.COMPLETED]
+        assert time.monotonic() - started < PROMPTLY
+
+
+async def test_many_waiters_for_different_runs_each_get_their_own(url: str) -> None:
+    async with PostgresBroker(url) as worker, PostgresBroker(url) as waiter:
+        runs = [await worker.submit("say", PAYLOAD) for _ in range(5)]
+        finished: dict[str, RunState] = {}
+
+        async def wait(run_id: str) -> None:
+            record = await waiter.wait_until_finished(run_id, timeout=3600)
+            assert record is not None
+            finished[run_id] = record.state
+
+        with anyio.fail_after(PROMPTLY):
+            async with anyio.create_task_group() as tg:
+                for run in runs:
+                    tg.start_soon(wait, run.id)
+                await worker.claim("w1", ["say"], limit=5, lease_seconds=30)
+                for run in runs:
+                    await anyio.sleep(0.02)
+                    assert await worker.complete("w1", run.id, "null")
+        assert finished == {run.id: RunState.COMPLETED for run in runs}
+
+
+async def test_without_listen_waits_poll(postgres_url: str) -> None:
+    with postgres_schema(postgres_url, listen="false", poll_interval="0.05") as url:
+        async with PostgresBroker(url) as worker, PostgresBroker(url) as submitter:
+            assert await worker.claim("w1", ["say"], limit=1, lease_seconds=30) == []
+            run = await submitter.submit("say", PAYLOAD)
+            with anyio.fail_after(PROMPTLY):
+                while not await worker.claim("w1", ["say"], limit=1, lease_seconds=30):
+                    await worker.wait_for_work(timeout=3600)
+            assert worker.listen_connects == 0
+            with anyio.fail_after(PROMPTLY):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(submitter.wait_until_finished, run.id, 3600)
+                    await anyio.sleep(0.1)
+                    await worker.complete("w1", run.id, "null")
+
+
+# --- trouble -----------------------------------------------------------------------------
+
+
+async def test_cancelling_a_blocked_statement_returns_at_once_and_leaves_the_pool_usable(
+    url: str, broker: PostgresBroker
+) -> None:
+    run = await broker.submit("say", PAYLOAD)
+    runs = sql.SQL("{}.anyservice_runs").format(sql.Identifier(schema_of(url)))
+
+    def hold_the_row(locked: anyio.Event, release: anyio.Event) -> None:
+        with psycopg.connect(server_of(url)) as conn:
+            conn.execute(
+                sql.SQL("SELECT 1 FROM {} WHERE id = %s FOR UPDATE").format(runs), [run.id]
+            )
+            anyio.from_thread.run_sync(locked.set)
+            anyio.from_thread.run(release.wait)
+
+    locked, release = anyio.Event(), anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(anyio.to_thread.run_sync, hold_the_row, locked, release)
+        await locked.wait()
+        started = time.monotonic()
+        with anyio.move_on_after(0.2) as scope:
+            await broker.cancel(run.id)  # waits for the row lock
+        assert scope.cancelled_caught
+        assert time.monotonic() - started < 5
+        release.set()
+    for _ in range(broker._pool_size + 1):  # every pooled connection still works
+        assert (await broker.get(run.id)) == run
+    assert await broker.cancel(run.id)
+
+
+async def test_lost_connections_are_a_broker_error_then_replaced(
+    url: str, broker: PostgresBroker
+) -> None:
+    run = await broker.submit("say", PAYLOAD)
+    await admin(url, TERMINATE_OTHERS)
+    with anyio.fail_after(PROMPTLY):
+        while True:
+            try:
+                assert await broker.get(run.id) == run
+                break
+            except BrokerError:
+                await anyio.sleep(0.05)
+
+
+async def test_a_worker_rides_out_lost_connections(url: str) -> None:
+    queue = TaskQueue(url)
+
+    @queue.task
+    async def echo(value: int) -> int:
+        return value
+
+    async with queue, TaskWorker(echo):
+        assert await (await echo.delay(1)).result(timeout=PROMPTLY) == 1
+        await admin(url, TERMINATE_OTHERS)
+        run = None
+        with anyio.fail_after(PROMPTLY):
+            while run is None:
+                try:
+                    run = await echo.delay(2)
+                except BrokerError:
+                    await anyio.sleep(0.05)
+        assert await run.result(timeout=PROMPTLY) == 2
+
+
+async def test_only_the_holder_of_the_housekeeping_lock_purges(url: str) -> None:
+    now = [1_700_000_000.0]
+    broker = PostgresBroker(url, clock=lambda: now[0])
+    await broker.open()
+    run = await broker.submit("say", PAYLOAD)
+    assert await broker.cancel(run.id)
+    now[0] += 1
+    lock = f"anyservice:{schema_of(url)}:housekeeping"
+
+    def hold_the_lock(locked: anyio.Event, release: anyio.Event) -> None:
+        with psycopg.connect(server_of(url), autocommit=True) as conn:
+            conn.execute("SELECT pg_advisory_lock(hashtext(%s))", [lock])
+            anyio.from_thread.run_sync(locked.set)
+            anyio.from_thread.run(release.wait)
+            # Explicitly: a closed connection's locks go only once its server process ends.
+            conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", [lock])
+
+    locked, release = anyio.Event(), anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(anyio.to_thread.run_sync, hold_the_lock, locked, release)
+        await locked.wait()
+        try:
+            assert await broker.purge(older_than=0) == 0
+        finally:
+            release.set()
+    assert await broker.purge(older_than=0) == 1
+    await broker.close()
