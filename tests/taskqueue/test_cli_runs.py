@@ -96,7 +96,7 @@ def test_runs_show_retry_cancel_and_purge(url: str, capsys: pytest.CaptureFixtur
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["runs", "--queue", "postgres://db/x", "list"], "--queue: unsupported scheme 'postgres'"),
+        (["runs", "--queue", "redis://db/0", "list"], "--queue: unsupported scheme 'redis'"),
         (["runs", "--queue", "sqlite:///{dir}/none.db", "list"], "--queue: no database at"),
         (["runs", "--queue", "{url}", "show", "nope"], "no run 'nope' in"),
         (["runs", "--queue", "{url}", "cancel", "nope"], "no run 'nope' in"),
