@@ -32,7 +32,14 @@ from .test_broker_conformance import LEASE, PAYLOAD, START, FakeClock
 pytestmark = [pytest.mark.anyio]
 
 clock = conformance.clock
-broker_url = conformance.broker_url
+
+
+# The PostgreSQL broker does not store ticks, leases, keys or cancel requests yet.
+@pytest.fixture(params=["memory", "sqlite"])
+def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / 'runs.db'}"
+
+
 broker = conformance.broker
 
 
