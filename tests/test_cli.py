@@ -354,7 +354,7 @@ def test_load_service_creates_classes_and_calls_factories() -> None:
         (["run", "tests.cli_targets:Quick", "--blocking-threshold", "0"], "must be > 0"),
         (["run", "tests.cli_targets:Quick", "--log-level", "LOUD"], "invalid choice: 'LOUD'"),
         (["run"], "the following arguments are required: TARGET"),
-        (["serve", "x:y"], "invalid choice: 'serve'"),
+        (["launch", "x:y"], "invalid choice: 'launch'"),
     ],
 )
 def test_usage_errors_exit_2_without_a_traceback(

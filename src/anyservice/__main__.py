@@ -91,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    if hasattr(args, "handler"):  # the task queue's commands: serve, runs
+        return int(args.handler(args))
     _configure_logging(args.log_level, args.log_format)
     if args.backend == "trio" and importlib.util.find_spec("trio") is None:
         return _fail("the trio backend needs trio: pip install 'anyservice[trio]'")
@@ -140,6 +142,16 @@ def load_service(target: str) -> Service:
             that does not import, a missing attribute, a factory that raises, or an object
             that is not a service.
     """
+    return _as_service(load_object(target), target)
+
+
+def load_object(target: str) -> object:
+    """The object ``target`` (``package.module:attribute``) names.
+
+    Raises:
+        TargetError: for a malformed target, a module that does not import, or a missing
+            attribute, in one line.
+    """
     module_name, colon, attribute_path = target.partition(":")
     if not colon or not module_name or not attribute_path:
         raise TargetError(f"TARGET must look like package.module:attribute, got {target!r}")
@@ -161,7 +173,7 @@ def load_service(target: str) -> Service:
         except AttributeError:
             raise TargetError(f"{walked!r} has no attribute {part!r} (in {target!r})") from None
         walked = f"{walked}:{part}" if walked == module_name else f"{walked}.{part}"
-    return _as_service(found, target)
+    return found
 
 
 def _as_service(found: object, target: str) -> Service:
@@ -302,6 +314,9 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="serve /metrics on the status server (default: when prometheus_client is installed)",
     )
+    from .taskqueue._cli import add_commands
+
+    add_commands(commands, load_object, TargetError)
     return parser
 
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -86,22 +86,29 @@ class Setup:
         self.queue, self.tasks = build(self.url, tmp_path)
         self.count = 0
 
+    def worker(self, *options: str) -> AbstractAsyncContextManager[Worker]:
+        return self.process(
+            [
+                sys.executable,
+                "-m",
+                "tests.taskqueue.proc_tasks",
+                f"--url={self.url}",
+                f"--dir={self.dir}",
+                f"--backend={self.backend}",
+                *options,
+            ]
+        )
+
     @asynccontextmanager
-    async def worker(self, *options: str) -> AsyncIterator[Worker]:
+    async def process(self, command: list[str]) -> AsyncIterator[Worker]:
+        """Run ``command`` from the repository's root, its output going to a log file."""
         self.count += 1
         log = self.dir / f"worker-{self.count}.log"
-        command = [
-            sys.executable,
-            "-m",
-            "tests.taskqueue.proc_tasks",
-            f"--url={self.url}",
-            f"--dir={self.dir}",
-            f"--backend={self.backend}",
-            *options,
-        ]
         home = self.dir / f"worker-{self.count}"
         home.mkdir()
-        environment = {**os.environ, "PYTHONPATH": str(ROOT)}
+        # The repository for ``tests.``, ahead of whatever path the caller gave.
+        paths = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+        environment = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
         with _log_file(log) as output:
             process = await anyio.open_process(
                 command, cwd=home, env=environment, stdout=output, stderr=subprocess.STDOUT

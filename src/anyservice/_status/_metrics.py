@@ -223,7 +223,8 @@ def _families(
     if workers:
         runs = CounterMetricFamily(
             "anyservice_task_runs",
-            "Task-run outcomes (completed, failed, retried, handed_back, lost, not_recorded).",
+            "Task-run outcomes (completed, failed, retried, cancelled, handed_back, lost, "
+            "not_recorded).",
             labels=["task", "state"],
         )
         duration = HistogramMetricFamily(

@@ -38,6 +38,9 @@ from ._records import PayloadError as PayloadError
 from ._records import RunError as RunError
 from ._records import RunRecord as RunRecord
 from ._records import RunState as RunState
+from ._scheduler import Schedule as Schedule
+from ._singleton import Singleton as Singleton
+from ._ticks import MissedTicks as MissedTicks
 from ._worker import TaskWorker as TaskWorker
 from ._worker import serve as serve
 from .brokers import DEFAULT_URL as DEFAULT_URL
@@ -55,11 +58,14 @@ __all__ = [
     "BrokerBusyError",
     "BrokerError",
     "MemoryBroker",
+    "MissedTicks",
     "PayloadError",
     "RunContext",
     "RunError",
     "RunRecord",
     "RunState",
+    "Schedule",
+    "Singleton",
     "SqliteBroker",
     "StopTaskWorker",
     "SyncTask",

@@ -69,7 +69,8 @@ class TaskRunFailed(Exception):
         self.error_message = error.message if error is not None else None
         self.traceback = error.traceback if error is not None else ""
         if state is RunState.CANCELLED:
-            message = f"run {run_id} of task {task!r} was cancelled before a worker ran it"
+            when = "before a worker ran it" if attempts == 0 else "while it was running"
+            message = f"run {run_id} of task {task!r} was cancelled {when}"
         else:
             tries = "attempt" if attempts == 1 else "attempts"
             message = f"run {run_id} of task {task!r} {state.value} after {attempts} {tries}"

@@ -3,7 +3,8 @@
 A run in flight goes through three phases, each a flag of :class:`RunInFlight`:
 
 - *executing*: the task runs inside the run's cancel scope, which the lease keeper
-  cancels if the claim no longer holds the run (``lost``);
+  cancels if the claim no longer holds the run (``lost``) or a user asked for the run to
+  be cancelled (``cancelled``: the run then ends CANCELLED);
 - *settling*: the outcome is being recorded; the lease keeper goes on renewing the lease,
   and the record is retried for as long as the lease lasts (``lease_until``);
 - *settled*: recorded, refused, given up on or handed back: nothing is left to do.
@@ -42,6 +43,8 @@ class Outcome:
     error: RunError | None = None
     exception: BaseException | None = None
     retry: bool = False
+    #: A user asked for the run to be cancelled and its body was stopped.
+    cancelled: bool = False
 
     @classmethod
     def failure(cls, exc: BaseException, *, retry: bool, traceback: bool = True) -> Outcome:
@@ -80,6 +83,7 @@ class RunInFlight:
 
     __slots__ = (
         "began",
+        "cancelled",
         "done",
         "lease_until",
         "lost",
@@ -109,6 +113,8 @@ class RunInFlight:
         self.settled = False
         #: The claim no longer holds the run (it was claimed again): record nothing.
         self.lost = False
+        #: A user asked for the run to be cancelled: it ends CANCELLED.
+        self.cancelled = False
         #: The task raised StopTaskWorker: hand the run back and stop the worker.
         self.stop_worker = False
         #: Set once the worker is done with the run (recorded, handed back or lost).
@@ -148,14 +154,16 @@ async def attempt(
         except StopTaskWorker:
             entry.stop_worker = True
         except TaskTimeoutError as exc:
-            outcome = Outcome.failure(exc, retry=True, traceback=False)
+            outcome = Outcome.failure(exc, retry=task.should_retry(exc), traceback=False)
         except Exception as exc:
-            outcome = Outcome.failure(exc, retry=True)
+            outcome = Outcome.failure(exc, retry=task.should_retry(exc))
         else:
             try:
                 outcome = Outcome(result=encode_result(value, task_name=task.name))
             except TypeError as exc:
                 outcome = Outcome.failure(exc, retry=False)
+    if entry.cancelled and not entry.lost:
+        return Outcome(cancelled=True)
     return None if entry.lost else outcome
 
 

@@ -9,6 +9,7 @@ as Prefect's ``@task`` does, so it stays testable.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import inspect
 import os
@@ -21,10 +22,19 @@ import anyio
 import anyio.from_thread
 import anyio.lowlevel
 
-from .._checks import MAX_COUNT, Seconds, check_count, check_optional_seconds, check_seconds
+from .._checks import (
+    MAX_COUNT,
+    Seconds,
+    check_clock_reading,
+    check_count,
+    check_optional_seconds,
+    check_seconds,
+)
 from ._errors import TaskRunFailed, TaskRunNotFound, TaskRunTimeout
 from ._records import DEFAULT_MAX_ATTEMPTS, RunError, RunRecord, RunState
+from ._scheduler import Schedule, define_schedule
 from ._serialize import decode_result, encode_arguments
+from ._ticks import DEFAULT_CATCH_UP, MissedTicks, check_missed, grid_from
 from .brokers import DEFAULT_URL, Broker, broker_from_url
 
 #: The environment variable a queue made without a URL or broker takes its URL from.
@@ -102,6 +112,22 @@ def _url(url: str | None) -> str:
     return url
 
 
+def _task_name(function: object, options: _TaskOptions) -> str:
+    """The name a task of ``function`` takes, once ``function`` is checked fit for one."""
+    if isinstance(function, Task):
+        raise TypeError(f"{function!r} is already a task")
+    if not callable(function):
+        raise TypeError(f"@queue.task needs a function, got {function!r}")
+    if inspect.isasyncgenfunction(function) or inspect.isgeneratorfunction(function):
+        raise TypeError(
+            f"@queue.task needs a function that returns its result, not a generator: {function!r}"
+        )
+    name = options.name or getattr(function, "__name__", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"@queue.task: {function!r} has no __name__; pass name=")
+    return name
+
+
 class TaskQueue:
     """Where task runs are stored: an embedded SQLite file unless told otherwise.
 
@@ -147,6 +173,7 @@ class TaskQueue:
         #: Seconds finished runs are kept before workers purge them (``None``: forever).
         self.retention = None if retention is None else check_seconds(retention, "retention")
         self._tasks: dict[str, Task[Any, Any]] = {}
+        self._schedules: dict[str, Schedule] = {}
         # Opening: who holds the broker open, whether someone used it outside any holder
         # (then it stays open until close()), and an open in progress.
         self._holders = 0
@@ -174,6 +201,11 @@ class TaskQueue:
         """The tasks defined on this queue, by name."""
         return dict(self._tasks)
 
+    @property
+    def schedules(self) -> Mapping[str, Schedule]:
+        """The schedules defined on this queue, by name."""
+        return dict(self._schedules)
+
     def __repr__(self) -> str:
         return f"<TaskQueue {self.url!r} tasks={sorted(self._tasks)}>"
 
@@ -197,6 +229,10 @@ class TaskQueue:
         retries: int = 0,
         retry_delay: Seconds = 0.0,
         timeout: Seconds | None = None,
+        schedule: object = None,
+        missed: MissedTicks | str = MissedTicks.SKIP,
+        overlap: bool = False,
+        retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
     ) -> TaskDecorator: ...
 
     def task(
@@ -208,6 +244,10 @@ class TaskQueue:
         retries: int = 0,
         retry_delay: Seconds = 0.0,
         timeout: Seconds | None = None,
+        schedule: object = None,
+        missed: MissedTicks | str = MissedTicks.SKIP,
+        overlap: bool = False,
+        retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
     ) -> Task[Any, Any] | TaskDecorator:
         """Define a task: ``@queue.task`` or ``@queue.task(name=, retries=, ...)``.
 
@@ -222,6 +262,10 @@ class TaskQueue:
             timeout: Seconds one attempt may take; then it fails with
                 ``TaskTimeoutError``. An async task is cancelled; a sync task's thread
                 cannot be, so it is left to finish and its result is discarded.
+            schedule, missed, overlap: Run the task (without arguments) on this
+                schedule, as :meth:`schedule` does, under the task's name.
+            retry_on: Retry only these exception types (a type or a tuple; a timeout is
+                ``TaskTimeoutError``); any exception by default.
 
         Raises:
             TypeError: ``function`` is not a plain or async function (a generator, a
@@ -229,27 +273,23 @@ class TaskQueue:
             ValueError: an option is out of range, or the name is already taken.
         """
         options = _TaskOptions.check(name, retries, retry_delay, timeout)
+        grid = None if schedule is None else grid_from(schedule)
+        policy = check_missed(missed)
+        retried = _check_retry_on(retry_on)
 
         def decorate(function: Callable[..., Any]) -> Task[Any, Any]:
-            return self._define(function, options)
+            task = self._define(function, options)
+            task.retry_on = retried
+            if grid is not None:
+                self.schedule(task, grid, missed=policy, overlap=overlap)
+            return task
 
         if function is not None:
             return decorate(function)
         return cast(TaskDecorator, decorate)
 
     def _define(self, function: Callable[..., Any], options: _TaskOptions) -> Task[Any, Any]:
-        if isinstance(function, Task):
-            raise TypeError(f"{function!r} is already a task")
-        if not callable(function):
-            raise TypeError(f"@queue.task needs a function, got {function!r}")
-        if inspect.isasyncgenfunction(function) or inspect.isgeneratorfunction(function):
-            raise TypeError(
-                f"@queue.task needs a function that returns its result, not a generator: "
-                f"{function!r}"
-            )
-        name = options.name or getattr(function, "__name__", None)
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"@queue.task: {function!r} has no __name__; pass name=")
+        name = _task_name(function, options)
         if name in self._tasks:
             raise ValueError(
                 f"task name {name!r} is already taken on this queue by "
@@ -262,6 +302,78 @@ class TaskQueue:
         task = kind(self, function, name, options)
         self._tasks[name] = task
         return task
+
+    def schedule(
+        self,
+        task: Task[Any, Any],
+        schedule: object,
+        *,
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        name: str | None = None,
+        timezone: str | None = None,
+        missed: MissedTicks | str = MissedTicks.SKIP,
+        overlap: bool = False,
+        catch_up: int = DEFAULT_CATCH_UP,
+    ) -> Schedule:
+        """Run ``task(*args, **kwargs)`` on a schedule, once per tick across every worker.
+
+        Every :class:`TaskWorker` serving ``task`` stores each tick under (``name``, due
+        time) as it falls due: however many workers there are, a tick gets one run.
+
+        Args:
+            task: A task of this queue.
+            schedule: A cron expression (``"*/5 * * * *"``; a sixth field, last, for seconds), a
+                ``CronSchedule``, or a number of seconds / ``timedelta``: a fixed interval
+                on the epoch grid (ticks at multiples of it), so processes agree on it.
+            args, kwargs: The arguments every run gets (JSON-serialisable).
+            name: The schedule's name, unique per queue: ticks are stored under it. The
+                task's name by default.
+            timezone: The cron expression's timezone (an IANA name; UTC by default).
+            missed: After every worker was down: ``"skip"`` runs only the next tick,
+                ``"latest"`` also the most recent missed one, ``"all"`` every missed one
+                (at most ``catch_up``).
+            overlap: If false (the default), a tick due while the previous run of this
+                schedule is RUNNING is skipped, and counted.
+            catch_up: Most missed ticks ``missed="all"`` runs.
+
+        Raises:
+            TypeError: a bad schedule, arguments that do not fit the task or JSON, or an
+                option of the wrong type.
+            ValueError: a task of another queue, a name taken, a bad cron, interval or zone.
+        """
+        if not isinstance(task, Task):
+            raise TypeError(f"schedule() needs a task made by @queue.task, got {task!r}")
+        if task.queue is not self:
+            raise ValueError(f"task {task.name!r} belongs to another queue ({task.queue.url!r})")
+        defined = define_schedule(
+            task,
+            grid_from(schedule, timezone=timezone),
+            task.name if name is None else name,
+            args=args,
+            kwargs=kwargs,
+            missed=missed,
+            overlap=overlap,
+            catch_up=catch_up,
+        )
+        if defined.name in self._schedules:
+            raise ValueError(
+                f"schedule name {defined.name!r} is already taken on this queue; "
+                "pass a different name="
+            )
+        self._schedules[defined.name] = defined
+        return defined
+
+    async def schedule_counts(self, name: str) -> dict[str, Any]:
+        """What the broker holds of a schedule: ``runs``, ``skipped``, the ``latest`` tick.
+
+        Raises ``KeyError`` for a schedule this queue does not define.
+        """
+        if name not in self._schedules:
+            raise KeyError(f"no schedule {name!r} on this queue")
+        broker = await self.ensure_open()
+        counts = await broker.tick_counts(name)
+        return {"runs": counts.runs, "skipped": counts.skipped, "latest": counts.latest}
 
     # ------------------------------------------------------------- opening the broker
 
@@ -367,6 +479,27 @@ class TaskQueue:
         broker = await self.ensure_open()
         return await broker.counts()
 
+    async def runs(
+        self,
+        *,
+        state: RunState | str | None = None,
+        task: str | Task[Any, Any] | None = None,
+        since: float | None = None,
+        limit: int = 100,
+    ) -> list[TaskRun[Any]]:
+        """The runs stored, newest first: in ``state``, of ``task`` (a task or its name),
+        submitted at or after ``since`` (epoch seconds), at most ``limit``.
+
+        Raises:
+            ValueError, TypeError: an unknown state, ``limit`` < 1, or a wrong type.
+        """
+        name = task.name if isinstance(task, Task) else task
+        broker = await self.ensure_open()
+        records = await broker.list_runs(
+            state=None if state is None else RunState(state), task=name, since=since, limit=limit
+        )
+        return [TaskRun(self, record) for record in records]
+
     async def purge(self, older_than: Seconds | None = None) -> int:
         """Delete the runs that finished more than ``older_than`` ago, in small batches.
 
@@ -390,6 +523,19 @@ class TaskQueue:
             seconds = check_seconds(older_than, "older_than")
         broker = await self.ensure_open()
         return await broker.purge(seconds)
+
+
+def _check_retry_on(value: object) -> tuple[type[BaseException], ...] | None:
+    if value is None:
+        return None
+    types = value if isinstance(value, tuple) else (value,)
+    if not types or not all(
+        isinstance(kind, type) and issubclass(kind, BaseException) for kind in types
+    ):
+        raise TypeError(
+            f"@queue.task retry_on must be an exception type or a tuple of them, got {value!r}"
+        )
+    return types
 
 
 class _TaskOptions:
@@ -422,10 +568,12 @@ class Task(Generic[P, R]):
     """A function that workers run: ``await task.delay(...)`` stores a run of it.
 
     Made by ``@queue.task``. Attributes: ``name``, ``function``, ``queue``, ``retries``,
-    ``retry_delay``, ``timeout``, ``is_async``.
+    ``retry_delay``, ``retry_on``, ``timeout``, ``is_async``.
     """
 
     is_async: bool = False
+    #: The exception types a failure is retried for; ``None``: any.
+    retry_on: tuple[type[BaseException], ...] | None = None
     # Copied from the function, as functools.wraps does.
     __name__: str
     __qualname__: str
@@ -453,6 +601,10 @@ class Task(Generic[P, R]):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} of {self.queue.url!r}>"
+
+    def should_retry(self, exc: BaseException) -> bool:
+        """Whether a failure with ``exc`` may be retried (see ``retry_on``)."""
+        return self.retry_on is None or isinstance(exc, self.retry_on)
 
     def encode(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         """The JSON payload of a run with these arguments.
@@ -487,6 +639,63 @@ class Task(Generic[P, R]):
             timeout=self.timeout,
             max_attempts=max(self.queue.max_attempts, self.retries + 1),
         )
+        return TaskRun(self.queue, record)
+
+    async def apply_async(
+        self,
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        at: float | datetime.datetime | None = None,
+        countdown: Seconds | None = None,
+        key: str | None = None,
+    ) -> TaskRun[R]:
+        """Store a run with these arguments, due ``at`` a time or after a ``countdown``.
+
+        Prefect's (and Celery's) name; ``delay(*args, **kwargs)`` is the short form.
+
+        Args:
+            args, kwargs: The task's arguments (JSON-serialisable).
+            at: When the run is due: epoch seconds or an aware ``datetime``.
+            countdown: Seconds from now until it is due (not with ``at``).
+            key: Deduplicate: while a run submitted under ``key`` is not finished,
+                submitting again returns that run instead of storing another.
+
+        Raises:
+            TypeError: arguments that do not fit the task or JSON, a naive datetime, or an
+                option of the wrong type.
+            ValueError: both ``at`` and ``countdown``, a negative countdown, an empty key.
+        """
+        if not isinstance(args, tuple | list):
+            raise TypeError(f"apply_async() args must be a tuple or list, got {args!r}")
+        if kwargs is not None and not isinstance(kwargs, Mapping):
+            raise TypeError(f"apply_async() kwargs must be a mapping, got {kwargs!r}")
+        if at is not None and countdown is not None:
+            raise ValueError("apply_async() takes at= or countdown=, not both")
+        payload = self.encode(tuple(args), dict(kwargs or {}))
+        broker = await self.queue.ensure_open()
+        scheduled_at: float | None = None
+        if isinstance(at, datetime.datetime):
+            if at.utcoffset() is None:
+                raise TypeError(f"apply_async() at= needs an aware datetime, got {at!r}")
+            scheduled_at = at.timestamp()
+        elif at is not None:
+            scheduled_at = check_clock_reading(at, "apply_async() at")
+        elif countdown is not None:
+            scheduled_at = broker.now() + check_seconds(
+                countdown, "apply_async() countdown", allow_zero=True
+            )
+        options: dict[str, Any] = {
+            "retries": self.retries,
+            "retry_delay": self.retry_delay,
+            "timeout": self.timeout,
+            "max_attempts": max(self.queue.max_attempts, self.retries + 1),
+            "scheduled_at": scheduled_at,
+        }
+        if key is None:
+            record = await broker.submit(self.name, payload, **options)
+        else:
+            record, _ = await broker.submit_once(key, self.name, payload, **options)
         return TaskRun(self.queue, record)
 
     def delay_sync(self, *args: P.args, **kwargs: P.kwargs) -> TaskRun[R]:
@@ -660,9 +869,35 @@ class TaskRun(Generic[R]):
 
         return _run_blocking(result, "TaskRun.result_sync()", "'await run.result()'")
 
-    async def cancel(self) -> bool:
-        """Cancel the run if no worker has claimed it yet; return whether it was."""
+    async def cancel(self, timeout: Seconds | None = 60.0) -> bool:
+        """Cancel the run, even a RUNNING one; return whether it ended CANCELLED.
+
+        A SCHEDULED run is cancelled at once. For a RUNNING run the request is stored and
+        its worker, wherever it is, cancels the task's scope at its next heartbeat (a
+        third of its lease): the task's ``finally`` blocks run, and the run ends
+        CANCELLED. This waits for that, for at most ``timeout`` seconds (``None``: as long
+        as it takes); False if the run finished otherwise first, or was finished already.
+
+        Raises:
+            TaskRunTimeout: a RUNNING run did not end within ``timeout``.
+        """
+        seconds = check_optional_seconds(timeout, "cancel() timeout", allow_zero=True)
         broker = await self._queue.ensure_open()
-        cancelled = await broker.cancel(self.id)
+        state = await broker.request_cancel(self.id)
+        if state is RunState.RUNNING:
+            return await self.wait(seconds) is RunState.CANCELLED
         await self.refresh()
-        return cancelled
+        return state is RunState.CANCELLED
+
+    async def retry(self) -> bool:
+        """Run a FAILED, CRASHED or CANCELLED run again, as a new series of attempts.
+
+        It is SCHEDULED now, with its task's ``retries`` (when the task is defined on this
+        queue; none otherwise). Returns whether it was re-queued (False for a run that is
+        not in one of those states).
+        """
+        task = self._queue.tasks.get(self.task)
+        broker = await self._queue.ensure_open()
+        record = await broker.requeue(self.id, retries=0 if task is None else task.retries)
+        await self.refresh()
+        return record is not None

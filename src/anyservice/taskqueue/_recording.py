@@ -22,7 +22,10 @@ from ._execution import Outcome, RunInFlight
 from ._records import RunRecord
 from .brokers import Broker
 
-__all__ = ["Recorder", "WorkerStats", "run_log_extra"]
+__all__ = ["OUTCOMES", "Recorder", "WorkerStats", "run_log_extra"]
+
+#: What became of the runs a worker ran: the keys of ``TaskWorker.counts``.
+OUTCOMES = ("completed", "failed", "retried", "cancelled", "handed_back", "lost", "not_recorded")
 
 #: Backoff between broker calls that failed (the broker already retried a locked file).
 FIRST_BACKOFF = 0.05
@@ -56,10 +59,8 @@ class WorkerStats:
     def __init__(self, log: Log, worker: Any) -> None:
         self.log = log
         self.worker = worker
-        #: completed, failed, retried, handed_back, lost, not_recorded.
-        self.counts = dict.fromkeys(
-            ("completed", "failed", "retried", "handed_back", "lost", "not_recorded"), 0
-        )
+        #: How many runs came to each of ``OUTCOMES``.
+        self.counts = dict.fromkeys(OUTCOMES, 0)
         self.finished: deque[str] = deque(maxlen=FINISHED_SHOWN)
         #: Why the last broker call failed, while it does.
         self.broker_problem: str | None = None
@@ -155,6 +156,7 @@ class Recorder:
             self._stats.broker_failed(exc, "renewing leases")
             return []
         self._stats.broker_worked()
+        await self._cancel_requested(runs, held)
         lost: list[RunInFlight] = []
         for run_id, number in leases.items():
             entry = runs.get(run_id)
@@ -166,6 +168,25 @@ class Recorder:
                 lost.append(entry)
         return lost
 
+    async def _cancel_requested(self, runs: dict[str, RunInFlight], held: set[str]) -> None:
+        """Cancel, here, the runs among ``held`` whose cancellation a user asked for."""
+        try:
+            requested = await self._broker().cancel_requests(self._owner, sorted(held))
+        except BrokerError as exc:
+            self._stats.broker_failed(exc, "looking for cancelled runs")
+            return
+        for run_id in requested:
+            entry = runs.get(run_id)
+            if entry is None or entry.settling or entry.lost or entry.cancelled:
+                continue
+            entry.cancelled = True
+            self._log.info(
+                "%s: cancellation asked for: cancelling its body",
+                entry.describe(),
+                extra=self._stats.extra(entry.record),
+            )
+            entry.scope.cancel()
+
     async def settle(self, entry: RunInFlight, outcome: Outcome) -> None:
         """Record the outcome, shielded from a stop, retried while the lease lasts."""
         entry.settling = True
@@ -173,6 +194,8 @@ class Recorder:
         broker = self._broker()
 
         async def store() -> bool:
+            if outcome.cancelled:
+                return await broker.end_cancelled(self._owner, record.id, entry.attempt)
             if outcome.error is None:
                 assert outcome.result is not None
                 return await broker.complete(self._owner, record.id, entry.attempt, outcome.result)
@@ -200,15 +223,19 @@ class Recorder:
                 extra=self._stats.extra(record),
             )
         else:
-            self._count(entry, outcome)
+            self._note_recorded(entry, outcome)
 
-    def _count(self, entry: RunInFlight, outcome: Outcome) -> None:
+    def _note_recorded(self, entry: RunInFlight, outcome: Outcome) -> None:
+        """Count and log an outcome the broker recorded."""
         record, stats = entry.record, self._stats
         retrying = outcome.retry and record.retries_left > 0
         if not retrying:
             stats.finished.append(record.id)
         seconds = anyio.current_time() - entry.began
-        if outcome.error is None:
+        if outcome.cancelled:
+            stats.count(record, "cancelled", seconds)
+            self._log.info("%s cancelled, as asked", entry.describe(), extra=stats.extra(record))
+        elif outcome.error is None:
             stats.count(record, "completed", seconds)
         elif retrying:
             stats.count(record, "retried", seconds)

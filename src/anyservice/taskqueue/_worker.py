@@ -49,6 +49,7 @@ from ._execution import RunInFlight, attempt
 from ._queue import Task, TaskQueue, TaskRun, in_event_loop
 from ._recording import HAND_BACK_BUDGET, Recorder, WorkerStats
 from ._records import RunRecord
+from ._scheduler import keep_schedule
 
 __all__ = ["TaskWorker", "serve"]
 
@@ -81,6 +82,29 @@ def _in_flight_status(runs: dict[str, RunInFlight]) -> dict[str, Any]:
             "started": _epoch_iso(entry.started),
         }
         for run_id, entry in runs.items()
+    }
+
+
+def _status_of(
+    worker: TaskWorker, runs: dict[str, RunInFlight], stats: WorkerStats
+) -> dict[str, Any]:
+    """The body of :meth:`TaskWorker.status`."""
+    current = len(runs)
+    limit = worker.limit
+    return {
+        "client_id": worker.client_id,
+        "name": worker.name,
+        "state": worker.state.name,
+        "started_at": worker.started_at.isoformat() if worker.started_at else None,
+        "stopping": worker.should_stop,
+        "limit": limit,
+        "current": current,
+        "available": None if limit is None else max(limit - current, 0),
+        "tasks": sorted(worker.tasks),
+        "database": worker.queue.location,
+        "finished": list(stats.finished),
+        "in_flight": _in_flight_status(runs),
+        "counts": dict(stats.counts),
     }
 
 
@@ -177,8 +201,8 @@ class TaskWorker(Service, overrides=("run",)):
     Attributes:
         client_id: This worker's lease-owner id, unique per instance (Prefect's name).
         queue, tasks: The tasks' queue, and the served tasks by name.
-        counts: Outcomes since the worker was made: completed, failed, retried,
-            handed_back, lost, not_recorded.
+        counts: Outcomes since the worker was made (the keys are ``OUTCOMES``): completed,
+            failed, retried, cancelled, handed_back, lost, not_recorded.
 
     Raises:
         TypeError, ValueError: no tasks, a non-task, tasks of two queues, a bad option.
@@ -250,6 +274,12 @@ class TaskWorker(Service, overrides=("run",)):
             self.add_context(closing(server))
             self.status_server_port = server.port
             self.spawn(self._serve_status, name="status server")
+        for schedule in self.queue.schedules.values():
+            if schedule.task.name in self.tasks:
+                self.spawn(
+                    functools.partial(keep_schedule, schedule, self.log),
+                    name=f"schedule {schedule.name}",
+                )
         self.started_at = datetime.now(UTC)
         self.log.info(
             "serving %s from %s with limit %s as %s%s",
@@ -367,22 +397,7 @@ class TaskWorker(Service, overrides=("run",)):
         ``in_flight`` maps the ids of the runs it holds to their task, attempt and start;
         ``database`` is where the runs are stored (a SQLite file's absolute path).
         """
-        current = len(self._runs)
-        return {
-            "client_id": self.client_id,
-            "name": self.name,
-            "state": self.state.name,
-            "started_at": self.started_at.isoformat() if self.started_at else None,
-            "stopping": self.should_stop,
-            "limit": self.limit,
-            "current": current,
-            "available": None if self.limit is None else max(self.limit - current, 0),
-            "tasks": sorted(self.tasks),
-            "database": self.queue.location,
-            "finished": list(self._stats.finished),
-            "in_flight": _in_flight_status(self._runs),
-            "counts": dict(self.counts),
-        }
+        return _status_of(self, self._runs, self._stats)
 
     def healthz(self) -> tuple[bool, dict[str, Any]]:
         """What ``GET /healthz`` answers: whether the last broker call worked, and if not why."""

@@ -50,6 +50,8 @@ each applying the transitions of ``taskqueue/_records.py`` to the stored records
   ``poll_interval`` given to ``__init__``, and ``_check_open()`` for calls that would not
   otherwise touch the storage.
 
+The cluster's storage methods (ticks, leases) are listed in ``brokers/_cluster.py``.
+
 Every storage method raises :class:`BrokerError` when the storage cannot be used. A new
 URL scheme is one line in ``_SCHEMES`` of ``brokers/_urls.py``.
 """
@@ -68,6 +70,7 @@ import anyio
 import anyio.lowlevel
 
 from .._records import DEFAULT_MAX_ATTEMPTS, RunError, RunRecord, RunState, new_run
+from ._cluster import ClusterBroker, ClusterMethods
 from ._notifier import ChangeNotifier
 from ._options import (
     check_attempt,
@@ -84,7 +87,7 @@ __all__ = ["PURGE_BATCH", "BaseBroker", "Broker", "Claimed"]
 PURGE_BATCH = 500
 
 
-class Broker(Protocol):
+class Broker(ClusterBroker, Protocol):
     """Durable storage of task runs, shared by the processes that submit and run them.
 
     Every method may raise :class:`BrokerError` when the storage cannot be used (not
@@ -263,7 +266,7 @@ class Claimed:
     next_due: float | None = None
 
 
-class BaseBroker(Broker, abc.ABC):
+class BaseBroker(ClusterMethods, Broker, abc.ABC):
     """The shared half of a broker: checks, wake-ups, waiting and ``async with``.
 
     A subclass writes its storage (see the module's docstring) and inherits the public

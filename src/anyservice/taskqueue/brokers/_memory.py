@@ -14,7 +14,9 @@ from typing import Self
 import anyio.lowlevel
 
 from .. import _records as records
+from .._controls import end_cancelled, requeue
 from .._errors import BrokerError
+from .._leases import Lease, TickCounts, TickResult, acquire_lease, release_lease
 from .._records import RunError, RunRecord, RunState
 from ._base import BaseBroker, Claimed
 
@@ -37,6 +39,12 @@ class MemoryBroker(BaseBroker):
         self._sequence: dict[str, int] = {}
         self._unfinished: set[str] = set()
         self._is_open = False
+        # Ticks by schedule: due time -> the run's id, or None for a skipped tick.
+        self._ticks: dict[str, dict[float, str | None]] = {}
+        self._schedule_of: dict[str, str] = {}
+        self._leases: dict[str, Lease] = {}
+        self._keys: dict[str, str] = {}
+        self._cancel_requested: set[str] = set()
 
     @classmethod
     def from_url(cls, url: str, *, clock: Callable[[], float] = time.time) -> Self:
@@ -190,3 +198,109 @@ class MemoryBroker(BaseBroker):
         for run in self._runs.values():
             counts[run.state] += 1
         return counts
+
+    # --- the cluster's storage (see _cluster.py) -------------------------------------------
+
+    async def _insert_tick(
+        self, schedule: str, due: float, run: RunRecord, overlap: bool
+    ) -> TickResult:
+        await self._check_open()
+        ticks = self._ticks.setdefault(schedule, {})
+        if due in ticks:
+            return TickResult.TAKEN
+        if not overlap and any(
+            self._schedule_of.get(run_id) == schedule
+            and self._runs[run_id].state is RunState.RUNNING
+            for run_id in self._unfinished
+        ):
+            ticks[due] = None
+            return TickResult.SKIPPED
+        ticks[due] = run.id
+        self._schedule_of[run.id] = schedule
+        self._sequence[run.id] = len(self._sequence)
+        self._store(run)
+        return TickResult.STORED
+
+    async def _tick_counts(self, schedule: str) -> TickCounts:
+        await self._check_open()
+        ticks = self._ticks.get(schedule, {})
+        runs = sum(run_id is not None for run_id in ticks.values())
+        return TickCounts(runs=runs, skipped=len(ticks) - runs, latest=max(ticks, default=None))
+
+    async def _acquire_lease(self, name: str, holder: str, lease_seconds: float) -> Lease | None:
+        await self._check_open()
+        lease = acquire_lease(self._leases.get(name), name, holder, self._clock(), lease_seconds)
+        if lease is not None:
+            self._leases[name] = lease
+        return lease
+
+    async def _release_lease(self, name: str, holder: str) -> bool:
+        await self._check_open()
+        if not release_lease(self._leases.get(name), holder):
+            return False
+        del self._leases[name]
+        return True
+
+    async def _get_lease(self, name: str) -> Lease | None:
+        await self._check_open()
+        return self._leases.get(name)
+
+    async def _insert_keyed(self, key: str, run: RunRecord) -> RunRecord:
+        await self._check_open()
+        existing = self._keys.get(key)
+        if existing is not None and existing in self._unfinished:
+            return self._runs[existing]
+        self._keys[key] = run.id
+        self._sequence[run.id] = len(self._sequence)
+        return self._store(run)
+
+    async def _list_runs(
+        self, state: RunState | None, task: str | None, since: float | None, limit: int
+    ) -> list[RunRecord]:
+        await self._check_open()
+        found = [
+            run
+            for run in self._runs.values()
+            if (state is None or run.state is state)
+            and (task is None or run.task == task)
+            and (since is None or run.created_at >= since)
+        ]
+        found.sort(key=lambda run: (run.created_at, self._sequence[run.id]), reverse=True)
+        return found[:limit]
+
+    async def _requeue(self, run_id: str, retries: int) -> RunRecord | None:
+        await self._check_open()
+        run = self._runs.get(run_id)
+        again = None if run is None else requeue(run, self._clock(), retries)
+        if again is None:
+            return None
+        self._cancel_requested.discard(run_id)
+        return self._store(again)
+
+    async def _request_cancel(self, run_id: str) -> RunState | None:
+        await self._check_open()
+        run = self._runs.get(run_id)
+        if run is None:
+            return None
+        if self._apply(records.cancel(run, self._clock())):
+            return RunState.CANCELLED
+        if run.state is RunState.RUNNING:
+            self._cancel_requested.add(run_id)
+            return RunState.RUNNING
+        return None
+
+    async def _cancel_requests(self, owner: str, run_ids: list[str]) -> set[str]:
+        await self._check_open()
+        return {
+            run_id
+            for run_id in run_ids
+            if run_id in self._cancel_requested and self._runs[run_id].lease_owner == owner
+        }
+
+    async def _end_cancelled(self, owner: str, run_id: str, attempt: int) -> bool:
+        await self._check_open()
+        run = self._runs.get(run_id)
+        if run is None or not self._apply(end_cancelled(run, owner, attempt, self._clock())):
+            return False
+        self._cancel_requested.discard(run_id)
+        return True

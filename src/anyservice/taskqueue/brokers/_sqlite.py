@@ -43,6 +43,7 @@ from .._records import (
 )
 from ._base import BaseBroker, Claimed
 from ._notifier import ChangeNotifier
+from ._sqlite_cluster import SqliteClusterStorage
 from ._workers import WORKERS_EVERY, WORKERS_FORGOTTEN, host_identity, process_gone
 
 __all__ = ["SCHEMA_VERSION", "SqliteBroker"]
@@ -256,7 +257,7 @@ def _read_row(row: tuple[Any, ...]) -> tuple[int, RunRecord, bool]:
     return seq, record, True
 
 
-class SqliteBroker(BaseBroker):
+class SqliteBroker(SqliteClusterStorage, BaseBroker):
     """Task runs in a SQLite file shared by the processes of one machine.
 
     The file can be edited by anything, so rows are read column by column: a row that
@@ -281,6 +282,10 @@ class SqliteBroker(BaseBroker):
     Raises:
         ValueError: A timeout or interval is not a positive number.
     """
+
+    # For the cluster storage (ticks, leases, keys): how rows of runs are read.
+    _select_runs = _SELECT
+    _read_run = staticmethod(_read_row)
 
     def __init__(
         self,

@@ -1,0 +1,231 @@
+"""The cluster's promises, on every broker: a tick is stored once, a lease has one holder.
+
+Same fixtures as the conformance suite (a fake wall clock, each broker kind); the races
+are real: several SQLite connections to one file store the same ticks and take the same
+lease at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+
+from anyservice.taskqueue._errors import BrokerError
+from anyservice.taskqueue._leases import Lease, StoredTick, TickResult
+from anyservice.taskqueue._records import RunState
+from anyservice.taskqueue.brokers import BaseBroker, Broker, SqliteBroker
+
+from . import test_broker_conformance as conformance
+from .test_broker_conformance import LEASE, PAYLOAD, START, FakeClock
+
+pytestmark = pytest.mark.anyio
+
+# The conformance suite's fixtures: a fake clock, and each kind of broker on it.
+clock = conformance.clock
+
+
+# The PostgreSQL broker does not store ticks, leases, keys or cancel requests yet.
+@pytest.fixture(params=["memory", "sqlite"])
+def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / 'runs.db'}"
+
+
+broker = conformance.broker
+
+
+async def store(
+    broker: Broker, due: float, *, overlap: bool = True, schedule: str = "nightly"
+) -> StoredTick:
+    return await broker.submit_tick(schedule, due, "say", PAYLOAD, overlap=overlap)
+
+
+async def test_a_tick_is_stored_once_with_a_run_due_at_it(broker: Broker) -> None:
+    first = await store(broker, START + 60)
+    again = await store(broker, START + 60)
+    assert first.result is TickResult.STORED
+    assert again.result is TickResult.TAKEN
+    assert again.run_id is None
+    assert first.run_id is not None
+    run = await broker.get(first.run_id)
+    assert run is not None
+    assert run.state is RunState.SCHEDULED
+    assert run.scheduled_at == START + 60
+    assert run.task == "say"
+    assert run.payload == PAYLOAD
+    counts = await broker.tick_counts("nightly")
+    assert (counts.runs, counts.skipped, counts.latest) == (1, 0, START + 60)
+    assert (await broker.counts())[RunState.SCHEDULED] == 1
+
+
+async def test_ticks_of_other_schedules_and_times_are_their_own(broker: Broker) -> None:
+    results = [
+        (await store(broker, START + 1)).result,
+        (await store(broker, START + 2)).result,
+        (await store(broker, START + 1, schedule="hourly")).result,
+    ]
+    assert results == [TickResult.STORED] * 3
+    assert (await broker.tick_counts("nightly")).runs == 2
+    assert (await broker.tick_counts("hourly")).latest == START + 1
+    never = await broker.tick_counts("never")
+    assert (never.runs, never.skipped, never.latest) == (0, 0, None)
+
+
+async def test_without_overlap_a_tick_is_skipped_while_the_last_run_is_running(
+    broker: Broker, clock: FakeClock
+) -> None:
+    first = await store(broker, START, overlap=False)
+    (running,) = await broker.claim("w1", ["say"], limit=1, lease_seconds=LEASE)
+    assert running.id == first.run_id
+    skipped = await store(broker, START + 1, overlap=False)
+    assert skipped.result is TickResult.SKIPPED
+    assert skipped.run_id is None
+    # Overlap allowed: the tick gets its run whatever is running.
+    assert (await store(broker, START + 2)).result is TickResult.STORED
+    assert await broker.complete("w1", running.id, running.attempts, "null")
+    clock.advance(3)
+    assert (await store(broker, START + 3, overlap=False)).result is TickResult.STORED
+    counts = await broker.tick_counts("nightly")
+    assert (counts.runs, counts.skipped) == (3, 1)
+    # A skipped tick is stored: nobody stores it again later.
+    assert (await store(broker, START + 1, overlap=False)).result is TickResult.TAKEN
+
+
+async def test_a_scheduled_but_unclaimed_run_does_not_block_the_next_tick(broker: Broker) -> None:
+    assert (await store(broker, START, overlap=False)).result is TickResult.STORED
+    assert (await store(broker, START + 1, overlap=False)).result is TickResult.STORED
+
+
+@pytest.mark.parametrize(
+    ("schedule", "due", "error", "match"),
+    [
+        ("", START, ValueError, "schedule must not be empty"),
+        (None, START, TypeError, "schedule must be a str, got None"),
+        ("s", "soon", TypeError, "due must be epoch seconds, got 'soon'"),
+        ("s", float("nan"), ValueError, "due must be finite, got nan"),
+    ],
+)
+async def test_bad_ticks_are_refused_at_the_call(
+    broker: Broker, schedule: object, due: object, error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        await broker.submit_tick(schedule, due, "say", PAYLOAD)  # type: ignore[arg-type]
+
+
+async def test_a_lease_has_one_holder_until_it_expires_or_is_released(
+    broker: Broker, clock: FakeClock
+) -> None:
+    assert await broker.get_lease("leader") is None
+    lease = await broker.acquire_lease("leader", "a", lease_seconds=10)
+    assert lease == Lease("leader", "a", START + 10)
+    assert await broker.acquire_lease("leader", "b", lease_seconds=10) is None
+    clock.advance(5)
+    # Renewing moves the expiry; the other holder still cannot take it.
+    assert await broker.acquire_lease("leader", "a", lease_seconds=10) == Lease(
+        "leader", "a", START + 15
+    )
+    clock.advance(9.9)
+    assert await broker.acquire_lease("leader", "b", lease_seconds=10) is None
+    clock.advance(0.1)
+    # Expired: anyone may take it, and the old holder can no longer release it.
+    assert await broker.acquire_lease("leader", "b", lease_seconds=10) == Lease(
+        "leader", "b", START + 25
+    )
+    assert not await broker.release_lease("leader", "a")
+    assert await broker.get_lease("leader") == Lease("leader", "b", START + 25)
+    assert await broker.release_lease("leader", "b")
+    assert await broker.get_lease("leader") is None
+    assert await broker.acquire_lease("leader", "a", lease_seconds=10) is not None
+
+
+@pytest.mark.parametrize(
+    ("name", "holder", "seconds", "error", "match"),
+    [
+        ("", "a", 1.0, ValueError, "lease name must not be empty"),
+        ("x", 3, 1.0, TypeError, "lease holder must be a str, got 3"),
+        ("x", "a", 0, ValueError, "lease_seconds must be a finite number > 0, got 0"),
+        ("x", "a", "1", TypeError, "lease_seconds must be a number, got '1'"),
+    ],
+)
+async def test_bad_lease_calls_are_refused(
+    broker: Broker,
+    name: object,
+    holder: object,
+    seconds: object,
+    error: type[Exception],
+    match: str,
+) -> None:
+    with pytest.raises(error, match=match):
+        await broker.acquire_lease(name, holder, lease_seconds=seconds)  # type: ignore[arg-type]
+
+
+async def test_a_closed_broker_refuses_cluster_calls(broker: Broker) -> None:
+    await broker.close()
+    with pytest.raises(BrokerError, match="not open"):
+        await store(broker, START)
+    with pytest.raises(BrokerError, match="not open"):
+        await broker.acquire_lease("leader", "a", lease_seconds=1)
+
+
+async def test_a_broker_without_cluster_storage_says_so() -> None:
+    class Bare(BaseBroker):
+        url = "bare://"
+        from_url = _open = _insert = _claim = _heartbeat = _complete = None  # type: ignore[assignment]
+        _fail = _release = _cancel = _get = _counts = _purge = close = None  # type: ignore[assignment]
+        _claim_run = None  # type: ignore[assignment]
+
+    with pytest.raises(BrokerError, match="Bare does not support scheduled ticks"):
+        await store(Bare(), START)
+    with pytest.raises(BrokerError, match="Bare does not support leases"):
+        await Bare().acquire_lease("leader", "a", lease_seconds=1)
+
+
+async def test_processes_racing_on_one_file_store_each_tick_once(tmp_path: Path) -> None:
+    # Separate connections, as separate processes have, all storing the same 20 ticks.
+    path = tmp_path / "runs.db"
+    brokers = [SqliteBroker(path) for _ in range(4)]
+    results: dict[float, list[TickResult]] = {}
+
+    async def store_all(each: SqliteBroker) -> None:
+        for k in range(20):
+            stored = await store(each, START + k)
+            results.setdefault(START + k, []).append(stored.result)
+
+    for each in brokers:
+        await each.open()
+    try:
+        async with anyio.create_task_group() as group:
+            for each in brokers:
+                group.start_soon(store_all, each)
+        assert all(
+            sorted(r.value for r in got) == ["stored"] + ["taken"] * 3 for got in results.values()
+        )
+        assert (await brokers[0].counts())[RunState.SCHEDULED] == 20
+    finally:
+        for each in brokers:
+            await each.close()
+
+
+async def test_processes_racing_for_a_lease_get_one_holder(tmp_path: Path) -> None:
+    path = tmp_path / "runs.db"
+    brokers = [SqliteBroker(path) for _ in range(4)]
+    won: list[str] = []
+
+    async def take(each: SqliteBroker, holder: str) -> None:
+        if await each.acquire_lease("leader", holder, lease_seconds=60) is not None:
+            won.append(holder)
+
+    for each in brokers:
+        await each.open()
+    try:
+        async with anyio.create_task_group() as group:
+            for number, each in enumerate(brokers):
+                group.start_soon(take, each, f"holder-{number}")
+        assert len(won) == 1
+        lease = await brokers[0].get_lease("leader")
+        assert lease is not None
+        assert lease.holder == won[0]
+    finally:
+        for each in brokers:
+            await each.close()

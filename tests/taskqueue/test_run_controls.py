@@ -1,0 +1,373 @@
+"""Run controls: due times, key= dedup, cancelling RUNNING runs, retry, listing, purge.
+
+Broker-level promises on each broker with a fake clock (the conformance suite's fixtures);
+the worker's side in-process on virtual time; submitters racing on real SQLite
+connections. (A RUNNING run cancelled on another process is in
+``test_cluster_processes.py``.)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import anyio.from_thread
+import pytest
+
+from anyservice.taskqueue import (
+    MemoryBroker,
+    RunState,
+    TaskQueue,
+    TaskRunFailed,
+    TaskRunTimeout,
+    TaskWorker,
+)
+from anyservice.taskqueue.brokers import Broker, SqliteBroker
+
+from . import test_broker_conformance as conformance
+from .test_broker_conformance import LEASE, PAYLOAD, START, FakeClock
+
+pytestmark = [pytest.mark.anyio]
+
+clock = conformance.clock
+
+
+# The PostgreSQL broker does not store ticks, leases, keys or cancel requests yet.
+@pytest.fixture(params=["memory", "sqlite"])
+def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / 'runs.db'}"
+
+
+broker = conformance.broker
+
+
+# --- brokers -------------------------------------------------------------------------------
+
+
+async def test_a_key_returns_the_unfinished_run_stored_under_it(broker: Broker) -> None:
+    first, created = await broker.submit_once("daily-report", "say", PAYLOAD)
+    again, created_again = await broker.submit_once("daily-report", "say", PAYLOAD)
+    assert created
+    assert not created_again
+    assert again.id == first.id
+    other, _ = await broker.submit_once("weekly-report", "say", PAYLOAD)
+    assert other.id != first.id
+    # Once finished, the key is free again.
+    (claimed,) = await broker.claim("w", ["say"], limit=1, lease_seconds=LEASE)
+    assert claimed.id == first.id
+    assert await broker.complete("w", first.id, claimed.attempts, "null")
+    fresh, created_fresh = await broker.submit_once("daily-report", "say", PAYLOAD)
+    assert created_fresh
+    assert fresh.id != first.id
+
+
+async def test_runs_are_listed_newest_first_and_filtered(broker: Broker, clock: FakeClock) -> None:
+    ids = []
+    for task in ("a", "b", "a"):
+        ids.append((await broker.submit(task, PAYLOAD)).id)
+        clock.advance(10)
+    listed = await broker.list_runs()
+    assert [run.id for run in listed] == ids[::-1]
+    assert [run.id for run in await broker.list_runs(task="a")] == [ids[2], ids[0]]
+    assert [run.id for run in await broker.list_runs(since=START + 10)] == [ids[2], ids[1]]
+    assert [run.id for run in await broker.list_runs(limit=1)] == [ids[2]]
+    assert await broker.list_runs(state=RunState.FAILED) == []
+    with pytest.raises(ValueError, match="limit must be >= 1, got 0"):
+        await broker.list_runs(limit=0)
+    with pytest.raises(ValueError, match="'DONE' is not a valid RunState"):
+        await broker.list_runs(state="DONE")  # type: ignore[arg-type]
+
+
+async def test_cancel_of_a_running_run_is_asked_of_its_owner(broker: Broker) -> None:
+    run = await broker.submit("say", PAYLOAD)
+    (claimed,) = await broker.claim("w", ["say"], limit=1, lease_seconds=LEASE)
+    assert await broker.request_cancel(run.id) is RunState.RUNNING
+    assert await broker.cancel_requests("w", [run.id]) == {run.id}
+    assert await broker.cancel_requests("someone-else", [run.id]) == set()
+    assert not await broker.end_cancelled("someone-else", run.id, claimed.attempts)
+    # An earlier claim of the run is fenced off.
+    assert not await broker.end_cancelled("w", claimed.id, claimed.attempts - 1)
+    assert await broker.end_cancelled("w", claimed.id, claimed.attempts)
+    record = await broker.get(run.id)
+    assert record is not None
+    assert (record.state, record.lease_owner) == (RunState.CANCELLED, None)
+    # Finished: nothing more to cancel.
+    assert await broker.request_cancel(run.id) is None
+    assert await broker.request_cancel("no-such-run") is None
+
+
+async def test_cancel_of_a_scheduled_run_is_at_once(broker: Broker) -> None:
+    run = await broker.submit("say", PAYLOAD)
+    assert await broker.request_cancel(run.id) is RunState.CANCELLED
+    assert await broker.claim("w", ["say"], limit=1, lease_seconds=LEASE) == []
+
+
+async def test_a_finished_run_can_be_requeued_as_a_new_series(
+    broker: Broker, clock: FakeClock
+) -> None:
+    run = await broker.submit("say", PAYLOAD)
+    assert await broker.requeue(run.id) is None  # not finished
+    (claimed,) = await broker.claim("w", ["say"], limit=1, lease_seconds=LEASE)
+    assert await broker.fail("w", run.id, claimed.attempts, conformance.BOOM, retry=False)
+    clock.advance(5)
+    again = await broker.requeue(run.id, retries=2)
+    assert again is not None
+    assert (again.state, again.attempts, again.retries_left) == (RunState.SCHEDULED, 0, 2)
+    assert again.scheduled_at == START + 5
+    assert again.finished_at is None
+    assert again.error == conformance.BOOM  # kept until a new attempt ends
+    (claimed,) = await broker.claim("w2", ["say"], limit=1, lease_seconds=LEASE)
+    assert claimed.attempts == 1
+
+
+async def test_purge_deletes_what_finished_before_the_cutoff(
+    broker: Broker, clock: FakeClock
+) -> None:
+    old = await broker.submit("say", PAYLOAD)
+    assert await broker.request_cancel(old.id) is RunState.CANCELLED
+    clock.advance(100)
+    recent = await broker.submit("say", PAYLOAD)
+    assert await broker.request_cancel(recent.id) is RunState.CANCELLED
+    waiting = await broker.submit("say", PAYLOAD)
+    assert await broker.purge(50) == 1  # it is now START + 100
+    assert await broker.get(old.id) is None
+    assert await broker.get(recent.id) is not None
+    assert await broker.get(waiting.id) is not None
+
+
+async def test_purge_goes_through_many_runs_in_batches(broker: Broker, clock: FakeClock) -> None:
+    for _ in range(1_200):
+        run = await broker.submit("say", PAYLOAD)
+        assert await broker.request_cancel(run.id) is RunState.CANCELLED
+    clock.advance(10)
+    assert await broker.purge(5) == 1_200
+    assert sum((await broker.counts()).values()) == 0
+    with pytest.raises(
+        ValueError, match="older_than must be a finite number of seconds >= 0, got -1"
+    ):
+        await broker.purge(-1)
+
+
+async def test_submitters_racing_on_one_key_store_one_run(tmp_path: Path) -> None:
+    brokers = [SqliteBroker(tmp_path / "runs.db") for _ in range(4)]
+    got: list[tuple[str, bool]] = []
+
+    async def submit(each: SqliteBroker) -> None:
+        for _ in range(10):
+            run, created = await each.submit_once("only-one", "say", PAYLOAD)
+            got.append((run.id, created))
+
+    for each in brokers:
+        await each.open()
+    try:
+        async with anyio.create_task_group() as group:
+            for each in brokers:
+                group.start_soon(submit, each)
+        assert len({run_id for run_id, _ in got}) == 1
+        assert sum(created for _, created in got) == 1
+        assert (await brokers[0].counts())[RunState.SCHEDULED] == 1
+    finally:
+        for each in brokers:
+            await each.close()
+
+
+# --- the queue and the worker --------------------------------------------------------------
+
+
+@pytest.fixture
+async def queue() -> AsyncIterator[TaskQueue]:
+    async with TaskQueue(broker=MemoryBroker(clock=anyio.current_time)) as queue:
+        yield queue
+
+
+@pytest.mark.virtual_time
+async def test_apply_async_runs_at_a_time_or_after_a_countdown(queue: TaskQueue) -> None:
+    started: dict[str, float] = {}
+
+    @queue.task
+    async def note(label: str) -> None:
+        started[label] = anyio.current_time()
+
+    now = anyio.current_time()
+    async with TaskWorker(note):
+        later = await note.apply_async(("countdown",), countdown=30)
+        at = await note.apply_async(kwargs={"label": "at"}, at=now + 60)
+        soon = await note.apply_async(["soon"])
+        for run in (later, at, soon):
+            await run.wait(timeout=120)
+    assert started["soon"] - now < 1
+    assert now + 30 <= started["countdown"] < now + 31
+    assert now + 60 <= started["at"] < now + 61
+
+
+@pytest.mark.virtual_time
+async def test_apply_async_with_a_key_returns_the_pending_run(queue: TaskQueue) -> None:
+    @queue.task
+    async def report() -> str:
+        return "done"
+
+    first = await report.apply_async(key="report", countdown=10)
+    second = await report.apply_async(key="report")
+    assert second.id == first.id
+    async with TaskWorker(report):
+        assert await first.result(timeout=60) == "done"
+    third = await report.apply_async(key="report")
+    assert third.id != first.id
+
+
+def test_apply_async_checks_its_options() -> None:
+    queue = TaskQueue("memory://")
+
+    @queue.task
+    async def say(message: str) -> None: ...
+
+    async def main() -> None:
+        with pytest.raises(ValueError, match="at= or countdown=, not both"):
+            await say.apply_async(("x",), at=1.0, countdown=1.0)
+        with pytest.raises(TypeError, match="needs an aware datetime"):
+            await say.apply_async(("x",), at=dt.datetime(2030, 1, 1))
+        with pytest.raises(ValueError, match="countdown must be a finite number of seconds >= 0"):
+            await say.apply_async(("x",), countdown=-1)
+        with pytest.raises(TypeError, match="args must be a tuple or list, got 'x'"):
+            await say.apply_async("x")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="key must not be empty"):
+            await say.apply_async(("x",), key="")
+        with pytest.raises(TypeError, match="say"):
+            await say.apply_async()
+        run = await say.apply_async(("x",), at=dt.datetime(2030, 1, 1, tzinfo=dt.UTC))
+        assert run.record.scheduled_at == dt.datetime(2030, 1, 1, tzinfo=dt.UTC).timestamp()
+
+    anyio.run(main)
+
+
+@pytest.mark.virtual_time
+async def test_cancelling_a_running_run_cancels_its_body_within_a_heartbeat(
+    queue: TaskQueue,
+) -> None:
+    started = anyio.Event()
+    cleaned_up: list[float] = []
+
+    @queue.task
+    async def endless() -> None:
+        started.set()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cleaned_up.append(anyio.current_time())
+
+    async with TaskWorker(endless, lease_seconds=30) as worker:
+        run = await endless.delay()
+        await started.wait()
+        asked = anyio.current_time()
+        assert await run.cancel(timeout=60)
+        assert run.state is RunState.CANCELLED
+        assert len(cleaned_up) == 1
+        assert cleaned_up[0] - asked <= 10  # a heartbeat: a third of the lease
+        assert worker.counts["cancelled"] == 1
+    with pytest.raises(TaskRunFailed, match="was cancelled while it was running"):
+        await run.result()
+    assert not await run.cancel()
+
+
+async def test_cancel_says_false_when_the_run_finished_otherwise(queue: TaskQueue) -> None:
+    # Real time: on a virtual clock the heartbeat would come while the thread runs.
+    started = anyio.Event()
+
+    @queue.task
+    def blocking() -> str:
+        # The run completes long before its worker's next heartbeat could cancel it.
+        anyio.from_thread.run_sync(started.set)
+        return "done"
+
+    async with TaskWorker(blocking, lease_seconds=60):
+        run = await blocking.delay()
+        await started.wait()
+        assert not await run.cancel(timeout=60)
+        assert run.state is RunState.COMPLETED
+
+
+@pytest.mark.virtual_time
+async def test_cancel_of_a_run_nobody_serves_times_out(queue: TaskQueue) -> None:
+    @queue.task
+    async def say() -> None: ...
+
+    run = await say.delay()
+    (claimed,) = await queue.broker.claim("gone", ["say"], limit=1, lease_seconds=3600)
+    assert claimed.id == run.id
+    with pytest.raises(TaskRunTimeout):
+        await run.cancel(timeout=5)
+
+
+@pytest.mark.virtual_time
+async def test_retry_runs_a_failed_run_again(queue: TaskQueue) -> None:
+    attempts: list[int] = []
+
+    @queue.task
+    async def flaky() -> str:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise ConnectionError("down")
+        return "up"
+
+    async with TaskWorker(flaky):
+        run = await flaky.delay()
+        assert await run.wait(timeout=60) is RunState.FAILED
+        assert await run.retry()
+        assert run.state is RunState.SCHEDULED
+        assert await run.result(timeout=60) == "up"
+    assert not await run.retry()  # COMPLETED: nothing to retry
+
+
+@pytest.mark.virtual_time
+async def test_queue_runs_lists_and_purges(queue: TaskQueue) -> None:
+    @queue.task
+    async def say() -> None: ...
+
+    @queue.task
+    async def other() -> None: ...
+
+    runs = [await say.delay(), await other.delay(), await say.delay()]
+    assert [run.id for run in await queue.runs(task=say)] == [runs[2].id, runs[0].id]
+    assert [run.id for run in await queue.runs(state="SCHEDULED", limit=1)] == [runs[2].id]
+    assert await runs[0].cancel()
+    assert [run.id for run in await queue.runs(state=RunState.CANCELLED)] == [runs[0].id]
+    await anyio.sleep(3600)
+    assert await queue.purge(older_than=60) == 1
+    assert len(await queue.runs()) == 2
+    with pytest.raises(ValueError, match="older_than must be a finite number of seconds > 0"):
+        await queue.purge(older_than=-1)
+
+
+@pytest.mark.virtual_time
+async def test_retry_on_retries_only_the_exceptions_named(queue: TaskQueue) -> None:
+    calls: list[str] = []
+
+    @queue.task(retries=3, retry_on=(ConnectionError, TimeoutError))
+    async def fetch(problem: str) -> None:
+        calls.append(problem)
+        raise ConnectionError("down") if problem == "network" else ValueError("bad input")
+
+    async with TaskWorker(fetch):
+        network = await fetch.delay("network")
+        bad = await fetch.delay("input")
+        assert await network.wait(timeout=60) is RunState.FAILED
+        assert await bad.wait(timeout=60) is RunState.FAILED
+    assert calls.count("network") == 4  # the first attempt and 3 retries
+    assert calls.count("input") == 1  # not retried
+    assert fetch.should_retry(TimeoutError())
+    assert not fetch.should_retry(KeyError())
+
+
+def test_retry_on_must_name_exception_types() -> None:
+    queue = TaskQueue("memory://")
+    with pytest.raises(TypeError, match="retry_on must be an exception type or a tuple"):
+        queue.task(retry_on=("ValueError",))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="retry_on must be an exception type or a tuple"):
+        queue.task(retry_on=())
+
+    @queue.task(retry_on=KeyError)
+    async def one() -> None: ...
+
+    assert one.retry_on == (KeyError,)
