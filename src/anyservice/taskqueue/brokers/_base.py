@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import abc
 import time
-import uuid
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -69,7 +68,7 @@ from typing import Protocol, Self
 import anyio
 import anyio.lowlevel
 
-from .._records import DEFAULT_MAX_ATTEMPTS, RunError, RunRecord, RunState, new_run
+from .._records import DEFAULT_MAX_ATTEMPTS, RunError, RunRecord, RunState
 from ._cluster import ClusterBroker, ClusterMethods
 from ._notifier import ChangeNotifier
 from ._options import (
@@ -77,7 +76,6 @@ from ._options import (
     check_claim_options,
     check_heartbeat_options,
     check_purge_options,
-    check_submit_options,
     hide_password,
 )
 
@@ -395,7 +393,7 @@ class BaseBroker(ClusterMethods, Broker, abc.ABC):
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         scheduled_at: float | None = None,
     ) -> RunRecord:
-        check_submit_options(
+        run = self._checked_run(
             task,
             payload,
             retries=retries,
@@ -403,17 +401,6 @@ class BaseBroker(ClusterMethods, Broker, abc.ABC):
             timeout=timeout,
             max_attempts=max_attempts,
             scheduled_at=scheduled_at,
-        )
-        run = new_run(
-            uuid.uuid4().hex,
-            task,
-            payload,
-            retries=retries,
-            retry_delay=retry_delay,
-            timeout=timeout,
-            max_attempts=max_attempts,
-            scheduled_at=scheduled_at,
-            now=self._clock(),
         )
         await self._insert(run)
         self._notifier.notify(work=True)
