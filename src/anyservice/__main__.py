@@ -253,6 +253,16 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_RUN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _add_run_arguments(run_command)
+    _add_status_arguments(run_command)
+    from .taskqueue._cli import add_commands
+
+    add_commands(commands, load_object, TargetError)
+    return parser
+
+
+def _add_run_arguments(run_command: argparse.ArgumentParser) -> None:
+    """``anyservice run``'s target, backend, logging and stop options."""
     run_command.add_argument(
         "target",
         metavar="TARGET",
@@ -293,6 +303,10 @@ def _parser() -> argparse.ArgumentParser:
         help="text lines, or one JSON object per line with the service and task-run "
         "fields (default: text)",
     )
+
+
+def _add_status_arguments(run_command: argparse.ArgumentParser) -> None:
+    """``anyservice run``'s status server options."""
     run_command.add_argument(
         "--status-port",
         type=_port,
@@ -314,10 +328,6 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="serve /metrics on the status server (default: when prometheus_client is installed)",
     )
-    from .taskqueue._cli import add_commands
-
-    add_commands(commands, load_object, TargetError)
-    return parser
 
 
 if __name__ == "__main__":

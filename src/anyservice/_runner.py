@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import signal
-from contextlib import AsyncExitStack
+from collections.abc import Iterator
+from contextlib import AsyncExitStack, contextmanager
 from types import FrameType
 from typing import Any, Literal
 
@@ -89,13 +90,34 @@ def run(
         raise TypeError(f"anyservice.run() needs a Service, got {service!r}")
     check_choice(backend, "backend", _BACKENDS)
     detector = None if blocking_threshold is None else BlockingDetector(blocking_threshold)
-    if status_port is None:
+    status = _status_server(service, status_port, status_host, metrics)
+    runner = _Runner(service, handle_signals=handle_signals, detector=detector, status=status)
+    with _unreceived_signals_to(runner, handle_signals):
+        try:
+            anyio.run(runner.serve, backend=backend)
+        except BaseException as exc:
+            # asyncio lets SystemExit and KeyboardInterrupt out of the loop at once, bare.
+            runner.error = runner.error or exc
+        return runner.exit_code()
+
+
+def _status_server(
+    service: Service, port: int | None, host: str, metrics: bool | None
+) -> StatusServer | None:
+    """The status server that :func:`run` was asked for, if any (checked before the loop)."""
+    if port is None:
         if metrics:
             raise ValueError("metrics=True needs a status server: give status_port too")
-        status = None
-    else:
-        status = StatusServer(service, port=status_port, host=status_host, metrics=metrics)
-    runner = _Runner(service, handle_signals=handle_signals, detector=detector, status=status)
+        return None
+    return StatusServer(service, port=port, host=host, metrics=metrics)
+
+
+@contextmanager
+def _unreceived_signals_to(runner: _Runner, handle_signals: bool) -> Iterator[None]:
+    """While the block runs, a stop signal that no receiver takes goes to ``runner``.
+
+    The handlers found before are put back when the block ends, however it ends.
+    """
     previous = {which: signal.getsignal(which) for which in _STOP_SIGNALS} if handle_signals else {}
     runner.previous_handlers = previous
     for which in previous:
@@ -103,12 +125,7 @@ def run(
         # handler when it closes and then delivers again the signals it had not handed out.
         signal.signal(which, runner.unreceived_signal)
     try:
-        anyio.run(runner.serve, backend=backend)
-    except BaseException as exc:
-        # asyncio lets SystemExit and KeyboardInterrupt out of the loop at once, bare.
-        runner.error = runner.error or exc
-    try:
-        return runner.exit_code()
+        yield
     finally:
         runner.previous_handlers = {}
         for which, handler in previous.items():
