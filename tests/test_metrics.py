@@ -60,17 +60,35 @@ async def test_services_and_timers_are_exported_by_name() -> None:
     assert value(restarts, "anyservice_service_restarts_total", service="flaky") == 1
     assert value(restarts, "anyservice_service_restarts_total", service="ticker") == 0
     labels = {"service": "ticker", "timer": "tick"}
-    ticks = value(families["anyservice_timer_ticks"], "anyservice_timer_ticks_total", **labels)
-    assert ticks >= 3
     lateness = families["anyservice_timer_lateness_seconds"]
+    by_class = {"kind": "Ticker", "timer": "tick"}
+    assert {(s.labels["kind"], s.labels["timer"]) for s in lateness} == {("Ticker", "tick")}
     # Every tick was observed (the server, so the metrics, started before the tree).
-    count = value(lateness, "anyservice_timer_lateness_seconds_count", **labels)
-    assert 3 <= count <= ticks
-    inf = value(lateness, "anyservice_timer_lateness_seconds_bucket", **labels, le="+Inf")
+    count = value(lateness, "anyservice_timer_lateness_seconds_count", **by_class)
+    assert 3 <= count <= ticks_of(ticker)
+    inf = value(lateness, "anyservice_timer_lateness_seconds_bucket", **by_class, le="+Inf")
     assert inf == count
     # Real time on a shared machine: how many overran is not for a test to say.
     assert [sample.labels for sample in families["anyservice_timer_overruns"]] == [labels]
     assert [sample.labels for sample in families["anyservice_timer_missed_ticks"]] == [labels]
+
+
+async def test_timer_lateness_is_one_histogram_per_class_and_timer() -> None:
+    tickers = [Ticker(name=f"ticker-{index}") for index in range(3)]
+    tree = Service(name="top")
+    for ticker in tickers:
+        tree.add_dependency(ticker)
+    async with StatusServer(tree, metrics=True) as server, tree:
+        await until(lambda: all(ticks_of(ticker) >= 2 for ticker in tickers))
+        families = await scrape(server)
+        ticks = sum(ticks_of(ticker) for ticker in tickers)
+    lateness = families["anyservice_timer_lateness_seconds"]
+    assert {(s.labels["kind"], s.labels["timer"]) for s in lateness} == {("Ticker", "tick")}
+    count = value(lateness, "anyservice_timer_lateness_seconds_count", kind="Ticker", timer="tick")
+    # Each ticker's ticks are in the one histogram; read after the scrape, the sum is more.
+    assert 6 <= count <= ticks
+    overruns = families["anyservice_timer_overruns"]
+    assert sorted(s.labels["service"] for s in overruns) == [t.name for t in tickers]
 
 
 @pytest.fixture

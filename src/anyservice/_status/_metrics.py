@@ -7,8 +7,10 @@ outcomes by task need every event: while at least one status server exports metr
 :data:`anyservice._hooks` points at :class:`Observations`, which counts into fixed
 buckets; with none, the hooks are ``None`` and nothing is kept.
 
-Labels are service, timer and task names (and run states), never run ids, so the number
-of series is bounded by the code, not by the traffic.
+Labels are service, class, timer and task names (and run states), never run ids, so the
+number of series is bounded by the code, not by the traffic. A scrape's cost is its
+lines (prometheus_client formats each with several escapes and checks), so a service
+exports few: a service with one timer, four.
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ class Observations:
     _current: Observations | None = None
 
     def __init__(self) -> None:
-        self.lateness: WeakKeyDictionary[Any, dict[str, _Histogram]] = WeakKeyDictionary()
+        #: By service class and timer name (see :func:`_timer_families`).
+        self.lateness: dict[tuple[str, str], _Histogram] = {}
         self.durations: WeakKeyDictionary[Any, dict[str, _Histogram]] = WeakKeyDictionary()
         self.outcomes: WeakKeyDictionary[Any, dict[tuple[str, str], int]] = WeakKeyDictionary()
 
@@ -113,12 +116,10 @@ class Observations:
             _hooks.task_run = None
 
     def timer_tick(self, service: Any, timer: str, lateness: float) -> None:
-        by_timer = self.lateness.get(service)
-        if by_timer is None:
-            by_timer = self.lateness[service] = {}
-        histogram = by_timer.get(timer)
+        key = (type(service).__name__, timer)
+        histogram = self.lateness.get(key)
         if histogram is None:
-            histogram = by_timer[timer] = _Histogram(LATENESS_BUCKETS)
+            histogram = self.lateness[key] = _Histogram(LATENESS_BUCKETS)
         histogram.observe(lateness)
 
     def task_run(self, worker: Any, task: str, outcome: str, seconds: float | None) -> None:
@@ -169,11 +170,18 @@ async def queue_depths(workers: Iterable[TaskWorker]) -> dict[str, int] | None:
 def _families(
     root: Service, observations: Observations, depths: dict[str, int] | None
 ) -> list[Any]:
-    from prometheus_client.core import (
-        CounterMetricFamily,
-        GaugeMetricFamily,
-        HistogramMetricFamily,
-    )
+    services = list(walk(root))
+    families = [*_service_families(services), *_timer_families(services, observations)]
+    workers = task_workers(root)
+    if workers:
+        families += _task_families(workers, observations)
+    if depths is not None:
+        families.append(_depth_family(depths))
+    return families
+
+
+def _service_families(services: list[Service]) -> list[Any]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     up = GaugeMetricFamily(
         "anyservice_service_up", "1 while the service is RUNNING, else 0.", labels=["service"]
@@ -186,14 +194,20 @@ def _families(
     restarts = CounterMetricFamily(
         "anyservice_service_restarts", "Restarts of the service.", labels=["service"]
     )
-    lateness = HistogramMetricFamily(
-        "anyservice_timer_lateness_seconds",
-        "How late each timer tick started after it was due.",
-        labels=["service", "timer"],
-    )
-    ticks = CounterMetricFamily(
-        "anyservice_timer_ticks", "Timer bodies run.", labels=["service", "timer"]
-    )
+    running = ServiceState.RUNNING
+    for service in services:
+        name = [service.name]
+        up.add_metric(name, 1.0 if service.state is running else 0.0)
+        health = service.last_health
+        if health is not None:
+            healthy.add_metric(name, 1.0 if health.healthy else 0.0)
+        restarts.add_metric(name, service.restart_count)
+    return [up, healthy, restarts]
+
+
+def _timer_families(services: list[Service], observations: Observations) -> list[Any]:
+    from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
     overruns = CounterMetricFamily(
         "anyservice_timer_overruns",
         "Timer bodies still running when the next tick was due.",
@@ -204,67 +218,79 @@ def _families(
         "Timer ticks dropped by the missed-tick policy.",
         labels=["service", "timer"],
     )
-    services = list(walk(root))
     for service in services:
         name = service.name
-        up.add_metric([name], 1.0 if service.state is ServiceState.RUNNING else 0.0)
-        if service.last_health is not None:
-            healthy.add_metric([name], 1.0 if service.last_health.healthy else 0.0)
-        restarts.add_metric([name], service.restart_count)
         for timer, stats in service.timer_stats.items():
-            ticks.add_metric([name, timer], stats.ticks)
             overruns.add_metric([name, timer], stats.overruns)
             missed.add_metric([name, timer], stats.missed)
-        for timer, histogram in (observations.lateness.get(service) or {}).items():
-            lateness.add_metric([name, timer], histogram.cumulative(), histogram.sum)
-    families = [up, healthy, restarts, lateness, ticks, overruns, missed]
+    # By class and timer, not by service: how late a tick starts is the event loop's
+    # business, shared by every service on it, and one histogram per service would be
+    # most of a large tree's scrape. Which service falls behind, its overruns and
+    # missed ticks say (and /tree, with each timer's worst lateness).
+    lateness = HistogramMetricFamily(
+        "anyservice_timer_lateness_seconds",
+        "How late timer ticks started after they were due, by service class and timer.",
+        labels=["kind", "timer"],
+    )
+    for (kind, timer), histogram in sorted(observations.lateness.items()):
+        lateness.add_metric([kind, timer], histogram.cumulative(), histogram.sum)
+    return [lateness, overruns, missed]
 
-    workers = task_workers(root)
-    if workers:
-        runs = CounterMetricFamily(
-            "anyservice_task_runs",
-            "Task-run outcomes (completed, failed, retried, cancelled, handed_back, lost, "
-            "not_recorded).",
-            labels=["task", "state"],
-        )
-        duration = HistogramMetricFamily(
-            "anyservice_task_run_duration_seconds",
-            "How long task-run attempts took, from claim to outcome.",
-            labels=["task"],
-        )
-        in_flight = GaugeMetricFamily(
-            "anyservice_task_runs_in_flight", "Runs the worker holds now.", labels=["service"]
-        )
-        lost = CounterMetricFamily(
-            "anyservice_lease_lost",
-            "Runs whose lease passed to another worker while this one held them.",
-            labels=["service"],
-        )
-        outcomes: dict[tuple[str, str], int] = {}
-        durations: dict[str, list[_Histogram]] = {}
-        for worker in workers:
-            in_flight.add_metric([worker.name], worker.status()["current"])
-            lost.add_metric([worker.name], worker.counts["lost"])
-            for key, number in (observations.outcomes.get(worker) or {}).items():
-                outcomes[key] = outcomes.get(key, 0) + number
-            for task, histogram in (observations.durations.get(worker) or {}).items():
-                durations.setdefault(task, []).append(histogram)
-        for (task, state), number in sorted(outcomes.items()):
-            runs.add_metric([task, state], number)
-        for task, histograms in sorted(durations.items()):
-            merged = _merge(histograms)
-            duration.add_metric([task], merged.cumulative(), merged.sum)
-        families += [runs, duration, in_flight, lost]
-    if depths is not None:
-        depth = GaugeMetricFamily(
-            "anyservice_task_queue_depth",
-            "Runs in the task queue by state, read from the broker at scrape time.",
-            labels=["state"],
-        )
-        for state, number in sorted(depths.items()):
-            depth.add_metric([state], number)
-        families.append(depth)
-    return families
+
+def _task_families(workers: list[TaskWorker], observations: Observations) -> list[Any]:
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+    )
+
+    runs = CounterMetricFamily(
+        "anyservice_task_runs",
+        "Task-run outcomes (completed, failed, retried, cancelled, handed_back, lost, "
+        "not_recorded).",
+        labels=["task", "state"],
+    )
+    duration = HistogramMetricFamily(
+        "anyservice_task_run_duration_seconds",
+        "How long task-run attempts took, from claim to outcome.",
+        labels=["task"],
+    )
+    in_flight = GaugeMetricFamily(
+        "anyservice_task_runs_in_flight", "Runs the worker holds now.", labels=["service"]
+    )
+    lost = CounterMetricFamily(
+        "anyservice_lease_lost",
+        "Runs whose lease passed to another worker while this one held them.",
+        labels=["service"],
+    )
+    outcomes: dict[tuple[str, str], int] = {}
+    durations: dict[str, list[_Histogram]] = {}
+    for worker in workers:
+        in_flight.add_metric([worker.name], worker.status()["current"])
+        lost.add_metric([worker.name], worker.counts["lost"])
+        for key, number in (observations.outcomes.get(worker) or {}).items():
+            outcomes[key] = outcomes.get(key, 0) + number
+        for task, histogram in (observations.durations.get(worker) or {}).items():
+            durations.setdefault(task, []).append(histogram)
+    for (task, state), number in sorted(outcomes.items()):
+        runs.add_metric([task, state], number)
+    for task, histograms in sorted(durations.items()):
+        merged = _merge(histograms)
+        duration.add_metric([task], merged.cumulative(), merged.sum)
+    return [runs, duration, in_flight, lost]
+
+
+def _depth_family(depths: dict[str, int]) -> Any:
+    from prometheus_client.core import GaugeMetricFamily
+
+    depth = GaugeMetricFamily(
+        "anyservice_task_queue_depth",
+        "Runs in the task queue by state, read from the broker at scrape time.",
+        labels=["state"],
+    )
+    for state, number in sorted(depths.items()):
+        depth.add_metric([state], number)
+    return depth
 
 
 def _merge(histograms: list[_Histogram]) -> _Histogram:
