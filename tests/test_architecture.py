@@ -19,8 +19,9 @@ POLICIES = (
     "anyservice.__main__",
     "anyservice.taskqueue",
 )
-#: What the core may import of the package besides itself: the pure modules.
-PURE = ("anyservice._schedule", "anyservice._restart", "anyservice._checks")
+#: What the core may import of the package besides itself: the pure modules, and the
+#: observation hooks (a module of empty slots that imports nothing).
+PURE = ("anyservice._schedule", "anyservice._restart", "anyservice._checks", "anyservice._hooks")
 
 MAX_CLASS_LINES = 400
 MAX_FUNCTION_LINES = 60

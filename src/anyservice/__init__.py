@@ -4,6 +4,9 @@ A running service *is* an anyio task group with a cancel scope: start, stop, sto
 inside and crashes are scope operations with deadlines, never polled flags.
 """
 
+# Imported for what it does: with OpenTelemetry installed, restarts and crashes become
+# span events from the first service on (see _tracing).
+from . import _tracing  # noqa: F401
 from ._blocking import BlockingDetector as BlockingDetector
 from ._core import Diag as Diag
 from ._core import Health as Health

@@ -40,6 +40,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
+from .. import _hooks
 from ._exceptions import only_cancellation
 from ._host import Host
 from ._specs import BackgroundSpec
@@ -456,6 +457,8 @@ class Run:
             # The one place restarts are counted, whoever asked for the restart.
             service.restart_count += 1
             self.restarted = True
+            if _hooks.service_restart is not None:
+                _hooks.service_restart(service)
         service._run = self
         service.crash_reason = None
         service._pending_crash = None

@@ -21,6 +21,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
+from .. import _hooks
 from .._checks import Seconds, check_delay, check_optional_seconds, check_seconds
 from .._schedule import TimerStats, check_interval
 from ._backend import current_loop
@@ -864,6 +865,8 @@ def _record_crash(service: Service, exc: BaseException) -> None:
     reason = first_real_error(exc)
     service.crash_reason = reason
     service._set_state(ServiceState.CRASHED)
+    if _hooks.service_crash is not None:
+        _hooks.service_crash(service, reason)
     fresh = [leaf for leaf in real_leaves(exc) if not is_logged(leaf)]
     if fresh:
         for leaf in fresh:

@@ -26,6 +26,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
+from .._tracing import otel
 from ._context import RunContext, running
 from ._errors import StopTaskWorker, TaskTimeoutError
 from ._queue import Task
@@ -132,7 +133,30 @@ class RunInFlight:
 async def attempt(
     entry: RunInFlight, worker_id: str, threads: anyio.CapacityLimiter | None
 ) -> Outcome | None:
-    """Run the task once; ``None`` if the lease was lost meanwhile or it stopped the worker."""
+    """Run the task once; ``None`` if the lease was lost meanwhile or it stopped the worker.
+
+    With OpenTelemetry installed, the attempt is a span, a child of the submitter's.
+    """
+    if otel is None:
+        return await _attempt(entry, worker_id, threads)
+    record = entry.record
+    with otel.run_span(entry.task.name, record.id, record.attempts, worker_id, None) as span:
+        outcome = await _attempt(entry, worker_id, threads)
+        if outcome is None:
+            otel.end_run(span, "handed_back" if entry.stop_worker else "lost", None)
+        elif outcome.cancelled:
+            otel.end_run(span, "cancelled", None)
+        elif outcome.error is not None:
+            retried = outcome.retry and record.retries_left > 0
+            otel.end_run(span, "retried" if retried else "failed", outcome.exception)
+        else:
+            otel.end_run(span, "completed", None)
+    return outcome
+
+
+async def _attempt(
+    entry: RunInFlight, worker_id: str, threads: anyio.CapacityLimiter | None
+) -> Outcome | None:
     record, task = entry.record, entry.task
     try:
         args, kwargs = decode_arguments(record.payload)
