@@ -182,6 +182,7 @@ def _families(
 
 def _service_families(services: list[Service]) -> list[Any]:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.samples import Sample
 
     up = GaugeMetricFamily(
         "anyservice_service_up", "1 while the service is RUNNING, else 0.", labels=["service"]
@@ -195,18 +196,23 @@ def _service_families(services: list[Service]) -> list[Any]:
         "anyservice_service_restarts", "Restarts of the service.", labels=["service"]
     )
     running = ServiceState.RUNNING
+    # Samples made here rather than by add_metric(): one labels dict per service, shared
+    # by its samples (prometheus_client only reads them), is a third of the allocations.
+    up_samples, healthy_samples, restart_samples = up.samples, healthy.samples, restarts.samples
+    restarts_name = f"{restarts.name}_total"
     for service in services:
-        name = [service.name]
-        up.add_metric(name, 1.0 if service.state is running else 0.0)
+        labels = {"service": service.name}
+        up_samples.append(Sample(up.name, labels, 1.0 if service.state is running else 0.0))
         health = service.last_health
         if health is not None:
-            healthy.add_metric(name, 1.0 if health.healthy else 0.0)
-        restarts.add_metric(name, service.restart_count)
+            healthy_samples.append(Sample(healthy.name, labels, 1.0 if health.healthy else 0.0))
+        restart_samples.append(Sample(restarts_name, labels, service.restart_count))
     return [up, healthy, restarts]
 
 
 def _timer_families(services: list[Service], observations: Observations) -> list[Any]:
     from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+    from prometheus_client.samples import Sample
 
     overruns = CounterMetricFamily(
         "anyservice_timer_overruns",
@@ -218,11 +224,13 @@ def _timer_families(services: list[Service], observations: Observations) -> list
         "Timer ticks dropped by the missed-tick policy.",
         labels=["service", "timer"],
     )
+    overruns_name, missed_name = f"{overruns.name}_total", f"{missed.name}_total"
     for service in services:
         name = service.name
         for timer, stats in service.timer_stats.items():
-            overruns.add_metric([name, timer], stats.overruns)
-            missed.add_metric([name, timer], stats.missed)
+            labels = {"service": name, "timer": timer}
+            overruns.samples.append(Sample(overruns_name, labels, stats.overruns))
+            missed.samples.append(Sample(missed_name, labels, stats.missed))
     # By class and timer, not by service: how late a tick starts is the event loop's
     # business, shared by every service on it, and one histogram per service would be
     # most of a large tree's scrape. Which service falls behind, its overruns and
