@@ -46,7 +46,7 @@ def test_the_snippet_runs_as_written(code: str) -> None:
 
 
 def test_every_operating_section_has_its_snippets() -> None:
-    assert len(SNIPPETS) == 3
+    assert len(SNIPPETS) == 4
     assert (
         "status page: http://127.0.0.1:"
         in subprocess.run(

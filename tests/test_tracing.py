@@ -1,5 +1,5 @@
-"""OpenTelemetry: a span per task-run attempt, child of the submitter's; restart and crash
-events. Spans go through the real SDK to its in-memory exporter, on asyncio and trio.
+"""OpenTelemetry: restarts and crashes as span events, and nothing at all without the
+package. Real SDK, in-memory exporter, on asyncio and trio.
 """
 
 from __future__ import annotations
@@ -7,20 +7,16 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import anyio
-import anyio.lowlevel
 import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind, StatusCode
 
 from anyservice import ServiceState, Supervisor
-from anyservice.taskqueue import TaskQueue, TaskRunFailed, TaskWorker
 
+from .otel_helpers import named, recorded_spans
 from .status_helpers import BreaksOnce
 
 pytestmark = [pytest.mark.anyio]
@@ -28,114 +24,10 @@ pytestmark = [pytest.mark.anyio]
 PROMPTLY = 10.0
 
 
-class _WhileRecording(InMemorySpanExporter):
-    """The SDK's in-memory exporter, keeping spans only while a test of this module runs
-    (the provider is the process's, so other tests' runs make spans too)."""
-
-    recording = False
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        if not self.recording:
-            return SpanExportResult.SUCCESS
-        return super().export(spans)
-
-
-_EXPORTER = _WhileRecording()
-
-
 @pytest.fixture
-def spans() -> Iterator[_WhileRecording]:
-    # A process has one tracer provider, set once: the first test of this module sets it.
-    if not isinstance(trace.get_tracer_provider(), TracerProvider):
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
-        trace.set_tracer_provider(provider)
-    _EXPORTER.clear()
-    _EXPORTER.recording = True
-    try:
-        yield _EXPORTER
-    finally:
-        _EXPORTER.recording = False
-        _EXPORTER.clear()
-
-
-def named(spans: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
-    return [span for span in spans.get_finished_spans() if span.name == name]
-
-
-async def test_a_run_is_a_consumer_span_named_for_its_task(spans: InMemorySpanExporter) -> None:
-    async with TaskQueue("memory://") as queue:
-
-        @queue.task
-        async def say(text: str) -> str:
-            return text
-
-        run = await say.delay("hi")
-        async with TaskWorker(say, name="worker"):
-            assert await run.result(timeout=PROMPTLY) == "hi"
-    (span,) = named(spans, "run say")
-    assert span.kind is SpanKind.CONSUMER
-    assert span.attributes is not None
-    assert dict(span.attributes) == {
-        "anyservice.task": "say",
-        "anyservice.run_id": run.id,
-        "anyservice.attempt": 1,
-        "anyservice.worker": span.attributes["anyservice.worker"],
-        "anyservice.outcome": "completed",
-    }
-    assert span.status.status_code is StatusCode.UNSET
-    # Submitted outside any span: the run starts a trace of its own.
-    assert span.parent is None
-
-
-async def test_a_failed_attempt_records_the_error_and_each_retry_is_a_span(
-    spans: InMemorySpanExporter,
-) -> None:
-    async with TaskQueue("memory://") as queue:
-
-        @queue.task(retries=1)
-        async def broken() -> None:
-            raise ValueError("no")
-
-        run = await broken.delay()
-        async with TaskWorker(broken):
-            with pytest.raises(TaskRunFailed):
-                await run.result(timeout=PROMPTLY)
-    attempts = sorted(named(spans, "run broken"), key=lambda span: span.start_time or 0)
-    assert [span.attributes and span.attributes["anyservice.outcome"] for span in attempts] == [
-        "retried",
-        "failed",
-    ]
-    assert [span.attributes and span.attributes["anyservice.attempt"] for span in attempts] == [
-        1,
-        2,
-    ]
-    for span in attempts:
-        assert span.status.status_code is StatusCode.ERROR
-        (event,) = span.events
-        assert event.name == "exception"
-        assert event.attributes is not None
-        assert event.attributes["exception.type"] == "ValueError"
-
-
-async def test_a_span_of_the_task_body_is_a_child_of_the_run(
-    spans: InMemorySpanExporter,
-) -> None:
-    tracer = trace.get_tracer("test")
-    async with TaskQueue("memory://") as queue:
-
-        @queue.task
-        async def inner() -> None:
-            with tracer.start_as_current_span("inside"):
-                await anyio.lowlevel.checkpoint()
-
-        run = await inner.delay()
-        async with TaskWorker(inner):
-            await run.wait(timeout=PROMPTLY)
-    (outer,) = named(spans, "run inner")
-    (body,) = named(spans, "inside")
-    assert body.parent is not None
-    assert body.parent.span_id == outer.context.span_id
+def spans() -> Iterator[InMemorySpanExporter]:
+    with recorded_spans() as exporter:
+        yield exporter
 
 
 @pytest.mark.virtual_time
@@ -206,6 +98,7 @@ def test_without_opentelemetry_nothing_is_traced_and_runs_still_run() -> None:
                     return a + b
 
                 run = await add.delay(1, 2)
+                assert run.record.trace_context is None
                 async with TaskWorker(add):
                     assert await run.result(timeout=10) == 3
 

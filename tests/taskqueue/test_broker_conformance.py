@@ -117,6 +117,29 @@ async def test_submitted_run_reads_back_scheduled_with_its_options(broker: Broke
     assert not run.finished
 
 
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+async def test_the_trace_context_is_stored_with_the_run_and_claimed_with_it(
+    broker: Broker,
+) -> None:
+    traced = await broker.submit("say", PAYLOAD, trace_context=TRACEPARENT)
+    plain = await broker.submit("say", PAYLOAD)
+    assert (traced.trace_context, plain.trace_context) == (TRACEPARENT, None)
+    assert await broker.get(traced.id) == traced
+    claimed = await broker.claim("w", ["say"], limit=2, lease_seconds=LEASE)
+    assert {run.id: run.trace_context for run in claimed} == {
+        traced.id: TRACEPARENT,
+        plain.id: None,
+    }
+
+
+async def test_submit_refuses_a_trace_context_that_is_not_a_string(broker: Broker) -> None:
+    with pytest.raises(TypeError, match="trace_context"):
+        await broker.submit("say", PAYLOAD, trace_context=b"00-ab")  # type: ignore[arg-type]
+    assert (await broker.counts())[RunState.SCHEDULED] == 0
+
+
 async def test_every_run_gets_its_own_id(broker: Broker) -> None:
     ids = {(await broker.submit("say", PAYLOAD)).id for _ in range(20)}
     assert len(ids) == 20

@@ -138,6 +138,44 @@ async def test_workers_starting_together_on_an_empty_database_make_one_schema(ur
     assert rows == [(str(SCHEMA_VERSION),)]
 
 
+async def test_tables_of_the_first_version_gain_the_trace_context_column(url: str) -> None:
+    # The tables as the first version made them, with a run stored.
+    from anyservice.taskqueue.brokers._postgres import _MIGRATIONS
+
+    schema = sql.Identifier(schema_of(url))
+    await admin(url, sql.SQL("CREATE SCHEMA {}").format(schema))
+    await admin(
+        url,
+        sql.SQL(
+            "CREATE TABLE {}.anyservice_meta (key text PRIMARY KEY, value text NOT NULL)"
+        ).format(schema),
+    )
+    for statement in _MIGRATIONS[0]:
+        await admin(url, sql.SQL(statement).format(s=schema))
+    await admin(
+        url, sql.SQL("INSERT INTO {}.anyservice_meta VALUES ('schema_version', '1')").format(schema)
+    )
+    await admin(
+        url,
+        sql.SQL(
+            "INSERT INTO {}.anyservice_runs (id, task, payload, state, attempts, max_attempts,"
+            " retries_left, retry_delay, created_at, scheduled_at)"
+            " VALUES ('old', 'say', %s, 'SCHEDULED', 0, 3, 0, 0, 1, 1)"
+        ).format(schema),
+        PAYLOAD,
+    )
+    async with PostgresBroker(url) as broker:
+        old = await broker.get("old")
+        assert old is not None
+        assert old.trace_context is None
+        traced = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        run = await broker.submit("say", PAYLOAD, trace_context=traced)
+        assert (await broker.get(run.id)) == run
+        assert run.trace_context == traced
+    rows = await admin(url, sql.SQL("SELECT value FROM {}.anyservice_meta").format(schema))
+    assert rows == [(str(SCHEMA_VERSION),)]
+
+
 async def test_a_newer_schema_is_refused(url: str) -> None:
     async with PostgresBroker(url):
         pass

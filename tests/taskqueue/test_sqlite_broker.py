@@ -77,6 +77,32 @@ async def test_file_is_in_wal_mode_with_a_schema_version(broker: SqliteBroker, p
 
 
 @pytest.mark.anyio
+async def test_a_file_of_the_version_before_gains_the_trace_context_column(path: Path) -> None:
+    from anyservice.taskqueue.brokers._sqlite import _MIGRATIONS
+
+    with raw_connection(path) as conn:
+        for step in _MIGRATIONS[: SCHEMA_VERSION - 1]:
+            for statement in step:
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION - 1}")
+        conn.execute(
+            "INSERT INTO anyservice_runs (id, task, payload, state, attempts, max_attempts,"
+            " retries_left, retry_delay, created_at, scheduled_at)"
+            " VALUES ('old', 'say', '{\"args\":[],\"kwargs\":{}}', 'SCHEDULED', 0, 3, 0, 0, 1, 1)"
+        )
+        conn.commit()
+    async with SqliteBroker(path) as broker:
+        old = await broker.get("old")
+        assert old is not None
+        assert old.trace_context is None
+        traced = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        run = await broker.submit("say", '{"args":[],"kwargs":{}}', trace_context=traced)
+        assert await broker.get(run.id) == run
+    with raw_connection(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+
+
+@pytest.mark.anyio
 async def test_file_with_a_newer_schema_is_refused(path: Path) -> None:
     raw_update(path, "PRAGMA user_version = 99")
     broker = SqliteBroker(path)

@@ -140,7 +140,9 @@ async def attempt(
     if otel is None:
         return await _attempt(entry, worker_id, threads)
     record = entry.record
-    with otel.run_span(entry.task.name, record.id, record.attempts, worker_id, None) as span:
+    with otel.run_span(
+        entry.task.name, record.id, record.attempts, worker_id, record.trace_context
+    ) as span:
         outcome = await _attempt(entry, worker_id, threads)
         if outcome is None:
             otel.end_run(span, "handed_back" if entry.stop_worker else "lost", None)

@@ -30,6 +30,7 @@ from .._checks import (
     check_optional_seconds,
     check_seconds,
 )
+from .._tracing import otel
 from ._errors import TaskRunFailed, TaskRunNotFound, TaskRunTimeout
 from ._records import DEFAULT_MAX_ATTEMPTS, RunError, RunRecord, RunState
 from ._scheduler import Schedule, define_schedule
@@ -564,6 +565,11 @@ class _TaskOptions:
         return cls(name, count, delay, limit)
 
 
+def _trace_context() -> str | None:
+    """What a submit stores for the spans of the run: the current span's traceparent."""
+    return None if otel is None else otel.traceparent()
+
+
 class Task(Generic[P, R]):
     """A function that workers run: ``await task.delay(...)`` stores a run of it.
 
@@ -638,6 +644,7 @@ class Task(Generic[P, R]):
             retry_delay=self.retry_delay,
             timeout=self.timeout,
             max_attempts=max(self.queue.max_attempts, self.retries + 1),
+            trace_context=_trace_context(),
         )
         return TaskRun(self.queue, record)
 
@@ -691,6 +698,7 @@ class Task(Generic[P, R]):
             "timeout": self.timeout,
             "max_attempts": max(self.queue.max_attempts, self.retries + 1),
             "scheduled_at": scheduled_at,
+            "trace_context": _trace_context(),
         }
         if key is None:
             record = await broker.submit(self.name, payload, **options)
@@ -707,6 +715,8 @@ class Task(Generic[P, R]):
             TypeError, BrokerError: as :meth:`delay`.
         """
         payload = self.encode(args, kwargs)  # bad arguments fail before any event loop
+        # Read here: the submit below may run in another thread, outside the caller's span.
+        trace_context = _trace_context()
 
         async def submit() -> TaskRun[R]:
             async with self.queue.holding() as broker:
@@ -717,6 +727,7 @@ class Task(Generic[P, R]):
                     retry_delay=self.retry_delay,
                     timeout=self.timeout,
                     max_attempts=max(self.queue.max_attempts, self.retries + 1),
+                    trace_context=trace_context,
                 )
             return TaskRun(self.queue, record)
 

@@ -186,6 +186,9 @@ class RunRecord:
         lease_expires_at: When that lease expires unless renewed.
         result: JSON text of the return value, once COMPLETED.
         error: Why it last failed, crashed or was found corrupt.
+        trace_context: The submitter's span as a W3C ``traceparent`` header, when
+            OpenTelemetry is installed and a span was current at the submit; each
+            attempt's span is its child.
     """
 
     id: str
@@ -205,6 +208,7 @@ class RunRecord:
     lease_expires_at: float | None = None
     result: str | None = None
     error: RunError | None = None
+    trace_context: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -238,6 +242,7 @@ def new_run(
     max_attempts: int,
     scheduled_at: float | None,
     now: float,
+    trace_context: str | None = None,
 ) -> RunRecord:
     """A submitted run: SCHEDULED, due at ``scheduled_at`` (``now`` by default)."""
     return RunRecord(
@@ -252,6 +257,7 @@ def new_run(
         timeout=None if timeout is None else float(timeout),
         created_at=now,
         scheduled_at=now if scheduled_at is None else float(scheduled_at),
+        trace_context=trace_context,
     )
 
 

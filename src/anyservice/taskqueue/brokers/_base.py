@@ -125,8 +125,12 @@ class Broker(ClusterBroker, Protocol):
         timeout: float | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         scheduled_at: float | None = None,
+        trace_context: str | None = None,
     ) -> RunRecord:
         """Store a new SCHEDULED run, due at ``scheduled_at`` (now by default).
+
+        ``trace_context`` (the submitter's span as a W3C ``traceparent``) is stored as
+        it is, for the spans of the run's attempts.
 
         Raises:
             ValueError: An option is out of range (negative retries, ``max_attempts`` < 1,
@@ -392,6 +396,7 @@ class BaseBroker(ClusterMethods, Broker, abc.ABC):
         timeout: float | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         scheduled_at: float | None = None,
+        trace_context: str | None = None,
     ) -> RunRecord:
         run = self._checked_run(
             task,
@@ -401,6 +406,7 @@ class BaseBroker(ClusterMethods, Broker, abc.ABC):
             timeout=timeout,
             max_attempts=max_attempts,
             scheduled_at=scheduled_at,
+            trace_context=trace_context,
         )
         await self._insert(run)
         self._notifier.notify(work=True)

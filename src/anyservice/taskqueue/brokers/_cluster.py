@@ -119,6 +119,7 @@ class ClusterBroker(Protocol):
         timeout: float | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         scheduled_at: float | None = None,
+        trace_context: str | None = None,
     ) -> tuple[RunRecord, bool]:
         """Store a run under ``key`` unless a run under it is not finished yet.
 
@@ -232,6 +233,7 @@ class ClusterMethods(ClusterBroker):
         timeout: float | None,
         max_attempts: int,
         scheduled_at: float | None,
+        trace_context: str | None = None,
     ) -> RunRecord:
         """A new run with checked options, as ``submit`` makes it."""
         check_submit_options(
@@ -243,6 +245,10 @@ class ClusterMethods(ClusterBroker):
             max_attempts=max_attempts,
             scheduled_at=scheduled_at,
         )
+        if trace_context is not None and not isinstance(trace_context, str):
+            raise TypeError(
+                f"trace_context must be a traceparent string or None, got {trace_context!r}"
+            )
         return new_run(
             uuid.uuid4().hex,
             task,
@@ -253,6 +259,7 @@ class ClusterMethods(ClusterBroker):
             max_attempts=max_attempts,
             scheduled_at=scheduled_at,
             now=self._clock(),
+            trace_context=trace_context,
         )
 
     async def submit_tick(
@@ -316,6 +323,7 @@ class ClusterMethods(ClusterBroker):
         timeout: float | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         scheduled_at: float | None = None,
+        trace_context: str | None = None,
     ) -> tuple[RunRecord, bool]:
         _check_name(key, "key")
         run = self._checked_run(
@@ -326,6 +334,7 @@ class ClusterMethods(ClusterBroker):
             timeout=timeout,
             max_attempts=max_attempts,
             scheduled_at=scheduled_at,
+            trace_context=trace_context,
         )
         stored = await self._insert_keyed(key, run)
         created = stored.id == run.id

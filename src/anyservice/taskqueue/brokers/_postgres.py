@@ -80,7 +80,7 @@ __all__ = ["SCHEMA_VERSION", "PostgresBroker"]
 T = TypeVar("T")
 
 #: The ``schema_version`` row of a database with the current tables.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _DEFAULT_POLL_INTERVAL = 1.0
 _POLL_ONLY_INTERVAL = 0.05
@@ -131,6 +131,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    # The submitter's trace context (W3C traceparent), for the runs' spans.
+    ("ALTER TABLE {s}.anyservice_runs ADD COLUMN trace_context text",),
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
@@ -892,10 +894,11 @@ class PostgresBroker(_Waits, _Connections, BaseBroker):
         await self._call(
             self._execute(
                 "WITH inserted AS (INSERT INTO {runs} (id, task, payload, state, attempts,"
-                " max_attempts, retries_left, retry_delay, timeout, created_at, scheduled_at)"
+                " max_attempts, retries_left, retry_delay, timeout, created_at, scheduled_at,"
+                " trace_context)"
                 " VALUES (%(id)s, %(task)s, %(payload)s, %(state)s, %(attempts)s,"
                 " %(max_attempts)s, %(retries_left)s, %(retry_delay)s, %(timeout)s,"
-                " %(created_at)s, %(scheduled_at)s)"
+                " %(created_at)s, %(scheduled_at)s, %(trace_context)s)"
                 " RETURNING 1)"
                 " SELECT pg_notify(%(channel)s, 'w') FROM inserted",
                 {
@@ -910,6 +913,7 @@ class PostgresBroker(_Waits, _Connections, BaseBroker):
                     "timeout": run.timeout,
                     "created_at": run.created_at,
                     "scheduled_at": run.scheduled_at,
+                    "trace_context": run.trace_context,
                     "channel": self._channel,
                 },
             )

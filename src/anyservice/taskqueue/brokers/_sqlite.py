@@ -51,7 +51,7 @@ __all__ = ["SCHEMA_VERSION", "SqliteBroker"]
 T = TypeVar("T")
 
 #: ``PRAGMA user_version`` of a database with the current schema.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # _MIGRATIONS[n] takes a database from user_version n to n + 1. The table name is
 # prefixed because the file may be shared with an application's own tables.
@@ -99,6 +99,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    # The submitter's trace context (W3C traceparent), for the runs' spans.
+    ("ALTER TABLE anyservice_runs ADD COLUMN trace_context TEXT",),
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
@@ -121,6 +123,7 @@ _COLUMNS = (
     "lease_expires_at",
     "result",
     "error",
+    "trace_context",
 )
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM anyservice_runs"
 
@@ -240,6 +243,7 @@ def _read_row(row: tuple[Any, ...]) -> tuple[int, RunRecord, bool]:
         lease_expires_at=optional_real("lease_expires_at"),
         result=optional_text("result"),
         error=error,
+        trace_context=optional_text("trace_context"),
     )
     if state is RunState.RUNNING and (
         record.lease_owner is None or record.lease_expires_at is None
@@ -532,8 +536,8 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
             self._check_file()
             conn.execute(
                 "INSERT INTO anyservice_runs (id, task, payload, state, attempts, max_attempts,"
-                " retries_left, retry_delay, timeout, created_at, scheduled_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " retries_left, retry_delay, timeout, created_at, scheduled_at, trace_context)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     run.id,
                     run.task,
@@ -546,6 +550,7 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
                     run.timeout,
                     run.created_at,
                     run.scheduled_at,
+                    run.trace_context,
                 ),
             )
 

@@ -47,8 +47,8 @@ _TABLES = (
 
 _INSERT_RUN = (
     "INSERT INTO anyservice_runs (id, task, payload, state, attempts, max_attempts,"
-    " retries_left, retry_delay, timeout, created_at, scheduled_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " retries_left, retry_delay, timeout, created_at, scheduled_at, trace_context)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -67,6 +67,7 @@ def _insert_run(conn: sqlite3.Connection, run: RunRecord) -> None:
             run.timeout,
             run.created_at,
             run.scheduled_at,
+            run.trace_context,
         ),
     )
 
