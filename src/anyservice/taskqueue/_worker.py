@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import anyio.to_thread
 
 from .._core import Service
@@ -222,6 +223,10 @@ class TaskWorker(Service, overrides=("run",)):
         )
         self._finished: deque[str] = deque(maxlen=_FINISHED_SHOWN)
         self._runs: dict[str, _RunInFlight] = {}
+        # Claimed runs waiting for a runner, and the runners waiting for a run.
+        self._queued: deque[_RunInFlight] = deque()
+        self._idle_runners: list[anyio.Event] = []
+        self._runners = 0
         self._broker_problem: str | None = None
         # Made per start, inside the event loop.
         self._busy = self._idle = self._drained = anyio.Event()
@@ -233,6 +238,9 @@ class TaskWorker(Service, overrides=("run",)):
 
     async def on_start(self) -> None:
         self._runs = {}
+        self._queued.clear()
+        self._idle_runners = []
+        self._runners = 0
         self._busy, self._idle, self._drained = anyio.Event(), anyio.Event(), anyio.Event()
         self._idle.set()
         self._freed = None
@@ -377,6 +385,8 @@ class TaskWorker(Service, overrides=("run",)):
                     return
                 for record in claimed or ():
                     self._start(record)
+                if await self._hand_over():
+                    return
             if claimed is None:
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF)
@@ -388,6 +398,22 @@ class TaskWorker(Service, overrides=("run",)):
                 except BrokerError as exc:
                     self._broker_failed(exc, "waiting for work")
                     await anyio.sleep(backoff)
+
+    async def _hand_over(self) -> bool:
+        """Wait until runners took every started run; True if a stop came first.
+
+        A stop cancels idle runners, so runs still queued then are handed back here.
+        """
+        while self._queued:
+            if self.should_stop:
+                while self._queued:
+                    entry = self._queued.popleft()
+                    entry.settled = True
+                    await self._hand_back(entry.record, "the worker is stopping")
+                    self._forget(entry)
+                return True
+            await anyio.lowlevel.checkpoint()
+        return False
 
     async def _claim(self, names: list[str], wanted: int) -> list[RunRecord] | None:
         """Claim up to ``wanted`` runs; ``None`` when the broker failed.
@@ -417,10 +443,31 @@ class TaskWorker(Service, overrides=("run",)):
             self._busy.set()
             self._idle = anyio.Event()
         self._runs[record.id] = entry
-        self.spawn(
-            functools.partial(self._execute, entry),
-            name=f"run {record.id[:8]} of {record.task}",
-        )
+        self._queued.append(entry)
+        if self._idle_runners:
+            self._idle_runners.pop().set()
+        else:
+            self._runners += 1
+            self.spawn(self._runner, name=f"runner {self._runners}")
+
+    async def _runner(self) -> None:
+        """Run queued runs one after another; a pool of these, grown up to ``limit``.
+
+        Long-lived, because starting a task per run would cost more than a no-op run.
+        """
+        try:
+            while True:
+                while not self._queued:
+                    wake = anyio.Event()
+                    self._idle_runners.append(wake)
+                    try:
+                        await wake.wait()
+                    finally:
+                        if not wake.is_set():
+                            self._idle_runners.remove(wake)
+                await self._execute(self._queued.popleft())
+        finally:
+            self._runners -= 1
 
     def _forget(self, entry: _RunInFlight) -> None:
         # A retry can be claimed again (a new entry under the same id) before the attempt

@@ -295,6 +295,11 @@ class SqliteBroker(BaseBroker):
         """How many times a locked database was retried; a health signal."""
         return self._db.lock_retries
 
+    @property
+    def commits(self) -> int:
+        """How many write transactions this broker committed; concurrent calls share them."""
+        return self._db.commits
+
     def __repr__(self) -> str:
         return f"<SqliteBroker {self.url!r}>"
 

@@ -112,6 +112,8 @@ class ConnectionThread:
         self._conn: sqlite3.Connection | None = None
         #: How many times a locked database was retried; a health signal.
         self.lock_retries = 0
+        #: How many transactions with writes were committed (calls share them).
+        self.commits = 0
 
     @property
     def is_open(self) -> bool:
@@ -304,6 +306,7 @@ class ConnectionThread:
                 conn.execute("ROLLBACK")
                 return False
             conn.execute("COMMIT")
+            self.commits += 1
             return True
         except BaseException:
             if conn.in_transaction:
