@@ -393,20 +393,33 @@ def _bare_claim_complete(conn: sqlite3.Connection, runs: int, limit: int) -> Non
         done += len(claimed)
 
 
+def _bare_rate(
+    runs: int,
+    prepare: Callable[[sqlite3.Connection], None],
+    timed: Callable[[sqlite3.Connection], None],
+) -> Metrics:
+    """Runs per second of ``timed`` on a fresh file, after ``prepare`` (not timed)."""
+    with tempfile.TemporaryDirectory() as directory:
+        conn = _bare_database(Path(directory) / "runs.db")
+        try:
+            prepare(conn)
+            started = now()
+            timed(conn)
+            elapsed = now() - started
+        finally:
+            conn.close()
+    return {"runs/s": runs / elapsed}
+
+
 def bare_throughput(runs: int, limit: int) -> SampleFunction:
     """The claim and complete statements in a plain sqlite3 loop, ``limit`` runs a batch."""
 
     async def sample() -> Metrics:
-        with tempfile.TemporaryDirectory() as directory:
-            conn = _bare_database(Path(directory) / "runs.db")
-            try:
-                _bare_insert(conn, runs)
-                started = now()
-                _bare_claim_complete(conn, runs, limit)
-                elapsed = now() - started
-            finally:
-                conn.close()
-        return {"runs/s": runs / elapsed}
+        return _bare_rate(
+            runs,
+            functools.partial(_bare_insert, runs=runs),
+            functools.partial(_bare_claim_complete, runs=runs, limit=limit),
+        )
 
     return sample
 
@@ -415,15 +428,7 @@ def bare_submission(runs: int) -> SampleFunction:
     """The same INSERTs in a plain sqlite3 ``executemany``, one transaction."""
 
     async def sample() -> Metrics:
-        with tempfile.TemporaryDirectory() as directory:
-            conn = _bare_database(Path(directory) / "runs.db")
-            try:
-                started = now()
-                _bare_insert(conn, runs)
-                elapsed = now() - started
-            finally:
-                conn.close()
-        return {"runs/s": runs / elapsed}
+        return _bare_rate(runs, lambda conn: None, functools.partial(_bare_insert, runs=runs))
 
     return sample
 

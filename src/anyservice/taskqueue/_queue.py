@@ -424,6 +424,15 @@ class Task(Generic[P, R]):
                 raise TypeError(f"task {self.name!r}: {exc}") from None
         return encode_arguments(self.name, args, kwargs, self.signature)
 
+    def _submit_options(self) -> dict[str, Any]:
+        """What the broker stores with each run of this task, besides its arguments."""
+        return {
+            "retries": self.retries,
+            "retry_delay": self.retry_delay,
+            "timeout": self.timeout,
+            "max_attempts": max(self.queue.max_attempts, self.retries + 1),
+        }
+
     async def delay(self, *args: P.args, **kwargs: P.kwargs) -> TaskRun[R]:
         """Store a run of the task with these arguments; a worker will run it.
 
@@ -438,10 +447,7 @@ class Task(Generic[P, R]):
         record = await broker.submit(
             self.name,
             payload,
-            retries=self.retries,
-            retry_delay=self.retry_delay,
-            timeout=self.timeout,
-            max_attempts=max(self.queue.max_attempts, self.retries + 1),
+            **self._submit_options(),
         )
         return TaskRun(self.queue, record)
 
@@ -517,10 +523,7 @@ class Task(Generic[P, R]):
         records = await broker.submit_many(
             self.name,
             payloads,
-            retries=self.retries,
-            retry_delay=self.retry_delay,
-            timeout=self.timeout,
-            max_attempts=max(self.queue.max_attempts, self.retries + 1),
+            **self._submit_options(),
         )
         return [TaskRun(self.queue, record) for record in records]
 
@@ -539,10 +542,7 @@ class Task(Generic[P, R]):
                 record = await broker.submit(
                     self.name,
                     payload,
-                    retries=self.retries,
-                    retry_delay=self.retry_delay,
-                    timeout=self.timeout,
-                    max_attempts=max(self.queue.max_attempts, self.retries + 1),
+                    **self._submit_options(),
                 )
             return TaskRun(self.queue, record)
 
