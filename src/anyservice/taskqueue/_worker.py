@@ -676,11 +676,16 @@ class TaskWorker(Service, overrides=("run",)):
             # While runs are in flight, renewing their leases is in flight too: it goes on
             # through a graceful stop for as long as they do.
             async with self.in_flight():
+                # Every run held now was claimed since the worker was last idle (or the
+                # last renewal), so a renewal one interval on is in time for all of them;
+                # a worker that goes idle for a moment between claims renews nothing more.
+                renew_at = anyio.current_time() + interval
                 while self._runs:
-                    with anyio.move_on_after(interval):
+                    with anyio.move_on_after(renew_at - anyio.current_time()):
                         await self._idle.wait()
-                    if self._runs:
+                    if self._runs and anyio.current_time() >= renew_at:
                         await self._renew()
+                        renew_at = anyio.current_time() + interval
 
     async def _renew(self) -> None:
         ids = [run_id for run_id, entry in self._runs.items() if not entry.settling]

@@ -9,11 +9,19 @@ module schedules the call and returns, through each backend's own thread-safe ho
 
 from __future__ import annotations
 
+import contextvars
+import threading
 from collections.abc import Callable
 
 import anyio.lowlevel
 
 __all__ = ["LoopHandle"]
+
+# The handle a task made last, with its thread: a task never changes event loop, and a
+# context copied into a worker thread is told apart by the thread.
+_current: contextvars.ContextVar[tuple[int, LoopHandle]] = contextvars.ContextVar(
+    "anyservice_loop_handle"
+)
 
 
 class LoopHandle:
@@ -33,6 +41,17 @@ class LoopHandle:
         if schedule is None:
             schedule = native.run_sync_soon  # type: ignore[attr-defined]  # a TrioToken
         self._schedule: Callable[[Callable[[], object]], object] = schedule
+
+    @classmethod
+    def current(cls) -> LoopHandle:
+        """The handle of the running event loop, made once per task and thread."""
+        thread = threading.get_ident()
+        cached = _current.get(None)
+        if cached is not None and cached[0] == thread:
+            return cached[1]
+        handle = cls()
+        _current.set((thread, handle))
+        return handle
 
     def call_soon(self, function: Callable[[], object]) -> None:
         """Run ``function()`` in the event loop soon; never blocks, never raises.

@@ -91,7 +91,7 @@ class ChangeNotifier:
         if self.generation(work=work) != since or timeout <= 0:
             return
         deadline = anyio.current_time() + timeout
-        waiter = _Waiter(anyio.Event(), threading.get_ident(), work, LoopHandle())
+        waiter = _Waiter(anyio.Event(), threading.get_ident(), work, LoopHandle.current())
         with self._lock:
             self._waiters.append(waiter)
         try:

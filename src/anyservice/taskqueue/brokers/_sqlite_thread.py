@@ -67,7 +67,7 @@ class _Operation:
         self.write = write
         #: What to tell other processes once committed (empty: nothing worth telling).
         self.signal = signal
-        self.loop = LoopHandle()
+        self.loop = LoopHandle.current()
         self.event = anyio.Event()
         self.step = _Step.PENDING
         self.value: Any = None
