@@ -202,6 +202,34 @@ async def test_a_failing_write_in_a_shared_transaction_is_rolled_back_alone(
     assert set(outcomes.values()) == {"ok"}
 
 
+async def test_operations_that_return_a_cursor_hand_back_none(tmp_path: Path) -> None:
+    # A cursor finalised in the caller's thread while the connection's thread runs the
+    # next batch is SQLite API misuse: it must never leave the connection's thread.
+    thread = ConnectionThread(
+        str(tmp_path / "plain.db"), url="sqlite:///plain.db", busy_timeout=0.1, lock_timeout=5
+    )
+    await thread.open(lambda conn: None)
+    values: list[object] = []
+    try:
+        await thread.call(lambda conn: conn.execute("CREATE TABLE t (n INTEGER)"))
+
+        async def insert(number: int) -> None:
+            values.append(
+                await thread.call(lambda conn: conn.execute("INSERT INTO t VALUES (?)", (number,)))
+            )
+
+        async with anyio.create_task_group() as tg:
+            for number in range(300):
+                tg.start_soon(insert, number)
+        (count,) = await thread.call(
+            lambda conn: conn.execute("SELECT COUNT(*) FROM t").fetchone(), write=False
+        )
+    finally:
+        await thread.close()
+    assert values == [None] * 300
+    assert count == 300
+
+
 async def test_a_closed_connection_thread_refuses_calls(tmp_path: Path) -> None:
     async with SqliteBroker(tmp_path / "runs.db") as broker:
         pass

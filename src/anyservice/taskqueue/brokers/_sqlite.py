@@ -384,7 +384,11 @@ class SqliteBroker(BaseBroker):
 
     async def _insert_many(self, runs: Sequence[RunRecord]) -> None:
         values = [insert_values(run) for run in runs]
-        await self._db.call(lambda conn: conn.executemany(INSERT, values), signal=WORK)
+
+        def insert(conn: sqlite3.Connection) -> None:
+            conn.executemany(INSERT, values)
+
+        await self._db.call(insert, signal=WORK)
 
     async def _claim(
         self, owner: str, tasks: list[str], limit: int, lease_seconds: float

@@ -320,7 +320,10 @@ class ConnectionThread:
         if savepoint:
             conn.execute("SAVEPOINT operation")
         try:
-            operation.value = operation.function(conn)
+            value = operation.function(conn)
+            # A cursor must die in this thread: finalised in the caller's, while this
+            # thread uses the connection, it is an "API misuse" error of SQLite's.
+            operation.value = None if isinstance(value, sqlite3.Cursor) else value
         except sqlite3.OperationalError as exc:
             if is_locked(exc):
                 raise
