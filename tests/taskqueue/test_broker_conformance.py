@@ -122,6 +122,18 @@ async def test_every_run_gets_its_own_id(broker: Broker) -> None:
     assert len(ids) == 20
 
 
+async def test_submit_many_stores_a_batch_claimable_in_its_order(broker: Broker) -> None:
+    payloads = [f'{{"args":[{number}],"kwargs":{{}}}}' for number in range(5)]
+    runs = await broker.submit_many("say", payloads, retries=1, max_attempts=3)
+
+    assert [run.payload for run in runs] == payloads
+    assert [await broker.get(run.id) for run in runs] == runs
+    assert {(run.state, run.retries_left, run.max_attempts) for run in runs} == {
+        (RunState.SCHEDULED, 1, 3)
+    }
+    assert await claim(broker, "w1") == [run.id for run in runs]
+
+
 async def test_get_of_unknown_run_is_none(broker: Broker) -> None:
     assert await broker.get("0" * 32) is None
 

@@ -194,7 +194,7 @@ def test_a_boolean_is_not_a_timeout(path: Path, option: str) -> None:
 
 def test_sqlite_timeouts_may_be_timedeltas_or_numeric_strings(path: Path) -> None:
     broker = SqliteBroker(path, busy_timeout=datetime.timedelta(milliseconds=50), lock_timeout="2")
-    assert (broker._busy_timeout, broker._lock_timeout) == (0.05, 2.0)
+    assert (broker._db._busy_timeout, broker._db._lock_timeout) == (0.05, 2.0)
 
 
 def test_in_memory_database_is_rejected() -> None:
