@@ -125,12 +125,15 @@ async def test_the_trace_context_is_stored_with_the_run_and_claimed_with_it(
 ) -> None:
     traced = await broker.submit("say", PAYLOAD, trace_context=TRACEPARENT)
     plain = await broker.submit("say", PAYLOAD)
+    batch = await broker.submit_many("say", [PAYLOAD, PAYLOAD], trace_context=TRACEPARENT)
     assert (traced.trace_context, plain.trace_context) == (TRACEPARENT, None)
+    assert [run.trace_context for run in batch] == [TRACEPARENT, TRACEPARENT]
     assert await broker.get(traced.id) == traced
-    claimed = await broker.claim("w", ["say"], limit=2, lease_seconds=LEASE)
+    claimed = await broker.claim("w", ["say"], limit=4, lease_seconds=LEASE)
     assert {run.id: run.trace_context for run in claimed} == {
         traced.id: TRACEPARENT,
         plain.id: None,
+        **{run.id: TRACEPARENT for run in batch},
     }
 
 
@@ -143,6 +146,18 @@ async def test_submit_refuses_a_trace_context_that_is_not_a_string(broker: Broke
 async def test_every_run_gets_its_own_id(broker: Broker) -> None:
     ids = {(await broker.submit("say", PAYLOAD)).id for _ in range(20)}
     assert len(ids) == 20
+
+
+async def test_submit_many_stores_a_batch_claimable_in_its_order(broker: Broker) -> None:
+    payloads = [f'{{"args":[{number}],"kwargs":{{}}}}' for number in range(5)]
+    runs = await broker.submit_many("say", payloads, retries=1, max_attempts=3)
+
+    assert [run.payload for run in runs] == payloads
+    assert [await broker.get(run.id) for run in runs] == runs
+    assert {(run.state, run.retries_left, run.max_attempts) for run in runs} == {
+        (RunState.SCHEDULED, 1, 3)
+    }
+    assert await claim(broker, "w1") == [run.id for run in runs]
 
 
 async def test_get_of_unknown_run_is_none(broker: Broker) -> None:

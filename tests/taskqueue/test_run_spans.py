@@ -79,6 +79,7 @@ async def test_a_run_is_a_child_of_the_span_that_submitted_it(
     with tracer.start_as_current_span("request") as request:
         delayed = await job.delay(1)
         applied = await job.apply_async((2,), countdown=0)
+        (mapped,) = await job.map([4])
     outside = await job.delay(3)
     assert delayed.record.trace_context is not None
     assert delayed.record.trace_context.split("-")[1:3] == [
@@ -87,14 +88,14 @@ async def test_a_run_is_a_child_of_the_span_that_submitted_it(
     ]
     assert outside.record.trace_context is None
     async with TaskWorker(job):
-        for run in (delayed, applied, outside):
+        for run in (delayed, applied, mapped, outside):
             await run.wait(timeout=PROMPTLY)
     (finished_request,) = named(spans, "request")
     runs = {
         span.attributes and span.attributes["anyservice.run_id"]: span
         for span in named(spans, "run job")
     }
-    for run in (delayed, applied):
+    for run in (delayed, applied, mapped):
         span = runs[run.id]
         assert span.parent is not None
         assert span.parent.span_id == finished_request.context.span_id

@@ -78,10 +78,10 @@ async def test_file_is_in_wal_mode_with_a_schema_version(broker: SqliteBroker, p
 
 @pytest.mark.anyio
 async def test_a_file_of_the_version_before_gains_the_trace_context_column(path: Path) -> None:
-    from anyservice.taskqueue.brokers._sqlite import _MIGRATIONS
+    from anyservice.taskqueue.brokers._sqlite_rows import MIGRATIONS
 
     with raw_connection(path) as conn:
-        for step in _MIGRATIONS[: SCHEMA_VERSION - 1]:
+        for step in MIGRATIONS[: SCHEMA_VERSION - 1]:
             for statement in step:
                 conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION - 1}")
@@ -220,7 +220,7 @@ def test_a_boolean_is_not_a_timeout(path: Path, option: str) -> None:
 
 def test_sqlite_timeouts_may_be_timedeltas_or_numeric_strings(path: Path) -> None:
     broker = SqliteBroker(path, busy_timeout=datetime.timedelta(milliseconds=50), lock_timeout="2")
-    assert (broker._busy_timeout, broker._lock_timeout) == (0.05, 2.0)
+    assert (broker._db._busy_timeout, broker._db._lock_timeout) == (0.05, 2.0)
 
 
 def test_in_memory_database_is_rejected() -> None:

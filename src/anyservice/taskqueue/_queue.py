@@ -13,7 +13,7 @@ import datetime
 import functools
 import inspect
 import os
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, Generic, ParamSpec, Protocol, Self, TypeVar, cast, overload
@@ -626,6 +626,19 @@ class Task(Generic[P, R]):
                 raise TypeError(f"task {self.name!r}: {exc}") from None
         return encode_arguments(self.name, args, kwargs, self.signature)
 
+    def _submit_options(self) -> dict[str, Any]:
+        """What the broker stores with each run of this task, besides its arguments.
+
+        The trace context is the caller's: read this in the caller's task and thread.
+        """
+        return {
+            "retries": self.retries,
+            "retry_delay": self.retry_delay,
+            "timeout": self.timeout,
+            "max_attempts": max(self.queue.max_attempts, self.retries + 1),
+            "trace_context": _trace_context(),
+        }
+
     async def delay(self, *args: P.args, **kwargs: P.kwargs) -> TaskRun[R]:
         """Store a run of the task with these arguments; a worker will run it.
 
@@ -640,11 +653,7 @@ class Task(Generic[P, R]):
         record = await broker.submit(
             self.name,
             payload,
-            retries=self.retries,
-            retry_delay=self.retry_delay,
-            timeout=self.timeout,
-            max_attempts=max(self.queue.max_attempts, self.retries + 1),
-            trace_context=_trace_context(),
+            **self._submit_options(),
         )
         return TaskRun(self.queue, record)
 
@@ -692,19 +701,88 @@ class Task(Generic[P, R]):
             scheduled_at = broker.now() + check_seconds(
                 countdown, "apply_async() countdown", allow_zero=True
             )
-        options: dict[str, Any] = {
-            "retries": self.retries,
-            "retry_delay": self.retry_delay,
-            "timeout": self.timeout,
-            "max_attempts": max(self.queue.max_attempts, self.retries + 1),
-            "scheduled_at": scheduled_at,
-            "trace_context": _trace_context(),
-        }
+        options = {**self._submit_options(), "scheduled_at": scheduled_at}
         if key is None:
             record = await broker.submit(self.name, payload, **options)
         else:
             record, _ = await broker.submit_once(key, self.name, payload, **options)
         return TaskRun(self.queue, record)
+
+    async def delay_many(self, calls: Iterable[tuple[Any, ...]]) -> list[TaskRun[R]]:
+        """Store one run per tuple of positional arguments, all in one transaction.
+
+        All or nothing: if any call's arguments do not fit or are not JSON-serialisable,
+        no run is stored. ``await say.delay_many([("hi",), ("ho",)])``.
+
+        Returns:
+            The runs' handles (SCHEDULED), in the order of ``calls``.
+
+        Raises:
+            TypeError: a call is not a tuple, or its arguments do not fit the signature or
+                are not JSON-serialisable; the message names the call's index.
+            BrokerError: the storage cannot be used.
+        """
+        given: object = calls  # checked: callers without type checking pass anything
+        if isinstance(given, str | bytes) or not isinstance(given, Iterable):
+            raise TypeError(
+                f"task {self.name!r}: delay_many() takes an iterable of argument tuples, "
+                f"got {calls!r}"
+            )
+        payloads = []
+        for index, call in enumerate(calls):
+            if not isinstance(call, tuple):
+                raise TypeError(
+                    f"task {self.name!r}: delay_many() call {index} must be a tuple of "
+                    f"positional arguments, got {call!r}"
+                )
+            payloads.append(self._encode_call(index, call, {}))
+        return await self._submit_many(payloads)
+
+    async def map(self, *iterables: Iterable[Any], **kwargs: Any) -> list[TaskRun[R]]:
+        """One run per element of ``iterables`` taken together, as ``map()`` (Prefect's name).
+
+        ``await add.map([1, 2], [10, 20])`` stores ``add(1, 10)`` and ``add(2, 20)``;
+        keyword arguments are given, unchanged, to every run. All in one transaction, all
+        or nothing, as :meth:`delay_many`.
+
+        Raises:
+            ValueError: the iterables have different lengths.
+            TypeError: as :meth:`delay_many`.
+        """
+        columns = []
+        for position, iterable in enumerate(iterables):
+            if isinstance(iterable, str | bytes) or not isinstance(iterable, Iterable):
+                raise TypeError(
+                    f"task {self.name!r}: map() argument {position} must be an iterable "
+                    f"of values, one per run, got {iterable!r}"
+                )
+            columns.append(list(iterable))
+        lengths = sorted({len(column) for column in columns})
+        if len(lengths) > 1:
+            raise ValueError(
+                f"task {self.name!r}: map() iterables have different lengths "
+                f"({', '.join(map(str, (len(column) for column in columns)))})"
+            )
+        payloads = [
+            self._encode_call(index, call, kwargs)
+            for index, call in enumerate(zip(*columns, strict=True))
+        ]
+        return await self._submit_many(payloads)
+
+    def _encode_call(self, index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        try:
+            return self.encode(args, kwargs)
+        except TypeError as exc:
+            raise TypeError(f"call {index} of the batch: {exc}") from None
+
+    async def _submit_many(self, payloads: list[str]) -> list[TaskRun[R]]:
+        broker = await self.queue.ensure_open()
+        records = await broker.submit_many(
+            self.name,
+            payloads,
+            **self._submit_options(),
+        )
+        return [TaskRun(self.queue, record) for record in records]
 
     def delay_sync(self, *args: P.args, **kwargs: P.kwargs) -> TaskRun[R]:
         """``delay()`` for plain synchronous code (scripts, sync tasks); blocks until stored.
@@ -716,19 +794,11 @@ class Task(Generic[P, R]):
         """
         payload = self.encode(args, kwargs)  # bad arguments fail before any event loop
         # Read here: the submit below may run in another thread, outside the caller's span.
-        trace_context = _trace_context()
+        options = self._submit_options()
 
         async def submit() -> TaskRun[R]:
             async with self.queue.holding() as broker:
-                record = await broker.submit(
-                    self.name,
-                    payload,
-                    retries=self.retries,
-                    retry_delay=self.retry_delay,
-                    timeout=self.timeout,
-                    max_attempts=max(self.queue.max_attempts, self.retries + 1),
-                    trace_context=trace_context,
-                )
+                record = await broker.submit(self.name, payload, **options)
             return TaskRun(self.queue, record)
 
         return _run_blocking(submit, f"{self.name}.delay_sync()", f"'await {self.name}.delay(...)'")
@@ -910,5 +980,9 @@ class TaskRun(Generic[R]):
         task = self._queue.tasks.get(self.task)
         broker = await self._queue.ensure_open()
         record = await broker.requeue(self.id, retries=0 if task is None else task.retries)
-        await self.refresh()
-        return record is not None
+        if record is None:
+            await self.refresh()
+            return False
+        # As re-queued: a worker may have claimed it already, and refresh() shows that.
+        self._record = record
+        return True

@@ -8,7 +8,7 @@ storage is a dict of records, changed only by the transitions of ``_records.py``
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Self
 
 import anyio.lowlevel
@@ -98,9 +98,14 @@ class MemoryBroker(BaseBroker):
         return True
 
     async def _insert(self, run: RunRecord) -> None:
+        await self._insert_many([run])
+
+    async def _insert_many(self, runs: Sequence[RunRecord]) -> None:
+        # One check, then no await: a cancellation cannot leave half a batch stored.
         await self._check_open()
-        self._sequence[run.id] = len(self._sequence)
-        self._store(run)
+        for run in runs:
+            self._sequence[run.id] = len(self._sequence)
+            self._store(run)
 
     async def _claim(
         self, owner: str, tasks: list[str], limit: int, lease_seconds: float

@@ -39,7 +39,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
@@ -890,30 +890,36 @@ class PostgresBroker(_Waits, _Connections, BaseBroker):
     # --- storage -----------------------------------------------------------------------
 
     async def _insert(self, run: RunRecord) -> None:
-        # One statement, so the notification goes out with the commit of the row.
+        await self._insert_many([run])
+
+    async def _insert_many(self, runs: Sequence[RunRecord]) -> None:
+        # One statement, so the rows are stored all or none and the notification goes
+        # out with their commit.
         await self._call(
             self._execute(
                 "WITH inserted AS (INSERT INTO {runs} (id, task, payload, state, attempts,"
                 " max_attempts, retries_left, retry_delay, timeout, created_at, scheduled_at,"
                 " trace_context)"
-                " VALUES (%(id)s, %(task)s, %(payload)s, %(state)s, %(attempts)s,"
-                " %(max_attempts)s, %(retries_left)s, %(retry_delay)s, %(timeout)s,"
-                " %(created_at)s, %(scheduled_at)s, %(trace_context)s)"
+                " SELECT * FROM unnest(%(id)s::text[], %(task)s::text[], %(payload)s::text[],"
+                " %(state)s::text[], %(attempts)s::integer[], %(max_attempts)s::integer[],"
+                " %(retries_left)s::integer[], %(retry_delay)s::double precision[],"
+                " %(timeout)s::double precision[], %(created_at)s::double precision[],"
+                " %(scheduled_at)s::double precision[], %(trace_context)s::text[])"
                 " RETURNING 1)"
-                " SELECT pg_notify(%(channel)s, 'w') FROM inserted",
+                " SELECT pg_notify(%(channel)s, 'w') WHERE EXISTS (SELECT 1 FROM inserted)",
                 {
-                    "id": run.id,
-                    "task": run.task,
-                    "payload": run.payload,
-                    "state": run.state.value,
-                    "attempts": run.attempts,
-                    "max_attempts": run.max_attempts,
-                    "retries_left": run.retries_left,
-                    "retry_delay": run.retry_delay,
-                    "timeout": run.timeout,
-                    "created_at": run.created_at,
-                    "scheduled_at": run.scheduled_at,
-                    "trace_context": run.trace_context,
+                    "id": [run.id for run in runs],
+                    "task": [run.task for run in runs],
+                    "payload": [run.payload for run in runs],
+                    "state": [run.state.value for run in runs],
+                    "attempts": [run.attempts for run in runs],
+                    "max_attempts": [run.max_attempts for run in runs],
+                    "retries_left": [run.retries_left for run in runs],
+                    "retry_delay": [run.retry_delay for run in runs],
+                    "timeout": [run.timeout for run in runs],
+                    "created_at": [run.created_at for run in runs],
+                    "scheduled_at": [run.scheduled_at for run in runs],
+                    "trace_context": [run.trace_context for run in runs],
                     "channel": self._channel,
                 },
             )
