@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
@@ -46,3 +47,10 @@ def recorded_spans() -> Iterator[InMemorySpanExporter]:
 def named(spans: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
     """The finished spans called ``name``."""
     return [span for span in spans.get_finished_spans() if span.name == name]
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    """The spans the test finished, through the SDK's in-memory exporter."""
+    with recorded_spans() as exporter:
+        yield exporter

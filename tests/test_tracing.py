@@ -7,7 +7,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 
 import anyio
 import pytest
@@ -16,18 +15,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from anyservice import ServiceState, Supervisor
 
-from .otel_helpers import named, recorded_spans
+from .otel_helpers import named
 from .status_helpers import BreaksOnce
 
 pytestmark = [pytest.mark.anyio]
 
 PROMPTLY = 10.0
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    with recorded_spans() as exporter:
-        yield exporter
 
 
 @pytest.mark.virtual_time

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -16,17 +16,11 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from anyservice.taskqueue import TaskQueue, TaskRunFailed, TaskWorker
 from tests._postgres import postgres_schema
-from tests.otel_helpers import named, recorded_spans
+from tests.otel_helpers import named
 
 pytestmark = [pytest.mark.anyio]
 
 PROMPTLY = 10.0
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    with recorded_spans() as exporter:
-        yield exporter
 
 
 async def test_a_run_is_a_consumer_span_named_for_its_task(spans: InMemorySpanExporter) -> None:
