@@ -152,8 +152,9 @@ class TimerSpec(_PeriodicSpec):
             if skip and finished - started <= schedule.interval:
                 # The body alone fits in an interval: if it still ended past the next grid
                 # point, a late start did that, and the next tick runs at once, late, rather
-                # than being counted as an overrun and skipped.
-                finished = min(finished, due + schedule.interval)
+                # than being counted as an overrun and skipped. Never before the start: a
+                # start stalled past that grid point (a busy machine) has its own lateness.
+                finished = max(started, min(finished, due + schedule.interval))
             outcome = schedule.advance(started, finished)
             stats.missed += outcome.missed
             if outcome.overran:
