@@ -75,6 +75,7 @@ class ClusterBroker(Protocol):
         retry_delay: float = 0.0,
         timeout: float | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        priority: int = 0,
     ) -> StoredTick:
         """Store the tick (``schedule``, ``due``) with a run due at ``due``, once.
 
@@ -119,6 +120,7 @@ class ClusterBroker(Protocol):
         timeout: float | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         scheduled_at: float | None = None,
+        priority: int = 0,
         trace_context: str | None = None,
     ) -> tuple[RunRecord, bool]:
         """Store a run under ``key`` unless a run under it is not finished yet.
@@ -233,6 +235,7 @@ class ClusterMethods(ClusterBroker):
         timeout: float | None,
         max_attempts: int,
         scheduled_at: float | None,
+        priority: int = 0,
         trace_context: str | None = None,
     ) -> RunRecord:
         """A new run with checked options, as ``submit`` makes it."""
@@ -244,6 +247,7 @@ class ClusterMethods(ClusterBroker):
             timeout=timeout,
             max_attempts=max_attempts,
             scheduled_at=scheduled_at,
+            priority=priority,
         )
         if trace_context is not None and not isinstance(trace_context, str):
             raise TypeError(
@@ -259,6 +263,7 @@ class ClusterMethods(ClusterBroker):
             max_attempts=max_attempts,
             scheduled_at=scheduled_at,
             now=self._clock(),
+            priority=int(priority),
             trace_context=trace_context,
         )
 
@@ -274,6 +279,7 @@ class ClusterMethods(ClusterBroker):
         retry_delay: float = 0.0,
         timeout: float | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        priority: int = 0,
     ) -> StoredTick:
         _check_name(schedule, "schedule")
         if isinstance(due, bool) or not isinstance(due, int | float):
@@ -289,6 +295,7 @@ class ClusterMethods(ClusterBroker):
             timeout=timeout,
             max_attempts=max_attempts,
             scheduled_at=key,
+            priority=priority,
         )
         result = await self._insert_tick(schedule, key, run, bool(overlap))
         if result is TickResult.STORED:
@@ -323,6 +330,7 @@ class ClusterMethods(ClusterBroker):
         timeout: float | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         scheduled_at: float | None = None,
+        priority: int = 0,
         trace_context: str | None = None,
     ) -> tuple[RunRecord, bool]:
         _check_name(key, "key")
@@ -334,6 +342,7 @@ class ClusterMethods(ClusterBroker):
             timeout=timeout,
             max_attempts=max_attempts,
             scheduled_at=scheduled_at,
+            priority=priority,
             trace_context=trace_context,
         )
         stored = await self._insert_keyed(key, run)
