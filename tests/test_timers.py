@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import itertools
 import logging
 import math
 import zoneinfo
+from collections.abc import AsyncIterator, Iterator
 
 import anyio
 import pytest
@@ -19,6 +21,30 @@ from anyservice.testing import virtual_wall_clock
 from anyservice.testing._clock import VirtualTimeEventLoop
 
 pytestmark = [pytest.mark.anyio, pytest.mark.virtual_time]
+
+#: Where the service under test runs: on its own, or as a dependency of a parent, whose
+#: timer wheel then wakes its timer (see ``running``).
+_placement = ["alone"]
+
+
+@pytest.fixture(autouse=True, params=["alone", "dependency"])
+def placement(request: pytest.FixtureRequest) -> Iterator[str]:
+    _placement[0] = request.param
+    yield request.param
+    _placement[0] = "alone"
+
+
+@contextlib.asynccontextmanager
+async def running(service: Service) -> AsyncIterator[Service]:
+    """``async with service``, or with a parent of which it is the one dependency."""
+    if _placement[0] == "alone":
+        async with service:
+            yield service
+        return
+    parent = Service(name="parent")
+    parent.add_dependency(service)
+    async with parent:
+        yield service
 
 
 def ticker(
@@ -46,7 +72,7 @@ def ticker(
 
 async def run_for(service: Service, seconds: float) -> float:
     """Run ``service`` for ``seconds`` of virtual time; returns its start time."""
-    async with service:
+    async with running(service):
         start = anyio.current_time()
         await anyio.sleep(seconds)
     return start
@@ -123,7 +149,7 @@ async def test_ticks_land_where_the_policy_says_for_any_pattern(
 ) -> None:
     durations = [factor * interval for factor in factors]
     service, runs = ticker(interval, durations, policy=policy)
-    async with service:
+    async with running(service):
         t0 = anyio.current_time()
         # Long enough for every body, each overrunning at most 3.5 intervals.
         await anyio.sleep(interval * 4 * (len(durations) + 1))
@@ -263,7 +289,8 @@ async def test_error_in_a_timer_body_crashes_the_service_by_default() -> None:
 
     service = Failing()
     start = anyio.current_time()
-    with pytest.RaisesGroup(pytest.RaisesExc(ValueError, match="bad tick")):
+    # As a dependency, its group is inside its parent's.
+    with pytest.RaisesGroup(pytest.RaisesExc(ValueError, match="bad tick"), flatten_subgroups=True):
         await run_for(service, 5)
     assert service.state is ServiceState.CRASHED
     assert anyio.current_time() - start == 1
@@ -294,7 +321,7 @@ async def test_idle_timer_stops_at_once() -> None:
         async def tick(self) -> None:
             pass
 
-    async with Hourly() as service:
+    async with running(Hourly()) as service:
         await anyio.sleep(10)
         before = anyio.current_time()
         await service.stop()
@@ -312,7 +339,7 @@ async def test_timer_body_in_flight_gets_the_grace_period() -> None:
             await anyio.sleep(3)
             finished.append(anyio.current_time())
 
-    async with Slow() as service:
+    async with running(Slow()) as service:
         t0 = anyio.current_time()
         await anyio.sleep(2)
         await service.stop()
@@ -325,9 +352,7 @@ async def test_stop_from_inside_a_timer_body_does_not_deadlock() -> None:
         async def tick(self) -> None:
             await self.stop()
 
-    service = Once()
-    async with anyio.create_task_group() as tg:
-        await tg.start(service.run)
+    async with running(Once()) as service:
         with anyio.fail_after(5):
             await service.wait_for(ServiceState.STOPPED)
 
@@ -337,7 +362,7 @@ async def test_stop_from_inside_a_timer_body_does_not_deadlock() -> None:
 
 async def test_statistics_are_readable_while_running() -> None:
     service, _runs = ticker(1.0, [0.2, 1.5, 0.2, 0.2])
-    async with service:
+    async with running(service):
         t0 = anyio.current_time()
         await anyio.sleep(2.5)
         stats = service.timer_stats["tick"]

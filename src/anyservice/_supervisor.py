@@ -14,6 +14,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._checks import Seconds, check_choice, check_count
 from ._core import (
+    Countdown,
     Service,
     ServiceError,
     ServiceState,
@@ -24,7 +25,9 @@ from ._core import (
     leaves,
     report_ready,
     run_as_restart,
+    start_is_observable,
     stop_service,
+    unwind_unobservable,
 )
 from ._restart import Backoff, RestartIntensity
 from ._schedule import check_interval
@@ -95,7 +98,9 @@ class Supervisor(Service):
     the supervisor itself crashes with a ``SupervisorError`` chained to the child's error,
     so a supervisor above it can restart it. Between consecutive restarts of a child,
     ``backoff`` waits (exponential, capped) so a child that dies at once does not spin.
-    Children start in order, each RUNNING before the next, and stop in reverse order.
+    Children start in order, each RUNNING before the next, and stop in reverse order;
+    children that run none of the user's code at start (or at stop) cannot tell that
+    order, and start (or stop) together.
 
     Raises:
         ValueError: for an unknown strategy or restart type, or bad intensity numbers.
@@ -192,9 +197,7 @@ class Supervisor(Service):
         intensity = RestartIntensity(self.max_restarts, self.within)
         try:
             with send, receive:
-                for child in list(self._children):
-                    if not child.running:
-                        await self._start(child)
+                await self._start_in_order([c for c in self._children if not c.running])
                 # Every child is RUNNING (or has already exited): the supervisor may be.
                 report_ready()
                 await self._supervise(receive, intensity)
@@ -203,10 +206,7 @@ class Supervisor(Service):
             # Stopping or crashing: the children stop gracefully, in reverse order, within
             # the supervisor's own stop deadline.
             with anyio.CancelScope(shield=True, deadline=self.stop_deadline):
-                for child in reversed(self._children):
-                    if child.running:
-                        child.stopping = True
-                        await stop_service(child.service)
+                await self._stop_in_order(self._children[::-1])
 
     async def _supervise(
         self,
@@ -245,14 +245,10 @@ class Supervisor(Service):
                 self.strategy.value,
                 f" in {delay:.3g}s" if delay else "",
             )
-            for other in reversed(targets):
-                if other is not child and other.running:
-                    other.stopping = True
-                    await stop_service(other.service)
+            await self._stop_in_order([other for other in targets[::-1] if other is not child])
             if delay:
                 await anyio.sleep(delay)
-            for target in targets:
-                await self._start(target)
+            await self._start_in_order(targets)
 
     def _should_restart(self, child: _Child, error: BaseException | None) -> bool:
         if child.restart is RestartType.PERMANENT:
@@ -267,6 +263,45 @@ class Supervisor(Service):
         index = self._children.index(child)
         return [child, *(other for other in self._children[index + 1 :] if other.running)]
 
+    async def _start_in_order(self, children: list[_Child]) -> None:
+        """Start ``children`` in order, each RUNNING before the next where it shows.
+
+        A child whose start runs none of the user's code cannot tell whether the one before
+        it is RUNNING yet: a run of such children starts together, with one wait for all of
+        them, before the next child that can tell.
+        """
+        together = Countdown()
+        for child in children:
+            if start_is_observable(child.service):
+                await together.wait()
+                together = Countdown()
+                await self._start(child)
+            elif not self.should_stop:
+                together.remaining += 1
+                self._spawn_child(child, _Once(together))
+        await together.wait()
+
+    async def _stop_in_order(self, children: list[_Child]) -> None:
+        """Stop the running ones of ``children`` gracefully, one at a time where it shows.
+
+        A child whose stop runs none of the user's code is only told to stop; before the
+        next child whose stop can be seen, and at the end, the supervisor waits for those.
+        """
+        unwinding: list[Service] = []
+        for child in children:
+            if not child.running:
+                continue
+            child.stopping = True
+            if unwind_unobservable(child.service):
+                unwinding.append(child.service)
+                continue
+            for service in unwinding:
+                await stop_service(service)
+            unwinding.clear()
+            await stop_service(child.service)
+        for service in unwinding:
+            await stop_service(service)
+
     async def _start(self, child: _Child) -> None:
         """Start ``child`` in the supervisor's scope; returns once it is RUNNING (or ended).
 
@@ -275,12 +310,15 @@ class Supervisor(Service):
         if self.should_stop:
             return
         started = Started()
+        self._spawn_child(child, started)
+        await started.wait()
+
+    def _spawn_child(self, child: _Child, started: Started | _Once) -> None:
         child.running = True
         child.started_at = anyio.current_time()
         self.spawn(lambda: self._run_child(child, started), name=f"child {child.service.name}")
-        await started.wait()
 
-    async def _run_child(self, child: _Child, started: Started) -> None:
+    async def _run_child(self, child: _Child, started: Started | _Once) -> None:
         # In flight: a supervisor's stop does not cancel a child, it stops it gracefully.
         outcome: BaseException | None = None
         async with self.in_flight():
@@ -302,6 +340,20 @@ class Supervisor(Service):
 
     def describe(self) -> str:
         return f"{super().describe()} strategy={self.strategy.value}"
+
+
+class _Once:
+    """A child's ``task_status`` among children started together: counted once."""
+
+    __slots__ = ("countdown",)
+
+    def __init__(self, countdown: Countdown) -> None:
+        self.countdown: Countdown | None = countdown
+
+    def started(self, value: object = None) -> None:
+        countdown, self.countdown = self.countdown, None
+        if countdown is not None:
+            countdown.started()
 
 
 def _reason(error: BaseException) -> str:

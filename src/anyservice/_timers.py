@@ -18,7 +18,7 @@ import anyio
 
 from . import _hooks
 from ._checks import Seconds, check_choice, check_coroutine_function
-from ._core import BackgroundSpec, Host, attach_spec, check_name
+from ._core import BackgroundSpec, Host, attach_spec, check_name, idle_until
 from ._schedule import (
     CronSchedule,
     IntervalSchedule,
@@ -145,7 +145,8 @@ class TimerSpec(_PeriodicSpec):
         skip = self.policy is MissedTickPolicy.SKIP
         while True:
             due = schedule.due
-            await anyio.sleep_until(due)
+            if not await idle_until(due):
+                return  # the service stops: the timer ends, as if cancelled while idle
             if skip:
                 due = self.catch_up(service, stats, schedule, due)
             started, finished = await self.run_body(service, stats, due)

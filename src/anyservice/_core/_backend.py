@@ -1,4 +1,4 @@
-"""The core's only backend-specific code: handing a call to a running event loop.
+"""The core's only backend-specific code: a loop's hand-over, and the current task.
 
 A synchronous ``request_stop()`` may come from another thread, or from a signal handler
 that interrupts the event loop's own code between two bytecodes. Neither may touch the
@@ -6,6 +6,10 @@ loop's state directly; both may use the loop's thread-safe and signal-safe hand-
 asyncio's ``call_soon_threadsafe`` or trio's ``TrioToken.run_sync_soon``, which runs the
 call at the loop's next turn. anyio's own event loop token does the same, but taking it
 costs several times what a service's whole start costs here, and every run takes one.
+
+Each run also keeps its task, for the stacks of ``tracebacks()``: the backend's own task
+object, which costs nothing to keep, where anyio's ``TaskInfo`` is an object (and a weak
+reference) of its own per task.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["call_in_loop", "current_loop"]
+__all__ = ["call_in_loop", "current_loop", "current_task", "task_coroutine"]
 
 
 def current_loop() -> object:
@@ -29,6 +33,26 @@ def current_loop() -> object:
         import trio  # reached only under trio, so only imported where it is installed
 
         return trio.lowlevel.current_trio_token()
+
+
+def current_task() -> object:
+    """The calling task, as the backend knows it (an ``asyncio.Task``, a trio ``Task``)."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        task = None
+    if task is not None:
+        return task
+    import trio
+
+    return trio.lowlevel.current_task()
+
+
+def task_coroutine(task: object) -> object:
+    """The coroutine a task from :func:`current_task` runs."""
+    if isinstance(task, asyncio.Task):
+        return task.get_coro()
+    return getattr(task, "coro", None)
 
 
 def call_in_loop(loop: object, function: Callable[[], object]) -> bool:
