@@ -25,6 +25,7 @@ from ._core import (
     leaves,
     report_ready,
     run_as_restart,
+    start_beside,
     start_is_observable,
     stop_service,
     unwind_unobservable,
@@ -316,21 +317,21 @@ class Supervisor(Service):
     def _spawn_child(self, child: _Child, started: Started | _Once) -> None:
         child.running = True
         child.started_at = anyio.current_time()
-        self.spawn(lambda: self._run_child(child, started), name=f"child {child.service.name}")
+        # Beside the supervisor's tasks, not one of them: a supervisor's stop does not
+        # cancel a child, it stops it gracefully (see supervise()).
+        start_beside(self, lambda: self._run_child(child, started), f"child {child.service.name}")
 
     async def _run_child(self, child: _Child, started: Started | _Once) -> None:
-        # In flight: a supervisor's stop does not cancel a child, it stops it gracefully.
         outcome: BaseException | None = None
-        async with self.in_flight():
-            try:
-                # Every start after the first is a restart, whoever's restart caused it.
-                await run_as_restart(child.service, task_status=started)
-            except Exception as exc:
-                # What the child crashed with, not the group its task group wraps it in.
-                outcome = child.service.crash_reason or exc
-            finally:
-                child.running = False
-                started.started()
+        try:
+            # Every start after the first is a restart, whoever's restart caused it.
+            await run_as_restart(child.service, task_status=started)
+        except Exception as exc:
+            # What the child crashed with, not the group its task group wraps it in.
+            outcome = child.service.crash_reason or exc
+        finally:
+            child.running = False
+            started.started()
         exits = self._exits
         if exits is not None:
             try:

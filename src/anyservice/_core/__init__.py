@@ -18,6 +18,7 @@ from ._run import Countdown as Countdown
 from ._run import Started as Started
 from ._run import idle_until as idle_until
 from ._run import report_ready as report_ready
+from ._run import start_beside as start_beside
 from ._run import start_is_observable as start_is_observable
 from ._run import unwind_unobservable as unwind_unobservable
 from ._service import Service as Service

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, AsyncExitStack
 from contextvars import ContextVar
 from typing import Any, Protocol, TypeAlias
@@ -40,7 +40,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
-from ._backend import current_task
+from ._backend import Waiter, current_task, new_waiter
 from ._exceptions import only_cancellation
 from ._host import Host
 from ._specs import BackgroundSpec
@@ -57,6 +57,7 @@ __all__ = [
     "Started",
     "current_run",
     "idle_until",
+    "start_beside",
     "start_is_observable",
     "unwind_unobservable",
 ]
@@ -101,6 +102,7 @@ class Owner(Host, Protocol):
     def wait_for_shutdown(self) -> bool: ...
 
     _run: Run | None
+    _loop: object
     _started_once: bool
     _pending_crash: BaseException | None
     crash_reason: BaseException | None
@@ -186,7 +188,7 @@ async def idle_until(deadline: float) -> bool:
     assert slot is not None  # a wheel is only found through a slot
     if slot.released:
         return False
-    woken = slot.waker = anyio.Event()
+    woken = slot.waker = new_waiter(slot.run.service._loop)
     wheel.wake_at(deadline, woken)
     try:
         await woken.wait()
@@ -224,7 +226,7 @@ class InFlight:
                 and issubclass(exc_type, anyio.get_cancelled_exc_class())
                 and slot.name not in slot.run.cut_short
             ):
-                slot.run.cut_short.append(slot.name)
+                slot.run.cut_short += (slot.name,)
             if slot.released and not slot.in_flight:
                 slot.scope.cancel()
 
@@ -271,7 +273,7 @@ class Slot:
         self.idle_runs_user_code = idle_runs_user_code
         #: Set while the task idles on a timer wheel (see :func:`idle_until`): a release
         #: sets it rather than cancelling the scope.
-        self.waker: anyio.Event | None = None
+        self.waker: Waiter | None = None
 
     @property
     def observable(self) -> bool:
@@ -450,7 +452,7 @@ class Run:
         self.slots: dict[Slot, None] = {}
         self.slots_done: anyio.Event | None = None
         self.started_dependencies: list[Owner] = []
-        self.cut_short: list[str] = []
+        self.cut_short: tuple[str, ...] = ()
         self.task: object = None
         self.inside: tuple[Owner, ...] = ()
         self.resources = Resources(self)
@@ -505,6 +507,7 @@ class Run:
             or "on_stop" in service._overridden_hooks
             or "on_shutdown" in service._overridden_hooks
             or any(slot.observable for slot in self.slots)
+            or (self.inline is not None and self.inline.observable)
         )
 
     def stop_deadline(self) -> float:
@@ -795,6 +798,8 @@ class Run:
     def release_slots(self) -> None:
         for slot in list(self.slots):
             slot.release()
+        if self.inline is not None:
+            self.inline.release()
 
     async def wait_slots_done(self) -> None:
         if self.slots:
@@ -817,6 +822,21 @@ def _owner_wheel(run: Run) -> Wheel | None:
         assert owner_run.task_group is not None
         owner_run.task_group.start_soon(wheel.run, name=f"{owner_run.service.name} (timer wheel)")
     return None if wheel.closed else wheel
+
+
+def start_beside(service: Owner, body: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
+    """Run ``body()`` in the task group of ``service``'s run, in no slot of its own.
+
+    Unlike a background task, a stop does not end it (whoever starts it ends it); the stop
+    deadline, or a crash, cancels it with the rest. A supervisor runs its children so.
+
+    Raises:
+        RuntimeError: if the run's task group is closed, or not open yet.
+    """
+    run = service._run
+    if run is None or run.task_group is None or run.phase is RunPhase.CLOSED:
+        raise RuntimeError(f"{service.name}: its run takes no new tasks")
+    run.task_group.start_soon(body, name=f"{service.name}.{name}")
 
 
 def unwind_unobservable(service: Owner) -> bool:
@@ -903,7 +923,8 @@ def _inline_slot(run: Run, spec: BackgroundSpec) -> Slot:
     """The slot of ``spec``'s one task, which the run's own task runs (see _serves_inline)."""
     slot = Slot(spec.name, run, idle_runs_user_code=spec.idle_runs_user_code)
     slot.task = run.task
-    run.slots[slot] = None
+    # Not in run.slots (one entry there costs a dict table per service): the run's own
+    # task waits for no one by ending it, and the run releases it as run.inline.
     if run.stop_requested:
         slot.release()
     return slot

@@ -882,7 +882,7 @@ def _tracebacks(service: Service) -> dict[str, str]:
         stacks[f"{service.name} (main)"] = "".join(
             coroutine_stack(task_coroutine(run.task)).format()
         )
-    for slot in list(run.slots):
+    for slot in [*run.slots, *([run.inline] if run.inline is not None else [])]:
         if slot.task is not None:
             stacks[f"{service.name}.{slot.name}"] = "".join(
                 coroutine_stack(task_coroutine(slot.task)).format()

@@ -23,6 +23,8 @@ import math
 import anyio
 import anyio.abc
 
+from ._backend import Waiter
+
 __all__ = ["Wheel"]
 
 #: Below this many entries, woken-early entries are left for the wheel to drop when due.
@@ -35,7 +37,7 @@ class Wheel:
     __slots__ = ("_alarm", "_closed", "_count", "_early", "_heap", "_scope")
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, anyio.Event]] = []
+        self._heap: list[tuple[float, int, Waiter]] = []
         # Ties in the heap are broken by arrival, never by comparing events.
         self._count = itertools.count()
         #: Set to wake the wheel early: an entry earlier than the one it sleeps until.
@@ -49,7 +51,7 @@ class Wheel:
     def closed(self) -> bool:
         return self._closed
 
-    def wake_at(self, due: float, event: anyio.Event) -> None:
+    def wake_at(self, due: float, event: Waiter) -> None:
         """Set ``event`` at ``due`` (backend clock), or soon after."""
         heap = self._heap
         entry = (due, next(self._count), event)
