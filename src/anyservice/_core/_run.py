@@ -641,7 +641,7 @@ class Run:
         """Start, in the running scope; returns whether ``on_start`` completed."""
         service = self.service
         hooked = False
-        with self.running_scope or contextlib.nullcontext():
+        with self.running_scope or _NO_SCOPE:
             if self.restarted:
                 await self._call_hook("on_restart")
             await _start_dependencies(self, service._dependencies_to_start())
@@ -855,15 +855,23 @@ def unwind_unobservable(service: Owner) -> bool:
 
 def start_is_observable(service: Owner) -> bool:
     """True if the start of ``service`` runs code of the user's, or waits for a task."""
-    return bool(
-        service._has_dependencies()
-        or service._contexts
-        or not _START_HOOKS.isdisjoint(service._overridden_hooks)
-        or any(spec.reports_ready for spec in service._background_specs)
+    return bool(service._has_dependencies() or service._contexts) or _class_start_is_observable(
+        type(service)
+    )
+
+
+@functools.cache
+def _class_start_is_observable(cls: Any) -> bool:
+    # What the class decides (hooks and specs, fixed when it is defined), asked once per
+    # class rather than twice per service started.
+    return not _START_HOOKS.isdisjoint(cls._overridden_hooks) or any(
+        spec.reports_ready for spec in cls._background_specs
     )
 
 
 _START_HOOKS = frozenset({"on_first_start", "on_restart", "on_start", "on_started"})
+#: What a start that cannot await runs in instead of a scope (reusable, unlike a scope).
+_NO_SCOPE = contextlib.nullcontext()
 
 
 def _serves_inline(service: Owner) -> bool:

@@ -677,7 +677,8 @@ async def _run_service(
         service._pending = Pending.NOTHING
         task_status.started()
         return
-    _check_resources_reusable(service)
+    if service._contexts:
+        _check_resources_reusable(service)
     owner = service._owner
     # A dependency runs in its owner's loop: only the root of a tree asks which it is.
     service._loop = owner._loop if owner is not None and owner._run is not None else current_loop()
