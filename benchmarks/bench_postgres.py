@@ -90,10 +90,6 @@ LEASE = 30.0
 NO_SYNC = "-c%20synchronous_commit%3Doff"
 
 
-#: Submits are one fsync'd commit each; concurrent ones share fsyncs. Stored before t0.
-SUBMIT_RATE, SUBMITTERS = 40.0, 8
-
-
 def runs_for(config: Config) -> int:
     return 1_000 if config.quick else 2_000
 
@@ -295,8 +291,6 @@ def run(config: Config) -> list[Table]:
                         LIMIT,
                         database,
                         runs=runs,
-                        submit_rate=SUBMIT_RATE,
-                        submitters=SUBMITTERS,
                     ),
                     raw_claims(database, runs, processes),
                     repeats=repeats,

@@ -16,7 +16,7 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -942,3 +942,38 @@ async def test_a_worker_purges_the_runs_its_queue_no_longer_keeps(clock: FakeClo
 
             await eventually(purged)
         assert await queue.broker.get(recent.id) is not None
+
+
+class HeartbeatCountingBroker(MemoryBroker):
+    """A memory broker on the backend's clock that counts the heartbeats sent to it."""
+
+    def __init__(self) -> None:
+        super().__init__(clock=anyio.current_time)
+        self.heartbeats = 0
+
+    async def heartbeat(
+        self, owner: str, leases: Mapping[str, int], *, lease_seconds: float
+    ) -> set[str]:
+        self.heartbeats += 1
+        return await super().heartbeat(owner, leases, lease_seconds=lease_seconds)
+
+
+@pytest.mark.virtual_time
+async def test_leases_are_renewed_once_an_interval_not_at_every_batch_of_runs() -> None:
+    broker = HeartbeatCountingBroker()
+    async with TaskQueue(broker=broker) as queue:
+
+        @queue.task
+        async def brief(seconds: float) -> None:
+            await anyio.sleep(seconds)
+
+        # Renewals every 10 s; fifty short runs one at a time take 5 s in all, and the
+        # worker drains after each: nothing needs renewing.
+        async with TaskWorker(brief, limit=1, lease_seconds=30):
+            runs = await brief.map([0.1] * 50)
+            for run in runs:
+                await run.wait(timeout=PROMPTLY)
+            assert broker.heartbeats == 0
+            # A run of 25 s is renewed at 10 s and 20 s.
+            await (await brief.delay(25)).wait(timeout=60)
+            assert broker.heartbeats == 2

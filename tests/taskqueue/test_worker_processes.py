@@ -12,11 +12,12 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, closing
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -246,3 +247,55 @@ async def test_two_processes_complete_2000_runs_exactly_once(setup: Setup) -> No
     assert set(executions.values()) == {1}  # none run twice
     assert set(ran_by) == {first.process.pid, second.process.pid}  # both did some
     assert os.getpid() not in ran_by
+
+
+def _completed_rows(url: str) -> dict[str, str]:
+    """The results committed so far, read as another process would read them."""
+    query = "SELECT id, result FROM anyservice_runs WHERE state = 'COMPLETED'"
+    if url.startswith("sqlite:///"):
+        with closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as conn:
+            return dict(conn.execute(query))
+    import psycopg  # a test dependency, for the PostgreSQL runs only
+
+    server, _, options = url.partition("?")
+    schema = dict(option.split("=", 1) for option in options.split("&"))["schema"]
+    with psycopg.connect(server, options=f"-csearch_path={schema}") as conn:
+        return dict(conn.execute(query))
+
+
+async def test_kill_9_during_group_commits_loses_no_acknowledged_result(setup: Setup) -> None:
+    total = 5000
+    record = setup.tasks["record"]
+    runs = await record.map(range(total))
+    async with setup.worker("--lease=1", "--limit=100") as victim:
+        await victim.wait_until_serving()
+
+        async def some_completed() -> bool:
+            return (await setup.queue.counts())[RunState.COMPLETED] >= 300
+
+        await eventually(some_completed, PROMPTLY)
+        # What any result() could have returned by now; the kill follows at once, while
+        # the worker is committing results in groups.
+        acknowledged = await anyio.to_thread.run_sync(_completed_rows, setup.url)
+        victim.process.kill()
+        assert await victim.exit_code() == -signal.SIGKILL
+    assert len(acknowledged) < total, "every run finished before the kill: nothing was tested"
+
+    async with setup.worker("--lease=1", "--limit=100") as survivor:
+        await survivor.wait_until_serving()
+        for run in runs:
+            await run.wait(timeout=PROMPTLY)
+        survivor.process.terminate()
+        assert await survivor.exit_code() == 0, survivor.output()
+
+    assert {run.state for run in runs} == {RunState.COMPLETED}
+    by_id = {run.id: run for run in runs}
+    for run_id, result in acknowledged.items():
+        run = by_id[run_id]
+        assert (run.attempts, run.record.result) == (1, result)  # kept, never run again
+        assert await run.result() == int(result)
+    executions = Counter(
+        run_id for path in setup.dir.glob("*.runs") for run_id in path.read_text().split()
+    )
+    assert set(executions) == set(by_id)  # none lost
+    assert {executions[run_id] for run_id in acknowledged} == {1}

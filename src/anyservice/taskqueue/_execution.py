@@ -20,10 +20,13 @@ import functools
 import os
 import sys
 import time
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 
 from ._context import RunContext, running
@@ -32,7 +35,7 @@ from ._queue import Task
 from ._records import PayloadError, RunError, RunRecord
 from ._serialize import decode_arguments, encode_result
 
-__all__ = ["Outcome", "RunInFlight", "attempt"]
+__all__ = ["Outcome", "RunInFlight", "Runners", "attempt"]
 
 
 @dataclass(eq=False)
@@ -127,6 +130,68 @@ class RunInFlight:
 
     def describe(self) -> str:
         return f"run {self.record.id} of {self.task.name!r} (attempt {self.record.attempts})"
+
+
+class Runners:
+    """A pool of long-lived runner tasks that run claimed runs one after another.
+
+    Grown by one whenever a run is queued and no runner is idle, so up to the worker's
+    ``limit``; long-lived, because starting a task per run would cost more than a no-op
+    run. A stop cancels the idle runners, so runs still queued then are handed back by
+    the worker (see :meth:`taken`).
+    """
+
+    def __init__(
+        self,
+        spawn: Callable[..., object],
+        execute: Callable[[RunInFlight], Awaitable[None]],
+    ) -> None:
+        self._spawn = spawn
+        self._execute = execute
+        #: Claimed runs waiting for a runner, and the runners waiting for a run.
+        self._queued: deque[RunInFlight] = deque()
+        self._idle: list[anyio.Event] = []
+        self._count = 0
+
+    def reset(self) -> None:
+        """Forget the runners of an earlier start (their tasks ended with it)."""
+        self._queued.clear()
+        self._idle = []
+        self._count = 0
+
+    def put(self, entry: RunInFlight) -> None:
+        """Queue a run for the next idle runner, or for a new one."""
+        self._queued.append(entry)
+        if self._idle:
+            self._idle.pop().set()
+        else:
+            self._count += 1
+            self._spawn(self._runner, name=f"runner {self._count}")
+
+    async def taken(self, stopping: Callable[[], bool]) -> list[RunInFlight]:
+        """Wait until runners took every queued run; the runs left if a stop came first."""
+        while self._queued:
+            if stopping():
+                left = list(self._queued)
+                self._queued.clear()
+                return left
+            await anyio.lowlevel.checkpoint()
+        return []
+
+    async def _runner(self) -> None:
+        try:
+            while True:
+                while not self._queued:
+                    wake = anyio.Event()
+                    self._idle.append(wake)
+                    try:
+                        await wake.wait()
+                    finally:
+                        if not wake.is_set():
+                            self._idle.remove(wake)
+                await self._execute(self._queued.popleft())
+        finally:
+            self._count -= 1
 
 
 async def attempt(

@@ -13,7 +13,7 @@ import datetime
 import functools
 import inspect
 import os
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, Generic, ParamSpec, Protocol, Self, TypeVar, cast, overload
@@ -36,6 +36,7 @@ from ._scheduler import Schedule, define_schedule
 from ._serialize import decode_result, encode_arguments
 from ._ticks import DEFAULT_CATCH_UP, MissedTicks, check_missed, grid_from
 from .brokers import DEFAULT_URL, Broker, broker_from_url
+from .brokers._options import check_priority
 
 #: The environment variable a queue made without a URL or broker takes its URL from.
 URL_ENVIRONMENT_VARIABLE = "ANYSERVICE_TASKQUEUE_URL"
@@ -233,6 +234,7 @@ class TaskQueue:
         missed: MissedTicks | str = MissedTicks.SKIP,
         overlap: bool = False,
         retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
+        priority: int = 0,
     ) -> TaskDecorator: ...
 
     def task(
@@ -248,6 +250,7 @@ class TaskQueue:
         missed: MissedTicks | str = MissedTicks.SKIP,
         overlap: bool = False,
         retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
+        priority: int = 0,
     ) -> Task[Any, Any] | TaskDecorator:
         """Define a task: ``@queue.task`` or ``@queue.task(name=, retries=, ...)``.
 
@@ -266,13 +269,16 @@ class TaskQueue:
                 schedule, as :meth:`schedule` does, under the task's name.
             retry_on: Retry only these exception types (a type or a tuple; a timeout is
                 ``TaskTimeoutError``); any exception by default.
+            priority: The runs' priority unless ``apply_async(priority=)`` gives one:
+                among due runs, workers claim higher ones first (then the earliest due,
+                then the earliest submitted). Any int within 32 bits; 0 by default.
 
         Raises:
             TypeError: ``function`` is not a plain or async function (a generator, a
                 task already), or an option has the wrong type.
             ValueError: an option is out of range, or the name is already taken.
         """
-        options = _TaskOptions.check(name, retries, retry_delay, timeout)
+        options = _TaskOptions.check(name, retries, retry_delay, timeout, priority)
         grid = None if schedule is None else grid_from(schedule)
         policy = check_missed(missed)
         retried = _check_retry_on(retry_on)
@@ -539,19 +545,25 @@ def _check_retry_on(value: object) -> tuple[type[BaseException], ...] | None:
 
 
 class _TaskOptions:
-    __slots__ = ("name", "retries", "retry_delay", "timeout")
+    __slots__ = ("name", "priority", "retries", "retry_delay", "timeout")
 
     def __init__(
-        self, name: str | None, retries: int, retry_delay: float, timeout: float | None
+        self,
+        name: str | None,
+        retries: int,
+        retry_delay: float,
+        timeout: float | None,
+        priority: int,
     ) -> None:
         self.name = name
         self.retries = retries
         self.retry_delay = retry_delay
         self.timeout = timeout
+        self.priority = priority
 
     @classmethod
     def check(
-        cls, name: object, retries: object, retry_delay: object, timeout: object
+        cls, name: object, retries: object, retry_delay: object, timeout: object, priority: object
     ) -> _TaskOptions:
         if name is not None and not isinstance(name, str):
             raise TypeError(f"@queue.task name must be a str, got {name!r}")
@@ -561,14 +573,14 @@ class _TaskOptions:
         count = check_count(retries, "@queue.task retries", maximum=MAX_COUNT - 1)
         delay = check_seconds(retry_delay, "@queue.task retry_delay", allow_zero=True)
         limit = check_optional_seconds(timeout, "@queue.task timeout")
-        return cls(name, count, delay, limit)
+        return cls(name, count, delay, limit, check_priority(priority, "@queue.task priority"))
 
 
 class Task(Generic[P, R]):
     """A function that workers run: ``await task.delay(...)`` stores a run of it.
 
     Made by ``@queue.task``. Attributes: ``name``, ``function``, ``queue``, ``retries``,
-    ``retry_delay``, ``retry_on``, ``timeout``, ``is_async``.
+    ``retry_delay``, ``retry_on``, ``timeout``, ``priority``, ``is_async``.
     """
 
     is_async: bool = False
@@ -594,6 +606,7 @@ class Task(Generic[P, R]):
         self.retries = options.retries
         self.retry_delay = options.retry_delay
         self.timeout = options.timeout
+        self.priority = options.priority
         try:
             self.signature: inspect.Signature | None = inspect.signature(function)
         except (TypeError, ValueError):  # some builtins and C callables have none
@@ -620,6 +633,16 @@ class Task(Generic[P, R]):
                 raise TypeError(f"task {self.name!r}: {exc}") from None
         return encode_arguments(self.name, args, kwargs, self.signature)
 
+    def _submit_options(self) -> dict[str, Any]:
+        """What the broker stores with each run of this task, besides its arguments."""
+        return {
+            "retries": self.retries,
+            "retry_delay": self.retry_delay,
+            "timeout": self.timeout,
+            "max_attempts": max(self.queue.max_attempts, self.retries + 1),
+            "priority": self.priority,
+        }
+
     async def delay(self, *args: P.args, **kwargs: P.kwargs) -> TaskRun[R]:
         """Store a run of the task with these arguments; a worker will run it.
 
@@ -634,10 +657,7 @@ class Task(Generic[P, R]):
         record = await broker.submit(
             self.name,
             payload,
-            retries=self.retries,
-            retry_delay=self.retry_delay,
-            timeout=self.timeout,
-            max_attempts=max(self.queue.max_attempts, self.retries + 1),
+            **self._submit_options(),
         )
         return TaskRun(self.queue, record)
 
@@ -649,6 +669,7 @@ class Task(Generic[P, R]):
         at: float | datetime.datetime | None = None,
         countdown: Seconds | None = None,
         key: str | None = None,
+        priority: int | None = None,
     ) -> TaskRun[R]:
         """Store a run with these arguments, due ``at`` a time or after a ``countdown``.
 
@@ -660,11 +681,14 @@ class Task(Generic[P, R]):
             countdown: Seconds from now until it is due (not with ``at``).
             key: Deduplicate: while a run submitted under ``key`` is not finished,
                 submitting again returns that run instead of storing another.
+            priority: Among due runs, higher is claimed first; the task's ``priority``
+                (0 unless ``@queue.task(priority=)`` says) by default.
 
         Raises:
             TypeError: arguments that do not fit the task or JSON, a naive datetime, or an
                 option of the wrong type.
-            ValueError: both ``at`` and ``countdown``, a negative countdown, an empty key.
+            ValueError: both ``at`` and ``countdown``, a negative countdown, an empty key,
+                a priority beyond 32 bits.
         """
         if not isinstance(args, tuple | list):
             raise TypeError(f"apply_async() args must be a tuple or list, got {args!r}")
@@ -685,18 +709,90 @@ class Task(Generic[P, R]):
             scheduled_at = broker.now() + check_seconds(
                 countdown, "apply_async() countdown", allow_zero=True
             )
-        options: dict[str, Any] = {
-            "retries": self.retries,
-            "retry_delay": self.retry_delay,
-            "timeout": self.timeout,
-            "max_attempts": max(self.queue.max_attempts, self.retries + 1),
-            "scheduled_at": scheduled_at,
-        }
+        options = {**self._submit_options(), "scheduled_at": scheduled_at}
+        if priority is not None:
+            options["priority"] = check_priority(priority, "apply_async() priority")
         if key is None:
             record = await broker.submit(self.name, payload, **options)
         else:
             record, _ = await broker.submit_once(key, self.name, payload, **options)
         return TaskRun(self.queue, record)
+
+    async def delay_many(self, calls: Iterable[tuple[Any, ...]]) -> list[TaskRun[R]]:
+        """Store one run per tuple of positional arguments, all in one transaction.
+
+        All or nothing: if any call's arguments do not fit or are not JSON-serialisable,
+        no run is stored. ``await say.delay_many([("hi",), ("ho",)])``.
+
+        Returns:
+            The runs' handles (SCHEDULED), in the order of ``calls``.
+
+        Raises:
+            TypeError: a call is not a tuple, or its arguments do not fit the signature or
+                are not JSON-serialisable; the message names the call's index.
+            BrokerError: the storage cannot be used.
+        """
+        given: object = calls  # checked: callers without type checking pass anything
+        if isinstance(given, str | bytes) or not isinstance(given, Iterable):
+            raise TypeError(
+                f"task {self.name!r}: delay_many() takes an iterable of argument tuples, "
+                f"got {calls!r}"
+            )
+        payloads = []
+        for index, call in enumerate(calls):
+            if not isinstance(call, tuple):
+                raise TypeError(
+                    f"task {self.name!r}: delay_many() call {index} must be a tuple of "
+                    f"positional arguments, got {call!r}"
+                )
+            payloads.append(self._encode_call(index, call, {}))
+        return await self._submit_many(payloads)
+
+    async def map(self, *iterables: Iterable[Any], **kwargs: Any) -> list[TaskRun[R]]:
+        """One run per element of ``iterables`` taken together, as ``map()`` (Prefect's name).
+
+        ``await add.map([1, 2], [10, 20])`` stores ``add(1, 10)`` and ``add(2, 20)``;
+        keyword arguments are given, unchanged, to every run. All in one transaction, all
+        or nothing, as :meth:`delay_many`.
+
+        Raises:
+            ValueError: the iterables have different lengths.
+            TypeError: as :meth:`delay_many`.
+        """
+        columns = []
+        for position, iterable in enumerate(iterables):
+            if isinstance(iterable, str | bytes) or not isinstance(iterable, Iterable):
+                raise TypeError(
+                    f"task {self.name!r}: map() argument {position} must be an iterable "
+                    f"of values, one per run, got {iterable!r}"
+                )
+            columns.append(list(iterable))
+        lengths = sorted({len(column) for column in columns})
+        if len(lengths) > 1:
+            raise ValueError(
+                f"task {self.name!r}: map() iterables have different lengths "
+                f"({', '.join(map(str, (len(column) for column in columns)))})"
+            )
+        payloads = [
+            self._encode_call(index, call, kwargs)
+            for index, call in enumerate(zip(*columns, strict=True))
+        ]
+        return await self._submit_many(payloads)
+
+    def _encode_call(self, index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        try:
+            return self.encode(args, kwargs)
+        except TypeError as exc:
+            raise TypeError(f"call {index} of the batch: {exc}") from None
+
+    async def _submit_many(self, payloads: list[str]) -> list[TaskRun[R]]:
+        broker = await self.queue.ensure_open()
+        records = await broker.submit_many(
+            self.name,
+            payloads,
+            **self._submit_options(),
+        )
+        return [TaskRun(self.queue, record) for record in records]
 
     def delay_sync(self, *args: P.args, **kwargs: P.kwargs) -> TaskRun[R]:
         """``delay()`` for plain synchronous code (scripts, sync tasks); blocks until stored.
@@ -713,10 +809,7 @@ class Task(Generic[P, R]):
                 record = await broker.submit(
                     self.name,
                     payload,
-                    retries=self.retries,
-                    retry_delay=self.retry_delay,
-                    timeout=self.timeout,
-                    max_attempts=max(self.queue.max_attempts, self.retries + 1),
+                    **self._submit_options(),
                 )
             return TaskRun(self.queue, record)
 
@@ -899,5 +992,9 @@ class TaskRun(Generic[R]):
         task = self._queue.tasks.get(self.task)
         broker = await self._queue.ensure_open()
         record = await broker.requeue(self.id, retries=0 if task is None else task.retries)
-        await self.refresh()
-        return record is not None
+        if record is None:
+            await self.refresh()
+            return False
+        # As re-queued: a worker may have claimed it already, and refresh() shows that.
+        self._record = record
+        return True

@@ -45,7 +45,7 @@ from .._runner import run as run_service
 from .._runner import run_here as run_service_here
 from .._status import StatusServer
 from ._errors import BrokerError
-from ._execution import RunInFlight, attempt
+from ._execution import RunInFlight, Runners, attempt
 from ._queue import Task, TaskQueue, TaskRun, in_event_loop
 from ._recording import HAND_BACK_BUDGET, Recorder, WorkerStats
 from ._records import RunRecord
@@ -247,6 +247,7 @@ class TaskWorker(Service, overrides=("run",)):
             lambda: self.queue.broker, self.client_id, self.lease_seconds, self._stats
         )
         self._runs: dict[str, RunInFlight] = {}
+        self._runners = Runners(self.spawn, self._execute)
         # Made per start, inside the event loop.
         self._busy = self._idle = self._drained = anyio.Event()
         self._freed: anyio.Event | None = None
@@ -260,6 +261,7 @@ class TaskWorker(Service, overrides=("run",)):
 
     async def on_start(self) -> None:
         self._runs = {}
+        self._runners.reset()
         self._busy, self._idle, self._drained = anyio.Event(), anyio.Event(), anyio.Event()
         self._idle.set()
         self._freed = None
@@ -430,6 +432,11 @@ class TaskWorker(Service, overrides=("run",)):
                     return
                 for record in claimed or ():
                     self._start(record)
+                for entry in await self._runners.taken(self._stopping):
+                    # A stop cancelled the idle runners before they took it (the loop ends).
+                    entry.settled = True
+                    await self._recorder.hand_back(entry.record, "the worker is stopping")
+                    self._forget(entry)
             if claimed is None:
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF)
@@ -479,10 +486,7 @@ class TaskWorker(Service, overrides=("run",)):
             self._busy.set()
             self._idle = anyio.Event()
         self._runs[record.id] = entry
-        self.spawn(
-            functools.partial(self._execute, entry),
-            name=f"run {record.id[:8]} of {record.task}",
-        )
+        self._runners.put(entry)
         return entry
 
     def _forget(self, entry: RunInFlight) -> None:
@@ -555,11 +559,14 @@ class TaskWorker(Service, overrides=("run",)):
             # While runs are in flight, renewing their leases is in flight too: it goes on
             # through a graceful stop for as long as they do.
             async with self.in_flight():
+                # Runs held were claimed since idle or the last renewal: one interval on suffices.
+                renew_at = anyio.current_time() + interval
                 while self._runs:
-                    with anyio.move_on_after(interval):
+                    with anyio.move_on_after(renew_at - anyio.current_time()):
                         await self._idle.wait()
-                    if self._runs:
+                    if self._runs and anyio.current_time() >= renew_at:
                         await self._renew()
+                        renew_at = anyio.current_time() + interval
 
     async def _renew(self) -> None:
         for entry in await self._recorder.renew(self._runs):

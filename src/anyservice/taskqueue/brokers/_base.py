@@ -29,10 +29,13 @@ each applying the transitions of ``taskqueue/_records.py`` to the stored records
 
 * ``url`` (a property), ``from_url(url, clock=...)`` (a classmethod, for its scheme),
   ``_open() -> bool`` (True if it opened now, False if it was open already), ``close()``.
-* ``_insert(run)``: store a new record, built by the base class with ``new_run``.
+* ``_insert(run)``: store a new record, built by the base class with ``new_run``;
+  optionally ``_insert_many(runs)``, all or none atomically (by default it calls
+  ``_insert`` for each, which is atomic only for a storage whose calls cannot fail).
 * ``_claim(owner, tasks, limit, lease_seconds) -> Claimed``: first ``abandon`` every
   abandoned run (of any task), then ``claim`` up to ``limit`` claimable runs of ``tasks``,
-  ordered by ``scheduled_at`` then submission order, all in one atomic step, reading
+  in ``claim_order`` (higher ``priority`` first, then ``scheduled_at``, then submission
+  order), all in one atomic step, reading
   ``now`` from the clock inside it; report whether any run was finished on the way and
   when the next run becomes claimable (``now`` if ``limit`` left due runs behind).
 * ``_claim_run(owner, id, lease_seconds) -> RunRecord | None``: ``claim`` that one run
@@ -59,8 +62,9 @@ URL scheme is one line in ``_SCHEMES`` of ``brokers/_urls.py``.
 from __future__ import annotations
 
 import abc
+import functools
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol, Self
@@ -125,19 +129,44 @@ class Broker(ClusterBroker, Protocol):
         timeout: float | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         scheduled_at: float | None = None,
+        priority: int = 0,
     ) -> RunRecord:
         """Store a new SCHEDULED run, due at ``scheduled_at`` (now by default).
 
+        Among due runs, claims take those of higher ``priority`` first.
+
         Raises:
             ValueError: An option is out of range (negative retries, ``max_attempts`` < 1,
-                a non-positive timeout, an empty task name).
+                a non-positive timeout, an empty task name, a priority beyond 32 bits).
+        """
+        ...
+
+    async def submit_many(
+        self,
+        task: str,
+        payloads: Sequence[str],
+        *,
+        retries: int = 0,
+        retry_delay: float = 0.0,
+        timeout: float | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        scheduled_at: float | None = None,
+        priority: int = 0,
+    ) -> list[RunRecord]:
+        """Store one SCHEDULED run per payload, all or none, in submission order.
+
+        Raises:
+            TypeError: A payload is not a string (the message gives its index).
+            ValueError: An option is out of range, as for :meth:`submit`.
         """
         ...
 
     async def claim(
         self, owner: str, tasks: Collection[str], *, limit: int, lease_seconds: float
     ) -> list[RunRecord]:
-        """Lease up to ``limit`` due runs of the named tasks to ``owner``, oldest first.
+        """Lease up to ``limit`` due runs of the named tasks to ``owner``.
+
+        Higher ``priority`` first, then the earliest due, then the earliest submitted.
 
         Claimable are SCHEDULED runs whose ``scheduled_at`` is due and RUNNING runs whose
         lease expired, whoever held it (``owner`` included). Each claim counts an attempt:
@@ -323,6 +352,11 @@ class BaseBroker(ClusterMethods, Broker, abc.ABC):
     async def _insert(self, run: RunRecord) -> None:
         """Store a new run."""
 
+    async def _insert_many(self, runs: Sequence[RunRecord]) -> None:
+        """Store new runs, all or none; this default stores them one at a time."""
+        for run in runs:
+            await self._insert(run)
+
     @abc.abstractmethod
     async def _claim(
         self, owner: str, tasks: list[str], limit: int, lease_seconds: float
@@ -392,6 +426,7 @@ class BaseBroker(ClusterMethods, Broker, abc.ABC):
         timeout: float | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         scheduled_at: float | None = None,
+        priority: int = 0,
     ) -> RunRecord:
         run = self._checked_run(
             task,
@@ -401,10 +436,49 @@ class BaseBroker(ClusterMethods, Broker, abc.ABC):
             timeout=timeout,
             max_attempts=max_attempts,
             scheduled_at=scheduled_at,
+            priority=priority,
         )
         await self._insert(run)
         self._notifier.notify(work=True)
         return run
+
+    async def submit_many(
+        self,
+        task: str,
+        payloads: Sequence[str],
+        *,
+        retries: int = 0,
+        retry_delay: float = 0.0,
+        timeout: float | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        scheduled_at: float | None = None,
+        priority: int = 0,
+    ) -> list[RunRecord]:
+        if isinstance(payloads, str):
+            raise TypeError(f"payloads must be a sequence of strings, not the string {payloads!r}")
+        for index, payload in enumerate(payloads):
+            if not isinstance(payload, str):
+                raise TypeError(
+                    f"payloads[{index}] must be a string (encode arguments first), "
+                    f"got {type(payload).__name__}"
+                )
+        make = functools.partial(
+            self._checked_run,
+            task,
+            retries=retries,
+            retry_delay=retry_delay,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            scheduled_at=scheduled_at,
+            priority=priority,
+        )
+        runs = [make(payload) for payload in payloads]
+        if not runs:
+            make("")  # the options are checked for an empty batch too
+        if runs:
+            await self._insert_many(runs)
+            self._notifier.notify(work=True)
+        return runs
 
     async def claim(
         self, owner: str, tasks: Collection[str], *, limit: int, lease_seconds: float

@@ -8,7 +8,7 @@ storage is a dict of records, changed only by the transitions of ``_records.py``
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Self
 
 import anyio.lowlevel
@@ -35,7 +35,7 @@ class MemoryBroker(BaseBroker):
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         super().__init__(clock=clock)
         self._runs: dict[str, RunRecord] = {}
-        # Submission order breaks ties between runs due at the same time.
+        # Submission order breaks ties between runs of one priority due at the same time.
         self._sequence: dict[str, int] = {}
         self._unfinished: set[str] = set()
         self._is_open = False
@@ -98,9 +98,14 @@ class MemoryBroker(BaseBroker):
         return True
 
     async def _insert(self, run: RunRecord) -> None:
+        await self._insert_many([run])
+
+    async def _insert_many(self, runs: Sequence[RunRecord]) -> None:
+        # One check, then no await: a cancellation cannot leave half a batch stored.
         await self._check_open()
-        self._sequence[run.id] = len(self._sequence)
-        self._store(run)
+        for run in runs:
+            self._sequence[run.id] = len(self._sequence)
+            self._store(run)
 
     async def _claim(
         self, owner: str, tasks: list[str], limit: int, lease_seconds: float
@@ -122,7 +127,7 @@ class MemoryBroker(BaseBroker):
                     at = records.due_at(run)
                     if at is not None and at > now:
                         later.append(at)
-        due.sort(key=lambda run: (run.scheduled_at, self._sequence[run.id]))
+        due.sort(key=lambda run: records.claim_order(run, self._sequence[run.id]))
         for run in due[:limit]:
             claimed = records.claim(run, owner, now, lease_seconds)
             if claimed is not None:

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import anyio
 import anyio.lowlevel
 
+from ._loop_backends import LoopHandle
+
 __all__ = ["ChangeNotifier"]
 
 
@@ -17,6 +19,7 @@ class _Waiter:
     event: anyio.Event
     thread: int
     work_only: bool
+    loop: LoopHandle
 
 
 class ChangeNotifier:
@@ -31,7 +34,8 @@ class ChangeNotifier:
     Brokers of one SQLite file in one process share a notifier, and they may run in
     different threads with their own event loops. An anyio event can only be set from its
     own loop, so :meth:`notify` sets the events of waiters in the calling thread (whose
-    loop is the caller's) and waiters elsewhere see the new generation at their next poll.
+    loop is the caller's) and waiters elsewhere see the new generation at their next poll;
+    :meth:`notify_from_thread` wakes every waiter, through its own loop, from any thread.
     """
 
     def __init__(self) -> None:
@@ -57,6 +61,18 @@ class ChangeNotifier:
         for waiter in ready:
             waiter.event.set()
 
+    def notify_from_thread(self, *, work: bool) -> None:
+        """:meth:`notify`, from any thread: every waiter is woken in its own event loop."""
+        with self._lock:
+            self._changes += 1
+            if work:
+                self._work += 1
+            ready = [w for w in self._waiters if work or not w.work_only]
+            for waiter in ready:
+                self._waiters.remove(waiter)
+        for waiter in ready:
+            waiter.loop.call_soon(waiter.event.set)
+
     async def wait(
         self,
         *,
@@ -75,7 +91,7 @@ class ChangeNotifier:
         if self.generation(work=work) != since or timeout <= 0:
             return
         deadline = anyio.current_time() + timeout
-        waiter = _Waiter(anyio.Event(), threading.get_ident(), work)
+        waiter = _Waiter(anyio.Event(), threading.get_ident(), work, LoopHandle.current())
         with self._lock:
             self._waiters.append(waiter)
         try:

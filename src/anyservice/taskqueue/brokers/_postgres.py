@@ -39,7 +39,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
@@ -80,7 +80,7 @@ __all__ = ["SCHEMA_VERSION", "PostgresBroker"]
 T = TypeVar("T")
 
 #: The ``schema_version`` row of a database with the current tables.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _DEFAULT_POLL_INTERVAL = 1.0
 _POLL_ONLY_INTERVAL = 0.05
@@ -131,12 +131,22 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    # Claims take due runs by priority (higher first), then due time, then submission.
+    (
+        "ALTER TABLE {s}.anyservice_runs ADD COLUMN priority integer NOT NULL DEFAULT 0",
+        # Beside the due-time index, which finds when the next run falls due.
+        "CREATE INDEX anyservice_runs_claim_order ON {s}.anyservice_runs"
+        " (priority DESC, scheduled_at, seq) WHERE state = 'SCHEDULED'",
+    ),
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
 # The record's fields in its order, after the submission sequence number.
 _COLUMNS = ("seq", *(column.name for column in dataclasses.fields(RunRecord)))
 _RETURNING = ", ".join(f"r.{name}" for name in _COLUMNS)
+_SEQ, _PRIORITY, _SCHEDULED_AT = (
+    _COLUMNS.index(name) for name in ("seq", "priority", "scheduled_at")
+)
 
 
 def _abandoned_template() -> str:
@@ -169,19 +179,19 @@ WITH crashed AS (
     )
     RETURNING r.id
 ), fresh AS (
-    SELECT seq, scheduled_at FROM {runs}
+    SELECT seq, priority, scheduled_at FROM {runs}
     WHERE state = 'SCHEDULED' AND scheduled_at <= %(now)s AND task = ANY(%(tasks)s)
-    ORDER BY scheduled_at, seq LIMIT %(limit)s
+    ORDER BY priority DESC, scheduled_at, seq LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ), expired AS (
-    SELECT seq, scheduled_at FROM {runs}
+    SELECT seq, priority, scheduled_at FROM {runs}
     WHERE state = 'RUNNING' AND lease_expires_at <= %(now)s AND task = ANY(%(tasks)s)
         AND attempts < max_attempts
-    ORDER BY scheduled_at, seq LIMIT %(limit)s
+    ORDER BY priority DESC, scheduled_at, seq LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ), picked AS (
     SELECT seq FROM (SELECT * FROM fresh UNION ALL SELECT * FROM expired) AS due
-    ORDER BY scheduled_at, seq LIMIT %(limit)s
+    ORDER BY priority DESC, scheduled_at, seq LIMIT %(limit)s
 ), claimed AS (
     UPDATE {runs} r SET state = 'RUNNING', attempts = r.attempts + 1, started_at = %(now)s,
         lease_owner = %(owner)s, lease_expires_at = %(expires)s
@@ -888,28 +898,36 @@ class PostgresBroker(_Waits, _Connections, BaseBroker):
     # --- storage -----------------------------------------------------------------------
 
     async def _insert(self, run: RunRecord) -> None:
-        # One statement, so the notification goes out with the commit of the row.
+        await self._insert_many([run])
+
+    async def _insert_many(self, runs: Sequence[RunRecord]) -> None:
+        # One statement, so the rows are stored all or none and the notification goes
+        # out with their commit.
         await self._call(
             self._execute(
                 "WITH inserted AS (INSERT INTO {runs} (id, task, payload, state, attempts,"
-                " max_attempts, retries_left, retry_delay, timeout, created_at, scheduled_at)"
-                " VALUES (%(id)s, %(task)s, %(payload)s, %(state)s, %(attempts)s,"
-                " %(max_attempts)s, %(retries_left)s, %(retry_delay)s, %(timeout)s,"
-                " %(created_at)s, %(scheduled_at)s)"
+                " max_attempts, retries_left, retry_delay, timeout, created_at, scheduled_at,"
+                " priority)"
+                " SELECT * FROM unnest(%(id)s::text[], %(task)s::text[], %(payload)s::text[],"
+                " %(state)s::text[], %(attempts)s::integer[], %(max_attempts)s::integer[],"
+                " %(retries_left)s::integer[], %(retry_delay)s::double precision[],"
+                " %(timeout)s::double precision[], %(created_at)s::double precision[],"
+                " %(scheduled_at)s::double precision[], %(priority)s::integer[])"
                 " RETURNING 1)"
-                " SELECT pg_notify(%(channel)s, 'w') FROM inserted",
+                " SELECT pg_notify(%(channel)s, 'w') WHERE EXISTS (SELECT 1 FROM inserted)",
                 {
-                    "id": run.id,
-                    "task": run.task,
-                    "payload": run.payload,
-                    "state": run.state.value,
-                    "attempts": run.attempts,
-                    "max_attempts": run.max_attempts,
-                    "retries_left": run.retries_left,
-                    "retry_delay": run.retry_delay,
-                    "timeout": run.timeout,
-                    "created_at": run.created_at,
-                    "scheduled_at": run.scheduled_at,
+                    "id": [run.id for run in runs],
+                    "task": [run.task for run in runs],
+                    "payload": [run.payload for run in runs],
+                    "state": [run.state.value for run in runs],
+                    "attempts": [run.attempts for run in runs],
+                    "max_attempts": [run.max_attempts for run in runs],
+                    "retries_left": [run.retries_left for run in runs],
+                    "retry_delay": [run.retry_delay for run in runs],
+                    "timeout": [run.timeout for run in runs],
+                    "created_at": [run.created_at for run in runs],
+                    "scheduled_at": [run.scheduled_at for run in runs],
+                    "priority": [run.priority for run in runs],
                     "channel": self._channel,
                 },
             )
@@ -938,9 +956,10 @@ class PostgresBroker(_Waits, _Connections, BaseBroker):
             )
         )
         scheduled, expiring, crashed = rows[0][:3]
-        # Oldest first: by due time, then submission order (the sequence number).
+        # In claim order: higher priority, then due time, then submission (the sequence).
         claimed = sorted(
-            (row[3:] for row in rows if row[3] is not None), key=lambda row: (row[11], row[0])
+            (row[3:] for row in rows if row[3] is not None),
+            key=lambda row: (-row[_PRIORITY], row[_SCHEDULED_AT], row[_SEQ]),
         )
         runs = [_record(row) for row in claimed]
         for run_id in crashed or ():

@@ -1,131 +1,60 @@
 """The embedded broker: task runs in one SQLite file (``sqlite:///anyservice.db``).
 
 Several processes on one machine can share the file. The file is in WAL mode, so readers
-never wait for writers, and every read-then-write (a claim, a heartbeat) runs in a
-``BEGIN IMMEDIATE`` transaction, which takes the write lock first: two processes can
-never claim the same run. A locked database is retried with bounded exponential backoff.
+never wait for writers, and every write runs in a ``BEGIN IMMEDIATE`` transaction, which
+takes the write lock first: two processes can never claim the same run. A locked database
+is retried with bounded exponential backoff.
 
-sqlite3 blocks, so every call runs in a worker thread (``anyio.to_thread``) on the
-broker's one connection, guarded by a lock. Waiting for work is fast without a server to
-push notifications: writes by brokers of the same file in this process wake waiters at
-once, and other processes' commits are noticed by polling ``PRAGMA data_version`` (a
-cheap read that changes whenever another connection commits) every few milliseconds.
+sqlite3 blocks, so the statements run in one long-lived thread per connection
+(``_sqlite_thread.py``), which commits whatever calls queued up meanwhile in one
+transaction: concurrent submits, results and claims share their commits. Waiting for work
+needs no server to push notifications: writes by brokers of the same file in this process
+wake waiters at once, brokers in other processes are poked through a datagram socket each
+beside the file (``_wake_channel.py``), and ``PRAGMA data_version`` (a cheap read that
+changes whenever another connection commits) is polled as the fallback.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import random
 import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, Self, TypeVar
 
-import anyio
 import anyio.to_thread
 
 from ..._checks import Seconds, check_seconds
 from .. import _records as records
-from .._errors import BrokerBusyError, BrokerError
-from .._records import (
-    CORRUPT_RUN_ERROR_TYPE,
-    FINISHED_STATES,
-    PayloadError,
-    RunError,
-    RunRecord,
-    RunState,
-    abandoned_error,
-    describe_stored,
-)
+from .._errors import BrokerError
+from .._records import FINISHED_STATES, RunError, RunRecord, RunState, abandoned_error
 from ._base import BaseBroker, Claimed
 from ._notifier import ChangeNotifier
 from ._sqlite_cluster import SqliteClusterStorage
+from ._sqlite_rows import (
+    INSERT,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    SELECT,
+    insert_values,
+    marks,
+    read_row,
+)
+from ._sqlite_thread import ConnectionThread
+from ._wake_channel import CHANGE, WORK, WakeChannel
 from ._workers import WORKERS_EVERY, WORKERS_FORGOTTEN, host_identity, process_gone
 
 __all__ = ["SCHEMA_VERSION", "SqliteBroker"]
 
 T = TypeVar("T")
 
-#: ``PRAGMA user_version`` of a database with the current schema.
-SCHEMA_VERSION = 3
-
-# _MIGRATIONS[n] takes a database from user_version n to n + 1. The table name is
-# prefixed because the file may be shared with an application's own tables.
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        """
-        CREATE TABLE anyservice_runs (
-            seq INTEGER PRIMARY KEY,
-            id TEXT NOT NULL UNIQUE,
-            task TEXT NOT NULL,
-            payload TEXT NOT NULL,
-            state TEXT NOT NULL,
-            attempts INTEGER NOT NULL,
-            max_attempts INTEGER NOT NULL,
-            retries_left INTEGER NOT NULL,
-            retry_delay REAL NOT NULL,
-            timeout REAL,
-            created_at REAL NOT NULL,
-            scheduled_at REAL NOT NULL,
-            started_at REAL,
-            finished_at REAL,
-            lease_owner TEXT,
-            lease_expires_at REAL,
-            result TEXT,
-            error TEXT
-        )
-        """,
-        "CREATE INDEX anyservice_runs_due ON anyservice_runs (state, scheduled_at)",
-        "CREATE INDEX anyservice_runs_leases ON anyservice_runs (state, lease_expires_at)",
-    ),
-    # Purging old runs reads finished runs by age.
-    (
-        "CREATE INDEX anyservice_runs_finished ON anyservice_runs (finished_at)"
-        " WHERE finished_at IS NOT NULL",
-    ),
-    # Who is working, so that a worker killed on this machine is noticed at once.
-    (
-        """
-        CREATE TABLE anyservice_workers (
-            owner TEXT PRIMARY KEY,
-            host TEXT NOT NULL,
-            pid INTEGER NOT NULL,
-            started_at REAL NOT NULL,
-            heartbeat_at REAL NOT NULL
-        )
-        """,
-    ),
-)
-assert len(_MIGRATIONS) == SCHEMA_VERSION
-
-_COLUMNS = (
-    "seq",
-    "id",
-    "task",
-    "payload",
-    "state",
-    "attempts",
-    "max_attempts",
-    "retries_left",
-    "retry_delay",
-    "timeout",
-    "created_at",
-    "scheduled_at",
-    "started_at",
-    "finished_at",
-    "lease_owner",
-    "lease_expires_at",
-    "result",
-    "error",
-)
-_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM anyservice_runs"
-
-_FIRST_BACKOFF = 0.005
-_MAX_BACKOFF = 0.5
+#: How often waiters poll ``data_version`` when other processes poke them: only a
+#: fallback for commits nobody signalled.
+SIGNALLED_POLL_INTERVAL = 0.25
 
 # Brokers of one file in one process share a notifier, so a submit through one wakes
 # the waiters of the others at once instead of at their next data_version poll.
@@ -154,107 +83,213 @@ def _check_directory(path: str) -> None:
         raise ValueError(f"SQLite database {path}: {directory} is not a directory")
 
 
-def _is_locked(exc: sqlite3.OperationalError) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None:
-        # The low byte is the primary code; extended codes like SQLITE_BUSY_SNAPSHOT
-        # (517) are busy too.
-        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-    message = str(exc).lower()
-    return "locked" in message or "busy" in message
+# --- the claim's statements (in the claim's transaction) ----------------------------------
 
 
-def _marks(count: int) -> str:
-    return ", ".join("?" * count)
+def _mark_corrupt(conn: sqlite3.Connection, seq: int, run: RunRecord, now: float) -> None:
+    assert run.error is not None
+    conn.execute(
+        "UPDATE anyservice_runs SET state = 'FAILED', finished_at = ?,"
+        " lease_owner = NULL, lease_expires_at = NULL, error = ? WHERE seq = ?",
+        (now, run.error.to_json(), seq),
+    )
 
 
-def _read_row(row: tuple[Any, ...]) -> tuple[int, RunRecord, bool]:
-    """Turn a row into ``(seq, record, corrupt)``, whatever the row holds.
-
-    SQLite does not enforce column types, and the file can be edited by anything, so a
-    row is checked column by column. A row that does not make sense is reported as a
-    FAILED run whose error lists every problem, so one bad row cannot break a claim or
-    a status page.
-    """
-    values = dict(zip(_COLUMNS, row, strict=True))
-    problems: list[str] = []
-
-    def text(name: str) -> str:
-        value = values[name]
-        if isinstance(value, str):
-            return value
-        problems.append(f"{name} {describe_stored(value)} is not text")
-        return "" if value is None else str(value)
-
-    def optional_text(name: str) -> str | None:
-        return None if values[name] is None else text(name)
-
-    def integer(name: str) -> int:
-        value = values[name]
-        if type(value) is int:
-            return value
-        problems.append(f"{name} {describe_stored(value)} is not an integer")
-        return 0
-
-    def real(name: str) -> float:
-        value = values[name]
-        if type(value) in (int, float) and not math.isnan(value):
-            return float(value)
-        problems.append(f"{name} {describe_stored(value)} is not a number")
-        return 0.0
-
-    def optional_real(name: str) -> float | None:
-        return None if values[name] is None else real(name)
-
-    seq = values["seq"] if type(values["seq"]) is int else -1
-    run_id = text("id")
-    try:
-        state = RunState(values["state"])
-    except ValueError:
-        problems.append(
-            f"state {describe_stored(values['state'])} is not one of {', '.join(RunState)}"
+def _crash_abandoned(conn: sqlite3.Connection, now: float) -> bool:
+    """Mark CRASHED the runs whose lease expired after their last allowed attempt."""
+    rows = conn.execute(
+        f"{SELECT} WHERE state = 'RUNNING' AND lease_expires_at <= ? AND attempts >= max_attempts",
+        (now,),
+    ).fetchall()
+    for row in rows:
+        seq, run, corrupt = read_row(row)
+        if corrupt:
+            _mark_corrupt(conn, seq, run, now)
+            continue
+        error = abandoned_error(run.id, run.task, run.attempts, run.max_attempts)
+        conn.execute(
+            "UPDATE anyservice_runs SET state = 'CRASHED', finished_at = ?,"
+            " lease_owner = NULL, lease_expires_at = NULL, error = ? WHERE seq = ?",
+            (now, error.to_json(), seq),
         )
-        state = RunState.FAILED
-    error: RunError | None = None
-    error_text = optional_text("error")
-    if error_text is not None:
-        try:
-            error = RunError.from_json(error_text)
-        except PayloadError as exc:
-            problems.append(str(exc))
-    record = RunRecord(
-        id=run_id,
-        task=text("task"),
-        payload=text("payload"),
-        state=state,
-        attempts=integer("attempts"),
-        max_attempts=integer("max_attempts"),
-        retries_left=integer("retries_left"),
-        retry_delay=real("retry_delay"),
-        timeout=optional_real("timeout"),
-        created_at=real("created_at"),
-        scheduled_at=real("scheduled_at"),
-        started_at=optional_real("started_at"),
-        finished_at=optional_real("finished_at"),
-        lease_owner=optional_text("lease_owner"),
-        lease_expires_at=optional_real("lease_expires_at"),
-        result=optional_text("result"),
-        error=error,
+    return bool(rows)
+
+
+def _next_due_time(conn: sqlite3.Connection, names: list[str], now: float) -> float | None:
+    """When the next run of these tasks becomes claimable, as far as we know now."""
+    (scheduled,) = conn.execute(
+        "SELECT MIN(scheduled_at) FROM anyservice_runs WHERE state = 'SCHEDULED'"
+        f" AND scheduled_at > ? AND task IN ({marks(len(names))})",
+        (now, *names),
+    ).fetchone()
+    (expiring,) = conn.execute(
+        "SELECT MIN(lease_expires_at) FROM anyservice_runs WHERE state = 'RUNNING'"
+        f" AND lease_expires_at > ? AND task IN ({marks(len(names))})",
+        (now, *names),
+    ).fetchone()
+    times = [t for t in (scheduled, expiring) if isinstance(t, int | float)]
+    return float(min(times)) if times else None
+
+
+_CLAIM_ORDER = "ORDER BY priority DESC, scheduled_at, seq"
+
+
+def _due_rows(
+    conn: sqlite3.Connection, names: list[str], now: float, count: int
+) -> list[tuple[Any, ...]]:
+    """The first ``count`` claimable rows of these tasks, in claim order.
+
+    Two branches, each walking the claim-order index and stopping at ``count``: due
+    SCHEDULED runs, and RUNNING runs whose lease expired. One ``OR`` over both made
+    SQLite read and sort every due row instead.
+    """
+    tasks = f"task IN ({marks(len(names))})"
+    return conn.execute(
+        f"SELECT * FROM ({SELECT} WHERE state = 'SCHEDULED' AND scheduled_at <= ?"
+        f" AND {tasks} {_CLAIM_ORDER} LIMIT ?)"
+        f" UNION ALL SELECT * FROM ({SELECT} WHERE state = 'RUNNING'"
+        f" AND (lease_expires_at IS NULL OR lease_expires_at <= ?) AND {tasks}"
+        f" {_CLAIM_ORDER} LIMIT ?) {_CLAIM_ORDER} LIMIT ?",
+        (now, *names, count, now, *names, count, count),
+    ).fetchall()
+
+
+def _claim_due(
+    conn: sqlite3.Connection, names: list[str], owner: str, limit: int, times: tuple[float, float]
+) -> tuple[list[RunRecord], bool, bool]:
+    """Lease up to ``limit`` due runs: ``(claimed, any marked corrupt, due runs left)``.
+
+    ``times`` is ``(now, lease expiry)``. Rows with an unknown state are never claimed;
+    a due row that is otherwise unreadable is marked FAILED instead of being claimed.
+    """
+    now, expires = times
+    rows = _due_rows(conn, names, now, limit + 1)
+    claimed: list[RunRecord] = []
+    updates: list[tuple[Any, ...]] = []
+    corrupt_seen = leftover = False
+    for row in rows:
+        seq, run, corrupt = read_row(row)
+        if corrupt:
+            _mark_corrupt(conn, seq, run, now)
+            # Rows past the corrupt one may be due: claim again promptly.
+            corrupt_seen = leftover = True
+        elif len(claimed) == limit:
+            leftover = True
+        else:
+            updates.append((run.attempts + 1, now, owner, expires, seq))
+            claimed.append(
+                replace(
+                    run,
+                    state=RunState.RUNNING,
+                    attempts=run.attempts + 1,
+                    started_at=now,
+                    lease_owner=owner,
+                    lease_expires_at=expires,
+                )
+            )
+    conn.executemany(_CLAIM, updates)
+    return claimed, corrupt_seen, leftover
+
+
+def _update_held(conn: sqlite3.Connection, sql: str, parameters: dict[str, Any]) -> bool:
+    """Run one UPDATE fenced by ``WHERE`` the run is RUNNING under the claim
+    ``(:owner, :attempt)``."""
+    cursor = conn.execute(
+        f"{sql} WHERE id = :id AND state = 'RUNNING' AND lease_owner = :owner"
+        " AND attempts = :attempt",
+        parameters,
     )
-    if state is RunState.RUNNING and (
-        record.lease_owner is None or record.lease_expires_at is None
-    ):
-        problems.append("it is RUNNING without a lease owner and expiry")
-    if not problems:
-        return seq, record, False
-    corrupt = RunError(
-        type=CORRUPT_RUN_ERROR_TYPE,
-        message=f"run {run_id} is corrupt in the database: {'; '.join(problems)}",
+    return cursor.rowcount == 1
+
+
+def _claim_one(
+    conn: sqlite3.Connection, run_id: str, owner: str, now: float, lease_seconds: float
+) -> RunRecord | None:
+    """Lease this one run if it is claimable, by the same rule as every claim.
+
+    A corrupt row is left as it is (get() shows it FAILED).
+    """
+    row = conn.execute(f"{SELECT} WHERE id = ?", (run_id,)).fetchone()
+    if row is None:
+        return None
+    seq, run, corrupt = read_row(row)
+    claimed = None if corrupt else records.claim(run, owner, now, lease_seconds)
+    if claimed is not None:
+        conn.execute(
+            _CLAIM,
+            (claimed.attempts, claimed.started_at, owner, claimed.lease_expires_at, seq),
+        )
+    return claimed
+
+
+_CLAIM = (
+    "UPDATE anyservice_runs SET state = 'RUNNING', attempts = ?,"
+    " started_at = ?, lease_owner = ?, lease_expires_at = ? WHERE seq = ?"
+)
+
+
+_COMPLETE = (
+    "UPDATE anyservice_runs SET state = 'COMPLETED', finished_at = :now,"
+    " lease_owner = NULL, lease_expires_at = NULL, result = :result, error = NULL"
+)
+# Every expression in an UPDATE sees the row as it was, so the CASEs agree.
+_RETRIED = ":retry AND retries_left > 0"
+_FAIL = (
+    "UPDATE anyservice_runs SET"
+    f" state = CASE WHEN {_RETRIED} THEN 'SCHEDULED' ELSE 'FAILED' END,"
+    f" scheduled_at = CASE WHEN {_RETRIED} THEN :now + retry_delay ELSE scheduled_at END,"
+    f" retries_left = CASE WHEN {_RETRIED} THEN retries_left - 1 ELSE retries_left END,"
+    f" started_at = CASE WHEN {_RETRIED} THEN NULL ELSE started_at END,"
+    f" finished_at = CASE WHEN {_RETRIED} THEN NULL ELSE :now END,"
+    " lease_owner = NULL, lease_expires_at = NULL, error = :error"
+)
+_RELEASE = (
+    "UPDATE anyservice_runs SET state = 'SCHEDULED', attempts = MAX(attempts - 1, 0),"
+    " started_at = NULL, lease_owner = NULL, lease_expires_at = NULL"
+)
+
+
+def _keep_workers(
+    conn: sqlite3.Connection,
+    owner: str,
+    now: float,
+    this: tuple[str, int, float],
+    seen: dict[str, float],
+) -> None:
+    """Record ``owner`` as alive; end the leases of dead workers on this machine.
+
+    A worker killed here (kill -9, the OOM killer) leaves its runs leased until the
+    leases expire; its row names its process, which is gone, so its leases end now and
+    this claim takes its runs over. ``this`` is this process's (host, pid, start time);
+    ``seen`` maps owners to the monotonic time they were last recorded, so each is
+    recorded at most every ``WORKERS_EVERY`` seconds.
+    """
+    moment = time.monotonic()
+    if moment - seen.get(owner, -math.inf) < WORKERS_EVERY:
+        return
+    seen[owner] = moment
+    host, pid, started_at = this
+    conn.execute(
+        "INSERT INTO anyservice_workers (owner, host, pid, started_at, heartbeat_at)"
+        " VALUES (?, ?, ?, ?, ?)"
+        " ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+        (owner, host, pid, started_at, now),
     )
-    record = replace(
-        record, state=RunState.FAILED, lease_owner=None, lease_expires_at=None, error=corrupt
+    conn.execute(
+        "DELETE FROM anyservice_workers WHERE heartbeat_at < ?", (now - WORKERS_FORGOTTEN,)
     )
-    return seq, record, True
+    rows = conn.execute(
+        "SELECT owner, pid, started_at FROM anyservice_workers WHERE host = ? AND pid != ?",
+        (host, pid),
+    ).fetchall()
+    for dead, dead_pid, dead_started in rows:
+        if process_gone(dead_pid, dead_started):
+            conn.execute(
+                "UPDATE anyservice_runs SET lease_expires_at = ? WHERE state = 'RUNNING'"
+                " AND lease_owner = ? AND lease_expires_at > ?",
+                (now, dead, now),
+            )
+            conn.execute("DELETE FROM anyservice_workers WHERE owner = ?", (dead,))
 
 
 class SqliteBroker(SqliteClusterStorage, BaseBroker):
@@ -272,20 +307,21 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
         clock: Wall-clock time in epoch seconds, shared by every process using the file;
             tests pass a fake one to move time.
         busy_timeout: Seconds SQLite itself waits for a lock before reporting it busy.
-            Kept short because a waiting thread cannot be cancelled; longer waits happen
-            in :attr:`lock_timeout`'s cancellable backoff.
+            Kept short: longer waits happen in :attr:`lock_timeout`'s backoff, during
+            which a waiting caller can still be cancelled.
         lock_timeout: Seconds to keep retrying a locked database before giving up with
             :class:`BrokerBusyError`.
         poll_interval: Seconds between checks for other processes' commits while
-            waiting for work or for a run to finish.
+            waiting for work or for a run to finish, when they cannot poke this broker
+            (no Unix datagram sockets); with them, a slow fallback poll is kept.
 
     Raises:
         ValueError: A timeout or interval is not a positive number.
     """
 
     # For the cluster storage (ticks, leases, keys): how rows of runs are read.
-    _select_runs = _SELECT
-    _read_run = staticmethod(_read_row)
+    _select_runs = SELECT
+    _read_run = staticmethod(read_row)
 
     def __init__(
         self,
@@ -308,23 +344,21 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
         self._path = os.path.abspath(self._given_path)
         _check_directory(self._path)
         super().__init__(clock=clock, notifier=_notifier_for(self._path), poll_interval=poll)
-        self._busy_timeout = busy
-        self._lock_timeout = lock
-        # One connection, used from worker threads one call at a time.
-        self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = None
-        #: (device, inode) of the file opened, to notice it deleted or replaced.
-        self._identity: tuple[int, int] | None = None
+        self._unsignalled_poll = poll
+        self._db = ConnectionThread(
+            self._path,
+            url=self.url,
+            busy_timeout=busy,
+            lock_timeout=lock,
+            on_commit=self._committed,
+        )
+        self._channel: WakeChannel | None = None
         self._data_version = 0
         self._last_poll = -math.inf
-        self._poll_every = poll
-        #: How many times a locked database was retried; a health signal.
-        self.lock_retries = 0
         # This process, as the workers table records it.
-        self._host = host_identity()
-        self._pid = os.getpid()
-        self._started_at = time.time()
-        self._workers_seen: dict[str, float] = {}  # owner -> monotonic time last recorded
+        self._this = (host_identity(), os.getpid(), time.time())
+        # owner -> monotonic time last recorded; touched only in the connection's thread.
+        self._workers_seen: dict[str, float] = {}
 
     @classmethod
     def from_url(cls, url: str, *, clock: Callable[[], float] = time.time) -> Self:
@@ -361,73 +395,20 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
         """The absolute path of the database file."""
         return self._path
 
+    @property
+    def lock_retries(self) -> int:
+        """How many times a locked database was retried; a health signal."""
+        return self._db.lock_retries
+
+    @property
+    def commits(self) -> int:
+        """How many write transactions this broker committed; concurrent calls share them."""
+        return self._db.commits
+
     def __repr__(self) -> str:
         return f"<SqliteBroker {self.url!r}>"
 
-    # --- running statements ------------------------------------------------------------
-
-    def _in_thread(self, operation: Callable[[sqlite3.Connection], T]) -> T:
-        with self._lock:
-            conn = self._conn
-            if conn is None:
-                raise BrokerError(
-                    f"SQLite database {self._path} is not open; "
-                    "use 'async with broker:' or 'await broker.open()'"
-                )
-            try:
-                return operation(conn)
-            except BaseException:
-                if conn.in_transaction:
-                    try:
-                        conn.rollback()
-                    except sqlite3.Error:
-                        pass  # The original error says more; the connection is reset below.
-                raise
-
-    async def _call(self, operation: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``operation`` on the connection in a worker thread, retrying while locked.
-
-        Raises:
-            BrokerBusyError: The database stayed locked for ``lock_timeout`` seconds.
-            BrokerError: Any other SQLite error, or the broker is not open.
-        """
-        deadline = anyio.current_time() + self._lock_timeout
-        delay = _FIRST_BACKOFF
-        while True:
-            try:
-                return await anyio.to_thread.run_sync(self._in_thread, operation)
-            except sqlite3.OperationalError as exc:
-                if not _is_locked(exc):
-                    raise BrokerError(f"SQLite database {self._path}: {exc}") from exc
-                remaining = deadline - anyio.current_time()
-                if remaining <= 0:
-                    raise BrokerBusyError(
-                        f"SQLite database {self._path!r} stayed locked for more than "
-                        f"{self._lock_timeout:g} s (lock_timeout): {exc}"
-                    ) from exc
-                self.lock_retries += 1
-                # Jitter keeps processes that collided from retrying in lockstep.
-                await anyio.sleep(min(delay * random.uniform(0.5, 1.0), remaining))
-                delay = min(delay * 2, _MAX_BACKOFF)
-            except sqlite3.Error as exc:
-                raise BrokerError(f"SQLite database {self._path}: {exc}") from exc
-
     # --- opening and closing -------------------------------------------------------------
-
-    def _connect(self) -> None:
-        with self._lock:
-            if self._conn is None:
-                # Task arguments and results are the user's own: create the file 0600, and
-                # SQLite gives its WAL and shared-memory files the mode of the database's.
-                # An existing file keeps its mode.
-                os.close(os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600))
-                self._conn = sqlite3.connect(
-                    self._path,
-                    timeout=self._busy_timeout,
-                    # Transactions are explicit (BEGIN IMMEDIATE), never implicit.
-                    isolation_level=None,
-                    check_same_thread=False,
-                )
 
     def _prepare(self, conn: sqlite3.Connection) -> None:
         (mode,) = conn.execute("PRAGMA journal_mode=WAL").fetchone()
@@ -436,39 +417,13 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
                 f"could not put SQLite database {self._path!r} in WAL mode (it is in "
                 f"{mode!r} mode); WAL needs a local file system"
             )
-        # In WAL mode NORMAL never corrupts the file; a power cut (not a process crash)
-        # may lose the last commits.
+        # In WAL mode NORMAL never corrupts the file, and a process killed at any point
+        # loses nothing it committed; only a power cut may lose the last commits.
         conn.execute("PRAGMA synchronous=NORMAL")
         (version,) = conn.execute("PRAGMA user_version").fetchone()
         if version != SCHEMA_VERSION:
             self._migrate(conn)
         (self._data_version,) = conn.execute("PRAGMA data_version").fetchone()
-        info = os.stat(self._path)
-        self._identity = (info.st_dev, info.st_ino)
-
-    def _check_file(self) -> None:
-        """Raise :class:`BrokerError` if the open file was deleted or replaced.
-
-        A connection keeps using the file it opened, unlinked or not, while processes
-        that open the path afterwards get a new file: their runs and this broker's would
-        never meet.
-        """
-        try:
-            info = os.stat(self._path)
-        except FileNotFoundError:
-            raise BrokerError(
-                f"SQLite database {self._path} was deleted while open: its runs are gone "
-                "for every other process; restart with the file in place"
-            ) from None
-        except OSError as exc:
-            raise BrokerError(
-                f"SQLite database {self._path}: cannot check the file: {exc}"
-            ) from exc
-        if self._identity is not None and (info.st_dev, info.st_ino) != self._identity:
-            raise BrokerError(
-                f"SQLite database {self._path} was replaced by another file while open: "
-                "new runs go to the new file, which this broker does not see; restart it"
-            )
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")
@@ -479,7 +434,7 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
                 f"SQLite database {self._path!r} has task-run schema version {version}, "
                 f"newer than this anyservice understands ({SCHEMA_VERSION}); upgrade anyservice"
             )
-        for statements in _MIGRATIONS[version:]:
+        for statements in MIGRATIONS[version:]:
             for statement in statements:
                 conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -488,204 +443,93 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
     async def _open(self) -> bool:
         # Connect, switch the file to WAL mode and create or migrate the schema; a file
         # that cannot be, or has a newer schema, is a BrokerError.
-        if self._conn is not None:
+        if self._db.is_open:
             return False
-        try:
-            await anyio.to_thread.run_sync(self._connect)
-        except (sqlite3.Error, OSError) as exc:
-            raise BrokerError(f"cannot open SQLite database {self._path!r}: {exc}") from exc
-        try:
-            await self._call(self._prepare)
-        except BaseException:
-            await self.close()
-            raise
+        await self._db.open(self._prepare)
+        channel = WakeChannel(self._path, self._poked)
+        if await anyio.to_thread.run_sync(channel.open):
+            self._channel = channel
+            self._poll_interval = max(self._unsignalled_poll, SIGNALLED_POLL_INTERVAL)
         return True
-
-    def _disconnect(self) -> None:
-        with self._lock:
-            conn, self._conn = self._conn, None
-            if conn is not None:
-                owners = list(self._workers_seen)
-                self._workers_seen.clear()
-                try:
-                    # A clean stop leaves nothing to recover.
-                    conn.executemany(
-                        "DELETE FROM anyservice_workers WHERE owner = ?", [(o,) for o in owners]
-                    )
-                except sqlite3.Error:
-                    pass  # locked or read-only: the rows are forgotten a day later instead
-                conn.close()
 
     async def close(self) -> None:
         """Close the connection. Calling it again (or before :meth:`open`) does nothing."""
-        if self._conn is None:
-            return
         # Shielded: a worker closes its broker while being cancelled, and a connection
         # left open would keep the file's WAL from being checkpointed.
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(self._disconnect)
+            if self._db.is_open and self._workers_seen:
+                try:
+                    await self._db.call(self._forget_workers)
+                except BrokerError:
+                    pass  # locked or read-only: the rows are forgotten a day later instead
+            await self._db.close()
+            channel, self._channel = self._channel, None
+            self._poll_interval = self._unsignalled_poll
+            if channel is not None:
+                await anyio.to_thread.run_sync(channel.close)
+
+    async def _check_open(self) -> None:
+        if not self._db.is_open:
+            raise BrokerError(
+                f"SQLite database {self._path} is not open; "
+                "use 'async with broker:' or 'await broker.open()'"
+            )
+
+    def _forget_workers(self, conn: sqlite3.Connection) -> None:
+        # A clean stop leaves nothing to recover.
+        owners = list(self._workers_seen)
+        self._workers_seen.clear()
+        conn.executemany("DELETE FROM anyservice_workers WHERE owner = ?", [(o,) for o in owners])
+
+    async def _call(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+        # The cluster storage's statements: writes that may make work due.
+        return await self._db.call(operation, signal=WORK)
+
+    # --- signals between processes ---------------------------------------------------------
+
+    def _committed(self, signals: set[bytes]) -> None:
+        # In the connection's thread, after the commit: other processes may look now.
+        channel = self._channel
+        if channel is not None:
+            channel.poke(WORK if WORK in signals else CHANGE)
+
+    def _poked(self, work: bool) -> None:
+        # In the channel's thread: another process committed a change.
+        self._notifier.notify_from_thread(work=work)
 
     # --- the broker protocol -------------------------------------------------------------
 
     async def _insert(self, run: RunRecord) -> None:
-        def insert(conn: sqlite3.Connection) -> None:
-            self._check_file()
-            conn.execute(
-                "INSERT INTO anyservice_runs (id, task, payload, state, attempts, max_attempts,"
-                " retries_left, retry_delay, timeout, created_at, scheduled_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    run.id,
-                    run.task,
-                    run.payload,
-                    run.state.value,
-                    run.attempts,
-                    run.max_attempts,
-                    run.retries_left,
-                    run.retry_delay,
-                    run.timeout,
-                    run.created_at,
-                    run.scheduled_at,
-                ),
-            )
+        await self._insert_many([run])
 
-        await self._call(insert)
+    async def _insert_many(self, runs: Sequence[RunRecord]) -> None:
+        values = [insert_values(run) for run in runs]
+
+        def insert(conn: sqlite3.Connection) -> None:
+            self._db.check_file()
+            conn.executemany(INSERT, values)
+
+        await self._db.call(insert, signal=WORK)
 
     async def _claim(
         self, owner: str, tasks: list[str], limit: int, lease_seconds: float
     ) -> Claimed:
-        # Rows with an unknown state are never claimed. A due row that is otherwise
-        # unreadable is marked FAILED with a CorruptRunError instead of being claimed.
         names = tasks
 
         def claim(conn: sqlite3.Connection) -> Claimed:
-            self._check_file()
-            conn.execute("BEGIN IMMEDIATE")
+            self._db.check_file()
             now = self._clock()
-            self._keep_workers(conn, owner, now)
-            finished = self._crash_abandoned(conn, now)
-            claimed: list[RunRecord] = []
-            next_due: float | None = None
-            if names:
-                rows = conn.execute(
-                    f"{_SELECT} WHERE task IN ({_marks(len(names))}) AND ("
-                    " (state = 'SCHEDULED' AND scheduled_at <= ?)"
-                    " OR (state = 'RUNNING'"
-                    "     AND (lease_expires_at IS NULL OR lease_expires_at <= ?)))"
-                    " ORDER BY scheduled_at, seq LIMIT ?",
-                    (*names, now, now, limit + 1),
-                ).fetchall()
-                expires = now + lease_seconds
-                leftover = False
-                for row in rows:
-                    seq, run, corrupt = _read_row(row)
-                    if corrupt:
-                        self._mark_corrupt(conn, seq, run, now)
-                        # Rows past the corrupt one may be due: claim again promptly.
-                        finished = leftover = True
-                    elif len(claimed) == limit:
-                        leftover = True
-                    else:
-                        conn.execute(
-                            "UPDATE anyservice_runs SET state = 'RUNNING', attempts = ?,"
-                            " started_at = ?, lease_owner = ?, lease_expires_at = ?"
-                            " WHERE seq = ?",
-                            (run.attempts + 1, now, owner, expires, seq),
-                        )
-                        claimed.append(
-                            replace(
-                                run,
-                                state=RunState.RUNNING,
-                                attempts=run.attempts + 1,
-                                started_at=now,
-                                lease_owner=owner,
-                                lease_expires_at=expires,
-                            )
-                        )
-                next_due = now if leftover else self._next_due_time(conn, names, now)
-            conn.execute("COMMIT")
-            return Claimed(claimed, finished, next_due)
-
-        return await self._call(claim)
-
-    def _keep_workers(self, conn: sqlite3.Connection, owner: str, now: float) -> None:
-        """Record ``owner`` as alive; end the leases of dead workers on this machine.
-
-        A worker killed here (kill -9, the OOM killer) leaves its runs leased until the
-        leases expire; its row names its process, which is gone, so its leases end now
-        and this claim takes its runs over. At most every ``WORKERS_EVERY`` seconds.
-        """
-        seen = time.monotonic()
-        if seen - self._workers_seen.get(owner, -math.inf) < WORKERS_EVERY:
-            return
-        self._workers_seen[owner] = seen
-        conn.execute(
-            "INSERT INTO anyservice_workers (owner, host, pid, started_at, heartbeat_at)"
-            " VALUES (?, ?, ?, ?, ?)"
-            " ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
-            (owner, self._host, self._pid, self._started_at, now),
-        )
-        conn.execute(
-            "DELETE FROM anyservice_workers WHERE heartbeat_at < ?", (now - WORKERS_FORGOTTEN,)
-        )
-        rows = conn.execute(
-            "SELECT owner, pid, started_at FROM anyservice_workers WHERE host = ? AND pid != ?",
-            (self._host, self._pid),
-        ).fetchall()
-        for dead, pid, started in rows:
-            if process_gone(pid, started):
-                conn.execute(
-                    "UPDATE anyservice_runs SET lease_expires_at = ? WHERE state = 'RUNNING'"
-                    " AND lease_owner = ? AND lease_expires_at > ?",
-                    (now, dead, now),
-                )
-                conn.execute("DELETE FROM anyservice_workers WHERE owner = ?", (dead,))
-
-    @staticmethod
-    def _crash_abandoned(conn: sqlite3.Connection, now: float) -> bool:
-        """Mark CRASHED the runs whose lease expired after their last allowed attempt."""
-        rows = conn.execute(
-            f"{_SELECT} WHERE state = 'RUNNING' AND lease_expires_at <= ?"
-            " AND attempts >= max_attempts",
-            (now,),
-        ).fetchall()
-        for row in rows:
-            seq, run, corrupt = _read_row(row)
-            if corrupt:
-                SqliteBroker._mark_corrupt(conn, seq, run, now)
-                continue
-            error = abandoned_error(run.id, run.task, run.attempts, run.max_attempts)
-            conn.execute(
-                "UPDATE anyservice_runs SET state = 'CRASHED', finished_at = ?,"
-                " lease_owner = NULL, lease_expires_at = NULL, error = ? WHERE seq = ?",
-                (now, error.to_json(), seq),
+            _keep_workers(conn, owner, now, self._this, self._workers_seen)
+            finished = _crash_abandoned(conn, now)
+            if not names:
+                return Claimed([], finished, None)
+            claimed, corrupt, leftover = _claim_due(
+                conn, names, owner, limit, (now, now + lease_seconds)
             )
-        return bool(rows)
+            next_due = now if leftover else _next_due_time(conn, names, now)
+            return Claimed(claimed, finished or corrupt, next_due)
 
-    @staticmethod
-    def _mark_corrupt(conn: sqlite3.Connection, seq: int, run: RunRecord, now: float) -> None:
-        assert run.error is not None
-        conn.execute(
-            "UPDATE anyservice_runs SET state = 'FAILED', finished_at = ?,"
-            " lease_owner = NULL, lease_expires_at = NULL, error = ? WHERE seq = ?",
-            (now, run.error.to_json(), seq),
-        )
-
-    @staticmethod
-    def _next_due_time(conn: sqlite3.Connection, names: list[str], now: float) -> float | None:
-        """When the next run of these tasks becomes claimable, as far as we know now."""
-        (scheduled,) = conn.execute(
-            "SELECT MIN(scheduled_at) FROM anyservice_runs WHERE state = 'SCHEDULED'"
-            f" AND scheduled_at > ? AND task IN ({_marks(len(names))})",
-            (now, *names),
-        ).fetchone()
-        (expiring,) = conn.execute(
-            "SELECT MIN(lease_expires_at) FROM anyservice_runs WHERE state = 'RUNNING'"
-            f" AND lease_expires_at > ? AND task IN ({_marks(len(names))})",
-            (now, *names),
-        ).fetchone()
-        times = [t for t in (scheduled, expiring) if isinstance(t, int | float)]
-        return float(min(times)) if times else None
+        return await self._db.call(claim, signal=CHANGE)
 
     async def _heartbeat(
         self, owner: str, leases: dict[str, int], lease_seconds: float
@@ -694,61 +538,29 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
             return set()
 
         def renew(conn: sqlite3.Connection) -> set[str]:
-            conn.execute("BEGIN IMMEDIATE")
             expires = self._clock() + lease_seconds
-            held = {
+            return {
                 run_id
                 for run_id, attempt in leases.items()
-                if self._update_held(
+                if _update_held(
                     conn,
                     "UPDATE anyservice_runs SET lease_expires_at = :expires",
                     {"id": run_id, "owner": owner, "attempt": attempt, "expires": expires},
                 )
             }
-            conn.execute("COMMIT")
-            return held
 
-        return await self._call(renew)
-
-    @staticmethod
-    def _update_held(conn: sqlite3.Connection, sql: str, parameters: dict[str, Any]) -> bool:
-        """Run one UPDATE fenced by ``WHERE`` the run is RUNNING under the claim
-        ``(:owner, :attempt)``.
-
-        A single statement is atomic on its own, so no explicit transaction is needed.
-        """
-        cursor = conn.execute(
-            f"{sql} WHERE id = :id AND state = 'RUNNING' AND lease_owner = :owner"
-            " AND attempts = :attempt",
-            parameters,
-        )
-        return cursor.rowcount == 1
+        return await self._db.call(renew)
 
     async def _complete(self, owner: str, run_id: str, attempt: int, result: str) -> bool:
         parameters = {"id": run_id, "owner": owner, "attempt": attempt, "result": result}
-        return await self._call(
-            lambda conn: self._update_held(
-                conn,
-                "UPDATE anyservice_runs SET state = 'COMPLETED', finished_at = :now,"
-                " lease_owner = NULL, lease_expires_at = NULL, result = :result, error = NULL",
-                {**parameters, "now": self._clock()},
-            )
+        return await self._db.call(
+            lambda conn: _update_held(conn, _COMPLETE, {**parameters, "now": self._clock()}),
+            signal=CHANGE,
         )
 
     async def _fail(
         self, owner: str, run_id: str, attempt: int, error: RunError, retry: bool
     ) -> RunState | None:
-        # Every expression in an UPDATE sees the row as it was, so the CASEs agree.
-        retried = ":retry AND retries_left > 0"
-        sql = (
-            "UPDATE anyservice_runs SET"
-            f" state = CASE WHEN {retried} THEN 'SCHEDULED' ELSE 'FAILED' END,"
-            f" scheduled_at = CASE WHEN {retried} THEN :now + retry_delay ELSE scheduled_at END,"
-            f" retries_left = CASE WHEN {retried} THEN retries_left - 1 ELSE retries_left END,"
-            f" started_at = CASE WHEN {retried} THEN NULL ELSE started_at END,"
-            f" finished_at = CASE WHEN {retried} THEN NULL ELSE :now END,"
-            " lease_owner = NULL, lease_expires_at = NULL, error = :error"
-        )
         parameters = {
             "id": run_id,
             "owner": owner,
@@ -758,65 +570,32 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
         }
 
         def fail(conn: sqlite3.Connection) -> RunState | None:
+            if not _update_held(conn, _FAIL, {**parameters, "now": self._clock()}):
+                return None
             if not retry:
-                # Certainly FAILED: one statement, atomic on its own.
-                done = self._update_held(conn, sql, {**parameters, "now": self._clock()})
-                return RunState.FAILED if done else None
-            # One transaction, so the state read back is the one this UPDATE wrote.
-            conn.execute("BEGIN IMMEDIATE")
-            state: RunState | None = None
-            if self._update_held(conn, sql, {**parameters, "now": self._clock()}):
-                (stored,) = conn.execute(
-                    "SELECT state FROM anyservice_runs WHERE id = ?", (run_id,)
-                ).fetchone()
-                state = RunState(stored)
-            conn.execute("COMMIT")
-            return state
+                return RunState.FAILED
+            # In the same transaction, so the state read back is the one this UPDATE wrote.
+            (stored,) = conn.execute(
+                "SELECT state FROM anyservice_runs WHERE id = ?", (run_id,)
+            ).fetchone()
+            return RunState(stored)
 
-        return await self._call(fail)
+        return await self._db.call(fail, signal=WORK if retry else CHANGE)
 
     async def _release(self, owner: str, run_id: str, attempt: int) -> bool:
-        return await self._call(
-            lambda conn: self._update_held(
-                conn,
-                "UPDATE anyservice_runs SET state = 'SCHEDULED', attempts = MAX(attempts - 1, 0),"
-                " started_at = NULL, lease_owner = NULL, lease_expires_at = NULL",
-                {"id": run_id, "owner": owner, "attempt": attempt},
-            )
+        parameters = {"id": run_id, "owner": owner, "attempt": attempt}
+        return await self._db.call(
+            lambda conn: _update_held(conn, _RELEASE, parameters), signal=WORK
         )
 
     async def _claim_run(self, owner: str, run_id: str, lease_seconds: float) -> RunRecord | None:
-        # A corrupt row is left as it is (get() shows it FAILED); only a claimable one is
-        # taken, by the same rule as every claim.
-
         def claim_one(conn: sqlite3.Connection) -> RunRecord | None:
-            self._check_file()
-            conn.execute("BEGIN IMMEDIATE")
-            row = conn.execute(f"{_SELECT} WHERE id = ?", (run_id,)).fetchone()
-            claimed: RunRecord | None = None
-            if row is not None:
-                seq, run, corrupt = _read_row(row)
-                if not corrupt:
-                    claimed = records.claim(run, owner, self._clock(), lease_seconds)
-                if claimed is not None:
-                    conn.execute(
-                        "UPDATE anyservice_runs SET state = 'RUNNING', attempts = ?,"
-                        " started_at = ?, lease_owner = ?, lease_expires_at = ? WHERE seq = ?",
-                        (
-                            claimed.attempts,
-                            claimed.started_at,
-                            owner,
-                            claimed.lease_expires_at,
-                            seq,
-                        ),
-                    )
-            conn.execute("COMMIT")
-            return claimed
+            self._db.check_file()
+            return _claim_one(conn, run_id, owner, self._clock(), lease_seconds)
 
-        return await self._call(claim_one)
+        return await self._db.call(claim_one, signal=CHANGE)
 
     async def _cancel(self, run_id: str) -> bool:
-
         def cancel(conn: sqlite3.Connection) -> bool:
             cursor = conn.execute(
                 "UPDATE anyservice_runs SET state = 'CANCELLED', finished_at = ?"
@@ -825,17 +604,17 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
             )
             return cursor.rowcount == 1
 
-        return await self._call(cancel)
+        return await self._db.call(cancel, signal=CHANGE)
 
     async def _get(self, run_id: str) -> RunRecord | None:
         # A row the broker cannot make sense of comes back as a FAILED run whose error is
         # a CorruptRunError listing what is wrong (the row itself is left as it is).
 
         def get(conn: sqlite3.Connection) -> RunRecord | None:
-            row = conn.execute(f"{_SELECT} WHERE id = ?", (run_id,)).fetchone()
-            return None if row is None else _read_row(row)[1]
+            row = conn.execute(f"{SELECT} WHERE id = ?", (run_id,)).fetchone()
+            return None if row is None else read_row(row)[1]
 
-        return await self._call(get)
+        return await self._db.call(get, write=False)
 
     async def _purge(self, before: float, limit: int) -> int:
         finished = ", ".join(f"'{state.value}'" for state in sorted(FINISHED_STATES))
@@ -848,7 +627,7 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
             )
             return cursor.rowcount
 
-        return await self._call(purge)
+        return await self._db.call(purge, signal=CHANGE)
 
     async def _counts(self) -> dict[RunState, int]:
         # Rows with an unknown state count as FAILED.
@@ -864,21 +643,24 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
                     counts[RunState.FAILED] += number
             return counts
 
-        return await self._call(count)
+        return await self._db.call(count, write=False)
 
     # --- waiting -------------------------------------------------------------------------
 
     def _data_version_changed(self, conn: sqlite3.Connection) -> bool:
         # Several waiters share one poll per interval; the first to look reports it.
         now = time.monotonic()
-        if now - self._last_poll < self._poll_every / 2:
+        if now - self._last_poll < self._poll_interval_now() / 2:
             return False
         self._last_poll = now
-        self._check_file()
+        self._db.check_file()
         (version,) = conn.execute("PRAGMA data_version").fetchone()
         changed: bool = version != self._data_version
         self._data_version = version
         return changed
 
+    def _poll_interval_now(self) -> float:
+        return self._unsignalled_poll if self._poll_interval is None else self._poll_interval
+
     async def _poll(self) -> bool:
-        return await self._call(self._data_version_changed)
+        return await self._db.call(self._data_version_changed, write=False)

@@ -2,9 +2,9 @@
 
 The tables are created on first use (``CREATE TABLE IF NOT EXISTS``), so a database made
 by an older anyservice gains them without a schema migration, and one that never uses
-schedules or singletons never has them. Each method is one ``BEGIN IMMEDIATE``
-transaction: the tick and its run are stored together or not at all, and two processes
-can never both take a lease.
+schedules or singletons never has them. Each method is one call on the broker's
+connection thread, inside a ``BEGIN IMMEDIATE`` transaction: the tick and its run are
+stored together or not at all, and two processes can never both take a lease.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .._controls import RETRYABLE_STATES
 from .._leases import Lease, TickCounts, TickResult, acquire_lease
 from .._records import RunRecord, RunState
+from ._sqlite_rows import INSERT, chunks, insert_values, marks
 
 __all__ = ["SqliteClusterStorage"]
 
@@ -45,40 +46,12 @@ _TABLES = (
     "CREATE TABLE IF NOT EXISTS anyservice_cancels (run_id TEXT PRIMARY KEY)",
 )
 
-_INSERT_RUN = (
-    "INSERT INTO anyservice_runs (id, task, payload, state, attempts, max_attempts,"
-    " retries_left, retry_delay, timeout, created_at, scheduled_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-
-
-def _insert_run(conn: sqlite3.Connection, run: RunRecord) -> None:
-    conn.execute(
-        _INSERT_RUN,
-        (
-            run.id,
-            run.task,
-            run.payload,
-            run.state.value,
-            run.attempts,
-            run.max_attempts,
-            run.retries_left,
-            run.retry_delay,
-            run.timeout,
-            run.created_at,
-            run.scheduled_at,
-        ),
-    )
-
-
 _RETRYABLE = ", ".join(f"'{state.value}'" for state in sorted(RETRYABLE_STATES))
 
 
 def _create_tables(conn: sqlite3.Connection) -> None:
-    conn.execute("BEGIN IMMEDIATE")
     for statement in _TABLES:
         conn.execute(statement)
-    conn.execute("COMMIT")
 
 
 class SqliteClusterStorage:
@@ -111,7 +84,6 @@ class SqliteClusterStorage:
         self, schedule: str, due: float, run: RunRecord, overlap: bool
     ) -> TickResult:
         def insert(conn: sqlite3.Connection) -> TickResult:
-            conn.execute("BEGIN IMMEDIATE")
             busy = (
                 not overlap
                 and conn.execute(
@@ -129,9 +101,8 @@ class SqliteClusterStorage:
             elif busy:
                 result = TickResult.SKIPPED
             else:
-                _insert_run(conn, run)
+                conn.execute(INSERT, insert_values(run))
                 result = TickResult.STORED
-            conn.execute("COMMIT")
             return result
 
         return await self._cluster_call(insert)
@@ -150,7 +121,6 @@ class SqliteClusterStorage:
 
     async def _acquire_lease(self, name: str, holder: str, lease_seconds: float) -> Lease | None:
         def acquire(conn: sqlite3.Connection) -> Lease | None:
-            conn.execute("BEGIN IMMEDIATE")
             now = self._clock()
             lease = acquire_lease(_read_lease(conn, name), name, holder, now, lease_seconds)
             if lease is not None:
@@ -160,7 +130,6 @@ class SqliteClusterStorage:
                     " expires_at = excluded.expires_at",
                     (name, lease.holder, lease.expires_at),
                 )
-            conn.execute("COMMIT")
             return lease
 
         return await self._cluster_call(acquire)
@@ -179,19 +148,16 @@ class SqliteClusterStorage:
 
     async def _insert_keyed(self, key: str, run: RunRecord) -> RunRecord:
         def insert(conn: sqlite3.Connection) -> RunRecord:
-            conn.execute("BEGIN IMMEDIATE")
             row = conn.execute(
                 "SELECT run_id FROM anyservice_keys WHERE key = ?", (key,)
             ).fetchone()
             existing = None if row is None else self._get_in(conn, row[0])
             if existing is not None and not existing.finished:
-                conn.execute("COMMIT")
                 return existing
-            _insert_run(conn, run)
+            conn.execute(INSERT, insert_values(run))
             conn.execute(
                 "INSERT OR REPLACE INTO anyservice_keys (key, run_id) VALUES (?, ?)", (key, run.id)
             )
-            conn.execute("COMMIT")
             return run
 
         return await self._cluster_call(insert)
@@ -215,7 +181,6 @@ class SqliteClusterStorage:
 
     async def _requeue(self, run_id: str, retries: int) -> RunRecord | None:
         def requeue(conn: sqlite3.Connection) -> RunRecord | None:
-            conn.execute("BEGIN IMMEDIATE")
             cursor = conn.execute(
                 "UPDATE anyservice_runs SET state = 'SCHEDULED', attempts = 0, retries_left = ?,"
                 " scheduled_at = ?, started_at = NULL, finished_at = NULL, lease_owner = NULL,"
@@ -226,14 +191,12 @@ class SqliteClusterStorage:
             if cursor.rowcount == 1:
                 conn.execute("DELETE FROM anyservice_cancels WHERE run_id = ?", (run_id,))
                 run = self._get_in(conn, run_id)
-            conn.execute("COMMIT")
             return run
 
         return await self._cluster_call(requeue)
 
     async def _request_cancel(self, run_id: str) -> RunState | None:
         def cancel(conn: sqlite3.Connection) -> RunState | None:
-            conn.execute("BEGIN IMMEDIATE")
             state: RunState | None = None
             if (
                 conn.execute(
@@ -251,7 +214,6 @@ class SqliteClusterStorage:
                     "INSERT OR IGNORE INTO anyservice_cancels (run_id) VALUES (?)", (run_id,)
                 )
                 state = RunState.RUNNING
-            conn.execute("COMMIT")
             return state
 
         return await self._cluster_call(cancel)
@@ -259,13 +221,12 @@ class SqliteClusterStorage:
     async def _cancel_requests(self, owner: str, run_ids: list[str]) -> set[str]:
         def requested(conn: sqlite3.Connection) -> set[str]:
             found: set[str] = set()
-            for start in range(0, len(run_ids), 500):
-                chunk = run_ids[start : start + 500]
+            for chunk in chunks(run_ids):
                 found.update(
                     run_id
                     for (run_id,) in conn.execute(
                         "SELECT id FROM anyservice_runs JOIN anyservice_cancels ON run_id = id"
-                        f" WHERE lease_owner = ? AND id IN ({', '.join('?' * len(chunk))})",
+                        f" WHERE lease_owner = ? AND id IN ({marks(len(chunk))})",
                         (owner, *chunk),
                     )
                 )
@@ -275,7 +236,6 @@ class SqliteClusterStorage:
 
     async def _end_cancelled(self, owner: str, run_id: str, attempt: int) -> bool:
         def end(conn: sqlite3.Connection) -> bool:
-            conn.execute("BEGIN IMMEDIATE")
             done = (
                 conn.execute(
                     "UPDATE anyservice_runs SET state = 'CANCELLED', finished_at = ?,"
@@ -287,7 +247,6 @@ class SqliteClusterStorage:
             )
             if done:
                 conn.execute("DELETE FROM anyservice_cancels WHERE run_id = ?", (run_id,))
-            conn.execute("COMMIT")
             return done
 
         return await self._cluster_call(end)

@@ -1,0 +1,270 @@
+"""The SQLite broker's schema, statements and row decoding: no I/O of their own.
+
+SQLite does not enforce column types, and the file can be edited by anything, so a row is
+checked column by column (:func:`read_row`): a row that does not make sense comes back as
+a FAILED run whose error lists every problem, so one bad row cannot break a claim or a
+status page.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+from .._records import (
+    CORRUPT_RUN_ERROR_TYPE,
+    PayloadError,
+    RunError,
+    RunRecord,
+    RunState,
+    describe_stored,
+)
+
+__all__ = [
+    "COLUMNS",
+    "INSERT",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "SELECT",
+    "chunks",
+    "insert_values",
+    "is_locked",
+    "marks",
+    "read_row",
+]
+
+#: ``PRAGMA user_version`` of a database with the current schema.
+SCHEMA_VERSION = 4
+
+# MIGRATIONS[n] takes a database from user_version n to n + 1. The table name is
+# prefixed because the file may be shared with an application's own tables.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """
+        CREATE TABLE anyservice_runs (
+            seq INTEGER PRIMARY KEY,
+            id TEXT NOT NULL UNIQUE,
+            task TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            state TEXT NOT NULL,
+            attempts INTEGER NOT NULL,
+            max_attempts INTEGER NOT NULL,
+            retries_left INTEGER NOT NULL,
+            retry_delay REAL NOT NULL,
+            timeout REAL,
+            created_at REAL NOT NULL,
+            scheduled_at REAL NOT NULL,
+            started_at REAL,
+            finished_at REAL,
+            lease_owner TEXT,
+            lease_expires_at REAL,
+            result TEXT,
+            error TEXT
+        )
+        """,
+        "CREATE INDEX anyservice_runs_due ON anyservice_runs (state, scheduled_at)",
+        "CREATE INDEX anyservice_runs_leases ON anyservice_runs (state, lease_expires_at)",
+    ),
+    # Purging old runs reads finished runs by age.
+    (
+        "CREATE INDEX anyservice_runs_finished ON anyservice_runs (finished_at)"
+        " WHERE finished_at IS NOT NULL",
+    ),
+    # Who is working, so that a worker killed on this machine is noticed at once.
+    (
+        """
+        CREATE TABLE anyservice_workers (
+            owner TEXT PRIMARY KEY,
+            host TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            started_at REAL NOT NULL,
+            heartbeat_at REAL NOT NULL
+        )
+        """,
+    ),
+    # Claims take due runs by priority (higher first), then due time, then submission.
+    (
+        "ALTER TABLE anyservice_runs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX anyservice_runs_claim_order"
+        " ON anyservice_runs (state, priority DESC, scheduled_at)",
+    ),
+)
+assert len(MIGRATIONS) == SCHEMA_VERSION
+
+COLUMNS = (
+    "seq",
+    "id",
+    "task",
+    "payload",
+    "state",
+    "attempts",
+    "max_attempts",
+    "retries_left",
+    "retry_delay",
+    "timeout",
+    "created_at",
+    "scheduled_at",
+    "priority",
+    "started_at",
+    "finished_at",
+    "lease_owner",
+    "lease_expires_at",
+    "result",
+    "error",
+)
+SELECT = f"SELECT {', '.join(COLUMNS)} FROM anyservice_runs"
+
+INSERT = (
+    "INSERT INTO anyservice_runs (id, task, payload, state, attempts, max_attempts,"
+    " retries_left, retry_delay, timeout, created_at, scheduled_at, priority)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+# Old SQLite builds allow at most 999 parameters per statement.
+_CHUNK = 500
+
+
+def insert_values(run: RunRecord) -> tuple[Any, ...]:
+    """The parameters of :data:`INSERT` for a new run."""
+    return (
+        run.id,
+        run.task,
+        run.payload,
+        run.state.value,
+        run.attempts,
+        run.max_attempts,
+        run.retries_left,
+        run.retry_delay,
+        run.timeout,
+        run.created_at,
+        run.scheduled_at,
+        run.priority,
+    )
+
+
+def is_locked(exc: sqlite3.OperationalError) -> bool:
+    """Whether ``exc`` says the database is locked by another connection (worth a retry)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        # The low byte is the primary code; extended codes like SQLITE_BUSY_SNAPSHOT
+        # (517) are busy too.
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    message = str(exc).lower()
+    return "locked" in message or "busy" in message
+
+
+def chunks(items: list[str]) -> Iterator[list[str]]:
+    """``items`` in slices small enough for one statement's parameters."""
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
+
+
+def marks(count: int) -> str:
+    """``count`` comma-separated ``?`` placeholders."""
+    return ", ".join("?" * count)
+
+
+class _Columns:
+    """One row's values, read by type; every value that does not fit is a problem noted."""
+
+    def __init__(self, row: tuple[Any, ...]) -> None:
+        self.values = dict(zip(COLUMNS, row, strict=True))
+        self.problems: list[str] = []
+
+    def text(self, name: str) -> str:
+        value = self.values[name]
+        if isinstance(value, str):
+            return value
+        self.problems.append(f"{name} {describe_stored(value)} is not text")
+        return "" if value is None else str(value)
+
+    def optional_text(self, name: str) -> str | None:
+        return None if self.values[name] is None else self.text(name)
+
+    def integer(self, name: str) -> int:
+        value = self.values[name]
+        if type(value) is int:
+            return value
+        self.problems.append(f"{name} {describe_stored(value)} is not an integer")
+        return 0
+
+    def real(self, name: str) -> float:
+        value = self.values[name]
+        if type(value) in (int, float) and not math.isnan(value):
+            return float(value)
+        self.problems.append(f"{name} {describe_stored(value)} is not a number")
+        return 0.0
+
+    def optional_real(self, name: str) -> float | None:
+        return None if self.values[name] is None else self.real(name)
+
+    def state(self) -> RunState:
+        value = self.values["state"]
+        try:
+            return RunState(value)
+        except ValueError:
+            self.problems.append(
+                f"state {describe_stored(value)} is not one of {', '.join(RunState)}"
+            )
+            return RunState.FAILED
+
+    def error(self) -> RunError | None:
+        text = self.optional_text("error")
+        if text is None:
+            return None
+        try:
+            return RunError.from_json(text)
+        except PayloadError as exc:
+            self.problems.append(str(exc))
+            return None
+
+
+def _record(columns: _Columns) -> RunRecord:
+    return RunRecord(
+        id=columns.text("id"),
+        task=columns.text("task"),
+        payload=columns.text("payload"),
+        state=columns.state(),
+        attempts=columns.integer("attempts"),
+        max_attempts=columns.integer("max_attempts"),
+        retries_left=columns.integer("retries_left"),
+        retry_delay=columns.real("retry_delay"),
+        timeout=columns.optional_real("timeout"),
+        created_at=columns.real("created_at"),
+        scheduled_at=columns.real("scheduled_at"),
+        priority=columns.integer("priority"),
+        started_at=columns.optional_real("started_at"),
+        finished_at=columns.optional_real("finished_at"),
+        lease_owner=columns.optional_text("lease_owner"),
+        lease_expires_at=columns.optional_real("lease_expires_at"),
+        result=columns.optional_text("result"),
+        error=columns.error(),
+    )
+
+
+def read_row(row: tuple[Any, ...]) -> tuple[int, RunRecord, bool]:
+    """Turn a row of :data:`SELECT` into ``(seq, record, corrupt)``, whatever it holds.
+
+    A corrupt row comes back as a FAILED record, without a lease, whose error is a
+    ``CorruptRunError`` listing every problem found.
+    """
+    columns = _Columns(row)
+    seq = columns.values["seq"] if type(columns.values["seq"]) is int else -1
+    record = _record(columns)
+    if record.state is RunState.RUNNING and (
+        record.lease_owner is None or record.lease_expires_at is None
+    ):
+        columns.problems.append("it is RUNNING without a lease owner and expiry")
+    if not columns.problems:
+        return seq, record, False
+    corrupt = RunError(
+        type=CORRUPT_RUN_ERROR_TYPE,
+        message=f"run {record.id} is corrupt in the database: {'; '.join(columns.problems)}",
+    )
+    record = replace(
+        record, state=RunState.FAILED, lease_owner=None, lease_expires_at=None, error=corrupt
+    )
+    return seq, record, True

@@ -1,0 +1,394 @@
+"""One SQLite connection in a thread of its own, fed by a queue, committing in groups.
+
+sqlite3 blocks, so the broker's statements run outside the event loop; a thread hop per
+call (``anyio.to_thread``) would cost more than the statement. Instead each connection
+has one long-lived thread, and callers queue operations for it (functions of the
+connection) and wait for their own result.
+
+Group commit: the thread takes every operation queued while it was busy and runs them in
+one ``BEGIN IMMEDIATE`` transaction, each write in a savepoint of its own (one that fails
+is rolled back alone), then commits once and wakes every caller. So the window is
+bounded by one transaction's time and costs an idle broker nothing: a lone call is
+committed at once. A caller is woken only after the commit, so a result it was told is
+stored is durable (a process killed mid-batch loses the whole batch, which nobody was
+told about).
+
+A locked database (another process holds the write lock) is retried with jittered,
+bounded exponential backoff for ``lock_timeout`` seconds; meanwhile the waiting callers
+can still give up (be cancelled), and only an operation already executing holds its
+caller until it is done.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import os
+import random
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+
+from .._errors import BrokerBusyError, BrokerError
+from ._loop_backends import LoopHandle
+from ._sqlite_rows import is_locked
+
+__all__ = ["ConnectionThread"]
+
+T = TypeVar("T")
+
+_FIRST_BACKOFF = 0.005
+_MAX_BACKOFF = 0.5
+#: Most operations in one transaction, so one batch cannot hold the write lock for long.
+_MAX_BATCH = 1_000
+
+
+class _Step(enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    ABANDONED = "abandoned"
+    DONE = "done"
+
+
+class _Operation:
+    """One queued call: what to run, and where its caller waits for the outcome."""
+
+    __slots__ = ("error", "event", "function", "loop", "signal", "step", "value", "write")
+
+    def __init__(
+        self, function: Callable[[sqlite3.Connection], Any], write: bool, signal: bytes = b""
+    ) -> None:
+        self.function = function
+        self.write = write
+        #: What to tell other processes once committed (empty: nothing worth telling).
+        self.signal = signal
+        self.loop = LoopHandle.current()
+        self.event = anyio.Event()
+        self.step = _Step.PENDING
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+
+def _wake(operations: list[_Operation]) -> None:
+    for operation in operations:
+        operation.event.set()
+
+
+class ConnectionThread:
+    """A SQLite connection owned by one thread, and the queue of calls it runs.
+
+    Args:
+        path: The database file.
+        url: The broker's URL, for error messages.
+        busy_timeout: Seconds SQLite itself waits for a lock before reporting it busy.
+        lock_timeout: Seconds to retry a locked database before :class:`BrokerBusyError`.
+        on_commit: Called in the thread after each committed transaction whose
+            operations asked for a signal, with the set of their signals.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        url: str,
+        busy_timeout: float,
+        lock_timeout: float,
+        on_commit: Callable[[set[bytes]], None] | None = None,
+    ) -> None:
+        self._path = path
+        self._url = url
+        self._busy_timeout = busy_timeout
+        self._lock_timeout = lock_timeout
+        self._on_commit = on_commit
+        self._condition = threading.Condition()
+        self._pending: deque[_Operation] = deque()
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self._conn: sqlite3.Connection | None = None
+        #: (device, inode) of the file opened, to notice it deleted or replaced.
+        self._identity: tuple[int, int] | None = None
+        #: How many times a locked database was retried; a health signal.
+        self.lock_retries = 0
+        #: How many transactions with writes were committed (calls share them).
+        self.commits = 0
+
+    @property
+    def is_open(self) -> bool:
+        """Whether calls are accepted."""
+        return self._thread is not None and not self._closing
+
+    # --- the callers' side --------------------------------------------------------------
+
+    async def open(self, prepare: Callable[[sqlite3.Connection], None]) -> None:
+        """Start the thread, connect and run ``prepare`` (outside any transaction).
+
+        Raises:
+            BrokerError: The file cannot be opened, or ``prepare`` failed.
+        """
+        self._closing = False
+        first = _Operation(prepare, write=False)
+        first.step = _Step.RUNNING
+        thread = threading.Thread(
+            target=self._serve, args=(first,), name=f"anyservice {self._url}", daemon=True
+        )
+        self._thread = thread
+        thread.start()
+        # The first operation cannot be abandoned: the thread owns it from the start.
+        with anyio.CancelScope(shield=True):
+            await first.event.wait()
+        if first.error is not None:
+            await anyio.to_thread.run_sync(thread.join)
+            self._thread = None
+            raise first.error
+
+    async def call(
+        self,
+        function: Callable[[sqlite3.Connection], T],
+        *,
+        write: bool = True,
+        signal: bytes = b"",
+    ) -> T:
+        """Run ``function(connection)`` in the thread, in a transaction if ``write``.
+
+        ``signal`` is passed to ``on_commit`` once the call's writes are committed.
+
+        Raises:
+            BrokerBusyError: The database stayed locked for ``lock_timeout`` seconds.
+            BrokerError: Any other SQLite error, or the connection is not open.
+        """
+        operation = _Operation(function, write, signal)
+        with self._condition:
+            if not self.is_open:
+                raise BrokerError(
+                    f"SQLite database {self._path} is not open; "
+                    "use 'async with broker:' or 'await broker.open()'"
+                )
+            self._pending.append(operation)
+            self._condition.notify()
+        try:
+            await operation.event.wait()
+        except anyio.get_cancelled_exc_class():
+            with self._condition:
+                if operation.step is _Step.PENDING:
+                    operation.step = _Step.ABANDONED
+                    raise
+            # Already executing: its effect is on its way, so the caller waits for it.
+            with anyio.CancelScope(shield=True):
+                await operation.event.wait()
+            raise
+        if operation.error is not None:
+            raise operation.error
+        return operation.value  # type: ignore[no-any-return]
+
+    async def close(self) -> None:
+        """Run what is queued, close the connection and end the thread."""
+        thread = self._thread
+        with self._condition:
+            if thread is None or self._closing:
+                return
+            self._closing = True
+            self._condition.notify_all()
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(thread.join)
+        self._thread = None
+
+    def check_file(self) -> None:
+        """Raise :class:`BrokerError` if the open file was deleted or replaced.
+
+        A connection keeps using the file it opened, unlinked or not, while processes
+        that open the path afterwards get a new file: their runs and this connection's
+        would never meet.
+        """
+        try:
+            info = os.stat(self._path)
+        except FileNotFoundError:
+            raise BrokerError(
+                f"SQLite database {self._path} was deleted while open: its runs are gone "
+                "for every other process; restart with the file in place"
+            ) from None
+        except OSError as exc:
+            raise BrokerError(
+                f"SQLite database {self._path}: cannot check the file: {exc}"
+            ) from exc
+        if self._identity is not None and (info.st_dev, info.st_ino) != self._identity:
+            raise BrokerError(
+                f"SQLite database {self._path} was replaced by another file while open: "
+                "new runs go to the new file, which this broker does not see; restart it"
+            )
+
+    # --- the thread's side --------------------------------------------------------------
+
+    def _serve(self, first: _Operation) -> None:
+        try:
+            # Task arguments and results are the user's own: create the file 0600, and
+            # SQLite gives its WAL and shared-memory files the mode of the database's.
+            # An existing file keeps its mode.
+            os.close(os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600))
+            self._conn = sqlite3.connect(
+                self._path,
+                timeout=self._busy_timeout,
+                # Transactions are explicit (BEGIN IMMEDIATE), never implicit.
+                isolation_level=None,
+            )
+            info = os.stat(self._path)
+            self._identity = (info.st_dev, info.st_ino)
+        except (sqlite3.Error, OSError) as exc:
+            first.error = BrokerError(f"cannot open SQLite database {self._path!r}: {exc}")
+            self._deliver([first])
+            return
+        try:
+            self._run([first])
+            if first.error is not None:
+                return
+            while (batch := self._take()) is not None:
+                self._run(batch)
+        finally:
+            self._conn.close()
+            self._conn = None
+
+    def _take(self) -> list[_Operation] | None:
+        """Wait for queued operations and take them; ``None`` once closing and drained."""
+        with self._condition:
+            while True:
+                batch: list[_Operation] = []
+                while self._pending and len(batch) < _MAX_BATCH:
+                    operation = self._pending.popleft()
+                    if operation.step is _Step.PENDING:
+                        operation.step = _Step.RUNNING
+                        batch.append(operation)
+                if batch:
+                    return batch
+                if self._closing:
+                    return None
+                self._condition.wait()
+
+    def _run(self, batch: list[_Operation]) -> None:
+        """Execute a batch, retrying it whole while the database is locked."""
+        deadline = time.monotonic() + self._lock_timeout
+        delay = _FIRST_BACKOFF
+        while True:
+            try:
+                committed = self._execute(batch)
+            except sqlite3.OperationalError as exc:
+                if not is_locked(exc):
+                    self._fail_writes(batch, exc)
+                    return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    for operation in batch:
+                        operation.error = BrokerBusyError(
+                            f"SQLite database {self._path!r} stayed locked for more than "
+                            f"{self._lock_timeout:g} s (lock_timeout): {exc}"
+                        )
+                    self._deliver(batch)
+                    return
+                self.lock_retries += 1
+                batch = self._back_off(batch, min(delay * random.uniform(0.5, 1.0), remaining))
+                delay = min(delay * 2, _MAX_BACKOFF)
+                if not batch:
+                    return
+            except sqlite3.Error as exc:
+                self._fail_writes(batch, exc)
+                return
+            else:
+                if committed and self._on_commit is not None:
+                    signals = {op.signal for op in batch if op.signal and op.error is None}
+                    if signals:
+                        self._on_commit(signals)
+                self._deliver(batch)
+                return
+
+    def _back_off(self, batch: list[_Operation], seconds: float) -> list[_Operation]:
+        """Wait before a retry, letting callers give up meanwhile; what is still wanted."""
+        with self._condition:
+            for operation in batch:
+                operation.step = _Step.PENDING
+                operation.error = None
+            if not self._closing:
+                self._condition.wait(seconds)
+            wanted = [operation for operation in batch if operation.step is _Step.PENDING]
+            for operation in wanted:
+                operation.step = _Step.RUNNING
+            return wanted
+
+    def _execute(self, batch: list[_Operation]) -> bool:
+        """Run ``batch`` in one transaction if it writes; whether it committed writes.
+
+        Raises:
+            sqlite3.OperationalError: The database is locked (nothing was kept), or the
+                commit failed.
+        """
+        conn = self._conn
+        assert conn is not None
+        writes = [operation for operation in batch if operation.write]
+        savepoints = len(writes) > 1
+        try:
+            if writes:
+                conn.execute("BEGIN IMMEDIATE")
+            for operation in batch:
+                self._apply(conn, operation, savepoint=savepoints and operation.write)
+            if not writes:
+                return False
+            if not savepoints and writes[0].error is not None:
+                conn.execute("ROLLBACK")
+                return False
+            conn.execute("COMMIT")
+            self.commits += 1
+            return True
+        except BaseException:
+            if conn.in_transaction:
+                try:
+                    conn.rollback()
+                except sqlite3.Error:
+                    pass  # The original error says more.
+            raise
+
+    def _apply(self, conn: sqlite3.Connection, operation: _Operation, *, savepoint: bool) -> None:
+        if savepoint:
+            conn.execute("SAVEPOINT operation")
+        try:
+            value = operation.function(conn)
+            # A cursor must die in this thread: finalised in the caller's, while this
+            # thread uses the connection, it is an "API misuse" error of SQLite's.
+            operation.value = None if isinstance(value, sqlite3.Cursor) else value
+        except sqlite3.OperationalError as exc:
+            if is_locked(exc):
+                raise
+            operation.error = self._broker_error(exc)
+        except sqlite3.Error as exc:
+            operation.error = self._broker_error(exc)
+        except Exception as exc:
+            operation.error = exc
+        if savepoint:
+            if operation.error is not None:
+                conn.execute("ROLLBACK TO operation")
+            conn.execute("RELEASE operation")
+
+    def _broker_error(self, exc: sqlite3.Error) -> BrokerError:
+        error = BrokerError(f"SQLite database {self._path}: {exc}")
+        error.__cause__ = exc
+        return error
+
+    def _fail_writes(self, batch: list[_Operation], exc: sqlite3.Error) -> None:
+        """The transaction failed: every operation of it fails with the error."""
+        for operation in batch:
+            if operation.error is None:
+                operation.error = self._broker_error(exc)
+        self._deliver(batch)
+
+    def _deliver(self, batch: list[_Operation]) -> None:
+        """Wake the callers, one call into each event loop for the whole batch."""
+        by_loop: dict[int, tuple[LoopHandle, list[_Operation]]] = {}
+        with self._condition:
+            for operation in batch:
+                operation.step = _Step.DONE
+                key = id(operation.loop.native)
+                by_loop.setdefault(key, (operation.loop, []))[1].append(operation)
+        for loop, operations in by_loop.values():
+            loop.call_soon(functools.partial(_wake, operations))

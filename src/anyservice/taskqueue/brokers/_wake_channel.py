@@ -1,0 +1,181 @@
+"""Waking brokers of one SQLite file in other processes: a datagram socket each.
+
+Every open broker of a file binds a Unix datagram socket in a directory beside it
+(``runs.db-wake/``, mode 0700), named after its process. A broker that committed a change
+sends one byte to every other socket there (``w`` for new work, ``c`` for another change);
+a thread per broker sleeps in ``recv`` and wakes that broker's waiters. A sleeping thread
+costs no CPU, and a datagram reaches it in microseconds, where polling the file would
+cost either latency or a core.
+
+The signal is only a hint, never the truth: a datagram may be dropped (the receiver's
+buffer is full, so it has pokes pending anyway) and a broker that cannot bind (no Unix
+sockets, a directory it may not write) simply isn't woken this way; waiters keep polling
+``PRAGMA data_version`` as the fallback. Sockets left by a killed process refuse
+datagrams, and the first sender to meet one deletes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import socket
+import stat
+import threading
+from collections.abc import Callable
+
+__all__ = ["CHANGE", "WORK", "WakeChannel"]
+
+#: The byte sent after a commit that may have made a run claimable.
+WORK = b"w"
+#: The byte sent after any other change to the runs.
+CHANGE = b"c"
+_CLOSE = b"x"
+
+# Unix socket addresses are limited to about 104 bytes (sun_path).
+_MAX_ADDRESS = 100
+_SUFFIX = ".sock"
+
+
+class WakeChannel:
+    """This broker's socket beside the database file, and the pokes it sends to others.
+
+    Args:
+        database: The database file's absolute path.
+        on_poke: Called in the listening thread when pokes arrived, with whether any
+            of them was ``WORK``.
+    """
+
+    def __init__(self, database: str, on_poke: Callable[[bool], None]) -> None:
+        self.directory = database + "-wake"
+        self._on_poke = on_poke
+        self._name = f"{os.getpid()}-{secrets.token_hex(4)}{_SUFFIX}"
+        self._socket: socket.socket | None = None
+        self._directory_fd: int | None = None
+        self._thread: threading.Thread | None = None
+        self._peers: list[str] = []
+        self._peers_seen: int | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def active(self) -> bool:
+        """Whether this broker is listening (otherwise only polling notices others)."""
+        return self._thread is not None
+
+    def open(self) -> bool:
+        """Bind and start listening; whether it worked (if not, polling must do)."""
+        if not hasattr(socket, "AF_UNIX"):
+            return False
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            self._directory_fd = os.open(self.directory, os.O_RDONLY)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        except OSError:
+            self._close_directory()
+            return False
+        address = self._address(self._name)
+        try:
+            if address is None:
+                raise OSError("the socket's path is too long")
+            sock.bind(address)
+        except OSError:
+            sock.close()
+            self._close_directory()
+            return False
+        self._socket = sock
+        self._thread = threading.Thread(
+            target=self._listen, name=f"anyservice wake {self._name}", daemon=True
+        )
+        self._thread.start()
+        return True
+
+    def close(self) -> None:
+        """Stop listening and remove this broker's socket (blocks briefly)."""
+        sock, thread = self._socket, self._thread
+        if sock is None or thread is None:
+            return
+        address = self._address(self._name)
+        if address is not None:
+            with contextlib.suppress(OSError):
+                sock.sendto(_CLOSE, address)
+        thread.join(5)
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(self.directory, self._name))
+        sock.close()
+        self._socket = self._thread = None
+        self._close_directory()
+
+    def poke(self, kind: bytes) -> None:
+        """Tell every other broker of the file that runs changed (``WORK`` or ``CHANGE``)."""
+        sock = self._socket
+        if sock is None:
+            return
+        for name in self._other_sockets():
+            address = self._address(name)
+            if address is None:
+                continue
+            try:
+                sock.sendto(kind, socket.MSG_DONTWAIT, address)
+            except (ConnectionRefusedError, FileNotFoundError):
+                # Nobody listens there any more (a killed process): tidy up for everyone.
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.directory, name))
+            except OSError:
+                pass  # A full buffer has pokes pending already; anything else, polling sees.
+
+    # --- internals --------------------------------------------------------------------
+
+    def _address(self, name: str) -> str | None:
+        path = os.path.join(self.directory, name)
+        if len(os.fsencode(path)) <= _MAX_ADDRESS:
+            return path
+        # Linux reaches a long directory through its descriptor, in a short path.
+        short = f"/proc/self/fd/{self._directory_fd}/{name}"
+        if self._directory_fd is not None and os.path.isdir("/proc/self/fd"):
+            return short
+        return None
+
+    def _other_sockets(self) -> list[str]:
+        """The other brokers' socket names, read again only when the directory changed."""
+        try:
+            seen = os.stat(self.directory).st_mtime_ns
+        except OSError:
+            return []
+        with self._lock:
+            if seen != self._peers_seen:
+                try:
+                    with os.scandir(self.directory) as entries:
+                        self._peers = [
+                            entry.name
+                            for entry in entries
+                            if entry.name.endswith(_SUFFIX)
+                            and entry.name != self._name
+                            and stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode)
+                        ]
+                except OSError:
+                    self._peers = []
+                self._peers_seen = seen
+            return self._peers
+
+    def _listen(self) -> None:
+        sock = self._socket
+        assert sock is not None
+        while True:
+            try:
+                kinds = {sock.recv(16)}
+                # Many pokes may have queued up: one wake-up for all of them.
+                while True:
+                    kinds.add(sock.recv(16, socket.MSG_DONTWAIT))
+            except BlockingIOError:
+                pass
+            except OSError:
+                return
+            if _CLOSE in kinds:
+                return
+            self._on_poke(WORK in kinds)
+
+    def _close_directory(self) -> None:
+        if self._directory_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._directory_fd)
+            self._directory_fd = None
