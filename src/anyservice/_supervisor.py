@@ -72,7 +72,8 @@ class _Child:
     #: The supervisor is stopping it on purpose (one-for-all / rest-for-one): not an exit.
     stopping: bool = False
     running: bool = False
-    exited: anyio.Event | None = field(default=None, repr=False)
+    #: Told when the child's run has ended, while the supervisor waits for it with others.
+    ended: Countdown | None = field(default=None, repr=False)
 
 
 _Exit = tuple[_Child, BaseException | None]
@@ -288,20 +289,35 @@ class Supervisor(Service):
         A child whose stop runs none of the user's code is only told to stop; before the
         next child whose stop can be seen, and at the end, the supervisor waits for those.
         """
-        unwinding: list[Service] = []
+        unwinding: list[_Child] = []
         for child in children:
             if not child.running:
                 continue
             child.stopping = True
             if unwind_unobservable(child.service):
-                unwinding.append(child.service)
+                unwinding.append(child)
                 continue
-            for service in unwinding:
-                await stop_service(service)
+            await self._wait_ended(unwinding)
             unwinding.clear()
             await stop_service(child.service)
-        for service in unwinding:
-            await stop_service(service)
+        await self._wait_ended(unwinding)
+
+    async def _wait_ended(self, children: list[_Child]) -> None:
+        """Wait until the runs of ``children``, told to stop, have ended: one wait for all.
+
+        They run none of the user's code at stop, so they end at once; the bound is the
+        one a stop of each would have had, in case one does not.
+        """
+        if not children:
+            return
+        ended = Countdown()
+        for child in children:
+            if child.running:
+                child.ended = ended
+                ended.remaining += 1
+        bound = max((child.service.shutdown_timeout for child in children), default=0.0)
+        with anyio.move_on_after(bound + 1.0):
+            await ended.wait()
 
     async def _start(self, child: _Child) -> None:
         """Start ``child`` in the supervisor's scope; returns once it is RUNNING (or ended).
@@ -332,6 +348,9 @@ class Supervisor(Service):
         finally:
             child.running = False
             started.started()
+            ended, child.ended = child.ended, None
+            if ended is not None:
+                ended.started()
         exits = self._exits
         if exits is not None:
             try:
