@@ -263,6 +263,33 @@ async def test_a_tick_started_late_that_ends_past_the_next_point_is_followed_at_
     assert caplog.records == []
 
 
+async def test_time_lost_between_the_wake_up_and_the_body_does_not_crash_the_timer(
+    anyio_backend: tuple[str, object],
+) -> None:
+    # The late wake-up's warning goes to a handler that takes 35 ms (a slow disk, a loaded
+    # machine): the tick then starts past the next grid point before its body runs. That
+    # is a late tick; it used to crash the service with "finished_at is before started_at".
+    backend = anyio_backend[0]
+
+    class Slow(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "woke up" in record.getMessage():
+                block_the_event_loop(backend, 0.035)
+
+    service, starts = busy_loop_ticker(backend, block_at=0.005, block_for=0.02, body=0)
+    handler = Slow(logging.WARNING)
+    library = logging.getLogger("anyservice")
+    library.addHandler(handler)
+    try:
+        t0 = await run_for(service, 0.205)
+    finally:
+        library.removeHandler(handler)
+    assert service.state is ServiceState.STOPPED
+    # Woke at 25 ms for the tick due at 10 ms, started it at 60 ms: the next ticks follow.
+    assert starts[0] - t0 == pytest.approx(0.06)
+    assert len(starts) >= 10
+
+
 async def test_a_long_body_is_still_an_overrun_and_says_so(
     anyio_backend: tuple[str, object], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -153,8 +153,10 @@ class TimerSpec(_PeriodicSpec):
             if skip and finished - started <= schedule.interval:
                 # The body alone fits in an interval: if it still ended past the next grid
                 # point, a late start did that, and the next tick runs at once, late, rather
-                # than being counted as an overrun and skipped.
-                finished = min(finished, due + schedule.interval)
+                # than being counted as an overrun and skipped. (Never before its start:
+                # the time between the wake-up and the start, a slow log handler's, say,
+                # may already be past that point.)
+                finished = max(started, min(finished, due + schedule.interval))
             outcome = schedule.advance(started, finished)
             stats.missed += outcome.missed
             if outcome.overran:
