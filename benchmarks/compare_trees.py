@@ -48,6 +48,8 @@ KEY_COLUMNS = {
     "loop",
     "owner",
 }
+#: Rows that measure no anyservice code (trio-util's ``periodic`` against the baseline loop).
+CONTROL = "trio-util"
 _UNITS = {"s": 1.0, "ms": 1e-3, "µs": 1e-6, "ns": 1e-9}
 
 
@@ -242,13 +244,17 @@ def report(args: argparse.Namespace) -> None:
         quotient = median(after) / median(before)
         overlap = min(after) <= max(before) and min(before) <= max(after)
         verdict = "within noise" if overlap else "**slower**" if quotient > 1 else "faster"
+        if CONTROL in key:
+            # No anyservice in it: the same figure on both trees shows the noise alone.
+            verdict = f"control: {verdict}"
         print(
             f"| {key} | {column} | {median(before):.2f}x ({min(before):.2f}-{max(before):.2f}) "
             f"| {median(after):.2f}x ({min(after):.2f}-{max(after):.2f}) | {quotient:.2f} "
             f"| {len(before)}/{len(after)} | {verdict} |"
         )
     for (name, table_title, key), count in errors.items():
-        print(f"errors: {name} / {table_title} / {key}: {count}")
+        failed = ", ".join(f"{label} {n}" for label, n in sorted(count.items()))
+        print(f"- samples that failed: {name} / {table_title} / {key}: {failed}")
 
 
 def main(argv: list[str] | None = None) -> int:
