@@ -234,3 +234,25 @@ async def test_processes_racing_for_a_lease_get_one_holder(racers: list[Broker])
     lease = await racers[0].get_lease("leader")
     assert lease is not None
     assert lease.holder == won[0]
+
+
+async def test_applications_in_two_schemas_of_one_database_keep_their_own(
+    postgres_url: str,
+) -> None:
+    with postgres_schema(postgres_url) as first_url, postgres_schema(postgres_url) as second_url:
+        first, second = broker_from_url(first_url), broker_from_url(second_url)
+        try:
+            for each in (first, second):
+                await each.open()
+                tick = await store(each, START)
+                assert tick.result is TickResult.STORED
+                assert await each.acquire_lease("leader", "a", lease_seconds=60) is not None
+            run, _ = await first.submit_once("report", "say", PAYLOAD)
+            other, created = await second.submit_once("report", "say", PAYLOAD)
+            assert created
+            assert other.id != run.id
+            assert await second.get(run.id) is None
+            assert [r.id for r in await second.list_runs()] == [other.id, tick.run_id]
+        finally:
+            await first.close()
+            await second.close()

@@ -109,11 +109,15 @@ SELECT requeued.* FROM requeued CROSS JOIN LATERAL pg_notify(%(channel)s, 'w') A
 """
 
 
+_PLACEHOLDERS = ("ticks", "leases", "keys", "cancels")
+_NAMES = tuple(f"anyservice_{name}" for name in _PLACEHOLDERS)
+
+
 def cluster_tables(schema: str) -> dict[str, sql.Composed]:
     """The cluster tables' names in ``schema``, by their placeholders in statements."""
     return {
-        name: sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(f"anyservice_{name}"))
-        for name in ("ticks", "leases", "keys", "cancels")
+        placeholder: sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(name))
+        for placeholder, name in zip(_PLACEHOLDERS, _NAMES, strict=True)
     }
 
 
@@ -170,6 +174,15 @@ class PostgresClusterStorage:
         return await self._call(operation)
 
     def _create_tables(self, conn: psycopg.Connection[Any]) -> None:
+        # Made already: CREATE ... IF NOT EXISTS would still need the CREATE privilege, which
+        # the workers' database user may only have had the first time.
+        (found,) = conn.execute(
+            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = %s AND c.relname = ANY(%s)",
+            (self._schema, [*_NAMES, "anyservice_ticks_runs"]),
+        ).fetchone() or (0,)
+        if found == len(_NAMES) + 1:
+            return
         with conn.transaction():
             # Concurrent CREATE ... IF NOT EXISTS of one table can still collide: take turns.
             conn.execute(
