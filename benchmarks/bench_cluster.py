@@ -47,18 +47,8 @@ from _harness import (
     ratio,
     require,
 )
+from bench_postgres import MissingPostgres, find_binaries, postgres_schema, postgres_server
 from bench_taskqueue import Database, _kill, _open_for_writing, sqlite_database
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from tests._postgres import (  # noqa: E402 - the test helper lives beside the benchmarks
-    MissingPostgres,
-    find_binaries,
-    postgres_schema,
-    postgres_server,
-)
 
 NAME = "cluster"
 TITLE = "Cluster: scheduled-tick lateness and singleton fail-over, on SQLite and PostgreSQL"

@@ -29,7 +29,8 @@ hosts sharing a database need clocks kept in step (NTP), to well within a lease.
 
 The schema lives in tables named ``anyservice_*`` in the URL's ``schema`` (``public`` by
 default), created on first use under an advisory lock and versioned by a row in
-``anyservice_meta``: an older anyservice refuses a newer schema.
+``anyservice_meta``: an older anyservice refuses a newer schema. The cluster's tables
+(ticks, leases, keys, cancel requests) are ``_postgres_cluster.py``'s, made on first use.
 """
 
 from __future__ import annotations

@@ -36,8 +36,6 @@ from .._records import RunRecord, RunState
 if TYPE_CHECKING:
     import psycopg
 
-    from ._postgres import _Wakeups
-
 __all__ = ["PostgresClusterStorage", "cluster_tables"]
 
 T = TypeVar("T")
@@ -134,7 +132,6 @@ class PostgresClusterStorage:
         _clock: Callable[[], float]
         _schema: str
         _channel: str
-        _wakeups: _Wakeups
         #: Every column of a run, of the table aliased ``r``, and the reader of such rows.
         _run_columns: str
         #: The one insert of new runs, and its parameters.
@@ -328,10 +325,8 @@ class PostgresClusterStorage:
                     return RunState.RUNNING
                 return None
 
-        state = await self._cluster_call(request)
-        if state is RunState.CANCELLED:
-            self._wakeups.run_finished(run_id)
-        return state
+        # The waiters for the run, here too, hear of its end through the LISTEN connection.
+        return await self._cluster_call(request)
 
     async def _cancel_requests(self, owner: str, run_ids: list[str]) -> set[str]:
         rows = await self._cluster_rows(
