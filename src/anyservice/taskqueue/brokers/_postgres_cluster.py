@@ -1,6 +1,6 @@
 """The PostgreSQL broker's cluster storage: ticks, leases, run keys and cancel requests.
 
-Four tables beside the runs, in the broker's schema, created on first use (``CREATE TABLE
+Five tables beside the runs, in the broker's schema, created on first use (``CREATE TABLE
 IF NOT EXISTS``, under the advisory lock the broker's own tables are made under): a
 database made by an older anyservice gains them without a new schema version, and one that
 never uses schedules, singletons, keys or cancels never has them. Why each step is safe
@@ -8,8 +8,9 @@ with any number of processes:
 
 * A tick is guarded by its primary key (schedule, due): ``INSERT ... ON CONFLICT DO
   NOTHING``, chained in the same statement to the insert of its run, which happens only if
-  the tick row went in naming the run. A second process storing the same tick waits for
-  the first one's commit and stores nothing.
+  the tick row went in naming the run, and to the update of the schedule's counts. A
+  second process storing the same tick waits for the first one's commit and stores
+  nothing.
 * A lease is one upsert whose ``DO UPDATE`` applies only for its holder or once the lease
   expired. ``ON CONFLICT`` locks the row, so two takers take turns and the second sees the
   first's lease.
@@ -53,6 +54,16 @@ _TABLES = (
     # overlap=False looks for a RUNNING run among a schedule's ticks: from the few RUNNING
     # runs to their ticks, not through every tick the schedule ever had.
     "CREATE INDEX IF NOT EXISTS anyservice_ticks_runs ON {ticks} (run_id)",
+    # Each schedule's counts, kept by the statement that stores a tick: every worker reads
+    # them before each tick, and counting the ticks would cost more as they pile up.
+    """
+    CREATE TABLE IF NOT EXISTS {schedules} (
+        schedule text PRIMARY KEY,
+        runs bigint NOT NULL,
+        skipped bigint NOT NULL,
+        latest double precision NOT NULL
+    )
+    """,
     """
     CREATE TABLE IF NOT EXISTS {leases} (
         name text PRIMARY KEY,
@@ -80,6 +91,11 @@ WITH busy AS (
 ), inserted AS (
     {insert} WHERE EXISTS (SELECT 1 FROM tick WHERE run_id IS NOT NULL)
     RETURNING 1
+), counted AS (
+    INSERT INTO {schedules} AS s (schedule, runs, skipped, latest)
+    SELECT %(schedule)s, (run_id IS NOT NULL)::int, (run_id IS NULL)::int, %(due)s FROM tick
+    ON CONFLICT (schedule) DO UPDATE SET runs = s.runs + excluded.runs,
+        skipped = s.skipped + excluded.skipped, latest = greatest(s.latest, excluded.latest)
 )
 SELECT
     (SELECT count(*) FROM tick),
@@ -107,7 +123,7 @@ SELECT requeued.* FROM requeued CROSS JOIN LATERAL pg_notify(%(channel)s, 'w') A
 """
 
 
-_PLACEHOLDERS = ("ticks", "leases", "keys", "cancels")
+_PLACEHOLDERS = ("ticks", "schedules", "leases", "keys", "cancels")
 _NAMES = tuple(f"anyservice_{name}" for name in _PLACEHOLDERS)
 
 
@@ -210,11 +226,14 @@ class PostgresClusterStorage:
         return TickResult.STORED if runs else TickResult.SKIPPED
 
     async def _tick_counts(self, schedule: str) -> TickCounts:
-        ((total, runs, latest),) = await self._cluster_rows(
-            "SELECT count(*), count(run_id), max(due) FROM {ticks} WHERE schedule = %(schedule)s",
+        rows = await self._cluster_rows(
+            "SELECT runs, skipped, latest FROM {schedules} WHERE schedule = %(schedule)s",
             {"schedule": schedule},
         )
-        return TickCounts(runs=runs, skipped=total - runs, latest=latest)
+        if not rows:
+            return TickCounts()
+        ((runs, skipped, latest),) = rows
+        return TickCounts(runs=runs, skipped=skipped, latest=latest)
 
     async def _acquire_lease(self, name: str, holder: str, lease_seconds: float) -> Lease | None:
         now = self._clock()
