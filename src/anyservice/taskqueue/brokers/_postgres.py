@@ -82,7 +82,7 @@ __all__ = ["SCHEMA_VERSION", "PostgresBroker"]
 T = TypeVar("T")
 
 #: The ``schema_version`` row of a database with the current tables.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _DEFAULT_POLL_INTERVAL = 1.0
 _POLL_ONLY_INTERVAL = 0.05
@@ -133,12 +133,22 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    # Claims take due runs by priority (higher first), then due time, then submission.
+    (
+        "ALTER TABLE {s}.anyservice_runs ADD COLUMN priority integer NOT NULL DEFAULT 0",
+        # Beside the due-time index, which finds when the next run falls due.
+        "CREATE INDEX anyservice_runs_claim_order ON {s}.anyservice_runs"
+        " (priority DESC, scheduled_at, seq) WHERE state = 'SCHEDULED'",
+    ),
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
 # The record's fields in its order, after the submission sequence number.
 _COLUMNS = ("seq", *(column.name for column in dataclasses.fields(RunRecord)))
 _RETURNING = ", ".join(f"r.{name}" for name in _COLUMNS)
+_SEQ, _PRIORITY, _SCHEDULED_AT = (
+    _COLUMNS.index(name) for name in ("seq", "priority", "scheduled_at")
+)
 
 
 def _abandoned_template() -> str:
@@ -168,6 +178,7 @@ _NEW_RUN_COLUMNS = (
     ("timeout", "double precision"),
     ("created_at", "double precision"),
     ("scheduled_at", "double precision"),
+    ("priority", "integer"),
 )
 
 #: Stores the runs given by :func:`insert_parameters` (an array per column); a statement
@@ -207,19 +218,19 @@ WITH crashed AS (
     )
     RETURNING r.id
 ), fresh AS (
-    SELECT seq, scheduled_at FROM {runs}
+    SELECT seq, priority, scheduled_at FROM {runs}
     WHERE state = 'SCHEDULED' AND scheduled_at <= %(now)s AND task = ANY(%(tasks)s)
-    ORDER BY scheduled_at, seq LIMIT %(limit)s
+    ORDER BY priority DESC, scheduled_at, seq LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ), expired AS (
-    SELECT seq, scheduled_at FROM {runs}
+    SELECT seq, priority, scheduled_at FROM {runs}
     WHERE state = 'RUNNING' AND lease_expires_at <= %(now)s AND task = ANY(%(tasks)s)
         AND attempts < max_attempts
-    ORDER BY scheduled_at, seq LIMIT %(limit)s
+    ORDER BY priority DESC, scheduled_at, seq LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ), picked AS (
     SELECT seq FROM (SELECT * FROM fresh UNION ALL SELECT * FROM expired) AS due
-    ORDER BY scheduled_at, seq LIMIT %(limit)s
+    ORDER BY priority DESC, scheduled_at, seq LIMIT %(limit)s
 ), claimed AS (
     UPDATE {runs} r SET state = 'RUNNING', attempts = r.attempts + 1, started_at = %(now)s,
         lease_owner = %(owner)s, lease_expires_at = %(expires)s
@@ -976,9 +987,10 @@ class PostgresBroker(PostgresClusterStorage, _Waits, _Connections, BaseBroker):
             )
         )
         scheduled, expiring, crashed = rows[0][:3]
-        # Oldest first: by due time, then submission order (the sequence number).
+        # In claim order: higher priority, then due time, then submission (the sequence).
         claimed = sorted(
-            (row[3:] for row in rows if row[3] is not None), key=lambda row: (row[11], row[0])
+            (row[3:] for row in rows if row[3] is not None),
+            key=lambda row: (-row[_PRIORITY], row[_SCHEDULED_AT], row[_SEQ]),
         )
         runs = [_record(row) for row in claimed]
         for run_id in crashed or ():
