@@ -1,4 +1,4 @@
-"""The cluster on SQLite: how late scheduled ticks start, and how fast a singleton fails over.
+"""The cluster on SQLite and PostgreSQL: how late ticks start, how fast a singleton fails over.
 
 Tick lateness is the time from a tick's due time to its body's first line, with 1 and 4
 worker processes serving the schedule (every worker races to store each tick; one wins).
@@ -11,8 +11,10 @@ service on another replica. The floor, read in the same run, is the time the dea
 lease still had to run at the kill (read from the database): nobody may take over before
 it expires.
 
-Processes are this file run as a script: ``python bench_cluster.py --schedule URL BACKEND
-EVERY DIR`` or ``--singleton URL BACKEND LEASE DIR``.
+Each figure is measured on a fresh SQLite file and on a fresh schema of a PostgreSQL server
+started for the run (fsync on), when the server's binaries are installed. Processes are
+this file run as a script: ``python bench_cluster.py --schedule URL BACKEND EVERY DIR`` or
+``--singleton URL BACKEND LEASE DIR``.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +47,11 @@ from _harness import (
     ratio,
     require,
 )
-from bench_taskqueue import _kill, _open_for_writing
+from bench_postgres import MissingPostgres, find_binaries, postgres_schema, postgres_server
+from bench_taskqueue import Database, _kill, _open_for_writing, sqlite_database
 
 NAME = "cluster"
-TITLE = "Cluster: scheduled-tick lateness and singleton fail-over, on SQLite"
+TITLE = "Cluster: scheduled-tick lateness and singleton fail-over, on SQLite and PostgreSQL"
 
 #: Seconds between ticks of the benchmark's schedule.
 EVERY = 0.25
@@ -154,7 +157,7 @@ async def processes(
 # --- the samples ---------------------------------------------------------------------------
 
 
-def lateness(config: Config, workers: int) -> Callable[[], SampleFunction]:
+def lateness(config: Config, workers: int, database: Database) -> Callable[[], SampleFunction]:
     """p50/p99 of tick lateness with ``workers`` processes serving an every-250-ms schedule."""
 
     def build() -> SampleFunction:
@@ -162,9 +165,8 @@ def lateness(config: Config, workers: int) -> Callable[[], SampleFunction]:
         ticks = ticks_for(config)
 
         async def sample() -> Metrics:
-            with tempfile.TemporaryDirectory() as name:
+            with tempfile.TemporaryDirectory() as name, database() as url:
                 directory = Path(name)
-                url = f"sqlite:///{directory / 'runs.db'}"
                 log = directory / "ticks.log"
                 backend = _current_backend()
                 async with processes("schedule", url, backend, workers, EVERY, directory):
@@ -195,16 +197,15 @@ def timer_lateness(ticks: int) -> SampleFunction:
     return sample
 
 
-def failover(config: Config) -> Callable[[], SampleFunction]:
+def failover(config: Config, database: Database) -> Callable[[], SampleFunction]:
     """kill -9 of a singleton's holder to the first line of the service on another replica."""
 
     def build() -> SampleFunction:
         anyservice = require(_library, config)
 
         async def sample() -> Metrics:
-            with tempfile.TemporaryDirectory() as name:
+            with tempfile.TemporaryDirectory() as name, database() as url:
                 directory = Path(name)
-                url = f"sqlite:///{directory / 'runs.db'}"
                 log = directory / "holders.log"
                 backend = _current_backend()
                 async with processes("singleton", url, backend, 2, LEASE, directory) as procs:
@@ -270,41 +271,74 @@ def failover_cells(subject: Side) -> list[str]:
     return [fmt_time(took), fmt_time(floor), fmt_time(took - floor), f"{took / LEASE:.2f}"]
 
 
+@contextmanager
+def databases() -> Iterator[list[tuple[str, Database | str]]]:
+    """Each broker's name and its fresh databases (or why there are none), for the run."""
+    try:
+        binaries = find_binaries()
+    except MissingPostgres as exc:
+        yield [("SQLite", sqlite_database), ("PostgreSQL", f"skipped: {exc}")]
+        return
+    with postgres_server(binaries, durable=True) as server:
+        schema = functools.partial(postgres_schema, server)
+        yield [("SQLite", sqlite_database), ("PostgreSQL", schema)]
+
+
 def run(config: Config) -> list[Table]:
     ticks = ticks_for(config)
     repeats = config.repeats(full=3, quick=1)
     late = Table(
-        f"Scheduled-tick lateness on SQLite: due time to the body's first line ({ticks} ticks "
+        f"Scheduled-tick lateness: due time to the body's first line ({ticks} ticks "
         f"every {EVERY * 1e3:g} ms)",
-        ["backend", "workers", "p50", "p99", "baseline p50", "baseline p99", "ratio p50"],
+        ["backend", "broker", "workers", "p50", "p99", "baseline p50", "baseline p99", "ratio p50"],
     )
     over = Table(
-        f"Singleton fail-over on SQLite after kill -9 of the holder (lease {LEASE:g} s)",
-        ["backend", "fail-over", "lease left at kill", "beyond the lease", "fail-over / lease"],
+        f"Singleton fail-over after kill -9 of the holder (lease {LEASE:g} s)",
+        [
+            "backend",
+            "broker",
+            "fail-over",
+            "lease left at kill",
+            "beyond the lease",
+            "fail-over / lease",
+        ],
     )
-    for backend in config.backends:
-        for workers in (1, 4):
-            subject, baseline = compare(
-                backend,
-                lateness(config, workers),
-                timer_lateness(ticks),
-                repeats=repeats,
-                timeout=STARTUP + ticks * EVERY * 2,
-            )
-            late.add_row(backend, workers, *lateness_cells(subject, baseline))
-        subject, _ = compare(
-            backend, failover(config), _nothing, repeats=repeats, timeout=STARTUP + 20 * LEASE
-        )
-        over.add_row(backend, *failover_cells(subject))
+    with databases() as brokers:
+        for backend in config.backends:
+            for broker, database in brokers:
+                if isinstance(database, str):
+                    for workers in (1, 4):
+                        late.add_row(backend, broker, workers, database, *["—"] * 4)
+                    over.add_row(backend, broker, database, *["—"] * 3)
+                    continue
+                for workers in (1, 4):
+                    subject, baseline = compare(
+                        backend,
+                        lateness(config, workers, database),
+                        timer_lateness(ticks),
+                        repeats=repeats,
+                        timeout=STARTUP + ticks * EVERY * 2,
+                    )
+                    late.add_row(backend, broker, workers, *lateness_cells(subject, baseline))
+                subject, _ = compare(
+                    backend,
+                    failover(config, database),
+                    _nothing,
+                    repeats=repeats,
+                    timeout=STARTUP + 20 * LEASE,
+                )
+                over.add_row(backend, broker, *failover_cells(subject))
     late.notes += [
         f"Medians of {repeats} runs after one discarded warm-up pair, each in a fresh "
         "`anyio.run`, anyservice and baseline alternating.",
-        "anyservice: 1 or 4 `serve()` processes of this backend on one fresh SQLite file, "
-        f"serving a task scheduled every {EVERY * 1e3:g} ms (`overlap=True`); each worker "
-        "sleeps until a tick is due, then all race to store it (one INSERT OR IGNORE wins) "
-        "and the winner's run is claimed by whichever worker sees it first (other "
-        "processes' commits are noticed by polling SQLite's `data_version`). The body "
-        "notes `time.time()` at its first line; lateness is that minus the tick's due time.",
+        "anyservice: 1 or 4 `serve()` processes of this backend on one fresh SQLite file, or "
+        "one fresh schema of a PostgreSQL server on this machine (fsync on), serving a task "
+        f"scheduled every {EVERY * 1e3:g} ms (`overlap=True`); each worker sleeps until a "
+        "tick is due, then all race to store it (one INSERT OR IGNORE, or INSERT ... ON "
+        "CONFLICT DO NOTHING, wins) and the winner's run is claimed by whichever worker "
+        "sees it first (other processes' commits are noticed by polling SQLite's "
+        "`data_version`, or through PostgreSQL's LISTEN/NOTIFY). The body notes "
+        "`time.time()` at its first line; lateness is that minus the tick's due time.",
         "Baseline: a raw anyio task sleeping until the same wall-clock grid points, "
         "lateness measured at wake-up: the event loop's own timer.",
     ]

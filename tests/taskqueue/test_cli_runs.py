@@ -1,7 +1,8 @@
 """``anyservice serve`` and ``anyservice runs``: a real worker process, and the run commands.
 
-The ``runs`` commands run in this process (``main([...])``) against a SQLite file whose
-runs were stored and run for real; ``serve`` is a real process stopped with SIGTERM.
+The ``runs`` commands run in this process (``main([...])``) against a SQLite file or a
+PostgreSQL schema whose runs were stored and run for real; ``serve`` is a real process
+stopped with SIGTERM.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from anyservice.__main__ import main
 from anyservice.taskqueue import TaskQueue, TaskWorker
 
 from . import cli_tasks
+from . import test_cluster_brokers as cluster_brokers
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTLY = 30.0
 
 
-@pytest.fixture
-def url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'runs.db'}"
+# A SQLite file, and a PostgreSQL schema.
+url = cluster_brokers.shared_url
 
 
 def stored_runs(url: str) -> dict[str, str]:

@@ -1,12 +1,13 @@
 """The cluster's promises, on every broker: a tick is stored once, a lease has one holder.
 
 Same fixtures as the conformance suite (a fake wall clock, each broker kind); the races
-are real: several SQLite connections to one file store the same ticks and take the same
-lease at once.
+are real: several brokers on one SQLite file, or on one PostgreSQL schema, store the same
+ticks and take the same lease at once, as separate processes would.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
@@ -15,7 +16,8 @@ import pytest
 from anyservice.taskqueue._errors import BrokerError
 from anyservice.taskqueue._leases import Lease, StoredTick, TickResult
 from anyservice.taskqueue._records import RunState
-from anyservice.taskqueue.brokers import BaseBroker, Broker, SqliteBroker
+from anyservice.taskqueue.brokers import BaseBroker, Broker, broker_from_url
+from tests._postgres import postgres_schema
 
 from . import test_broker_conformance as conformance
 from .test_broker_conformance import LEASE, PAYLOAD, START, FakeClock
@@ -24,15 +26,31 @@ pytestmark = pytest.mark.anyio
 
 # The conformance suite's fixtures: a fake clock, and each kind of broker on it.
 clock = conformance.clock
-
-
-# The PostgreSQL broker does not store ticks, leases, keys or cancel requests yet.
-@pytest.fixture(params=["memory", "sqlite"])
-def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / 'runs.db'}"
-
-
+broker_url = conformance.broker_url
 broker = conformance.broker
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database that several brokers (standing for processes) can share."""
+    if request.param == "postgresql":
+        with postgres_schema(request.getfixturevalue("postgres_url")) as url:
+            yield url
+    else:
+        yield f"sqlite:///{tmp_path / 'runs.db'}"
+
+
+@pytest.fixture
+async def racers(shared_url: str) -> AsyncIterator[list[Broker]]:
+    """Four brokers on one database, each with its own connections, as processes have."""
+    brokers = [broker_from_url(shared_url) for _ in range(4)]
+    try:
+        for each in brokers:
+            await each.open()
+        yield brokers
+    finally:
+        for each in brokers:
+            await each.close()
 
 
 async def store(
@@ -195,51 +213,60 @@ async def test_a_broker_without_cluster_storage_says_so() -> None:
         await Bare().acquire_lease("leader", "a", lease_seconds=1)
 
 
-async def test_processes_racing_on_one_file_store_each_tick_once(tmp_path: Path) -> None:
+async def test_processes_racing_on_one_database_store_each_tick_once(
+    racers: list[Broker],
+) -> None:
     # Separate connections, as separate processes have, all storing the same 20 ticks.
-    path = tmp_path / "runs.db"
-    brokers = [SqliteBroker(path) for _ in range(4)]
     results: dict[float, list[TickResult]] = {}
 
-    async def store_all(each: SqliteBroker) -> None:
+    async def store_all(each: Broker) -> None:
         for k in range(20):
             stored = await store(each, START + k)
             results.setdefault(START + k, []).append(stored.result)
 
-    for each in brokers:
-        await each.open()
-    try:
-        async with anyio.create_task_group() as group:
-            for each in brokers:
-                group.start_soon(store_all, each)
-        assert all(
-            sorted(r.value for r in got) == ["stored"] + ["taken"] * 3 for got in results.values()
-        )
-        assert (await brokers[0].counts())[RunState.SCHEDULED] == 20
-    finally:
-        for each in brokers:
-            await each.close()
+    async with anyio.create_task_group() as group:
+        for each in racers:
+            group.start_soon(store_all, each)
+    assert len(results) == 20
+    assert all(
+        sorted(r.value for r in got) == ["stored"] + ["taken"] * 3 for got in results.values()
+    )
+    assert (await racers[0].counts())[RunState.SCHEDULED] == 20
 
 
-async def test_processes_racing_for_a_lease_get_one_holder(tmp_path: Path) -> None:
-    path = tmp_path / "runs.db"
-    brokers = [SqliteBroker(path) for _ in range(4)]
+async def test_processes_racing_for_a_lease_get_one_holder(racers: list[Broker]) -> None:
     won: list[str] = []
 
-    async def take(each: SqliteBroker, holder: str) -> None:
+    async def take(each: Broker, holder: str) -> None:
         if await each.acquire_lease("leader", holder, lease_seconds=60) is not None:
             won.append(holder)
 
-    for each in brokers:
-        await each.open()
-    try:
-        async with anyio.create_task_group() as group:
-            for number, each in enumerate(brokers):
-                group.start_soon(take, each, f"holder-{number}")
-        assert len(won) == 1
-        lease = await brokers[0].get_lease("leader")
-        assert lease is not None
-        assert lease.holder == won[0]
-    finally:
-        for each in brokers:
-            await each.close()
+    async with anyio.create_task_group() as group:
+        for number, each in enumerate(racers):
+            group.start_soon(take, each, f"holder-{number}")
+    assert len(won) == 1
+    lease = await racers[0].get_lease("leader")
+    assert lease is not None
+    assert lease.holder == won[0]
+
+
+async def test_applications_in_two_schemas_of_one_database_keep_their_own(
+    postgres_url: str,
+) -> None:
+    with postgres_schema(postgres_url) as first_url, postgres_schema(postgres_url) as second_url:
+        first, second = broker_from_url(first_url), broker_from_url(second_url)
+        try:
+            for each in (first, second):
+                await each.open()
+                tick = await store(each, START)
+                assert tick.result is TickResult.STORED
+                assert await each.acquire_lease("leader", "a", lease_seconds=60) is not None
+            run, _ = await first.submit_once("report", "say", PAYLOAD)
+            other, created = await second.submit_once("report", "say", PAYLOAD)
+            assert created
+            assert other.id != run.id
+            assert await second.get(run.id) is None
+            assert [r.id for r in await second.list_runs()] == [other.id, tick.run_id]
+        finally:
+            await first.close()
+            await second.close()

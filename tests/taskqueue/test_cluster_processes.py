@@ -1,8 +1,9 @@
-"""Real processes on one SQLite file: a schedule served by 4 workers, a singleton of 3.
+"""Real processes on one database: a schedule served by 4 workers, a singleton of 3.
 
 Each process is ``python -m tests.taskqueue.proc_cluster`` on the backend this test runs
 on. The records they leave (``ticks.log``, ``holders.log``, the database) are what is
-checked; every wait is bounded and every process is killed in a ``finally``.
+checked; every wait is bounded and every process is killed in a ``finally``. Each test
+runs on a SQLite file and on a PostgreSQL schema.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 
 from anyservice.taskqueue import RunState
 
+from . import test_cluster_brokers as cluster_brokers
 from .proc_cluster import build_schedule
 from .test_worker_processes import PROMPTLY, Setup, Worker, eventually, wait_for_file
 
@@ -47,9 +49,12 @@ class Cluster(Setup):
         ]
 
 
+shared_url = cluster_brokers.shared_url
+
+
 @pytest.fixture
-def cluster(tmp_path: Path, anyio_backend_name: str) -> Cluster:
-    return Cluster(tmp_path, anyio_backend_name, f"sqlite:///{tmp_path / 'runs.db'}")
+def cluster(tmp_path: Path, anyio_backend_name: str, shared_url: str) -> Cluster:
+    return Cluster(tmp_path, anyio_backend_name, shared_url)
 
 
 def read_lines(path: Path) -> list[list[str]]:

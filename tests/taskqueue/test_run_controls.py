@@ -1,8 +1,8 @@
 """Run controls: due times, key= dedup, cancelling RUNNING runs, retry, listing, purge.
 
 Broker-level promises on each broker with a fake clock (the conformance suite's fixtures);
-the worker's side in-process on virtual time; submitters racing on real SQLite
-connections. (A RUNNING run cancelled on another process is in
+the worker's side in-process on virtual time; submitters racing on several brokers sharing
+one SQLite file or one PostgreSQL schema. (A RUNNING run cancelled on another process is in
 ``test_cluster_processes.py``.)
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import anyio
 import anyio.from_thread
@@ -24,9 +23,10 @@ from anyservice.taskqueue import (
     TaskRunTimeout,
     TaskWorker,
 )
-from anyservice.taskqueue.brokers import Broker, SqliteBroker
+from anyservice.taskqueue.brokers import Broker
 
 from . import test_broker_conformance as conformance
+from . import test_cluster_brokers as cluster_brokers
 from .test_broker_conformance import LEASE, PAYLOAD, START, FakeClock
 
 pytestmark = [pytest.mark.anyio]
@@ -34,13 +34,9 @@ pytestmark = [pytest.mark.anyio]
 clock = conformance.clock
 
 
-# The PostgreSQL broker does not store ticks, leases, keys or cancel requests yet.
-@pytest.fixture(params=["memory", "sqlite"])
-def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / 'runs.db'}"
-
-
+broker_url = conformance.broker_url
 broker = conformance.broker
+shared_url, racers = cluster_brokers.shared_url, cluster_brokers.racers
 
 
 # --- brokers -------------------------------------------------------------------------------
@@ -150,27 +146,21 @@ async def test_purge_goes_through_many_runs_in_batches(broker: Broker, clock: Fa
         await broker.purge(-1)
 
 
-async def test_submitters_racing_on_one_key_store_one_run(tmp_path: Path) -> None:
-    brokers = [SqliteBroker(tmp_path / "runs.db") for _ in range(4)]
+async def test_submitters_racing_on_one_key_store_one_run(racers: list[Broker]) -> None:
     got: list[tuple[str, bool]] = []
 
-    async def submit(each: SqliteBroker) -> None:
+    async def submit(each: Broker) -> None:
         for _ in range(10):
             run, created = await each.submit_once("only-one", "say", PAYLOAD)
             got.append((run.id, created))
 
-    for each in brokers:
-        await each.open()
-    try:
-        async with anyio.create_task_group() as group:
-            for each in brokers:
-                group.start_soon(submit, each)
-        assert len({run_id for run_id, _ in got}) == 1
-        assert sum(created for _, created in got) == 1
-        assert (await brokers[0].counts())[RunState.SCHEDULED] == 1
-    finally:
-        for each in brokers:
-            await each.close()
+    async with anyio.create_task_group() as group:
+        for each in racers:
+            group.start_soon(submit, each)
+    assert len(got) == 40
+    assert len({run_id for run_id, _ in got}) == 1
+    assert sum(created for _, created in got) == 1
+    assert (await racers[0].counts())[RunState.SCHEDULED] == 1
 
 
 # --- the queue and the worker --------------------------------------------------------------

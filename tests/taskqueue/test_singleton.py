@@ -2,7 +2,8 @@
 
 Replicas share one memory broker on the backend's clock, under virtual time, so leases
 expire exactly on cue; a broker whose lease calls can be made to fail stands for a
-database that became unreachable. (Real processes, kill -9 and SIGTERM are in
+database that became unreachable. How a singleton's term ends is also checked on every
+broker, in real time. (Real processes, kill -9 and SIGTERM are in
 ``test_cluster_processes.py``.)
 """
 
@@ -16,6 +17,8 @@ import pytest
 from anyservice import LoopService, Service, ServiceState
 from anyservice.taskqueue import BrokerError, MemoryBroker, Singleton, TaskQueue
 from anyservice.taskqueue._leases import Lease
+
+from . import test_broker_conformance as conformance
 
 pytestmark = [pytest.mark.anyio]
 
@@ -146,33 +149,42 @@ async def test_a_holder_whose_lease_was_taken_stops_at_once(queue: TaskQueue) ->
         assert lease.holder == "someone-else"  # not released by the loser
 
 
-@pytest.mark.virtual_time
-async def test_a_service_that_ends_on_its_own_stops_its_singleton(queue: TaskQueue) -> None:
+# Each broker, in real time (the SQLite and PostgreSQL brokers do their I/O in threads).
+broker_url = conformance.broker_url
+
+
+@pytest.fixture
+async def real_queue(broker_url: str) -> AsyncIterator[TaskQueue]:
+    async with TaskQueue(broker_url) as queue:
+        yield queue
+
+
+async def test_a_service_that_ends_on_its_own_stops_its_singleton(real_queue: TaskQueue) -> None:
     async def once() -> None:
-        await anyio.sleep(2)
+        await anyio.sleep(0.2)
 
-    singleton = Singleton(Service.from_awaitable(once, name="once"), queue, lease_seconds=60)
-    async with singleton:
-        await singleton.wait_for(ServiceState.STOPPED)
+    singleton = Singleton(Service.from_awaitable(once, name="once"), real_queue, lease_seconds=60)
+    with anyio.fail_after(30):
+        async with singleton:
+            await singleton.wait_for(ServiceState.STOPPED)
     assert singleton.terms == 1
-    assert await queue.broker.get_lease("once") is None
+    assert await real_queue.broker.get_lease("once") is None
 
 
-@pytest.mark.virtual_time
 async def test_a_crash_of_the_service_crashes_the_singleton_and_frees_the_lease(
-    queue: TaskQueue,
+    real_queue: TaskQueue,
 ) -> None:
     async def boom() -> None:
-        await anyio.sleep(1)
+        await anyio.sleep(0.1)
         raise RuntimeError("kaput")
 
-    singleton = Singleton(Service.from_awaitable(boom, name="boom"), queue, lease_seconds=60)
-    with pytest.raises(BaseExceptionGroup) as caught:
+    singleton = Singleton(Service.from_awaitable(boom, name="boom"), real_queue, lease_seconds=60)
+    with pytest.raises(BaseExceptionGroup) as caught, anyio.fail_after(30):
         async with singleton:
-            await anyio.sleep(10)
+            await anyio.sleep(30)
     assert caught.group_contains(RuntimeError, match="kaput")
     assert singleton.state is ServiceState.CRASHED
-    assert await queue.broker.get_lease("boom") is None
+    assert await real_queue.broker.get_lease("boom") is None
 
 
 def test_singleton_options_are_checked_at_the_call() -> None:

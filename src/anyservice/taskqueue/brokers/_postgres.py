@@ -29,7 +29,8 @@ hosts sharing a database need clocks kept in step (NTP), to well within a lease.
 
 The schema lives in tables named ``anyservice_*`` in the URL's ``schema`` (``public`` by
 default), created on first use under an advisory lock and versioned by a row in
-``anyservice_meta``: an older anyservice refuses a newer schema.
+``anyservice_meta``: an older anyservice refuses a newer schema. The cluster's tables
+(ticks, leases, keys, cancel requests) are ``_postgres_cluster.py``'s, made on first use.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ from .._records import (
 from ._base import BaseBroker, Claimed
 from ._notifier import ChangeNotifier
 from ._options import hide_password
+from ._postgres_cluster import PostgresClusterStorage, cluster_tables
 from ._workers import WORKERS_EVERY, WORKERS_FORGOTTEN, host_identity, process_gone
 
 __all__ = ["SCHEMA_VERSION", "PostgresBroker"]
@@ -164,6 +166,44 @@ def _abandoned_template() -> str:
 
 
 _ABANDONED_MESSAGE = _abandoned_template()
+
+# The columns a new run is stored with, and their types: the one list every insert uses.
+_NEW_RUN_COLUMNS = (
+    ("id", "text"),
+    ("task", "text"),
+    ("payload", "text"),
+    ("state", "text"),
+    ("attempts", "integer"),
+    ("max_attempts", "integer"),
+    ("retries_left", "integer"),
+    ("retry_delay", "double precision"),
+    ("timeout", "double precision"),
+    ("created_at", "double precision"),
+    ("scheduled_at", "double precision"),
+    ("priority", "integer"),
+    ("trace_context", "text"),
+)
+
+#: Stores the runs given by :func:`insert_parameters` (an array per column); a statement
+#: may add a ``WHERE`` to store them only if it holds.
+INSERT_RUNS = (
+    f"INSERT INTO {{runs}} ({', '.join(name for name, _ in _NEW_RUN_COLUMNS)})"
+    " SELECT * FROM unnest("
+    + ", ".join(f"%({name})s::{kind}[]" for name, kind in _NEW_RUN_COLUMNS)
+    + ") AS new"
+)
+
+
+def insert_parameters(runs: Sequence[RunRecord]) -> dict[str, list[Any]]:
+    """The parameters of :data:`INSERT_RUNS` for new ``runs``."""
+    return {
+        name: [
+            value.value if isinstance(value, RunState) else value
+            for value in (getattr(run, name) for run in runs)
+        ]
+        for name, _ in _NEW_RUN_COLUMNS
+    }
+
 
 _CLAIM = """
 WITH crashed AS (
@@ -437,6 +477,8 @@ class _Connections:
     _pool_timeout: float
     _runs: sql.Composed
     _workers: sql.Composed
+    #: Every table's name in the schema, by the placeholder statements use for it.
+    _tables: dict[str, sql.Composed]
     _pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] | None
     _limiter: anyio.CapacityLimiter
     _listener: psycopg.Connection[Any] | None
@@ -528,10 +570,14 @@ class _Connections:
         except psycopg.Error as exc:
             raise self._error(exc) from exc
 
+    def _compose(self, query: str) -> sql.Composed:
+        """``query`` with its table placeholders (``{runs}``, ``{ticks}``...) filled in."""
+        return sql.SQL(query).format(**self._tables)
+
     def _execute(
         self, query: str, parameters: dict[str, Any]
     ) -> Callable[[psycopg.Connection[Any]], list[tuple[Any, ...]]]:
-        statement = sql.SQL(query).format(runs=self._runs, workers=self._workers)
+        statement = self._compose(query)
 
         def execute(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
             cursor = conn.execute(statement, parameters, prepare=True)
@@ -823,7 +869,7 @@ class _Waits:
         return listener
 
 
-class PostgresBroker(_Waits, _Connections, BaseBroker):
+class PostgresBroker(PostgresClusterStorage, _Waits, _Connections, BaseBroker):
     """Task runs in a PostgreSQL database shared by workers on any number of hosts.
 
     Args:
@@ -839,6 +885,12 @@ class PostgresBroker(_Waits, _Connections, BaseBroker):
     Raises:
         ValueError: A URL option has a bad value.
     """
+
+    # What the cluster storage reads and stores runs with.
+    _run_columns = _RETURNING
+    _insert_runs = INSERT_RUNS
+    _read_run = staticmethod(_record)
+    _insert_parameters = staticmethod(insert_parameters)
 
     def __init__(self, url: str, *, clock: Callable[[], float] = time.time) -> None:
         if not isinstance(url, str):
@@ -860,6 +912,8 @@ class PostgresBroker(_Waits, _Connections, BaseBroker):
         self._channel = f"anyservice:{self._schema}"
         self._runs = sql.SQL("{}.anyservice_runs").format(sql.Identifier(self._schema))
         self._workers = sql.SQL("{}.anyservice_workers").format(sql.Identifier(self._schema))
+        self._tables = {"runs": self._runs, "workers": self._workers}
+        self._tables.update(cluster_tables(self._schema))
         self._pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] | None = None
         self._limiter = anyio.CapacityLimiter(self._pool_size)
         # This process, as the workers table records it.
@@ -907,33 +961,9 @@ class PostgresBroker(_Waits, _Connections, BaseBroker):
         # out with their commit.
         await self._call(
             self._execute(
-                "WITH inserted AS (INSERT INTO {runs} (id, task, payload, state, attempts,"
-                " max_attempts, retries_left, retry_delay, timeout, created_at, scheduled_at,"
-                " priority, trace_context)"
-                " SELECT * FROM unnest(%(id)s::text[], %(task)s::text[], %(payload)s::text[],"
-                " %(state)s::text[], %(attempts)s::integer[], %(max_attempts)s::integer[],"
-                " %(retries_left)s::integer[], %(retry_delay)s::double precision[],"
-                " %(timeout)s::double precision[], %(created_at)s::double precision[],"
-                " %(scheduled_at)s::double precision[], %(priority)s::integer[],"
-                " %(trace_context)s::text[])"
-                " RETURNING 1)"
+                f"WITH inserted AS ({INSERT_RUNS} RETURNING 1)"
                 " SELECT pg_notify(%(channel)s, 'w') WHERE EXISTS (SELECT 1 FROM inserted)",
-                {
-                    "id": [run.id for run in runs],
-                    "task": [run.task for run in runs],
-                    "payload": [run.payload for run in runs],
-                    "state": [run.state.value for run in runs],
-                    "attempts": [run.attempts for run in runs],
-                    "max_attempts": [run.max_attempts for run in runs],
-                    "retries_left": [run.retries_left for run in runs],
-                    "retry_delay": [run.retry_delay for run in runs],
-                    "timeout": [run.timeout for run in runs],
-                    "created_at": [run.created_at for run in runs],
-                    "scheduled_at": [run.scheduled_at for run in runs],
-                    "priority": [run.priority for run in runs],
-                    "trace_context": [run.trace_context for run in runs],
-                    "channel": self._channel,
-                },
+                {**insert_parameters(runs), "channel": self._channel},
             )
         )
 
