@@ -45,6 +45,9 @@ each applying the transitions of ``taskqueue/_records.py`` to the stored records
   to), ``_release(owner, id, attempt) -> bool``: each fenced by ``(id, attempt, owner)``:
   it changes the run only while the run is RUNNING under that claim (``lease_owner ==
   owner`` and ``attempts == attempt``), atomically with that check.
+* Optionally ``_complete_many(owner, results) -> set[str]`` (``results`` maps distinct
+  run ids to ``(attempt, result)``): ``complete`` each, fenced each, all in one atomic
+  step; by default it calls ``_complete`` for each.
 * ``_cancel(id) -> bool`` (only a SCHEDULED run), ``_get(id)``, ``_counts()``.
 * ``_purge(before, limit) -> int``: delete up to ``limit`` finished runs whose
   ``finished_at`` is before ``before``.
@@ -77,6 +80,7 @@ from ._notifier import ChangeNotifier
 from ._options import (
     check_attempt,
     check_claim_options,
+    check_completions,
     check_heartbeat_options,
     check_purge_options,
     hide_password,
@@ -202,6 +206,24 @@ class Broker(ClusterBroker, Protocol):
 
     async def complete(self, owner: str, run_id: str, attempt: int, result: str) -> bool:
         """Record a COMPLETED run with its JSON ``result``, if the claim still holds it."""
+        ...
+
+    async def complete_many(self, owner: str, results: Mapping[str, tuple[int, str]]) -> set[str]:
+        """Record several COMPLETED runs at once: ``{run_id: (attempt, result)}``.
+
+        Each run is fenced on its own, exactly as :meth:`complete` fences it, and every
+        result is stored before the call returns (one transaction where the storage has
+        them), so a worker finishing many runs pays one write for all of them.
+
+        Returns:
+            The ids whose claim still held the run, now COMPLETED; the others changed
+            nothing.
+
+        Raises:
+            TypeError: ``results`` is not a mapping of run ids to ``(attempt, result)``
+                pairs, or a result is not a string (the message names the run).
+            ValueError: An attempt is < 1.
+        """
         ...
 
     async def fail(
@@ -370,6 +392,14 @@ class BaseBroker(ClusterMethods, Broker, abc.ABC):
     async def _complete(self, owner: str, run_id: str, attempt: int, result: str) -> bool:
         """Complete the run if ``owner``'s claim ``attempt`` holds it."""
 
+    async def _complete_many(self, owner: str, results: dict[str, tuple[int, str]]) -> set[str]:
+        """Complete the runs ``owner``'s claims hold, atomically; this default does one by one."""
+        return {
+            run_id
+            for run_id, (attempt, result) in results.items()
+            if await self._complete(owner, run_id, attempt, result)
+        }
+
     @abc.abstractmethod
     async def _fail(
         self, owner: str, run_id: str, attempt: int, error: RunError, retry: bool
@@ -499,6 +529,15 @@ class BaseBroker(ClusterMethods, Broker, abc.ABC):
     async def complete(self, owner: str, run_id: str, attempt: int, result: str) -> bool:
         check_attempt(attempt)
         done = await self._complete(owner, run_id, attempt, result)
+        if done:
+            self._notifier.notify(work=False)
+        return done
+
+    async def complete_many(self, owner: str, results: Mapping[str, tuple[int, str]]) -> set[str]:
+        check_completions(results)
+        if not results:
+            return set()
+        done = await self._complete_many(owner, dict(results))
         if done:
             self._notifier.notify(work=False)
         return done

@@ -86,6 +86,8 @@ _DEFAULT_POLL_INTERVAL = 1.0
 _POLL_ONLY_INTERVAL = 0.05
 _FIRST_RECONNECT = 0.1
 _MAX_RECONNECT = 5.0
+#: Finished run ids per notification: 200 ids of 32 characters stay under NOTIFY's limit.
+_FINISHED_PER_NOTIFY = 200
 
 # _MIGRATIONS[n] takes the tables from version n to n + 1; {s} is the schema.
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -767,7 +769,9 @@ class _Waits:
                 if notify.payload == "w":
                     self._wakeups.work_arrived()
                 elif notify.payload.startswith("f "):
-                    self._wakeups.run_finished(notify.payload[2:])
+                    # One id, or the ids of a batch of completions, space-separated.
+                    for run_id in notify.payload[2:].split(" "):
+                        self._wakeups.run_finished(run_id)
         finally:
             self._listening = False
 
@@ -1105,6 +1109,37 @@ class PostgresBroker(_Waits, _Connections, BaseBroker):
             {"result": result},
         )
         return state is not None
+
+    async def _complete_many(self, owner: str, results: dict[str, tuple[int, str]]) -> set[str]:
+        # One statement, fenced per row; the waiters in other processes learn of the
+        # finished runs from one notification per chunk of ids (a payload must stay
+        # under 8 000 bytes), sent with the commit.
+        rows = await self._call(
+            self._execute(
+                "WITH done AS (UPDATE {runs} r SET state = 'COMPLETED', finished_at = %(now)s,"
+                " lease_owner = NULL, lease_expires_at = NULL, result = c.result, error = NULL"
+                " FROM unnest(%(ids)s::text[], %(attempts)s::integer[], %(results)s::text[])"
+                " AS c(id, attempt, result)"
+                " WHERE r.id = c.id AND r.attempts = c.attempt AND r.state = 'RUNNING'"
+                " AND r.lease_owner = %(owner)s RETURNING r.id),"
+                " chunks AS (SELECT string_agg(id, ' ') AS ids FROM"
+                f" (SELECT id, (row_number() OVER () - 1) / {_FINISHED_PER_NOTIFY} AS chunk"
+                " FROM done) numbered GROUP BY chunk)"
+                " SELECT ids, pg_notify(%(channel)s, 'f ' || ids) FROM chunks",
+                {
+                    "now": self._clock(),
+                    "owner": owner,
+                    "ids": list(results),
+                    "attempts": [attempt for attempt, _ in results.values()],
+                    "results": [result for _, result in results.values()],
+                    "channel": self._channel,
+                },
+            )
+        )
+        done = {run_id for (ids, _) in rows for run_id in ids.split(" ")}
+        for run_id in done:
+            self._wakeups.run_finished(run_id)
+        return done
 
     async def _fail(
         self, owner: str, run_id: str, attempt: int, error: RunError, retry: bool
