@@ -65,7 +65,9 @@ from __future__ import annotations
 
 import abc
 import functools
+import itertools
 import time
+import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -74,7 +76,7 @@ from typing import Protocol, Self
 import anyio
 import anyio.lowlevel
 
-from .._records import DEFAULT_MAX_ATTEMPTS, RunError, RunRecord, RunState
+from .._records import DEFAULT_MAX_ATTEMPTS, RunError, RunRecord, RunState, new_run
 from ._cluster import ClusterBroker, ClusterMethods
 from ._notifier import ChangeNotifier
 from ._options import (
@@ -482,21 +484,36 @@ class BaseBroker(ClusterMethods, Broker, abc.ABC):
                     f"payloads[{index}] must be a string (encode arguments first), "
                     f"got {type(payload).__name__}"
                 )
-        make = functools.partial(
-            self._checked_run,
+        # The options are the same for every run: checked once (for an empty batch too),
+        # with the first run, and every run is made at the same moment.
+        first = self._checked_run(
             task,
+            payloads[0] if payloads else "",
             retries=retries,
             retry_delay=retry_delay,
             timeout=timeout,
             max_attempts=max_attempts,
             scheduled_at=scheduled_at,
         )
-        runs = [make(payload) for payload in payloads]
-        if not runs:
-            make("")  # the options are checked for an empty batch too
-        if runs:
-            await self._insert_many(runs)
-            self._notifier.notify(work=True)
+        if not payloads:
+            return []
+        make = functools.partial(
+            new_run,
+            task=task,
+            retries=first.retries_left,
+            retry_delay=first.retry_delay,
+            timeout=first.timeout,
+            max_attempts=first.max_attempts,
+            scheduled_at=first.scheduled_at,
+            now=first.created_at,
+        )
+        runs = [first]
+        runs.extend(
+            make(uuid.uuid4().hex, payload=payload)
+            for payload in itertools.islice(payloads, 1, None)
+        )
+        await self._insert_many(runs)
+        self._notifier.notify(work=True)
         return runs
 
     async def claim(
