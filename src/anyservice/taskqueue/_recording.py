@@ -183,9 +183,9 @@ class Recorder:
         self._completions = Completions(broker, owner)
 
     async def _while_held(
-        self, entry: RunInFlight, call: Callable[[], Awaitable[bool]], doing: str
+        self, entry: RunInFlight, call: Callable[[], Awaitable[bool]]
     ) -> bool | None:
-        """``await call()`` through broker errors for as long as the lease lasts.
+        """``await call()`` (recording ``entry``) through broker errors while the lease lasts.
 
         Returns what the broker answered, ``False`` once the claim is known to be lost,
         or ``None`` when the lease ran out with the broker still failing.
@@ -201,7 +201,7 @@ class Recorder:
                 try:
                     done = await call()
                 except BrokerError as exc:
-                    self._stats.broker_failed(exc, doing)
+                    self._stats.broker_failed(exc, f"recording {entry.describe()}")
                 else:
                     self._stats.broker_worked()
                     return done
@@ -272,7 +272,7 @@ class Recorder:
                 self._owner, record.id, entry.attempt, outcome.error, retry=outcome.retry
             )
 
-        stored = await self._while_held(entry, store, f"recording {entry.describe()}")
+        stored = await self._while_held(entry, store)
         entry.settled = True
         if stored is None:
             self._stats.count(record, "not_recorded")
