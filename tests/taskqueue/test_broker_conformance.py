@@ -182,6 +182,73 @@ async def test_claim_returns_due_runs_oldest_first(broker: Broker, clock: FakeCl
         assert await broker.get(run.id) == run
 
 
+async def test_claim_takes_higher_priority_first_then_due_time_then_submission(
+    broker: Broker, clock: FakeClock
+) -> None:
+    low_early = await broker.submit("say", PAYLOAD, priority=-1, scheduled_at=START - 10)
+    plain = await broker.submit("say", PAYLOAD)
+    urgent_late = await broker.submit("say", PAYLOAD, priority=5)
+    urgent_early = await broker.submit("say", PAYLOAD, priority=5, scheduled_at=START - 5)
+    urgent_same = await broker.submit("say", PAYLOAD, priority=5)  # after urgent_late
+    clock.advance(1)
+
+    claimed = await claim(broker, "w1", limit=4)
+    rest = await claim(broker, "w2")
+
+    assert claimed == [urgent_early.id, urgent_late.id, urgent_same.id, plain.id]
+    assert rest == [low_early.id]
+
+
+async def test_a_due_run_of_low_priority_still_goes_before_an_urgent_one_not_due(
+    broker: Broker, clock: FakeClock
+) -> None:
+    later = await broker.submit("say", PAYLOAD, priority=9, scheduled_at=START + 10)
+    low = await broker.submit("say", PAYLOAD, priority=-9)
+    assert await claim(broker, "w1") == [low.id]
+    clock.advance(10)
+    assert await claim(broker, "w1") == [later.id]
+
+
+async def test_expired_leases_are_reclaimed_in_priority_order_with_due_runs(
+    broker: Broker, clock: FakeClock
+) -> None:
+    urgent = await broker.submit("say", PAYLOAD, priority=3)
+    await claim(broker, "w1")
+    clock.advance(LEASE)
+    plain = await broker.submit("say", PAYLOAD)
+    urgent_new = await broker.submit("say", PAYLOAD, priority=2)
+    assert await claim(broker, "w2") == [urgent.id, urgent_new.id, plain.id]
+
+
+async def test_priority_is_stored_with_every_kind_of_submit(broker: Broker) -> None:
+    run = await broker.submit("say", PAYLOAD, priority=7)
+    batch = await broker.submit_many("say", [PAYLOAD, PAYLOAD], priority=-3)
+    assert run.priority == 7
+    assert [record.priority for record in batch] == [-3, -3]
+    assert (await broker.submit("say", PAYLOAD)).priority == 0
+    for record in (run, *batch):
+        assert await broker.get(record.id) == record
+
+
+@pytest.mark.parametrize(
+    ("priority", "error"),
+    [
+        (1.5, TypeError),
+        (True, TypeError),
+        ("1", TypeError),
+        (2**31, ValueError),
+        (-(2**31), ValueError),
+    ],
+)
+async def test_submit_rejects_a_priority_that_is_no_32_bit_int(
+    broker: Broker, priority: Any, error: type[Exception]
+) -> None:
+    with pytest.raises(error, match="priority"):
+        await broker.submit("say", PAYLOAD, priority=priority)
+    with pytest.raises(error, match="priority"):
+        await broker.submit_many("say", [PAYLOAD], priority=priority)
+
+
 async def test_claim_takes_at_most_limit_runs(broker: Broker) -> None:
     runs = [(await broker.submit("say", PAYLOAD)).id for _ in range(5)]
     assert await claim(broker, "w1", limit=2) == runs[:2]
@@ -802,6 +869,7 @@ steps = st.one_of(
         st.sampled_from([0.0, 5.0]),
         st.integers(1, 3),
         st.none() | st.sampled_from([0.0, 10.0, 40.0]),
+        st.sampled_from([0, 0, 1, -1]),
     ),
     st.tuples(
         st.just("claim"),
@@ -842,7 +910,7 @@ class PureModel:
             self.runs[index] = records.abandon(run, now) or run
         due = sorted(
             (i for i, run in enumerate(self.runs) if run.task in tasks),
-            key=lambda i: (self.runs[i].scheduled_at, i),
+            key=lambda i: records.claim_order(self.runs[i], i),
         )
         due = [i for i in due if records.claimable(self.runs[i], now)][:limit]
         for i in due:
@@ -860,13 +928,13 @@ async def drive(url: str, script: list[tuple[Any, ...]]) -> None:
     clock = FakeClock()
     model = PureModel()
     # Runs to act on from the first step: a script rarely submits before it claims.
-    script = [("submit", task, 1, 5.0, 2, None) for task in (*TASKS, *TASKS)] + script
+    script = [("submit", task, 1, 5.0, 2, None, 0) for task in (*TASKS, *TASKS)] + script
     async with broker_from_url(url, clock=clock) as broker:  # type: ignore[attr-defined]
         for step in script:
             kind, *args = step
             runs = model.runs
             if kind == "submit":
-                task, retries, delay, max_attempts, later = args
+                task, retries, delay, max_attempts, later, priority = args
                 scheduled = None if later is None else clock.now + later
                 run = await broker.submit(
                     task,
@@ -875,6 +943,7 @@ async def drive(url: str, script: list[tuple[Any, ...]]) -> None:
                     retry_delay=delay,
                     max_attempts=max_attempts,
                     scheduled_at=scheduled,
+                    priority=priority,
                 )
                 expected = records.new_run(
                     run.id,
@@ -886,6 +955,7 @@ async def drive(url: str, script: list[tuple[Any, ...]]) -> None:
                     max_attempts=max_attempts,
                     scheduled_at=scheduled,
                     now=clock.now,
+                    priority=priority,
                 )
                 assert run == expected, step
                 runs.append(expected)

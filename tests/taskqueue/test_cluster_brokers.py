@@ -97,6 +97,20 @@ async def test_a_scheduled_but_unclaimed_run_does_not_block_the_next_tick(broker
     assert (await store(broker, START + 1, overlap=False)).result is TickResult.STORED
 
 
+async def test_ticks_and_keyed_runs_keep_their_priority_for_the_claim(broker: Broker) -> None:
+    plain = await broker.submit("say", PAYLOAD, scheduled_at=START - 1)
+    tick = await broker.submit_tick("nightly", START, "say", PAYLOAD, priority=2)
+    keyed, created = await broker.submit_once("only", "say", PAYLOAD, priority=1)
+    assert created
+    assert keyed.priority == 1
+    assert tick.run_id is not None
+    stored = await broker.get(tick.run_id)
+    assert stored is not None
+    assert stored.priority == 2
+    claimed = await broker.claim("w1", ["say"], limit=3, lease_seconds=LEASE)
+    assert [run.id for run in claimed] == [tick.run_id, keyed.id, plain.id]
+
+
 @pytest.mark.parametrize(
     ("schedule", "due", "error", "match"),
     [

@@ -147,6 +147,23 @@ async def test_a_newer_schema_is_refused(url: str) -> None:
         await PostgresBroker(url).open()
 
 
+async def test_tables_of_the_first_version_gain_the_priority_column(url: str) -> None:
+    async with PostgresBroker(url) as broker:
+        old = await broker.submit("say", PAYLOAD)
+    schema = sql.Identifier(schema_of(url))
+    # Back to the first version's tables: no priority column nor its index.
+    await admin(url, sql.SQL("DROP INDEX {}.anyservice_runs_claim_order").format(schema))
+    await admin(url, sql.SQL("ALTER TABLE {}.anyservice_runs DROP COLUMN priority").format(schema))
+    await admin(url, sql.SQL("UPDATE {}.anyservice_meta SET value = '1'").format(schema))
+    async with PostgresBroker(url) as broker:
+        urgent = await broker.submit("say", PAYLOAD, priority=1)
+        assert await broker.get(old.id) == old
+        claimed = await broker.claim("w1", ["say"], limit=2, lease_seconds=30)
+    assert [run.id for run in claimed] == [urgent.id, old.id]
+    rows = await admin(url, sql.SQL("SELECT value FROM {}.anyservice_meta").format(schema))
+    assert rows == [(str(SCHEMA_VERSION),)]
+
+
 # --- wake-ups ----------------------------------------------------------------------------
 
 

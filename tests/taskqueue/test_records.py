@@ -40,6 +40,7 @@ def run_records(draw: st.DrawFn, *states: RunState) -> RunRecord:
         timeout=draw(st.none() | seconds),
         created_at=0.0,
         scheduled_at=draw(times),
+        priority=draw(st.integers(-2, 2)),
         started_at=draw(times) if running or finished else None,
         finished_at=draw(times) if finished else None,
         lease_owner=draw(owners) if running else None,
@@ -474,3 +475,37 @@ def test_a_new_run_may_be_due_later_and_have_no_timeout() -> None:
     )
     assert (run.timeout, run.created_at, run.scheduled_at) == (None, 100.0, 250.0)
     assert type(run.scheduled_at) is float
+    assert run.priority == 0
+
+
+@given(first=run_records(RunState.SCHEDULED), second=run_records(RunState.SCHEDULED))
+def test_claim_order_puts_higher_priority_first_then_earlier_due_then_earlier_submitted(
+    first: RunRecord, second: RunRecord
+) -> None:
+    before = records.claim_order(first, 0) < records.claim_order(second, 1)
+    if first.priority != second.priority:
+        assert before == (first.priority > second.priority)
+    elif first.scheduled_at != second.scheduled_at:
+        assert before == (first.scheduled_at < second.scheduled_at)
+    else:
+        assert before
+
+
+def test_a_run_keeps_its_priority_through_a_claim_and_a_retry() -> None:
+    run = records.new_run(
+        "a" * 32,
+        "say",
+        "{}",
+        retries=1,
+        retry_delay=0.0,
+        timeout=None,
+        max_attempts=2,
+        scheduled_at=None,
+        now=5.0,
+        priority=4,
+    )
+    claimed = records.claim(run, "w1", 5.0, 10.0)
+    assert claimed is not None
+    retried = records.fail(claimed, "w1", 1, BOOM, 6.0, retry=True)
+    assert retried is not None
+    assert (claimed.priority, retried.priority) == (4, 4)

@@ -243,6 +243,53 @@ def test_apply_async_checks_its_options() -> None:
 
 
 @pytest.mark.virtual_time
+async def test_a_worker_runs_due_runs_by_priority_the_tasks_or_the_runs_own(
+    queue: TaskQueue,
+) -> None:
+    order: list[str] = []
+
+    @queue.task
+    async def plain(label: str) -> None:
+        order.append(label)
+
+    @queue.task(priority=2)
+    async def urgent(label: str) -> None:
+        order.append(label)
+
+    runs = [
+        await plain.delay("plain"),
+        await urgent.delay("urgent"),
+        await plain.apply_async(("most urgent",), priority=3),
+        await urgent.apply_async(("demoted",), priority=-1),
+        *await plain.delay_many([("plain again",)]),
+    ]
+    assert [run.record.priority for run in runs] == [0, 2, 3, -1, 0]
+    async with TaskWorker(plain, urgent, limit=1):
+        for run in await queue.runs():
+            await run.wait(timeout=60)
+    assert order == ["most urgent", "urgent", "plain", "plain again", "demoted"]
+
+
+def test_priority_options_are_checked() -> None:
+    queue = TaskQueue("memory://")
+    with pytest.raises(TypeError, match=r"@queue.task priority must be an int, got 1\.5"):
+        queue.task(priority=1.5)  # type: ignore[call-overload]
+
+    @queue.task(priority=-(2**31 - 1))
+    async def say() -> None: ...
+
+    assert say.priority == -(2**31 - 1)
+
+    async def main() -> None:
+        with pytest.raises(ValueError, match="apply_async\\(\\) priority must be an int <="):
+            await say.apply_async(priority=2**31)
+        with pytest.raises(TypeError, match="apply_async\\(\\) priority must be an int"):
+            await say.apply_async(priority=True)
+
+    anyio.run(main)
+
+
+@pytest.mark.virtual_time
 async def test_cancelling_a_running_run_cancels_its_body_within_a_heartbeat(
     queue: TaskQueue,
 ) -> None:

@@ -87,6 +87,23 @@ async def test_file_with_a_newer_schema_is_refused(path: Path) -> None:
 
 
 @pytest.mark.anyio
+async def test_a_file_of_schema_version_3_gains_the_priority_column(path: Path) -> None:
+    async with SqliteBroker(path) as broker:
+        old = await broker.submit("say", PAYLOAD)
+    with raw_connection(path) as conn:
+        # Back to version 3: no priority column nor its index.
+        conn.execute("DROP INDEX anyservice_runs_claim_order")
+        conn.execute("ALTER TABLE anyservice_runs DROP COLUMN priority")
+        conn.execute("PRAGMA user_version = 3")
+    async with SqliteBroker(path) as broker:
+        urgent = await broker.submit("say", PAYLOAD, priority=1)
+        assert await broker.get(old.id) == old
+        claimed = await broker.claim("w1", ["say"], limit=2, lease_seconds=LEASE)
+    assert [run.id for run in claimed] == [urgent.id, old.id]
+    assert raw_column(path, "priority", old.id) == 0
+
+
+@pytest.mark.anyio
 async def test_a_directory_removed_before_open_is_a_broker_error_naming_the_file(
     tmp_path: Path,
 ) -> None:

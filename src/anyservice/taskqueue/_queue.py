@@ -36,6 +36,7 @@ from ._scheduler import Schedule, define_schedule
 from ._serialize import decode_result, encode_arguments
 from ._ticks import DEFAULT_CATCH_UP, MissedTicks, check_missed, grid_from
 from .brokers import DEFAULT_URL, Broker, broker_from_url
+from .brokers._options import check_priority
 
 #: The environment variable a queue made without a URL or broker takes its URL from.
 URL_ENVIRONMENT_VARIABLE = "ANYSERVICE_TASKQUEUE_URL"
@@ -233,6 +234,7 @@ class TaskQueue:
         missed: MissedTicks | str = MissedTicks.SKIP,
         overlap: bool = False,
         retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
+        priority: int = 0,
     ) -> TaskDecorator: ...
 
     def task(
@@ -248,6 +250,7 @@ class TaskQueue:
         missed: MissedTicks | str = MissedTicks.SKIP,
         overlap: bool = False,
         retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
+        priority: int = 0,
     ) -> Task[Any, Any] | TaskDecorator:
         """Define a task: ``@queue.task`` or ``@queue.task(name=, retries=, ...)``.
 
@@ -266,13 +269,16 @@ class TaskQueue:
                 schedule, as :meth:`schedule` does, under the task's name.
             retry_on: Retry only these exception types (a type or a tuple; a timeout is
                 ``TaskTimeoutError``); any exception by default.
+            priority: The runs' priority unless ``apply_async(priority=)`` gives one:
+                among due runs, workers claim higher ones first (then the earliest due,
+                then the earliest submitted). Any int within 32 bits; 0 by default.
 
         Raises:
             TypeError: ``function`` is not a plain or async function (a generator, a
                 task already), or an option has the wrong type.
             ValueError: an option is out of range, or the name is already taken.
         """
-        options = _TaskOptions.check(name, retries, retry_delay, timeout)
+        options = _TaskOptions.check(name, retries, retry_delay, timeout, priority)
         grid = None if schedule is None else grid_from(schedule)
         policy = check_missed(missed)
         retried = _check_retry_on(retry_on)
@@ -539,19 +545,25 @@ def _check_retry_on(value: object) -> tuple[type[BaseException], ...] | None:
 
 
 class _TaskOptions:
-    __slots__ = ("name", "retries", "retry_delay", "timeout")
+    __slots__ = ("name", "priority", "retries", "retry_delay", "timeout")
 
     def __init__(
-        self, name: str | None, retries: int, retry_delay: float, timeout: float | None
+        self,
+        name: str | None,
+        retries: int,
+        retry_delay: float,
+        timeout: float | None,
+        priority: int,
     ) -> None:
         self.name = name
         self.retries = retries
         self.retry_delay = retry_delay
         self.timeout = timeout
+        self.priority = priority
 
     @classmethod
     def check(
-        cls, name: object, retries: object, retry_delay: object, timeout: object
+        cls, name: object, retries: object, retry_delay: object, timeout: object, priority: object
     ) -> _TaskOptions:
         if name is not None and not isinstance(name, str):
             raise TypeError(f"@queue.task name must be a str, got {name!r}")
@@ -561,14 +573,14 @@ class _TaskOptions:
         count = check_count(retries, "@queue.task retries", maximum=MAX_COUNT - 1)
         delay = check_seconds(retry_delay, "@queue.task retry_delay", allow_zero=True)
         limit = check_optional_seconds(timeout, "@queue.task timeout")
-        return cls(name, count, delay, limit)
+        return cls(name, count, delay, limit, check_priority(priority, "@queue.task priority"))
 
 
 class Task(Generic[P, R]):
     """A function that workers run: ``await task.delay(...)`` stores a run of it.
 
     Made by ``@queue.task``. Attributes: ``name``, ``function``, ``queue``, ``retries``,
-    ``retry_delay``, ``retry_on``, ``timeout``, ``is_async``.
+    ``retry_delay``, ``retry_on``, ``timeout``, ``priority``, ``is_async``.
     """
 
     is_async: bool = False
@@ -594,6 +606,7 @@ class Task(Generic[P, R]):
         self.retries = options.retries
         self.retry_delay = options.retry_delay
         self.timeout = options.timeout
+        self.priority = options.priority
         try:
             self.signature: inspect.Signature | None = inspect.signature(function)
         except (TypeError, ValueError):  # some builtins and C callables have none
@@ -627,6 +640,7 @@ class Task(Generic[P, R]):
             "retry_delay": self.retry_delay,
             "timeout": self.timeout,
             "max_attempts": max(self.queue.max_attempts, self.retries + 1),
+            "priority": self.priority,
         }
 
     async def delay(self, *args: P.args, **kwargs: P.kwargs) -> TaskRun[R]:
@@ -655,6 +669,7 @@ class Task(Generic[P, R]):
         at: float | datetime.datetime | None = None,
         countdown: Seconds | None = None,
         key: str | None = None,
+        priority: int | None = None,
     ) -> TaskRun[R]:
         """Store a run with these arguments, due ``at`` a time or after a ``countdown``.
 
@@ -666,11 +681,14 @@ class Task(Generic[P, R]):
             countdown: Seconds from now until it is due (not with ``at``).
             key: Deduplicate: while a run submitted under ``key`` is not finished,
                 submitting again returns that run instead of storing another.
+            priority: Among due runs, higher is claimed first; the task's ``priority``
+                (0 unless ``@queue.task(priority=)`` says) by default.
 
         Raises:
             TypeError: arguments that do not fit the task or JSON, a naive datetime, or an
                 option of the wrong type.
-            ValueError: both ``at`` and ``countdown``, a negative countdown, an empty key.
+            ValueError: both ``at`` and ``countdown``, a negative countdown, an empty key,
+                a priority beyond 32 bits.
         """
         if not isinstance(args, tuple | list):
             raise TypeError(f"apply_async() args must be a tuple or list, got {args!r}")
@@ -692,6 +710,8 @@ class Task(Generic[P, R]):
                 countdown, "apply_async() countdown", allow_zero=True
             )
         options = {**self._submit_options(), "scheduled_at": scheduled_at}
+        if priority is not None:
+            options["priority"] = check_priority(priority, "apply_async() priority")
         if key is None:
             record = await broker.submit(self.name, payload, **options)
         else:

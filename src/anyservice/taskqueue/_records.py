@@ -45,6 +45,7 @@ __all__ = [
     "abandoned_error",
     "cancel",
     "claim",
+    "claim_order",
     "claimable",
     "complete",
     "describe_stored",
@@ -180,6 +181,8 @@ class RunRecord:
         timeout: Seconds a single attempt may take (enforced by the worker), or ``None``.
         created_at: When it was submitted (epoch seconds).
         scheduled_at: When it is (or was) due to be claimed.
+        priority: Among due runs, higher is claimed first (0 by default; negative is
+            allowed).
         started_at: When the current attempt was claimed, if one is in flight or ended.
         finished_at: When it reached a finished state.
         lease_owner: The worker that holds it, while RUNNING.
@@ -199,6 +202,7 @@ class RunRecord:
     timeout: float | None
     created_at: float
     scheduled_at: float
+    priority: int = 0
     started_at: float | None = None
     finished_at: float | None = None
     lease_owner: str | None = None
@@ -238,6 +242,7 @@ def new_run(
     max_attempts: int,
     scheduled_at: float | None,
     now: float,
+    priority: int = 0,
 ) -> RunRecord:
     """A submitted run: SCHEDULED, due at ``scheduled_at`` (``now`` by default)."""
     return RunRecord(
@@ -252,6 +257,7 @@ def new_run(
         timeout=None if timeout is None else float(timeout),
         created_at=now,
         scheduled_at=now if scheduled_at is None else float(scheduled_at),
+        priority=priority,
     )
 
 
@@ -274,6 +280,12 @@ def claimable(run: RunRecord, now: float) -> bool:
     if run.state is RunState.SCHEDULED:
         return run.scheduled_at <= now
     return _lease_expired(run, now) and run.attempts < run.max_attempts
+
+
+def claim_order(run: RunRecord, sequence: int) -> tuple[int, float, int]:
+    """The key claims sort due runs by: higher ``priority`` first, then the earlier due
+    (``scheduled_at``), then the earlier submitted (``sequence``, the submission order)."""
+    return (-run.priority, run.scheduled_at, sequence)
 
 
 def due_at(run: RunRecord) -> float | None:

@@ -51,6 +51,9 @@ class ScheduledTask(Protocol):
     @property
     def timeout(self) -> float | None: ...
 
+    @property
+    def priority(self) -> int: ...
+
     def encode(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str: ...
 
 
@@ -151,6 +154,7 @@ async def _store(
         retry_delay=task.retry_delay,
         timeout=task.timeout,
         max_attempts=max(task.queue.max_attempts, task.retries + 1),
+        priority=task.priority,
     )
     schedule.counts[stored.result.value] += 1
     if stored.result is TickResult.SKIPPED:

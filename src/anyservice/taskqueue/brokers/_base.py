@@ -34,7 +34,8 @@ each applying the transitions of ``taskqueue/_records.py`` to the stored records
   ``_insert`` for each, which is atomic only for a storage whose calls cannot fail).
 * ``_claim(owner, tasks, limit, lease_seconds) -> Claimed``: first ``abandon`` every
   abandoned run (of any task), then ``claim`` up to ``limit`` claimable runs of ``tasks``,
-  ordered by ``scheduled_at`` then submission order, all in one atomic step, reading
+  in ``claim_order`` (higher ``priority`` first, then ``scheduled_at``, then submission
+  order), all in one atomic step, reading
   ``now`` from the clock inside it; report whether any run was finished on the way and
   when the next run becomes claimable (``now`` if ``limit`` left due runs behind).
 * ``_claim_run(owner, id, lease_seconds) -> RunRecord | None``: ``claim`` that one run
@@ -134,12 +135,15 @@ class Broker(ClusterBroker, Protocol):
         timeout: float | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         scheduled_at: float | None = None,
+        priority: int = 0,
     ) -> RunRecord:
         """Store a new SCHEDULED run, due at ``scheduled_at`` (now by default).
 
+        Among due runs, claims take those of higher ``priority`` first.
+
         Raises:
             ValueError: An option is out of range (negative retries, ``max_attempts`` < 1,
-                a non-positive timeout, an empty task name).
+                a non-positive timeout, an empty task name, a priority beyond 32 bits).
         """
         ...
 
@@ -153,6 +157,7 @@ class Broker(ClusterBroker, Protocol):
         timeout: float | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         scheduled_at: float | None = None,
+        priority: int = 0,
     ) -> list[RunRecord]:
         """Store one SCHEDULED run per payload, all or none, in submission order.
 
@@ -165,7 +170,9 @@ class Broker(ClusterBroker, Protocol):
     async def claim(
         self, owner: str, tasks: Collection[str], *, limit: int, lease_seconds: float
     ) -> list[RunRecord]:
-        """Lease up to ``limit`` due runs of the named tasks to ``owner``, oldest first.
+        """Lease up to ``limit`` due runs of the named tasks to ``owner``.
+
+        Higher ``priority`` first, then the earliest due, then the earliest submitted.
 
         Claimable are SCHEDULED runs whose ``scheduled_at`` is due and RUNNING runs whose
         lease expired, whoever held it (``owner`` included). Each claim counts an attempt:
@@ -451,6 +458,7 @@ class BaseBroker(ClusterMethods, Broker, abc.ABC):
         timeout: float | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         scheduled_at: float | None = None,
+        priority: int = 0,
     ) -> RunRecord:
         run = self._checked_run(
             task,
@@ -460,6 +468,7 @@ class BaseBroker(ClusterMethods, Broker, abc.ABC):
             timeout=timeout,
             max_attempts=max_attempts,
             scheduled_at=scheduled_at,
+            priority=priority,
         )
         await self._insert(run)
         self._notifier.notify(work=True)
@@ -475,6 +484,7 @@ class BaseBroker(ClusterMethods, Broker, abc.ABC):
         timeout: float | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         scheduled_at: float | None = None,
+        priority: int = 0,
     ) -> list[RunRecord]:
         if isinstance(payloads, str):
             raise TypeError(f"payloads must be a sequence of strings, not the string {payloads!r}")
@@ -494,6 +504,7 @@ class BaseBroker(ClusterMethods, Broker, abc.ABC):
             timeout=timeout,
             max_attempts=max_attempts,
             scheduled_at=scheduled_at,
+            priority=priority,
         )
         if not payloads:
             return []
@@ -506,6 +517,7 @@ class BaseBroker(ClusterMethods, Broker, abc.ABC):
             max_attempts=first.max_attempts,
             scheduled_at=first.scheduled_at,
             now=first.created_at,
+            priority=first.priority,
         )
         runs = [first]
         runs.extend(

@@ -75,6 +75,7 @@ class ClusterBroker(Protocol):
         retry_delay: float = 0.0,
         timeout: float | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        priority: int = 0,
     ) -> StoredTick:
         """Store the tick (``schedule``, ``due``) with a run due at ``due``, once.
 
@@ -119,6 +120,7 @@ class ClusterBroker(Protocol):
         timeout: float | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         scheduled_at: float | None = None,
+        priority: int = 0,
     ) -> tuple[RunRecord, bool]:
         """Store a run under ``key`` unless a run under it is not finished yet.
 
@@ -232,6 +234,7 @@ class ClusterMethods(ClusterBroker):
         timeout: float | None,
         max_attempts: int,
         scheduled_at: float | None,
+        priority: int = 0,
     ) -> RunRecord:
         """A new run with checked options, as ``submit`` makes it."""
         check_submit_options(
@@ -242,6 +245,7 @@ class ClusterMethods(ClusterBroker):
             timeout=timeout,
             max_attempts=max_attempts,
             scheduled_at=scheduled_at,
+            priority=priority,
         )
         return new_run(
             uuid.uuid4().hex,
@@ -253,6 +257,7 @@ class ClusterMethods(ClusterBroker):
             max_attempts=max_attempts,
             scheduled_at=scheduled_at,
             now=self._clock(),
+            priority=int(priority),
         )
 
     async def submit_tick(
@@ -267,6 +272,7 @@ class ClusterMethods(ClusterBroker):
         retry_delay: float = 0.0,
         timeout: float | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        priority: int = 0,
     ) -> StoredTick:
         _check_name(schedule, "schedule")
         if isinstance(due, bool) or not isinstance(due, int | float):
@@ -282,6 +288,7 @@ class ClusterMethods(ClusterBroker):
             timeout=timeout,
             max_attempts=max_attempts,
             scheduled_at=key,
+            priority=priority,
         )
         result = await self._insert_tick(schedule, key, run, bool(overlap))
         if result is TickResult.STORED:
@@ -316,6 +323,7 @@ class ClusterMethods(ClusterBroker):
         timeout: float | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         scheduled_at: float | None = None,
+        priority: int = 0,
     ) -> tuple[RunRecord, bool]:
         _check_name(key, "key")
         run = self._checked_run(
@@ -326,6 +334,7 @@ class ClusterMethods(ClusterBroker):
             timeout=timeout,
             max_attempts=max_attempts,
             scheduled_at=scheduled_at,
+            priority=priority,
         )
         stored = await self._insert_keyed(key, run)
         created = stored.id == run.id

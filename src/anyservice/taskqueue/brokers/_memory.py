@@ -35,7 +35,7 @@ class MemoryBroker(BaseBroker):
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         super().__init__(clock=clock)
         self._runs: dict[str, RunRecord] = {}
-        # Submission order breaks ties between runs due at the same time.
+        # Submission order breaks ties between runs of one priority due at the same time.
         self._sequence: dict[str, int] = {}
         self._unfinished: set[str] = set()
         self._is_open = False
@@ -127,7 +127,7 @@ class MemoryBroker(BaseBroker):
                     at = records.due_at(run)
                     if at is not None and at > now:
                         later.append(at)
-        due.sort(key=lambda run: (run.scheduled_at, self._sequence[run.id]))
+        due.sort(key=lambda run: records.claim_order(run, self._sequence[run.id]))
         for run in due[:limit]:
             claimed = records.claim(run, owner, now, lease_seconds)
             if claimed is not None:

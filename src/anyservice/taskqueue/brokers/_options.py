@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 
-from ..._checks import check_count, check_number, check_optional_seconds, check_seconds
+from ..._checks import (
+    MAX_COUNT,
+    check_count,
+    check_number,
+    check_optional_seconds,
+    check_seconds,
+)
 
 __all__ = [
     "check_attempt",
     "check_claim_options",
     "check_completions",
     "check_heartbeat_options",
+    "check_priority",
     "check_purge_options",
     "check_submit_options",
     "hide_password",
@@ -36,6 +43,7 @@ def check_submit_options(
     timeout: float | None,
     max_attempts: int,
     scheduled_at: float | None,
+    priority: int = 0,
 ) -> None:
     """Validate :meth:`Broker.submit` arguments.
 
@@ -53,6 +61,17 @@ def check_submit_options(
     check_count(max_attempts, "max_attempts", minimum=1)
     if scheduled_at is not None:
         check_number(scheduled_at, "scheduled_at")
+    check_priority(priority)
+
+
+def check_priority(priority: object, name: str = "priority") -> int:
+    """Validate a run's priority: any int that every broker stores (a 32-bit integer).
+
+    Raises:
+        TypeError: ``priority`` is not an int.
+        ValueError: it is beyond +/- ``MAX_COUNT``.
+    """
+    return check_count(priority, name, minimum=-MAX_COUNT, maximum=MAX_COUNT)
 
 
 def _check_lease_seconds(lease_seconds: float) -> None:

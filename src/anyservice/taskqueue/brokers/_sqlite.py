@@ -131,6 +131,29 @@ def _next_due_time(conn: sqlite3.Connection, names: list[str], now: float) -> fl
     return float(min(times)) if times else None
 
 
+_CLAIM_ORDER = "ORDER BY priority DESC, scheduled_at, seq"
+
+
+def _due_rows(
+    conn: sqlite3.Connection, names: list[str], now: float, count: int
+) -> list[tuple[Any, ...]]:
+    """The first ``count`` claimable rows of these tasks, in claim order.
+
+    Two branches, each walking the claim-order index and stopping at ``count``: due
+    SCHEDULED runs, and RUNNING runs whose lease expired. One ``OR`` over both made
+    SQLite read and sort every due row instead.
+    """
+    tasks = f"task IN ({marks(len(names))})"
+    return conn.execute(
+        f"SELECT * FROM ({SELECT} WHERE state = 'SCHEDULED' AND scheduled_at <= ?"
+        f" AND {tasks} {_CLAIM_ORDER} LIMIT ?)"
+        f" UNION ALL SELECT * FROM ({SELECT} WHERE state = 'RUNNING'"
+        f" AND (lease_expires_at IS NULL OR lease_expires_at <= ?) AND {tasks}"
+        f" {_CLAIM_ORDER} LIMIT ?) {_CLAIM_ORDER} LIMIT ?",
+        (now, *names, count, now, *names, count, count),
+    ).fetchall()
+
+
 def _claim_due(
     conn: sqlite3.Connection, names: list[str], owner: str, limit: int, times: tuple[float, float]
 ) -> tuple[list[RunRecord], bool, bool]:
@@ -140,14 +163,7 @@ def _claim_due(
     a due row that is otherwise unreadable is marked FAILED instead of being claimed.
     """
     now, expires = times
-    rows = conn.execute(
-        f"{SELECT} WHERE task IN ({marks(len(names))}) AND ("
-        " (state = 'SCHEDULED' AND scheduled_at <= ?)"
-        " OR (state = 'RUNNING'"
-        "     AND (lease_expires_at IS NULL OR lease_expires_at <= ?)))"
-        " ORDER BY scheduled_at, seq LIMIT ?",
-        (*names, now, now, limit + 1),
-    ).fetchall()
+    rows = _due_rows(conn, names, now, limit + 1)
     claimed: list[RunRecord] = []
     updates: list[tuple[Any, ...]] = []
     corrupt_seen = leftover = False

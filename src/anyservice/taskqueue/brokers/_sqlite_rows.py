@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 #: ``PRAGMA user_version`` of a database with the current schema.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # MIGRATIONS[n] takes a database from user_version n to n + 1. The table name is
 # prefixed because the file may be shared with an application's own tables.
@@ -85,6 +85,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    # Claims take due runs by priority (higher first), then due time, then submission.
+    (
+        "ALTER TABLE anyservice_runs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX anyservice_runs_claim_order"
+        " ON anyservice_runs (state, priority DESC, scheduled_at)",
+    ),
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
@@ -101,6 +107,7 @@ COLUMNS = (
     "timeout",
     "created_at",
     "scheduled_at",
+    "priority",
     "started_at",
     "finished_at",
     "lease_owner",
@@ -112,8 +119,8 @@ SELECT = f"SELECT {', '.join(COLUMNS)} FROM anyservice_runs"
 
 INSERT = (
     "INSERT INTO anyservice_runs (id, task, payload, state, attempts, max_attempts,"
-    " retries_left, retry_delay, timeout, created_at, scheduled_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " retries_left, retry_delay, timeout, created_at, scheduled_at, priority)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 # Old SQLite builds allow at most 999 parameters per statement.
@@ -134,6 +141,7 @@ def insert_values(run: RunRecord) -> tuple[Any, ...]:
         run.timeout,
         run.created_at,
         run.scheduled_at,
+        run.priority,
     )
 
 
@@ -227,6 +235,7 @@ def _record(columns: _Columns) -> RunRecord:
         timeout=columns.optional_real("timeout"),
         created_at=columns.real("created_at"),
         scheduled_at=columns.real("scheduled_at"),
+        priority=columns.integer("priority"),
         started_at=columns.optional_real("started_at"),
         finished_at=columns.optional_real("finished_at"),
         lease_owner=columns.optional_text("lease_owner"),
