@@ -145,7 +145,12 @@ class Completions:
             return await self._broker().complete(self._owner, run_id, attempt, result)
         if batch is not None:
             batch.results[run_id] = (attempt, result)
-            await batch.finished.wait()
+            try:
+                await batch.finished.wait()
+            except BaseException:
+                if self._open is batch:
+                    del batch.results[run_id]  # not sent yet: nothing of it is stored
+                raise
             if batch.error is not None:
                 raise batch.error
             return run_id in batch.done
