@@ -64,7 +64,7 @@ HAS_PROC = os.path.exists("/proc/self/stat")
 #: Pause between two latency probes, so that each finds the worker idle.
 PROBE_GAP = 0.002
 #: Seconds from the start of the throughput runs' submission to their due time.
-SUBMIT_MARGIN = 1.5
+SUBMIT_MARGIN = 3.0
 #: Time given to a process to start and import the library, on a slow machine.
 STARTUP = 60.0
 
