@@ -213,6 +213,36 @@ FROM later LEFT JOIN claimed ON true
 """
 
 
+# Completions in one statement, each fenced by its own claim; the waiters in other
+# processes learn of the finished runs from one notification per chunk of ids (a payload
+# must stay under 8 000 bytes), sent with the commit.
+_COMPLETE_MANY = f"""
+WITH done AS (
+    UPDATE {{runs}} r SET state = 'COMPLETED', finished_at = %(now)s,
+        lease_owner = NULL, lease_expires_at = NULL, result = c.result, error = NULL
+    FROM unnest(%(ids)s::text[], %(attempts)s::integer[], %(results)s::text[])
+        AS c(id, attempt, result)
+    WHERE r.id = c.id AND r.attempts = c.attempt AND r.state = 'RUNNING'
+        AND r.lease_owner = %(owner)s
+    RETURNING r.id
+), chunks AS (
+    SELECT string_agg(id, ' ') AS ids
+    FROM (SELECT id, (row_number() OVER () - 1) / {_FINISHED_PER_NOTIFY} AS chunk FROM done) n
+    GROUP BY chunk
+)
+SELECT ids, pg_notify(%(channel)s, 'f ' || ids) FROM chunks
+"""
+
+
+def _completion_columns(results: dict[str, tuple[int, str]]) -> dict[str, list[Any]]:
+    """``{run_id: (attempt, result)}`` as the columns ``_COMPLETE_MANY`` unnests."""
+    return {
+        "ids": list(results),
+        "attempts": [attempt for attempt, _ in results.values()],
+        "results": [result for _, result in results.values()],
+    }
+
+
 def _record(row: Iterable[Any]) -> RunRecord:
     """A run from a row of :data:`_COLUMNS`; a row that makes no sense reads as FAILED.
 
@@ -1124,31 +1154,13 @@ class PostgresBroker(_Waits, _Connections, BaseBroker):
         return state is not None
 
     async def _complete_many(self, owner: str, results: dict[str, tuple[int, str]]) -> set[str]:
-        # One statement, fenced per row; the waiters in other processes learn of the
-        # finished runs from one notification per chunk of ids (a payload must stay
-        # under 8 000 bytes), sent with the commit.
-        rows = await self._call(
-            self._execute(
-                "WITH done AS (UPDATE {runs} r SET state = 'COMPLETED', finished_at = %(now)s,"
-                " lease_owner = NULL, lease_expires_at = NULL, result = c.result, error = NULL"
-                " FROM unnest(%(ids)s::text[], %(attempts)s::integer[], %(results)s::text[])"
-                " AS c(id, attempt, result)"
-                " WHERE r.id = c.id AND r.attempts = c.attempt AND r.state = 'RUNNING'"
-                " AND r.lease_owner = %(owner)s RETURNING r.id),"
-                " chunks AS (SELECT string_agg(id, ' ') AS ids FROM"
-                f" (SELECT id, (row_number() OVER () - 1) / {_FINISHED_PER_NOTIFY} AS chunk"
-                " FROM done) numbered GROUP BY chunk)"
-                " SELECT ids, pg_notify(%(channel)s, 'f ' || ids) FROM chunks",
-                {
-                    "now": self._clock(),
-                    "owner": owner,
-                    "ids": list(results),
-                    "attempts": [attempt for attempt, _ in results.values()],
-                    "results": [result for _, result in results.values()],
-                    "channel": self._channel,
-                },
-            )
-        )
+        parameters = {
+            **_completion_columns(results),
+            "now": self._clock(),
+            "owner": owner,
+            "channel": self._channel,
+        }
+        rows = await self._call(self._execute(_COMPLETE_MANY, parameters))
         done = {run_id for (ids, _) in rows for run_id in ids.split(" ")}
         for run_id in done:
             self._wakeups.run_finished(run_id)
