@@ -1,8 +1,10 @@
-"""The life of one run on SQLite, step by step: what each broker call costs on its own.
+"""The life of one run: what each broker call costs, and what a worker does per run.
 
-Not part of ``run.py``: a profile for finding where the time goes, printed as a table
-(medians of per-call times, µs). ``python benchmarks/profile_run.py [asyncio|trio]``.
-Each step is timed over many calls, one at a time, on a fresh file:
+Not part of ``run.py``: a profile for finding where the time goes, printed as tables.
+``python benchmarks/profile_run.py [asyncio|trio] [--drain] [--postgres]``.
+
+Step by step (the default), each step timed over many calls, one at a time, on a fresh
+SQLite file (medians of per-call times, µs):
 
 - submit: ``broker.submit()`` of one run (INSERT, committed);
 - claim: ``broker.claim(limit=1)`` of one due run (lease taken, committed);
@@ -10,19 +12,34 @@ Each step is timed over many calls, one at a time, on a fresh file:
 - get: ``broker.get()`` (what ``result()`` reads once woken);
 - round trip: ``await task.delay()`` then ``await run.result()`` through an in-process
   worker (submit, wake, claim, start, result, wake of the waiter).
+
+``--drain``: one in-process worker (limit 100) drains 4 000 no-op runs submitted up front,
+under ``cProfile`` (counts only: its timings are distorted), and the counts are given per
+run: Python function calls, cancel scopes entered, events made, event-loop passes, broker
+calls, round trips to the database (the SQLite connection thread's operations, or
+PostgreSQL statements) and commits. ``--postgres`` does the same on a PostgreSQL server of
+its own (Debian's binaries, as the tests start it).
 """
 
 from __future__ import annotations
 
+import cProfile
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 
+from profile_service import _code_keys, _counts
+
 CALLS = 2_000
+DRAINED = 4_000
+LIMIT = 100
 
 
 async def profile() -> dict[str, float]:
@@ -66,10 +83,96 @@ async def profile() -> dict[str, float]:
     return {name: statistics.median(values) * 1e6 for name, values in times.items()}
 
 
+def _round_trip_keys(url: str) -> dict[str, list[Callable[..., Any]]]:
+    """What one database round trip calls, once, in the event loop's thread.
+
+    Only that thread is profiled: a SQLite operation is made there for the connection's
+    thread, a PostgreSQL statement is built there for a worker thread.
+    """
+    if url.startswith("postgresql"):
+        from anyservice.taskqueue.brokers import _postgres
+
+        return {"database round trips": [_postgres._Connections._execute]}
+    from anyservice.taskqueue.brokers import _sqlite_thread
+
+    return {"database round trips": [_sqlite_thread._Operation.__init__]}
+
+
+def _count_calls(broker: Any, counted: dict[str, int]) -> None:
+    """Count the calls of ``broker``'s claim and recording methods into ``counted``."""
+    for name in ("claim", "heartbeat", "complete", "complete_many", "fail", "release"):
+        method = getattr(broker, name, None)
+        if method is None:
+            continue
+
+        async def call(*args: Any, _method: Any = method, **kwargs: Any) -> Any:
+            counted["broker calls"] = counted.get("broker calls", 0) + 1
+            return await _method(*args, **kwargs)
+
+        setattr(broker, name, call)
+
+
+async def drain(url: str, backend: str) -> dict[str, float]:
+    """Per-run counts of one worker draining ``DRAINED`` no-op runs from ``url``."""
+    import anyservice.taskqueue as taskqueue
+
+    queue = taskqueue.TaskQueue(url)
+
+    @queue.task
+    async def noop() -> None:
+        return None
+
+    async with queue:
+        await queue.broker.submit_many("noop", [noop.encode((), {})] * DRAINED)
+        commits_before = getattr(queue.broker, "commits", None)
+        counted: dict[str, int] = {}
+        _count_calls(queue.broker, counted)
+        worker = taskqueue.TaskWorker(noop, limit=LIMIT)
+        profile = cProfile.Profile()
+        started = time.perf_counter()
+        profile.enable()
+        async with worker:
+            # Polled: a waiter of its own would add broker reads to what is counted.
+            while worker.counts["completed"] < DRAINED:  # noqa: ASYNC110
+                await anyio.sleep(0.001)
+        profile.disable()
+        seconds = time.perf_counter() - started
+        found = _counts(profile, backend, DRAINED, {**_code_keys(backend), **_round_trip_keys(url)})
+        found["broker calls"] = counted.get("broker calls", 0) / DRAINED
+        if commits_before is not None:
+            found["commits"] = (queue.broker.commits - commits_before) / DRAINED
+        found["runs/s under the profiler"] = DRAINED / seconds
+    return found
+
+
+@contextmanager
+def _sqlite_url() -> Iterator[str]:
+    with tempfile.TemporaryDirectory() as directory:
+        yield f"sqlite:///{Path(directory) / 'runs.db'}"
+
+
+@contextmanager
+def _postgres_url() -> Iterator[str]:
+    root = Path(__file__).resolve().parents[1]
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from tests._postgres import postgres_schema, postgres_server
+
+    with postgres_server(durable=True) as server, postgres_schema(server) as url:
+        yield url
+
+
 def main() -> None:
-    backend = sys.argv[1] if len(sys.argv) > 1 else "asyncio"
-    figures = anyio.run(profile, backend=backend)
-    for name, micros in figures.items():
+    backend = next((arg for arg in sys.argv[1:] if not arg.startswith("--")), "asyncio")
+    if "--drain" in sys.argv or "--postgres" in sys.argv:
+        where = _postgres_url if "--postgres" in sys.argv else _sqlite_url
+        with where() as url:
+            figures = anyio.run(drain, url, backend, backend=backend)
+        print(f"{backend}, one worker (limit {LIMIT}) draining {DRAINED} no-op runs, per run:")
+        for label, value in figures.items():
+            print(f"  {label:28} {value:10.2f}")
+        return
+    for name, micros in anyio.run(profile, backend=backend).items():
         print(f"{backend:8} {name:12} {micros:8.1f} µs")
 
 

@@ -68,11 +68,17 @@ def _code_keys(backend: str) -> dict[str, list[Callable[..., Any]]]:
     }
 
 
-def _counts(profile: cProfile.Profile, backend: str, size: int) -> dict[str, float]:
+def _counts(
+    profile: cProfile.Profile,
+    backend: str,
+    size: int,
+    keys: dict[str, list[Callable[..., Any]]] | None = None,
+) -> dict[str, float]:
+    """Calls of each of ``keys`` (by default :func:`_code_keys`) per item of ``size``."""
     stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
     by_code = {(key[0], key[1], key[2]): value[1] for key, value in stats.items()}
     found: dict[str, float] = {}
-    for label, functions in _code_keys(backend).items():
+    for label, functions in (_code_keys(backend) if keys is None else keys).items():
         total = 0
         for function in functions:
             code = function.__code__

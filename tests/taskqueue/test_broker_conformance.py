@@ -535,6 +535,60 @@ async def test_complete_records_the_result(broker: Broker, clock: FakeClock) -> 
     assert not await broker.complete("w1", run.id, 1, "null")
 
 
+async def test_complete_many_records_each_result_its_claim_still_holds(
+    broker: Broker, clock: FakeClock
+) -> None:
+    first = await broker.submit("say", PAYLOAD)
+    stale = await broker.submit("say", PAYLOAD)
+    other = await broker.submit("say", PAYLOAD)
+    await claim(broker, "w1", limit=3)
+    clock.advance(LEASE)
+    # The lease of every run expired; w2 claims them all again (attempt 2).
+    await claim(broker, "w2", limit=3)
+    clock.advance(1)
+
+    done = await broker.complete_many(
+        "w2",
+        {first.id: (2, '"one"'), stale.id: (1, '"late"'), "0" * 32: (2, "null")},
+    )
+
+    assert done == {first.id}
+    finished = await broker.get(first.id)
+    assert finished is not None
+    assert (finished.state, finished.result, finished.finished_at) == (
+        RunState.COMPLETED,
+        '"one"',
+        START + LEASE + 1,
+    )
+    for unchanged in (stale, other):
+        assert await state_of(broker, unchanged.id) is RunState.RUNNING
+    assert await broker.complete_many("w1", {other.id: (1, "null")}) == set()
+    assert await broker.complete_many("w2", {stale.id: (2, '"two"'), other.id: (2, "3")}) == {
+        stale.id,
+        other.id,
+    }
+    assert await broker.complete_many("w2", {}) == set()
+
+
+@pytest.mark.parametrize(
+    ("results", "error", "match"),
+    [
+        ([("x", (1, "null"))], TypeError, "results must map each run id"),
+        ({"x": 1}, TypeError, r"results\['x'\] must be an \(attempt, result\) pair"),
+        ({"x": (0, "null")}, ValueError, r"results\['x'\] \(the attempt of that run\)"),
+        ({"x": (1, None)}, TypeError, r"results\['x'\]: the result must be JSON text"),
+    ],
+)
+async def test_complete_many_rejects_bad_results(
+    broker: Broker, results: Any, error: type[Exception], match: str
+) -> None:
+    run = await broker.submit("say", PAYLOAD)
+    await claim_one(broker, "w1")
+    with pytest.raises(error, match=match):
+        await broker.complete_many("w1", results)
+    assert await state_of(broker, run.id) is RunState.RUNNING
+
+
 async def test_failure_with_retries_left_is_retried_after_its_delay(
     broker: Broker, clock: FakeClock
 ) -> None:
@@ -861,6 +915,11 @@ steps = st.one_of(
         st.integers(0, 9),
         STALENESS,
     ),
+    st.tuples(
+        st.just("complete_many"),
+        st.sampled_from(OWNERS),
+        st.lists(st.tuples(st.integers(0, 9), STALENESS), max_size=4),
+    ),
     st.tuples(st.just("cancel"), st.integers(0, 9)),
     st.tuples(st.just("advance"), st.sampled_from([1.0, 10.0, 31.0])),
 )
@@ -947,6 +1006,21 @@ async def drive(url: str, script: list[tuple[Any, ...]]) -> None:
                     ):
                         expected_held.add(run.id)
                 assert held == expected_held, step
+            elif kind == "complete_many":
+                owner, picks = args
+                results = {
+                    runs[i % len(runs)].id: (fence(runs[i % len(runs)], staleness), f'"{i}"')
+                    for i, staleness in picks
+                }
+                done_ids = await broker.complete_many(owner, results)
+                expected_done = set()
+                for i, run in enumerate(runs):
+                    if run.id in results:
+                        attempt, result = results[run.id]
+                        changed = records.complete(run, owner, attempt, result, clock.now)
+                        if model.apply(i, changed):
+                            expected_done.add(run.id)
+                assert done_ids == expected_done, step
             elif kind == "cancel":
                 i = args[0] % len(runs)
                 done = await broker.cancel(runs[i].id)

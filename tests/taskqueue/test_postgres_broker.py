@@ -248,20 +248,41 @@ async def test_a_result_awaited_in_another_process_arrives_on_notification(url: 
         assert time.monotonic() - started < PROMPTLY
 
 
+async def note_finish(broker: PostgresBroker, run_id: str, finished: dict[str, RunState]) -> None:
+    """Wait for the run to finish through ``broker``; note its final state in ``finished``."""
+    record = await broker.wait_until_finished(run_id, timeout=3600)
+    assert record is not None
+    finished[run_id] = record.state
+
+
+async def test_results_completed_together_wake_their_waiters_in_another_process(
+    url: str,
+) -> None:
+    async with PostgresBroker(url) as worker, PostgresBroker(url) as waiter:
+        runs = await worker.submit_many("say", [PAYLOAD] * 3)
+        finished: dict[str, RunState] = {}
+        # Polling is off (the fixture's URL): only the notification can wake them.
+        with anyio.fail_after(PROMPTLY):
+            async with anyio.create_task_group() as tg:
+                for run in runs[:2]:
+                    tg.start_soon(note_finish, waiter, run.id, finished)
+                await worker.claim("w1", ["say"], limit=3, lease_seconds=30)
+                await anyio.sleep(0.1)
+                assert not finished
+                done = await worker.complete_many("w1", {run.id: (1, '"ok"') for run in runs})
+        assert done == {run.id for run in runs}
+        assert finished == {run.id: RunState.COMPLETED for run in runs[:2]}
+
+
 async def test_many_waiters_for_different_runs_each_get_their_own(url: str) -> None:
     async with PostgresBroker(url) as worker, PostgresBroker(url) as waiter:
         runs = [await worker.submit("say", PAYLOAD) for _ in range(5)]
         finished: dict[str, RunState] = {}
 
-        async def wait(run_id: str) -> None:
-            record = await waiter.wait_until_finished(run_id, timeout=3600)
-            assert record is not None
-            finished[run_id] = record.state
-
         with anyio.fail_after(PROMPTLY):
             async with anyio.create_task_group() as tg:
                 for run in runs:
-                    tg.start_soon(wait, run.id)
+                    tg.start_soon(note_finish, waiter, run.id, finished)
                 await worker.claim("w1", ["say"], limit=5, lease_seconds=30)
                 for run in runs:
                     await anyio.sleep(0.02)

@@ -977,3 +977,63 @@ async def test_leases_are_renewed_once_an_interval_not_at_every_batch_of_runs() 
             # A run of 25 s is renewed at 10 s and 20 s.
             await (await brief.delay(25)).wait(timeout=60)
             assert broker.heartbeats == 2
+
+
+class CompletionCountingBroker(MemoryBroker):
+    """A memory broker that counts the calls recording results, and the results in each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+        self.singles = 0
+
+    async def complete_many(self, owner: str, results: Mapping[str, tuple[int, str]]) -> set[str]:
+        self.batches.append(len(results))
+        return await super().complete_many(owner, results)
+
+    async def complete(self, owner: str, run_id: str, attempt: int, result: str) -> bool:
+        self.singles += 1
+        return await super().complete(owner, run_id, attempt, result)
+
+
+@pytest.mark.virtual_time
+async def test_runs_that_finish_together_are_recorded_in_one_broker_call() -> None:
+    broker = CompletionCountingBroker()
+    async with TaskQueue(broker=broker) as queue:
+
+        @queue.task
+        async def double(number: int) -> int:
+            return 2 * number
+
+        runs = await double.map(range(20))
+        async with TaskWorker(double, limit=20):
+            assert [await run.result(timeout=PROMPTLY) for run in runs] == [
+                2 * number for number in range(20)
+            ]
+        # Claimed at once, the twenty no-op runs finish in one pass of the event loop.
+        assert (broker.batches, broker.singles) == ([20], 0)
+        for run in runs:
+            stored = await broker.get(run.id)
+            assert stored is not None
+            assert stored.state is RunState.COMPLETED
+
+
+@pytest.mark.virtual_time
+async def test_a_run_finishing_later_is_recorded_without_waiting_for_the_others() -> None:
+    broker = CompletionCountingBroker()
+    async with TaskQueue(broker=broker) as queue:
+        release = anyio.Event()
+
+        @queue.task
+        async def wait_for(held: bool) -> bool:
+            if held:
+                await release.wait()
+            return held
+
+        quick, held = await wait_for.map([False, True])
+        async with TaskWorker(wait_for, limit=2):
+            assert await quick.result(timeout=PROMPTLY) is False
+            assert broker.batches == [1]
+            release.set()
+            assert await held.result(timeout=PROMPTLY) is True
+        assert broker.batches == [1, 1]

@@ -110,7 +110,7 @@ class RunInFlight:
         self.began = anyio.current_time()
         #: When the lease runs out as far as this worker knows (on the event loop's
         #: clock): claimed now, moved on by every renewal the broker confirmed.
-        self.lease_until = anyio.current_time() + lease_seconds
+        self.lease_until = self.began + lease_seconds
         #: The outcome is being recorded.
         self.settling = False
         #: The outcome is recorded (or given up on): nothing to hand back.
@@ -121,8 +121,15 @@ class RunInFlight:
         self.cancelled = False
         #: The task raised StopTaskWorker: hand the run back and stop the worker.
         self.stop_worker = False
-        #: Set once the worker is done with the run (recorded, handed back or lost).
-        self.done = anyio.Event()
+        #: Set once the worker is done with the run (recorded, handed back or lost), for
+        #: whoever waits for that; made only for them (see :meth:`finished`).
+        self.done: anyio.Event | None = None
+
+    def finished(self) -> anyio.Event:
+        """An event set once the worker is done with the run; ask before it can be."""
+        if self.done is None:
+            self.done = anyio.Event()
+        return self.done
 
     @property
     def attempt(self) -> int:

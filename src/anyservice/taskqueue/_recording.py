@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 from .. import _hooks
 from ._errors import BrokerError
@@ -102,6 +103,77 @@ class WorkerStats:
                 return done
 
 
+class _Batch:
+    """Completions recorded by one broker call, and what the broker answered."""
+
+    __slots__ = ("done", "error", "finished", "results")
+
+    def __init__(self) -> None:
+        self.results: dict[str, tuple[int, str]] = {}
+        #: The ids the broker completed (their claim still held them).
+        self.done: set[str] = set()
+        #: Why the call failed, if it did: every completion of the batch is retried.
+        self.error: BrokerError | None = None
+        self.finished = anyio.Event()
+
+
+class Completions:
+    """Completions that come in together, recorded in one ``complete_many`` call.
+
+    The first run to finish opens a batch and lets the event loop take one pass (the
+    window: bounded, and free when nothing else is ready), so that the runs finishing
+    at the same moment join it; then it records the whole batch and wakes the others.
+    Each completion is fenced on its own by the broker, and nobody is told of a result
+    before the call that stored it returned. A failed call fails every completion of
+    the batch, each retried by its own run.
+    """
+
+    def __init__(self, broker: Callable[[], Broker], owner: str) -> None:
+        self._broker = broker
+        self._owner = owner
+        self._open: _Batch | None = None
+
+    async def complete(self, run_id: str, attempt: int, result: str) -> bool:
+        """Record one result; whether the claim still held the run.
+
+        Raises:
+            BrokerError: The broker call recording the batch failed.
+        """
+        batch = self._open
+        if batch is not None and run_id in batch.results:
+            # Another attempt of the same run is in this batch: record this one apart.
+            return await self._broker().complete(self._owner, run_id, attempt, result)
+        if batch is not None:
+            batch.results[run_id] = (attempt, result)
+            try:
+                await batch.finished.wait()
+            except BaseException:
+                if self._open is batch:
+                    del batch.results[run_id]  # not sent yet: nothing of it is stored
+                raise
+            if batch.error is not None:
+                raise batch.error
+            return run_id in batch.done
+        batch = self._open = _Batch()
+        batch.results[run_id] = (attempt, result)
+        try:
+            await anyio.lowlevel.checkpoint()
+            self._open = None
+            batch.done = await self._broker().complete_many(self._owner, batch.results)
+        except BrokerError as exc:
+            batch.error = exc
+            raise
+        except BaseException:
+            # Interrupted (the lease ran out while waiting): the others try again.
+            batch.error = BrokerError("recording the batch of results was interrupted")
+            raise
+        finally:
+            if self._open is batch:
+                self._open = None
+            batch.finished.set()
+        return run_id in batch.done
+
+
 class Recorder:
     """Records outcomes and hands runs back for one worker, fenced by each claim."""
 
@@ -113,11 +185,12 @@ class Recorder:
         self._lease_seconds = lease_seconds
         self._stats = stats
         self._log = stats.log
+        self._completions = Completions(broker, owner)
 
     async def _while_held(
-        self, entry: RunInFlight, call: Callable[[], Awaitable[bool]], doing: str
+        self, entry: RunInFlight, call: Callable[[], Awaitable[bool]]
     ) -> bool | None:
-        """``await call()`` through broker errors for as long as the lease lasts.
+        """``await call()`` (recording ``entry``) through broker errors while the lease lasts.
 
         Returns what the broker answered, ``False`` once the claim is known to be lost,
         or ``None`` when the lease ran out with the broker still failing.
@@ -127,12 +200,13 @@ class Recorder:
             remaining = entry.lease_until - anyio.current_time()
             if remaining <= 0:
                 return None
-            # The lease keeper may move lease_until on meanwhile: the loop looks again.
-            with anyio.move_on_after(remaining):
+            # Shielded from a stop; the lease keeper may move lease_until on meanwhile: the
+            # loop looks again.
+            with anyio.move_on_after(remaining, shield=True):
                 try:
                     done = await call()
                 except BrokerError as exc:
-                    self._stats.broker_failed(exc, doing)
+                    self._stats.broker_failed(exc, f"recording {entry.describe()}")
                 else:
                     self._stats.broker_worked()
                     return done
@@ -198,13 +272,12 @@ class Recorder:
                 return await broker.end_cancelled(self._owner, record.id, entry.attempt)
             if outcome.error is None:
                 assert outcome.result is not None
-                return await broker.complete(self._owner, record.id, entry.attempt, outcome.result)
+                return await self._completions.complete(record.id, entry.attempt, outcome.result)
             return await broker.fail(
                 self._owner, record.id, entry.attempt, outcome.error, retry=outcome.retry
             )
 
-        with anyio.CancelScope(shield=True):
-            stored = await self._while_held(entry, store, f"recording {entry.describe()}")
+        stored = await self._while_held(entry, store)
         entry.settled = True
         if stored is None:
             self._stats.count(record, "not_recorded")

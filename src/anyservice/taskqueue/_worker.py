@@ -369,8 +369,9 @@ class TaskWorker(Service, overrides=("run",)):
         record = await broker.claim_run(self.client_id, run_id, lease_seconds=self.lease_seconds)
         if record is None:
             return False
-        entry = self._start(record)
-        await entry.done.wait()
+        # Asked for before the first checkpoint, so before a runner can be done with it.
+        done = self._start(record).finished()
+        await done.wait()
         return True
 
     async def on_stop(self) -> None:
@@ -490,7 +491,8 @@ class TaskWorker(Service, overrides=("run",)):
         return entry
 
     def _forget(self, entry: RunInFlight) -> None:
-        entry.done.set()
+        if entry.done is not None:
+            entry.done.set()
         # A retry can be claimed again (a new entry under the same id) before the attempt
         # that recorded the failure has unwound: forget only this entry.
         if self._runs.get(entry.record.id) is not entry:

@@ -46,6 +46,9 @@ each applying the transitions of ``taskqueue/_records.py`` to the stored records
   to), ``_release(owner, id, attempt) -> bool``: each fenced by ``(id, attempt, owner)``:
   it changes the run only while the run is RUNNING under that claim (``lease_owner ==
   owner`` and ``attempts == attempt``), atomically with that check.
+* Optionally ``_complete_many(owner, results) -> set[str]`` (``results`` maps distinct
+  run ids to ``(attempt, result)``): ``complete`` each, fenced each, all in one atomic
+  step; by default it calls ``_complete`` for each.
 * ``_cancel(id) -> bool`` (only a SCHEDULED run), ``_get(id)``, ``_counts()``.
 * ``_purge(before, limit) -> int``: delete up to ``limit`` finished runs whose
   ``finished_at`` is before ``before``.
@@ -63,7 +66,9 @@ from __future__ import annotations
 
 import abc
 import functools
+import itertools
 import time
+import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -72,12 +77,13 @@ from typing import Protocol, Self
 import anyio
 import anyio.lowlevel
 
-from .._records import DEFAULT_MAX_ATTEMPTS, RunError, RunRecord, RunState
+from .._records import DEFAULT_MAX_ATTEMPTS, RunError, RunRecord, RunState, new_run
 from ._cluster import ClusterBroker, ClusterMethods
 from ._notifier import ChangeNotifier
 from ._options import (
     check_attempt,
     check_claim_options,
+    check_completions,
     check_heartbeat_options,
     check_purge_options,
     hide_password,
@@ -215,6 +221,24 @@ class Broker(ClusterBroker, Protocol):
 
     async def complete(self, owner: str, run_id: str, attempt: int, result: str) -> bool:
         """Record a COMPLETED run with its JSON ``result``, if the claim still holds it."""
+        ...
+
+    async def complete_many(self, owner: str, results: Mapping[str, tuple[int, str]]) -> set[str]:
+        """Record several COMPLETED runs at once: ``{run_id: (attempt, result)}``.
+
+        Each run is fenced on its own, exactly as :meth:`complete` fences it, and every
+        result is stored before the call returns (one transaction where the storage has
+        them), so a worker finishing many runs pays one write for all of them.
+
+        Returns:
+            The ids whose claim still held the run, now COMPLETED; the others changed
+            nothing.
+
+        Raises:
+            TypeError: ``results`` is not a mapping of run ids to ``(attempt, result)``
+                pairs, or a result is not a string (the message names the run).
+            ValueError: An attempt is < 1.
+        """
         ...
 
     async def fail(
@@ -383,6 +407,14 @@ class BaseBroker(ClusterMethods, Broker, abc.ABC):
     async def _complete(self, owner: str, run_id: str, attempt: int, result: str) -> bool:
         """Complete the run if ``owner``'s claim ``attempt`` holds it."""
 
+    async def _complete_many(self, owner: str, results: dict[str, tuple[int, str]]) -> set[str]:
+        """Complete the runs ``owner``'s claims hold, atomically; this default does one by one."""
+        return {
+            run_id
+            for run_id, (attempt, result) in results.items()
+            if await self._complete(owner, run_id, attempt, result)
+        }
+
     @abc.abstractmethod
     async def _fail(
         self, owner: str, run_id: str, attempt: int, error: RunError, retry: bool
@@ -471,9 +503,11 @@ class BaseBroker(ClusterMethods, Broker, abc.ABC):
                     f"payloads[{index}] must be a string (encode arguments first), "
                     f"got {type(payload).__name__}"
                 )
-        make = functools.partial(
-            self._checked_run,
+        # The options are the same for every run: checked once (for an empty batch too),
+        # with the first run, and every run is made at the same moment.
+        first = self._checked_run(
             task,
+            payloads[0] if payloads else "",
             retries=retries,
             retry_delay=retry_delay,
             timeout=timeout,
@@ -482,12 +516,26 @@ class BaseBroker(ClusterMethods, Broker, abc.ABC):
             priority=priority,
             trace_context=trace_context,
         )
-        runs = [make(payload) for payload in payloads]
-        if not runs:
-            make("")  # the options are checked for an empty batch too
-        if runs:
-            await self._insert_many(runs)
-            self._notifier.notify(work=True)
+        if not payloads:
+            return []
+        make = functools.partial(
+            new_run,
+            task=task,
+            retries=first.retries_left,
+            retry_delay=first.retry_delay,
+            timeout=first.timeout,
+            max_attempts=first.max_attempts,
+            scheduled_at=first.scheduled_at,
+            now=first.created_at,
+            priority=first.priority,
+        )
+        runs = [first]
+        runs.extend(
+            make(uuid.uuid4().hex, payload=payload)
+            for payload in itertools.islice(payloads, 1, None)
+        )
+        await self._insert_many(runs)
+        self._notifier.notify(work=True)
         return runs
 
     async def claim(
@@ -520,6 +568,15 @@ class BaseBroker(ClusterMethods, Broker, abc.ABC):
     async def complete(self, owner: str, run_id: str, attempt: int, result: str) -> bool:
         check_attempt(attempt)
         done = await self._complete(owner, run_id, attempt, result)
+        if done:
+            self._notifier.notify(work=False)
+        return done
+
+    async def complete_many(self, owner: str, results: Mapping[str, tuple[int, str]]) -> set[str]:
+        check_completions(results)
+        if not results:
+            return set()
+        done = await self._complete_many(owner, dict(results))
         if done:
             self._notifier.notify(work=False)
         return done

@@ -155,6 +155,16 @@ class MemoryBroker(BaseBroker):
             records.complete(run, owner, attempt, result, self._clock())
         )
 
+    async def _complete_many(self, owner: str, results: dict[str, tuple[int, str]]) -> set[str]:
+        await self._check_open()
+        now = self._clock()
+        return {
+            run_id
+            for run_id, (attempt, result) in results.items()
+            if run_id in self._runs
+            and self._apply(records.complete(self._runs[run_id], owner, attempt, result, now))
+        }
+
     async def _fail(
         self, owner: str, run_id: str, attempt: int, error: RunError, retry: bool
     ) -> RunState | None:

@@ -15,6 +15,7 @@ from ..._checks import (
 __all__ = [
     "check_attempt",
     "check_claim_options",
+    "check_completions",
     "check_heartbeat_options",
     "check_priority",
     "check_purge_options",
@@ -107,6 +108,31 @@ def check_heartbeat_options(leases: Mapping[str, int], *, lease_seconds: float) 
     for run_id, attempt in leases.items():
         check_attempt(attempt, f"leases[{run_id!r}] (the attempt of that run)")
     _check_lease_seconds(lease_seconds)
+
+
+def check_completions(results: Mapping[str, tuple[int, str]]) -> None:
+    """Validate :meth:`Broker.complete_many` arguments.
+
+    Raises:
+        TypeError: ``results`` is not a mapping of run ids to ``(attempt, result)`` pairs
+            with a string result; the message names the run.
+        ValueError: An attempt is < 1.
+    """
+    if not isinstance(results, Mapping):
+        raise TypeError(
+            "results must map each run id to (attempt, JSON result) "
+            f"({{run_id: (attempt, result)}}), got {results!r}"
+        )
+    for run_id, pair in results.items():
+        if not isinstance(pair, tuple) or len(pair) != 2:
+            raise TypeError(f"results[{run_id!r}] must be an (attempt, result) pair, got {pair!r}")
+        attempt, result = pair
+        check_attempt(attempt, f"results[{run_id!r}] (the attempt of that run)")
+        if not isinstance(result, str):
+            raise TypeError(
+                f"results[{run_id!r}]: the result must be JSON text (encode it first), "
+                f"got {type(result).__name__}"
+            )
 
 
 def check_claim_options(

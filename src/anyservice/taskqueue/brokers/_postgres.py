@@ -88,6 +88,8 @@ _DEFAULT_POLL_INTERVAL = 1.0
 _POLL_ONLY_INTERVAL = 0.05
 _FIRST_RECONNECT = 0.1
 _MAX_RECONNECT = 5.0
+#: Finished run ids per notification: 200 ids of 32 characters stay under NOTIFY's limit.
+_FINISHED_PER_NOTIFY = 200
 
 # _MIGRATIONS[n] takes the tables from version n to n + 1; {s} is the schema.
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -251,6 +253,36 @@ WITH crashed AS (
 SELECT later.scheduled, later.expiring, later.crashed, claimed.*
 FROM later LEFT JOIN claimed ON true
 """
+
+
+# Completions in one statement, each fenced by its own claim; the waiters in other
+# processes learn of the finished runs from one notification per chunk of ids (a payload
+# must stay under 8 000 bytes), sent with the commit.
+_COMPLETE_MANY = f"""
+WITH done AS (
+    UPDATE {{runs}} r SET state = 'COMPLETED', finished_at = %(now)s,
+        lease_owner = NULL, lease_expires_at = NULL, result = c.result, error = NULL
+    FROM unnest(%(ids)s::text[], %(attempts)s::integer[], %(results)s::text[])
+        AS c(id, attempt, result)
+    WHERE r.id = c.id AND r.attempts = c.attempt AND r.state = 'RUNNING'
+        AND r.lease_owner = %(owner)s
+    RETURNING r.id
+), chunks AS (
+    SELECT string_agg(id, ' ') AS ids
+    FROM (SELECT id, (row_number() OVER () - 1) / {_FINISHED_PER_NOTIFY} AS chunk FROM done) n
+    GROUP BY chunk
+)
+SELECT ids, pg_notify(%(channel)s, 'f ' || ids) FROM chunks
+"""
+
+
+def _completion_columns(results: dict[str, tuple[int, str]]) -> dict[str, list[Any]]:
+    """``{run_id: (attempt, result)}`` as the columns ``_COMPLETE_MANY`` unnests."""
+    return {
+        "ids": list(results),
+        "attempts": [attempt for attempt, _ in results.values()],
+        "results": [result for _, result in results.values()],
+    }
 
 
 def _record(row: Iterable[Any]) -> RunRecord:
@@ -825,7 +857,9 @@ class _Waits:
                 if notify.payload == "w":
                     self._wakeups.work_arrived()
                 elif notify.payload.startswith("f "):
-                    self._wakeups.run_finished(notify.payload[2:])
+                    # One id, or the ids of a batch of completions, space-separated.
+                    for run_id in notify.payload[2:].split(" "):
+                        self._wakeups.run_finished(run_id)
         finally:
             self._listening = False
 
@@ -1152,6 +1186,19 @@ class PostgresBroker(PostgresClusterStorage, _Waits, _Connections, BaseBroker):
             {"result": result},
         )
         return state is not None
+
+    async def _complete_many(self, owner: str, results: dict[str, tuple[int, str]]) -> set[str]:
+        parameters = {
+            **_completion_columns(results),
+            "now": self._clock(),
+            "owner": owner,
+            "channel": self._channel,
+        }
+        rows = await self._call(self._execute(_COMPLETE_MANY, parameters))
+        done = {run_id for (ids, _) in rows for run_id in ids.split(" ")}
+        for run_id in done:
+            self._wakeups.run_finished(run_id)
+        return done
 
     async def _fail(
         self, owner: str, run_id: str, attempt: int, error: RunError, retry: bool

@@ -558,6 +558,28 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
             signal=CHANGE,
         )
 
+    async def _complete_many(self, owner: str, results: dict[str, tuple[int, str]]) -> set[str]:
+        def complete(conn: sqlite3.Connection) -> set[str]:
+            now = self._clock()
+            return {
+                run_id
+                for run_id, (attempt, result) in results.items()
+                if _update_held(
+                    conn,
+                    _COMPLETE,
+                    {
+                        "id": run_id,
+                        "owner": owner,
+                        "attempt": attempt,
+                        "result": result,
+                        "now": now,
+                    },
+                )
+            }
+
+        # One operation: one savepoint and one wake-up for the whole batch.
+        return await self._db.call(complete, signal=CHANGE)
+
     async def _fail(
         self, owner: str, run_id: str, attempt: int, error: RunError, retry: bool
     ) -> RunState | None:

@@ -269,7 +269,20 @@ class ConnectionThread:
                 self._condition.wait()
 
     def _run(self, batch: list[_Operation]) -> None:
-        """Execute a batch, retrying it whole while the database is locked."""
+        """Execute a batch: its reads first, then its writes in one transaction.
+
+        Reads need no lock in WAL mode, so they are answered at once, never held by
+        writes waiting out another process's write lock. Calls queued together were
+        concurrent, so no caller can tell the order they ran in.
+        """
+        reads = [operation for operation in batch if not operation.write]
+        if reads and len(reads) < len(batch):
+            self._run_retrying(reads)
+            batch = [operation for operation in batch if operation.write]
+        self._run_retrying(batch)
+
+    def _run_retrying(self, batch: list[_Operation]) -> None:
+        """Execute operations, retrying them whole while the database is locked."""
         deadline = time.monotonic() + self._lock_timeout
         delay = _FIRST_BACKOFF
         while True:
