@@ -290,6 +290,50 @@ def test_priority_options_are_checked() -> None:
 
 
 @pytest.mark.virtual_time
+async def test_workers_run_no_more_of_a_task_at_once_than_its_concurrency(
+    queue: TaskQueue,
+) -> None:
+    running: list[str] = []
+    peak: list[int] = []
+    started: dict[str, float] = {}
+
+    @queue.task(concurrency=2)
+    async def crunch(label: str) -> None:
+        running.append(label)
+        peak.append(len(running))
+        started[label] = anyio.current_time()
+        await anyio.sleep(10)
+        running.remove(label)
+
+    @queue.task
+    async def quick(label: str) -> None:
+        started[label] = anyio.current_time()
+
+    assert crunch.concurrency == 2
+    assert quick.concurrency is None
+    now = anyio.current_time()
+    async with TaskWorker(crunch, quick, limit=10), TaskWorker(crunch, quick, limit=10):
+        runs = await crunch.map([f"c{number}" for number in range(5)])
+        runs.append(await quick.delay("quick"))
+        for run in runs:
+            await run.wait(timeout=120)
+    assert max(peak) == 2
+    # The other task is not held up, and a slot is taken again as soon as it is freed.
+    assert started["quick"] - now < 1
+    expected = [0, 0, 10, 10, 20]
+    for number, due in enumerate(expected):
+        assert due <= started[f"c{number}"] - now < due + 0.1
+
+
+def test_concurrency_must_be_a_count_of_at_least_one() -> None:
+    queue = TaskQueue("memory://")
+    with pytest.raises(ValueError, match=r"@queue.task concurrency must be an int >= 1, got 0"):
+        queue.task(concurrency=0)
+    with pytest.raises(TypeError, match=r"@queue.task concurrency must be an int, got 2\.0"):
+        queue.task(concurrency=2.0)  # type: ignore[call-overload]
+
+
+@pytest.mark.virtual_time
 async def test_cancelling_a_running_run_cancels_its_body_within_a_heartbeat(
     queue: TaskQueue,
 ) -> None:

@@ -27,6 +27,7 @@ from .._checks import (
     Seconds,
     check_clock_reading,
     check_count,
+    check_optional_count,
     check_optional_seconds,
     check_seconds,
 )
@@ -235,6 +236,7 @@ class TaskQueue:
         overlap: bool = False,
         retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
         priority: int = 0,
+        concurrency: int | None = None,
     ) -> TaskDecorator: ...
 
     def task(
@@ -251,6 +253,7 @@ class TaskQueue:
         overlap: bool = False,
         retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
         priority: int = 0,
+        concurrency: int | None = None,
     ) -> Task[Any, Any] | TaskDecorator:
         """Define a task: ``@queue.task`` or ``@queue.task(name=, retries=, ...)``.
 
@@ -272,6 +275,10 @@ class TaskQueue:
             priority: The runs' priority unless ``apply_async(priority=)`` gives one:
                 among due runs, workers claim higher ones first (then the earliest due,
                 then the earliest submitted). Any int within 32 bits; 0 by default.
+            concurrency: At most this many runs of the task RUNNING at once across every
+                worker of every process sharing the broker (``None``: no limit). Claims
+                enforce it in the broker: a worker passes over the runs of a task at
+                its limit and takes other tasks' runs meanwhile.
 
         Raises:
             TypeError: ``function`` is not a plain or async function (a generator, a
@@ -279,6 +286,7 @@ class TaskQueue:
             ValueError: an option is out of range, or the name is already taken.
         """
         options = _TaskOptions.check(name, retries, retry_delay, timeout, priority)
+        limit = check_optional_count(concurrency, "@queue.task concurrency", minimum=1)
         grid = None if schedule is None else grid_from(schedule)
         policy = check_missed(missed)
         retried = _check_retry_on(retry_on)
@@ -286,6 +294,7 @@ class TaskQueue:
         def decorate(function: Callable[..., Any]) -> Task[Any, Any]:
             task = self._define(function, options)
             task.retry_on = retried
+            task.concurrency = limit
             if grid is not None:
                 self.schedule(task, grid, missed=policy, overlap=overlap)
             return task
@@ -580,10 +589,12 @@ class Task(Generic[P, R]):
     """A function that workers run: ``await task.delay(...)`` stores a run of it.
 
     Made by ``@queue.task``. Attributes: ``name``, ``function``, ``queue``, ``retries``,
-    ``retry_delay``, ``retry_on``, ``timeout``, ``priority``, ``is_async``.
+    ``retry_delay``, ``retry_on``, ``timeout``, ``priority``, ``concurrency``, ``is_async``.
     """
 
     is_async: bool = False
+    #: The most runs of the task RUNNING at once across the cluster; ``None``: no limit.
+    concurrency: int | None = None
     #: The exception types a failure is retried for; ``None``: any.
     retry_on: tuple[type[BaseException], ...] | None = None
     # Copied from the function, as functools.wraps does.

@@ -234,6 +234,10 @@ class TaskWorker(Service, overrides=("run",)):
             else StatusServer(self, port=status_server_port, host=host)
         )
         self.tasks: dict[str, Task[Any, Any]] = {task.name: task for task in tasks}
+        # Passed with every claim: the broker counts the cluster's RUNNING runs of each.
+        self._concurrency = {
+            task.name: task.concurrency for task in tasks if task.concurrency is not None
+        }
         self.limit = limit
         self.lease_seconds = lease
         self.status_server_host = host
@@ -463,7 +467,11 @@ class TaskWorker(Service, overrides=("run",)):
         with anyio.move_on_after(HAND_BACK_BUDGET, shield=True):
             try:
                 claimed = await self.queue.broker.claim(
-                    self.client_id, names, limit=wanted, lease_seconds=self.lease_seconds
+                    self.client_id,
+                    names,
+                    limit=wanted,
+                    lease_seconds=self.lease_seconds,
+                    concurrency=self._concurrency,
                 )
             except BrokerError as exc:
                 self._stats.broker_failed(exc, "claiming runs")

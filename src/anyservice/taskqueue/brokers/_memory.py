@@ -108,7 +108,12 @@ class MemoryBroker(BaseBroker):
             self._store(run)
 
     async def _claim(
-        self, owner: str, tasks: list[str], limit: int, lease_seconds: float
+        self,
+        owner: str,
+        tasks: list[str],
+        limit: int,
+        lease_seconds: float,
+        concurrency: dict[str, int],
     ) -> Claimed:
         await self._check_open()
         now = self._clock()
@@ -128,12 +133,17 @@ class MemoryBroker(BaseBroker):
                     if at is not None and at > now:
                         later.append(at)
         due.sort(key=lambda run: records.claim_order(run, self._sequence[run.id]))
-        for run in due[:limit]:
+        free = records.free_slots(
+            (self._runs[run_id] for run_id in self._unfinished), concurrency, now
+        )
+        picked = records.pick_claims(due, limit, free)
+        for run in picked.runs:
             claimed = records.claim(run, owner, now, lease_seconds)
             if claimed is not None:
                 outcome.runs.append(self._store(claimed))
         # Work left behind by the limit is due now; otherwise wake when the next run is.
-        outcome.next_due = now if len(due) > limit else min(later, default=None)
+        outcome.next_due = now if picked.left_over else min(later, default=None)
+        outcome.held_back = picked.held_back
         return outcome
 
     async def _heartbeat(

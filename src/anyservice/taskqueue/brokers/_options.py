@@ -15,6 +15,7 @@ from ..._checks import (
 __all__ = [
     "check_attempt",
     "check_claim_options",
+    "check_concurrency",
     "check_heartbeat_options",
     "check_priority",
     "check_purge_options",
@@ -124,6 +125,30 @@ def check_claim_options(
         raise ValueError("owner must be a non-empty worker id")
     check_count(limit, "limit")
     _check_lease_seconds(lease_seconds)
+
+
+def check_concurrency(concurrency: object, tasks: Collection[str]) -> dict[str, int]:
+    """Validate a claim's ``concurrency``: the limits of the claimed ``tasks`` among it.
+
+    Returns:
+        ``{task: limit}`` for the tasks of ``tasks`` that have one.
+
+    Raises:
+        TypeError: ``concurrency`` is not a mapping of task names to ints.
+        ValueError: a limit is below 1.
+    """
+    if concurrency is None:
+        return {}
+    if not isinstance(concurrency, Mapping):
+        raise TypeError(f"concurrency must map task names to their limit, got {concurrency!r}")
+    limits: dict[str, int] = {}
+    for task, limit in concurrency.items():
+        if not isinstance(task, str):
+            raise TypeError(f"concurrency keys must be task names, got {task!r}")
+        checked = check_count(limit, f"concurrency[{task!r}]", minimum=1)
+        if task in tasks:
+            limits[task] = checked
+    return limits
 
 
 def check_purge_options(older_than: float) -> None:

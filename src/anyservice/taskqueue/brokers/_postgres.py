@@ -35,6 +35,7 @@ default), created on first use under an advisory lock and versioned by a row in
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import threading
@@ -180,17 +181,46 @@ WITH crashed AS (
     RETURNING r.id
 ), fresh AS (
     SELECT seq, priority, scheduled_at FROM {runs}
-    WHERE state = 'SCHEDULED' AND scheduled_at <= %(now)s AND task = ANY(%(tasks)s)
+    WHERE state = 'SCHEDULED' AND scheduled_at <= %(now)s AND task = ANY(%(unlimited)s)
     ORDER BY priority DESC, scheduled_at, seq LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ), expired AS (
     SELECT seq, priority, scheduled_at FROM {runs}
-    WHERE state = 'RUNNING' AND lease_expires_at <= %(now)s AND task = ANY(%(tasks)s)
+    WHERE state = 'RUNNING' AND lease_expires_at <= %(now)s AND task = ANY(%(unlimited)s)
         AND attempts < max_attempts
     ORDER BY priority DESC, scheduled_at, seq LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
+), slots AS (
+    -- Each limited task's free slots: its limit less its runs RUNNING under a live lease.
+    SELECT l.task, greatest(l.cap - (SELECT count(*) FROM {runs} r WHERE r.state = 'RUNNING'
+        AND r.task = l.task AND r.lease_expires_at > %(now)s), 0) AS free
+    FROM unnest(%(limited)s::text[], %(caps)s::integer[]) AS l(task, cap)
+), limited_fresh AS (
+    -- Per limited task, one row more than it may take, so a task held back shows.
+    SELECT d.* FROM slots CROSS JOIN LATERAL (
+        SELECT seq, priority, scheduled_at, task FROM {runs}
+        WHERE state = 'SCHEDULED' AND scheduled_at <= %(now)s AND task = slots.task
+        ORDER BY priority DESC, scheduled_at, seq LIMIT least(slots.free, %(limit)s) + 1
+        FOR UPDATE SKIP LOCKED
+    ) AS d
+), limited_expired AS (
+    SELECT d.* FROM slots CROSS JOIN LATERAL (
+        SELECT seq, priority, scheduled_at, task FROM {runs}
+        WHERE state = 'RUNNING' AND lease_expires_at <= %(now)s AND task = slots.task
+            AND attempts < max_attempts
+        ORDER BY priority DESC, scheduled_at, seq LIMIT least(slots.free, %(limit)s) + 1
+        FOR UPDATE SKIP LOCKED
+    ) AS d
+), ranked AS (
+    SELECT due.seq, due.priority, due.scheduled_at, slots.free, row_number() OVER (
+        PARTITION BY due.task ORDER BY due.priority DESC, due.scheduled_at, due.seq) AS n
+    FROM (SELECT * FROM limited_fresh UNION ALL SELECT * FROM limited_expired) AS due
+    JOIN slots ON slots.task = due.task
 ), picked AS (
-    SELECT seq FROM (SELECT * FROM fresh UNION ALL SELECT * FROM expired) AS due
+    SELECT seq FROM (
+        SELECT * FROM fresh UNION ALL SELECT * FROM expired
+        UNION ALL SELECT seq, priority, scheduled_at FROM ranked WHERE n <= free
+    ) AS due
     ORDER BY priority DESC, scheduled_at, seq LIMIT %(limit)s
 ), claimed AS (
     UPDATE {runs} r SET state = 'RUNNING', attempts = r.attempts + 1, started_at = %(now)s,
@@ -204,11 +234,19 @@ WITH crashed AS (
         (SELECT min(lease_expires_at) FROM {runs} WHERE state = 'RUNNING'
             AND lease_expires_at > %(now)s AND task = ANY(%(tasks)s)) AS expiring,
         (SELECT array_agg(c.id) FROM crashed c
-            CROSS JOIN LATERAL pg_notify(%(channel)s, 'f ' || c.id) AS n) AS crashed
+            CROSS JOIN LATERAL pg_notify(%(channel)s, 'f ' || c.id) AS n) AS crashed,
+        EXISTS (SELECT 1 FROM ranked WHERE n > free) AS held_back
 )
-SELECT later.scheduled, later.expiring, later.crashed, claimed.*
+SELECT later.scheduled, later.expiring, later.crashed, later.held_back, claimed.*
 FROM later LEFT JOIN claimed ON true
 """
+
+# Claims of a task with a concurrency limit take turns: each holds its tasks' locks from
+# before its claim statement begins until it commits. The lock is taken by a statement
+# of its own because under READ COMMITTED a statement sees the rows committed before it
+# began: taken inside the claim, it would count the slots as they were before the last
+# claimer's commit. In key order, so two claimers never wait on each other in a circle.
+_LOCK_LIMITED = "SELECT pg_advisory_xact_lock(key) FROM unnest(%(keys)s::bigint[]) AS key"
 
 
 def _record(row: Iterable[Any]) -> RunRecord:
@@ -327,6 +365,8 @@ class _Waiter:
     """One task waiting for work (``run_id`` ``None``) or for a run to finish."""
 
     run_id: str | None
+    #: A waiter for work also woken by any run's finish (it may free a concurrency slot).
+    any_finish: bool = False
     event: anyio.Event = field(default_factory=anyio.Event)
     #: An anyio event can only be set from its own event loop's thread.
     thread: int = field(default_factory=threading.get_ident)
@@ -364,8 +404,8 @@ class _Wakeups(ChangeNotifier):
 
     def notify(self, *, work: bool) -> None:
         super().notify(work=work)
-        if work:
-            for waiter in self._here(self._work_waiters):
+        for waiter in self._here(self._work_waiters):
+            if work or waiter.any_finish:
                 waiter.wake()
 
     def work_arrived(self) -> None:
@@ -374,6 +414,9 @@ class _Wakeups(ChangeNotifier):
     def run_finished(self, run_id: str) -> None:
         for waiter in self._here(self._run_waiters.get(run_id, ())):
             waiter.wake()
+        for waiter in self._here(self._work_waiters):
+            if waiter.any_finish:
+                waiter.wake()
 
     def everyone(self) -> None:
         """Wake every waiter: anything may have changed."""
@@ -676,6 +719,8 @@ class _Waits:
     _wakeups: _Wakeups
     _work_seen_by_claim: int
     _next_due: float | None
+    _held_back: bool
+    _changes_seen_by_claim: int
     _clock: Callable[[], float]
     _listener: psycopg.Connection[Any] | None
     _listening: bool
@@ -697,7 +742,11 @@ class _Waits:
             timeout = min(timeout, max(self._next_due - self._clock(), 0.0))
         # Past a poll interval the caller claims again: that claim is the poll.
         timeout = min(timeout, self._poll_every)
-        waiter = _Waiter(None)
+        # Runs held back by a concurrency limit wait for a slot: any run's finish.
+        if self._held_back and self._changes_seen_by_claim != self._wakeups.generation(work=False):
+            await anyio.lowlevel.checkpoint()
+            return
+        waiter = _Waiter(None, any_finish=self._held_back)
         self._wakeups.add(waiter)
         try:
             await self._wait_woken(waiter, timeout, self._work_seen_by_claim)
@@ -934,31 +983,49 @@ class PostgresBroker(_Waits, _Connections, BaseBroker):
         )
 
     async def _claim(
-        self, owner: str, tasks: list[str], limit: int, lease_seconds: float
+        self,
+        owner: str,
+        tasks: list[str],
+        limit: int,
+        lease_seconds: float,
+        concurrency: dict[str, int],
     ) -> Claimed:
         await self._keep_workers(owner)
         # One statement, whatever the limit: runs locked by another claim in progress are
         # skipped, not waited for.
         now = self._clock()
-        rows = await self._call(
-            self._execute(
-                _CLAIM.replace("{returning}", _RETURNING),
-                {
-                    "now": now,
-                    "expires": now + lease_seconds,
-                    "owner": owner,
-                    "tasks": tasks,
-                    "limit": limit,
-                    "channel": self._channel,
-                    "abandoned": ABANDONED_ERROR_TYPE,
-                    "message": _ABANDONED_MESSAGE,
-                },
-            )
+        limited = sorted(concurrency)
+        claim = self._execute(
+            _CLAIM.replace("{returning}", _RETURNING),
+            {
+                "now": now,
+                "expires": now + lease_seconds,
+                "owner": owner,
+                "tasks": tasks,
+                "unlimited": [task for task in tasks if task not in concurrency],
+                "limited": limited,
+                "caps": [concurrency[task] for task in limited],
+                "limit": limit,
+                "channel": self._channel,
+                "abandoned": ABANDONED_ERROR_TYPE,
+                "message": _ABANDONED_MESSAGE,
+            },
         )
-        scheduled, expiring, crashed = rows[0][:3]
+        if limited:
+            lock = self._execute(_LOCK_LIMITED, {"keys": self._limit_keys(limited)})
+
+            def claim_in_turn(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+                with conn.transaction():
+                    lock(conn)
+                    return claim(conn)
+
+            rows = await self._call(claim_in_turn)
+        else:
+            rows = await self._call(claim)
+        scheduled, expiring, crashed, held_back = rows[0][:4]
         # In claim order: higher priority, then due time, then submission (the sequence).
         claimed = sorted(
-            (row[3:] for row in rows if row[3] is not None),
+            (row[4:] for row in rows if row[4] is not None),
             key=lambda row: (-row[_PRIORITY], row[_SCHEDULED_AT], row[_SEQ]),
         )
         runs = [_record(row) for row in claimed]
@@ -969,7 +1036,23 @@ class PostgresBroker(_Waits, _Connections, BaseBroker):
         else:
             times = [t for t in (scheduled, expiring) if t is not None]
             next_due = min(times) if times else None
-        return Claimed(runs=runs, finished=bool(crashed), next_due=next_due)
+        return Claimed(
+            runs=runs, finished=bool(crashed), next_due=next_due, held_back=bool(held_back)
+        )
+
+    def _limit_keys(self, tasks: list[str]) -> list[int]:
+        """The advisory lock keys of these tasks' concurrency limits, in locking order."""
+        keys = {
+            int.from_bytes(
+                hashlib.blake2b(
+                    f"anyservice:{self._schema}:concurrency:{task}".encode(), digest_size=8
+                ).digest(),
+                "big",
+                signed=True,
+            )
+            for task in tasks
+        }
+        return sorted(keys)
 
     async def _keep_workers(self, owner: str) -> None:
         """Record ``owner`` as alive and free the runs of dead workers on this host.
