@@ -652,6 +652,37 @@ async def test_failure_with_retries_left_is_retried_after_its_delay(
     assert (await claim_one(broker, "w2")).attempts == 2
 
 
+async def test_a_failure_may_give_its_retry_a_delay_of_its_own(
+    broker: Broker, clock: FakeClock
+) -> None:
+    run = await broker.submit("say", PAYLOAD, retries=2, retry_delay=10)
+    await claim_one(broker, "w1")
+    assert await broker.fail("w1", run.id, 1, BOOM, retry=True, retry_delay=2.5)
+    retried = await broker.get(run.id)
+    assert retried is not None
+    # The given delay, this once; the stored one is left for the next failure.
+    assert (retried.scheduled_at, retried.retry_delay) == (clock.now + 2.5, 10.0)
+    clock.advance(2.5)
+    await claim_one(broker, "w1")
+    assert await broker.fail("w1", run.id, 2, BOOM, retry=True, retry_delay=0)
+    retried = await broker.get(run.id)
+    assert retried is not None
+    assert (retried.state, retried.scheduled_at) == (RunState.SCHEDULED, clock.now)
+
+
+@pytest.mark.parametrize(
+    ("delay", "error"), [(-1.0, ValueError), (math.inf, ValueError), ([], TypeError)]
+)
+async def test_fail_rejects_a_bad_retry_delay(
+    broker: Broker, delay: Any, error: type[Exception]
+) -> None:
+    run = await broker.submit("say", PAYLOAD, retries=1)
+    await claim_one(broker, "w1")
+    with pytest.raises(error, match="retry_delay"):
+        await broker.fail("w1", run.id, 1, BOOM, retry=True, retry_delay=delay)
+    assert await state_of(broker, run.id) is RunState.RUNNING
+
+
 async def test_failure_with_no_retries_left_ends_failed(broker: Broker, clock: FakeClock) -> None:
     run = await broker.submit("say", PAYLOAD, retries=1)
     await claim_one(broker, "w1")
@@ -956,6 +987,7 @@ steps = st.one_of(
         st.sampled_from(OWNERS),
         st.integers(0, 9),
         STALENESS,
+        st.sampled_from([None, None, 0.0, 7.5]),
     ),
     st.tuples(st.just("cancel"), st.integers(0, 9)),
     st.tuples(st.just("advance"), st.sampled_from([1.0, 10.0, 31.0])),
@@ -1074,9 +1106,13 @@ async def drive(url: str, script: list[tuple[Any, ...]]) -> None:
                     done = await broker.release(owner, run.id, attempt)
                     changed = records.release(run, owner, attempt)
                 else:
-                    retry = kind == "retry"
-                    done = await broker.fail(owner, run.id, attempt, BOOM, retry=retry)
-                    changed = records.fail(run, owner, attempt, BOOM, clock.now, retry=retry)
+                    retry, delay = kind == "retry", args[3]
+                    done = await broker.fail(
+                        owner, run.id, attempt, BOOM, retry=retry, retry_delay=delay
+                    )
+                    changed = records.fail(
+                        run, owner, attempt, BOOM, clock.now, retry=retry, retry_delay=delay
+                    )
                 assert done == model.apply(i, changed), step
             for expected in runs:
                 assert await broker.get(expected.id) == expected, step

@@ -9,6 +9,7 @@ connections. (A RUNNING run cancelled on another process is in
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import anyio
 import anyio.from_thread
 import pytest
 
+from anyservice import Backoff
 from anyservice.taskqueue import (
     MemoryBroker,
     RunState,
@@ -449,6 +451,60 @@ async def test_retry_on_retries_only_the_exceptions_named(queue: TaskQueue) -> N
     assert calls.count("input") == 1  # not retried
     assert fetch.should_retry(TimeoutError())
     assert not fetch.should_retry(KeyError())
+
+
+@pytest.mark.virtual_time
+async def test_a_backoff_retry_delay_grows_with_each_retry_up_to_its_cap(
+    queue: TaskQueue,
+) -> None:
+    began: list[float] = []
+
+    @queue.task(retries=4, retry_delay=Backoff(initial=1, factor=2, maximum=3))
+    async def flaky() -> None:
+        began.append(anyio.current_time())
+        raise ConnectionError("down")
+
+    assert flaky.stored_retry_delay == 1.0
+    async with TaskWorker(flaky):
+        run = await flaky.delay()
+        assert await run.wait(timeout=60) is RunState.FAILED
+    assert run.record.retry_delay == 1.0
+    waits = [later - earlier for earlier, later in itertools.pairwise(began)]
+    for wait, delay in zip(waits, [1, 2, 3, 3], strict=True):
+        assert delay <= wait < delay + 0.1
+
+
+@pytest.mark.virtual_time
+async def test_a_jittered_backoff_with_retry_on_retries_only_those_and_each_sooner(
+    queue: TaskQueue,
+) -> None:
+    began: dict[str, list[float]] = {"network": [], "input": []}
+
+    @queue.task(
+        retries=3, retry_delay=Backoff(initial=8, maximum=8, jitter=0.5), retry_on=ConnectionError
+    )
+    async def fetch(problem: str) -> None:
+        began[problem].append(anyio.current_time())
+        raise ConnectionError("down") if problem == "network" else ValueError("bad input")
+
+    async with TaskWorker(fetch):
+        network = await fetch.delay("network")
+        bad = await fetch.delay("input")
+        assert await network.wait(timeout=120) is RunState.FAILED
+        assert await bad.wait(timeout=120) is RunState.FAILED
+    assert len(began["input"]) == 1  # not retried, backoff or not
+    waits = [later - earlier for earlier, later in itertools.pairwise(began["network"])]
+    assert len(waits) == 3
+    # Jitter takes up to half of each 8 s delay off, drawn anew at each failure.
+    assert all(4 <= wait < 8.1 for wait in waits), waits
+
+
+def test_a_retry_delay_is_seconds_or_a_backoff() -> None:
+    queue = TaskQueue("memory://")
+    with pytest.raises(TypeError, match=r"@queue.task retry_delay must be"):
+        queue.task(retry_delay=[1, 2])  # type: ignore[call-overload]
+    with pytest.raises(ValueError, match=r"@queue.task retry_delay must be"):
+        queue.task(retry_delay=-1)
 
 
 def test_retry_on_must_name_exception_types() -> None:

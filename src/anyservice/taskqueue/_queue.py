@@ -31,6 +31,7 @@ from .._checks import (
     check_optional_seconds,
     check_seconds,
 )
+from .._restart import Backoff
 from ._errors import TaskRunFailed, TaskRunNotFound, TaskRunTimeout
 from ._records import DEFAULT_MAX_ATTEMPTS, RunError, RunRecord, RunState
 from ._scheduler import Schedule, define_schedule
@@ -229,7 +230,7 @@ class TaskQueue:
         *,
         name: str | None = None,
         retries: int = 0,
-        retry_delay: Seconds = 0.0,
+        retry_delay: Seconds | Backoff = 0.0,
         timeout: Seconds | None = None,
         schedule: object = None,
         missed: MissedTicks | str = MissedTicks.SKIP,
@@ -246,7 +247,7 @@ class TaskQueue:
         *,
         name: str | None = None,
         retries: int = 0,
-        retry_delay: Seconds = 0.0,
+        retry_delay: Seconds | Backoff = 0.0,
         timeout: Seconds | None = None,
         schedule: object = None,
         missed: MissedTicks | str = MissedTicks.SKIP,
@@ -264,7 +265,10 @@ class TaskQueue:
                 Submitters and workers must agree on it, and it is unique per queue.
             retries: How many times a failed run (an exception or a timeout) is run
                 again before it ends FAILED.
-            retry_delay: Seconds between a failure and the retry.
+            retry_delay: Seconds between a failure and the retry, or a ``Backoff``
+                (the supervisor's: exponential, capped, jittered): the ``k``-th retry of
+                a run then waits ``retry_delay.delay(k)``, drawn by the worker when the
+                attempt fails.
             timeout: Seconds one attempt may take; then it fails with
                 ``TaskTimeoutError``. An async task is cancelled; a sync task's thread
                 cannot be, so it is left to finish and its result is discarded.
@@ -560,7 +564,7 @@ class _TaskOptions:
         self,
         name: str | None,
         retries: int,
-        retry_delay: float,
+        retry_delay: float | Backoff,
         timeout: float | None,
         priority: int,
     ) -> None:
@@ -580,7 +584,11 @@ class _TaskOptions:
             raise ValueError("@queue.task name must not be empty")
         # One attempt more than the retries must still be a count the brokers store.
         count = check_count(retries, "@queue.task retries", maximum=MAX_COUNT - 1)
-        delay = check_seconds(retry_delay, "@queue.task retry_delay", allow_zero=True)
+        delay = (
+            retry_delay
+            if isinstance(retry_delay, Backoff)
+            else check_seconds(retry_delay, "@queue.task retry_delay", allow_zero=True)
+        )
         limit = check_optional_seconds(timeout, "@queue.task timeout")
         return cls(name, count, delay, limit, check_priority(priority, "@queue.task priority"))
 
@@ -630,6 +638,26 @@ class Task(Generic[P, R]):
         """Whether a failure with ``exc`` may be retried (see ``retry_on``)."""
         return self.retry_on is None or isinstance(exc, self.retry_on)
 
+    @property
+    def stored_retry_delay(self) -> float:
+        """The ``retry_delay`` stored with each run: the seconds, or a ``Backoff``'s
+        first delay (what a retry waits when its worker gives no delay of its own)."""
+        delay = self.retry_delay
+        return delay.initial if isinstance(delay, Backoff) else delay
+
+    def delay_before_retry(self, record: RunRecord) -> float:
+        """Seconds until the retry of ``record``'s failed attempt is due.
+
+        A fixed ``retry_delay`` is the same each time; a ``Backoff`` grows with each
+        retry of the series (the first retry is its first delay), jittered anew.
+        """
+        delay = self.retry_delay
+        if not isinstance(delay, Backoff):
+            return delay
+        # Retries the series has had before this one; the task's retries are its budget.
+        done = max(self.retries - record.retries_left, 0)
+        return delay.delay(done + 1)
+
     def encode(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         """The JSON payload of a run with these arguments.
 
@@ -648,7 +676,7 @@ class Task(Generic[P, R]):
         """What the broker stores with each run of this task, besides its arguments."""
         return {
             "retries": self.retries,
-            "retry_delay": self.retry_delay,
+            "retry_delay": self.stored_retry_delay,
             "timeout": self.timeout,
             "max_attempts": max(self.queue.max_attempts, self.retries + 1),
             "priority": self.priority,

@@ -427,22 +427,31 @@ def complete(run: RunRecord, owner: str, attempt: int, result: str, now: float) 
 
 
 def fail(
-    run: RunRecord, owner: str, attempt: int, error: RunError, now: float, *, retry: bool
+    run: RunRecord,
+    owner: str,
+    attempt: int,
+    error: RunError,
+    now: float,
+    *,
+    retry: bool,
+    retry_delay: float | None = None,
 ) -> RunRecord | None:
     """Record a failed attempt; fenced.
 
     With ``retry`` and retries left the run is SCHEDULED again, due ``retry_delay``
-    seconds from ``now``, with one retry fewer; otherwise it ends FAILED. The error is
-    kept either way.
+    seconds from ``now`` (the run's stored ``retry_delay`` unless the caller, which may
+    back off further at each retry, gives one), with one retry fewer; otherwise it ends
+    FAILED. The error is kept either way.
     """
     if not held(run, owner, attempt):
         return None
     if retry and run.retries_left > 0:
+        delay = run.retry_delay if retry_delay is None else retry_delay
         run = replace(
             run,
             state=RunState.SCHEDULED,
             retries_left=run.retries_left - 1,
-            scheduled_at=now + run.retry_delay,
+            scheduled_at=now + delay,
             started_at=None,
         )
     else:

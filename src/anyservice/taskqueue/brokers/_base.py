@@ -45,10 +45,11 @@ each applying the transitions of ``taskqueue/_records.py`` to the stored records
   if it is claimable, atomically (for a worker told to run a given run).
 * ``_heartbeat(owner, leases, lease_seconds) -> set[str]`` (``renew``; ``leases`` maps
   distinct run ids to their attempt), ``_complete(owner, id, attempt, result) -> bool``,
-  ``_fail(owner, id, attempt, error, retry) -> RunState | None`` (the state the run went
-  to), ``_release(owner, id, attempt) -> bool``: each fenced by ``(id, attempt, owner)``:
-  it changes the run only while the run is RUNNING under that claim (``lease_owner ==
-  owner`` and ``attempts == attempt``), atomically with that check.
+  ``_fail(owner, id, attempt, error, retry, retry_delay) -> RunState | None`` (the state
+  the run went to; ``retry_delay`` ``None`` means the run's own), ``_release(owner, id,
+  attempt) -> bool``: each fenced by ``(id, attempt, owner)``: it changes the run only
+  while the run is RUNNING under that claim (``lease_owner == owner`` and ``attempts ==
+  attempt``), atomically with that check.
 * ``_cancel(id) -> bool`` (only a SCHEDULED run), ``_get(id)``, ``_counts()``.
 * ``_purge(before, limit) -> int``: delete up to ``limit`` finished runs whose
   ``finished_at`` is before ``before``.
@@ -84,6 +85,7 @@ from ._options import (
     check_concurrency,
     check_heartbeat_options,
     check_purge_options,
+    check_retry_delay,
     hide_password,
 )
 
@@ -228,13 +230,24 @@ class Broker(ClusterBroker, Protocol):
         ...
 
     async def fail(
-        self, owner: str, run_id: str, attempt: int, error: RunError, *, retry: bool
+        self,
+        owner: str,
+        run_id: str,
+        attempt: int,
+        error: RunError,
+        *,
+        retry: bool,
+        retry_delay: float | None = None,
     ) -> bool:
         """Record a failed attempt, if ``owner``'s claim number ``attempt`` still holds it.
 
-        With ``retry`` and retries left, the run goes back to SCHEDULED, due after its
-        ``retry_delay``, with one retry fewer; otherwise it ends FAILED. The error is kept
-        either way.
+        With ``retry`` and retries left, the run goes back to SCHEDULED, due after
+        ``retry_delay`` seconds (the run's stored ``retry_delay`` by default: a worker
+        backing off passes each retry's own), with one retry fewer; otherwise it ends
+        FAILED. The error is kept either way.
+
+        Raises:
+            TypeError, ValueError: ``retry_delay`` is not a finite number of seconds >= 0.
         """
         ...
 
@@ -408,7 +421,13 @@ class BaseBroker(ClusterMethods, Broker, abc.ABC):
 
     @abc.abstractmethod
     async def _fail(
-        self, owner: str, run_id: str, attempt: int, error: RunError, retry: bool
+        self,
+        owner: str,
+        run_id: str,
+        attempt: int,
+        error: RunError,
+        retry: bool,
+        retry_delay: float | None,
     ) -> RunState | None:
         """Fail the run if the claim holds it: the state it went to, or ``None``."""
 
@@ -554,10 +573,18 @@ class BaseBroker(ClusterMethods, Broker, abc.ABC):
         return done
 
     async def fail(
-        self, owner: str, run_id: str, attempt: int, error: RunError, *, retry: bool
+        self,
+        owner: str,
+        run_id: str,
+        attempt: int,
+        error: RunError,
+        *,
+        retry: bool,
+        retry_delay: float | None = None,
     ) -> bool:
         check_attempt(attempt)
-        state = await self._fail(owner, run_id, attempt, error, retry)
+        delay = None if retry_delay is None else check_retry_delay(retry_delay)
+        state = await self._fail(owner, run_id, attempt, error, retry, delay)
         if state is None:
             return False
         # Only a retried run (SCHEDULED again) is new work; a FAILED one is just a change.

@@ -166,13 +166,20 @@ class MemoryBroker(BaseBroker):
         )
 
     async def _fail(
-        self, owner: str, run_id: str, attempt: int, error: RunError, retry: bool
+        self,
+        owner: str,
+        run_id: str,
+        attempt: int,
+        error: RunError,
+        retry: bool,
+        retry_delay: float | None,
     ) -> RunState | None:
         await self._check_open()
         run = self._runs.get(run_id)
         if run is None:
             return None
-        failed = records.fail(run, owner, attempt, error, self._clock(), retry=retry)
+        now = self._clock()
+        failed = records.fail(run, owner, attempt, error, now, retry=retry, retry_delay=retry_delay)
         return None if failed is None else self._store(failed).state
 
     async def _release(self, owner: str, run_id: str, attempt: int) -> bool:

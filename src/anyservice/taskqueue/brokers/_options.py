@@ -19,6 +19,7 @@ __all__ = [
     "check_heartbeat_options",
     "check_priority",
     "check_purge_options",
+    "check_retry_delay",
     "check_submit_options",
     "hide_password",
 ]
@@ -56,12 +57,22 @@ def check_submit_options(
     if not task:
         raise ValueError("task name must not be empty")
     check_count(retries, "retries")
-    check_seconds(retry_delay, "retry_delay", allow_zero=True)
+    check_retry_delay(retry_delay)
     check_optional_seconds(timeout, "timeout")
     check_count(max_attempts, "max_attempts", minimum=1)
     if scheduled_at is not None:
         check_number(scheduled_at, "scheduled_at")
     check_priority(priority)
+
+
+def check_retry_delay(retry_delay: object) -> float:
+    """Validate seconds until a retry is due.
+
+    Raises:
+        TypeError: ``retry_delay`` is not a duration.
+        ValueError: it is negative or not finite.
+    """
+    return check_seconds(retry_delay, "retry_delay", allow_zero=True)
 
 
 def check_priority(priority: object, name: str = "priority") -> int:

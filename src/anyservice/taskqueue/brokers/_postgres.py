@@ -1203,7 +1203,13 @@ class PostgresBroker(_Waits, _Connections, BaseBroker):
         return state is not None
 
     async def _fail(
-        self, owner: str, run_id: str, attempt: int, error: RunError, retry: bool
+        self,
+        owner: str,
+        run_id: str,
+        attempt: int,
+        error: RunError,
+        retry: bool,
+        retry_delay: float | None,
     ) -> RunState | None:
         # Every expression in an UPDATE sees the row as it was, so the CASEs agree.
         retried = "(%(retry)s AND retries_left > 0)"
@@ -1212,13 +1218,14 @@ class PostgresBroker(_Waits, _Connections, BaseBroker):
             run_id,
             attempt,
             f"state = CASE WHEN {retried} THEN 'SCHEDULED' ELSE 'FAILED' END,"
-            f" scheduled_at = CASE WHEN {retried} THEN %(now)s + retry_delay"
+            f" scheduled_at = CASE WHEN {retried}"
+            " THEN %(now)s + coalesce(%(delay)s::double precision, retry_delay)"
             " ELSE scheduled_at END,"
             f" retries_left = CASE WHEN {retried} THEN retries_left - 1 ELSE retries_left END,"
             f" started_at = CASE WHEN {retried} THEN NULL ELSE started_at END,"
             f" finished_at = CASE WHEN {retried} THEN NULL ELSE %(now)s END,"
             " lease_owner = NULL, lease_expires_at = NULL, error = %(error)s",
-            {"retry": retry, "error": error.to_json()},
+            {"retry": retry, "delay": retry_delay, "error": error.to_json()},
         )
 
     async def _release(self, owner: str, run_id: str, attempt: int) -> bool:

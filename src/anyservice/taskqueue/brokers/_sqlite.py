@@ -293,7 +293,8 @@ _RETRIED = ":retry AND retries_left > 0"
 _FAIL = (
     "UPDATE anyservice_runs SET"
     f" state = CASE WHEN {_RETRIED} THEN 'SCHEDULED' ELSE 'FAILED' END,"
-    f" scheduled_at = CASE WHEN {_RETRIED} THEN :now + retry_delay ELSE scheduled_at END,"
+    f" scheduled_at = CASE WHEN {_RETRIED} THEN :now + COALESCE(:delay, retry_delay)"
+    " ELSE scheduled_at END,"
     f" retries_left = CASE WHEN {_RETRIED} THEN retries_left - 1 ELSE retries_left END,"
     f" started_at = CASE WHEN {_RETRIED} THEN NULL ELSE started_at END,"
     f" finished_at = CASE WHEN {_RETRIED} THEN NULL ELSE :now END,"
@@ -618,13 +619,20 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
         )
 
     async def _fail(
-        self, owner: str, run_id: str, attempt: int, error: RunError, retry: bool
+        self,
+        owner: str,
+        run_id: str,
+        attempt: int,
+        error: RunError,
+        retry: bool,
+        retry_delay: float | None,
     ) -> RunState | None:
         parameters = {
             "id": run_id,
             "owner": owner,
             "attempt": attempt,
             "retry": retry,
+            "delay": retry_delay,
             "error": error.to_json(),
         }
 
