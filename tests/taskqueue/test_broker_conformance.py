@@ -295,6 +295,21 @@ async def test_runs_whose_lease_expired_free_their_slot_and_are_claimed_within_i
     assert await claim_limited(broker, "w2", {"say": 3}) == [says[2]]
 
 
+async def test_claim_run_holds_a_run_to_its_tasks_concurrency_limit(
+    broker: Broker, clock: FakeClock
+) -> None:
+    first, second = [await broker.submit("say", PAYLOAD) for _ in range(2)]
+    limits = {"say": 1}
+    claimed = await broker.claim_run("w1", first.id, lease_seconds=LEASE, concurrency=limits)
+    assert claimed is not None
+    assert await broker.claim_run("w2", second.id, lease_seconds=LEASE, concurrency=limits) is None
+    assert await broker.claim_run("w2", second.id, lease_seconds=LEASE, concurrency={"add": 1})
+    clock.advance(LEASE)  # both leases expired: neither takes a slot
+    again = await broker.claim_run("w3", first.id, lease_seconds=LEASE, concurrency=limits)
+    assert again is not None
+    assert again.attempts == 2
+
+
 @pytest.mark.parametrize(
     ("concurrency", "error", "match"),
     [

@@ -327,6 +327,23 @@ async def test_workers_run_no_more_of_a_task_at_once_than_its_concurrency(
         assert due <= started[f"c{number}"] - now < due + 0.1
 
 
+@pytest.mark.virtual_time
+async def test_execute_task_run_is_held_to_the_tasks_concurrency_too(queue: TaskQueue) -> None:
+    @queue.task(concurrency=1)
+    async def crunch() -> str:
+        return "done"
+
+    first, second = await crunch.delay(), await crunch.delay()
+    (elsewhere,) = await queue.broker.claim("elsewhere", ["crunch"], limit=1, lease_seconds=60)
+    assert elsewhere.id == first.id
+    async with TaskWorker(crunch, limit=1) as worker:
+        # Due and unclaimed, but the one slot is taken elsewhere.
+        assert await second.refresh() is RunState.SCHEDULED
+        assert not await worker.execute_task_run(second)
+        assert await queue.broker.complete("elsewhere", first.id, 1, '"done"')
+        assert await second.result(timeout=5) == "done"
+
+
 def test_concurrency_must_be_a_count_of_at_least_one() -> None:
     queue = TaskQueue("memory://")
     with pytest.raises(ValueError, match=r"@queue.task concurrency must be an int >= 1, got 0"):

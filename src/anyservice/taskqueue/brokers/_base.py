@@ -41,8 +41,9 @@ each applying the transitions of ``taskqueue/_records.py`` to the stored records
   inside it; report whether any run was finished on the way, when the next run becomes
   claimable (``now`` if ``limit`` left due runs behind), and whether a concurrency limit
   held due runs back.
-* ``_claim_run(owner, id, lease_seconds) -> RunRecord | None``: ``claim`` that one run
-  if it is claimable, atomically (for a worker told to run a given run).
+* ``_claim_run(owner, id, lease_seconds, concurrency) -> RunRecord | None``: ``claim``
+  that one run if it is claimable and its task (if named in ``concurrency``) has a free
+  slot, atomically (for a worker told to run a given run).
 * ``_heartbeat(owner, leases, lease_seconds) -> set[str]`` (``renew``; ``leases`` maps
   distinct run ids to their attempt), ``_complete(owner, id, attempt, result) -> bool``,
   ``_fail(owner, id, attempt, error, retry, retry_delay) -> RunState | None`` (the state
@@ -199,15 +200,27 @@ class Broker(ClusterBroker, Protocol):
         """
         ...
 
-    async def claim_run(self, owner: str, run_id: str, *, lease_seconds: float) -> RunRecord | None:
+    async def claim_run(
+        self,
+        owner: str,
+        run_id: str,
+        *,
+        lease_seconds: float,
+        concurrency: Mapping[str, int] | None = None,
+    ) -> RunRecord | None:
         """Lease this one run to ``owner`` if it is claimable now, as :meth:`claim` would.
+
+        ``concurrency`` holds the run to its task's limit as :meth:`claim` does: a run of
+        a task at its limit is not claimed.
 
         Returns:
             The claimed record (its ``attempts`` the claim's fencing token), or ``None``
-            if there is no such run or it is not claimable (not due, leased, finished).
+            if there is no such run or it is not claimable (not due, leased, finished,
+            its task at its concurrency limit).
 
         Raises:
-            ValueError: ``owner`` is empty or ``lease_seconds`` is not positive.
+            ValueError: ``owner`` is empty, ``lease_seconds`` is not positive or a
+                concurrency limit is below 1.
         """
         ...
 
@@ -406,8 +419,11 @@ class BaseBroker(ClusterMethods, Broker, abc.ABC):
         the ``concurrency`` limits of the tasks named there."""
 
     @abc.abstractmethod
-    async def _claim_run(self, owner: str, run_id: str, lease_seconds: float) -> RunRecord | None:
-        """Claim the run if :func:`~anyservice.taskqueue._records.claimable`, atomically."""
+    async def _claim_run(
+        self, owner: str, run_id: str, lease_seconds: float, concurrency: dict[str, int]
+    ) -> RunRecord | None:
+        """Claim the run if :func:`~anyservice.taskqueue._records.claimable` and within its
+        task's ``concurrency`` limit, atomically."""
 
     @abc.abstractmethod
     async def _heartbeat(
@@ -554,10 +570,17 @@ class BaseBroker(ClusterMethods, Broker, abc.ABC):
     def location(self) -> str:
         return hide_password(self.url)
 
-    async def claim_run(self, owner: str, run_id: str, *, lease_seconds: float) -> RunRecord | None:
+    async def claim_run(
+        self,
+        owner: str,
+        run_id: str,
+        *,
+        lease_seconds: float,
+        concurrency: Mapping[str, int] | None = None,
+    ) -> RunRecord | None:
         check_claim_options(owner, (), limit=1, lease_seconds=lease_seconds)
-        claimed = await self._claim_run(owner, run_id, lease_seconds)
-        return claimed
+        limits = check_concurrency(concurrency, None)
+        return await self._claim_run(owner, run_id, lease_seconds, limits)
 
     async def heartbeat(
         self, owner: str, leases: Mapping[str, int], *, lease_seconds: float

@@ -187,10 +187,20 @@ class MemoryBroker(BaseBroker):
         run = self._runs.get(run_id)
         return run is not None and self._apply(records.release(run, owner, attempt))
 
-    async def _claim_run(self, owner: str, run_id: str, lease_seconds: float) -> RunRecord | None:
+    async def _claim_run(
+        self, owner: str, run_id: str, lease_seconds: float, concurrency: dict[str, int]
+    ) -> RunRecord | None:
         await self._check_open()
         run = self._runs.get(run_id)
-        claimed = None if run is None else records.claim(run, owner, self._clock(), lease_seconds)
+        if run is None:
+            return None
+        now = self._clock()
+        free = records.free_slots(
+            (self._runs[other] for other in self._unfinished), concurrency, now
+        )
+        if free.get(run.task, 1) <= 0:
+            return None
+        claimed = records.claim(run, owner, now, lease_seconds)
         return None if claimed is None else self._store(claimed)
 
     async def _cancel(self, run_id: str) -> bool:

@@ -138,11 +138,11 @@ def check_claim_options(
     _check_lease_seconds(lease_seconds)
 
 
-def check_concurrency(concurrency: object, tasks: Collection[str]) -> dict[str, int]:
+def check_concurrency(concurrency: object, tasks: Collection[str] | None) -> dict[str, int]:
     """Validate a claim's ``concurrency``: the limits of the claimed ``tasks`` among it.
 
     Returns:
-        ``{task: limit}`` for the tasks of ``tasks`` that have one.
+        ``{task: limit}`` for the tasks of ``tasks`` (of any task: ``None``) that have one.
 
     Raises:
         TypeError: ``concurrency`` is not a mapping of task names to ints.
@@ -157,7 +157,7 @@ def check_concurrency(concurrency: object, tasks: Collection[str]) -> dict[str, 
         if not isinstance(task, str):
             raise TypeError(f"concurrency keys must be task names, got {task!r}")
         checked = check_count(limit, f"concurrency[{task!r}]", minimum=1)
-        if task in tasks:
+        if tasks is None or task in tasks:
             limits[task] = checked
     return limits
 

@@ -484,7 +484,7 @@ class _Connections:
     _reconnect_at: float
     _wakeups: _Wakeups
 
-    if TYPE_CHECKING:  # written by PostgresBroker; declared for the type checker only
+    if TYPE_CHECKING:  # written by _Claims; declared for the type checker only
 
         async def _forget_workers(self) -> None: ...
 
@@ -870,7 +870,183 @@ class _Waits:
         return listener
 
 
-class PostgresBroker(_Waits, _Connections, BaseBroker):
+class _Claims(_Connections):
+    """The claiming side of :class:`PostgresBroker`: claims, and the workers' records."""
+
+    _channel: str
+    _clock: Callable[[], float]
+    _host: str
+    _pid: int
+    _started_at: float
+    _workers_seen: dict[str, float]
+
+    async def _claim(
+        self,
+        owner: str,
+        tasks: list[str],
+        limit: int,
+        lease_seconds: float,
+        concurrency: dict[str, int],
+    ) -> Claimed:
+        await self._keep_workers(owner)
+        # One statement, whatever the limit: runs locked by another claim in progress are
+        # skipped, not waited for.
+        now = self._clock()
+        limited = sorted(concurrency)
+        claim = self._execute(
+            _CLAIM.replace("{returning}", _RETURNING),
+            {
+                "now": now,
+                "expires": now + lease_seconds,
+                "owner": owner,
+                "tasks": tasks,
+                "unlimited": [task for task in tasks if task not in concurrency],
+                "limited": limited,
+                "caps": [concurrency[task] for task in limited],
+                "limit": limit,
+                "channel": self._channel,
+                "abandoned": ABANDONED_ERROR_TYPE,
+                "message": _ABANDONED_MESSAGE,
+            },
+        )
+        rows = await self._call(self._in_turn(limited, claim))
+        scheduled, expiring, crashed, held_back = rows[0][:4]
+        # In claim order: higher priority, then due time, then submission (the sequence).
+        claimed = sorted(
+            (row[4:] for row in rows if row[4] is not None),
+            key=lambda row: (-row[_PRIORITY], row[_SCHEDULED_AT], row[_SEQ]),
+        )
+        runs = [_record(row) for row in claimed]
+        for run_id in crashed or ():
+            self._wakeups.run_finished(run_id)
+        if len(runs) == limit and limit > 0:
+            next_due: float | None = now
+        else:
+            times = [t for t in (scheduled, expiring) if t is not None]
+            next_due = min(times) if times else None
+        return Claimed(
+            runs=runs, finished=bool(crashed), next_due=next_due, held_back=bool(held_back)
+        )
+
+    def _in_turn(
+        self, limited: list[str], claim: Callable[[psycopg.Connection[Any]], T]
+    ) -> Callable[[psycopg.Connection[Any]], T]:
+        """``claim``, in turn with every other claim of the ``limited`` tasks (see
+        :data:`_LOCK_LIMITED`); as it is when no task is limited."""
+        if not limited:
+            return claim
+        lock = self._execute(_LOCK_LIMITED, {"keys": self._limit_keys(limited)})
+
+        def claim_in_turn(conn: psycopg.Connection[Any]) -> T:
+            with conn.transaction():
+                lock(conn)
+                return claim(conn)
+
+        return claim_in_turn
+
+    def _limit_keys(self, tasks: list[str]) -> list[int]:
+        """The advisory lock keys of these tasks' concurrency limits, in locking order."""
+        keys = {
+            int.from_bytes(
+                hashlib.blake2b(
+                    f"anyservice:{self._schema}:concurrency:{task}".encode(), digest_size=8
+                ).digest(),
+                "big",
+                signed=True,
+            )
+            for task in tasks
+        }
+        return sorted(keys)
+
+    async def _keep_workers(self, owner: str) -> None:
+        """Record ``owner`` as alive and free the runs of dead workers on this host.
+
+        A worker killed on this host (kill -9, the OOM killer) leaves its runs leased
+        until the leases expire. Its row names its process, which is gone: its leases are
+        ended now, so the claim that follows takes its runs over at once. Done at most
+        every ``WORKERS_EVERY`` seconds per owner, from claims (an idle worker claims
+        about once a second).
+        """
+        seen = time.monotonic()
+        if seen - self._workers_seen.get(owner, -math.inf) < WORKERS_EVERY:
+            return
+        self._workers_seen[owner] = seen
+        now = self._clock()
+        rows = await self._call(
+            self._execute(
+                "WITH seen AS (INSERT INTO {workers} (owner, host, pid, started_at, heartbeat_at)"
+                " VALUES (%(owner)s, %(host)s, %(pid)s, %(started)s, %(now)s)"
+                " ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at),"
+                " forgotten AS (DELETE FROM {workers} WHERE heartbeat_at < %(forget)s)"
+                " SELECT owner, pid, started_at FROM {workers}"
+                " WHERE host = %(host)s AND pid <> %(pid)s",
+                {
+                    "owner": owner,
+                    "host": self._host,
+                    "pid": self._pid,
+                    "started": self._started_at,
+                    "now": now,
+                    "forget": now - WORKERS_FORGOTTEN,
+                },
+            )
+        )
+        dead = [dead for dead, pid, started in rows if process_gone(pid, started)]
+        if not dead:
+            return
+        await self._call(
+            self._execute(
+                "WITH gone AS (DELETE FROM {workers} WHERE owner = ANY(%(dead)s))"
+                " UPDATE {runs} SET lease_expires_at = %(now)s"
+                " WHERE state = 'RUNNING' AND lease_owner = ANY(%(dead)s)"
+                " AND lease_expires_at > %(now)s",
+                {"dead": dead, "now": now},
+            )
+        )
+
+    async def _forget_workers(self) -> None:
+        """Delete this process's worker rows (a clean stop leaves nothing to recover)."""
+        if self._workers_seen:
+            owners = list(self._workers_seen)
+            self._workers_seen.clear()
+            await self._call(
+                self._execute(
+                    "DELETE FROM {workers} WHERE owner = ANY(%(owners)s)", {"owners": owners}
+                )
+            )
+
+    async def _claim_run(
+        self, owner: str, run_id: str, lease_seconds: float, concurrency: dict[str, int]
+    ) -> RunRecord | None:
+        await self._keep_workers(owner)
+        # The rules of every claim (records.claimable, the task's free slots), in the
+        # statement that claims.
+        now = self._clock()
+        limited = sorted(concurrency)
+        claim = self._execute(
+            "UPDATE {runs} r SET state = 'RUNNING', attempts = r.attempts + 1,"
+            " started_at = %(now)s, lease_owner = %(owner)s, lease_expires_at = %(expires)s"
+            " WHERE r.id = %(id)s AND ((r.state = 'SCHEDULED' AND r.scheduled_at <= %(now)s)"
+            " OR (r.state = 'RUNNING' AND r.lease_expires_at <= %(now)s"
+            " AND r.attempts < r.max_attempts))"
+            " AND NOT EXISTS (SELECT 1"
+            " FROM unnest(%(limited)s::text[], %(caps)s::integer[]) AS l(task, cap)"
+            " WHERE l.task = r.task AND l.cap <= (SELECT count(*) FROM {runs} x"
+            " WHERE x.state = 'RUNNING' AND x.task = l.task AND x.lease_expires_at > %(now)s))"
+            f" RETURNING {_RETURNING}",
+            {
+                "id": run_id,
+                "owner": owner,
+                "now": now,
+                "expires": now + lease_seconds,
+                "limited": limited,
+                "caps": [concurrency[task] for task in limited],
+            },
+        )
+        rows = await self._call(self._in_turn(limited, claim))
+        return _record(rows[0]) if rows else None
+
+
+class PostgresBroker(_Waits, _Claims, BaseBroker):
     """Task runs in a PostgreSQL database shared by workers on any number of hosts.
 
     Args:
@@ -981,151 +1157,6 @@ class PostgresBroker(_Waits, _Connections, BaseBroker):
                 },
             )
         )
-
-    async def _claim(
-        self,
-        owner: str,
-        tasks: list[str],
-        limit: int,
-        lease_seconds: float,
-        concurrency: dict[str, int],
-    ) -> Claimed:
-        await self._keep_workers(owner)
-        # One statement, whatever the limit: runs locked by another claim in progress are
-        # skipped, not waited for.
-        now = self._clock()
-        limited = sorted(concurrency)
-        claim = self._execute(
-            _CLAIM.replace("{returning}", _RETURNING),
-            {
-                "now": now,
-                "expires": now + lease_seconds,
-                "owner": owner,
-                "tasks": tasks,
-                "unlimited": [task for task in tasks if task not in concurrency],
-                "limited": limited,
-                "caps": [concurrency[task] for task in limited],
-                "limit": limit,
-                "channel": self._channel,
-                "abandoned": ABANDONED_ERROR_TYPE,
-                "message": _ABANDONED_MESSAGE,
-            },
-        )
-        if limited:
-            lock = self._execute(_LOCK_LIMITED, {"keys": self._limit_keys(limited)})
-
-            def claim_in_turn(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
-                with conn.transaction():
-                    lock(conn)
-                    return claim(conn)
-
-            rows = await self._call(claim_in_turn)
-        else:
-            rows = await self._call(claim)
-        scheduled, expiring, crashed, held_back = rows[0][:4]
-        # In claim order: higher priority, then due time, then submission (the sequence).
-        claimed = sorted(
-            (row[4:] for row in rows if row[4] is not None),
-            key=lambda row: (-row[_PRIORITY], row[_SCHEDULED_AT], row[_SEQ]),
-        )
-        runs = [_record(row) for row in claimed]
-        for run_id in crashed or ():
-            self._wakeups.run_finished(run_id)
-        if len(runs) == limit and limit > 0:
-            next_due: float | None = now
-        else:
-            times = [t for t in (scheduled, expiring) if t is not None]
-            next_due = min(times) if times else None
-        return Claimed(
-            runs=runs, finished=bool(crashed), next_due=next_due, held_back=bool(held_back)
-        )
-
-    def _limit_keys(self, tasks: list[str]) -> list[int]:
-        """The advisory lock keys of these tasks' concurrency limits, in locking order."""
-        keys = {
-            int.from_bytes(
-                hashlib.blake2b(
-                    f"anyservice:{self._schema}:concurrency:{task}".encode(), digest_size=8
-                ).digest(),
-                "big",
-                signed=True,
-            )
-            for task in tasks
-        }
-        return sorted(keys)
-
-    async def _keep_workers(self, owner: str) -> None:
-        """Record ``owner`` as alive and free the runs of dead workers on this host.
-
-        A worker killed on this host (kill -9, the OOM killer) leaves its runs leased
-        until the leases expire. Its row names its process, which is gone: its leases are
-        ended now, so the claim that follows takes its runs over at once. Done at most
-        every ``WORKERS_EVERY`` seconds per owner, from claims (an idle worker claims
-        about once a second).
-        """
-        seen = time.monotonic()
-        if seen - self._workers_seen.get(owner, -math.inf) < WORKERS_EVERY:
-            return
-        self._workers_seen[owner] = seen
-        now = self._clock()
-        rows = await self._call(
-            self._execute(
-                "WITH seen AS (INSERT INTO {workers} (owner, host, pid, started_at, heartbeat_at)"
-                " VALUES (%(owner)s, %(host)s, %(pid)s, %(started)s, %(now)s)"
-                " ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at),"
-                " forgotten AS (DELETE FROM {workers} WHERE heartbeat_at < %(forget)s)"
-                " SELECT owner, pid, started_at FROM {workers}"
-                " WHERE host = %(host)s AND pid <> %(pid)s",
-                {
-                    "owner": owner,
-                    "host": self._host,
-                    "pid": self._pid,
-                    "started": self._started_at,
-                    "now": now,
-                    "forget": now - WORKERS_FORGOTTEN,
-                },
-            )
-        )
-        dead = [dead for dead, pid, started in rows if process_gone(pid, started)]
-        if not dead:
-            return
-        await self._call(
-            self._execute(
-                "WITH gone AS (DELETE FROM {workers} WHERE owner = ANY(%(dead)s))"
-                " UPDATE {runs} SET lease_expires_at = %(now)s"
-                " WHERE state = 'RUNNING' AND lease_owner = ANY(%(dead)s)"
-                " AND lease_expires_at > %(now)s",
-                {"dead": dead, "now": now},
-            )
-        )
-
-    async def _forget_workers(self) -> None:
-        """Delete this process's worker rows (a clean stop leaves nothing to recover)."""
-        if self._workers_seen:
-            owners = list(self._workers_seen)
-            self._workers_seen.clear()
-            await self._call(
-                self._execute(
-                    "DELETE FROM {workers} WHERE owner = ANY(%(owners)s)", {"owners": owners}
-                )
-            )
-
-    async def _claim_run(self, owner: str, run_id: str, lease_seconds: float) -> RunRecord | None:
-        await self._keep_workers(owner)
-        # The rule of every claim (records.claimable), in the statement that claims.
-        now = self._clock()
-        rows = await self._call(
-            self._execute(
-                "UPDATE {runs} r SET state = 'RUNNING', attempts = r.attempts + 1,"
-                " started_at = %(now)s, lease_owner = %(owner)s, lease_expires_at = %(expires)s"
-                " WHERE r.id = %(id)s AND ((r.state = 'SCHEDULED' AND r.scheduled_at <= %(now)s)"
-                " OR (r.state = 'RUNNING' AND r.lease_expires_at <= %(now)s"
-                " AND r.attempts < r.max_attempts))"
-                f" RETURNING {_RETURNING}",
-                {"id": run_id, "owner": owner, "now": now, "expires": now + lease_seconds},
-            )
-        )
-        return _record(rows[0]) if rows else None
 
     async def _heartbeat(
         self, owner: str, leases: dict[str, int], lease_seconds: float

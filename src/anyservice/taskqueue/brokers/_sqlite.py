@@ -259,16 +259,25 @@ def _update_held(conn: sqlite3.Connection, sql: str, parameters: dict[str, Any])
 
 
 def _claim_one(
-    conn: sqlite3.Connection, run_id: str, owner: str, now: float, lease_seconds: float
+    conn: sqlite3.Connection,
+    run_id: str,
+    owner: str,
+    times: tuple[float, float],
+    concurrency: dict[str, int],
 ) -> RunRecord | None:
-    """Lease this one run if it is claimable, by the same rule as every claim.
+    """Lease this one run if it is claimable, by the same rules as every claim.
 
-    A corrupt row is left as it is (get() shows it FAILED).
+    ``times`` is ``(now, lease seconds)``. A corrupt row is left as it is (get() shows it
+    FAILED).
     """
+    now, lease_seconds = times
     row = conn.execute(f"{SELECT} WHERE id = ?", (run_id,)).fetchone()
     if row is None:
         return None
     seq, run, corrupt = read_row(row)
+    limit = concurrency.get(run.task)
+    if limit is not None and not _free_slots(conn, {run.task: limit}, now)[run.task]:
+        return None
     claimed = None if corrupt else records.claim(run, owner, now, lease_seconds)
     if claimed is not None:
         conn.execute(
@@ -655,10 +664,13 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
             lambda conn: _update_held(conn, _RELEASE, parameters), signal=WORK
         )
 
-    async def _claim_run(self, owner: str, run_id: str, lease_seconds: float) -> RunRecord | None:
+    async def _claim_run(
+        self, owner: str, run_id: str, lease_seconds: float, concurrency: dict[str, int]
+    ) -> RunRecord | None:
         def claim_one(conn: sqlite3.Connection) -> RunRecord | None:
             self._db.check_file()
-            return _claim_one(conn, run_id, owner, self._clock(), lease_seconds)
+            times = (self._clock(), lease_seconds)
+            return _claim_one(conn, run_id, owner, times, concurrency)
 
         return await self._db.call(claim_one, signal=CHANGE)
 
