@@ -484,7 +484,7 @@ class _Connections:
     _reconnect_at: float
     _wakeups: _Wakeups
 
-    if TYPE_CHECKING:  # written by _Claims; declared for the type checker only
+    if TYPE_CHECKING:  # written by _WorkerRecords; declared for the type checker only
 
         async def _forget_workers(self) -> None: ...
 
@@ -870,93 +870,14 @@ class _Waits:
         return listener
 
 
-class _Claims(_Connections):
-    """The claiming side of :class:`PostgresBroker`: claims, and the workers' records."""
+class _WorkerRecords(_Connections):
+    """Who is working, for :class:`PostgresBroker`: faster recovery from a dead worker."""
 
-    _channel: str
     _clock: Callable[[], float]
     _host: str
     _pid: int
     _started_at: float
     _workers_seen: dict[str, float]
-
-    async def _claim(
-        self,
-        owner: str,
-        tasks: list[str],
-        limit: int,
-        lease_seconds: float,
-        concurrency: dict[str, int],
-    ) -> Claimed:
-        await self._keep_workers(owner)
-        # One statement, whatever the limit: runs locked by another claim in progress are
-        # skipped, not waited for.
-        now = self._clock()
-        limited = sorted(concurrency)
-        claim = self._execute(
-            _CLAIM.replace("{returning}", _RETURNING),
-            {
-                "now": now,
-                "expires": now + lease_seconds,
-                "owner": owner,
-                "tasks": tasks,
-                "unlimited": [task for task in tasks if task not in concurrency],
-                "limited": limited,
-                "caps": [concurrency[task] for task in limited],
-                "limit": limit,
-                "channel": self._channel,
-                "abandoned": ABANDONED_ERROR_TYPE,
-                "message": _ABANDONED_MESSAGE,
-            },
-        )
-        rows = await self._call(self._in_turn(limited, claim))
-        scheduled, expiring, crashed, held_back = rows[0][:4]
-        # In claim order: higher priority, then due time, then submission (the sequence).
-        claimed = sorted(
-            (row[4:] for row in rows if row[4] is not None),
-            key=lambda row: (-row[_PRIORITY], row[_SCHEDULED_AT], row[_SEQ]),
-        )
-        runs = [_record(row) for row in claimed]
-        for run_id in crashed or ():
-            self._wakeups.run_finished(run_id)
-        if len(runs) == limit and limit > 0:
-            next_due: float | None = now
-        else:
-            times = [t for t in (scheduled, expiring) if t is not None]
-            next_due = min(times) if times else None
-        return Claimed(
-            runs=runs, finished=bool(crashed), next_due=next_due, held_back=bool(held_back)
-        )
-
-    def _in_turn(
-        self, limited: list[str], claim: Callable[[psycopg.Connection[Any]], T]
-    ) -> Callable[[psycopg.Connection[Any]], T]:
-        """``claim``, in turn with every other claim of the ``limited`` tasks (see
-        :data:`_LOCK_LIMITED`); as it is when no task is limited."""
-        if not limited:
-            return claim
-        lock = self._execute(_LOCK_LIMITED, {"keys": self._limit_keys(limited)})
-
-        def claim_in_turn(conn: psycopg.Connection[Any]) -> T:
-            with conn.transaction():
-                lock(conn)
-                return claim(conn)
-
-        return claim_in_turn
-
-    def _limit_keys(self, tasks: list[str]) -> list[int]:
-        """The advisory lock keys of these tasks' concurrency limits, in locking order."""
-        keys = {
-            int.from_bytes(
-                hashlib.blake2b(
-                    f"anyservice:{self._schema}:concurrency:{task}".encode(), digest_size=8
-                ).digest(),
-                "big",
-                signed=True,
-            )
-            for task in tasks
-        }
-        return sorted(keys)
 
     async def _keep_workers(self, owner: str) -> None:
         """Record ``owner`` as alive and free the runs of dead workers on this host.
@@ -1014,39 +935,8 @@ class _Claims(_Connections):
                 )
             )
 
-    async def _claim_run(
-        self, owner: str, run_id: str, lease_seconds: float, concurrency: dict[str, int]
-    ) -> RunRecord | None:
-        await self._keep_workers(owner)
-        # The rules of every claim (records.claimable, the task's free slots), in the
-        # statement that claims.
-        now = self._clock()
-        limited = sorted(concurrency)
-        claim = self._execute(
-            "UPDATE {runs} r SET state = 'RUNNING', attempts = r.attempts + 1,"
-            " started_at = %(now)s, lease_owner = %(owner)s, lease_expires_at = %(expires)s"
-            " WHERE r.id = %(id)s AND ((r.state = 'SCHEDULED' AND r.scheduled_at <= %(now)s)"
-            " OR (r.state = 'RUNNING' AND r.lease_expires_at <= %(now)s"
-            " AND r.attempts < r.max_attempts))"
-            " AND NOT EXISTS (SELECT 1"
-            " FROM unnest(%(limited)s::text[], %(caps)s::integer[]) AS l(task, cap)"
-            " WHERE l.task = r.task AND l.cap <= (SELECT count(*) FROM {runs} x"
-            " WHERE x.state = 'RUNNING' AND x.task = l.task AND x.lease_expires_at > %(now)s))"
-            f" RETURNING {_RETURNING}",
-            {
-                "id": run_id,
-                "owner": owner,
-                "now": now,
-                "expires": now + lease_seconds,
-                "limited": limited,
-                "caps": [concurrency[task] for task in limited],
-            },
-        )
-        rows = await self._call(self._in_turn(limited, claim))
-        return _record(rows[0]) if rows else None
 
-
-class PostgresBroker(_Waits, _Claims, BaseBroker):
+class PostgresBroker(_Waits, _WorkerRecords, BaseBroker):
     """Task runs in a PostgreSQL database shared by workers on any number of hosts.
 
     Args:
@@ -1157,6 +1047,115 @@ class PostgresBroker(_Waits, _Claims, BaseBroker):
                 },
             )
         )
+
+    async def _claim(
+        self,
+        owner: str,
+        tasks: list[str],
+        limit: int,
+        lease_seconds: float,
+        concurrency: dict[str, int],
+    ) -> Claimed:
+        await self._keep_workers(owner)
+        # One statement, whatever the limit: runs locked by another claim in progress are
+        # skipped, not waited for.
+        now = self._clock()
+        limited = sorted(concurrency)
+        claim = self._execute(
+            _CLAIM.replace("{returning}", _RETURNING),
+            {
+                "now": now,
+                "expires": now + lease_seconds,
+                "owner": owner,
+                "tasks": tasks,
+                "unlimited": [task for task in tasks if task not in concurrency],
+                "limited": limited,
+                "caps": [concurrency[task] for task in limited],
+                "limit": limit,
+                "channel": self._channel,
+                "abandoned": ABANDONED_ERROR_TYPE,
+                "message": _ABANDONED_MESSAGE,
+            },
+        )
+        rows = await self._call(self._in_turn(limited, claim))
+        scheduled, expiring, crashed, held_back = rows[0][:4]
+        # In claim order: higher priority, then due time, then submission (the sequence).
+        claimed = sorted(
+            (row[4:] for row in rows if row[4] is not None),
+            key=lambda row: (-row[_PRIORITY], row[_SCHEDULED_AT], row[_SEQ]),
+        )
+        runs = [_record(row) for row in claimed]
+        for run_id in crashed or ():
+            self._wakeups.run_finished(run_id)
+        if len(runs) == limit and limit > 0:
+            next_due: float | None = now
+        else:
+            times = [t for t in (scheduled, expiring) if t is not None]
+            next_due = min(times) if times else None
+        return Claimed(
+            runs=runs, finished=bool(crashed), next_due=next_due, held_back=bool(held_back)
+        )
+
+    def _in_turn(
+        self, limited: list[str], claim: Callable[[psycopg.Connection[Any]], T]
+    ) -> Callable[[psycopg.Connection[Any]], T]:
+        """``claim``, in turn with every other claim of the ``limited`` tasks (see
+        :data:`_LOCK_LIMITED`); as it is when no task is limited."""
+        if not limited:
+            return claim
+        lock = self._execute(_LOCK_LIMITED, {"keys": self._limit_keys(limited)})
+
+        def claim_in_turn(conn: psycopg.Connection[Any]) -> T:
+            with conn.transaction():
+                lock(conn)
+                return claim(conn)
+
+        return claim_in_turn
+
+    def _limit_keys(self, tasks: list[str]) -> list[int]:
+        """The advisory lock keys of these tasks' concurrency limits, in locking order."""
+        keys = {
+            int.from_bytes(
+                hashlib.blake2b(
+                    f"anyservice:{self._schema}:concurrency:{task}".encode(), digest_size=8
+                ).digest(),
+                "big",
+                signed=True,
+            )
+            for task in tasks
+        }
+        return sorted(keys)
+
+    async def _claim_run(
+        self, owner: str, run_id: str, lease_seconds: float, concurrency: dict[str, int]
+    ) -> RunRecord | None:
+        await self._keep_workers(owner)
+        # The rules of every claim (records.claimable, the task's free slots), in the
+        # statement that claims.
+        now = self._clock()
+        limited = sorted(concurrency)
+        claim = self._execute(
+            "UPDATE {runs} r SET state = 'RUNNING', attempts = r.attempts + 1,"
+            " started_at = %(now)s, lease_owner = %(owner)s, lease_expires_at = %(expires)s"
+            " WHERE r.id = %(id)s AND ((r.state = 'SCHEDULED' AND r.scheduled_at <= %(now)s)"
+            " OR (r.state = 'RUNNING' AND r.lease_expires_at <= %(now)s"
+            " AND r.attempts < r.max_attempts))"
+            " AND NOT EXISTS (SELECT 1"
+            " FROM unnest(%(limited)s::text[], %(caps)s::integer[]) AS l(task, cap)"
+            " WHERE l.task = r.task AND l.cap <= (SELECT count(*) FROM {runs} x"
+            " WHERE x.state = 'RUNNING' AND x.task = l.task AND x.lease_expires_at > %(now)s))"
+            f" RETURNING {_RETURNING}",
+            {
+                "id": run_id,
+                "owner": owner,
+                "now": now,
+                "expires": now + lease_seconds,
+                "limited": limited,
+                "caps": [concurrency[task] for task in limited],
+            },
+        )
+        rows = await self._call(self._in_turn(limited, claim))
+        return _record(rows[0]) if rows else None
 
     async def _heartbeat(
         self, owner: str, leases: dict[str, int], lease_seconds: float
