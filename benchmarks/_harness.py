@@ -415,6 +415,9 @@ def write_results(
         f"- Machine: {platform.machine()} {platform.system()}, {cores()} cores",
         "- Figures are medians of repeated runs; ratios are anyservice / raw-anyio baseline, "
         "measured alternately in the same run. Each section says when it was measured.",
+        "- Before and after the restructuring of the core and the task queue (old and new "
+        "library on the same scripts, alternately): [README.md](README.md"
+        "#before-and-after-the-restructuring).",
     ]
     body = [
         f"<!-- bench:{name} -->\n{sections[name]}\n<!-- /bench:{name} -->"

@@ -449,8 +449,10 @@ def timer_rows(config: Config) -> list[Table]:
     ]
     stop.notes += [
         "From just before `await root.stop()` to its return (every service is then asserted "
-        "STOPPED), against `tg.cancel_scope.cancel()` until the task group exits. A "
-        "supervisor stops its children one at a time in reverse order, by design.",
+        "STOPPED), against `tg.cancel_scope.cancel()` until the task group exits. Neither "
+        "the parent nor the supervisor can be seen stopping its timer services in any "
+        "order, so both stop them together; each idle timer waits on its owner's timer "
+        "wheel, which a stop wakes instead of cancelling it.",
         f"Target: <= {TARGET}x.",
     ]
     memory.notes += [

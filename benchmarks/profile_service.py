@@ -8,10 +8,11 @@ its timings are distorted) and, separately, ``tracemalloc``::
     python benchmarks/profile_service.py              # both backends, N = 1 000
     python benchmarks/profile_service.py --backend trio -n 200
 
-Per service it prints the tasks spawned, cancel scopes entered, events made, event-loop
-passes (asyncio) and Python function calls of the start and of the stop, and the bytes
-held while running, by where they were allocated; then the same for raw anyio, a task
-group of N tasks each sleeping until a deadline (what ``bench_service.py`` compares with).
+Per service it prints the tasks spawned, cancel scopes entered and cancelled, events made,
+event-loop passes (asyncio) and Python function calls of the start and of the stop, and
+the bytes held while running, by where they were allocated; then the same for raw anyio,
+a task group of N tasks each sleeping until a deadline (what ``bench_service.py``
+compares with).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def _code_keys(backend: str) -> dict[str, list[Callable[..., Any]]]:
         return {
             "tasks spawned": [runner.spawn_impl],
             "cancel scopes entered": [trio.CancelScope.__enter__],
+            "cancel scopes cancelled": [trio.CancelScope.cancel],
             "events made": [sync.Event.__new__],
         }
     import asyncio
@@ -60,6 +62,7 @@ def _code_keys(backend: str) -> dict[str, list[Callable[..., Any]]]:
     return {
         "tasks spawned": [backend_module.TaskGroup._spawn],
         "cancel scopes entered": [backend_module.CancelScope.__enter__],
+        "cancel scopes cancelled": [backend_module.CancelScope.cancel],
         "events made": [sync.Event.__new__],
         "event-loop passes": [asyncio.BaseEventLoop._run_once],  # type: ignore[attr-defined]
     }

@@ -6,6 +6,7 @@ import datetime
 import itertools
 import logging
 import math
+from collections.abc import Sequence
 
 import anyio
 import anyio.lowlevel
@@ -474,3 +475,61 @@ async def test_supervisor_error_cause_is_the_childs_own_exception() -> None:
     cause = info.value.exceptions[0].__cause__
     assert type(cause) is ConnectionError
     assert cause is crasher.crash_reason
+
+
+# ------------------------------------------------------------------ order where it shows
+
+
+class _Plain(Service):
+    """Runs none of the user's code at start or stop: it cannot tell when it starts."""
+
+    @task
+    async def idle(self) -> None:
+        await anyio.sleep_forever()
+
+
+class _Watcher(Service):
+    """Notes, at its start and its stop, the state of the services it watches."""
+
+    def __init__(self, name: str, log: list[str], watched: Sequence[Service]) -> None:
+        super().__init__(name=name)
+        self.events = log
+        self.watched = watched
+
+    def _note(self, what: str) -> None:
+        states = ",".join(f"{s.name}={s.state.name}" for s in self.watched)
+        self.events.append(f"{self.name} {what}: {states}")
+
+    async def on_start(self) -> None:
+        self._note("start")
+
+    async def on_stop(self) -> None:
+        self._note("stop")
+
+
+async def test_children_that_cannot_tell_start_and_stop_together_between_the_others() -> None:
+    events: list[str] = []
+    plain = [_Plain(name=f"p{i}") for i in range(3)]
+    first = _Watcher("first", events, plain)
+    last = _Watcher("last", events, plain)
+    async with Supervisor(first, *plain, last) as supervisor:
+        assert all(s.state is ServiceState.RUNNING for s in supervisor.children())
+    assert events == [
+        "first start: p0=INIT,p1=INIT,p2=INIT",
+        "last start: p0=RUNNING,p1=RUNNING,p2=RUNNING",
+        "last stop: p0=RUNNING,p1=RUNNING,p2=RUNNING",
+        # The plain children are STOPPED before the one declared before them stops.
+        "first stop: p0=STOPPED,p1=STOPPED,p2=STOPPED",
+    ]
+
+
+async def test_one_for_all_restarts_children_started_together() -> None:
+    plain = [_Plain(name=f"p{i}") for i in range(3)]
+    crasher = Worker("crasher", [], crash_after=1)
+    crasher.crashes = 1
+    supervisor = Supervisor(*plain, crasher, strategy="one_for_all", backoff=NO_BACKOFF)
+    async with supervisor:
+        await anyio.sleep(2)
+        assert [s.restart_count for s in plain] == [1, 1, 1]
+        assert all(s.state is ServiceState.RUNNING for s in supervisor.children())
+    assert all(s.state is ServiceState.STOPPED for s in supervisor.children())

@@ -14,6 +14,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._checks import Seconds, check_choice, check_count
 from ._core import (
+    Countdown,
     Service,
     ServiceError,
     ServiceState,
@@ -24,7 +25,10 @@ from ._core import (
     leaves,
     report_ready,
     run_as_restart,
+    start_beside,
+    start_is_observable,
     stop_service,
+    unwind_unobservable,
 )
 from ._restart import Backoff, RestartIntensity
 from ._schedule import check_interval
@@ -68,7 +72,8 @@ class _Child:
     #: The supervisor is stopping it on purpose (one-for-all / rest-for-one): not an exit.
     stopping: bool = False
     running: bool = False
-    exited: anyio.Event | None = field(default=None, repr=False)
+    #: Told when the child's run has ended, while the supervisor waits for it with others.
+    ended: Countdown | None = field(default=None, repr=False)
 
 
 _Exit = tuple[_Child, BaseException | None]
@@ -95,7 +100,9 @@ class Supervisor(Service):
     the supervisor itself crashes with a ``SupervisorError`` chained to the child's error,
     so a supervisor above it can restart it. Between consecutive restarts of a child,
     ``backoff`` waits (exponential, capped) so a child that dies at once does not spin.
-    Children start in order, each RUNNING before the next, and stop in reverse order.
+    Children start in order, each RUNNING before the next, and stop in reverse order;
+    children that run none of the user's code at start (or at stop) cannot tell that
+    order, and start (or stop) together.
 
     Raises:
         ValueError: for an unknown strategy or restart type, or bad intensity numbers.
@@ -192,9 +199,7 @@ class Supervisor(Service):
         intensity = RestartIntensity(self.max_restarts, self.within)
         try:
             with send, receive:
-                for child in list(self._children):
-                    if not child.running:
-                        await self._start(child)
+                await self._start_in_order([c for c in self._children if not c.running])
                 # Every child is RUNNING (or has already exited): the supervisor may be.
                 report_ready()
                 await self._supervise(receive, intensity)
@@ -203,10 +208,7 @@ class Supervisor(Service):
             # Stopping or crashing: the children stop gracefully, in reverse order, within
             # the supervisor's own stop deadline.
             with anyio.CancelScope(shield=True, deadline=self.stop_deadline):
-                for child in reversed(self._children):
-                    if child.running:
-                        child.stopping = True
-                        await stop_service(child.service)
+                await self._stop_in_order(self._children[::-1])
 
     async def _supervise(
         self,
@@ -245,14 +247,10 @@ class Supervisor(Service):
                 self.strategy.value,
                 f" in {delay:.3g}s" if delay else "",
             )
-            for other in reversed(targets):
-                if other is not child and other.running:
-                    other.stopping = True
-                    await stop_service(other.service)
+            await self._stop_in_order([other for other in targets[::-1] if other is not child])
             if delay:
                 await anyio.sleep(delay)
-            for target in targets:
-                await self._start(target)
+            await self._start_in_order(targets)
 
     def _should_restart(self, child: _Child, error: BaseException | None) -> bool:
         if child.restart is RestartType.PERMANENT:
@@ -267,6 +265,60 @@ class Supervisor(Service):
         index = self._children.index(child)
         return [child, *(other for other in self._children[index + 1 :] if other.running)]
 
+    async def _start_in_order(self, children: list[_Child]) -> None:
+        """Start ``children`` in order, each RUNNING before the next where it shows.
+
+        A child whose start runs none of the user's code cannot tell whether the one before
+        it is RUNNING yet: a run of such children starts together, with one wait for all of
+        them, before the next child that can tell.
+        """
+        together = Countdown()
+        for child in children:
+            if start_is_observable(child.service):
+                await together.wait()
+                together = Countdown()
+                await self._start(child)
+            elif not self.should_stop:
+                together.remaining += 1
+                self._spawn_child(child, _Once(together))
+        await together.wait()
+
+    async def _stop_in_order(self, children: list[_Child]) -> None:
+        """Stop the running ones of ``children`` gracefully, one at a time where it shows.
+
+        A child whose stop runs none of the user's code is only told to stop; before the
+        next child whose stop can be seen, and at the end, the supervisor waits for those.
+        """
+        unwinding: list[_Child] = []
+        for child in children:
+            if not child.running:
+                continue
+            child.stopping = True
+            if unwind_unobservable(child.service):
+                unwinding.append(child)
+                continue
+            await self._wait_ended(unwinding)
+            unwinding.clear()
+            await stop_service(child.service)
+        await self._wait_ended(unwinding)
+
+    async def _wait_ended(self, children: list[_Child]) -> None:
+        """Wait until the runs of ``children``, told to stop, have ended: one wait for all.
+
+        They run none of the user's code at stop, so they end at once; the bound is the
+        one a stop of each would have had, in case one does not.
+        """
+        if not children:
+            return
+        ended = Countdown()
+        for child in children:
+            if child.running:
+                child.ended = ended
+                ended.remaining += 1
+        bound = max((child.service.shutdown_timeout for child in children), default=0.0)
+        with anyio.move_on_after(bound + 1.0):
+            await ended.wait()
+
     async def _start(self, child: _Child) -> None:
         """Start ``child`` in the supervisor's scope; returns once it is RUNNING (or ended).
 
@@ -275,24 +327,30 @@ class Supervisor(Service):
         if self.should_stop:
             return
         started = Started()
-        child.running = True
-        child.started_at = anyio.current_time()
-        self.spawn(lambda: self._run_child(child, started), name=f"child {child.service.name}")
+        self._spawn_child(child, started)
         await started.wait()
 
-    async def _run_child(self, child: _Child, started: Started) -> None:
-        # In flight: a supervisor's stop does not cancel a child, it stops it gracefully.
+    def _spawn_child(self, child: _Child, started: Started | _Once) -> None:
+        child.running = True
+        child.started_at = anyio.current_time()
+        # Beside the supervisor's tasks, not one of them: a supervisor's stop does not
+        # cancel a child, it stops it gracefully (see supervise()).
+        start_beside(self, lambda: self._run_child(child, started), f"child {child.service.name}")
+
+    async def _run_child(self, child: _Child, started: Started | _Once) -> None:
         outcome: BaseException | None = None
-        async with self.in_flight():
-            try:
-                # Every start after the first is a restart, whoever's restart caused it.
-                await run_as_restart(child.service, task_status=started)
-            except Exception as exc:
-                # What the child crashed with, not the group its task group wraps it in.
-                outcome = child.service.crash_reason or exc
-            finally:
-                child.running = False
-                started.started()
+        try:
+            # Every start after the first is a restart, whoever's restart caused it.
+            await run_as_restart(child.service, task_status=started)
+        except Exception as exc:
+            # What the child crashed with, not the group its task group wraps it in.
+            outcome = child.service.crash_reason or exc
+        finally:
+            child.running = False
+            started.started()
+            ended, child.ended = child.ended, None
+            if ended is not None:
+                ended.started()
         exits = self._exits
         if exits is not None:
             try:
@@ -302,6 +360,20 @@ class Supervisor(Service):
 
     def describe(self) -> str:
         return f"{super().describe()} strategy={self.strategy.value}"
+
+
+class _Once:
+    """A child's ``task_status`` among children started together: counted once."""
+
+    __slots__ = ("countdown",)
+
+    def __init__(self, countdown: Countdown) -> None:
+        self.countdown: Countdown | None = countdown
+
+    def started(self, value: object = None) -> None:
+        countdown, self.countdown = self.countdown, None
+        if countdown is not None:
+            countdown.started()
 
 
 def _reason(error: BaseException) -> str:

@@ -18,7 +18,7 @@ import anyio
 
 from . import _hooks
 from ._checks import Seconds, check_choice, check_coroutine_function
-from ._core import BackgroundSpec, Host, attach_spec, check_name
+from ._core import BackgroundSpec, Host, attach_spec, check_name, idle_until
 from ._schedule import (
     CronSchedule,
     IntervalSchedule,
@@ -145,15 +145,18 @@ class TimerSpec(_PeriodicSpec):
         skip = self.policy is MissedTickPolicy.SKIP
         while True:
             due = schedule.due
-            await anyio.sleep_until(due)
+            if not await idle_until(due):
+                return  # the service stops: the timer ends, as if cancelled while idle
             if skip:
                 due = self.catch_up(service, stats, schedule, due)
             started, finished = await self.run_body(service, stats, due)
             if skip and finished - started <= schedule.interval:
                 # The body alone fits in an interval: if it still ended past the next grid
                 # point, a late start did that, and the next tick runs at once, late, rather
-                # than being counted as an overrun and skipped.
-                finished = min(finished, due + schedule.interval)
+                # than being counted as an overrun and skipped. (Never before its start:
+                # the time between the wake-up and the start, a slow log handler's, say,
+                # may already be past that point.)
+                finished = max(started, min(finished, due + schedule.interval))
             outcome = schedule.advance(started, finished)
             stats.missed += outcome.missed
             if outcome.overran:

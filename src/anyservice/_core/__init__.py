@@ -14,8 +14,13 @@ from ._exceptions import leaves as leaves
 from ._exceptions import only_cancellation as only_cancellation
 from ._exceptions import real_leaves as real_leaves
 from ._host import Host as Host
+from ._run import Countdown as Countdown
 from ._run import Started as Started
+from ._run import idle_until as idle_until
 from ._run import report_ready as report_ready
+from ._run import start_beside as start_beside
+from ._run import start_is_observable as start_is_observable
+from ._run import unwind_unobservable as unwind_unobservable
 from ._service import Service as Service
 from ._service import adopt as adopt
 from ._service import run_as_restart as run_as_restart

@@ -24,13 +24,36 @@ class Diag:
     (wall-clock seconds), so a service stuck in ``"FLUSHING"`` shows since when.
     """
 
-    __slots__ = ("flags", "last_transition", "service_name")
+    __slots__ = ("_flags", "_last_transition", "service_name")
 
     def __init__(self, service: str | Host) -> None:
         # mode's Diag takes the service; a name does as well.
         self.service_name = service if isinstance(service, str) else service.name
-        self.flags: set[str] = set()
-        self.last_transition: dict[str, float] = {}
+        # Made at the first use: most services never set a flag, and thousands add up.
+        self._flags: set[str] | None = None
+        self._last_transition: dict[str, float] | None = None
+
+    @property
+    def flags(self) -> set[str]:
+        """The flags set now."""
+        if self._flags is None:
+            self._flags = set()
+        return self._flags
+
+    @flags.setter
+    def flags(self, flags: set[str]) -> None:
+        self._flags = flags
+
+    @property
+    def last_transition(self) -> dict[str, float]:
+        """When each flag was last set or unset (wall-clock seconds)."""
+        if self._last_transition is None:
+            self._last_transition = {}
+        return self._last_transition
+
+    @last_transition.setter
+    def last_transition(self, transitions: dict[str, float]) -> None:
+        self._last_transition = transitions
 
     def set_flag(self, flag: str) -> None:
         self.flags.add(flag)

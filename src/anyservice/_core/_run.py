@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, AsyncExitStack
 from contextvars import ContextVar
 from typing import Any, Protocol, TypeAlias
@@ -40,12 +40,27 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
+from ._backend import Waiter, current_task, new_waiter
 from ._exceptions import only_cancellation
 from ._host import Host
 from ._specs import BackgroundSpec
 from ._state import RunPhase, ServiceState
+from ._wheel import Wheel
 
-__all__ = ["ContextSource", "InFlight", "Owner", "Run", "Slot", "Started", "current_run"]
+__all__ = [
+    "ContextSource",
+    "Countdown",
+    "InFlight",
+    "Owner",
+    "Run",
+    "Slot",
+    "Started",
+    "current_run",
+    "idle_until",
+    "start_beside",
+    "start_is_observable",
+    "unwind_unobservable",
+]
 
 ContextSource: TypeAlias = (
     AbstractAsyncContextManager[Any]
@@ -87,6 +102,7 @@ class Owner(Host, Protocol):
     def wait_for_shutdown(self) -> bool: ...
 
     _run: Run | None
+    _loop: object
     _started_once: bool
     _pending_crash: BaseException | None
     crash_reason: BaseException | None
@@ -119,7 +135,17 @@ def inside() -> tuple[Owner, ...]:
 
 
 def current_slot() -> Slot | None:
-    return _current_slot.get()
+    """The slot the calling task runs in, if it is a service's background task."""
+    slot = _current_slot.get()
+    services = _inside.get()
+    if not services or (slot is not None and slot.run.service is services[-1]):
+        return slot
+    # Not a task of the innermost service's (a service run inside a task of another's
+    # sees that one's slot): unless it is the one task that its run's own task runs,
+    # which is not marked in the context (setting a context variable costs a copy of
+    # the task's context, for every service).
+    run = services[-1]._run
+    return run.inline if run is not None else None
 
 
 def current_run() -> Run | None:
@@ -146,6 +172,38 @@ async def sleep_until(run: Run | None, deadline: float) -> bool:
     return True
 
 
+async def idle_until(deadline: float) -> bool:
+    """Idle until ``deadline`` (backend clock) in a background task; False if it is released.
+
+    The one task of a service that has an owner, run in its run's own task (a timer's),
+    waits on its owner's timer wheel (:mod:`~anyservice._core._wheel`), which a release
+    wakes early; any other task sleeps, and a release cancels it as usual.
+    """
+    slot = current_slot()
+    wheel = _owner_wheel(slot.run) if slot is not None and slot is slot.run.inline else None
+    delay = deadline - anyio.current_time()
+    if wheel is None or delay <= 0:
+        await anyio.sleep(max(delay, 0.0))
+        return True
+    assert slot is not None  # a wheel is only found through a slot
+    if slot.released:
+        return False
+    woken = slot.waker = new_waiter(slot.run.service._loop)
+    wheel.wake_at(deadline, woken)
+    try:
+        await woken.wait()
+    finally:
+        slot.waker = None
+    return _woken_when_due(slot, wheel)
+
+
+def _woken_when_due(slot: Slot, wheel: Wheel) -> bool:
+    if slot.released:
+        wheel.woken_early()
+        return False
+    return True
+
+
 class InFlight:
     """``in_flight()``: work that a stop lets finish within the grace period."""
 
@@ -168,7 +226,7 @@ class InFlight:
                 and issubclass(exc_type, anyio.get_cancelled_exc_class())
                 and slot.name not in slot.run.cut_short
             ):
-                slot.run.cut_short.append(slot.name)
+                slot.run.cut_short += (slot.name,)
             if slot.released and not slot.in_flight:
                 slot.scope.cancel()
 
@@ -197,6 +255,7 @@ class Slot:
         "run",
         "scope",
         "task",
+        "waker",
     )
 
     def __init__(self, name: str, run: Run, *, idle_runs_user_code: bool = True) -> None:
@@ -205,12 +264,16 @@ class Slot:
         self.scope = anyio.CancelScope()
         self.in_flight = 0
         self.released = False
-        self.task: anyio.TaskInfo | None = None
+        #: The backend's task (see ``_backend.current_task``), for its stack.
+        self.task: object = None
         #: Set when the task reports ready, for a spec that makes the start wait for it.
         self.ready: anyio.Event | None = None
         #: False when, outside ``in_flight()``, the task runs only the library's code (a
         #: timer between ticks): cancelling it then cannot be observed.
         self.idle_runs_user_code = idle_runs_user_code
+        #: Set while the task idles on a timer wheel (see :func:`idle_until`): a release
+        #: sets it rather than cancelling the scope.
+        self.waker: Waiter | None = None
 
     @property
     def observable(self) -> bool:
@@ -221,7 +284,10 @@ class Slot:
         """The service is stopping: end now if idle, else when the in-flight work is done."""
         self.released = True
         if not self.in_flight:
-            self.scope.cancel()
+            if self.waker is not None:
+                self.waker.set()
+            else:
+                self.scope.cancel()
 
     def set_ready(self) -> None:
         if self.ready is not None:
@@ -305,11 +371,11 @@ class Started:
             await event.wait()
 
 
-class _Countdown:
-    """One ``task_status`` for dependencies started together: one wait for all of them.
+class Countdown:
+    """One ``task_status`` for services started together: one wait for all of them.
 
     Each run tells its ``task_status`` at most once (:class:`_Handover`), so counting the
-    calls counts the dependencies that are RUNNING (or whose start a stop cut short).
+    calls counts the services that are RUNNING (or whose start a stop cut short).
     """
 
     __slots__ = ("event", "remaining")
@@ -349,6 +415,7 @@ class Run:
     __slots__ = (
         "cut_short",
         "deferred",
+        "inline",
         "inside",
         "live_resources",
         "phase",
@@ -363,6 +430,7 @@ class Run:
         "stopping",
         "task",
         "task_group",
+        "wheel",
     )
 
     def __init__(self, service: Owner) -> None:
@@ -372,7 +440,7 @@ class Run:
         self.restarted = False
         # A start that runs none of the user's code never awaits: nothing to cut short.
         self.running_scope: anyio.CancelScope | None = (
-            anyio.CancelScope() if _start_is_observable(service) else None
+            anyio.CancelScope() if start_is_observable(service) else None
         )
         self.task_group: anyio.abc.TaskGroup | None = None
         #: Set once, by the first stop request: the one signal that serving should end.
@@ -384,8 +452,8 @@ class Run:
         self.slots: dict[Slot, None] = {}
         self.slots_done: anyio.Event | None = None
         self.started_dependencies: list[Owner] = []
-        self.cut_short: list[str] = []
-        self.task: anyio.TaskInfo | None = None
+        self.cut_short: tuple[str, ...] = ()
+        self.task: object = None
         self.inside: tuple[Owner, ...] = ()
         self.resources = Resources(self)
         #: The resources while they may still be added to: from the start until the tasks
@@ -394,6 +462,10 @@ class Run:
         #: The one background task that the run's own task runs once RUNNING, instead of
         #: a task of its own (see :meth:`_start_background`).
         self.deferred: BackgroundSpec | None = None
+        #: The slot of that task while the run's own task runs it.
+        self.inline: Slot | None = None
+        #: The timer wheel of the dependencies' timers, made when the first one idles.
+        self.wheel: Wheel | None = None
 
     # ------------------------------------------------------------ questions
 
@@ -435,6 +507,7 @@ class Run:
             or "on_stop" in service._overridden_hooks
             or "on_shutdown" in service._overridden_hooks
             or any(slot.observable for slot in self.slots)
+            or (self.inline is not None and self.inline.observable)
         )
 
     def stop_deadline(self) -> float:
@@ -448,22 +521,32 @@ class Run:
     async def execute(self, task_status: anyio.abc.TaskStatus[None], *, restart: bool) -> None:
         """Run start to stop in this task; ``restart``: it follows an earlier run.
 
+        One frame for the run's scopes (the task group and the services it runs inside),
+        not one per layer: a frame is held for as long as the service runs.
+
         Raises:
             BaseException: what crashed the run, as the task group raises it.
         """
         service = self.service
-        if restart and service._started_once:
-            # The one place restarts are counted, whoever asked for the restart.
-            service.restart_count += 1
-            self.restarted = True
-        service._run = self
-        service.crash_reason = None
-        service._pending_crash = None
-        service._set_state(ServiceState.STARTING)
-        service._log_lifecycle("starting")
-        handover = _Handover(task_status)
+        handover = self._begin(task_status, restart=restart)
+        token = _inside.set(self.inside)
         try:
-            await self._run_scoped(handover)
+            async with anyio.create_task_group() as task_group:
+                self.task_group = task_group
+                try:
+                    await self._start_and_serve(handover)
+                except BaseException as exc:
+                    if not only_cancellation(exc):
+                        self.note_crash()
+                    raise
+                finally:
+                    await self._stop_dependencies()
+                    if self.wheel is not None:
+                        # Every dependency was told to stop: none waits on it any more.
+                        self.wheel.close()
+                    # From here the task group only waits for its tasks: it takes no new
+                    # ones (trio's nursery refuses them), so a late crash() is kept aside.
+                    self.phase = RunPhase.CLOSED
             if service._pending_crash is not None:
                 raise service._pending_crash
         except BaseException as exc:
@@ -474,6 +557,29 @@ class Run:
             else:
                 service._record_crash(exc)
             raise
+        finally:
+            _inside.reset(token)
+        self._end(handover)
+
+    def _begin(self, task_status: anyio.abc.TaskStatus[None], *, restart: bool) -> _Handover:
+        service = self.service
+        if restart and service._started_once:
+            # The one place restarts are counted, whoever asked for the restart.
+            service.restart_count += 1
+            self.restarted = True
+        service._run = self
+        service.crash_reason = None
+        service._pending_crash = None
+        service._set_state(ServiceState.STARTING)
+        service._log_lifecycle("starting")
+        self.task = current_task()
+        owner = service._owner
+        owner_run = owner._run if owner is not None else None
+        self.inside = (*(owner_run.inside if owner_run is not None else _inside.get()), service)
+        return _Handover(task_status)
+
+    def _end(self, handover: _Handover) -> None:
+        service = self.service
         service._run = None
         # With no grace period at all, cancelling is the stop itself, not worth a warning.
         if self.hard_scope.cancelled_caught and (self.cut_short or service.shutdown_timeout > 0):
@@ -493,30 +599,6 @@ class Run:
         service._set_state(ServiceState.STOPPED)
         service._log_lifecycle(message)
 
-    async def _run_scoped(self, handover: _Handover) -> None:
-        service = self.service
-        self.task = anyio.get_current_task()
-        owner = service._owner
-        owner_run = owner._run if owner is not None else None
-        self.inside = (*(owner_run.inside if owner_run is not None else _inside.get()), service)
-        token = _inside.set(self.inside)
-        try:
-            async with anyio.create_task_group() as task_group:
-                self.task_group = task_group
-                try:
-                    await self._start_and_serve(handover)
-                except BaseException as exc:
-                    if not only_cancellation(exc):
-                        self.note_crash()
-                    raise
-                finally:
-                    await self._stop_dependencies()
-                    # From here the task group only waits for its tasks: it takes no new
-                    # ones (trio's nursery refuses them), so a late crash() is kept aside.
-                    self.phase = RunPhase.CLOSED
-        finally:
-            _inside.reset(token)
-
     async def _start_and_serve(self, handover: _Handover) -> None:
         async with self.resources as resources:
             self.live_resources = resources
@@ -526,7 +608,16 @@ class Run:
             self.running_scope = None
             deferred, self.deferred = self.deferred, None
             if deferred is not None:
-                await _serve_deferred(self, deferred)
+                # The one task, run here rather than in a frame of its own (see execute()).
+                slot = self.inline = _inline_slot(self, deferred)
+                try:
+                    with slot.scope:
+                        await deferred.run(self.service)
+                except Exception as exc:
+                    _inline_crashed(self, slot, exc)
+                finally:
+                    self.inline = None
+                    self.slot_ended(slot)
             if deferred is None or not self.stop_requested:
                 # An event rather than sleep_forever(): no timer to schedule per service.
                 await self.wait_stopping()
@@ -550,7 +641,7 @@ class Run:
         """Start, in the running scope; returns whether ``on_start`` completed."""
         service = self.service
         hooked = False
-        with self.running_scope or contextlib.nullcontext():
+        with self.running_scope or _NO_SCOPE:
             if self.restarted:
                 await self._call_hook("on_restart")
             await _start_dependencies(self, service._dependencies_to_start())
@@ -652,14 +743,10 @@ class Run:
         started = self.started_dependencies
         while started:
             dependency = started.pop()
-            dependency_run = dependency._run
-            if dependency_run is None:
+            if dependency._run is None:
                 continue
-            if dependency_run.stop_is_observable():
+            if not unwind_unobservable(dependency):
                 await dependency._stop()
-            else:
-                dependency._request_stop(deadline=False)
-                dependency_run.release_slots()
 
     # ------------------------------------------------------------ slots
 
@@ -686,7 +773,7 @@ class Run:
     ) -> None:
         _inside.set(self.inside)
         _current_slot.set(slot)
-        slot.task = anyio.get_current_task()
+        slot.task = current_task()
         try:
             with slot.scope:
                 await body(*args)
@@ -711,6 +798,8 @@ class Run:
     def release_slots(self) -> None:
         for slot in list(self.slots):
             slot.release()
+        if self.inline is not None:
+            self.inline.release()
 
     async def wait_slots_done(self) -> None:
         if self.slots:
@@ -719,17 +808,70 @@ class Run:
             await self.slots_done.wait()
 
 
-def _start_is_observable(service: Owner) -> bool:
+def _owner_wheel(run: Run) -> Wheel | None:
+    """The timer wheel of the run that owns ``run``, if it takes new tasks."""
+    owner = run.service._owner
+    owner_run = owner._run if owner is not None else None
+    if owner_run is None:
+        return None
+    wheel = owner_run.wheel
+    if wheel is None:
+        if not owner_run.takes_tasks:
+            return None
+        wheel = owner_run.wheel = Wheel()
+        assert owner_run.task_group is not None
+        owner_run.task_group.start_soon(wheel.run, name=f"{owner_run.service.name} (timer wheel)")
+    return None if wheel.closed else wheel
+
+
+def start_beside(service: Owner, body: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
+    """Run ``body()`` in the task group of ``service``'s run, in no slot of its own.
+
+    Unlike a background task, a stop does not end it (whoever starts it ends it); the stop
+    deadline, or a crash, cancels it with the rest. A supervisor runs its children so.
+
+    Raises:
+        RuntimeError: if the run's task group is closed, or not open yet.
+    """
+    run = service._run
+    if run is None or run.task_group is None or run.phase is RunPhase.CLOSED:
+        raise RuntimeError(f"{service.name}: its run takes no new tasks")
+    run.task_group.start_soon(body, name=f"{service.name}.{name}")
+
+
+def unwind_unobservable(service: Owner) -> bool:
+    """Tell ``service`` to stop if nothing of its stop can observe when; True if it was told.
+
+    Its tasks are released at once, so that none of them can begin work in flight; it
+    unwinds on its own, and whoever owns it waits for it later, together with the others.
+    """
+    run = service._run
+    if run is None or run.stop_is_observable():
+        return False
+    service._request_stop(deadline=False)
+    run.release_slots()
+    return True
+
+
+def start_is_observable(service: Owner) -> bool:
     """True if the start of ``service`` runs code of the user's, or waits for a task."""
-    return bool(
-        service._has_dependencies()
-        or service._contexts
-        or not _START_HOOKS.isdisjoint(service._overridden_hooks)
-        or any(spec.reports_ready for spec in service._background_specs)
+    return bool(service._has_dependencies() or service._contexts) or _class_start_is_observable(
+        type(service)
+    )
+
+
+@functools.cache
+def _class_start_is_observable(cls: Any) -> bool:
+    # What the class decides (hooks and specs, fixed when it is defined), asked once per
+    # class rather than twice per service started.
+    return not _START_HOOKS.isdisjoint(cls._overridden_hooks) or any(
+        spec.reports_ready for spec in cls._background_specs
     )
 
 
 _START_HOOKS = frozenset({"on_first_start", "on_restart", "on_start", "on_started"})
+#: What a start that cannot await runs in instead of a scope (reusable, unlike a scope).
+_NO_SCOPE = contextlib.nullcontext()
 
 
 def _serves_inline(service: Owner) -> bool:
@@ -759,11 +901,11 @@ async def _start_dependencies(run: Run, dependencies: Sequence[Owner]) -> None:
     before it is RUNNING yet: a run of such dependencies starts together, with one wait
     for all of them, before the next dependency that can tell.
     """
-    together = _Countdown()
+    together = Countdown()
     for dependency in dependencies:
-        if _start_is_observable(dependency):
+        if start_is_observable(dependency):
             await together.wait()
-            together = _Countdown()
+            together = Countdown()
             started = Started()
             _spawn_dependency(run, dependency, started)
             await started.wait()
@@ -785,28 +927,22 @@ def _spawn_dependency(run: Run, dependency: Owner, status: anyio.abc.TaskStatus[
     )
 
 
-async def _serve_deferred(run: Run, spec: BackgroundSpec) -> None:
-    """Run ``spec``'s one task in the run's own task, in a slot as any task is."""
+def _inline_slot(run: Run, spec: BackgroundSpec) -> Slot:
+    """The slot of ``spec``'s one task, which the run's own task runs (see _serves_inline)."""
     slot = Slot(spec.name, run, idle_runs_user_code=spec.idle_runs_user_code)
     slot.task = run.task
-    run.slots[slot] = None
+    # Not in run.slots (one entry there costs a dict table per service): the run's own
+    # task waits for no one by ending it, and the run releases it as run.inline.
     if run.stop_requested:
         slot.release()
-    token = _current_slot.set(slot)
-    error: Exception | None = None
-    try:
-        with slot.scope:
-            await spec.run(run.service)
-    except Exception as exc:
-        exc.add_note(f"anyservice: raised in {slot.name!r} of service {run.service.name!r}")
-        run.note_crash()
-        error = exc
-    finally:
-        _current_slot.reset(token)
-        run.slot_ended(slot)
-    if error is not None:
-        # Raised by a task of the group, as it would have been with a task of its own:
-        # the group is cancelled, the tree below unwinds within the deadline, and the
-        # error leaves the run in the same exception group.
-        assert run.task_group is not None
-        run.task_group.start_soon(_reraise, error, name=f"{run.service.name}.{slot.name}")
+    return slot
+
+
+def _inline_crashed(run: Run, slot: Slot, error: Exception) -> None:
+    error.add_note(f"anyservice: raised in {slot.name!r} of service {run.service.name!r}")
+    run.note_crash()
+    # Raised by a task of the group, as it would have been with a task of its own: the
+    # group is cancelled, the tree below unwinds within the deadline, and the error leaves
+    # the run in the same exception group.
+    assert run.task_group is not None
+    run.task_group.start_soon(_reraise, error, name=f"{run.service.name}.{slot.name}")

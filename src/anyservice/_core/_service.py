@@ -23,7 +23,7 @@ import anyio.lowlevel
 
 from .._checks import Seconds, check_delay, check_optional_seconds, check_seconds
 from .._schedule import TimerStats, check_interval
-from ._backend import current_loop
+from ._backend import current_loop, task_coroutine
 from ._compat import Compat
 from ._diag import coroutine_stack, format_tree
 from ._exceptions import first_real_error, is_logged, mark_logged, only_cancellation, real_leaves
@@ -677,7 +677,8 @@ async def _run_service(
         service._pending = Pending.NOTHING
         task_status.started()
         return
-    _check_resources_reusable(service)
+    if service._contexts:
+        _check_resources_reusable(service)
     owner = service._owner
     # A dependency runs in its owner's loop: only the root of a tree asks which it is.
     service._loop = owner._loop if owner is not None and owner._run is not None else current_loop()
@@ -879,11 +880,13 @@ def _tracebacks(service: Service) -> dict[str, str]:
     if run is None:
         return stacks
     if run.task is not None:
-        stacks[f"{service.name} (main)"] = "".join(coroutine_stack(run.task.coro).format())
-    for slot in list(run.slots):
+        stacks[f"{service.name} (main)"] = "".join(
+            coroutine_stack(task_coroutine(run.task)).format()
+        )
+    for slot in [*run.slots, *([run.inline] if run.inline is not None else [])]:
         if slot.task is not None:
             stacks[f"{service.name}.{slot.name}"] = "".join(
-                coroutine_stack(slot.task.coro).format()
+                coroutine_stack(task_coroutine(slot.task)).format()
             )
     for child in service.children():
         stacks.update(child.tracebacks())
