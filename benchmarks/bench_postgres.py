@@ -123,6 +123,9 @@ def _raw_loop(url: str, owner: str, runs: int) -> None:
                     "expires": at + LEASE,
                     "owner": owner,
                     "tasks": ["noop"],
+                    "unlimited": ["noop"],
+                    "limited": [],
+                    "caps": [],
                     "limit": LIMIT,
                     "channel": f"anyservice:{options.schema}",
                     "abandoned": "RunAbandonedError",
@@ -130,7 +133,7 @@ def _raw_loop(url: str, owner: str, runs: int) -> None:
                 },
                 prepare=True,
             ).fetchall()
-            claimed = [row[3:] for row in rows if row[3] is not None]
+            claimed = [row[4:] for row in rows if row[4] is not None]
             for row in claimed:
                 conn.execute(complete, (time.time(), row[1], owner, row[5]), prepare=True)
             if not claimed:

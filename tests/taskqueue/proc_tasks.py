@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,16 @@ def build(url: str, directory: Path) -> tuple[TaskQueue, dict[str, Task[Any, Any
         await anyio.sleep(seconds)
         return "done"
 
-    return queue, {"record": record, "hang_first": hang_first, "slow": slow}
+    @queue.task(concurrency=2)
+    async def limited(seconds: float) -> None:
+        """Take ``seconds``, then write when it ran: ``<start> <end> <pid>``."""
+        run_id, _ = this_run()
+        began = time.time()
+        await anyio.sleep(seconds)
+        span = f"{began!r} {time.time()!r} {os.getpid()}"
+        await anyio.Path(directory / f"{run_id}.span").write_text(span)
+
+    return queue, {"record": record, "hang_first": hang_first, "slow": slow, "limited": limited}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -275,6 +275,142 @@ async def test_submit_rejects_a_priority_that_is_no_32_bit_int(
         await broker.submit_many("say", [PAYLOAD], priority=priority)
 
 
+async def claim_limited(
+    broker: Broker, owner: str, limits: dict[str, int], *, limit: int = 10
+) -> list[str]:
+    claimed = await broker.claim(
+        owner, ["say", "add"], limit=limit, lease_seconds=LEASE, concurrency=limits
+    )
+    return [run.id for run in claimed]
+
+
+async def test_a_concurrency_limit_caps_the_runs_of_a_task_running_across_claimers(
+    broker: Broker,
+) -> None:
+    says = [(await broker.submit("say", PAYLOAD)).id for _ in range(4)]
+    add = await broker.submit("add", PAYLOAD)
+
+    assert await claim_limited(broker, "w1", {"say": 2}) == [*says[:2], add.id]
+    assert await claim_limited(broker, "w2", {"say": 2}) == []
+    running = await broker.get(says[0])
+    assert running is not None
+    assert await broker.complete("w1", says[0], running.attempts, "null")
+    assert await claim_limited(broker, "w2", {"say": 2}) == [says[2]]
+    # A claimer that knows no limit is not held to one.
+    assert await claim(broker, "w3") == [says[3]]
+
+
+async def test_a_task_at_its_limit_does_not_crowd_out_the_others(broker: Broker) -> None:
+    await broker.submit("say", PAYLOAD)
+    await claim_limited(broker, "w1", {"say": 1})
+    backlog = [(await broker.submit("say", PAYLOAD, priority=9)).id for _ in range(5)]
+    add = await broker.submit("add", PAYLOAD)
+    assert await claim_limited(broker, "w2", {"say": 1}, limit=1) == [add.id]
+    assert await claim_limited(broker, "w2", {"say": 3}, limit=1) == [backlog[0]]
+    assert await claim_limited(broker, "w2", {"say": 3}) == [backlog[1]]
+
+
+async def test_runs_whose_lease_expired_free_their_slot_and_are_claimed_within_it(
+    broker: Broker, clock: FakeClock
+) -> None:
+    says = [(await broker.submit("say", PAYLOAD)).id for _ in range(3)]
+    assert await claim_limited(broker, "w1", {"say": 2}) == says[:2]
+    clock.advance(LEASE)
+    # The two expired leases come first (claim order), then the limit stops the third.
+    assert await claim_limited(broker, "w2", {"say": 2}) == says[:2]
+    assert await claim_limited(broker, "w2", {"say": 3}) == [says[2]]
+
+
+async def test_claim_run_holds_a_run_to_its_tasks_concurrency_limit(
+    broker: Broker, clock: FakeClock
+) -> None:
+    first, second = [await broker.submit("say", PAYLOAD) for _ in range(2)]
+    limits = {"say": 1}
+    claimed = await broker.claim_run("w1", first.id, lease_seconds=LEASE, concurrency=limits)
+    assert claimed is not None
+    assert await broker.claim_run("w2", second.id, lease_seconds=LEASE, concurrency=limits) is None
+    assert await broker.claim_run("w2", second.id, lease_seconds=LEASE, concurrency={"add": 1})
+    clock.advance(LEASE)  # both leases expired: neither takes a slot
+    again = await broker.claim_run("w3", first.id, lease_seconds=LEASE, concurrency=limits)
+    assert again is not None
+    assert again.attempts == 2
+
+
+@pytest.mark.parametrize(
+    ("concurrency", "error", "match"),
+    [
+        ({"say": 0}, ValueError, r"concurrency\['say'\] must be an int >= 1, got 0"),
+        ({"say": 1.5}, TypeError, r"concurrency\['say'\] must be an int, got 1\.5"),
+        ({1: 2}, TypeError, "concurrency keys must be task names, got 1"),
+        ([("say", 1)], TypeError, "concurrency must map task names to their limit"),
+    ],
+)
+async def test_claim_rejects_bad_concurrency_limits(
+    broker: Broker, concurrency: Any, error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        await broker.claim("w1", ["say"], limit=1, lease_seconds=LEASE, concurrency=concurrency)
+
+
+async def test_wait_for_work_wakes_when_a_run_of_a_task_at_its_limit_finishes(
+    real_time_broker: Broker,
+) -> None:
+    broker = real_time_broker
+    first = await broker.submit("say", PAYLOAD)
+    await broker.submit("say", PAYLOAD)
+    (running,) = await broker.claim(
+        "w1", ["say"], limit=2, lease_seconds=LEASE, concurrency={"say": 1}
+    )
+    assert running.id == first.id
+    assert (
+        await broker.claim("w1", ["say"], limit=2, lease_seconds=LEASE, concurrency={"say": 1})
+        == []
+    )
+    woke = anyio.Event()
+
+    async def wait() -> None:
+        await broker.wait_for_work(timeout=3600)
+        woke.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(wait)
+        await anyio.sleep(0.05)
+        assert not woke.is_set()
+        assert await broker.complete("w1", first.id, running.attempts, "null")
+        with anyio.fail_after(5):
+            await woke.wait()
+
+
+async def test_concurrent_claimers_of_other_connections_never_exceed_a_limit(
+    broker_url: str,
+) -> None:
+    if broker_url == "memory://":
+        pytest.skip("a memory broker is one process's: nothing else claims from it")
+    brokers = [broker_from_url(broker_url) for _ in range(4)]
+    for each in brokers:
+        await each.open()
+    try:
+        await brokers[0].submit_many("say", [PAYLOAD] * 20)
+        claimed: list[RunRecord] = []
+
+        async def claim_from(each: Broker, owner: str) -> None:
+            for _ in range(5):
+                claimed.extend(
+                    await each.claim(
+                        owner, ["say"], limit=3, lease_seconds=LEASE, concurrency={"say": 2}
+                    )
+                )
+
+        async with anyio.create_task_group() as tg:
+            for number, each in enumerate(brokers):
+                tg.start_soon(claim_from, each, f"w{number}")
+        assert len(claimed) == 2
+        assert (await brokers[0].counts())[RunState.RUNNING] == 2
+    finally:
+        for each in brokers:
+            await each.close()
+
+
 async def test_claim_takes_at_most_limit_runs(broker: Broker) -> None:
     runs = [(await broker.submit("say", PAYLOAD)).id for _ in range(5)]
     assert await claim(broker, "w1", limit=2) == runs[:2]
@@ -611,6 +747,37 @@ async def test_failure_with_retries_left_is_retried_after_its_delay(
     assert (await claim_one(broker, "w2")).attempts == 2
 
 
+async def test_a_failure_may_give_its_retry_a_delay_of_its_own(
+    broker: Broker, clock: FakeClock
+) -> None:
+    run = await broker.submit("say", PAYLOAD, retries=2, retry_delay=10)
+    await claim_one(broker, "w1")
+    assert await broker.fail("w1", run.id, 1, BOOM, retry=True, retry_delay=2.5)
+    retried = await broker.get(run.id)
+    assert retried is not None
+    # The given delay, this once; the stored one is left for the next failure.
+    assert (retried.scheduled_at, retried.retry_delay) == (clock.now + 2.5, 10.0)
+    clock.advance(2.5)
+    await claim_one(broker, "w1")
+    assert await broker.fail("w1", run.id, 2, BOOM, retry=True, retry_delay=0)
+    retried = await broker.get(run.id)
+    assert retried is not None
+    assert (retried.state, retried.scheduled_at) == (RunState.SCHEDULED, clock.now)
+
+
+@pytest.mark.parametrize(
+    ("delay", "error"), [(-1.0, ValueError), (math.inf, ValueError), ([], TypeError)]
+)
+async def test_fail_rejects_a_bad_retry_delay(
+    broker: Broker, delay: Any, error: type[Exception]
+) -> None:
+    run = await broker.submit("say", PAYLOAD, retries=1)
+    await claim_one(broker, "w1")
+    with pytest.raises(error, match="retry_delay"):
+        await broker.fail("w1", run.id, 1, BOOM, retry=True, retry_delay=delay)
+    assert await state_of(broker, run.id) is RunState.RUNNING
+
+
 async def test_failure_with_no_retries_left_ends_failed(broker: Broker, clock: FakeClock) -> None:
     run = await broker.submit("say", PAYLOAD, retries=1)
     await claim_one(broker, "w1")
@@ -902,6 +1069,7 @@ steps = st.one_of(
         st.sampled_from(OWNERS),
         st.sampled_from([TASKS, TASKS[:1]]),
         st.integers(0, 3),
+        st.sampled_from([None, None, {"say": 1}, {"say": 2, "add": 1}]),
     ),
     st.tuples(
         st.just("heartbeat"),
@@ -914,6 +1082,7 @@ steps = st.one_of(
         st.sampled_from(OWNERS),
         st.integers(0, 9),
         STALENESS,
+        st.sampled_from([None, None, 0.0, 7.5]),
     ),
     st.tuples(
         st.just("complete_many"),
@@ -931,17 +1100,30 @@ class PureModel:
     def __init__(self) -> None:
         self.runs: list[RunRecord] = []
 
-    def claim(self, owner: str, tasks: tuple[str, ...], limit: int, now: float) -> list[str]:
+    def claim(
+        self,
+        owner: str,
+        tasks: tuple[str, ...],
+        limit: int,
+        now: float,
+        concurrency: dict[str, int] | None,
+    ) -> list[str]:
         for index, run in enumerate(self.runs):
             self.runs[index] = records.abandon(run, now) or run
         due = sorted(
             (i for i, run in enumerate(self.runs) if run.task in tasks),
             key=lambda i: records.claim_order(self.runs[i], i),
         )
-        due = [i for i in due if records.claimable(self.runs[i], now)][:limit]
-        for i in due:
-            self.runs[i] = records.claim(self.runs[i], owner, now, LEASE) or self.runs[i]
-        return [self.runs[i].id for i in due]
+        limits = {task: cap for task, cap in (concurrency or {}).items() if task in tasks}
+        free = records.free_slots(self.runs, limits, now)
+        picked = records.pick_claims(
+            (self.runs[i] for i in due if records.claimable(self.runs[i], now)), limit, free
+        )
+        position = {run.id: i for i, run in enumerate(self.runs)}
+        for run in picked.runs:
+            i = position[run.id]
+            self.runs[i] = records.claim(run, owner, now, LEASE) or run
+        return [run.id for run in picked.runs]
 
     def apply(self, index: int, changed: RunRecord | None) -> bool:
         if changed is not None:
@@ -988,9 +1170,12 @@ async def drive(url: str, script: list[tuple[Any, ...]]) -> None:
             elif kind == "advance":
                 clock.advance(args[0])
             elif kind == "claim":
-                owner, tasks, limit = args
-                claimed = await broker.claim(owner, tasks, limit=limit, lease_seconds=LEASE)
-                assert [run.id for run in claimed] == model.claim(owner, tasks, limit, clock.now)
+                owner, tasks, limit, concurrency = args
+                claimed = await broker.claim(
+                    owner, tasks, limit=limit, lease_seconds=LEASE, concurrency=concurrency
+                )
+                expected_ids = model.claim(owner, tasks, limit, clock.now, concurrency)
+                assert [run.id for run in claimed] == expected_ids, step
             elif not runs:
                 continue
             elif kind == "heartbeat":
@@ -1036,9 +1221,13 @@ async def drive(url: str, script: list[tuple[Any, ...]]) -> None:
                     done = await broker.release(owner, run.id, attempt)
                     changed = records.release(run, owner, attempt)
                 else:
-                    retry = kind == "retry"
-                    done = await broker.fail(owner, run.id, attempt, BOOM, retry=retry)
-                    changed = records.fail(run, owner, attempt, BOOM, clock.now, retry=retry)
+                    retry, delay = kind == "retry", args[3]
+                    done = await broker.fail(
+                        owner, run.id, attempt, BOOM, retry=retry, retry_delay=delay
+                    )
+                    changed = records.fail(
+                        run, owner, attempt, BOOM, clock.now, retry=retry, retry_delay=delay
+                    )
                 assert done == model.apply(i, changed), step
             for expected in runs:
                 assert await broker.get(expected.id) == expected, step

@@ -233,19 +233,21 @@ def test_complete_keeps_the_result_and_drops_the_lease(run: RunRecord, now: floa
     )
 
 
-@given(run_records(RunState.RUNNING), times, st.booleans())
+@given(run_records(RunState.RUNNING), times, st.booleans(), st.none() | st.floats(0.0, 50.0))
 def test_fail_retries_while_retries_are_left_and_asked_for(
-    run: RunRecord, now: float, retry: bool
+    run: RunRecord, now: float, retry: bool, delay: float | None
 ) -> None:
     assert run.lease_owner is not None
-    failed = records.fail(run, run.lease_owner, run.attempts, BOOM, now, retry=retry)
+    failed = records.fail(
+        run, run.lease_owner, run.attempts, BOOM, now, retry=retry, retry_delay=delay
+    )
     unleased = replace(run, lease_owner=None, lease_expires_at=None, error=BOOM)
     if retry and run.retries_left > 0:
         assert failed == replace(
             unleased,
             state=RunState.SCHEDULED,
             retries_left=run.retries_left - 1,
-            scheduled_at=now + run.retry_delay,
+            scheduled_at=now + (run.retry_delay if delay is None else delay),
             started_at=None,
         )
     else:

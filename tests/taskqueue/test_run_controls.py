@@ -9,12 +9,14 @@ one SQLite file or one PostgreSQL schema. (A RUNNING run cancelled on another pr
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 from collections.abc import AsyncIterator
 
 import anyio
 import anyio.from_thread
 import pytest
 
+from anyservice import Backoff
 from anyservice.taskqueue import (
     MemoryBroker,
     RunState,
@@ -280,6 +282,67 @@ def test_priority_options_are_checked() -> None:
 
 
 @pytest.mark.virtual_time
+async def test_workers_run_no_more_of_a_task_at_once_than_its_concurrency(
+    queue: TaskQueue,
+) -> None:
+    running: list[str] = []
+    peak: list[int] = []
+    started: dict[str, float] = {}
+
+    @queue.task(concurrency=2)
+    async def crunch(label: str) -> None:
+        running.append(label)
+        peak.append(len(running))
+        started[label] = anyio.current_time()
+        await anyio.sleep(10)
+        running.remove(label)
+
+    @queue.task
+    async def quick(label: str) -> None:
+        started[label] = anyio.current_time()
+
+    assert crunch.concurrency == 2
+    assert quick.concurrency is None
+    now = anyio.current_time()
+    async with TaskWorker(crunch, quick, limit=10), TaskWorker(crunch, quick, limit=10):
+        runs = await crunch.map([f"c{number}" for number in range(5)])
+        runs.append(await quick.delay("quick"))
+        for run in runs:
+            await run.wait(timeout=120)
+    assert max(peak) == 2
+    # The other task is not held up, and a slot is taken again as soon as it is freed.
+    assert started["quick"] - now < 1
+    expected = [0, 0, 10, 10, 20]
+    for number, due in enumerate(expected):
+        assert due <= started[f"c{number}"] - now < due + 0.1
+
+
+@pytest.mark.virtual_time
+async def test_execute_task_run_is_held_to_the_tasks_concurrency_too(queue: TaskQueue) -> None:
+    @queue.task(concurrency=1)
+    async def crunch() -> str:
+        return "done"
+
+    first, second = await crunch.delay(), await crunch.delay()
+    (elsewhere,) = await queue.broker.claim("elsewhere", ["crunch"], limit=1, lease_seconds=60)
+    assert elsewhere.id == first.id
+    async with TaskWorker(crunch, limit=1) as worker:
+        # Due and unclaimed, but the one slot is taken elsewhere.
+        assert await second.refresh() is RunState.SCHEDULED
+        assert not await worker.execute_task_run(second)
+        assert await queue.broker.complete("elsewhere", first.id, 1, '"done"')
+        assert await second.result(timeout=5) == "done"
+
+
+def test_concurrency_must_be_a_count_of_at_least_one() -> None:
+    queue = TaskQueue("memory://")
+    with pytest.raises(ValueError, match=r"@queue.task concurrency must be an int >= 1, got 0"):
+        queue.task(concurrency=0)
+    with pytest.raises(TypeError, match=r"@queue.task concurrency must be an int, got 2\.0"):
+        queue.task(concurrency=2.0)  # type: ignore[call-overload]
+
+
+@pytest.mark.virtual_time
 async def test_cancelling_a_running_run_cancels_its_body_within_a_heartbeat(
     queue: TaskQueue,
 ) -> None:
@@ -395,6 +458,60 @@ async def test_retry_on_retries_only_the_exceptions_named(queue: TaskQueue) -> N
     assert calls.count("input") == 1  # not retried
     assert fetch.should_retry(TimeoutError())
     assert not fetch.should_retry(KeyError())
+
+
+@pytest.mark.virtual_time
+async def test_a_backoff_retry_delay_grows_with_each_retry_up_to_its_cap(
+    queue: TaskQueue,
+) -> None:
+    began: list[float] = []
+
+    @queue.task(retries=4, retry_delay=Backoff(initial=1, factor=2, maximum=3))
+    async def flaky() -> None:
+        began.append(anyio.current_time())
+        raise ConnectionError("down")
+
+    assert flaky.stored_retry_delay == 1.0
+    async with TaskWorker(flaky):
+        run = await flaky.delay()
+        assert await run.wait(timeout=60) is RunState.FAILED
+    assert run.record.retry_delay == 1.0
+    waits = [later - earlier for earlier, later in itertools.pairwise(began)]
+    for wait, delay in zip(waits, [1, 2, 3, 3], strict=True):
+        assert delay <= wait < delay + 0.1
+
+
+@pytest.mark.virtual_time
+async def test_a_jittered_backoff_with_retry_on_retries_only_those_and_each_sooner(
+    queue: TaskQueue,
+) -> None:
+    began: dict[str, list[float]] = {"network": [], "input": []}
+
+    @queue.task(
+        retries=3, retry_delay=Backoff(initial=8, maximum=8, jitter=0.5), retry_on=ConnectionError
+    )
+    async def fetch(problem: str) -> None:
+        began[problem].append(anyio.current_time())
+        raise ConnectionError("down") if problem == "network" else ValueError("bad input")
+
+    async with TaskWorker(fetch):
+        network = await fetch.delay("network")
+        bad = await fetch.delay("input")
+        assert await network.wait(timeout=120) is RunState.FAILED
+        assert await bad.wait(timeout=120) is RunState.FAILED
+    assert len(began["input"]) == 1  # not retried, backoff or not
+    waits = [later - earlier for earlier, later in itertools.pairwise(began["network"])]
+    assert len(waits) == 3
+    # Jitter takes up to half of each 8 s delay off, drawn anew at each failure.
+    assert all(4 <= wait < 8.1 for wait in waits), waits
+
+
+def test_a_retry_delay_is_seconds_or_a_backoff() -> None:
+    queue = TaskQueue("memory://")
+    with pytest.raises(TypeError, match=r"@queue.task retry_delay must be"):
+        queue.task(retry_delay=[1, 2])  # type: ignore[call-overload]
+    with pytest.raises(ValueError, match=r"@queue.task retry_delay must be"):
+        queue.task(retry_delay=-1)
 
 
 def test_retry_on_must_name_exception_types() -> None:

@@ -812,10 +812,18 @@ class ClaimCountingBroker(SqliteBroker):
     claims = 0
 
     async def claim(
-        self, owner: str, tasks: Collection[str], *, limit: int, lease_seconds: float
+        self,
+        owner: str,
+        tasks: Collection[str],
+        *,
+        limit: int,
+        lease_seconds: float,
+        concurrency: Mapping[str, int] | None = None,
     ) -> list[RunRecord]:
         self.claims += 1
-        return await super().claim(owner, tasks, limit=limit, lease_seconds=lease_seconds)
+        return await super().claim(
+            owner, tasks, limit=limit, lease_seconds=lease_seconds, concurrency=concurrency
+        )
 
 
 async def test_a_locked_database_never_crashes_the_worker(

@@ -249,6 +249,32 @@ async def test_two_processes_complete_2000_runs_exactly_once(setup: Setup) -> No
     assert os.getpid() not in ran_by
 
 
+async def test_two_processes_never_run_more_of_a_task_than_its_concurrency(setup: Setup) -> None:
+    limited = setup.tasks["limited"]
+    assert limited.concurrency == 2
+    async with setup.worker() as first, setup.worker() as second:
+        await first.wait_until_serving()
+        await second.wait_until_serving()
+        runs = await limited.map([0.05] * 50)
+        for run in runs:
+            await run.wait(timeout=PROMPTLY)
+        for worker in (first, second):
+            worker.process.terminate()
+            assert await worker.exit_code() == 0, worker.output()
+
+    assert {run.state for run in runs} == {RunState.COMPLETED}
+    spans = [(setup.dir / f"{run.id}.span").read_text().split() for run in runs]
+    # Every start and end, in time order; an end before a start at the same instant.
+    events = sorted(
+        [(float(start), 1) for start, _, _ in spans] + [(float(end), -1) for _, end, _ in spans]
+    )
+    running = peak = 0
+    for _, change in events:
+        running += change
+        peak = max(peak, running)
+    assert peak == 2, spans
+
+
 def _completed_rows(url: str) -> dict[str, str]:
     """The results committed so far, read as another process would read them."""
     query = "SELECT id, result FROM anyservice_runs WHERE state = 'COMPLETED'"

@@ -47,6 +47,8 @@ class Outcome:
     error: RunError | None = None
     exception: BaseException | None = None
     retry: bool = False
+    #: Seconds until the retry is due, drawn when the attempt failed (``None``: the run's).
+    retry_delay: float | None = None
     #: A user asked for the run to be cancelled and its body was stopped.
     cancelled: bool = False
 
@@ -262,6 +264,8 @@ async def _attempt(
                 outcome = Outcome.failure(exc, retry=False)
     if entry.cancelled and not entry.lost:
         return Outcome(cancelled=True)
+    if outcome is not None and outcome.retry:
+        outcome.retry_delay = task.delay_before_retry(record)
     return None if entry.lost else outcome
 
 

@@ -15,6 +15,7 @@ import inspect
 import os
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Generic, ParamSpec, Protocol, Self, TypeVar, cast, overload
 
@@ -27,9 +28,11 @@ from .._checks import (
     Seconds,
     check_clock_reading,
     check_count,
+    check_optional_count,
     check_optional_seconds,
     check_seconds,
 )
+from .._restart import Backoff
 from .._tracing import otel
 from ._errors import TaskRunFailed, TaskRunNotFound, TaskRunTimeout
 from ._records import DEFAULT_MAX_ATTEMPTS, RunError, RunRecord, RunState
@@ -128,6 +131,14 @@ def _task_name(function: object, options: _TaskOptions) -> str:
     if not isinstance(name, str) or not name:
         raise ValueError(f"@queue.task: {function!r} has no __name__; pass name=")
     return name
+
+
+def _task_class(function: Callable[..., Any]) -> type[Task[Any, Any]]:
+    """The kind of task ``function`` makes: async, or sync (run in a worker thread)."""
+    is_async = inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
+        getattr(function, "__call__", None)  # noqa: B004  # an object with async __call__
+    )
+    return AsyncTask if is_async else SyncTask
 
 
 class TaskQueue:
@@ -229,13 +240,14 @@ class TaskQueue:
         *,
         name: str | None = None,
         retries: int = 0,
-        retry_delay: Seconds = 0.0,
+        retry_delay: Seconds | Backoff = 0.0,
         timeout: Seconds | None = None,
         schedule: object = None,
         missed: MissedTicks | str = MissedTicks.SKIP,
         overlap: bool = False,
         retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
         priority: int = 0,
+        concurrency: int | None = None,
     ) -> TaskDecorator: ...
 
     def task(
@@ -245,13 +257,14 @@ class TaskQueue:
         *,
         name: str | None = None,
         retries: int = 0,
-        retry_delay: Seconds = 0.0,
+        retry_delay: Seconds | Backoff = 0.0,
         timeout: Seconds | None = None,
         schedule: object = None,
         missed: MissedTicks | str = MissedTicks.SKIP,
         overlap: bool = False,
         retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
         priority: int = 0,
+        concurrency: int | None = None,
     ) -> Task[Any, Any] | TaskDecorator:
         """Define a task: ``@queue.task`` or ``@queue.task(name=, retries=, ...)``.
 
@@ -262,31 +275,31 @@ class TaskQueue:
                 Submitters and workers must agree on it, and it is unique per queue.
             retries: How many times a failed run (an exception or a timeout) is run
                 again before it ends FAILED.
-            retry_delay: Seconds between a failure and the retry.
-            timeout: Seconds one attempt may take; then it fails with
-                ``TaskTimeoutError``. An async task is cancelled; a sync task's thread
-                cannot be, so it is left to finish and its result is discarded.
+            retry_delay: Seconds between a failure and the retry, or a ``Backoff``
+                (exponential, capped, jittered; the worker draws each retry's delay).
+            timeout: Seconds one attempt may take; then it fails with ``TaskTimeoutError``
+                (a sync task's thread, which cannot be cancelled, finishes unheeded).
             schedule, missed, overlap: Run the task (without arguments) on this
                 schedule, as :meth:`schedule` does, under the task's name.
             retry_on: Retry only these exception types (a type or a tuple; a timeout is
                 ``TaskTimeoutError``); any exception by default.
-            priority: The runs' priority unless ``apply_async(priority=)`` gives one:
-                among due runs, workers claim higher ones first (then the earliest due,
-                then the earliest submitted). Any int within 32 bits; 0 by default.
+            priority: Among due runs, higher is claimed first (``apply_async`` overrides).
+            concurrency: At most this many runs RUNNING at once across the cluster,
+                enforced by the claim (``None``: no limit).
 
         Raises:
             TypeError: ``function`` is not a plain or async function (a generator, a
                 task already), or an option has the wrong type.
             ValueError: an option is out of range, or the name is already taken.
         """
-        options = _TaskOptions.check(name, retries, retry_delay, timeout, priority)
+        options = _TaskOptions.check(
+            name, retries, retry_delay, timeout, priority, concurrency, retry_on
+        )
         grid = None if schedule is None else grid_from(schedule)
         policy = check_missed(missed)
-        retried = _check_retry_on(retry_on)
 
         def decorate(function: Callable[..., Any]) -> Task[Any, Any]:
             task = self._define(function, options)
-            task.retry_on = retried
             if grid is not None:
                 self.schedule(task, grid, missed=policy, overlap=overlap)
             return task
@@ -302,11 +315,7 @@ class TaskQueue:
                 f"task name {name!r} is already taken on this queue by "
                 f"{self._tasks[name].function!r}; pass a different name="
             )
-        is_async = inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
-            getattr(function, "__call__", None)  # noqa: B004  # an object with async __call__
-        )
-        kind: type[Task[Any, Any]] = AsyncTask if is_async else SyncTask
-        task = kind(self, function, name, options)
+        task = _task_class(function)(self, function, name, options)
         self._tasks[name] = task
         return task
 
@@ -545,36 +554,45 @@ def _check_retry_on(value: object) -> tuple[type[BaseException], ...] | None:
     return types
 
 
+@dataclass(frozen=True, slots=True)
 class _TaskOptions:
-    __slots__ = ("name", "priority", "retries", "retry_delay", "timeout")
+    """A task's checked options, as ``@queue.task`` was given them."""
 
-    def __init__(
-        self,
-        name: str | None,
-        retries: int,
-        retry_delay: float,
-        timeout: float | None,
-        priority: int,
-    ) -> None:
-        self.name = name
-        self.retries = retries
-        self.retry_delay = retry_delay
-        self.timeout = timeout
-        self.priority = priority
+    name: str | None
+    retries: int
+    retry_delay: float | Backoff
+    timeout: float | None
+    priority: int
+    concurrency: int | None
+    retry_on: tuple[type[BaseException], ...] | None
 
     @classmethod
     def check(
-        cls, name: object, retries: object, retry_delay: object, timeout: object, priority: object
+        cls,
+        name: object,
+        retries: object,
+        retry_delay: object,
+        timeout: object,
+        priority: object,
+        concurrency: object,
+        retry_on: object,
     ) -> _TaskOptions:
         if name is not None and not isinstance(name, str):
             raise TypeError(f"@queue.task name must be a str, got {name!r}")
         if name == "":
             raise ValueError("@queue.task name must not be empty")
-        # One attempt more than the retries must still be a count the brokers store.
-        count = check_count(retries, "@queue.task retries", maximum=MAX_COUNT - 1)
-        delay = check_seconds(retry_delay, "@queue.task retry_delay", allow_zero=True)
-        limit = check_optional_seconds(timeout, "@queue.task timeout")
-        return cls(name, count, delay, limit, check_priority(priority, "@queue.task priority"))
+        return cls(
+            name,
+            # One attempt more than the retries must still be a count the brokers store.
+            check_count(retries, "@queue.task retries", maximum=MAX_COUNT - 1),
+            retry_delay
+            if isinstance(retry_delay, Backoff)
+            else check_seconds(retry_delay, "@queue.task retry_delay", allow_zero=True),
+            check_optional_seconds(timeout, "@queue.task timeout"),
+            check_priority(priority, "@queue.task priority"),
+            check_optional_count(concurrency, "@queue.task concurrency", minimum=1),
+            _check_retry_on(retry_on),
+        )
 
 
 def _trace_context() -> str | None:
@@ -586,12 +604,14 @@ class Task(Generic[P, R]):
     """A function that workers run: ``await task.delay(...)`` stores a run of it.
 
     Made by ``@queue.task``. Attributes: ``name``, ``function``, ``queue``, ``retries``,
-    ``retry_delay``, ``retry_on``, ``timeout``, ``priority``, ``is_async``.
+    ``retry_delay``, ``retry_on``, ``timeout``, ``priority``, ``concurrency``, ``is_async``.
     """
 
     is_async: bool = False
+    #: The most runs of the task RUNNING at once across the cluster; ``None``: no limit.
+    concurrency: int | None
     #: The exception types a failure is retried for; ``None``: any.
-    retry_on: tuple[type[BaseException], ...] | None = None
+    retry_on: tuple[type[BaseException], ...] | None
     # Copied from the function, as functools.wraps does.
     __name__: str
     __qualname__: str
@@ -613,6 +633,8 @@ class Task(Generic[P, R]):
         self.retry_delay = options.retry_delay
         self.timeout = options.timeout
         self.priority = options.priority
+        self.concurrency = options.concurrency
+        self.retry_on = options.retry_on
         try:
             self.signature: inspect.Signature | None = inspect.signature(function)
         except (TypeError, ValueError):  # some builtins and C callables have none
@@ -624,6 +646,26 @@ class Task(Generic[P, R]):
     def should_retry(self, exc: BaseException) -> bool:
         """Whether a failure with ``exc`` may be retried (see ``retry_on``)."""
         return self.retry_on is None or isinstance(exc, self.retry_on)
+
+    @property
+    def stored_retry_delay(self) -> float:
+        """The ``retry_delay`` stored with each run: the seconds, or a ``Backoff``'s
+        first delay (what a retry waits when its worker gives no delay of its own)."""
+        delay = self.retry_delay
+        return delay.initial if isinstance(delay, Backoff) else delay
+
+    def delay_before_retry(self, record: RunRecord) -> float:
+        """Seconds until the retry of ``record``'s failed attempt is due.
+
+        A fixed ``retry_delay`` is the same each time; a ``Backoff`` grows with each
+        retry of the series (the first retry is its first delay), jittered anew.
+        """
+        delay = self.retry_delay
+        if not isinstance(delay, Backoff):
+            return delay
+        # Retries the series has had before this one; the task's retries are its budget.
+        done = max(self.retries - record.retries_left, 0)
+        return delay.delay(done + 1)
 
     def encode(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         """The JSON payload of a run with these arguments.
@@ -646,7 +688,7 @@ class Task(Generic[P, R]):
         """
         return {
             "retries": self.retries,
-            "retry_delay": self.retry_delay,
+            "retry_delay": self.stored_retry_delay,
             "timeout": self.timeout,
             "max_attempts": max(self.queue.max_attempts, self.retries + 1),
             "priority": self.priority,

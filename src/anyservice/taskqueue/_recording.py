@@ -274,7 +274,12 @@ class Recorder:
                 assert outcome.result is not None
                 return await self._completions.complete(record.id, entry.attempt, outcome.result)
             return await broker.fail(
-                self._owner, record.id, entry.attempt, outcome.error, retry=outcome.retry
+                self._owner,
+                record.id,
+                entry.attempt,
+                outcome.error,
+                retry=outcome.retry,
+                retry_delay=outcome.retry_delay,
             )
 
         stored = await self._while_held(entry, store)
@@ -318,7 +323,7 @@ class Recorder:
                 entry.describe(),
                 outcome.error.type,
                 outcome.error.message,
-                record.retry_delay,
+                record.retry_delay if outcome.retry_delay is None else outcome.retry_delay,
                 left,
                 "y" if left == 1 else "ies",
                 extra=stats.extra(record),

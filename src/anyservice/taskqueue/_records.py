@@ -29,6 +29,7 @@ from __future__ import annotations
 import enum
 import json
 import traceback as traceback_module
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -38,6 +39,7 @@ __all__ = [
     "DEFAULT_MAX_ATTEMPTS",
     "FINISHED_STATES",
     "PayloadError",
+    "Picked",
     "RunError",
     "RunRecord",
     "RunState",
@@ -51,10 +53,13 @@ __all__ = [
     "describe_stored",
     "due_at",
     "fail",
+    "free_slots",
     "held",
     "new_run",
+    "pick_claims",
     "release",
     "renew",
+    "takes_a_slot",
 ]
 
 DEFAULT_MAX_ATTEMPTS = 5
@@ -294,6 +299,66 @@ def claim_order(run: RunRecord, sequence: int) -> tuple[int, float, int]:
     return (-run.priority, run.scheduled_at, sequence)
 
 
+def takes_a_slot(run: RunRecord, now: float) -> bool:
+    """Whether ``run`` counts against its task's concurrency limit at ``now``: it is
+    RUNNING under a live lease. A run whose lease expired is not (its worker is gone)."""
+    return run.state is RunState.RUNNING and not _lease_expired(run, now)
+
+
+def free_slots(
+    runs: Iterable[RunRecord], concurrency: Mapping[str, int], now: float
+) -> dict[str, int]:
+    """How many more runs of each limited task may be claimed at ``now``.
+
+    ``concurrency`` maps task names to their limit; ``runs`` is every stored run (or at
+    least every RUNNING one).
+    """
+    free = dict(concurrency)
+    for run in runs:
+        if run.task in free and takes_a_slot(run, now):
+            free[run.task] -= 1
+    return {task: max(slots, 0) for task, slots in free.items()}
+
+
+@dataclass
+class Picked:
+    """What one claim takes of the due runs (see :func:`pick_claims`).
+
+    Attributes:
+        runs: The runs to claim, in claim order.
+        left_over: Due runs were left for the next claim because of its ``limit``.
+        held_back: Due runs were left because their task's concurrency limit is reached:
+            a slot frees when a run of it finishes (or its lease expires).
+    """
+
+    runs: list[RunRecord]
+    left_over: bool = False
+    held_back: bool = False
+
+
+def pick_claims(due: Iterable[RunRecord], limit: int, free: Mapping[str, int]) -> Picked:
+    """Choose the runs a claim takes from ``due`` (claimable runs, in claim order).
+
+    At most ``limit`` runs, and of a task in ``free`` (limited tasks: their free slots, as
+    :func:`free_slots` gives) at most that many: a run of a full task is passed over, not
+    claimed, and the runs after it still are.
+    """
+    slots = dict(free)
+    picked = Picked([])
+    for run in due:
+        left = slots.get(run.task)
+        if left is not None and left <= 0:
+            picked.held_back = True
+            continue
+        if len(picked.runs) == limit:
+            picked.left_over = True
+            break
+        picked.runs.append(run)
+        if left is not None:
+            slots[run.task] = left - 1
+    return picked
+
+
 def due_at(run: RunRecord) -> float | None:
     """When ``run`` may next become claimable (or abandoned), if ever."""
     if run.state is RunState.SCHEDULED:
@@ -368,22 +433,31 @@ def complete(run: RunRecord, owner: str, attempt: int, result: str, now: float) 
 
 
 def fail(
-    run: RunRecord, owner: str, attempt: int, error: RunError, now: float, *, retry: bool
+    run: RunRecord,
+    owner: str,
+    attempt: int,
+    error: RunError,
+    now: float,
+    *,
+    retry: bool,
+    retry_delay: float | None = None,
 ) -> RunRecord | None:
     """Record a failed attempt; fenced.
 
     With ``retry`` and retries left the run is SCHEDULED again, due ``retry_delay``
-    seconds from ``now``, with one retry fewer; otherwise it ends FAILED. The error is
-    kept either way.
+    seconds from ``now`` (the run's stored ``retry_delay`` unless the caller, which may
+    back off further at each retry, gives one), with one retry fewer; otherwise it ends
+    FAILED. The error is kept either way.
     """
     if not held(run, owner, attempt):
         return None
     if retry and run.retries_left > 0:
+        delay = run.retry_delay if retry_delay is None else retry_delay
         run = replace(
             run,
             state=RunState.SCHEDULED,
             retries_left=run.retries_left - 1,
-            scheduled_at=now + run.retry_delay,
+            scheduled_at=now + delay,
             started_at=None,
         )
     else:

@@ -46,7 +46,7 @@ class ScheduledTask(Protocol):
     def retries(self) -> int: ...
 
     @property
-    def retry_delay(self) -> float: ...
+    def stored_retry_delay(self) -> float: ...
 
     @property
     def timeout(self) -> float | None: ...
@@ -151,7 +151,7 @@ async def _store(
         schedule.payload,
         overlap=overlap,
         retries=task.retries,
-        retry_delay=task.retry_delay,
+        retry_delay=task.stored_retry_delay,
         timeout=task.timeout,
         max_attempts=max(task.queue.max_attempts, task.retries + 1),
         priority=task.priority,

@@ -173,6 +173,14 @@ async def _purge_now_and_then(queue: TaskQueue, stats: WorkerStats) -> None:
         await anyio.sleep(_PURGE_EVERY)
 
 
+def _claim_options(worker: TaskWorker) -> dict[str, Any]:
+    """What goes with every claim: the lease, and the tasks' concurrency limits (the broker
+    counts their RUNNING runs across the cluster)."""
+    tasks = worker.tasks.items()
+    limits = {name: task.concurrency for name, task in tasks if task.concurrency}
+    return {"lease_seconds": worker.lease_seconds, "concurrency": limits}
+
+
 class TaskWorker(Service, overrides=("run",)):
     """Runs the task runs that other code submits (Prefect's ``TaskWorker``, durably).
 
@@ -348,7 +356,8 @@ class TaskWorker(Service, overrides=("run",)):
         """Claim this one run and execute it here, now (Prefect's ``execute_task_run``).
 
         Returns once its outcome is recorded: ``True`` if this worker claimed and ran it,
-        ``False`` if it was not claimable (not due yet, claimed elsewhere, finished).
+        ``False`` if it was not claimable (not due, claimed elsewhere, finished, at its
+        task's ``concurrency``).
 
         Raises:
             RuntimeError: the worker is not running.
@@ -366,7 +375,7 @@ class TaskWorker(Service, overrides=("run",)):
                 f"{self.name}: run {run_id} is of task {found.task!r}, which this worker "
                 f"does not serve ({', '.join(sorted(self.tasks))})"
             )
-        record = await broker.claim_run(self.client_id, run_id, lease_seconds=self.lease_seconds)
+        record = await broker.claim_run(self.client_id, run_id, **_claim_options(self))
         if record is None:
             return False
         # Asked for before the first checkpoint, so before a runner can be done with it.
@@ -463,8 +472,9 @@ class TaskWorker(Service, overrides=("run",)):
         """
         with anyio.move_on_after(HAND_BACK_BUDGET, shield=True):
             try:
+                options = _claim_options(self)
                 claimed = await self.queue.broker.claim(
-                    self.client_id, names, limit=wanted, lease_seconds=self.lease_seconds
+                    self.client_id, names, limit=wanted, **options
                 )
             except BrokerError as exc:
                 self._stats.broker_failed(exc, "claiming runs")

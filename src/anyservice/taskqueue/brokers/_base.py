@@ -32,20 +32,25 @@ each applying the transitions of ``taskqueue/_records.py`` to the stored records
 * ``_insert(run)``: store a new record, built by the base class with ``new_run``;
   optionally ``_insert_many(runs)``, all or none atomically (by default it calls
   ``_insert`` for each, which is atomic only for a storage whose calls cannot fail).
-* ``_claim(owner, tasks, limit, lease_seconds) -> Claimed``: first ``abandon`` every
-  abandoned run (of any task), then ``claim`` up to ``limit`` claimable runs of ``tasks``,
-  in ``claim_order`` (higher ``priority`` first, then ``scheduled_at``, then submission
-  order), all in one atomic step, reading
-  ``now`` from the clock inside it; report whether any run was finished on the way and
-  when the next run becomes claimable (``now`` if ``limit`` left due runs behind).
-* ``_claim_run(owner, id, lease_seconds) -> RunRecord | None``: ``claim`` that one run
-  if it is claimable, atomically (for a worker told to run a given run).
+* ``_claim(owner, tasks, limit, lease_seconds, concurrency) -> Claimed``: first
+  ``abandon`` every abandoned run (of any task), then ``claim`` up to ``limit`` claimable
+  runs of ``tasks``, in ``claim_order`` (higher ``priority`` first, then ``scheduled_at``,
+  then submission order), taking of a task named in ``concurrency`` (``{task: limit}``)
+  no more than its limit minus its runs that ``takes_a_slot`` (``pick_claims``), all in
+  one atomic step that no other claim can interleave with, reading ``now`` from the clock
+  inside it; report whether any run was finished on the way, when the next run becomes
+  claimable (``now`` if ``limit`` left due runs behind), and whether a concurrency limit
+  held due runs back.
+* ``_claim_run(owner, id, lease_seconds, concurrency) -> RunRecord | None``: ``claim``
+  that one run if it is claimable and its task (if named in ``concurrency``) has a free
+  slot, atomically (for a worker told to run a given run).
 * ``_heartbeat(owner, leases, lease_seconds) -> set[str]`` (``renew``; ``leases`` maps
   distinct run ids to their attempt), ``_complete(owner, id, attempt, result) -> bool``,
-  ``_fail(owner, id, attempt, error, retry) -> RunState | None`` (the state the run went
-  to), ``_release(owner, id, attempt) -> bool``: each fenced by ``(id, attempt, owner)``:
-  it changes the run only while the run is RUNNING under that claim (``lease_owner ==
-  owner`` and ``attempts == attempt``), atomically with that check.
+  ``_fail(owner, id, attempt, error, retry, retry_delay) -> RunState | None`` (the state
+  the run went to; ``retry_delay`` ``None`` means the run's own), ``_release(owner, id,
+  attempt) -> bool``: each fenced by ``(id, attempt, owner)``: it changes the run only
+  while the run is RUNNING under that claim (``lease_owner == owner`` and ``attempts ==
+  attempt``), atomically with that check.
 * Optionally ``_complete_many(owner, results) -> set[str]`` (``results`` maps distinct
   run ids to ``(attempt, result)``): ``complete`` each, fenced each, all in one atomic
   step; by default it calls ``_complete`` for each.
@@ -84,8 +89,10 @@ from ._options import (
     check_attempt,
     check_claim_options,
     check_completions,
+    check_concurrency,
     check_heartbeat_options,
     check_purge_options,
+    check_retry_delay,
     hide_password,
 )
 
@@ -174,11 +181,21 @@ class Broker(ClusterBroker, Protocol):
         ...
 
     async def claim(
-        self, owner: str, tasks: Collection[str], *, limit: int, lease_seconds: float
+        self,
+        owner: str,
+        tasks: Collection[str],
+        *,
+        limit: int,
+        lease_seconds: float,
+        concurrency: Mapping[str, int] | None = None,
     ) -> list[RunRecord]:
         """Lease up to ``limit`` due runs of the named tasks to ``owner``.
 
         Higher ``priority`` first, then the earliest due, then the earliest submitted.
+        ``concurrency`` maps task names to the most runs of that task RUNNING at once
+        across every claimer: the claim counts the task's runs RUNNING under a live lease
+        in the same atomic step, and takes no more than what is left (a full task's runs
+        are passed over, not waited for).
 
         Claimable are SCHEDULED runs whose ``scheduled_at`` is due and RUNNING runs whose
         lease expired, whoever held it (``owner`` included). Each claim counts an attempt:
@@ -188,20 +205,34 @@ class Broker(ClusterBroker, Protocol):
         are marked CRASHED.
 
         Raises:
-            ValueError: ``limit`` is negative or ``lease_seconds`` is not positive.
-            TypeError: ``tasks`` is a single string instead of a collection of names.
+            ValueError: ``limit`` is negative, ``lease_seconds`` is not positive, or a
+                concurrency limit is below 1.
+            TypeError: ``tasks`` is a single string instead of a collection of names, or
+                ``concurrency`` is not a mapping of task names to ints.
         """
         ...
 
-    async def claim_run(self, owner: str, run_id: str, *, lease_seconds: float) -> RunRecord | None:
+    async def claim_run(
+        self,
+        owner: str,
+        run_id: str,
+        *,
+        lease_seconds: float,
+        concurrency: Mapping[str, int] | None = None,
+    ) -> RunRecord | None:
         """Lease this one run to ``owner`` if it is claimable now, as :meth:`claim` would.
+
+        ``concurrency`` holds the run to its task's limit as :meth:`claim` does: a run of
+        a task at its limit is not claimed.
 
         Returns:
             The claimed record (its ``attempts`` the claim's fencing token), or ``None``
-            if there is no such run or it is not claimable (not due, leased, finished).
+            if there is no such run or it is not claimable (not due, leased, finished,
+            its task at its concurrency limit).
 
         Raises:
-            ValueError: ``owner`` is empty or ``lease_seconds`` is not positive.
+            ValueError: ``owner`` is empty, ``lease_seconds`` is not positive or a
+                concurrency limit is below 1.
         """
         ...
 
@@ -242,13 +273,24 @@ class Broker(ClusterBroker, Protocol):
         ...
 
     async def fail(
-        self, owner: str, run_id: str, attempt: int, error: RunError, *, retry: bool
+        self,
+        owner: str,
+        run_id: str,
+        attempt: int,
+        error: RunError,
+        *,
+        retry: bool,
+        retry_delay: float | None = None,
     ) -> bool:
         """Record a failed attempt, if ``owner``'s claim number ``attempt`` still holds it.
 
-        With ``retry`` and retries left, the run goes back to SCHEDULED, due after its
-        ``retry_delay``, with one retry fewer; otherwise it ends FAILED. The error is kept
-        either way.
+        With ``retry`` and retries left, the run goes back to SCHEDULED, due after
+        ``retry_delay`` seconds (the run's stored ``retry_delay`` by default: a worker
+        backing off passes each retry's own), with one retry fewer; otherwise it ends
+        FAILED. The error is kept either way.
+
+        Raises:
+            TypeError, ValueError: ``retry_delay`` is not a finite number of seconds >= 0.
         """
         ...
 
@@ -316,11 +358,14 @@ class Claimed:
         runs: The records now leased to the claimer.
         finished: Whether a run reached a finished state on the way (abandoned, corrupt).
         next_due: When a run of the claimed tasks becomes claimable next, if known.
+        held_back: Whether due runs were passed over because their task's concurrency
+            limit was reached: they become claimable when a run of the task finishes.
     """
 
     runs: list[RunRecord] = field(default_factory=list)
     finished: bool = False
     next_due: float | None = None
+    held_back: bool = False
 
 
 class BaseBroker(ClusterMethods, Broker, abc.ABC):
@@ -350,6 +395,10 @@ class BaseBroker(ClusterMethods, Broker, abc.ABC):
         # The work generation the last claim saw, and when a run it saw becomes due.
         self._work_seen_by_claim = 0
         self._next_due: float | None = None
+        # Whether the last claim passed runs over for a concurrency limit, and the change
+        # generation it saw: then any finish may free a slot, not only new work.
+        self._held_back = False
+        self._changes_seen_by_claim = 0
 
     @classmethod
     @abc.abstractmethod
@@ -389,13 +438,22 @@ class BaseBroker(ClusterMethods, Broker, abc.ABC):
 
     @abc.abstractmethod
     async def _claim(
-        self, owner: str, tasks: list[str], limit: int, lease_seconds: float
+        self,
+        owner: str,
+        tasks: list[str],
+        limit: int,
+        lease_seconds: float,
+        concurrency: dict[str, int],
     ) -> Claimed:
-        """Abandon what is abandoned, then claim up to ``limit`` runs of ``tasks``."""
+        """Abandon what is abandoned, then claim up to ``limit`` runs of ``tasks``, within
+        the ``concurrency`` limits of the tasks named there."""
 
     @abc.abstractmethod
-    async def _claim_run(self, owner: str, run_id: str, lease_seconds: float) -> RunRecord | None:
-        """Claim the run if :func:`~anyservice.taskqueue._records.claimable`, atomically."""
+    async def _claim_run(
+        self, owner: str, run_id: str, lease_seconds: float, concurrency: dict[str, int]
+    ) -> RunRecord | None:
+        """Claim the run if :func:`~anyservice.taskqueue._records.claimable` and within its
+        task's ``concurrency`` limit, atomically."""
 
     @abc.abstractmethod
     async def _heartbeat(
@@ -417,7 +475,13 @@ class BaseBroker(ClusterMethods, Broker, abc.ABC):
 
     @abc.abstractmethod
     async def _fail(
-        self, owner: str, run_id: str, attempt: int, error: RunError, retry: bool
+        self,
+        owner: str,
+        run_id: str,
+        attempt: int,
+        error: RunError,
+        retry: bool,
+        retry_delay: float | None,
     ) -> RunState | None:
         """Fail the run if the claim holds it: the state it went to, or ``None``."""
 
@@ -539,13 +603,23 @@ class BaseBroker(ClusterMethods, Broker, abc.ABC):
         return runs
 
     async def claim(
-        self, owner: str, tasks: Collection[str], *, limit: int, lease_seconds: float
+        self,
+        owner: str,
+        tasks: Collection[str],
+        *,
+        limit: int,
+        lease_seconds: float,
+        concurrency: Mapping[str, int] | None = None,
     ) -> list[RunRecord]:
         check_claim_options(owner, tasks, limit=limit, lease_seconds=lease_seconds)
+        names = sorted(set(tasks))
+        limits = check_concurrency(concurrency, names)
         # Read before claiming: work that arrives during the claim wakes the next wait.
         self._work_seen_by_claim = self._notifier.generation(work=True)
-        claimed = await self._claim(owner, sorted(set(tasks)), limit, lease_seconds)
+        self._changes_seen_by_claim = self._notifier.generation(work=False)
+        claimed = await self._claim(owner, names, limit, lease_seconds, limits)
         self._next_due = claimed.next_due
+        self._held_back = claimed.held_back
         if claimed.finished:
             self._notifier.notify(work=False)
         return claimed.runs
@@ -554,10 +628,17 @@ class BaseBroker(ClusterMethods, Broker, abc.ABC):
     def location(self) -> str:
         return hide_password(self.url)
 
-    async def claim_run(self, owner: str, run_id: str, *, lease_seconds: float) -> RunRecord | None:
+    async def claim_run(
+        self,
+        owner: str,
+        run_id: str,
+        *,
+        lease_seconds: float,
+        concurrency: Mapping[str, int] | None = None,
+    ) -> RunRecord | None:
         check_claim_options(owner, (), limit=1, lease_seconds=lease_seconds)
-        claimed = await self._claim_run(owner, run_id, lease_seconds)
-        return claimed
+        limits = check_concurrency(concurrency, None)
+        return await self._claim_run(owner, run_id, lease_seconds, limits)
 
     async def heartbeat(
         self, owner: str, leases: Mapping[str, int], *, lease_seconds: float
@@ -582,10 +663,18 @@ class BaseBroker(ClusterMethods, Broker, abc.ABC):
         return done
 
     async def fail(
-        self, owner: str, run_id: str, attempt: int, error: RunError, *, retry: bool
+        self,
+        owner: str,
+        run_id: str,
+        attempt: int,
+        error: RunError,
+        *,
+        retry: bool,
+        retry_delay: float | None = None,
     ) -> bool:
         check_attempt(attempt)
-        state = await self._fail(owner, run_id, attempt, error, retry)
+        delay = None if retry_delay is None else check_retry_delay(retry_delay)
+        state = await self._fail(owner, run_id, attempt, error, retry, delay)
         if state is None:
             return False
         # Only a retried run (SCHEDULED again) is new work; a FAILED one is just a change.
@@ -645,7 +734,10 @@ class BaseBroker(ClusterMethods, Broker, abc.ABC):
         await self._check_open()
         if self._next_due is not None:
             timeout = min(timeout, max(self._next_due - self._clock(), 0.0))
-        await self._wait(work=True, since=self._work_seen_by_claim, timeout=timeout)
+        if self._held_back:
+            await self._wait(work=False, since=self._changes_seen_by_claim, timeout=timeout)
+        else:
+            await self._wait(work=True, since=self._work_seen_by_claim, timeout=timeout)
 
     async def wait_until_finished(self, run_id: str, timeout: float) -> RunRecord | None:
         deadline = anyio.current_time() + timeout

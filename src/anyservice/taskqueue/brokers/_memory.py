@@ -108,7 +108,12 @@ class MemoryBroker(BaseBroker):
             self._store(run)
 
     async def _claim(
-        self, owner: str, tasks: list[str], limit: int, lease_seconds: float
+        self,
+        owner: str,
+        tasks: list[str],
+        limit: int,
+        lease_seconds: float,
+        concurrency: dict[str, int],
     ) -> Claimed:
         await self._check_open()
         now = self._clock()
@@ -128,12 +133,17 @@ class MemoryBroker(BaseBroker):
                     if at is not None and at > now:
                         later.append(at)
         due.sort(key=lambda run: records.claim_order(run, self._sequence[run.id]))
-        for run in due[:limit]:
+        free = records.free_slots(
+            (self._runs[run_id] for run_id in self._unfinished), concurrency, now
+        )
+        picked = records.pick_claims(due, limit, free)
+        for run in picked.runs:
             claimed = records.claim(run, owner, now, lease_seconds)
             if claimed is not None:
                 outcome.runs.append(self._store(claimed))
         # Work left behind by the limit is due now; otherwise wake when the next run is.
-        outcome.next_due = now if len(due) > limit else min(later, default=None)
+        outcome.next_due = now if picked.left_over else min(later, default=None)
+        outcome.held_back = picked.held_back
         return outcome
 
     async def _heartbeat(
@@ -166,13 +176,20 @@ class MemoryBroker(BaseBroker):
         }
 
     async def _fail(
-        self, owner: str, run_id: str, attempt: int, error: RunError, retry: bool
+        self,
+        owner: str,
+        run_id: str,
+        attempt: int,
+        error: RunError,
+        retry: bool,
+        retry_delay: float | None,
     ) -> RunState | None:
         await self._check_open()
         run = self._runs.get(run_id)
         if run is None:
             return None
-        failed = records.fail(run, owner, attempt, error, self._clock(), retry=retry)
+        now = self._clock()
+        failed = records.fail(run, owner, attempt, error, now, retry=retry, retry_delay=retry_delay)
         return None if failed is None else self._store(failed).state
 
     async def _release(self, owner: str, run_id: str, attempt: int) -> bool:
@@ -180,10 +197,20 @@ class MemoryBroker(BaseBroker):
         run = self._runs.get(run_id)
         return run is not None and self._apply(records.release(run, owner, attempt))
 
-    async def _claim_run(self, owner: str, run_id: str, lease_seconds: float) -> RunRecord | None:
+    async def _claim_run(
+        self, owner: str, run_id: str, lease_seconds: float, concurrency: dict[str, int]
+    ) -> RunRecord | None:
         await self._check_open()
         run = self._runs.get(run_id)
-        claimed = None if run is None else records.claim(run, owner, self._clock(), lease_seconds)
+        if run is None:
+            return None
+        now = self._clock()
+        free = records.free_slots(
+            (self._runs[other] for other in self._unfinished), concurrency, now
+        )
+        if free.get(run.task, 1) <= 0:
+            return None
+        claimed = records.claim(run, owner, now, lease_seconds)
         return None if claimed is None else self._store(claimed)
 
     async def _cancel(self, run_id: str) -> bool:

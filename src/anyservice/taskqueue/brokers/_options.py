@@ -16,9 +16,11 @@ __all__ = [
     "check_attempt",
     "check_claim_options",
     "check_completions",
+    "check_concurrency",
     "check_heartbeat_options",
     "check_priority",
     "check_purge_options",
+    "check_retry_delay",
     "check_submit_options",
     "hide_password",
 ]
@@ -56,12 +58,22 @@ def check_submit_options(
     if not task:
         raise ValueError("task name must not be empty")
     check_count(retries, "retries")
-    check_seconds(retry_delay, "retry_delay", allow_zero=True)
+    check_retry_delay(retry_delay)
     check_optional_seconds(timeout, "timeout")
     check_count(max_attempts, "max_attempts", minimum=1)
     if scheduled_at is not None:
         check_number(scheduled_at, "scheduled_at")
     check_priority(priority)
+
+
+def check_retry_delay(retry_delay: object) -> float:
+    """Validate seconds until a retry is due.
+
+    Raises:
+        TypeError: ``retry_delay`` is not a duration.
+        ValueError: it is negative or not finite.
+    """
+    return check_seconds(retry_delay, "retry_delay", allow_zero=True)
 
 
 def check_priority(priority: object, name: str = "priority") -> int:
@@ -150,6 +162,30 @@ def check_claim_options(
         raise ValueError("owner must be a non-empty worker id")
     check_count(limit, "limit")
     _check_lease_seconds(lease_seconds)
+
+
+def check_concurrency(concurrency: object, tasks: Collection[str] | None) -> dict[str, int]:
+    """Validate a claim's ``concurrency``: the limits of the claimed ``tasks`` among it.
+
+    Returns:
+        ``{task: limit}`` for the tasks of ``tasks`` (of any task: ``None``) that have one.
+
+    Raises:
+        TypeError: ``concurrency`` is not a mapping of task names to ints.
+        ValueError: a limit is below 1.
+    """
+    if concurrency is None:
+        return {}
+    if not isinstance(concurrency, Mapping):
+        raise TypeError(f"concurrency must map task names to their limit, got {concurrency!r}")
+    limits: dict[str, int] = {}
+    for task, limit in concurrency.items():
+        if not isinstance(task, str):
+            raise TypeError(f"concurrency keys must be task names, got {task!r}")
+        checked = check_count(limit, f"concurrency[{task!r}]", minimum=1)
+        if tasks is None or task in tasks:
+            limits[task] = checked
+    return limits
 
 
 def check_purge_options(older_than: float) -> None:

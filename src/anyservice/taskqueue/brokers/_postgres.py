@@ -36,6 +36,7 @@ default), created on first use under an advisory lock and versioned by a row in
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import threading
@@ -224,17 +225,46 @@ WITH crashed AS (
     RETURNING r.id
 ), fresh AS (
     SELECT seq, priority, scheduled_at FROM {runs}
-    WHERE state = 'SCHEDULED' AND scheduled_at <= %(now)s AND task = ANY(%(tasks)s)
+    WHERE state = 'SCHEDULED' AND scheduled_at <= %(now)s AND task = ANY(%(unlimited)s)
     ORDER BY priority DESC, scheduled_at, seq LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ), expired AS (
     SELECT seq, priority, scheduled_at FROM {runs}
-    WHERE state = 'RUNNING' AND lease_expires_at <= %(now)s AND task = ANY(%(tasks)s)
+    WHERE state = 'RUNNING' AND lease_expires_at <= %(now)s AND task = ANY(%(unlimited)s)
         AND attempts < max_attempts
     ORDER BY priority DESC, scheduled_at, seq LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
+), slots AS (
+    -- Each limited task's free slots: its limit less its runs RUNNING under a live lease.
+    SELECT l.task, greatest(l.cap - (SELECT count(*) FROM {runs} r WHERE r.state = 'RUNNING'
+        AND r.task = l.task AND r.lease_expires_at > %(now)s), 0) AS free
+    FROM unnest(%(limited)s::text[], %(caps)s::integer[]) AS l(task, cap)
+), limited_fresh AS (
+    -- Per limited task, one row more than it may take, so a task held back shows.
+    SELECT d.* FROM slots CROSS JOIN LATERAL (
+        SELECT seq, priority, scheduled_at, task FROM {runs}
+        WHERE state = 'SCHEDULED' AND scheduled_at <= %(now)s AND task = slots.task
+        ORDER BY priority DESC, scheduled_at, seq LIMIT least(slots.free, %(limit)s) + 1
+        FOR UPDATE SKIP LOCKED
+    ) AS d
+), limited_expired AS (
+    SELECT d.* FROM slots CROSS JOIN LATERAL (
+        SELECT seq, priority, scheduled_at, task FROM {runs}
+        WHERE state = 'RUNNING' AND lease_expires_at <= %(now)s AND task = slots.task
+            AND attempts < max_attempts
+        ORDER BY priority DESC, scheduled_at, seq LIMIT least(slots.free, %(limit)s) + 1
+        FOR UPDATE SKIP LOCKED
+    ) AS d
+), ranked AS (
+    SELECT due.seq, due.priority, due.scheduled_at, slots.free, row_number() OVER (
+        PARTITION BY due.task ORDER BY due.priority DESC, due.scheduled_at, due.seq) AS n
+    FROM (SELECT * FROM limited_fresh UNION ALL SELECT * FROM limited_expired) AS due
+    JOIN slots ON slots.task = due.task
 ), picked AS (
-    SELECT seq FROM (SELECT * FROM fresh UNION ALL SELECT * FROM expired) AS due
+    SELECT seq FROM (
+        SELECT * FROM fresh UNION ALL SELECT * FROM expired
+        UNION ALL SELECT seq, priority, scheduled_at FROM ranked WHERE n <= free
+    ) AS due
     ORDER BY priority DESC, scheduled_at, seq LIMIT %(limit)s
 ), claimed AS (
     UPDATE {runs} r SET state = 'RUNNING', attempts = r.attempts + 1, started_at = %(now)s,
@@ -248,11 +278,19 @@ WITH crashed AS (
         (SELECT min(lease_expires_at) FROM {runs} WHERE state = 'RUNNING'
             AND lease_expires_at > %(now)s AND task = ANY(%(tasks)s)) AS expiring,
         (SELECT array_agg(c.id) FROM crashed c
-            CROSS JOIN LATERAL pg_notify(%(channel)s, 'f ' || c.id) AS n) AS crashed
+            CROSS JOIN LATERAL pg_notify(%(channel)s, 'f ' || c.id) AS n) AS crashed,
+        EXISTS (SELECT 1 FROM ranked WHERE n > free) AS held_back
 )
-SELECT later.scheduled, later.expiring, later.crashed, claimed.*
+SELECT later.scheduled, later.expiring, later.crashed, later.held_back, claimed.*
 FROM later LEFT JOIN claimed ON true
 """
+
+# Claims of a task with a concurrency limit take turns: each holds its tasks' locks from
+# before its claim statement begins until it commits. The lock is taken by a statement
+# of its own because under READ COMMITTED a statement sees the rows committed before it
+# began: taken inside the claim, it would count the slots as they were before the last
+# claimer's commit. In key order, so two claimers never wait on each other in a circle.
+_LOCK_LIMITED = "SELECT pg_advisory_xact_lock(key) FROM unnest(%(keys)s::bigint[]) AS key"
 
 
 # Completions in one statement, each fenced by its own claim; the waiters in other
@@ -401,6 +439,8 @@ class _Waiter:
     """One task waiting for work (``run_id`` ``None``) or for a run to finish."""
 
     run_id: str | None
+    #: A waiter for work also woken by any run's finish (it may free a concurrency slot).
+    any_finish: bool = False
     event: anyio.Event = field(default_factory=anyio.Event)
     #: An anyio event can only be set from its own event loop's thread.
     thread: int = field(default_factory=threading.get_ident)
@@ -438,8 +478,8 @@ class _Wakeups(ChangeNotifier):
 
     def notify(self, *, work: bool) -> None:
         super().notify(work=work)
-        if work:
-            for waiter in self._here(self._work_waiters):
+        for waiter in self._here(self._work_waiters):
+            if work or waiter.any_finish:
                 waiter.wake()
 
     def work_arrived(self) -> None:
@@ -448,6 +488,9 @@ class _Wakeups(ChangeNotifier):
     def run_finished(self, run_id: str) -> None:
         for waiter in self._here(self._run_waiters.get(run_id, ())):
             waiter.wake()
+        for waiter in self._here(self._work_waiters):
+            if waiter.any_finish:
+                waiter.wake()
 
     def everyone(self) -> None:
         """Wake every waiter: anything may have changed."""
@@ -517,7 +560,7 @@ class _Connections:
     _reconnect_at: float
     _wakeups: _Wakeups
 
-    if TYPE_CHECKING:  # written by PostgresBroker; declared for the type checker only
+    if TYPE_CHECKING:  # written by _WorkerRecords; declared for the type checker only
 
         async def _forget_workers(self) -> None: ...
 
@@ -756,6 +799,8 @@ class _Waits:
     _wakeups: _Wakeups
     _work_seen_by_claim: int
     _next_due: float | None
+    _held_back: bool
+    _changes_seen_by_claim: int
     _clock: Callable[[], float]
     _listener: psycopg.Connection[Any] | None
     _listening: bool
@@ -777,7 +822,11 @@ class _Waits:
             timeout = min(timeout, max(self._next_due - self._clock(), 0.0))
         # Past a poll interval the caller claims again: that claim is the poll.
         timeout = min(timeout, self._poll_every)
-        waiter = _Waiter(None)
+        # Runs held back by a concurrency limit wait for a slot: any run's finish.
+        if self._held_back and self._changes_seen_by_claim != self._wakeups.generation(work=False):
+            await anyio.lowlevel.checkpoint()
+            return
+        waiter = _Waiter(None, any_finish=self._held_back)
         self._wakeups.add(waiter)
         try:
             await self._wait_woken(waiter, timeout, self._work_seen_by_claim)
@@ -903,7 +952,73 @@ class _Waits:
         return listener
 
 
-class PostgresBroker(PostgresClusterStorage, _Waits, _Connections, BaseBroker):
+class _WorkerRecords(_Connections):
+    """Who is working, for :class:`PostgresBroker`: faster recovery from a dead worker."""
+
+    _clock: Callable[[], float]
+    _host: str
+    _pid: int
+    _started_at: float
+    _workers_seen: dict[str, float]
+
+    async def _keep_workers(self, owner: str) -> None:
+        """Record ``owner`` as alive and free the runs of dead workers on this host.
+
+        A worker killed on this host (kill -9, the OOM killer) leaves its runs leased
+        until the leases expire. Its row names its process, which is gone: its leases are
+        ended now, so the claim that follows takes its runs over at once. Done at most
+        every ``WORKERS_EVERY`` seconds per owner, from claims (an idle worker claims
+        about once a second).
+        """
+        seen = time.monotonic()
+        if seen - self._workers_seen.get(owner, -math.inf) < WORKERS_EVERY:
+            return
+        self._workers_seen[owner] = seen
+        now = self._clock()
+        rows = await self._call(
+            self._execute(
+                "WITH seen AS (INSERT INTO {workers} (owner, host, pid, started_at, heartbeat_at)"
+                " VALUES (%(owner)s, %(host)s, %(pid)s, %(started)s, %(now)s)"
+                " ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at),"
+                " forgotten AS (DELETE FROM {workers} WHERE heartbeat_at < %(forget)s)"
+                " SELECT owner, pid, started_at FROM {workers}"
+                " WHERE host = %(host)s AND pid <> %(pid)s",
+                {
+                    "owner": owner,
+                    "host": self._host,
+                    "pid": self._pid,
+                    "started": self._started_at,
+                    "now": now,
+                    "forget": now - WORKERS_FORGOTTEN,
+                },
+            )
+        )
+        dead = [dead for dead, pid, started in rows if process_gone(pid, started)]
+        if not dead:
+            return
+        await self._call(
+            self._execute(
+                "WITH gone AS (DELETE FROM {workers} WHERE owner = ANY(%(dead)s))"
+                " UPDATE {runs} SET lease_expires_at = %(now)s"
+                " WHERE state = 'RUNNING' AND lease_owner = ANY(%(dead)s)"
+                " AND lease_expires_at > %(now)s",
+                {"dead": dead, "now": now},
+            )
+        )
+
+    async def _forget_workers(self) -> None:
+        """Delete this process's worker rows (a clean stop leaves nothing to recover)."""
+        if self._workers_seen:
+            owners = list(self._workers_seen)
+            self._workers_seen.clear()
+            await self._call(
+                self._execute(
+                    "DELETE FROM {workers} WHERE owner = ANY(%(owners)s)", {"owners": owners}
+                )
+            )
+
+
+class PostgresBroker(PostgresClusterStorage, _Waits, _WorkerRecords, BaseBroker):
     """Task runs in a PostgreSQL database shared by workers on any number of hosts.
 
     Args:
@@ -1002,31 +1117,39 @@ class PostgresBroker(PostgresClusterStorage, _Waits, _Connections, BaseBroker):
         )
 
     async def _claim(
-        self, owner: str, tasks: list[str], limit: int, lease_seconds: float
+        self,
+        owner: str,
+        tasks: list[str],
+        limit: int,
+        lease_seconds: float,
+        concurrency: dict[str, int],
     ) -> Claimed:
         await self._keep_workers(owner)
         # One statement, whatever the limit: runs locked by another claim in progress are
         # skipped, not waited for.
         now = self._clock()
-        rows = await self._call(
-            self._execute(
-                _CLAIM.replace("{returning}", _RETURNING),
-                {
-                    "now": now,
-                    "expires": now + lease_seconds,
-                    "owner": owner,
-                    "tasks": tasks,
-                    "limit": limit,
-                    "channel": self._channel,
-                    "abandoned": ABANDONED_ERROR_TYPE,
-                    "message": _ABANDONED_MESSAGE,
-                },
-            )
+        limited = sorted(concurrency)
+        claim = self._execute(
+            _CLAIM.replace("{returning}", _RETURNING),
+            {
+                "now": now,
+                "expires": now + lease_seconds,
+                "owner": owner,
+                "tasks": tasks,
+                "unlimited": [task for task in tasks if task not in concurrency],
+                "limited": limited,
+                "caps": [concurrency[task] for task in limited],
+                "limit": limit,
+                "channel": self._channel,
+                "abandoned": ABANDONED_ERROR_TYPE,
+                "message": _ABANDONED_MESSAGE,
+            },
         )
-        scheduled, expiring, crashed = rows[0][:3]
+        rows = await self._call(self._in_turn(limited, claim))
+        scheduled, expiring, crashed, held_back = rows[0][:4]
         # In claim order: higher priority, then due time, then submission (the sequence).
         claimed = sorted(
-            (row[3:] for row in rows if row[3] is not None),
+            (row[4:] for row in rows if row[4] is not None),
             key=lambda row: (-row[_PRIORITY], row[_SCHEDULED_AT], row[_SEQ]),
         )
         runs = [_record(row) for row in claimed]
@@ -1037,79 +1160,69 @@ class PostgresBroker(PostgresClusterStorage, _Waits, _Connections, BaseBroker):
         else:
             times = [t for t in (scheduled, expiring) if t is not None]
             next_due = min(times) if times else None
-        return Claimed(runs=runs, finished=bool(crashed), next_due=next_due)
-
-    async def _keep_workers(self, owner: str) -> None:
-        """Record ``owner`` as alive and free the runs of dead workers on this host.
-
-        A worker killed on this host (kill -9, the OOM killer) leaves its runs leased
-        until the leases expire. Its row names its process, which is gone: its leases are
-        ended now, so the claim that follows takes its runs over at once. Done at most
-        every ``WORKERS_EVERY`` seconds per owner, from claims (an idle worker claims
-        about once a second).
-        """
-        seen = time.monotonic()
-        if seen - self._workers_seen.get(owner, -math.inf) < WORKERS_EVERY:
-            return
-        self._workers_seen[owner] = seen
-        now = self._clock()
-        rows = await self._call(
-            self._execute(
-                "WITH seen AS (INSERT INTO {workers} (owner, host, pid, started_at, heartbeat_at)"
-                " VALUES (%(owner)s, %(host)s, %(pid)s, %(started)s, %(now)s)"
-                " ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at),"
-                " forgotten AS (DELETE FROM {workers} WHERE heartbeat_at < %(forget)s)"
-                " SELECT owner, pid, started_at FROM {workers}"
-                " WHERE host = %(host)s AND pid <> %(pid)s",
-                {
-                    "owner": owner,
-                    "host": self._host,
-                    "pid": self._pid,
-                    "started": self._started_at,
-                    "now": now,
-                    "forget": now - WORKERS_FORGOTTEN,
-                },
-            )
-        )
-        dead = [dead for dead, pid, started in rows if process_gone(pid, started)]
-        if not dead:
-            return
-        await self._call(
-            self._execute(
-                "WITH gone AS (DELETE FROM {workers} WHERE owner = ANY(%(dead)s))"
-                " UPDATE {runs} SET lease_expires_at = %(now)s"
-                " WHERE state = 'RUNNING' AND lease_owner = ANY(%(dead)s)"
-                " AND lease_expires_at > %(now)s",
-                {"dead": dead, "now": now},
-            )
+        return Claimed(
+            runs=runs, finished=bool(crashed), next_due=next_due, held_back=bool(held_back)
         )
 
-    async def _forget_workers(self) -> None:
-        """Delete this process's worker rows (a clean stop leaves nothing to recover)."""
-        if self._workers_seen:
-            owners = list(self._workers_seen)
-            self._workers_seen.clear()
-            await self._call(
-                self._execute(
-                    "DELETE FROM {workers} WHERE owner = ANY(%(owners)s)", {"owners": owners}
-                )
-            )
+    def _in_turn(
+        self, limited: list[str], claim: Callable[[psycopg.Connection[Any]], T]
+    ) -> Callable[[psycopg.Connection[Any]], T]:
+        """``claim``, in turn with every other claim of the ``limited`` tasks (see
+        :data:`_LOCK_LIMITED`); as it is when no task is limited."""
+        if not limited:
+            return claim
+        lock = self._execute(_LOCK_LIMITED, {"keys": self._limit_keys(limited)})
 
-    async def _claim_run(self, owner: str, run_id: str, lease_seconds: float) -> RunRecord | None:
+        def claim_in_turn(conn: psycopg.Connection[Any]) -> T:
+            with conn.transaction():
+                lock(conn)
+                return claim(conn)
+
+        return claim_in_turn
+
+    def _limit_keys(self, tasks: list[str]) -> list[int]:
+        """The advisory lock keys of these tasks' concurrency limits, in locking order."""
+        keys = {
+            int.from_bytes(
+                hashlib.blake2b(
+                    f"anyservice:{self._schema}:concurrency:{task}".encode(), digest_size=8
+                ).digest(),
+                "big",
+                signed=True,
+            )
+            for task in tasks
+        }
+        return sorted(keys)
+
+    async def _claim_run(
+        self, owner: str, run_id: str, lease_seconds: float, concurrency: dict[str, int]
+    ) -> RunRecord | None:
         await self._keep_workers(owner)
-        # The rule of every claim (records.claimable), in the statement that claims.
+        # The rules of every claim (records.claimable, the task's free slots), in the
+        # statement that claims.
         now = self._clock()
-        rows = await self._call(
-            self._execute(
-                "UPDATE {runs} r SET state = 'RUNNING', attempts = r.attempts + 1,"
-                " started_at = %(now)s, lease_owner = %(owner)s, lease_expires_at = %(expires)s"
-                " WHERE r.id = %(id)s AND ((r.state = 'SCHEDULED' AND r.scheduled_at <= %(now)s)"
-                " OR (r.state = 'RUNNING' AND r.lease_expires_at <= %(now)s"
-                " AND r.attempts < r.max_attempts))"
-                f" RETURNING {_RETURNING}",
-                {"id": run_id, "owner": owner, "now": now, "expires": now + lease_seconds},
-            )
+        limited = sorted(concurrency)
+        claim = self._execute(
+            "UPDATE {runs} r SET state = 'RUNNING', attempts = r.attempts + 1,"
+            " started_at = %(now)s, lease_owner = %(owner)s, lease_expires_at = %(expires)s"
+            " WHERE r.id = %(id)s AND ((r.state = 'SCHEDULED' AND r.scheduled_at <= %(now)s)"
+            " OR (r.state = 'RUNNING' AND r.lease_expires_at <= %(now)s"
+            " AND r.attempts < r.max_attempts))"
+            " AND NOT EXISTS (SELECT 1"
+            " FROM unnest(%(limited)s::text[], %(caps)s::integer[]) AS l(task, cap)"
+            " WHERE l.task = r.task AND l.cap <= (SELECT count(*) FROM {runs} x"
+            " WHERE x.state = 'RUNNING' AND x.task = l.task AND x.lease_expires_at > %(now)s))"
+            f" RETURNING {_RETURNING}",
+            {
+                "id": run_id,
+                "owner": owner,
+                "now": now,
+                "expires": now + lease_seconds,
+                "limited": limited,
+                "caps": [concurrency[task] for task in limited],
+            },
         )
+        rows = await self._call(self._in_turn(limited, claim))
         return _record(rows[0]) if rows else None
 
     async def _heartbeat(
@@ -1201,7 +1314,13 @@ class PostgresBroker(PostgresClusterStorage, _Waits, _Connections, BaseBroker):
         return done
 
     async def _fail(
-        self, owner: str, run_id: str, attempt: int, error: RunError, retry: bool
+        self,
+        owner: str,
+        run_id: str,
+        attempt: int,
+        error: RunError,
+        retry: bool,
+        retry_delay: float | None,
     ) -> RunState | None:
         # Every expression in an UPDATE sees the row as it was, so the CASEs agree.
         retried = "(%(retry)s AND retries_left > 0)"
@@ -1210,13 +1329,14 @@ class PostgresBroker(PostgresClusterStorage, _Waits, _Connections, BaseBroker):
             run_id,
             attempt,
             f"state = CASE WHEN {retried} THEN 'SCHEDULED' ELSE 'FAILED' END,"
-            f" scheduled_at = CASE WHEN {retried} THEN %(now)s + retry_delay"
+            f" scheduled_at = CASE WHEN {retried}"
+            " THEN %(now)s + coalesce(%(delay)s::double precision, retry_delay)"
             " ELSE scheduled_at END,"
             f" retries_left = CASE WHEN {retried} THEN retries_left - 1 ELSE retries_left END,"
             f" started_at = CASE WHEN {retried} THEN NULL ELSE started_at END,"
             f" finished_at = CASE WHEN {retried} THEN NULL ELSE %(now)s END,"
             " lease_owner = NULL, lease_expires_at = NULL, error = %(error)s",
-            {"retry": retry, "error": error.to_json()},
+            {"retry": retry, "delay": retry_delay, "error": error.to_json()},
         )
 
     async def _release(self, owner: str, run_id: str, attempt: int) -> bool:

@@ -23,7 +23,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Self, TypeVar
 
 import anyio.to_thread
@@ -154,41 +154,97 @@ def _due_rows(
     ).fetchall()
 
 
+def _free_slots(
+    conn: sqlite3.Connection, concurrency: dict[str, int], now: float
+) -> dict[str, int]:
+    """Each limited task's free slots: its limit less its runs RUNNING under a live lease.
+
+    Read in the claim's transaction, which holds the write lock: no other claim can
+    take a slot between this count and the claim's UPDATE.
+    """
+    if not concurrency:
+        return {}
+    running = dict(
+        conn.execute(
+            "SELECT task, COUNT(*) FROM anyservice_runs WHERE state = 'RUNNING'"
+            f" AND lease_expires_at > ? AND task IN ({marks(len(concurrency))}) GROUP BY task",
+            (now, *concurrency),
+        ).fetchall()
+    )
+    return {task: max(limit - running.get(task, 0), 0) for task, limit in concurrency.items()}
+
+
+def _candidates(
+    conn: sqlite3.Connection, names: list[str], limit: int, now: float, free: dict[str, int]
+) -> list[tuple[int, RunRecord, bool]]:
+    """The due rows a claim chooses from, read (``read_row``) and in claim order.
+
+    The tasks without a concurrency limit share one read of ``limit + 1`` rows; each
+    limited task has a read of its own, of one row more than it may take (so that a task
+    held back at its limit shows): a full task's backlog never crowds the others out.
+    """
+    unlimited = [name for name in names if name not in free]
+    rows = _due_rows(conn, unlimited, now, limit + 1) if unlimited else []
+    for task, slots in free.items():
+        rows += _due_rows(conn, [task], now, min(slots, limit) + 1)
+    read = [read_row(row) for row in rows]
+    read.sort(key=lambda item: records.claim_order(item[1], item[0]))
+    return read
+
+
+@dataclass
+class _Due:
+    """What a claim did with the due rows (see :func:`_claim_due`)."""
+
+    claimed: list[RunRecord]
+    corrupt: bool
+    left_over: bool
+    held_back: bool
+
+
 def _claim_due(
-    conn: sqlite3.Connection, names: list[str], owner: str, limit: int, times: tuple[float, float]
-) -> tuple[list[RunRecord], bool, bool]:
-    """Lease up to ``limit`` due runs: ``(claimed, any marked corrupt, due runs left)``.
+    conn: sqlite3.Connection,
+    names: list[str],
+    owner: str,
+    limit: int,
+    times: tuple[float, float],
+    concurrency: dict[str, int],
+) -> _Due:
+    """Lease up to ``limit`` due runs, within the tasks' ``concurrency`` limits.
 
     ``times`` is ``(now, lease expiry)``. Rows with an unknown state are never claimed;
     a due row that is otherwise unreadable is marked FAILED instead of being claimed.
     """
     now, expires = times
-    rows = _due_rows(conn, names, now, limit + 1)
-    claimed: list[RunRecord] = []
-    updates: list[tuple[Any, ...]] = []
-    corrupt_seen = leftover = False
-    for row in rows:
-        seq, run, corrupt = read_row(row)
+    free = _free_slots(conn, concurrency, now)
+    sequence: dict[str, int] = {}
+    readable: list[RunRecord] = []
+    corrupt_seen = False
+    for seq, run, corrupt in _candidates(conn, names, limit, now, free):
         if corrupt:
             _mark_corrupt(conn, seq, run, now)
-            # Rows past the corrupt one may be due: claim again promptly.
-            corrupt_seen = leftover = True
-        elif len(claimed) == limit:
-            leftover = True
+            corrupt_seen = True
         else:
-            updates.append((run.attempts + 1, now, owner, expires, seq))
-            claimed.append(
-                replace(
-                    run,
-                    state=RunState.RUNNING,
-                    attempts=run.attempts + 1,
-                    started_at=now,
-                    lease_owner=owner,
-                    lease_expires_at=expires,
-                )
-            )
-    conn.executemany(_CLAIM, updates)
-    return claimed, corrupt_seen, leftover
+            sequence[run.id] = seq
+            readable.append(run)
+    picked = records.pick_claims(readable, limit, free)
+    claimed = [
+        replace(
+            run,
+            state=RunState.RUNNING,
+            attempts=run.attempts + 1,
+            started_at=now,
+            lease_owner=owner,
+            lease_expires_at=expires,
+        )
+        for run in picked.runs
+    ]
+    conn.executemany(
+        _CLAIM,
+        [(run.attempts, now, owner, expires, sequence[run.id]) for run in claimed],
+    )
+    # Rows past a corrupt one may be due: claim again promptly.
+    return _Due(claimed, corrupt_seen, picked.left_over or corrupt_seen, picked.held_back)
 
 
 def _update_held(conn: sqlite3.Connection, sql: str, parameters: dict[str, Any]) -> bool:
@@ -203,16 +259,25 @@ def _update_held(conn: sqlite3.Connection, sql: str, parameters: dict[str, Any])
 
 
 def _claim_one(
-    conn: sqlite3.Connection, run_id: str, owner: str, now: float, lease_seconds: float
+    conn: sqlite3.Connection,
+    run_id: str,
+    owner: str,
+    times: tuple[float, float],
+    concurrency: dict[str, int],
 ) -> RunRecord | None:
-    """Lease this one run if it is claimable, by the same rule as every claim.
+    """Lease this one run if it is claimable, by the same rules as every claim.
 
-    A corrupt row is left as it is (get() shows it FAILED).
+    ``times`` is ``(now, lease seconds)``. A corrupt row is left as it is (get() shows it
+    FAILED).
     """
+    now, lease_seconds = times
     row = conn.execute(f"{SELECT} WHERE id = ?", (run_id,)).fetchone()
     if row is None:
         return None
     seq, run, corrupt = read_row(row)
+    limit = concurrency.get(run.task)
+    if limit is not None and not _free_slots(conn, {run.task: limit}, now)[run.task]:
+        return None
     claimed = None if corrupt else records.claim(run, owner, now, lease_seconds)
     if claimed is not None:
         conn.execute(
@@ -237,7 +302,8 @@ _RETRIED = ":retry AND retries_left > 0"
 _FAIL = (
     "UPDATE anyservice_runs SET"
     f" state = CASE WHEN {_RETRIED} THEN 'SCHEDULED' ELSE 'FAILED' END,"
-    f" scheduled_at = CASE WHEN {_RETRIED} THEN :now + retry_delay ELSE scheduled_at END,"
+    f" scheduled_at = CASE WHEN {_RETRIED} THEN :now + COALESCE(:delay, retry_delay)"
+    " ELSE scheduled_at END,"
     f" retries_left = CASE WHEN {_RETRIED} THEN retries_left - 1 ELSE retries_left END,"
     f" started_at = CASE WHEN {_RETRIED} THEN NULL ELSE started_at END,"
     f" finished_at = CASE WHEN {_RETRIED} THEN NULL ELSE :now END,"
@@ -512,7 +578,12 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
         await self._db.call(insert, signal=WORK)
 
     async def _claim(
-        self, owner: str, tasks: list[str], limit: int, lease_seconds: float
+        self,
+        owner: str,
+        tasks: list[str],
+        limit: int,
+        lease_seconds: float,
+        concurrency: dict[str, int],
     ) -> Claimed:
         names = tasks
 
@@ -523,11 +594,9 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
             finished = _crash_abandoned(conn, now)
             if not names:
                 return Claimed([], finished, None)
-            claimed, corrupt, leftover = _claim_due(
-                conn, names, owner, limit, (now, now + lease_seconds)
-            )
-            next_due = now if leftover else _next_due_time(conn, names, now)
-            return Claimed(claimed, finished or corrupt, next_due)
+            due = _claim_due(conn, names, owner, limit, (now, now + lease_seconds), concurrency)
+            next_due = now if due.left_over else _next_due_time(conn, names, now)
+            return Claimed(due.claimed, finished or due.corrupt, next_due, due.held_back)
 
         return await self._db.call(claim, signal=CHANGE)
 
@@ -581,13 +650,20 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
         return await self._db.call(complete, signal=CHANGE)
 
     async def _fail(
-        self, owner: str, run_id: str, attempt: int, error: RunError, retry: bool
+        self,
+        owner: str,
+        run_id: str,
+        attempt: int,
+        error: RunError,
+        retry: bool,
+        retry_delay: float | None,
     ) -> RunState | None:
         parameters = {
             "id": run_id,
             "owner": owner,
             "attempt": attempt,
             "retry": retry,
+            "delay": retry_delay,
             "error": error.to_json(),
         }
 
@@ -610,10 +686,13 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
             lambda conn: _update_held(conn, _RELEASE, parameters), signal=WORK
         )
 
-    async def _claim_run(self, owner: str, run_id: str, lease_seconds: float) -> RunRecord | None:
+    async def _claim_run(
+        self, owner: str, run_id: str, lease_seconds: float, concurrency: dict[str, int]
+    ) -> RunRecord | None:
         def claim_one(conn: sqlite3.Connection) -> RunRecord | None:
             self._db.check_file()
-            return _claim_one(conn, run_id, owner, self._clock(), lease_seconds)
+            times = (self._clock(), lease_seconds)
+            return _claim_one(conn, run_id, owner, times, concurrency)
 
         return await self._db.call(claim_one, signal=CHANGE)
 
