@@ -237,13 +237,15 @@ async def test_a_result_awaited_in_another_process_arrives_on_notification(url: 
             assert record is not None
             done.append(record.state)
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(wait)
-            await worker.claim("w1", ["say"], limit=1, lease_seconds=30)
-            await anyio.sleep(0.1)
-            assert not done
-            started = time.monotonic()
-            assert await worker.complete("w1", run.id, 1, '"ok"')
+        # Bounded: a lost wake-up must fail the test, not hang the suite.
+        with anyio.fail_after(PROMPTLY + 1):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait)
+                await worker.claim("w1", ["say"], limit=1, lease_seconds=30)
+                await anyio.sleep(0.1)
+                assert not done
+                started = time.monotonic()
+                assert await worker.complete("w1", run.id, 1, '"ok"')
         assert done == [RunState.COMPLETED]
         assert time.monotonic() - started < PROMPTLY
 

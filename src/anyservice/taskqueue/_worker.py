@@ -181,6 +181,16 @@ def _claim_options(worker: TaskWorker) -> dict[str, Any]:
     return {"lease_seconds": worker.lease_seconds, "concurrency": limits}
 
 
+def _announcement(worker: TaskWorker) -> str:
+    """The line a worker prints once it serves."""
+    url = worker.status_url
+    status = "no status server" if url is None else f"status: {url}"
+    return (
+        f"anyservice task worker {worker.name}: serving {', '.join(sorted(worker.tasks))} "
+        f"from {worker.queue.location} (limit {worker.limit}); {status}"
+    )
+
+
 class TaskWorker(Service, overrides=("run",)):
     """Runs the task runs that other code submits (Prefect's ``TaskWorker``, durably).
 
@@ -300,7 +310,7 @@ class TaskWorker(Service, overrides=("run",)):
             "" if self.status_url is None else f"; status on {self.status_url}",
         )
         if self._announce:
-            print(self._announcement(), file=sys.stderr, flush=True)
+            print(_announcement(self), file=sys.stderr, flush=True)
 
     @property
     def status_url(self) -> str | None:
@@ -309,13 +319,6 @@ class TaskWorker(Service, overrides=("run",)):
         if server is None or self.started_at is None:
             return None
         return f"{server.url}status"
-
-    def _announcement(self) -> str:
-        status = "no status server" if self.status_url is None else f"status: {self.status_url}"
-        return (
-            f"anyservice task worker {self.name}: serving {', '.join(sorted(self.tasks))} "
-            f"from {self.queue.location} (limit {self.limit}); {status}"
-        )
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED

@@ -358,6 +358,30 @@ def _keep_workers(
             conn.execute("DELETE FROM anyservice_workers WHERE owner = ?", (dead,))
 
 
+_FINISHED = ", ".join(f"'{state.value}'" for state in sorted(FINISHED_STATES))
+
+
+def _purge(conn: sqlite3.Connection, before: float, limit: int) -> int:
+    """Delete up to ``limit`` runs finished before ``before``; how many went."""
+    cursor = conn.execute(
+        "DELETE FROM anyservice_runs WHERE seq IN (SELECT seq FROM anyservice_runs"
+        f" WHERE finished_at < ? AND state IN ({_FINISHED}) LIMIT ?)",
+        (before, limit),
+    )
+    return cursor.rowcount
+
+
+def _count_states(conn: sqlite3.Connection) -> dict[RunState, int]:
+    """Runs by state; rows with an unknown state count as FAILED."""
+    counts = dict.fromkeys(RunState, 0)
+    for state, number in conn.execute("SELECT state, COUNT(*) FROM anyservice_runs GROUP BY state"):
+        try:
+            counts[RunState(state)] += number
+        except ValueError:
+            counts[RunState.FAILED] += number
+    return counts
+
+
 class SqliteBroker(SqliteClusterStorage, BaseBroker):
     """Task runs in a SQLite file shared by the processes of one machine.
 
@@ -718,33 +742,10 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
         return await self._db.call(get, write=False)
 
     async def _purge(self, before: float, limit: int) -> int:
-        finished = ", ".join(f"'{state.value}'" for state in sorted(FINISHED_STATES))
-
-        def purge(conn: sqlite3.Connection) -> int:
-            cursor = conn.execute(
-                "DELETE FROM anyservice_runs WHERE seq IN (SELECT seq FROM anyservice_runs"
-                f" WHERE finished_at < ? AND state IN ({finished}) LIMIT ?)",
-                (before, limit),
-            )
-            return cursor.rowcount
-
-        return await self._db.call(purge, signal=CHANGE)
+        return await self._db.call(lambda conn: _purge(conn, before, limit), signal=CHANGE)
 
     async def _counts(self) -> dict[RunState, int]:
-        # Rows with an unknown state count as FAILED.
-
-        def count(conn: sqlite3.Connection) -> dict[RunState, int]:
-            counts = dict.fromkeys(RunState, 0)
-            for state, number in conn.execute(
-                "SELECT state, COUNT(*) FROM anyservice_runs GROUP BY state"
-            ):
-                try:
-                    counts[RunState(state)] += number
-                except ValueError:
-                    counts[RunState.FAILED] += number
-            return counts
-
-        return await self._db.call(count, write=False)
+        return await self._db.call(_count_states, write=False)
 
     # --- waiting -------------------------------------------------------------------------
 
