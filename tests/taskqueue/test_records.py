@@ -511,3 +511,26 @@ def test_a_run_keeps_its_priority_through_a_claim_and_a_retry() -> None:
     retried = records.fail(claimed, "w1", 1, BOOM, 6.0, retry=True)
     assert retried is not None
     assert (claimed.priority, retried.priority) == (4, 4)
+
+
+def test_a_run_completed_after_a_failed_attempt_keeps_no_error() -> None:
+    run = records.new_run(
+        "b" * 32,
+        "say",
+        "{}",
+        retries=1,
+        retry_delay=0.0,
+        timeout=None,
+        max_attempts=2,
+        scheduled_at=None,
+        now=5.0,
+    )
+    first = records.claim(run, "w1", 5.0, 10.0)
+    assert first is not None
+    retried = records.fail(first, "w1", 1, BOOM, 6.0, retry=True)
+    assert retried is not None and retried.error == BOOM
+    second = records.claim(retried, "w1", 6.0, 10.0)
+    assert second is not None and second.error == BOOM  # the last failure, while it runs
+    done = records.complete(second, "w1", 2, "[1]", 7.0)
+    assert done is not None
+    assert (done.state, done.result, done.error) == (RunState.COMPLETED, "[1]", None)
