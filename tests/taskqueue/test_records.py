@@ -528,9 +528,76 @@ def test_a_run_completed_after_a_failed_attempt_keeps_no_error() -> None:
     first = records.claim(run, "w1", 5.0, 10.0)
     assert first is not None
     retried = records.fail(first, "w1", 1, BOOM, 6.0, retry=True)
-    assert retried is not None and retried.error == BOOM
+    assert retried is not None
+    assert retried.error == BOOM
     second = records.claim(retried, "w1", 6.0, 10.0)
-    assert second is not None and second.error == BOOM  # the last failure, while it runs
+    assert second is not None
+    assert second.error == BOOM
     done = records.complete(second, "w1", 2, "[1]", 7.0)
     assert done is not None
     assert (done.state, done.result, done.error) == (RunState.COMPLETED, "[1]", None)
+
+
+def test_a_new_run_keeps_the_submitters_trace_context() -> None:
+    context = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    run = records.new_run(
+        "c" * 32,
+        "say",
+        "{}",
+        retries=0,
+        retry_delay=0.0,
+        timeout=None,
+        max_attempts=1,
+        scheduled_at=None,
+        now=1.0,
+        trace_context=context,
+    )
+    assert run.trace_context == context
+
+
+@given(run_records(), times)
+def test_only_a_running_run_under_a_live_lease_takes_a_slot(run: RunRecord, now: float) -> None:
+    live = run.lease_expires_at is not None and run.lease_expires_at > now
+    assert records.takes_a_slot(run, now) is (run.state is RunState.RUNNING and live)
+
+
+limits = st.dictionaries(st.sampled_from(["say", "add", "other"]), st.integers(0, 4), max_size=3)
+
+
+@given(st.lists(run_records(), max_size=8), limits, times)
+def test_free_slots_are_each_limit_less_its_runs_holding_a_slot(
+    runs: list[RunRecord], concurrency: dict[str, int], now: float
+) -> None:
+    held = {
+        task: sum(1 for r in runs if r.task == task and records.takes_a_slot(r, now))
+        for task in concurrency
+    }
+    assert records.free_slots(runs, concurrency, now) == {
+        task: max(limit - held[task], 0) for task, limit in concurrency.items()
+    }
+
+
+@given(st.lists(run_records(RunState.SCHEDULED), max_size=10), st.integers(1, 5), limits)
+def test_a_claim_picks_greedily_in_order_within_its_limit_and_each_tasks_slots(
+    due: list[RunRecord], limit: int, free: dict[str, int]
+) -> None:
+    picked = records.pick_claims(due, limit, free)
+    # In claim order, and a prefix walk explains every run taken or passed over.
+    taken: dict[str, int] = {}
+    position = 0
+    held_back = left_over = False
+    for run in due:
+        full = run.task in free and taken.get(run.task, 0) >= free[run.task]
+        if full:
+            held_back = True
+            continue
+        if position == limit:
+            left_over = True
+            break
+        assert picked.runs[position] is run
+        position += 1
+        taken[run.task] = taken.get(run.task, 0) + 1
+    assert len(picked.runs) == position <= limit
+    assert (picked.held_back, picked.left_over) == (held_back, left_over)
+    for task, slots in free.items():
+        assert sum(1 for run in picked.runs if run.task == task) <= slots

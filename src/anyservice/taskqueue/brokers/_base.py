@@ -592,6 +592,7 @@ class BaseBroker(ClusterMethods, Broker, abc.ABC):
             scheduled_at=first.scheduled_at,
             now=first.created_at,
             priority=first.priority,
+            trace_context=first.trace_context,
         )
         runs = [first]
         runs.extend(
