@@ -514,17 +514,7 @@ def test_a_run_keeps_its_priority_through_a_claim_and_a_retry() -> None:
 
 
 def test_a_run_completed_after_a_failed_attempt_keeps_no_error() -> None:
-    run = records.new_run(
-        "b" * 32,
-        "say",
-        "{}",
-        retries=1,
-        retry_delay=0.0,
-        timeout=None,
-        max_attempts=2,
-        scheduled_at=None,
-        now=5.0,
-    )
+    run = submitted(max_attempts=2, now=5.0, retries=1)
     first = records.claim(run, "w1", 5.0, 10.0)
     assert first is not None
     retried = records.fail(first, "w1", 1, BOOM, 6.0, retry=True)
