@@ -545,6 +545,13 @@ def test_a_new_run_keeps_the_submitters_trace_context() -> None:
     assert run.trace_context == context
 
 
+def test_a_claimed_run_takes_a_slot_until_its_lease_expires() -> None:
+    claimed = records.claim(submitted(max_attempts=1, now=0.0), "w1", 0.0, 10.0)
+    assert claimed is not None
+    assert records.takes_a_slot(claimed, 9.0)
+    assert not records.takes_a_slot(claimed, 10.0)
+
+
 @given(run_records(), times)
 def test_only_a_running_run_under_a_live_lease_takes_a_slot(run: RunRecord, now: float) -> None:
     live = run.lease_expires_at is not None and run.lease_expires_at > now
