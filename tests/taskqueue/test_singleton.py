@@ -2,14 +2,15 @@
 
 Replicas share one memory broker on the backend's clock, under virtual time, so leases
 expire exactly on cue; a broker whose lease calls can be made to fail stands for a
-database that became unreachable. How a singleton's term ends is also checked on every
-broker, in real time. (Real processes, kill -9 and SIGTERM are in
+database that became unreachable. How a singleton's term ends is also checked on the
+SQLite and PostgreSQL brokers, in real time. (Real processes, kill -9 and SIGTERM are in
 ``test_cluster_processes.py``.)
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import anyio
 import pytest
@@ -18,7 +19,7 @@ from anyservice import LoopService, Service, ServiceState
 from anyservice.taskqueue import BrokerError, MemoryBroker, Singleton, TaskQueue
 from anyservice.taskqueue._leases import Lease
 
-from . import test_broker_conformance as conformance
+from .._postgres import postgres_schema
 
 pytestmark = [pytest.mark.anyio]
 
@@ -149,42 +150,75 @@ async def test_a_holder_whose_lease_was_taken_stops_at_once(queue: TaskQueue) ->
         assert lease.holder == "someone-else"  # not released by the loser
 
 
-# Each broker, in real time (the SQLite and PostgreSQL brokers do their I/O in threads).
-broker_url = conformance.broker_url
+# How a term ends, on every broker: the memory broker under virtual time, the databases in
+# real time (the SQLite and PostgreSQL brokers do their I/O in threads).
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "postgresql":
+        with postgres_schema(request.getfixturevalue("postgres_url")) as url:
+            yield url
+    else:
+        yield f"sqlite:///{tmp_path / 'runs.db'}"
 
 
 @pytest.fixture
-async def real_queue(broker_url: str) -> AsyncIterator[TaskQueue]:
-    async with TaskQueue(broker_url) as queue:
+async def database_queue(database_url: str) -> AsyncIterator[TaskQueue]:
+    async with TaskQueue(database_url) as queue:
         yield queue
 
 
-async def test_a_service_that_ends_on_its_own_stops_its_singleton(real_queue: TaskQueue) -> None:
+async def a_service_that_ends_on_its_own_stops_its_singleton(queue: TaskQueue) -> None:
     async def once() -> None:
         await anyio.sleep(0.2)
 
-    singleton = Singleton(Service.from_awaitable(once, name="once"), real_queue, lease_seconds=60)
+    singleton = Singleton(Service.from_awaitable(once, name="once"), queue, lease_seconds=60)
     with anyio.fail_after(30):
         async with singleton:
             await singleton.wait_for(ServiceState.STOPPED)
     assert singleton.terms == 1
-    assert await real_queue.broker.get_lease("once") is None
+    assert await queue.broker.get_lease("once") is None
 
 
-async def test_a_crash_of_the_service_crashes_the_singleton_and_frees_the_lease(
-    real_queue: TaskQueue,
+async def a_crash_of_the_service_crashes_the_singleton_and_frees_the_lease(
+    queue: TaskQueue,
 ) -> None:
     async def boom() -> None:
         await anyio.sleep(0.1)
         raise RuntimeError("kaput")
 
-    singleton = Singleton(Service.from_awaitable(boom, name="boom"), real_queue, lease_seconds=60)
+    singleton = Singleton(Service.from_awaitable(boom, name="boom"), queue, lease_seconds=60)
     with pytest.raises(BaseExceptionGroup) as caught, anyio.fail_after(30):
         async with singleton:
             await anyio.sleep(30)
     assert caught.group_contains(RuntimeError, match="kaput")
     assert singleton.state is ServiceState.CRASHED
-    assert await real_queue.broker.get_lease("boom") is None
+    assert await queue.broker.get_lease("boom") is None
+
+
+@pytest.mark.virtual_time
+async def test_a_service_that_ends_on_its_own_stops_its_singleton(queue: TaskQueue) -> None:
+    await a_service_that_ends_on_its_own_stops_its_singleton(queue)
+
+
+async def test_a_service_that_ends_on_its_own_stops_its_singleton_on_a_database(
+    database_queue: TaskQueue,
+) -> None:
+    await a_service_that_ends_on_its_own_stops_its_singleton(database_queue)
+
+
+@pytest.mark.virtual_time
+async def test_a_crash_of_the_service_crashes_the_singleton_and_frees_the_lease(
+    queue: TaskQueue,
+) -> None:
+    await a_crash_of_the_service_crashes_the_singleton_and_frees_the_lease(queue)
+
+
+async def test_a_crash_of_the_service_crashes_the_singleton_and_frees_the_lease_on_a_database(
+    database_queue: TaskQueue,
+) -> None:
+    await a_crash_of_the_service_crashes_the_singleton_and_frees_the_lease(database_queue)
 
 
 def test_singleton_options_are_checked_at_the_call() -> None:
