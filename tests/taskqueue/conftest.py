@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests._postgres import MissingPostgres, find_binaries, postgres_server
+from tests._postgres import MissingPostgres, find_binaries, postgres_schema, postgres_server
 
 
 def _unavailable(reason: str) -> None:
@@ -36,3 +37,14 @@ def postgres_url() -> Iterator[str]:
         raise  # unreachable: skip and fail raise
     with postgres_server(binaries) as url:
         yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A broker URL of each database broker (a file, or a fresh PostgreSQL schema): for
+    what only brokers that several connections share can show."""
+    if request.param == "postgresql":
+        with postgres_schema(request.getfixturevalue("postgres_url")) as url:
+            yield url
+    else:
+        yield f"sqlite:///{tmp_path / 'runs.db'}"

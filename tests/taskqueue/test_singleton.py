@@ -9,8 +9,7 @@ SQLite and PostgreSQL brokers, in real time. (Real processes, kill -9 and SIGTER
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import anyio
 import pytest
@@ -18,8 +17,6 @@ import pytest
 from anyservice import LoopService, Service, ServiceState
 from anyservice.taskqueue import BrokerError, MemoryBroker, Singleton, TaskQueue
 from anyservice.taskqueue._leases import Lease
-
-from .._postgres import postgres_schema
 
 pytestmark = [pytest.mark.anyio]
 
@@ -152,15 +149,6 @@ async def test_a_holder_whose_lease_was_taken_stops_at_once(queue: TaskQueue) ->
 
 # How a term ends, on every broker: the memory broker under virtual time, the databases in
 # real time (the SQLite and PostgreSQL brokers do their I/O in threads).
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "postgresql":
-        with postgres_schema(request.getfixturevalue("postgres_url")) as url:
-            yield url
-    else:
-        yield f"sqlite:///{tmp_path / 'runs.db'}"
 
 
 @pytest.fixture
