@@ -262,8 +262,11 @@ class TaskWorker(Service, overrides=("run",)):
         self._stats = WorkerStats(self.log, self)
         self.counts = self._stats.counts
         self._recorder = Recorder(
-            lambda: self.queue.broker, self.client_id, self.lease_seconds, self._stats
+            lambda: self.queue.broker, self.client_id, self.lease_seconds, self._stats, self
         )
+        #: What the last claim made with a batch of results brought, for the claim loop
+        #: to start (``None``: nothing since the claim loop's last claim).
+        self._refilled: list[RunRecord] | None = None
         self._runs: dict[str, RunInFlight] = {}
         self._runners = Runners(self.spawn, self._execute)
         # Made per start, inside the event loop.
@@ -387,6 +390,9 @@ class TaskWorker(Service, overrides=("run",)):
         return True
 
     async def on_stop(self) -> None:
+        refilled, self._refilled = self._refilled, None
+        for record in refilled or ():
+            await self._recorder.hand_back(record, "the worker is stopping")
         if self._runs:
             self.log.info(
                 "stopping: no new claims; waiting up to %ss for %d run(s) in flight",
@@ -466,6 +472,27 @@ class TaskWorker(Service, overrides=("run",)):
         # A call, not the property: a stop may come in during the claim between two looks.
         return self.should_stop
 
+    # The Refill the recorder calls: while the worker is at its limit (so the claim loop
+    # waits for a free slot, or soon will), the record of a batch of results claims the
+    # runs that take the batch's slots in the same broker call, and the claim loop starts
+    # them as if it had claimed them; it waits for work if they were fewer than asked.
+
+    def claim_options(self, finishing: int) -> dict[str, Any] | None:
+        if self.limit is None or self._stopping():
+            return None
+        held = len(self._runs) + len(self._refilled or ())
+        if held < self.limit:
+            return None  # the claim loop claims (or waits for work) by itself
+        wanted = self.limit - held + finishing
+        return {"tasks": sorted(self.tasks), "limit": max(wanted, 0), **_claim_options(self)}
+
+    async def claimed(self, records: list[RunRecord]) -> None:
+        if self._stopping():
+            for record in records:
+                await self._recorder.hand_back(record, "the worker is stopping")
+            return
+        self._refilled = [*(self._refilled or ()), *records]
+
     async def _claim(self, names: list[str], wanted: int) -> list[RunRecord] | None:
         """Claim up to ``wanted`` runs; ``None`` when the broker failed.
 
@@ -473,6 +500,11 @@ class TaskWorker(Service, overrides=("run",)):
         its runs leased to nobody until the leases expire. Claimed, they are started or
         handed back, whatever cancellation comes.
         """
+        if self._refilled is not None:
+            # All of them, even if not every slot of their batch is free yet: the batch's
+            # runs have finished, and are leaving.
+            claimed, self._refilled = self._refilled, None
+            return claimed
         with anyio.move_on_after(HAND_BACK_BUDGET, shield=True):
             try:
                 options = _claim_options(self)

@@ -54,6 +54,9 @@ each applying the transitions of ``taskqueue/_records.py`` to the stored records
 * Optionally ``_complete_many(owner, results) -> set[str]`` (``results`` maps distinct
   run ids to ``(attempt, result)``): ``complete`` each, fenced each, all in one atomic
   step; by default it calls ``_complete`` for each.
+* Optionally ``_complete_and_claim(owner, results, tasks, limit, lease_seconds,
+  concurrency) -> (set[str], Claimed)``: ``_complete_many`` then ``_claim``, the claim
+  seeing the completions; by default two steps, one transaction where the storage can.
 * ``_cancel(id) -> bool`` (only a SCHEDULED run), ``_get(id)``, ``_counts()``.
 * ``_purge(before, limit) -> int``: delete up to ``limit`` finished runs whose
   ``finished_at`` is before ``before``.
@@ -272,6 +275,34 @@ class Broker(ClusterBroker, Protocol):
         """
         ...
 
+    async def complete_and_claim(
+        self,
+        owner: str,
+        results: Mapping[str, tuple[int, str]],
+        tasks: Collection[str],
+        *,
+        limit: int,
+        lease_seconds: float,
+        concurrency: Mapping[str, int] | None = None,
+    ) -> tuple[set[str], list[RunRecord]]:
+        """:meth:`complete_many`, then :meth:`claim`: a worker's finished batch and its next.
+
+        The completions are fenced and stored as :meth:`complete_many` stores them, and
+        the claim that follows sees them (a finished run frees its task's concurrency
+        slot), as a :meth:`claim` made after the call would. A broker may make both one
+        transaction, so a worker pays one round trip and one commit for the two;
+        ``limit=0`` only completes.
+
+        Returns:
+            The ids completed (as :meth:`complete_many` returns them) and the runs
+            claimed (as :meth:`claim` returns them).
+
+        Raises:
+            TypeError, ValueError: as :meth:`complete_many` and :meth:`claim` raise them,
+                before anything is stored.
+        """
+        ...
+
     async def fail(
         self,
         owner: str,
@@ -473,6 +504,20 @@ class BaseBroker(ClusterMethods, Broker, abc.ABC):
             if await self._complete(owner, run_id, attempt, result)
         }
 
+    async def _complete_and_claim(
+        self,
+        owner: str,
+        results: dict[str, tuple[int, str]],
+        tasks: list[str],
+        limit: int,
+        lease_seconds: float,
+        concurrency: dict[str, int],
+    ) -> tuple[set[str], Claimed]:
+        """``_complete_many`` then ``_claim`` (``limit`` may be 0); this default makes them
+        two steps, a broker may make them one."""
+        done = await self._complete_many(owner, results) if results else set()
+        return done, await self._claim(owner, tasks, limit, lease_seconds, concurrency)
+
     @abc.abstractmethod
     async def _fail(
         self,
@@ -662,6 +707,32 @@ class BaseBroker(ClusterMethods, Broker, abc.ABC):
         if done:
             self._notifier.notify(work=False)
         return done
+
+    async def complete_and_claim(
+        self,
+        owner: str,
+        results: Mapping[str, tuple[int, str]],
+        tasks: Collection[str],
+        *,
+        limit: int,
+        lease_seconds: float,
+        concurrency: Mapping[str, int] | None = None,
+    ) -> tuple[set[str], list[RunRecord]]:
+        check_completions(results)
+        check_claim_options(owner, tasks, limit=limit, lease_seconds=lease_seconds)
+        names = sorted(set(tasks))
+        limits = check_concurrency(concurrency, names)
+        # As claim() does: work that arrives during the call wakes the next wait.
+        self._work_seen_by_claim = self._notifier.generation(work=True)
+        self._changes_seen_by_claim = self._notifier.generation(work=False)
+        done, claimed = await self._complete_and_claim(
+            owner, dict(results), names, limit, lease_seconds, limits
+        )
+        self._next_due = claimed.next_due
+        self._held_back = claimed.held_back
+        if done or claimed.finished:
+            self._notifier.notify(work=False)
+        return done, claimed.runs
 
     async def fail(
         self,
