@@ -92,7 +92,13 @@ def _round_trip_keys(url: str) -> dict[str, list[Callable[..., Any]]]:
     if url.startswith("postgresql"):
         from anyservice.taskqueue.brokers import _postgres
 
-        return {"database round trips": [_postgres._Connections._execute]}
+        # A statement on its own, or statements pipelined in one round trip.
+        return {
+            "database round trips": [
+                _postgres._Connections._execute,
+                _postgres._Connections._pipeline,
+            ]
+        }
     from anyservice.taskqueue.brokers import _sqlite_thread
 
     return {"database round trips": [_sqlite_thread._Operation.__init__]}
@@ -100,7 +106,8 @@ def _round_trip_keys(url: str) -> dict[str, list[Callable[..., Any]]]:
 
 def _count_calls(broker: Any, counted: dict[str, int]) -> None:
     """Count the calls of ``broker``'s claim and recording methods into ``counted``."""
-    for name in ("claim", "heartbeat", "complete", "complete_many", "fail", "release"):
+    calls = ("claim", "heartbeat", "complete", "complete_many", "complete_and_claim", "fail")
+    for name in (*calls, "release"):
         method = getattr(broker, name, None)
         if method is None:
             continue

@@ -705,6 +705,94 @@ async def test_complete_many_records_each_result_its_claim_still_holds(
     assert await broker.complete_many("w2", {}) == set()
 
 
+async def test_complete_and_claim_records_what_each_claim_holds_then_claims_the_next(
+    broker: Broker, clock: FakeClock
+) -> None:
+    first, stale, other = [await broker.submit("say", PAYLOAD) for _ in range(3)]
+    await claim(broker, "w1", limit=3)
+    clock.advance(LEASE)
+    await claim(broker, "w2", limit=3)  # every lease expired: attempt 2 is w2's
+    backlog = [(await broker.submit("say", PAYLOAD)).id for _ in range(3)]
+    clock.advance(1)
+
+    done, claimed = await broker.complete_and_claim(
+        "w2",
+        {first.id: (2, '"one"'), stale.id: (1, '"late"'), "0" * 32: (2, "null")},
+        ["say"],
+        limit=2,
+        lease_seconds=LEASE,
+    )
+
+    # Fenced per run, as complete_many fences: only the claim that holds a run records it.
+    assert done == {first.id}
+    finished = await broker.get(first.id)
+    assert finished is not None
+    assert (finished.state, finished.result, finished.finished_at) == (
+        RunState.COMPLETED,
+        '"one"',
+        START + LEASE + 1,
+    )
+    for unchanged in (stale, other):
+        assert await state_of(broker, unchanged.id) is RunState.RUNNING
+    # Then claimed as claim() claims: in claim order, each with its own fencing token.
+    assert [(run.id, run.attempts, run.lease_owner) for run in claimed] == [
+        (backlog[0], 1, "w2"),
+        (backlog[1], 1, "w2"),
+    ]
+    assert [run.lease_expires_at for run in claimed] == [START + 2 * LEASE + 1] * 2
+    assert not await broker.complete("w1", stale.id, 1, "null")
+    # limit=0 only completes; nothing left to claim is an empty claim.
+    done, claimed = await broker.complete_and_claim(
+        "w2", {stale.id: (2, '"two"')}, ["say"], limit=0, lease_seconds=LEASE
+    )
+    assert (done, claimed) == ({stale.id}, [])
+    assert await state_of(broker, backlog[2]) is RunState.SCHEDULED
+    done, claimed = await broker.complete_and_claim("w2", {}, ["say"], limit=5, lease_seconds=LEASE)
+    assert (done, [run.id for run in claimed]) == (set(), [backlog[2]])
+
+
+async def test_complete_and_claim_frees_the_slot_of_a_limited_task_for_its_own_claim(
+    broker: Broker,
+) -> None:
+    says = [(await broker.submit("say", PAYLOAD)).id for _ in range(3)]
+    assert await claim_limited(broker, "w1", {"say": 1}) == says[:1]
+    assert await claim_limited(broker, "w2", {"say": 1}) == []
+
+    done, claimed = await broker.complete_and_claim(
+        "w1",
+        {says[0]: (1, "null")},
+        ["say", "add"],
+        limit=10,
+        lease_seconds=LEASE,
+        concurrency={"say": 1},
+    )
+
+    assert (done, [run.id for run in claimed]) == ({says[0]}, [says[1]])
+    assert await claim_limited(broker, "w2", {"say": 1}) == []
+
+
+@pytest.mark.parametrize(
+    ("tasks", "limit", "error", "match"),
+    [
+        ("say", 1, TypeError, "tasks must be a collection of task names"),
+        (["say"], -1, ValueError, "limit"),
+    ],
+)
+async def test_complete_and_claim_checks_its_claim_before_recording_anything(
+    broker: Broker, tasks: Any, limit: int, error: type[Exception], match: str
+) -> None:
+    run = await broker.submit("say", PAYLOAD)
+    await claim_one(broker, "w1")
+    with pytest.raises(error, match=match):
+        await broker.complete_and_claim(
+            "w1", {run.id: (1, "null")}, tasks, limit=limit, lease_seconds=LEASE
+        )
+    not_a_pair: Any = {"x": 1}
+    with pytest.raises(TypeError, match=r"results\['x'\] must be an \(attempt, result\) pair"):
+        await broker.complete_and_claim("w1", not_a_pair, ["say"], limit=1, lease_seconds=LEASE)
+    assert await state_of(broker, run.id) is RunState.RUNNING
+
+
 @pytest.mark.parametrize(
     ("results", "error", "match"),
     [

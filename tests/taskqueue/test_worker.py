@@ -994,10 +994,20 @@ class CompletionCountingBroker(MemoryBroker):
         super().__init__()
         self.batches: list[int] = []
         self.singles = 0
+        #: (results recorded, runs claimed) of each complete_and_claim call.
+        self.refills: list[tuple[int, int]] = []
 
     async def complete_many(self, owner: str, results: Mapping[str, tuple[int, str]]) -> set[str]:
         self.batches.append(len(results))
         return await super().complete_many(owner, results)
+
+    async def complete_and_claim(
+        self, owner: str, results: Mapping[str, tuple[int, str]], tasks: Any, **claim: Any
+    ) -> tuple[set[str], list[RunRecord]]:
+        self.batches.append(len(results))
+        done, claimed = await super().complete_and_claim(owner, results, tasks, **claim)
+        self.refills.append((len(results), len(claimed)))
+        return done, claimed
 
     async def complete(self, owner: str, run_id: str, attempt: int, result: str) -> bool:
         self.singles += 1
@@ -1024,6 +1034,31 @@ async def test_runs_that_finish_together_are_recorded_in_one_broker_call() -> No
             stored = await broker.get(run.id)
             assert stored is not None
             assert stored.state is RunState.COMPLETED
+
+
+@pytest.mark.virtual_time
+async def test_a_worker_at_its_limit_claims_the_next_runs_with_the_results_it_records() -> None:
+    broker = CompletionCountingBroker()
+    async with TaskQueue(broker=broker) as queue:
+
+        @queue.task
+        async def double(number: int) -> int:
+            return 2 * number
+
+        runs = await double.map(range(6))
+        async with TaskWorker(double, limit=2):
+            assert [await run.result(timeout=PROMPTLY) for run in runs] == [
+                2 * number for number in range(6)
+            ]
+        # Each batch's results and the claim of the runs taking its slots went in one
+        # call, until nothing was left to claim; the claim loop claimed only the first two.
+        assert sum(claimed for _, claimed in broker.refills) == 4
+        assert broker.refills[-1][1] == 0
+        assert (sum(broker.batches), broker.singles) == (6, 0)
+        for run in runs:
+            stored = await broker.get(run.id)
+            assert stored is not None
+            assert (stored.state, stored.attempts) == (RunState.COMPLETED, 1)
 
 
 @pytest.mark.virtual_time

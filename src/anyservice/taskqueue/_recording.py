@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.lowlevel
@@ -23,7 +23,7 @@ from ._execution import Outcome, RunInFlight
 from ._records import RunRecord
 from .brokers import Broker
 
-__all__ = ["OUTCOMES", "Recorder", "WorkerStats", "run_log_extra"]
+__all__ = ["OUTCOMES", "Recorder", "Refill", "WorkerStats", "run_log_extra"]
 
 #: What became of the runs a worker ran: the keys of ``TaskWorker.counts``.
 OUTCOMES = ("completed", "failed", "retried", "cancelled", "handed_back", "lost", "not_recorded")
@@ -117,6 +117,19 @@ class _Batch:
         self.finished = anyio.Event()
 
 
+class Refill(Protocol):
+    """What a worker claims along with a batch of results (``complete_and_claim``)."""
+
+    def claim_options(self, finishing: int) -> dict[str, Any] | None:
+        """The claim's arguments (``tasks``, ``limit``...) for the slots ``finishing``
+        runs free, or ``None`` to claim nothing with them."""
+        ...
+
+    async def claimed(self, records: list[RunRecord]) -> None:
+        """Take the runs claimed with the batch."""
+        ...
+
+
 class Completions:
     """Completions that come in together, recorded in one ``complete_many`` call.
 
@@ -125,12 +138,16 @@ class Completions:
     at the same moment join it; then it records the whole batch and wakes the others.
     Each completion is fenced on its own by the broker, and nobody is told of a result
     before the call that stored it returned. A failed call fails every completion of
-    the batch, each retried by its own run.
+    the batch, each retried by its own run. With a ``refill``, the same call claims the
+    runs that take the batch's slots (``complete_and_claim``: one round trip for both).
     """
 
-    def __init__(self, broker: Callable[[], Broker], owner: str) -> None:
+    def __init__(
+        self, broker: Callable[[], Broker], owner: str, refill: Refill | None = None
+    ) -> None:
         self._broker = broker
         self._owner = owner
+        self._refill = refill
         self._open: _Batch | None = None
 
     async def complete(self, run_id: str, attempt: int, result: str) -> bool:
@@ -159,7 +176,15 @@ class Completions:
         try:
             await anyio.lowlevel.checkpoint()
             self._open = None
-            batch.done = await self._broker().complete_many(self._owner, batch.results)
+            refill = self._refill
+            claim = None if refill is None else refill.claim_options(len(batch.results))
+            if refill is None or claim is None:
+                batch.done = await self._broker().complete_many(self._owner, batch.results)
+            else:
+                batch.done, claimed = await self._broker().complete_and_claim(
+                    self._owner, batch.results, **claim
+                )
+                await refill.claimed(claimed)
         except BrokerError as exc:
             batch.error = exc
             raise
@@ -178,14 +203,19 @@ class Recorder:
     """Records outcomes and hands runs back for one worker, fenced by each claim."""
 
     def __init__(
-        self, broker: Callable[[], Broker], owner: str, lease_seconds: float, stats: WorkerStats
+        self,
+        broker: Callable[[], Broker],
+        owner: str,
+        lease_seconds: float,
+        stats: WorkerStats,
+        refill: Refill | None = None,
     ) -> None:
         self._broker = broker
         self._owner = owner
         self._lease_seconds = lease_seconds
         self._stats = stats
         self._log = stats.log
-        self._completions = Completions(broker, owner)
+        self._completions = Completions(broker, owner, refill)
 
     async def _while_held(
         self, entry: RunInFlight, call: Callable[[], Awaitable[bool]]

@@ -191,6 +191,48 @@ def _announcement(worker: TaskWorker) -> str:
     )
 
 
+class _Refills:
+    """The worker's :class:`~._recording.Refill`, for its recorder.
+
+    While the worker is at its limit (so the claim loop waits for a free slot, or soon
+    will), the record of a batch of results claims the runs that take the batch's slots
+    in the same broker call, and the claim loop starts them as if it had claimed them;
+    it waits for work if they were fewer than asked.
+    """
+
+    def __init__(self, worker: TaskWorker) -> None:
+        self._worker = worker
+        #: What the last claim made with a batch of results brought, for the claim loop
+        #: to start (``None``: nothing since the claim loop's last claim).
+        self._runs: list[RunRecord] | None = None
+
+    def claim_options(self, finishing: int) -> dict[str, Any] | None:
+        worker = self._worker
+        if worker.limit is None or worker.should_stop:
+            return None
+        held = len(worker._runs) + len(self._runs or ())
+        if held < worker.limit:
+            return None  # the claim loop claims (or waits for work) by itself
+        wanted = worker.limit - held + finishing
+        return {"tasks": sorted(worker.tasks), "limit": max(wanted, 0), **_claim_options(worker)}
+
+    async def claimed(self, records: list[RunRecord]) -> None:
+        if self._worker.should_stop:
+            for record in records:
+                await self._worker._recorder.hand_back(record, "the worker is stopping")
+            return
+        self._runs = [*(self._runs or ()), *records]
+
+    def take(self) -> list[RunRecord] | None:
+        """The runs to start, or ``None`` if no batch claimed since the last take.
+
+        All of them, even if not every slot of their batch is free yet: the batch's runs
+        have finished, and are leaving.
+        """
+        runs, self._runs = self._runs, None
+        return runs
+
+
 class TaskWorker(Service, overrides=("run",)):
     """Runs the task runs that other code submits (Prefect's ``TaskWorker``, durably).
 
@@ -261,8 +303,9 @@ class TaskWorker(Service, overrides=("run",)):
         self.started_at: datetime | None = None
         self._stats = WorkerStats(self.log, self)
         self.counts = self._stats.counts
+        self._refills = refills = _Refills(self)
         self._recorder = Recorder(
-            lambda: self.queue.broker, self.client_id, self.lease_seconds, self._stats
+            lambda: self.queue.broker, self.client_id, self.lease_seconds, self._stats, refills
         )
         self._runs: dict[str, RunInFlight] = {}
         self._runners = Runners(self.spawn, self._execute)
@@ -387,6 +430,8 @@ class TaskWorker(Service, overrides=("run",)):
         return True
 
     async def on_stop(self) -> None:
+        for record in self._refills.take() or ():
+            await self._recorder.hand_back(record, "the worker is stopping")
         if self._runs:
             self.log.info(
                 "stopping: no new claims; waiting up to %ss for %d run(s) in flight",
@@ -473,6 +518,8 @@ class TaskWorker(Service, overrides=("run",)):
         its runs leased to nobody until the leases expire. Claimed, they are started or
         handed back, whatever cancellation comes.
         """
+        if (refilled := self._refills.take()) is not None:
+            return refilled
         with anyio.move_on_after(HAND_BACK_BUDGET, shield=True):
             try:
                 options = _claim_options(self)

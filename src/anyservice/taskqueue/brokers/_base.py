@@ -54,6 +54,9 @@ each applying the transitions of ``taskqueue/_records.py`` to the stored records
 * Optionally ``_complete_many(owner, results) -> set[str]`` (``results`` maps distinct
   run ids to ``(attempt, result)``): ``complete`` each, fenced each, all in one atomic
   step; by default it calls ``_complete`` for each.
+* Optionally ``_complete_and_claim(owner, results, tasks, limit, lease_seconds,
+  concurrency) -> (set[str], Claimed)``: ``_complete_many`` then ``_claim``, the claim
+  seeing the completions; by default two steps, one transaction where the storage can.
 * ``_cancel(id) -> bool`` (only a SCHEDULED run), ``_get(id)``, ``_counts()``.
 * ``_purge(before, limit) -> int``: delete up to ``limit`` finished runs whose
   ``finished_at`` is before ``before``.
@@ -77,7 +80,7 @@ import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Protocol, Self
+from typing import TYPE_CHECKING, Protocol, Self
 
 import anyio
 import anyio.lowlevel
@@ -272,6 +275,34 @@ class Broker(ClusterBroker, Protocol):
         """
         ...
 
+    async def complete_and_claim(
+        self,
+        owner: str,
+        results: Mapping[str, tuple[int, str]],
+        tasks: Collection[str],
+        *,
+        limit: int,
+        lease_seconds: float,
+        concurrency: Mapping[str, int] | None = None,
+    ) -> tuple[set[str], list[RunRecord]]:
+        """:meth:`complete_many`, then :meth:`claim`: a worker's finished batch and its next.
+
+        The completions are fenced and stored as :meth:`complete_many` stores them, and
+        the claim that follows sees them (a finished run frees its task's concurrency
+        slot), as a :meth:`claim` made after the call would. A broker may make both one
+        transaction, so a worker pays one round trip and one commit for the two;
+        ``limit=0`` only completes.
+
+        Returns:
+            The ids completed (as :meth:`complete_many` returns them) and the runs
+            claimed (as :meth:`claim` returns them).
+
+        Raises:
+            TypeError, ValueError: as :meth:`complete_many` and :meth:`claim` raise them,
+                before anything is stored.
+        """
+        ...
+
     async def fail(
         self,
         owner: str,
@@ -368,7 +399,72 @@ class Claimed:
     held_back: bool = False
 
 
-class BaseBroker(ClusterMethods, Broker, abc.ABC):
+class _CompletingClaims:
+    """:meth:`Broker.complete_and_claim` for :class:`BaseBroker`, and its storage default."""
+
+    _notifier: ChangeNotifier
+    _work_seen_by_claim: int
+    _changes_seen_by_claim: int
+    _next_due: float | None
+    _held_back: bool
+
+    if TYPE_CHECKING:  # BaseBroker's storage methods; declared for the type checker only
+
+        async def _complete_many(
+            self, owner: str, results: dict[str, tuple[int, str]]
+        ) -> set[str]: ...
+
+        async def _claim(
+            self,
+            owner: str,
+            tasks: list[str],
+            limit: int,
+            lease_seconds: float,
+            concurrency: dict[str, int],
+        ) -> Claimed: ...
+
+    async def complete_and_claim(
+        self,
+        owner: str,
+        results: Mapping[str, tuple[int, str]],
+        tasks: Collection[str],
+        *,
+        limit: int,
+        lease_seconds: float,
+        concurrency: Mapping[str, int] | None = None,
+    ) -> tuple[set[str], list[RunRecord]]:
+        check_completions(results)
+        check_claim_options(owner, tasks, limit=limit, lease_seconds=lease_seconds)
+        names = sorted(set(tasks))
+        limits = check_concurrency(concurrency, names)
+        # As claim() does: work that arrives during the call wakes the next wait.
+        self._work_seen_by_claim = self._notifier.generation(work=True)
+        self._changes_seen_by_claim = self._notifier.generation(work=False)
+        done, claimed = await self._complete_and_claim(
+            owner, dict(results), names, limit, lease_seconds, limits
+        )
+        self._next_due = claimed.next_due
+        self._held_back = claimed.held_back
+        if done or claimed.finished:
+            self._notifier.notify(work=False)
+        return done, claimed.runs
+
+    async def _complete_and_claim(
+        self,
+        owner: str,
+        results: dict[str, tuple[int, str]],
+        tasks: list[str],
+        limit: int,
+        lease_seconds: float,
+        concurrency: dict[str, int],
+    ) -> tuple[set[str], Claimed]:
+        """``_complete_many`` then ``_claim`` (``limit`` may be 0); this default makes them
+        two steps, a broker may make them one."""
+        done = await self._complete_many(owner, results) if results else set()
+        return done, await self._claim(owner, tasks, limit, lease_seconds, concurrency)
+
+
+class BaseBroker(_CompletingClaims, ClusterMethods, Broker, abc.ABC):
     """The shared half of a broker: checks, wake-ups, waiting and ``async with``.
 
     A subclass writes its storage (see the module's docstring) and inherits the public
