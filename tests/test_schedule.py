@@ -937,3 +937,18 @@ def test_catch_up_leaves_the_tick_less_than_an_interval_late(
     else:
         assert dropped >= 1
         assert start + schedule.index * interval <= woke < start + (schedule.index + 1) * interval
+
+
+@given(
+    interval=st.floats(min_value=1e-6, max_value=1e6),
+    start=st.floats(min_value=-1e9, max_value=1e9),
+    policy=st.sampled_from(MissedTickPolicy),
+    exec_first=st.booleans(),
+)
+def test_a_schedule_of_checked_arguments_is_the_checked_constructors(
+    interval: float, start: float, policy: MissedTickPolicy, exec_first: bool
+) -> None:
+    made = IntervalSchedule(interval, start=start, policy=policy, exec_first=exec_first)
+    trusted = IntervalSchedule.checked(interval, start=start, policy=policy, exec_first=exec_first)
+    assert repr(trusted) == repr(made)
+    assert (trusted.due, trusted.index, trusted.anchor) == (made.due, made.index, made.anchor)

@@ -51,7 +51,9 @@ class _LoopSpec(TimerSpec):
         assert isinstance(service, LoopService)
         await service.run_once()
 
-    def prepare_bare(self, service: Host) -> tuple[float, Callable[[bool], Awaitable[None]]] | None:
+    def prepare_bare(
+        self, service: Host, now: float
+    ) -> tuple[float, Callable[[bool], Awaitable[None]]] | None:
         return None  # it fires at start, and run() counts the loops of each start
 
     def interval_for(self, service: Host) -> float:

@@ -273,14 +273,19 @@ class Supervisor(Service):
         them, before the next child that can tell.
         """
         together = Countdown()
+        # One reading of the clock for children started together: no time passes between.
+        now: float | None = None
         for child in children:
             if start_is_observable(child.service):
                 await together.wait()
                 together = Countdown()
                 await self._start(child)
+                now = None
             elif not self.should_stop:
                 together.remaining += 1
-                self._spawn_child(child, _Once(together))
+                if now is None:
+                    now = anyio.current_time()
+                self._spawn_child(child, _Once(together), now)
         await together.wait()
 
     async def _stop_in_order(self, children: list[_Child]) -> None:
@@ -330,12 +335,14 @@ class Supervisor(Service):
         self._spawn_child(child, started)
         await started.wait()
 
-    def _spawn_child(self, child: _Child, started: Started | _Once) -> None:
+    def _spawn_child(
+        self, child: _Child, started: Started | _Once, now: float | None = None
+    ) -> None:
         child.running = True
-        child.started_at = anyio.current_time()
+        child.started_at = anyio.current_time() if now is None else now
         # Beside the supervisor's tasks, not one of them: a supervisor's stop does not
         # cancel a child, it stops it gracefully (see supervise()).
-        start_beside(self, lambda: self._run_child(child, started), f"child {child.service.name}")
+        start_beside(self, f"child {child.service.name}", self._run_child, child, started)
 
     async def _run_child(self, child: _Child, started: Started | _Once) -> None:
         outcome: BaseException | None = None

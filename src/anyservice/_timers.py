@@ -144,21 +144,25 @@ class TimerSpec(_PeriodicSpec):
     def new_stats(self) -> TimerStats:
         return TimerStats.for_interval(self.interval)
 
-    def prepare(self, service: Host) -> tuple[TimerStats, IntervalSchedule]:
-        """The statistics and the schedule of a run of the timer, starting now."""
+    def prepare(
+        self, service: Host, now: float | None = None
+    ) -> tuple[TimerStats, IntervalSchedule]:
+        """The statistics and the schedule of a run of the timer, starting ``now``."""
         stats = self.stats_for(service)
         schedule = IntervalSchedule.checked(
             self.interval_for(service),
-            start=anyio.current_time(),
+            start=anyio.current_time() if now is None else now,
             policy=self.policy,
             exec_first=self.exec_first,
         )
         return stats, schedule
 
-    def prepare_bare(self, service: Host) -> tuple[float, Callable[[bool], Awaitable[None]]] | None:
+    def prepare_bare(
+        self, service: Host, now: float
+    ) -> tuple[float, Callable[[bool], Awaitable[None]]] | None:
         if self.exec_first:
             return None  # due at once: nothing to wait for
-        prepared = self.prepare(service)
+        prepared = self.prepare(service, now)
         return prepared[1].due, functools.partial(self.serve, service, prepared)
 
     def run(self, service: Host) -> Coroutine[Any, Any, None]:

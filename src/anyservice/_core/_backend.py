@@ -22,7 +22,15 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-__all__ = ["Waiter", "call_in_loop", "current_loop", "current_task", "new_waiter", "task_coroutine"]
+__all__ = [
+    "Waiter",
+    "call_in_loop",
+    "clock",
+    "current_loop",
+    "current_task",
+    "new_waiter",
+    "task_coroutine",
+]
 
 
 def current_loop() -> object:
@@ -37,6 +45,19 @@ def current_loop() -> object:
         import trio  # reached only under trio, so only imported where it is installed
 
         return trio.lowlevel.current_trio_token()
+
+
+def clock(loop: object) -> Callable[[], float]:
+    """The backend's clock for ``loop`` (what :func:`current_loop` returned).
+
+    What ``anyio.current_time()`` reads, without its look-up of the running backend (a
+    third of what a timer's start costs in calls).
+    """
+    if isinstance(loop, asyncio.AbstractEventLoop):
+        return loop.time
+    import trio
+
+    return trio.current_time
 
 
 def current_task() -> object:

@@ -50,7 +50,7 @@ import anyio.abc
 import anyio.lowlevel
 
 from .. import _hooks
-from ._backend import Waiter, current_task, new_waiter
+from ._backend import Waiter, clock, current_task, new_waiter
 from ._exceptions import only_cancellation
 from ._host import Host
 from ._specs import BackgroundSpec
@@ -969,7 +969,7 @@ async def _wait_bare(run: Run, handover: _Handover) -> bool:
     if wheel is None:
         return False
     spec = service._background_specs[0]
-    prepared = spec.prepare_bare(service)
+    prepared = spec.prepare_bare(service, clock(service._loop)())
     if prepared is None:
         return False
     due, resume = prepared
@@ -1112,8 +1112,10 @@ def _owner_wheel(run: Run) -> Wheel | None:
     return None if wheel.closed else wheel
 
 
-def start_beside(service: Owner, body: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
-    """Run ``body()`` in the task group of ``service``'s run, in no slot of its own.
+def start_beside(
+    service: Owner, name: str, body: Callable[..., Coroutine[Any, Any, None]], *args: Any
+) -> None:
+    """Run ``body(*args)`` in the task group of ``service``'s run, in no slot of its own.
 
     Unlike a background task, a stop does not end it (whoever starts it ends it); the stop
     deadline, or a crash, cancels it with the rest. A supervisor runs its children so.
@@ -1124,7 +1126,7 @@ def start_beside(service: Owner, body: Callable[[], Coroutine[Any, Any, None]], 
     run = service._run
     if run is None or run.task_group is None or run.phase is RunPhase.CLOSED:
         raise RuntimeError(f"{service.name}: its run takes no new tasks")
-    run.task_group.start_soon(body, name=f"{service.name}.{name}")
+    run.task_group.start_soon(body, *args, name=f"{service.name}.{name}")
 
 
 def unwind_unobservable(service: Owner) -> bool:

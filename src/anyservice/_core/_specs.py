@@ -61,8 +61,12 @@ class BackgroundSpec:
     def slot_names(self) -> list[str]:
         return [self.name]
 
-    def prepare_bare(self, service: Host) -> tuple[float, Callable[[bool], Awaitable[None]]] | None:
+    def prepare_bare(
+        self, service: Host, now: float
+    ) -> tuple[float, Callable[[bool], Awaitable[None]]] | None:
         """For a task that can wait for its first due time before its run opens a task group.
+
+        ``now`` is the backend's clock, read for it.
 
         Returns that time (backend clock, later than now) and what runs the task from
         then on, given whether the time has come (False: its run needs a task group
