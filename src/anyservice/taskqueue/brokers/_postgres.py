@@ -835,7 +835,8 @@ class _Waits:
 
     async def wait_until_finished(self, run_id: str, timeout: float) -> RunRecord | None:
         deadline = anyio.current_time() + timeout
-        await self._listen_before_looking()
+        if timeout > 0:
+            await self._listen_before_looking()
         # Registered before each read of the run, so a finish in between is not missed.
         waiter = _Waiter(run_id)
         self._wakeups.add(waiter)
@@ -976,6 +977,30 @@ class _Waits:
         return listener
 
 
+class _ListensBeforeClaiming(BaseBroker):
+    """A claim is the look that a wait for work follows: LISTEN first (see ``_Waits``)."""
+
+    if TYPE_CHECKING:  # written by _Waits; declared for the type checker only
+
+        async def _listen_before_looking(self) -> None: ...
+
+    async def claim(
+        self,
+        owner: str,
+        tasks: Collection[str],
+        *,
+        limit: int,
+        lease_seconds: float,
+        concurrency: Mapping[str, int] | None = None,
+    ) -> list[RunRecord]:
+        # Before the base's claim notes the work generation, so the wake-up that making
+        # the connection sends everyone does not end this claimer's next wait at once.
+        await self._listen_before_looking()
+        return await super().claim(
+            owner, tasks, limit=limit, lease_seconds=lease_seconds, concurrency=concurrency
+        )
+
+
 class _WorkerRecords(_Connections):
     """Who is working, for :class:`PostgresBroker`: faster recovery from a dead worker."""
 
@@ -1042,7 +1067,7 @@ class _WorkerRecords(_Connections):
             )
 
 
-class PostgresBroker(PostgresClusterStorage, _Waits, _WorkerRecords, BaseBroker):
+class PostgresBroker(PostgresClusterStorage, _Waits, _WorkerRecords, _ListensBeforeClaiming):
     """Task runs in a PostgreSQL database shared by workers on any number of hosts.
 
     Args:
@@ -1138,22 +1163,6 @@ class PostgresBroker(PostgresClusterStorage, _Waits, _WorkerRecords, BaseBroker)
                 " SELECT pg_notify(%(channel)s, 'w') WHERE EXISTS (SELECT 1 FROM inserted)",
                 {**insert_parameters(runs), "channel": self._channel},
             )
-        )
-
-    async def claim(
-        self,
-        owner: str,
-        tasks: Collection[str],
-        *,
-        limit: int,
-        lease_seconds: float,
-        concurrency: Mapping[str, int] | None = None,
-    ) -> list[RunRecord]:
-        # A claim is the look a wait for work follows; LISTEN first (the base's claim
-        # then notes the work generation after the wake-up that connecting makes).
-        await self._listen_before_looking()
-        return await super().claim(
-            owner, tasks, limit=limit, lease_seconds=lease_seconds, concurrency=concurrency
         )
 
     async def _claim(
