@@ -42,10 +42,14 @@ from anyservice import Service, ServiceError, ServiceState, task
 
 T = TypeVar("T")
 
-#: Bound on one rule, one invariant check or the teardown: a hang fails the example.
-STEP_TIMEOUT = 5.0
-#: How long a service may take to reach the state a finished operation promises.
-SETTLE_TIMEOUT = 0.5
+#: How long a service may take to reach the state a finished operation promises: a
+#: crashed or stopped tree unwinds its dependencies one after another, each in a few
+#: scheduling rounds, and on a loaded machine a round can take tens of milliseconds. A
+#: bound on a hang, not on speed: the waits end as soon as the state is reached.
+SETTLE_TIMEOUT = 5.0
+#: Bound on one rule, one invariant check or the teardown: a hang fails the example. A
+#: rule may wait for a stop and then for its run to settle, each up to SETTLE_TIMEOUT.
+STEP_TIMEOUT = 3 * SETTLE_TIMEOUT
 
 STARTING = ServiceState.STARTING
 RUNNING = ServiceState.RUNNING

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -34,6 +35,8 @@ PAYLOAD = '{"args":["hi"],"kwargs":{}}'
 LEASE = 30.0
 START = 1_700_000_000.0
 BOOM = RunError(type="ValueError", message="boom", traceback="Traceback ...")
+#: Bound on a wait across threads in real time, generous for a loaded machine.
+REAL_TIME_BOUND = 10.0
 
 
 class FakeClock:
@@ -1353,6 +1356,35 @@ async def test_only_a_retried_failure_counts_as_new_work(broker: Broker) -> None
     assert notifier.generation(work=True) == work
     assert await broker.fail("w1", second.id, 1, BOOM, retry=True)
     assert notifier.generation(work=True) == work + 1
+
+
+async def test_a_wait_in_another_event_loop_sees_a_finish_notified_in_this_one() -> None:
+    # A sync caller's short-lived event loop in a thread of its own (result_sync() from
+    # plain code) waits through the same notifier, whose notify() sets only the events of
+    # the notifying thread: the waiter must compare generations again by itself.
+    broker = MemoryBroker()
+    async with broker:
+        run = await broker.submit("say", PAYLOAD)
+        assert await claim(broker, "w1") == [run.id]
+        seen: list[RunRecord | None] = []
+
+        def wait_in_own_loop() -> None:
+            seen.append(anyio.run(broker.wait_until_finished, run.id, 60.0))
+
+        thread = threading.Thread(target=wait_in_own_loop, daemon=True)
+        thread.start()
+        notifier = broker._notifier
+        with anyio.fail_after(REAL_TIME_BOUND):
+            while not notifier._waiters:  # noqa: ASYNC110 - another thread's wait, no event
+                await anyio.sleep(0.005)
+        assert await broker.complete("w1", run.id, 1, "null")
+        with anyio.fail_after(REAL_TIME_BOUND):
+            while not seen:  # noqa: ASYNC110 - the other thread's result, no event
+                await anyio.sleep(0.005)
+        await anyio.to_thread.run_sync(thread.join)
+        (record,) = seen
+        assert record is not None
+        assert record.state is RunState.COMPLETED
 
 
 # --- purging -------------------------------------------------------------------------------

@@ -897,10 +897,17 @@ async def test_a_record_locked_out_is_retried_while_the_lease_lasts_then_run_aga
 
 
 def remove_database(path: Path, replacement: Path | None) -> None:
-    """Delete the database file (and its WAL and SHM files); move ``replacement`` there."""
-    for suffix in ("", "-wal", "-shm"):
+    """Delete the database file (and its WAL and SHM files), or move ``replacement`` over it.
+
+    The move is one rename, as restoring a backup over the file would be: a worker
+    checking the file meanwhile sees the old file or the new one, never no file (which
+    it would rightly report deleted).
+    """
+    for suffix in ("-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
-    if replacement is not None:
+    if replacement is None:
+        path.unlink()
+    else:
         replacement.replace(path)
 
 

@@ -11,7 +11,12 @@ import anyio.lowlevel
 
 from ._loop_backends import LoopHandle
 
-__all__ = ["ChangeNotifier"]
+__all__ = ["RECHECK_INTERVAL", "ChangeNotifier"]
+
+#: The longest a waiter without a poll sleeps before it compares the generations again:
+#: a change :meth:`ChangeNotifier.notify` records in another thread (another event loop,
+#: such as a sync caller's) sets no event of this one's.
+RECHECK_INTERVAL = 1.0
 
 
 @dataclass(eq=False)
@@ -86,6 +91,7 @@ class ChangeNotifier:
 
         ``poll``, if given, is awaited every ``poll_interval`` seconds to detect changes
         nobody notifies about (another process's commits); it calls :meth:`notify` itself.
+        Without one, the generation is still compared every :data:`RECHECK_INTERVAL`.
         """
         await anyio.lowlevel.checkpoint()
         if self.generation(work=work) != since or timeout <= 0:
@@ -99,7 +105,7 @@ class ChangeNotifier:
                 remaining = deadline - anyio.current_time()
                 if remaining <= 0:
                     return
-                step = remaining if poll is None else min(remaining, poll_interval)
+                step = min(remaining, RECHECK_INTERVAL if poll is None else poll_interval)
                 with anyio.move_on_after(step):
                     await waiter.event.wait()
                 if poll is not None and self.generation(work=work) == since:

@@ -872,7 +872,8 @@ class _Waits:
 
     async def wait_until_finished(self, run_id: str, timeout: float) -> RunRecord | None:
         deadline = anyio.current_time() + timeout
-        await self._listen_before_looking()
+        if timeout > 0:
+            await self._listen_before_looking()
         # Registered before each read of the run, so a finish in between is not missed.
         waiter = _Waiter(run_id)
         self._wakeups.add(waiter)
@@ -1011,6 +1012,52 @@ class _Waits:
         # Notifications sent while nobody listened are lost: everyone looks again.
         self._wakeups.everyone()
         return listener
+
+
+class _ListensBeforeClaiming(BaseBroker):
+    """A claim (alone or with results) is the look that a wait for work follows: LISTEN
+    first (see ``_Waits``)."""
+
+    if TYPE_CHECKING:  # written by _Waits; declared for the type checker only
+
+        async def _listen_before_looking(self) -> None: ...
+
+    async def claim(
+        self,
+        owner: str,
+        tasks: Collection[str],
+        *,
+        limit: int,
+        lease_seconds: float,
+        concurrency: Mapping[str, int] | None = None,
+    ) -> list[RunRecord]:
+        # Before the base's claim notes the work generation, so the wake-up that making
+        # the connection sends everyone does not end this claimer's next wait at once.
+        await self._listen_before_looking()
+        return await super().claim(
+            owner, tasks, limit=limit, lease_seconds=lease_seconds, concurrency=concurrency
+        )
+
+    async def complete_and_claim(
+        self,
+        owner: str,
+        results: Mapping[str, tuple[int, str]],
+        tasks: Collection[str],
+        *,
+        limit: int,
+        lease_seconds: float,
+        concurrency: Mapping[str, int] | None = None,
+    ) -> tuple[set[str], list[RunRecord]]:
+        # A claim too: LISTEN before it looks, as claim() does.
+        await self._listen_before_looking()
+        return await super().complete_and_claim(
+            owner,
+            results,
+            tasks,
+            limit=limit,
+            lease_seconds=lease_seconds,
+            concurrency=concurrency,
+        )
 
 
 class _WorkerRecords(_Connections):
@@ -1267,7 +1314,7 @@ class _Claims(_WorkerRecords):
         return done
 
 
-class PostgresBroker(PostgresClusterStorage, _Waits, _Claims, BaseBroker):
+class PostgresBroker(PostgresClusterStorage, _Waits, _Claims, _ListensBeforeClaiming):
     """Task runs in a PostgreSQL database shared by workers on any number of hosts.
 
     Args:
@@ -1366,43 +1413,6 @@ class PostgresBroker(PostgresClusterStorage, _Waits, _Claims, BaseBroker):
         )
         if len(runs) >= _ANALYZE_AFTER:
             await self._refresh_statistics()
-
-    async def claim(
-        self,
-        owner: str,
-        tasks: Collection[str],
-        *,
-        limit: int,
-        lease_seconds: float,
-        concurrency: Mapping[str, int] | None = None,
-    ) -> list[RunRecord]:
-        # A claim is the look a wait for work follows; LISTEN first (the base's claim
-        # then notes the work generation after the wake-up that connecting makes).
-        await self._listen_before_looking()
-        return await super().claim(
-            owner, tasks, limit=limit, lease_seconds=lease_seconds, concurrency=concurrency
-        )
-
-    async def complete_and_claim(
-        self,
-        owner: str,
-        results: Mapping[str, tuple[int, str]],
-        tasks: Collection[str],
-        *,
-        limit: int,
-        lease_seconds: float,
-        concurrency: Mapping[str, int] | None = None,
-    ) -> tuple[set[str], list[RunRecord]]:
-        # A claim too: LISTEN before it looks, as claim() does.
-        await self._listen_before_looking()
-        return await super().complete_and_claim(
-            owner,
-            results,
-            tasks,
-            limit=limit,
-            lease_seconds=lease_seconds,
-            concurrency=concurrency,
-        )
 
     async def _refresh_statistics(self) -> None:
         """Refresh the planner's statistics of the runs table after a large submission.
