@@ -190,12 +190,24 @@ class _Series:
         kind = CounterMetricFamily if counter else GaugeMetricFamily
         family = kind(self.name, self.documentation, labels=self.labels)
         sample_name = f"{self.name}_total" if counter else self.name
-        labels = self.labels
-        # Samples made here rather than by add_metric(), which checks and copies each.
-        family.samples = [
-            Sample(sample_name, dict(zip(labels, values, strict=True)), value)
-            for values, value in self.rows
-        ]
+        # Samples made here rather than by add_metric(), which checks and copies each;
+        # the labels of the usual one or two names as a literal, a third of dict(zip()).
+        rows = self.rows
+        if len(self.labels) == 1:
+            (key,) = self.labels
+            samples = [Sample(sample_name, {key: values[0]}, value) for values, value in rows]
+        elif len(self.labels) == 2:
+            first, second = self.labels
+            samples = [
+                Sample(sample_name, {first: values[0], second: values[1]}, value)
+                for values, value in rows
+            ]
+        else:
+            samples = [
+                Sample(sample_name, dict(zip(self.labels, values, strict=True)), value)
+                for values, value in rows
+            ]
+        family.samples = samples
         return family
 
 
