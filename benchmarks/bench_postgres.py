@@ -184,6 +184,7 @@ def _raw_loop(url: str, owner: str, runs: int) -> None:
         while True:
             at = time.time()
             with conn.pipeline():
+                conn.execute(pg._CLAIM_SETTINGS[bool(held)], prepare=True)
                 if held:
                     conn.execute(
                         complete,
@@ -197,8 +198,6 @@ def _raw_loop(url: str, owner: str, runs: int) -> None:
                         },
                         prepare=True,
                     )
-                else:
-                    conn.execute(pg._ASYNC_COMMIT, prepare=True)
                 claimed = conn.execute(
                     claim,
                     {
