@@ -184,7 +184,6 @@ def _raw_loop(url: str, owner: str, runs: int) -> None:
         while True:
             at = time.time()
             with conn.pipeline():
-                conn.execute(pg._CLAIM_SETTINGS[bool(held)], prepare=True)
                 if held:
                     conn.execute(
                         complete,
@@ -198,6 +197,8 @@ def _raw_loop(url: str, owner: str, runs: int) -> None:
                         },
                         prepare=True,
                     )
+                else:
+                    conn.execute(pg._ASYNC_COMMIT, prepare=True)
                 claimed = conn.execute(
                     claim,
                     {
@@ -337,6 +338,7 @@ def run(config: Config) -> list[Table]:
         return []
     runs = runs_for(config)
     repeats = config.repeats(full=5, quick=2)
+    load_before = os.getloadavg()[0]
     rates = Table(
         f"No-op runs per second on PostgreSQL ({fmt_count(runs)} runs, fsync on) vs the "
         "broker's statements from bare psycopg loops",
@@ -397,6 +399,8 @@ def run(config: Config) -> list[Table]:
                 verdict(max(best, lite) <= RECOVERY_TARGET),
             )
     rates.notes += [
+        f"Load average (1 minute) at the start and at the end of the run: {load_before:.1f} "
+        f"and {os.getloadavg()[0]:.1f}, on {os.cpu_count()} cores shared with other jobs.",
         f"Medians of {repeats} runs after one discarded warm-up pair, anyservice and "
         "baseline alternating, each sample on a fresh schema of one server started for the "
         "benchmark (PostgreSQL on loopback, `fsync=on`, `synchronous_commit=on`: the "

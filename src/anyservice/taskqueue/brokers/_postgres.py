@@ -302,16 +302,6 @@ _LOCK_LIMITED = "SELECT pg_advisory_xact_lock(key) FROM unnest(%(keys)s::bigint[
 # on the way from a submit to the run's start.
 _ASYNC_COMMIT = "SELECT set_config('synchronous_commit', 'off', true)"
 
-# The claim statement is planned once per connection, not at every claim: planning its
-# dozen branches cost more than running them (a claim of one due run: 0.8 ms against
-# 1.7 ms at best, 10 000 due runs: 2.4 ms against 5.0 ms). The generic plan is made again
-# whenever the table's statistics change. For the rest of the transaction only.
-_GENERIC_PLANS = "SELECT set_config('plan_cache_mode', 'force_generic_plan', true)"
-_CLAIM_SETTINGS = {
-    True: _GENERIC_PLANS,
-    False: f"{_GENERIC_PLANS}, {_ASYNC_COMMIT.removeprefix('SELECT ')}",
-}
-
 
 # Completions in one statement, each fenced by its own claim; the waiters in other
 # processes learn of the finished runs from one notification per chunk of ids (a payload
@@ -690,16 +680,15 @@ class _Connections:
         committed together at the sync, or rolled back together if one fails (psycopg's
         ``transaction()`` would cost a round trip for its BEGIN and one for its COMMIT).
         Each statement begins after the one before it ended, so it sees what that one did
-        and what others committed meanwhile. The statements (claims) run on generic plans
-        (see :data:`_GENERIC_PLANS`); ``durable=False`` commits without waiting for the
-        WAL flush (see :data:`_ASYNC_COMMIT`).
+        and what others committed meanwhile. ``durable=False`` commits without waiting for
+        the WAL flush (see :data:`_ASYNC_COMMIT`).
         """
         statements = [(self._compose(query), parameters) for query, parameters in steps]
-        settings = _CLAIM_SETTINGS[durable]
 
         def execute(conn: psycopg.Connection[Any]) -> list[list[tuple[Any, ...]]]:
             with conn.pipeline():
-                conn.execute(settings, prepare=True)
+                if not durable:
+                    conn.execute(_ASYNC_COMMIT, prepare=True)
                 cursors = [
                     conn.execute(statement, parameters, prepare=True)
                     for statement, parameters in statements
