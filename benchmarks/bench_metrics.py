@@ -216,9 +216,11 @@ async def fill(url: str, runs: int) -> None:
 
 
 def scrape_sample(url: str, scrapes: int) -> SampleFunction:
+    """The first scrape of a status server's exposition, and the scrapes after it."""
+
     async def sample() -> Metrics:
         anyservice = _api()
-        from anyservice._status._metrics import Observations, exposition
+        from anyservice._status._metrics import Exposition, Observations
 
         class Ticking(anyservice.Service):
             @anyservice.timer(0.5)
@@ -237,15 +239,20 @@ def scrape_sample(url: str, scrapes: int) -> SampleFunction:
             try:
                 async with root:
                     await anyio.sleep(1.1)  # every timer has ticked: histograms to export
-                    times = []
+                    first, later = [], []
                     for _ in range(scrapes):
-                        started = now()
-                        body, _ = await exposition(root, observations)
-                        times.append(now() - started)
+                        # A server's first scrape formats every family; the ones after
+                        # it, only those whose rows changed (here: the lateness
+                        # histogram, as the timers go on ticking).
+                        exposition = Exposition(root, observations)
+                        for times in (first, later, later):
+                            started = now()
+                            body, _ = await exposition.render()
+                            times.append(now() - started)
             finally:
                 Observations.stop()
         assert b'anyservice_task_queue_depth{state="completed"} 10000.0' in body
-        return {"scrape": median(times), "bytes": len(body)}
+        return {"first": median(first), "later": median(later), "bytes": len(body)}
 
     return sample
 
@@ -298,7 +305,7 @@ def run(config: Config) -> list[Table]:
     scrape = Table(
         f"`/metrics` scrape, {fmt_count(SERVICES)} services and {fmt_count(FINISHED_RUNS)} "
         "finished runs on SQLite, vs prometheus_client exposing the same series",
-        ["backend", "anyservice", "baseline", "ratio", "size", "target", "met?"],
+        ["backend", "scrape", "anyservice", "baseline", "ratio", "size", "target", "met?"],
     )
     for backend in config.backends:
         on, off = compare(
@@ -357,18 +364,22 @@ def run(config: Config) -> list[Table]:
         for backend in config.backends:
             baseline = run_once(backend, plain_scrape_sample(scrapes))
             if not ready:
-                scrape.add_row(backend, problem, fmt_time(baseline["scrape"]), "—", "—", "—", "—")
+                scrape.add_row(
+                    backend, "—", problem, fmt_time(baseline["scrape"]), "—", "—", "—", "—"
+                )
                 continue
             subject = run_once(backend, scrape_sample(url, scrapes), timeout=600.0)
-            scrape.add_row(
-                backend,
-                fmt_time(subject["scrape"]),
-                fmt_time(baseline["scrape"]),
-                fmt_ratio(ratio(subject["scrape"], baseline["scrape"])),
-                f"{subject['bytes'] / 1024:.0f} KiB",
-                f"<= {fmt_time(SCRAPE_TARGET)}",
-                verdict(subject["scrape"] <= SCRAPE_TARGET),
-            )
+            for which, label in (("first", "first"), ("later", "the next ones")):
+                scrape.add_row(
+                    backend,
+                    label,
+                    fmt_time(subject[which]),
+                    fmt_time(baseline["scrape"]),
+                    fmt_ratio(ratio(subject[which], baseline["scrape"])),
+                    f"{subject['bytes'] / 1024:.0f} KiB",
+                    f"<= {fmt_time(SCRAPE_TARGET)}",
+                    verdict(subject[which] <= SCRAPE_TARGET),
+                )
     ticks.notes += [
         'A `@timer(1e-05, policy="burst")` is always due, so it ticks back to back: the time '
         "per tick is the tick machinery's own. Both sides run an idle status server in the "
@@ -379,8 +390,12 @@ def run(config: Config) -> list[Table]:
         "the hook's share as large as it gets; on SQLite the share is smaller still.",
     ]
     scrape.notes += [
-        f"Median of {scrapes} scrapes in one running tree (the tree is built once per backend: "
-        "1 000 services are not started per scrape). The anyservice figure includes reading "
+        f"One running tree (built once per backend: 1 000 services are not started per "
+        f"scrape), {scrapes} fresh expositions of it, each scraped three times: the median of "
+        "the first scrapes, and of the two after each. The first formats every family; a "
+        "later one formats again only the families whose rows changed since the scrape "
+        "before (here the lateness histogram: the timers go on ticking) and answers the "
+        "others with the text formatted then. Every scrape includes reading "
         "every service's state and timer statistics and the broker's grouped count of runs by "
         "state; the baseline only formats prometheus_client's own objects holding the same "
         "services and timers.",

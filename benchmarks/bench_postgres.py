@@ -412,15 +412,14 @@ def run(config: Config) -> list[Table]:
         f"raw psycopg: the same runs, claimed with the broker's own claim statement (up to "
         f"{LIMIT} at once), then each batch completed with the broker's fenced "
         "`UPDATE ... FROM unnest(...)` and the next batch claimed in the same pipelined "
-        "transaction (what a worker at its limit sends), by as many bare sync psycopg loops "
+        "transaction (`broker.complete_and_claim`), by as many bare sync psycopg loops "
         "as there are worker processes, one connection and thread each: the statements' "
         "own cost, without event loop, worker, threads hops or JSON.",
         f"Target: >= {fmt_count(round(THROUGHPUT_TARGET))} runs/s with 4 worker processes.",
-        "A worker at its limit records the runs that finish together and claims the runs "
-        "that take their slots in one `complete_and_claim` call: one pipelined transaction, "
-        "one round trip, one commit (one WAL flush, one NOTIFY per 200 finished ids) per "
-        f"batch of up to {LIMIT}; a claim on its own commits without waiting for the WAL "
-        "flush (a lost claim only makes its runs claimable again).",
+        "A worker's runners hand finished runs to a batch, stored by one `complete_many` "
+        "statement (one commit, one WAL flush, one NOTIFY per 200 finished ids) while the "
+        "next claim goes out; a claim is one pipelined round trip that commits without "
+        "waiting for the WAL flush (a lost claim only makes its runs claimable again).",
     ]
     latencies.notes += [
         "One `serve()` process; `await stamp.delay()` here, the task returns `time.time()` "

@@ -452,7 +452,8 @@ def timer_rows(config: Config) -> list[Table]:
         "STOPPED), against `tg.cancel_scope.cancel()` until the task group exits. Neither "
         "the parent nor the supervisor can be seen stopping its timer services in any "
         "order, so both stop them together; each idle timer waits on its owner's timer "
-        "wheel, which a stop wakes instead of cancelling it.",
+        "wheel, which a stop wakes instead of cancelling it, and until its first tick its "
+        "service holds no task group of its own.",
         f"Target: <= {TARGET}x.",
     ]
     memory.notes += [

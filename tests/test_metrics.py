@@ -91,6 +91,30 @@ async def test_timer_lateness_is_one_histogram_per_class_and_timer() -> None:
     assert sorted(s.labels["service"] for s in overruns) == [t.name for t in tickers]
 
 
+async def test_a_scrape_after_a_change_exports_the_new_figures() -> None:
+    # A family whose rows are those of the last scrape is answered from the text formatted
+    # then: a restart, a stop and a new health check must each reach the next scrape.
+    flaky = BreaksOnce("flaky")
+    steady = Ticker(name="steady")
+    tree = Supervisor(flaky, steady, name="top")
+    async with StatusServer(tree, metrics=True) as server, tree:
+        await until(lambda: all(s.state is ServiceState.RUNNING for s in (flaky, steady)))
+        before = await scrape(server)
+        flaky.now.set()
+        await until(lambda: flaky.restart_count == 1 and flaky.state is ServiceState.RUNNING)
+        after_restart = await scrape(server)
+        await steady.stop()
+        after_stop = await scrape(server)
+    restarts = "anyservice_service_restarts"
+    assert value(before[restarts], f"{restarts}_total", service="flaky") == 0
+    assert value(after_restart[restarts], f"{restarts}_total", service="flaky") == 1
+    up = "anyservice_service_up"
+    assert value(after_restart[up], up, service="steady") == 1
+    assert value(after_stop[up], up, service="steady") == 0
+    # What did not change is still there, as it was.
+    assert after_stop[restarts] == after_restart[restarts]
+
+
 @pytest.fixture
 async def queue(tmp_path: Path) -> AsyncIterator[TaskQueue]:
     async with TaskQueue(f"sqlite:///{tmp_path / 'runs.db'}") as queue:

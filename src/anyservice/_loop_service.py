@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import anyio
@@ -51,9 +51,13 @@ class _LoopSpec(TimerSpec):
         assert isinstance(service, LoopService)
         await service.run_once()
 
+    def prepare_bare(self, service: Host) -> tuple[float, Callable[[bool], Awaitable[None]]] | None:
+        return None  # it fires at start, and run() counts the loops of each start
+
     def interval_for(self, service: Host) -> float:
         assert isinstance(service, LoopService)
-        return service.loop_seconds
+        # Checked again at each start: an instance attribute may have been set since.
+        return check_interval(service.loop_seconds, f"{service.name}: loop_seconds")
 
     def new_stats(self) -> TimerStats:
         return TimerStats()

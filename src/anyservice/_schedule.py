@@ -134,6 +134,21 @@ class IntervalSchedule:
         self._policy = check_policy(policy)
         self._index = 0 if exec_first else 1
 
+    @classmethod
+    def checked(
+        cls, interval: float, *, start: float, policy: MissedTickPolicy, exec_first: bool
+    ) -> IntervalSchedule:
+        """The schedule of arguments already checked (a ``@timer``'s, at each start).
+
+        The checks of ``__init__`` are not repeated for every service a class starts.
+        """
+        schedule = cls.__new__(cls)
+        schedule._interval = interval
+        schedule._anchor = start
+        schedule._policy = policy
+        schedule._index = 0 if exec_first else 1
+        return schedule
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}({self._interval!r}, anchor={self._anchor!r}, "
@@ -480,7 +495,7 @@ class CronSchedule:
         return self._instants(candidate)[1]
 
 
-@dataclass
+@dataclass(slots=True)
 class TimerStats:
     """Statistics of one timer, readable while it runs (``service.timer_stats[name]``).
 

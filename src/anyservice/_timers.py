@@ -8,8 +8,9 @@ schedule's business (:mod:`anyservice._schedule`), which never accumulates error
 from __future__ import annotations
 
 import datetime
+import functools
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Literal, TypeVar, cast
@@ -18,7 +19,15 @@ import anyio
 
 from . import _hooks
 from ._checks import Seconds, check_choice, check_coroutine_function
-from ._core import BackgroundSpec, Host, attach_spec, check_name, idle_until
+from ._core import (
+    BackgroundSpec,
+    Host,
+    attach_spec,
+    check_name,
+    idle_released,
+    idle_until,
+    serving_scope,
+)
 from ._schedule import (
     CronSchedule,
     IntervalSchedule,
@@ -110,6 +119,7 @@ class TimerSpec(_PeriodicSpec):
     """A ``@timer``: the body on a fixed grid of the backend's monotonic clock."""
 
     kind = "timer"
+    enters_own_scope = True
 
     def __init__(
         self,
@@ -134,37 +144,69 @@ class TimerSpec(_PeriodicSpec):
     def new_stats(self) -> TimerStats:
         return TimerStats.for_interval(self.interval)
 
-    async def run(self, service: Host) -> None:
+    def prepare(self, service: Host) -> tuple[TimerStats, IntervalSchedule]:
+        """The statistics and the schedule of a run of the timer, starting now."""
         stats = self.stats_for(service)
-        schedule = IntervalSchedule(
+        schedule = IntervalSchedule.checked(
             self.interval_for(service),
             start=anyio.current_time(),
             policy=self.policy,
             exec_first=self.exec_first,
         )
+        return stats, schedule
+
+    def prepare_bare(self, service: Host) -> tuple[float, Callable[[bool], Awaitable[None]]] | None:
+        if self.exec_first:
+            return None  # due at once: nothing to wait for
+        prepared = self.prepare(service)
+        return prepared[1].due, functools.partial(self.serve, service, prepared)
+
+    def run(self, service: Host) -> Coroutine[Any, Any, None]:
+        # The loop's own coroutine, not one around it: a frame less held while it idles.
+        return self.serve(service, self.prepare(service), False)
+
+    async def serve(
+        self, service: Host, prepared: tuple[TimerStats, IntervalSchedule], due_now: bool
+    ) -> None:
+        """Tick until released; ``due_now``: the first due time has come already."""
+        stats, schedule = prepared
         skip = self.policy is MissedTickPolicy.SKIP
-        while True:
-            due = schedule.due
-            if not await idle_until(due):
+        due = schedule.due
+        if not due_now:
+            await idle_until(due)
+            if idle_released():
                 return  # the service stops: the timer ends, as if cancelled while idle
-            if skip:
-                due = self.catch_up(service, stats, schedule, due)
-            started, finished = await self.run_body(service, stats, due)
-            if skip and finished - started <= schedule.interval:
-                # The body alone fits in an interval: if it still ended past the next grid
-                # point, a late start did that, and the next tick runs at once, late, rather
-                # than being counted as an overrun and skipped. (Never before its start:
-                # the time between the wake-up and the start, a slow log handler's, say,
-                # may already be past that point.)
-                finished = max(started, min(finished, due + schedule.interval))
-            outcome = schedule.advance(started, finished)
-            stats.missed += outcome.missed
-            if outcome.overran:
-                stats.overruns += 1
-                self.report_overrun(service, stats, finished - started, outcome)
-            else:
-                stats._overrunning = False
-            await self.after_tick(service)
+        # Due: from here the body, and what follows it, run in the slot's scope.
+        with serving_scope():
+            while True:
+                if skip:
+                    due = self.catch_up(service, stats, schedule, due)
+                await self.tick(service, stats, schedule, due)
+                due = schedule.due
+                await idle_until(due)
+                if idle_released():
+                    return
+
+    async def tick(
+        self, service: Host, stats: TimerStats, schedule: IntervalSchedule, due: float
+    ) -> None:
+        """Run one due tick and account for it; the schedule moves to the next."""
+        started, finished = await self.run_body(service, stats, due)
+        if self.policy is MissedTickPolicy.SKIP and finished - started <= schedule.interval:
+            # The body alone fits in an interval: if it still ended past the next grid
+            # point, a late start did that, and the next tick runs at once, late, rather
+            # than being counted as an overrun and skipped. (Never before its start:
+            # the time between the wake-up and the start, a slow log handler's, say,
+            # may already be past that point.)
+            finished = max(started, min(finished, due + schedule.interval))
+        outcome = schedule.advance(started, finished)
+        stats.missed += outcome.missed
+        if outcome.overran:
+            stats.overruns += 1
+            self.report_overrun(service, stats, finished - started, outcome)
+        else:
+            stats._overrunning = False
+        await self.after_tick(service)
 
     def catch_up(
         self, service: Host, stats: TimerStats, schedule: IntervalSchedule, due: float

@@ -47,6 +47,18 @@ class OpenTelemetry:
         self._propagator = TraceContextTextMapPropagator()
         # A proxy until the application sets a tracer provider, then that provider's.
         self._tracer = trace.get_tracer("anyservice")
+        self._no_provider = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
+
+    def records_spans(self, traceparent: str | None) -> bool:
+        """Whether a run's span would be more than OpenTelemetry's no-op.
+
+        With no tracer provider set and no submitter's context, the span would record
+        nothing and carry no context to what the run submits: a worker skips it, since
+        entering and leaving it costs more than a no-op run.
+        """
+        if traceparent is not None:
+            return True
+        return not isinstance(self._trace.get_tracer_provider(), self._no_provider)
 
     def traceparent(self) -> str | None:
         """The current span's context as a ``traceparent`` header, or ``None`` if none."""

@@ -251,6 +251,38 @@ anyio.run(main)
 
 
 @pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="Unix datagram sockets")
+async def test_a_short_call_that_meets_a_locked_file_waits_in_the_thread(tmp_path: Path) -> None:
+    # A lone claim runs in the caller's thread when the connection's is idle; one that
+    # meets another process's write lock must wait in the connection's thread instead,
+    # leaving the event loop free (here: to end the other transaction).
+    path = tmp_path / "runs.db"
+    async with SqliteBroker(path, busy_timeout=10) as broker:
+        run = await broker.submit("say", PAYLOAD)
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        gaps: list[float] = []
+
+        async def release_soon() -> None:
+            last = anyio.current_time()
+            for _ in range(5):
+                await anyio.sleep(0.01)
+                gaps.append(anyio.current_time() - last)
+                last = anyio.current_time()
+            holder.execute("COMMIT")
+
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(release_soon)
+                with anyio.fail_after(PROMPTLY):
+                    claimed = await broker.claim("w", ["say"], limit=1, lease_seconds=30)
+        finally:
+            holder.close()
+    assert [record.id for record in claimed] == [run.id]
+    # Blocked in SQLite's own wait, the loop would have stalled for busy_timeout (10 s).
+    assert len(gaps) == 5
+    assert max(gaps) < 5
+
+
 async def test_a_submit_in_another_process_wakes_a_waiting_broker_without_polling(
     tmp_path: Path,
 ) -> None:

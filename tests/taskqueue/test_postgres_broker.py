@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any
 
 import anyio
@@ -248,6 +248,63 @@ async def test_a_result_awaited_in_another_process_arrives_on_notification(url: 
                 assert await worker.complete("w1", run.id, 1, '"ok"')
         assert done == [RunState.COMPLETED]
         assert time.monotonic() - started < PROMPTLY
+
+
+class ListensLate(PostgresBroker):
+    """A real broker that runs ``before_listening`` (once) just before it next LISTENs.
+
+    It puts a change from another process right before this broker's LISTEN takes
+    effect: the change's notification reaches nobody, so only a look at the database
+    after LISTEN can see it.
+    """
+
+    before_listening: Callable[[], Coroutine[Any, Any, object]] | None = None
+
+    def _connect_listener(self) -> psycopg.Connection[Any]:
+        step, self.before_listening = self.before_listening, None
+        if step is not None:
+            anyio.from_thread.run(step)
+        return super()._connect_listener()
+
+
+async def test_a_run_finished_as_the_waiter_starts_listening_is_seen(url: str) -> None:
+    async with PostgresBroker(url) as worker, ListensLate(url) as waiter:
+        run = await worker.submit("say", PAYLOAD)
+        assert await worker.claim("w1", ["say"], limit=1, lease_seconds=30)
+        waiter.before_listening = lambda: worker.complete("w1", run.id, 1, '"ok"')
+        # Polling is off (the fixture's URL): the wait must look after LISTEN.
+        with anyio.fail_after(PROMPTLY):
+            record = await waiter.wait_until_finished(run.id, timeout=3600)
+        assert record is not None
+        assert record.state is RunState.COMPLETED
+        assert waiter.before_listening is None  # it did finish right before LISTEN
+
+
+async def test_work_submitted_as_the_worker_starts_listening_is_claimed(url: str) -> None:
+    async with ListensLate(url) as worker, PostgresBroker(url) as submitter:
+        worker.before_listening = lambda: submitter.submit("say", PAYLOAD)
+        with anyio.fail_after(PROMPTLY):
+            claimed = await worker.claim("w1", ["say"], limit=1, lease_seconds=30)
+            while not claimed:
+                await worker.wait_for_work(timeout=3600)
+                claimed = await worker.claim("w1", ["say"], limit=1, lease_seconds=30)
+        assert worker.before_listening is None
+
+
+async def test_a_run_finished_while_the_listen_connection_was_down_is_seen(url: str) -> None:
+    async with PostgresBroker(url) as worker, ListensLate(url) as waiter:
+        run = await worker.submit("say", PAYLOAD)
+        assert await worker.claim("w1", ["say"], limit=1, lease_seconds=30)
+        assert (await waiter.wait_until_finished(run.id, timeout=0)) == await worker.get(run.id)
+        assert waiter._listener is not None
+        # The LISTEN connection is lost; the run finishes just before it is made again.
+        await admin(url, "SELECT pg_terminate_backend(%s)", waiter._listener.info.backend_pid)
+        waiter.before_listening = lambda: worker.complete("w1", run.id, 1, '"ok"')
+        with anyio.fail_after(PROMPTLY):
+            record = await waiter.wait_until_finished(run.id, timeout=3600)
+        assert record is not None
+        assert record.state is RunState.COMPLETED
+        assert (waiter.before_listening, waiter.listen_connects) == (None, 2)
 
 
 async def note_finish(broker: PostgresBroker, run_id: str, finished: dict[str, RunState]) -> None:

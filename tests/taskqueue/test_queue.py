@@ -302,6 +302,22 @@ async def test_arguments_that_do_not_fit_the_signature_fail_at_delay(queue: Task
         await say.delay("hi", loud=True)  # type: ignore[call-arg]
 
 
+async def test_each_call_shape_is_judged_alike_every_time(queue: TaskQueue) -> None:
+    # Whether a call fits depends only on how many arguments and which keywords: the
+    # verdict is remembered per shape, a refusal as well as a fit.
+    @queue.task
+    async def say(message: str) -> None: ...
+
+    for _ in range(2):
+        with pytest.raises(TypeError, match="task 'say': missing a required argument"):
+            await say.delay()  # type: ignore[call-arg]
+        await say.delay("hi")
+        await say.delay(message="ho")
+        with pytest.raises(TypeError, match=r"task 'say'.*unexpected keyword argument 'loud'"):
+            await say.delay("hi", loud=True)  # type: ignore[call-arg]
+    assert (await queue.counts())[RunState.SCHEDULED] == 4
+
+
 async def test_delay_sync_refuses_to_block_a_running_event_loop(queue: TaskQueue) -> None:
     @queue.task
     async def say(message: str) -> None: ...

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import traceback
+import uuid
 from dataclasses import replace
 
 import pytest
@@ -598,3 +599,12 @@ def test_a_claim_picks_greedily_in_order_within_its_limit_and_each_tasks_slots(
     assert (picked.held_back, picked.left_over) == (held_back, left_over)
     for task, slots in free.items():
         assert sum(1 for run in picked.runs if run.task == task) <= slots
+
+
+def test_a_batch_of_new_run_ids_are_distinct_uuid4_hex_strings() -> None:
+    ids = records.new_run_ids(500)
+    assert len(set(ids)) == 500
+    for run_id in ids:
+        parsed = uuid.UUID(run_id)
+        assert (parsed.hex, parsed.version, parsed.variant) == (run_id, 4, uuid.RFC_4122)
+    assert records.new_run_ids(0) == []

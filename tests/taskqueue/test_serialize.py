@@ -48,6 +48,15 @@ def test_payload_is_an_object_of_args_and_kwargs() -> None:
     assert decode_arguments(encode_arguments("say", (), {})) == ([], {})
 
 
+def test_payload_text_is_compact_ascii_json() -> None:
+    # The stored text itself (not only what it decodes to) stays the same for every way
+    # of encoding it: runs are compared and deduplicated by it.
+    assert encode_arguments("say", ("hi", 1), {"loud": True, "name": "é"}) == (
+        '{"args":["hi",1],"kwargs":{"loud":true,"name":"\\u00e9"}}'
+    )
+    assert encode_arguments("say", (), {}) == '{"args":[],"kwargs":{}}'
+
+
 def test_tuples_come_back_as_lists() -> None:
     assert decode_arguments(encode_arguments("say", [(1, 2)], {})) == ([[1, 2]], {})
 

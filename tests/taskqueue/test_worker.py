@@ -994,20 +994,10 @@ class CompletionCountingBroker(MemoryBroker):
         super().__init__()
         self.batches: list[int] = []
         self.singles = 0
-        #: (results recorded, runs claimed) of each complete_and_claim call.
-        self.refills: list[tuple[int, int]] = []
 
     async def complete_many(self, owner: str, results: Mapping[str, tuple[int, str]]) -> set[str]:
         self.batches.append(len(results))
         return await super().complete_many(owner, results)
-
-    async def complete_and_claim(
-        self, owner: str, results: Mapping[str, tuple[int, str]], tasks: Any, **claim: Any
-    ) -> tuple[set[str], list[RunRecord]]:
-        self.batches.append(len(results))
-        done, claimed = await super().complete_and_claim(owner, results, tasks, **claim)
-        self.refills.append((len(results), len(claimed)))
-        return done, claimed
 
     async def complete(self, owner: str, run_id: str, attempt: int, result: str) -> bool:
         self.singles += 1
@@ -1037,31 +1027,6 @@ async def test_runs_that_finish_together_are_recorded_in_one_broker_call() -> No
 
 
 @pytest.mark.virtual_time
-async def test_a_worker_at_its_limit_claims_the_next_runs_with_the_results_it_records() -> None:
-    broker = CompletionCountingBroker()
-    async with TaskQueue(broker=broker) as queue:
-
-        @queue.task
-        async def double(number: int) -> int:
-            return 2 * number
-
-        runs = await double.map(range(6))
-        async with TaskWorker(double, limit=2):
-            assert [await run.result(timeout=PROMPTLY) for run in runs] == [
-                2 * number for number in range(6)
-            ]
-        # Each batch's results and the claim of the runs taking its slots went in one
-        # call, until nothing was left to claim; the claim loop claimed only the first two.
-        assert sum(claimed for _, claimed in broker.refills) == 4
-        assert broker.refills[-1][1] == 0
-        assert (sum(broker.batches), broker.singles) == (6, 0)
-        for run in runs:
-            stored = await broker.get(run.id)
-            assert stored is not None
-            assert (stored.state, stored.attempts) == (RunState.COMPLETED, 1)
-
-
-@pytest.mark.virtual_time
 async def test_a_run_finishing_later_is_recorded_without_waiting_for_the_others() -> None:
     broker = CompletionCountingBroker()
     async with TaskQueue(broker=broker) as queue:
@@ -1080,3 +1045,90 @@ async def test_a_run_finishing_later_is_recorded_without_waiting_for_the_others(
             release.set()
             assert await held.result(timeout=PROMPTLY) is True
         assert broker.batches == [1, 1]
+
+
+# --- runners that do not wait for their run's record -----------------------------------------
+
+
+class _GatedBroker(MemoryBroker):
+    """A memory broker whose batched completions wait for a gate: results stay in the
+    worker's batch, unrecorded, for as long as a test needs."""
+
+    def __init__(self) -> None:
+        super().__init__(clock=anyio.current_time)
+        self.gate = anyio.Event()
+        self.batches: list[set[str]] = []
+
+    async def complete_many(self, owner: str, results: Mapping[str, tuple[int, str]]) -> set[str]:
+        await self.gate.wait()
+        done = await super().complete_many(owner, results)
+        self.batches.append(done)
+        return done
+
+
+@pytest.mark.virtual_time
+async def test_a_runner_takes_its_next_run_while_the_last_ones_result_is_recorded() -> None:
+    broker = _GatedBroker()
+    async with TaskQueue(broker=broker) as queue:
+        second_started = anyio.Event()
+
+        @queue.task
+        async def first() -> str:
+            return "first"
+
+        @queue.task
+        async def second() -> str:
+            second_started.set()
+            return "second"
+
+        async with TaskWorker(first, second, limit=1) as worker:
+            one = await first.delay()
+            await wait_until(lambda: worker.status()["in_flight"] != {}, "first claimed")
+            two = await second.delay()
+            # The first run's result waits at the gate; its one runner went on meanwhile.
+            with anyio.fail_after(30):
+                await second_started.wait()
+            assert await one.refresh() is RunState.RUNNING
+            broker.gate.set()
+            assert await one.result(timeout=30) == "first"
+            assert await two.result(timeout=30) == "second"
+        assert worker.counts["completed"] == 2
+
+
+@pytest.mark.virtual_time
+async def test_a_run_cancelled_while_its_predecessors_result_is_unrecorded() -> None:
+    broker = _GatedBroker()
+    async with TaskQueue(broker=broker) as queue:
+        endless_started = anyio.Event()
+        cleaned_up: list[str] = []
+
+        @queue.task
+        async def quick(label: str) -> str:
+            return label
+
+        @queue.task
+        async def endless() -> None:
+            endless_started.set()
+            try:
+                await anyio.sleep_forever()
+            finally:
+                cleaned_up.append("endless")
+
+        async with TaskWorker(quick, endless, limit=1, lease_seconds=30) as worker:
+            before = await quick.delay("before")
+            await wait_until(lambda: worker.status()["in_flight"] != {}, "quick claimed")
+            stopped = await endless.delay()
+            with anyio.fail_after(30):
+                await endless_started.wait()
+            # Cancelled through the heartbeat while the first result still waits to be
+            # recorded: only the endless run's body is stopped.
+            assert await stopped.cancel(timeout=60)
+            assert cleaned_up == ["endless"]
+            assert await before.refresh() is RunState.RUNNING
+            broker.gate.set()
+            assert await before.result(timeout=30) == "before"
+            # The same runner, in a fresh cancel scope, runs what comes next.
+            after = await quick.delay("after")
+            assert await after.result(timeout=30) == "after"
+        assert (worker.counts["completed"], worker.counts["cancelled"]) == (2, 1)
+        assert stopped.state is RunState.CANCELLED

@@ -16,8 +16,10 @@ from ._exceptions import real_leaves as real_leaves
 from ._host import Host as Host
 from ._run import Countdown as Countdown
 from ._run import Started as Started
+from ._run import idle_released as idle_released
 from ._run import idle_until as idle_until
 from ._run import report_ready as report_ready
+from ._run import serving_scope as serving_scope
 from ._run import start_beside as start_beside
 from ._run import start_is_observable as start_is_observable
 from ._run import unwind_unobservable as unwind_unobservable

@@ -16,7 +16,15 @@ From the outside in, a run opens:
   run's own task once RUNNING. Only the slot's release cancels it (at once if the task
   is idle, or when it leaves ``in_flight()``), or the task itself when it stops or
   restarts its own service from inside, so that it unwinds; the hard deadline cuts both
-  short. A stop with no ``on_stop`` to run first releases the slots at once.
+  short. A stop with no ``on_stop`` to run first releases the slots at once. A timer run
+  in the run's own task enters its slot's scope only at its first tick: until then it
+  idles on its owner's timer wheel, which a release wakes (see :func:`idle_until`).
+
+A dependency whose only work is such a timer (no hooks, resources or dependencies) waits
+for its first tick *bare*, before opening its task group (see :func:`_wait_bare`): nothing
+of it runs meanwhile that needs one. A stop then ends it without one; a task given to it
+(``spawn()``, ``crash()``), a resource or a runtime dependency, or the tick, opens it, and
+the run goes on as any other from there.
 
 The run's :class:`~anyservice._core._state.RunPhase` moves forward only: STARTING (the
 dependencies, ``on_start``, resources, tasks, ``on_started``), RUNNING (reported to the
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, AsyncExitStack
 from contextvars import ContextVar
@@ -57,7 +66,10 @@ __all__ = [
     "Slot",
     "Started",
     "current_run",
+    "idle_released",
     "idle_until",
+    "open_task_group",
+    "serving_scope",
     "start_beside",
     "start_is_observable",
     "unwind_unobservable",
@@ -112,6 +124,10 @@ class Owner(Host, Protocol):
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None: ...
+
+    def _run_coroutine(
+        self, task_status: anyio.abc.TaskStatus[None]
+    ) -> Coroutine[Any, Any, None]: ...
 
     def _dependencies_to_start(self) -> Sequence[Owner]: ...
 
@@ -173,36 +189,79 @@ async def sleep_until(run: Run | None, deadline: float) -> bool:
     return True
 
 
-async def idle_until(deadline: float) -> bool:
-    """Idle until ``deadline`` (backend clock) in a background task; False if it is released.
+def idle_until(deadline: float) -> Awaitable[object]:
+    """Idle until ``deadline`` (backend clock) in a background task, or until released.
+
+    Await what it returns, then ask :func:`idle_released` whether the wait ended because
+    the task was released (a stop) rather than due. Not a coroutine of its own: a timer
+    holds its wait for as long as it idles, and a frame less is about 0.3 KiB less.
 
     The one task of a service that has an owner, run in its run's own task (a timer's),
     waits on its owner's timer wheel (:mod:`~anyservice._core._wheel`), which a release
     wakes early; any other task sleeps, and a release cancels it as usual.
     """
     slot = current_slot()
-    wheel = _owner_wheel(slot.run) if slot is not None and slot is slot.run.inline else None
+    if slot is None:
+        return anyio.sleep_until(deadline)
+    if slot.released:
+        return anyio.lowlevel.checkpoint()  # released before it entered its scope
+    wheel = _owner_wheel(slot.run) if slot is slot.run.inline else None
     delay = deadline - anyio.current_time()
     if wheel is None or delay <= 0:
-        await anyio.sleep(max(delay, 0.0))
-        return True
-    assert slot is not None  # a wheel is only found through a slot
-    if slot.released:
-        return False
+        if slot.scope is not None:
+            return anyio.sleep(max(delay, 0.0))
+        return _sleep_in_own_scope(slot, max(delay, 0.0))
     woken = slot.waker = new_waiter(slot.run.service._loop)
     wheel.wake_at(deadline, woken)
-    try:
-        await woken.wait()
-    finally:
-        slot.waker = None
-    return _woken_when_due(slot, wheel)
+    return woken.wait()
 
 
-def _woken_when_due(slot: Slot, wheel: Wheel) -> bool:
-    if slot.released:
-        wheel.woken_early()
+def idle_released() -> bool:
+    """After the wait of :func:`idle_until`: True if it ended because the task is released."""
+    slot = current_slot()
+    if slot is None:
         return False
+    waker, slot.waker = slot.waker, None
+    if not slot.released:
+        return False
+    if waker is not None:
+        wheel = _owner_wheel(slot.run)
+        if wheel is not None:
+            wheel.woken_early()
     return True
+
+
+async def _sleep_in_own_scope(slot: Slot, delay: float) -> None:
+    # Not in its scope yet (see serving_scope): one for this sleep alone, which a release
+    # cancels.
+    scope = slot.scope = anyio.CancelScope()
+    try:
+        with scope:
+            await anyio.sleep(delay)
+    finally:
+        slot.scope = None
+
+
+def serving_scope() -> AbstractContextManager[Any]:
+    """The scope of the calling task's slot, for a task that enters it only once due.
+
+    A spec whose task enters no scope while it idles on a timer wheel
+    (``BackgroundSpec.enters_own_scope``: nothing there needs cancelling, a release wakes
+    it) enters this before its first body, and stays in it: from there a release, a stop
+    from inside or the end of the grace period cancels it as any slot's. A task already in
+    its slot's scope gets a context that does nothing.
+    """
+    slot = current_slot()
+    if slot is None or slot.scope is not None:
+        return _NO_SCOPE
+    scope = slot.scope = anyio.CancelScope()
+    if slot.released:
+        scope.cancel()
+    return scope
+
+
+#: What a task already in its scope enters instead (reusable, unlike a scope).
+_NO_SCOPE = contextlib.nullcontext()
 
 
 class InFlight:
@@ -228,7 +287,7 @@ class InFlight:
                 and slot.name not in slot.run.cut_short
             ):
                 slot.run.cut_short += (slot.name,)
-            if slot.released and not slot.in_flight:
+            if slot.released and not slot.in_flight and slot.scope is not None:
                 slot.scope.cancel()
 
     async def __aenter__(self) -> None:
@@ -238,7 +297,8 @@ class InFlight:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> None:
         self.__exit__(exc_type, exc, tb)
-        if exc is None and self._slot is not None and self._slot.scope.cancel_called:
+        slot = self._slot
+        if exc is None and slot is not None and slot.scope is not None and slot.scope.cancel_called:
             # The service is stopping and this was the last thing holding the task: unwind now
             # rather than at whatever the task awaits next.
             await anyio.lowlevel.checkpoint()
@@ -259,10 +319,14 @@ class Slot:
         "waker",
     )
 
-    def __init__(self, name: str, run: Run, *, idle_runs_user_code: bool = True) -> None:
+    def __init__(
+        self, name: str, run: Run, *, idle_runs_user_code: bool = True, scoped: bool = True
+    ) -> None:
         self.name = name
         self.run = run
-        self.scope = anyio.CancelScope()
+        #: None until the task enters its scope, for one that does so itself once due
+        #: (see :func:`serving_scope`): a scope is about 0.6 KiB held while it idles.
+        self.scope: anyio.CancelScope | None = anyio.CancelScope() if scoped else None
         self.in_flight = 0
         self.released = False
         #: The backend's task (see ``_backend.current_task``), for its stack.
@@ -287,7 +351,7 @@ class Slot:
         if not self.in_flight:
             if self.waker is not None:
                 self.waker.set()
-            else:
+            elif self.scope is not None:
                 self.scope.cancel()
 
     def set_ready(self) -> None:
@@ -334,6 +398,12 @@ class Resources:
 
     async def __aenter__(self) -> Resources:
         return self
+
+    async def close(self, exc: BaseException | None) -> bool:
+        """Release the resources, ``exc`` raised or not; True if one of them suppressed it."""
+        if exc is None:
+            return await self.__aexit__(None, None, None)
+        return await self.__aexit__(type(exc), exc, exc.__traceback__)
 
     async def __aexit__(self, *exc_info: Any) -> bool:
         stack = self.stack
@@ -414,6 +484,7 @@ class Run:
     """The scopes and bookkeeping of one run of a service, and its sequence."""
 
     __slots__ = (
+        "bare",
         "cut_short",
         "deferred",
         "inline",
@@ -461,12 +532,15 @@ class Run:
         #: have stopped.
         self.live_resources: Resources | None = None
         #: The one background task that the run's own task runs once RUNNING, instead of
-        #: a task of its own (see :meth:`_start_background`).
+        #: a task of its own (see :func:`_start_background`).
         self.deferred: BackgroundSpec | None = None
         #: The slot of that task while the run's own task runs it.
         self.inline: Slot | None = None
         #: The timer wheel of the dependencies' timers, made when the first one idles.
         self.wheel: Wheel | None = None
+        #: Set while, or if, the run waited for its one timer's first tick with no task
+        #: group (see :func:`_wait_bare`).
+        self.bare: _Bare | None = None
 
     # ------------------------------------------------------------ questions
 
@@ -487,12 +561,11 @@ class Run:
 
     @property
     def takes_tasks(self) -> bool:
-        """True while the task group may be given new tasks."""
-        return (
-            self.task_group is not None
-            and self.phase is not RunPhase.CLOSED
-            and not self.task_group.cancel_scope.cancel_called
-        )
+        """True while the task group may be given new tasks (a bare run opens one for them)."""
+        group = self.task_group
+        if group is None:
+            return self.bare is not None and self.phase is not RunPhase.CLOSED
+        return self.phase is not RunPhase.CLOSED and not group.cancel_scope.cancel_called
 
     def stop_is_observable(self) -> bool:
         """True if anything of this run can observe the order its stop comes in.
@@ -513,9 +586,10 @@ class Run:
 
     def stop_deadline(self) -> float:
         """When what is left of the run is cancelled: set by a stop or a crash."""
-        if self.task_group is None or self.hard_scope.deadline == float("inf"):
+        deadline = self.hard_scope.deadline if self.task_group is not None else _bare_deadline(self)
+        if deadline == math.inf:
             return anyio.current_time() + self.service.shutdown_timeout
-        return self.hard_scope.deadline
+        return deadline
 
     # ------------------------------------------------------------ the sequence
 
@@ -532,22 +606,29 @@ class Run:
         handover = self._begin(task_status, restart=restart)
         token = _inside.set(self.inside)
         try:
-            async with anyio.create_task_group() as task_group:
-                self.task_group = task_group
-                try:
-                    await self._start_and_serve(handover)
-                except BaseException as exc:
-                    if not only_cancellation(exc):
-                        self.note_crash()
-                    raise
-                finally:
-                    await self._stop_dependencies()
-                    if self.wheel is not None:
-                        # Every dependency was told to stop: none waits on it any more.
-                        self.wheel.close()
-                    # From here the task group only waits for its tasks: it takes no new
-                    # ones (trio's nursery refuses them), so a late crash() is kept aside.
-                    self.phase = RunPhase.CLOSED
+            # A bare run that ends without ever needing a task group opens none.
+            ended = _waits_bare(self) and await _wait_bare(self, handover)
+            if not ended:
+                async with anyio.create_task_group() as task_group:
+                    self.task_group = task_group
+                    if self.bare is not None:
+                        _open_bare(self, task_group)
+                    try:
+                        await self._start_and_serve(handover)
+                    except BaseException as exc:
+                        if not only_cancellation(exc):
+                            self.note_crash()
+                        raise
+                    finally:
+                        if self.started_dependencies:
+                            await _stop_dependencies(self)
+                        if self.wheel is not None:
+                            # Every dependency was told to stop: none waits on it any more.
+                            self.wheel.close()
+                        # From here the task group only waits for its tasks: it takes no
+                        # new ones (trio's nursery refuses them), so a late crash() is kept
+                        # aside.
+                        self.phase = RunPhase.CLOSED
             if service._pending_crash is not None:
                 raise service._pending_crash
         except BaseException as exc:
@@ -571,8 +652,11 @@ class Run:
             if _hooks.service_restart is not None:
                 _hooks.service_restart(service)
         service._run = self
-        service.crash_reason = None
-        service._pending_crash = None
+        # Written only if set: each write to a service is a check of the reserved names.
+        if service.crash_reason is not None:
+            service.crash_reason = None
+        if service._pending_crash is not None:
+            service._pending_crash = None
         service._set_state(ServiceState.STARTING)
         service._log_lifecycle("starting")
         self.task = current_task()
@@ -585,7 +669,8 @@ class Run:
         service = self.service
         service._run = None
         # With no grace period at all, cancelling is the stop itself, not worth a warning.
-        if self.hard_scope.cancelled_caught and (self.cut_short or service.shutdown_timeout > 0):
+        cancelled = self.task_group is not None and self.hard_scope.cancelled_caught
+        if cancelled and (self.cut_short or service.shutdown_timeout > 0):
             service.log.warning(
                 "did not stop within shutdown_timeout=%ss; cancelled what was left%s",
                 service.shutdown_timeout,
@@ -603,25 +688,30 @@ class Run:
         service._log_lifecycle(message)
 
     async def _start_and_serve(self, handover: _Handover) -> None:
-        async with self.resources as resources:
-            self.live_resources = resources
-            hooked = await self._start(handover)
+        # The resources' exit by hand rather than ``async with``: most runs hold none, and
+        # then there is nothing to await on the way in or out.
+        resources = self.live_resources = self.resources
+        hooks = self.service._overridden_hooks
+        hooked = False
+        try:
+            # A bare run has started already (see _wait_bare).
+            hooked = self.bare is not None or await self._start(handover)
             # Started (or cut short): from here a stop only sets the event, so the scope can
             # go, and with it what anyio keeps for it while the service runs.
             self.running_scope = None
-            deferred, self.deferred = self.deferred, None
-            if deferred is not None:
+            inline = _inline_task(self)
+            if inline is not None:
                 # The one task, run here rather than in a frame of its own (see execute()).
-                slot = self.inline = _inline_slot(self, deferred)
+                slot, body = inline
                 try:
-                    with slot.scope:
-                        await deferred.run(self.service)
+                    with slot.scope or _NO_SCOPE:
+                        await body()
                 except Exception as exc:
                     _inline_crashed(self, slot, exc)
                 finally:
                     self.inline = None
                     self.slot_ended(slot)
-            if deferred is None or not self.stop_requested:
+            if inline is None or not self.stop_requested:
                 # An event rather than sleep_forever(): no timer to schedule per service.
                 await self.wait_stopping()
             # A stop was requested: the start was cut short, or serving ends.
@@ -630,21 +720,37 @@ class Run:
                 await anyio.lowlevel.checkpoint()
             served = self.phase is RunPhase.RUNNING
             self._advance(RunPhase.STOPPING)
-            if hooked:
+            if hooked and "on_stop" in hooks:
                 await self._call_hook("on_stop")
             if served and self.service.wait_for_shutdown:
                 # mode's: the tasks go on until one says they are done (or the deadline).
                 await self.service._wait_for_shutdown_flag()
-            await self._stop_slots()
+            self.release_slots()
+            if self.slots:
+                await self.wait_slots_done()
             self.live_resources = None
-        if hooked:
+        except BaseException as exc:
+            if resources.stack is None or not await resources.close(exc):
+                raise
+        else:
+            if resources.stack is not None:
+                await resources.close(None)
+        if hooked and "on_shutdown" in hooks:
             await self._call_hook("on_shutdown")
 
     async def _start(self, handover: _Handover) -> bool:
         """Start, in the running scope; returns whether ``on_start`` completed."""
+        if self.running_scope is None:
+            # A start that runs none of the user's code and waits for no task: nothing in
+            # it awaits, so none of the awaits below is made.
+            if not self.service._started_once:
+                self.service._started_once = True
+            _start_background(self)
+            _report_running(self, handover)
+            return True
         service = self.service
         hooked = False
-        with self.running_scope or _NO_SCOPE:
+        with self.running_scope:
             if self.restarted:
                 await self._call_hook("on_restart")
             await _start_dependencies(self, service._dependencies_to_start())
@@ -655,37 +761,11 @@ class Run:
             hooked = True
             for context in service._contexts:
                 await self.resources.enter(context)
-            await self._start_background()
+            for slot in _start_background(self):
+                await slot.ready.wait()  # type: ignore[union-attr]  # set by the spawn
             await self._call_hook("on_started")
-            if not self.stop_requested:
-                self._advance(RunPhase.RUNNING)
-                service._set_state(ServiceState.RUNNING)
-                service._log_lifecycle("started")
-                handover.started()
+            _report_running(self, handover)
         return hooked
-
-    async def _start_background(self) -> None:
-        specs = self.service._background_specs
-        if _serves_inline(self.service):
-            # One task, which the start does not wait for, and no hook between the start of
-            # the tasks and their end (on_started, on_stop): the run's own task, which has
-            # nothing else to do until a stop, runs it once RUNNING. A task less per service.
-            self.deferred = specs[0]
-            return
-        waits: list[Slot] = []
-        for spec in specs:
-            for slot_name in spec.slot_names():
-                slot = self.spawn(
-                    slot_name,
-                    spec.run,
-                    self.service,
-                    idle_runs_user_code=spec.idle_runs_user_code,
-                )
-                if spec.reports_ready:
-                    slot.ready = anyio.Event()
-                    waits.append(slot)
-        for slot in waits:
-            await slot.ready.wait()  # type: ignore[union-attr]  # set just above
 
     async def _call_hook(self, hook: str) -> None:
         service = self.service
@@ -724,32 +804,19 @@ class Run:
         return True
 
     def set_deadline(self) -> None:
-        scope = self.hard_scope
+        deadline = anyio.current_time() + self.service.shutdown_timeout
         # min(): a second stop or a crash never pushes the deadline back.
-        scope.deadline = min(scope.deadline, anyio.current_time() + self.service.shutdown_timeout)
+        if self.task_group is None:
+            _set_bare_deadline(self, deadline)
+            return
+        scope = self.hard_scope
+        scope.deadline = min(scope.deadline, deadline)
 
     def note_crash(self) -> None:
         # A crash also gets the grace period for what it has to tear down (resources,
         # dependencies), and no more.
         self.set_deadline()
         self._advance(RunPhase.CRASHING)
-
-    async def _stop_dependencies(self) -> None:
-        """Stop the dependencies in reverse order, where the order can be observed.
-
-        A dependency whose stop can observe it (see :meth:`stop_is_observable`) is waited
-        for before the ones started before it are stopped. The others only unwind: they are
-        told to stop and their tasks released at once, so that none of them can begin work
-        in flight meanwhile, and the task group's exit waits for all of them together,
-        within this service's own deadline.
-        """
-        started = self.started_dependencies
-        while started:
-            dependency = started.pop()
-            if dependency._run is None:
-                continue
-            if not unwind_unobservable(dependency):
-                await dependency._stop()
 
     # ------------------------------------------------------------ slots
 
@@ -763,10 +830,12 @@ class Run:
         """Run ``body(*args)`` as a background task of this run, in its own slot."""
         slot = Slot(name, self, idle_runs_user_code=idle_runs_user_code)
         self.slots[slot] = None
-        assert self.task_group is not None
-        self.task_group.start_soon(
-            self._run_slot, slot, body, args, name=f"{self.service.name}.{name}"
-        )
+        if self.task_group is None:
+            _queue_in_bare(self, slot, body, args)
+        else:
+            self.task_group.start_soon(
+                self._run_slot, slot, body, args, name=f"{self.service.name}.{name}"
+            )
         if self.stop_requested:
             slot.release()
         return slot
@@ -778,6 +847,7 @@ class Run:
         _current_slot.set(slot)
         slot.task = current_task()
         try:
+            assert slot.scope is not None  # a slot of its own task is always scoped
             with slot.scope:
                 await body(*args)
         except Exception as exc:
@@ -794,10 +864,6 @@ class Run:
         if not self.slots and self.slots_done is not None:
             self.slots_done.set()
 
-    async def _stop_slots(self) -> None:
-        self.release_slots()
-        await self.wait_slots_done()
-
     def release_slots(self) -> None:
         for slot in list(self.slots):
             slot.release()
@@ -811,6 +877,225 @@ class Run:
             await self.slots_done.wait()
 
 
+def _start_background(run: Run) -> list[Slot]:
+    """Start the background tasks; returns the slots whose task the start waits for."""
+    service = run.service
+    specs = service._background_specs
+    if _serves_inline(service):
+        # One task, which the start does not wait for, and no hook between the start of
+        # the tasks and their end (on_started, on_stop): the run's own task, which has
+        # nothing else to do until a stop, runs it once RUNNING. A task less per service.
+        run.deferred = specs[0]
+        return []
+    waits: list[Slot] = []
+    for spec in specs:
+        for slot_name in spec.slot_names():
+            slot = run.spawn(
+                slot_name, spec.run, service, idle_runs_user_code=spec.idle_runs_user_code
+            )
+            if spec.reports_ready:
+                slot.ready = anyio.Event()
+                waits.append(slot)
+    return waits
+
+
+def _report_running(run: Run, handover: _Handover) -> None:
+    """The start is done: RUNNING, unless a stop came meanwhile."""
+    if not run.stop_requested:
+        run._advance(RunPhase.RUNNING)
+        service = run.service
+        service._set_state(ServiceState.RUNNING)
+        service._log_lifecycle("started")
+        handover.started()
+
+
+class _Bare:
+    """What a run keeps while it waits bare, with no task group, for its timer's first tick.
+
+    Its tasks queued meanwhile (``spawn()``, ``crash()``, ``add_future()``, start when the
+    task group opens, which they ask for), the deadline a stop or a crash set, and how the
+    timer goes on from its first due time in the task group.
+    """
+
+    __slots__ = ("deadline", "due", "opened", "queued", "resume")
+
+    def __init__(self, resume: Callable[[bool], Awaitable[None]]) -> None:
+        self.resume = resume
+        #: True once the timer's first tick is due (the wheel woke it).
+        self.due = False
+        self.deadline = math.inf
+        self.queued: list[tuple[Slot, Callable[..., Awaitable[None]], tuple[Any, ...]]] = []
+        #: Set when the task group opens, for a caller that needs it (a runtime dependency).
+        self.opened: anyio.Event | None = None
+
+
+def _waits_bare(run: Run) -> bool:
+    """True if ``run`` may wait for its first tick before opening its task group.
+
+    A service whose start runs none of the user's code (no hooks at all, dependencies or
+    resources) and whose one task is a timer run in the run's own task: until its first
+    tick nothing of it runs but that wait, which needs no task group.
+    """
+    service = run.service
+    return (
+        run.running_scope is None
+        and _class_waits_bare(type(service))
+        and not service.wait_for_shutdown
+        and not run.stop_requested
+    )
+
+
+@functools.cache
+def _class_waits_bare(cls: Any) -> bool:
+    return (
+        _class_serves_inline(cls)
+        and not cls._overridden_hooks
+        and cls._background_specs[0].enters_own_scope
+    )
+
+
+async def _wait_bare(run: Run, handover: _Handover) -> bool:
+    """Start ``run`` and wait for its timer's first tick on its owner's wheel, bare.
+
+    Returns True if the run is over (stopped meanwhile, with nothing else to end); False to
+    go on in a task group: the tick is due, or a task or a resource needs one, or it cannot
+    wait bare (no wheel: its owner is not running its own task group).
+
+    Raises:
+        BaseException: a cancellation from outside, as any wait of the run.
+    """
+    service = run.service
+    wheel = _owner_wheel(run)
+    if wheel is None:
+        return False
+    spec = service._background_specs[0]
+    prepared = spec.prepare_bare(service)
+    if prepared is None:
+        return False
+    due, resume = prepared
+    bare = run.bare = _Bare(resume)
+    if not service._started_once:
+        service._started_once = True
+    slot = run.inline = _inline_slot(run, spec)
+    run.live_resources = run.resources
+    _report_running(run, handover)
+    if not slot.released:
+        woken = slot.waker = new_waiter(service._loop)
+        wheel.wake_at(due, woken)
+        try:
+            await woken.wait()
+        except BaseException:
+            # Cancelled from outside: the run ends here, with no task group to wait for.
+            if bare.opened is not None:
+                bare.opened.set()
+            raise
+        slot.waker = None
+        # Woken by the wheel, or by a stop or something that needs the task group.
+        bare.due = not slot.released and not bare.queued and bare.opened is None
+        if not bare.due:
+            wheel.woken_early()
+    if (
+        not slot.released
+        or bare.queued
+        or bare.opened is not None
+        or run.resources.stack is not None
+    ):
+        return False
+    run.inline = None
+    run.slot_ended(slot)
+    run.live_resources = None
+    run.phase = RunPhase.CLOSED
+    return True
+
+
+def _inline_task(run: Run) -> tuple[Slot, Callable[[], Awaitable[None]]] | None:
+    """The slot and body of the one task the run's own task runs, if it runs one."""
+    bare = run.bare
+    if bare is not None:
+        assert run.inline is not None  # made by _wait_bare
+        return run.inline, functools.partial(bare.resume, bare.due)
+    deferred, run.deferred = run.deferred, None
+    if deferred is None:
+        return None
+    slot = run.inline = _inline_slot(run, deferred)
+    return slot, functools.partial(deferred.run, run.service)
+
+
+def _open_bare(run: Run, task_group: anyio.abc.TaskGroup) -> None:
+    """The task group of a run that waited bare is open: what waited for it goes on."""
+    bare = run.bare
+    assert bare is not None
+    if bare.deadline != math.inf:
+        task_group.cancel_scope.deadline = bare.deadline
+    queued, bare.queued = bare.queued, []
+    for slot, body, args in queued:
+        task_group.start_soon(
+            run._run_slot, slot, body, args, name=f"{run.service.name}.{slot.name}"
+        )
+    if bare.opened is not None:
+        bare.opened.set()
+
+
+def _wake_bare(run: Run) -> None:
+    # Wakes the wait of _wait_bare: the run then goes on in a task group.
+    inline = run.inline
+    if inline is not None and inline.waker is not None:
+        inline.waker.set()
+
+
+def _queue_in_bare(
+    run: Run, slot: Slot, body: Callable[..., Awaitable[None]], args: tuple[Any, ...]
+) -> None:
+    bare = run.bare
+    assert bare is not None, "a run with no task group takes tasks only while bare"
+    bare.queued.append((slot, body, args))
+    _wake_bare(run)
+
+
+def _set_bare_deadline(run: Run, deadline: float) -> None:
+    bare = run.bare
+    if bare is not None:
+        bare.deadline = min(bare.deadline, deadline)
+
+
+def _bare_deadline(run: Run) -> float:
+    return run.bare.deadline if run.bare is not None else math.inf
+
+
+async def open_task_group(run: Run) -> anyio.abc.TaskGroup:
+    """The run's task group; a run waiting bare is asked to open it, and waited for.
+
+    Raises:
+        RuntimeError: if the run ends before it opens one.
+    """
+    if run.task_group is None and run.bare is not None:
+        if run.bare.opened is None:
+            run.bare.opened = anyio.Event()
+        _wake_bare(run)
+        await run.bare.opened.wait()
+    if run.task_group is None:
+        raise RuntimeError(f"{run.service.name}: its run takes no new tasks")
+    return run.task_group
+
+
+async def _stop_dependencies(run: Run) -> None:
+    """Stop the dependencies in reverse order, where the order can be observed.
+
+    A dependency whose stop can observe it (see :meth:`Run.stop_is_observable`) is waited
+    for before the ones started before it are stopped. The others only unwind: they are
+    told to stop and their tasks released at once, so that none of them can begin work
+    in flight meanwhile, and the task group's exit waits for all of them together,
+    within this service's own deadline.
+    """
+    started = run.started_dependencies
+    while started:
+        dependency = started.pop()
+        if dependency._run is None:
+            continue
+        if not unwind_unobservable(dependency):
+            await dependency._stop()
+
+
 def _owner_wheel(run: Run) -> Wheel | None:
     """The timer wheel of the run that owns ``run``, if it takes new tasks."""
     owner = run.service._owner
@@ -819,7 +1104,7 @@ def _owner_wheel(run: Run) -> Wheel | None:
         return None
     wheel = owner_run.wheel
     if wheel is None:
-        if not owner_run.takes_tasks:
+        if owner_run.task_group is None or not owner_run.takes_tasks:
             return None
         wheel = owner_run.wheel = Wheel()
         assert owner_run.task_group is not None
@@ -851,8 +1136,8 @@ def unwind_unobservable(service: Owner) -> bool:
     run = service._run
     if run is None or run.stop_is_observable():
         return False
+    # With no on_stop (or its stop would be observable), the request releases the tasks.
     service._request_stop(deadline=False)
-    run.release_slots()
     return True
 
 
@@ -873,18 +1158,22 @@ def _class_start_is_observable(cls: Any) -> bool:
 
 
 _START_HOOKS = frozenset({"on_first_start", "on_restart", "on_start", "on_started"})
-#: What a start that cannot await runs in instead of a scope (reusable, unlike a scope).
-_NO_SCOPE = contextlib.nullcontext()
 
 
 def _serves_inline(service: Owner) -> bool:
     """True if the run's own task can run the service's one background task itself."""
-    specs = service._background_specs
+    return _class_serves_inline(type(service))
+
+
+@functools.cache
+def _class_serves_inline(cls: Any) -> bool:
+    # Fixed when the class is defined, like _class_start_is_observable.
+    specs = cls._background_specs
     return (
         len(specs) == 1
         and not specs[0].reports_ready
         and len(specs[0].slot_names()) == 1
-        and _INLINE_BLOCKERS.isdisjoint(service._overridden_hooks)
+        and _INLINE_BLOCKERS.isdisjoint(cls._overridden_hooks)
     )
 
 
@@ -925,14 +1214,18 @@ def _spawn_dependency(run: Run, dependency: Owner, status: anyio.abc.TaskStatus[
     run.started_dependencies.append(dependency)
     assert run.task_group is not None
     run.task_group.start_soon(
-        functools.partial(dependency.run, task_status=status),
-        name=f"{dependency.name} (of {run.service.name})",
+        dependency._run_coroutine, status, name=f"{dependency.name} (of {run.service.name})"
     )
 
 
 def _inline_slot(run: Run, spec: BackgroundSpec) -> Slot:
     """The slot of ``spec``'s one task, which the run's own task runs (see _serves_inline)."""
-    slot = Slot(spec.name, run, idle_runs_user_code=spec.idle_runs_user_code)
+    slot = Slot(
+        spec.name,
+        run,
+        idle_runs_user_code=spec.idle_runs_user_code,
+        scoped=not spec.enters_own_scope,
+    )
     slot.task = run.task
     # Not in run.slots (one entry there costs a dict table per service): the run's own
     # task waits for no one by ending it, and the run releases it as run.inline.

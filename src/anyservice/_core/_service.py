@@ -12,7 +12,7 @@ an instance attribute one at the assignment), and only the hooks are meant to be
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from types import TracebackType
 from typing import Any, ClassVar, Self
@@ -67,6 +67,16 @@ def _log_lifecycle(service: Service, message: str) -> None:
     # adapter is not made for them.
     if _library_log.isEnabledFor(service.lifecycle_log_level):
         service.log.log(service.lifecycle_log_level, message)
+
+
+def _run_coroutine(
+    service: Service, task_status: anyio.abc.TaskStatus[None]
+) -> Coroutine[Any, Any, None]:
+    # What an owner runs a dependency with: straight into the run, so the task holds one
+    # frame less for as long as the service runs, unless the class replaces run().
+    if type(service).run is Service.run:
+        return _run_service(service, task_status, restart=False)
+    return service.run(task_status=task_status)
 
 
 def _check_grace(value: object, what: str) -> float:
@@ -195,6 +205,7 @@ class Service(Compat):
         return self._log
 
     _log_lifecycle = _log_lifecycle
+    _run_coroutine = _run_coroutine
 
     @property
     def state(self) -> ServiceState:
@@ -239,7 +250,8 @@ class Service(Compat):
 
     def _set_state(self, new: ServiceState) -> None:
         check_transition(self.name, self._state, new)
-        self._state = new
+        # Not a reserved name: past __setattr__'s check, on every change of every service.
+        object.__setattr__(self, "_state", new)
         event = self._state_changed
         if event is not None:
             self._state_changed = None
@@ -567,7 +579,7 @@ def _spawn_extra(service: Service, body: Callable[[], Awaitable[Any]], name: str
     run = service._run
     if (
         run is None
-        or run.task_group is None
+        or (run.task_group is None and run.bare is None)
         or service._state not in (ServiceState.STARTING, ServiceState.RUNNING)
     ):
         raise ServiceError(f"{service.name}: can only add tasks while STARTING or RUNNING")
@@ -636,7 +648,7 @@ def _check_shadowing(cls: type, overrides: Iterable[str]) -> None:
 async def _unwind_caller() -> None:
     """End the calling task of the service at this checkpoint (a hook just returns)."""
     slot = current_slot()
-    if slot is not None:
+    if slot is not None and slot.scope is not None:
         slot.scope.cancel()
         await anyio.lowlevel.checkpoint()
 
@@ -660,11 +672,14 @@ def adopt(owner: Service, service: Service, what: str) -> None:
     owner._tree.adopt(service, what)
 
 
-async def run_as_restart(
+def run_as_restart(
     service: Service, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-) -> None:
-    """``service.run()`` for a policy that restarts it: counted in ``restart_count``."""
-    await _run_service(service, task_status, restart=True)
+) -> Coroutine[Any, Any, None]:
+    """``service.run()`` for a policy that restarts it: counted in ``restart_count``.
+
+    The run's coroutine itself, to await: no frame of its own, held as long as it runs.
+    """
+    return _run_service(service, task_status, restart=True)
 
 
 async def _run_service(

@@ -50,6 +50,9 @@ class BackgroundSpec:
     #: False for work that runs no code of the user's while idle (a timer between ticks):
     #: cancelling it then cannot be observed, so its stop need not wait its turn.
     idle_runs_user_code = True
+    #: True for a spec whose ``run`` enters its slot's scope itself, through
+    #: ``serving_scope()``, once it is due (a timer: see ``idle_until``).
+    enters_own_scope = False
 
     def __init__(self, function: AsyncMethod) -> None:
         self.function = function
@@ -57,6 +60,16 @@ class BackgroundSpec:
 
     def slot_names(self) -> list[str]:
         return [self.name]
+
+    def prepare_bare(self, service: Host) -> tuple[float, Callable[[bool], Awaitable[None]]] | None:
+        """For a task that can wait for its first due time before its run opens a task group.
+
+        Returns that time (backend clock, later than now) and what runs the task from
+        then on, given whether the time has come (False: its run needs a task group
+        earlier, and the task waits the rest itself); None for a task that cannot (the
+        default).
+        """
+        return None
 
     async def run(self, service: Host) -> None:
         raise NotImplementedError

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import ClassVar, Protocol
 
-from ._run import Owner, Run
+from ._run import Owner, Run, open_task_group
 from ._state import ServiceError, ServiceState
 
 __all__ = ["Node", "Tree"]
@@ -95,8 +95,8 @@ class Tree:
     async def start_runtime(self, node: Node) -> None:
         """Start ``node``, a dependency, in the running service's task group."""
         run = self._check_live("maybe_start()")
-        assert run.task_group is not None
-        await run.task_group.start(node.run, name=f"{node.name} (of {self.service.name})")
+        group = await open_task_group(run)
+        await group.start(node.run, name=f"{node.name} (of {self.service.name})")
         run.started_dependencies.append(node)
 
     def _check_live(self, what: str) -> Run:

@@ -11,7 +11,9 @@ and runs its own body, in its own service's task, with its policy and statistics
 
 The wheel is made at the first timer that waits on it and closed by its run once every
 dependency has been told to stop (see ``Run.execute``); a timer that finds it closed, or
-whose service has no owner, sleeps on its own as before.
+whose service has no owner, sleeps on its own as before. A dependency whose only work is
+its timer waits for its first tick here before it has even opened its task group (see
+``_run._wait_bare``).
 """
 
 from __future__ import annotations

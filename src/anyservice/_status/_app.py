@@ -33,7 +33,7 @@ class StatusApp:
 
     def __init__(self, root: Service, observations: _metrics.Observations | None) -> None:
         self._root = root
-        self._observations = observations
+        self._exposition = None if observations is None else _metrics.Exposition(root, observations)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -74,17 +74,17 @@ class StatusApp:
         elif path == "/metrics":
             await self._metrics(send, head=head)
         else:
-            workers = _snapshot.task_workers(root)
+            workers = _snapshot.task_workers(_snapshot.walk(root))
             if not workers:
                 await _json(send, 404, {"error": f"{root.name} runs no task worker"})
             else:
                 await _json(send, 200, workers[0].status(), head=head)
 
     async def _metrics(self, send: Send, *, head: bool) -> None:
-        if self._observations is None:
+        if self._exposition is None:
             await _json(send, 404, {"error": "metrics are off for this status server"})
             return
-        body, content_type = await _metrics.exposition(self._root, self._observations)
+        body, content_type = await self._exposition.render()
         await _respond(send, 200, body, content_type.encode(), head=head)
 
 

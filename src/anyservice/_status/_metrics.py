@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
@@ -32,7 +33,7 @@ from ._snapshot import task_workers, walk
 if TYPE_CHECKING:
     from ..taskqueue import TaskWorker
 
-__all__ = ["METRICS_EXTRA_HINT", "Observations", "exposition", "require_prometheus_client"]
+__all__ = ["METRICS_EXTRA_HINT", "Exposition", "Observations", "require_prometheus_client"]
 
 METRICS_EXTRA_HINT = "pip install 'anyservice[metrics]'"
 
@@ -167,70 +168,106 @@ async def queue_depths(workers: Iterable[TaskWorker]) -> dict[str, int] | None:
     return depths
 
 
+@dataclass(frozen=True, slots=True)
+class _Series:
+    """A counter or gauge family as a scrape read it: labels' values and a value per row.
+
+    Rows are plain tuples, cheap to read and to compare: a family whose rows (and name,
+    help and labels) are those of the last scrape is not formatted again.
+    """
+
+    name: str
+    documentation: str
+    kind: str  # "counter" or "gauge"
+    labels: tuple[str, ...]
+    rows: Sequence[tuple[tuple[str, ...], float]]
+
+    def family(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.samples import Sample
+
+        counter = self.kind == "counter"
+        kind = CounterMetricFamily if counter else GaugeMetricFamily
+        family = kind(self.name, self.documentation, labels=self.labels)
+        sample_name = f"{self.name}_total" if counter else self.name
+        labels = self.labels
+        # Samples made here rather than by add_metric(), which checks and copies each.
+        family.samples = [
+            Sample(sample_name, dict(zip(labels, values, strict=True)), value)
+            for values, value in self.rows
+        ]
+        return family
+
+
 def _families(
-    root: Service, observations: Observations, depths: dict[str, int] | None
+    services: list[Service],
+    workers: list[TaskWorker],
+    observations: Observations,
+    depths: dict[str, int] | None,
 ) -> list[Any]:
-    services = list(walk(root))
-    families = [*_service_families(services), *_timer_families(services, observations)]
-    workers = task_workers(root)
+    """What one scrape exports: a :class:`_Series` per counter or gauge, histogram families."""
+    families = [*_service_series(services), *_timer_families(services, observations)]
     if workers:
         families += _task_families(workers, observations)
     if depths is not None:
-        families.append(_depth_family(depths))
+        families.append(
+            _Series(
+                "anyservice_task_queue_depth",
+                "Runs in the task queue by state, read from the broker at scrape time.",
+                "gauge",
+                ("state",),
+                [((state,), number) for state, number in sorted(depths.items())],
+            )
+        )
     return families
 
 
-def _service_families(services: list[Service]) -> list[Any]:
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-    from prometheus_client.samples import Sample
-
-    up = GaugeMetricFamily(
-        "anyservice_service_up", "1 while the service is RUNNING, else 0.", labels=["service"]
-    )
-    healthy = GaugeMetricFamily(
-        "anyservice_service_healthy",
-        "The last health check: 1 passed, 0 failed (only services that ran one).",
-        labels=["service"],
-    )
-    restarts = CounterMetricFamily(
-        "anyservice_service_restarts", "Restarts of the service.", labels=["service"]
-    )
+def _service_series(services: list[Service]) -> list[_Series]:
     running = ServiceState.RUNNING
-    # Samples made here rather than by add_metric(): one labels dict per service, shared
-    # by its samples (prometheus_client only reads them), is a third of the allocations.
-    up_samples, healthy_samples, restart_samples = up.samples, healthy.samples, restarts.samples
-    restarts_name = f"{restarts.name}_total"
+    up, healthy, restarts = [], [], []
     for service in services:
-        labels = {"service": service.name}
-        up_samples.append(Sample(up.name, labels, 1.0 if service.state is running else 0.0))
+        name = (service.name,)
+        up.append((name, 1.0 if service.state is running else 0.0))
         health = service.last_health
         if health is not None:
-            healthy_samples.append(Sample(healthy.name, labels, 1.0 if health.healthy else 0.0))
-        restart_samples.append(Sample(restarts_name, labels, service.restart_count))
-    return [up, healthy, restarts]
+            healthy.append((name, 1.0 if health.healthy else 0.0))
+        restarts.append((name, service.restart_count))
+    by_service = ("service",)
+    return [
+        _Series(
+            "anyservice_service_up",
+            "1 while the service is RUNNING, else 0.",
+            "gauge",
+            by_service,
+            up,
+        ),
+        _Series(
+            "anyservice_service_healthy",
+            "The last health check: 1 passed, 0 failed (only services that ran one).",
+            "gauge",
+            by_service,
+            healthy,
+        ),
+        _Series(
+            "anyservice_service_restarts",
+            "Restarts of the service.",
+            "counter",
+            by_service,
+            restarts,
+        ),
+    ]
 
 
 def _timer_families(services: list[Service], observations: Observations) -> list[Any]:
-    from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
-    from prometheus_client.samples import Sample
+    from prometheus_client.core import HistogramMetricFamily
 
-    overruns = CounterMetricFamily(
-        "anyservice_timer_overruns",
-        "Timer bodies still running when the next tick was due.",
-        labels=["service", "timer"],
-    )
-    missed = CounterMetricFamily(
-        "anyservice_timer_missed_ticks",
-        "Timer ticks dropped by the missed-tick policy.",
-        labels=["service", "timer"],
-    )
-    overruns_name, missed_name = f"{overruns.name}_total", f"{missed.name}_total"
+    overruns, missed = [], []
     for service in services:
         name = service.name
         for timer, stats in service.timer_stats.items():
-            labels = {"service": name, "timer": timer}
-            overruns.samples.append(Sample(overruns_name, labels, stats.overruns))
-            missed.samples.append(Sample(missed_name, labels, stats.missed))
+            labels = (name, timer)
+            overruns.append((labels, stats.overruns))
+            missed.append((labels, stats.missed))
     # By class and timer, not by service: how late a tick starts is the event loop's
     # business, shared by every service on it, and one histogram per service would be
     # most of a large tree's scrape. Which service falls behind, its overruns and
@@ -242,63 +279,72 @@ def _timer_families(services: list[Service], observations: Observations) -> list
     )
     for (kind, timer), histogram in sorted(observations.lateness.items()):
         lateness.add_metric([kind, timer], histogram.cumulative(), histogram.sum)
-    return [lateness, overruns, missed]
+    by_timer = ("service", "timer")
+    return [
+        lateness,
+        _Series(
+            "anyservice_timer_overruns",
+            "Timer bodies still running when the next tick was due.",
+            "counter",
+            by_timer,
+            overruns,
+        ),
+        _Series(
+            "anyservice_timer_missed_ticks",
+            "Timer ticks dropped by the missed-tick policy.",
+            "counter",
+            by_timer,
+            missed,
+        ),
+    ]
 
 
 def _task_families(workers: list[TaskWorker], observations: Observations) -> list[Any]:
-    from prometheus_client.core import (
-        CounterMetricFamily,
-        GaugeMetricFamily,
-        HistogramMetricFamily,
-    )
+    from prometheus_client.core import HistogramMetricFamily
 
-    runs = CounterMetricFamily(
-        "anyservice_task_runs",
-        "Task-run outcomes (completed, failed, retried, cancelled, handed_back, lost, "
-        "not_recorded).",
-        labels=["task", "state"],
-    )
     duration = HistogramMetricFamily(
         "anyservice_task_run_duration_seconds",
         "How long task-run attempts took, from claim to outcome.",
         labels=["task"],
     )
-    in_flight = GaugeMetricFamily(
-        "anyservice_task_runs_in_flight", "Runs the worker holds now.", labels=["service"]
-    )
-    lost = CounterMetricFamily(
-        "anyservice_lease_lost",
-        "Runs whose lease passed to another worker while this one held them.",
-        labels=["service"],
-    )
     outcomes: dict[tuple[str, str], int] = {}
     durations: dict[str, list[_Histogram]] = {}
+    in_flight, lost = [], []
     for worker in workers:
-        in_flight.add_metric([worker.name], worker.status()["current"])
-        lost.add_metric([worker.name], worker.counts["lost"])
+        in_flight.append(((worker.name,), worker.status()["current"]))
+        lost.append(((worker.name,), worker.counts["lost"]))
         for key, number in (observations.outcomes.get(worker) or {}).items():
             outcomes[key] = outcomes.get(key, 0) + number
         for task, histogram in (observations.durations.get(worker) or {}).items():
             durations.setdefault(task, []).append(histogram)
-    for (task, state), number in sorted(outcomes.items()):
-        runs.add_metric([task, state], number)
     for task, histograms in sorted(durations.items()):
         merged = _merge(histograms)
         duration.add_metric([task], merged.cumulative(), merged.sum)
-    return [runs, duration, in_flight, lost]
-
-
-def _depth_family(depths: dict[str, int]) -> Any:
-    from prometheus_client.core import GaugeMetricFamily
-
-    depth = GaugeMetricFamily(
-        "anyservice_task_queue_depth",
-        "Runs in the task queue by state, read from the broker at scrape time.",
-        labels=["state"],
-    )
-    for state, number in sorted(depths.items()):
-        depth.add_metric([state], number)
-    return depth
+    return [
+        _Series(
+            "anyservice_task_runs",
+            "Task-run outcomes (completed, failed, retried, cancelled, handed_back, lost, "
+            "not_recorded).",
+            "counter",
+            ("task", "state"),
+            sorted(outcomes.items()),
+        ),
+        duration,
+        _Series(
+            "anyservice_task_runs_in_flight",
+            "Runs the worker holds now.",
+            "gauge",
+            ("service",),
+            in_flight,
+        ),
+        _Series(
+            "anyservice_lease_lost",
+            "Runs whose lease passed to another worker while this one held them.",
+            "counter",
+            ("service",),
+            lost,
+        ),
+    ]
 
 
 def _merge(histograms: list[_Histogram]) -> _Histogram:
@@ -319,18 +365,48 @@ class _Families:
         return self._families
 
 
-async def exposition(root: Service, observations: Observations) -> tuple[bytes, str]:
-    """The body and content type of ``GET /metrics`` for the tree under ``root``."""
-    from prometheus_client import generate_latest
-    from prometheus_client.exposition import CONTENT_TYPE_LATEST
+class Exposition:
+    """``GET /metrics`` for the tree under ``root``, one per status server.
 
-    depths = await queue_depths(task_workers(root))
-    # The figures are read here, all at one moment. prometheus_client then formats one
-    # family at a time, in the event loop, which runs its other tasks in between: a
-    # scrape holds the loop for at most one family (one line per service), where a
-    # thread would share the GIL with a busy loop and take several times as long.
-    parts = []
-    for family in _families(root, observations, depths):
-        parts.append(generate_latest(_Families([family])))
-        await anyio.lowlevel.checkpoint()
-    return b"".join(parts), CONTENT_TYPE_LATEST
+    The figures are read from the tree at each scrape, all at one moment. A family whose
+    rows are those of the last scrape is answered with the text formatted then: in a
+    steady tree most are (a state, a restart count or an overrun changes now and then,
+    and the family it is in is formatted again in full), so a scrape mostly reads.
+    """
+
+    def __init__(self, root: Service, observations: Observations) -> None:
+        self._root = root
+        self._observations = observations
+        self._formatted: dict[str, tuple[_Series, bytes]] = {}
+
+    async def render(self) -> tuple[bytes, str]:
+        """The body and content type of one scrape."""
+        from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+        services = list(walk(self._root))
+        workers = task_workers(services)
+        depths = await queue_depths(workers)
+        parts = []
+        # prometheus_client formats one family at a time, in the event loop, which runs
+        # its other tasks in between: a scrape holds the loop for at most one family
+        # (one line per service), where a thread would share the GIL with a busy loop
+        # and take several times as long.
+        for family in _families(services, workers, self._observations, depths):
+            if isinstance(family, _Series):
+                formatted = self._formatted.get(family.name)
+                if formatted is not None and formatted[0] == family:
+                    parts.append(formatted[1])
+                    continue
+                text = _format(family.family())
+                self._formatted[family.name] = (family, text)
+            else:
+                text = _format(family)
+            parts.append(text)
+            await anyio.lowlevel.checkpoint()
+        return b"".join(parts), CONTENT_TYPE_LATEST
+
+
+def _format(family: Any) -> bytes:
+    from prometheus_client import generate_latest
+
+    return generate_latest(_Families([family]))

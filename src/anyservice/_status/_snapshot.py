@@ -8,7 +8,7 @@ twice is shown, checked and counted once.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ._core_names import Service, ServiceState, TimerStats
@@ -39,10 +39,10 @@ def _worker_class() -> type[TaskWorker]:
     return TaskWorker
 
 
-def task_workers(root: Service) -> list[TaskWorker]:
-    """The tree's task workers, root first."""
+def task_workers(services: Iterable[Service]) -> list[TaskWorker]:
+    """The task workers among ``services`` (a tree's :func:`walk`), in their order."""
     worker_class = _worker_class()
-    return [service for service in walk(root) if isinstance(service, worker_class)]
+    return [service for service in services if isinstance(service, worker_class)]
 
 
 def _number(value: float | None) -> float | None:
@@ -102,7 +102,7 @@ def liveness(root: Service) -> tuple[bool, dict[str, Any]]:
         reason = root.crash_reason
         why = "crashed" if reason is None else f"crashed: {type(reason).__name__}: {reason}"
         return False, {"status": "unhealthy", "reason": f"{root.name} {why}"}
-    for worker in task_workers(root):
+    for worker in task_workers(walk(root)):
         healthy, body = worker.healthz()
         if not healthy:
             return False, body

@@ -22,6 +22,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +37,7 @@ from ._queue import Task
 from ._records import PayloadError, RunError, RunRecord
 from ._serialize import decode_arguments, encode_result
 
-__all__ = ["Outcome", "RunInFlight", "Runners", "attempt"]
+__all__ = ["Outcome", "RunInFlight", "RunnerHooks", "Runners", "attempt", "verdict"]
 
 
 @dataclass(eq=False)
@@ -102,14 +103,22 @@ class RunInFlight:
         "task",
     )
 
-    def __init__(self, record: RunRecord, task: Task[Any, Any], lease_seconds: float) -> None:
+    def __init__(
+        self,
+        record: RunRecord,
+        task: Task[Any, Any],
+        lease_seconds: float,
+        *,
+        began: float | None = None,
+        started: float | None = None,
+    ) -> None:
         self.record = record
         self.task = task
-        #: Cancelled when the lease is lost, so the attempt stops here.
-        self.scope = anyio.CancelScope()
-        self.started = time.time()
+        #: While its body runs: the scope to cancel to stop it (its runner's).
+        self.scope: anyio.CancelScope | None = None
+        self.started = time.time() if started is None else started
         #: The backend clock at the claim, for the run's duration.
-        self.began = anyio.current_time()
+        self.began = anyio.current_time() if began is None else began
         #: When the lease runs out as far as this worker knows (on the event loop's
         #: clock): claimed now, moved on by every renewal the broker confirmed.
         self.lease_until = self.began + lease_seconds
@@ -133,6 +142,11 @@ class RunInFlight:
             self.done = anyio.Event()
         return self.done
 
+    def stop_body(self) -> None:
+        """Stop the task's body if it is running; one not started yet never starts."""
+        if self.scope is not None:
+            self.scope.cancel()
+
     @property
     def attempt(self) -> int:
         """The claim's attempt number: the fencing token of every call about this run."""
@@ -142,36 +156,79 @@ class RunInFlight:
         return f"run {self.record.id} of {self.task.name!r} (attempt {self.record.attempts})"
 
 
-class Runners:
-    """A pool of long-lived runner tasks that run claimed runs one after another.
+class RunnerHooks:
+    """What the worker does with a run before and after its runner executes it.
 
-    Grown by one whenever a run is queued and no runner is idle, so up to the worker's
-    ``limit``; long-lived, because starting a task per run would cost more than a no-op
-    run. A stop cancels the idle runners, so runs still queued then are handed back by
-    the worker (see :meth:`taken`).
+    Attributes:
+        in_flight: The worker's ``in_flight()``: held while a runner has runs to execute.
+        finished: Takes a run just executed and its outcome, at once, without waiting;
+            ``False`` if the runner must ``await settle(entry, outcome)`` itself.
+        settle: Records an outcome ``finished`` did not take, then forgets the run.
+        abandon: Hands back a run whose runner was cancelled from outside, then forgets it.
+        worker_id, threads: For :func:`attempt`.
     """
+
+    __slots__ = ("abandon", "finished", "in_flight", "settle", "threads", "worker_id")
 
     def __init__(
         self,
-        spawn: Callable[..., object],
-        execute: Callable[[RunInFlight], Awaitable[None]],
+        *,
+        in_flight: Callable[[], AbstractContextManager[None]],
+        finished: Callable[[RunInFlight, Outcome | None], bool],
+        settle: Callable[[RunInFlight, Outcome | None], Awaitable[None]],
+        abandon: Callable[[RunInFlight], Awaitable[None]],
+        worker_id: str,
     ) -> None:
+        self.in_flight = in_flight
+        self.finished = finished
+        self.settle = settle
+        self.abandon = abandon
+        self.worker_id = worker_id
+        self.threads: anyio.CapacityLimiter | None = None
+
+
+class Runners:
+    """A pool of long-lived runner tasks that run claimed runs one after another.
+
+    A runner does not wait for its run's outcome to be recorded: it hands the outcome to
+    the worker (see :class:`RunnerHooks`) and takes the next queued run, so runs that
+    never wait for anything (a no-op) run one after another in one task, without a
+    task switch. A runner that takes a run wakes (or starts) one more runner if more are
+    queued, so runs that do wait run side by side, up to the worker's ``limit``.
+
+    One cancel scope per runner, entered once and kept across its runs, stops a run's
+    body when its lease is lost or a user cancels it (:meth:`RunInFlight.stop_body`);
+    the runner then enters a new one. A stop cancels the idle runners, so runs still
+    queued then are handed back by the worker (see :meth:`taken`).
+    """
+
+    def __init__(self, spawn: Callable[..., object], hooks: RunnerHooks) -> None:
         self._spawn = spawn
-        self._execute = execute
+        self._hooks = hooks
         #: Claimed runs waiting for a runner, and the runners waiting for a run.
         self._queued: deque[RunInFlight] = deque()
         self._idle: list[anyio.Event] = []
         self._count = 0
+        #: A runner was woken (or started) for the queued runs and has not run yet.
+        self._calling = False
 
-    def reset(self) -> None:
+    def reset(self, threads: anyio.CapacityLimiter) -> None:
         """Forget the runners of an earlier start (their tasks ended with it)."""
         self._queued.clear()
         self._idle = []
         self._count = 0
+        self._calling = False
+        self._hooks.threads = threads
 
     def put(self, entry: RunInFlight) -> None:
         """Queue a run for the next idle runner, or for a new one."""
         self._queued.append(entry)
+        if not self._calling:
+            self._call_runner()
+
+    def _call_runner(self) -> None:
+        """Wake an idle runner for the queued runs, or start one."""
+        self._calling = True
         if self._idle:
             self._idle.pop().set()
         else:
@@ -191,17 +248,61 @@ class Runners:
     async def _runner(self) -> None:
         try:
             while True:
-                while not self._queued:
-                    wake = anyio.Event()
-                    self._idle.append(wake)
-                    try:
-                        await wake.wait()
-                    finally:
-                        if not wake.is_set():
-                            self._idle.remove(wake)
-                await self._execute(self._queued.popleft())
+                self._calling = False
+                if self._queued:
+                    with self._hooks.in_flight():
+                        while self._queued:
+                            await self._run_queued()
+                wake = anyio.Event()
+                self._idle.append(wake)
+                try:
+                    await wake.wait()
+                finally:
+                    if not wake.is_set():
+                        self._idle.remove(wake)
         finally:
             self._count -= 1
+
+    async def _run_queued(self) -> None:
+        """Run queued runs in one cancel scope until none is left or one was stopped."""
+        hooks = self._hooks
+        entry: RunInFlight | None = None
+        outcome: Outcome | None = None
+        try:
+            with anyio.CancelScope() as scope:
+                while self._queued:
+                    entry = self._queued.popleft()
+                    if self._queued and not self._calling:
+                        self._call_runner()  # for the others, in case this one waits
+                    entry.scope = scope
+                    outcome = None
+                    outcome = await attempt(entry, hooks.worker_id, hooks.threads)
+                    entry.scope = None
+                    if scope.cancel_called:
+                        break  # Stopped just as it ended: the scope is spent.
+                    if not hooks.finished(entry, outcome):
+                        await hooks.settle(entry, outcome)
+                    entry = None
+            if entry is not None:
+                # Its body was stopped (lease lost, or cancelled as asked).
+                entry.scope = None
+                outcome = verdict(entry, outcome)
+                if not hooks.finished(entry, outcome):
+                    await hooks.settle(entry, outcome)
+        except anyio.get_cancelled_exc_class():
+            if entry is not None:
+                entry.scope = None
+                await hooks.abandon(entry)
+            raise
+
+
+def verdict(entry: RunInFlight, outcome: Outcome | None) -> Outcome | None:
+    """What an attempt came to, given what happened to the run meanwhile."""
+    if entry.lost:
+        return None
+    if entry.cancelled:
+        return Outcome(cancelled=True)
+    return outcome
 
 
 async def attempt(
@@ -209,11 +310,12 @@ async def attempt(
 ) -> Outcome | None:
     """Run the task once; ``None`` if the lease was lost meanwhile or it stopped the worker.
 
+    The caller gives the run a cancel scope (``entry.scope``) around the call.
     With OpenTelemetry installed, the attempt is a span, a child of the submitter's.
     """
-    if otel is None:
-        return await _attempt(entry, worker_id, threads)
     record = entry.record
+    if otel is None or not otel.records_spans(record.trace_context):
+        return await _attempt(entry, worker_id, threads)
     with otel.run_span(
         entry.task.name, record.id, record.attempts, worker_id, record.trace_context
     ) as span:
@@ -233,6 +335,8 @@ async def attempt(
 async def _attempt(
     entry: RunInFlight, worker_id: str, threads: anyio.CapacityLimiter | None
 ) -> Outcome | None:
+    if entry.lost or entry.cancelled:
+        return verdict(entry, None)  # Stopped before it started: it never starts.
     record, task = entry.record, entry.task
     try:
         args, kwargs = decode_arguments(record.payload)
@@ -248,25 +352,23 @@ async def _attempt(
         )
     )
     outcome: Outcome | None = None
-    with entry.scope:
+    try:
+        value = await _call(task, args, kwargs, record.timeout, threads)
+    except StopTaskWorker:
+        entry.stop_worker = True
+    except TaskTimeoutError as exc:
+        outcome = Outcome.failure(exc, retry=task.should_retry(exc), traceback=False)
+    except Exception as exc:
+        outcome = Outcome.failure(exc, retry=task.should_retry(exc))
+    else:
         try:
-            value = await _call(task, args, kwargs, record.timeout, threads)
-        except StopTaskWorker:
-            entry.stop_worker = True
-        except TaskTimeoutError as exc:
-            outcome = Outcome.failure(exc, retry=task.should_retry(exc), traceback=False)
-        except Exception as exc:
-            outcome = Outcome.failure(exc, retry=task.should_retry(exc))
-        else:
-            try:
-                outcome = Outcome(result=encode_result(value, task_name=task.name))
-            except TypeError as exc:
-                outcome = Outcome.failure(exc, retry=False)
-    if entry.cancelled and not entry.lost:
-        return Outcome(cancelled=True)
+            outcome = Outcome(result=encode_result(value, task_name=task.name))
+        except TypeError as exc:
+            outcome = Outcome.failure(exc, retry=False)
+    outcome = verdict(entry, outcome)  # The flags may have been set while it ran.
     if outcome is not None and outcome.retry:
         outcome.retry_delay = task.delay_before_retry(record)
-    return None if entry.lost else outcome
+    return outcome
 
 
 async def _call(

@@ -639,6 +639,10 @@ class Task(Generic[P, R]):
             self.signature: inspect.Signature | None = inspect.signature(function)
         except (TypeError, ValueError):  # some builtins and C callables have none
             self.signature = None
+        #: Whether calls of a shape (how many positional arguments, which keywords) fit
+        #: the signature, and if not why: binding depends on nothing else, and costs
+        #: more than encoding a small call.
+        self._shapes: dict[tuple[int, tuple[str, ...]], str | None] = {}
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} of {self.queue.url!r}>"
@@ -675,11 +679,24 @@ class Task(Generic[P, R]):
                 them is not JSON-serialisable (the message names it).
         """
         if self.signature is not None:
+            shape = (len(args), tuple(kwargs))
             try:
-                self.signature.bind(*args, **kwargs)
-            except TypeError as exc:
-                raise TypeError(f"task {self.name!r}: {exc}") from None
+                problem = self._shapes[shape]
+            except KeyError:
+                problem = self._shapes[shape] = self._binding_problem(args, kwargs)
+            if problem is not None:
+                raise TypeError(f"task {self.name!r}: {problem}")
         return encode_arguments(self.name, args, kwargs, self.signature)
+
+    def _binding_problem(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        assert self.signature is not None
+        if len(self._shapes) >= 64:
+            self._shapes.clear()  # callers with ever new keywords: keep it small
+        try:
+            self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            return str(exc)
+        return None
 
     def _submit_options(self) -> dict[str, Any]:
         """What the broker stores with each run of this task, besides its arguments.

@@ -12,10 +12,9 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
-import anyio.lowlevel
 
 from .. import _hooks
 from ._errors import BrokerError
@@ -23,7 +22,7 @@ from ._execution import Outcome, RunInFlight
 from ._records import RunRecord
 from .brokers import Broker
 
-__all__ = ["OUTCOMES", "Recorder", "Refill", "WorkerStats", "run_log_extra"]
+__all__ = ["OUTCOMES", "Batches", "Recorder", "WorkerStats", "run_log_extra"]
 
 #: What became of the runs a worker ran: the keys of ``TaskWorker.counts``.
 OUTCOMES = ("completed", "failed", "retried", "cancelled", "handed_back", "lost", "not_recorded")
@@ -103,119 +102,97 @@ class WorkerStats:
                 return done
 
 
-class _Batch:
-    """Completions recorded by one broker call, and what the broker answered."""
+class Batches:
+    """Results handed over by runners that did not wait, recorded in batches.
 
-    __slots__ = ("done", "error", "finished", "results")
+    A runner hands a successful run over (:meth:`add`) and takes its next one; one task
+    (:meth:`serve`) records whatever was handed over meanwhile in one ``complete_many``
+    call, under one shielded deadline, then settles and forgets each run of the batch.
+    Nobody waiting for a run hears of its result before the call that stored it
+    returned, and the lease keeper renews the leases of the runs waiting here.
 
-    def __init__(self) -> None:
-        self.results: dict[str, tuple[int, str]] = {}
-        #: The ids the broker completed (their claim still held them).
-        self.done: set[str] = set()
-        #: Why the call failed, if it did: every completion of the batch is retried.
-        self.error: BrokerError | None = None
-        self.finished = anyio.Event()
-
-
-class Refill(Protocol):
-    """What a worker claims along with a batch of results (``complete_and_claim``)."""
-
-    def claim_options(self, finishing: int) -> dict[str, Any] | None:
-        """The claim's arguments (``tasks``, ``limit``...) for the slots ``finishing``
-        runs free, or ``None`` to claim nothing with them."""
-        ...
-
-    async def claimed(self, records: list[RunRecord]) -> None:
-        """Take the runs claimed with the batch."""
-        ...
-
-
-class Completions:
-    """Completions that come in together, recorded in one ``complete_many`` call.
-
-    The first run to finish opens a batch and lets the event loop take one pass (the
-    window: bounded, and free when nothing else is ready), so that the runs finishing
-    at the same moment join it; then it records the whole batch and wakes the others.
-    Each completion is fenced on its own by the broker, and nobody is told of a result
-    before the call that stored it returned. A failed call fails every completion of
-    the batch, each retried by its own run. With a ``refill``, the same call claims the
-    runs that take the batch's slots (``complete_and_claim``: one round trip for both).
+    Args:
+        recorder: Records the batch, fenced by each run's claim.
+        forget: The worker's: done with a run (its slot and ``finished()`` event).
     """
 
-    def __init__(
-        self, broker: Callable[[], Broker], owner: str, refill: Refill | None = None
-    ) -> None:
-        self._broker = broker
-        self._owner = owner
-        self._refill = refill
-        self._open: _Batch | None = None
+    def __init__(self, recorder: Recorder, forget: Callable[[RunInFlight], None]) -> None:
+        self._recorder = recorder
+        self._forget = forget
+        self._pending: list[tuple[RunInFlight, Outcome]] = []
+        self._wake: anyio.Event | None = None
+        #: Runs handed over and not yet forgotten.
+        self.held = 0
 
-    async def complete(self, run_id: str, attempt: int, result: str) -> bool:
-        """Record one result; whether the claim still held the run.
+    def reset(self) -> None:
+        """Forget an earlier start's runs (the worker forgot them too)."""
+        self._pending = []
+        self._wake = None
+        self.held = 0
 
-        Raises:
-            BrokerError: The broker call recording the batch failed.
+    def add(self, entry: RunInFlight, outcome: Outcome) -> None:
+        """Hand over a run whose body ended with a result: it is recorded soon."""
+        entry.settling = True
+        self._pending.append((entry, outcome))
+        self.held += 1
+        self.poke()
+
+    def poke(self) -> None:
+        """Wake :meth:`serve`: runs were handed over, or it may be done."""
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            wake.set()
+
+    async def serve(self, done: Callable[[], bool]) -> None:
+        """Record what is handed over, until ``done()`` with nothing left to record.
+
+        Cancelled (the stop's deadline), it still records what was handed over, within
+        :data:`HAND_BACK_BUDGET`: those runs have ended, and would otherwise run again.
         """
-        batch = self._open
-        if batch is not None and run_id in batch.results:
-            # Another attempt of the same run is in this batch: record this one apart.
-            return await self._broker().complete(self._owner, run_id, attempt, result)
-        if batch is not None:
-            batch.results[run_id] = (attempt, result)
-            try:
-                await batch.finished.wait()
-            except BaseException:
-                if self._open is batch:
-                    del batch.results[run_id]  # not sent yet: nothing of it is stored
-                raise
-            if batch.error is not None:
-                raise batch.error
-            return run_id in batch.done
-        batch = self._open = _Batch()
-        batch.results[run_id] = (attempt, result)
         try:
-            await anyio.lowlevel.checkpoint()
-            self._open = None
-            refill = self._refill
-            claim = None if refill is None else refill.claim_options(len(batch.results))
-            if refill is None or claim is None:
-                batch.done = await self._broker().complete_many(self._owner, batch.results)
-            else:
-                batch.done, claimed = await self._broker().complete_and_claim(
-                    self._owner, batch.results, **claim
-                )
-                await refill.claimed(claimed)
-        except BrokerError as exc:
-            batch.error = exc
+            while True:
+                while not self._pending:
+                    if done():
+                        return
+                    self._wake = anyio.Event()
+                    await self._wake.wait()
+                await self._record_pending()
+        except anyio.get_cancelled_exc_class():
+            with anyio.move_on_after(HAND_BACK_BUDGET, shield=True):
+                while self._pending:
+                    await self._record_pending()
             raise
-        except BaseException:
-            # Interrupted (the lease ran out while waiting): the others try again.
-            batch.error = BrokerError("recording the batch of results was interrupted")
-            raise
+
+    async def _record_pending(self) -> None:
+        batch: list[tuple[RunInFlight, Outcome]] = []
+        later: list[tuple[RunInFlight, Outcome]] = []
+        ids: set[str] = set()
+        for item in self._pending:
+            run_id = item[0].record.id
+            # Another attempt of a run already in the batch waits for the next one.
+            (later if run_id in ids else batch).append(item)
+            ids.add(run_id)
+        self._pending = later
+        try:
+            await self._recorder.settle_many(batch)
         finally:
-            if self._open is batch:
-                self._open = None
-            batch.finished.set()
-        return run_id in batch.done
+            self.held -= len(batch)
+            for entry, _ in batch:
+                self._forget(entry)
 
 
 class Recorder:
     """Records outcomes and hands runs back for one worker, fenced by each claim."""
 
     def __init__(
-        self,
-        broker: Callable[[], Broker],
-        owner: str,
-        lease_seconds: float,
-        stats: WorkerStats,
-        refill: Refill | None = None,
+        self, broker: Callable[[], Broker], owner: str, lease_seconds: float, stats: WorkerStats
     ) -> None:
         self._broker = broker
         self._owner = owner
         self._lease_seconds = lease_seconds
         self._stats = stats
         self._log = stats.log
-        self._completions = Completions(broker, owner, refill)
 
     async def _while_held(
         self, entry: RunInFlight, call: Callable[[], Awaitable[bool]]
@@ -289,7 +266,7 @@ class Recorder:
                 entry.describe(),
                 extra=self._stats.extra(entry.record),
             )
-            entry.scope.cancel()
+            entry.stop_body()
 
     async def settle(self, entry: RunInFlight, outcome: Outcome) -> None:
         """Record the outcome, shielded from a stop, retried while the lease lasts."""
@@ -302,7 +279,7 @@ class Recorder:
                 return await broker.end_cancelled(self._owner, record.id, entry.attempt)
             if outcome.error is None:
                 assert outcome.result is not None
-                return await self._completions.complete(record.id, entry.attempt, outcome.result)
+                return await broker.complete(self._owner, record.id, entry.attempt, outcome.result)
             return await broker.fail(
                 self._owner,
                 record.id,
@@ -313,7 +290,50 @@ class Recorder:
             )
 
         stored = await self._while_held(entry, store)
+        self._settled(entry, outcome, stored, anyio.current_time())
+
+    async def settle_many(self, batch: list[tuple[RunInFlight, Outcome]]) -> None:
+        """Record the results of ``batch`` (runs of distinct ids) in one broker call.
+
+        Shielded from a stop, retried through broker errors while the leases last; each
+        run is settled once its result is stored, refused, or its lease ran out.
+        """
+        backoff = FIRST_BACKOFF
+        while batch:
+            now = anyio.current_time()
+            held: list[tuple[RunInFlight, Outcome]] = []
+            for entry, outcome in batch:
+                if entry.lost:
+                    self._settled(entry, outcome, False, now)
+                elif entry.lease_until <= now:
+                    self._settled(entry, outcome, None, now)
+                else:
+                    held.append((entry, outcome))
+            batch = held
+            if not batch:
+                return
+            results = {e.record.id: (e.record.attempts, o.result or "null") for e, o in batch}
+            # The lease keeper may move the leases on meanwhile: the loop looks again.
+            with anyio.move_on_after(min(e.lease_until for e, _ in batch) - now, shield=True):
+                try:
+                    done = await self._broker().complete_many(self._owner, results)
+                except BrokerError as exc:
+                    self._stats.broker_failed(exc, f"recording {len(results)} result(s)")
+                    await anyio.sleep(backoff)
+                else:
+                    self._stats.broker_worked()
+                    now = anyio.current_time()
+                    for entry, outcome in batch:
+                        self._settled(entry, outcome, entry.record.id in done, now)
+                    return
+            backoff = min(backoff * 2, MAX_BACKOFF)
+
+    def _settled(
+        self, entry: RunInFlight, outcome: Outcome, stored: bool | None, now: float
+    ) -> None:
+        """The record of ``entry`` is over: count and log how it went."""
         entry.settled = True
+        record = entry.record
         if stored is None:
             self._stats.count(record, "not_recorded")
             self._log.error(
@@ -331,15 +351,15 @@ class Recorder:
                 extra=self._stats.extra(record),
             )
         else:
-            self._note_recorded(entry, outcome)
+            self._note_recorded(entry, outcome, now)
 
-    def _note_recorded(self, entry: RunInFlight, outcome: Outcome) -> None:
+    def _note_recorded(self, entry: RunInFlight, outcome: Outcome, now: float) -> None:
         """Count and log an outcome the broker recorded."""
         record, stats = entry.record, self._stats
         retrying = outcome.retry and record.retries_left > 0
         if not retrying:
             stats.finished.append(record.id)
-        seconds = anyio.current_time() - entry.began
+        seconds = now - entry.began
         if outcome.cancelled:
             stats.count(record, "cancelled", seconds)
             self._log.info("%s cancelled, as asked", entry.describe(), extra=stats.extra(record))

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 import traceback as traceback_module
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -56,9 +57,11 @@ __all__ = [
     "free_slots",
     "held",
     "new_run",
+    "new_run_ids",
     "pick_claims",
     "release",
     "renew",
+    "sibling_run",
     "takes_a_slot",
 ]
 
@@ -238,6 +241,30 @@ def abandoned_error(run_id: str, task: str, attempts: int, max_attempts: int) ->
 
 
 # --- transitions -------------------------------------------------------------------------
+
+
+def new_run_ids(count: int) -> list[str]:
+    """``count`` fresh run ids: uuid4 hex strings, from one read of the system's randomness.
+
+    The same as ``uuid.uuid4().hex`` each (version 4, RFC 4122 variant), at a fraction
+    of its cost per id, for batches of thousands.
+    """
+    randomness = bytearray(os.urandom(16 * count))
+    for start in range(0, 16 * count, 16):
+        randomness[start + 6] = (randomness[start + 6] & 0x0F) | 0x40
+        randomness[start + 8] = (randomness[start + 8] & 0x3F) | 0x80
+    text = randomness.hex()
+    return [text[start : start + 32] for start in range(0, 32 * count, 32)]
+
+
+def sibling_run(first: RunRecord, run_id: str, payload: str) -> RunRecord:
+    """A run submitted in the same batch as ``first``: the same options, another id and
+    payload. Made positionally: batches have thousands of runs."""
+    return RunRecord(
+        run_id, first.task, payload, first.state, 0, first.max_attempts, first.retries_left,
+        first.retry_delay, first.timeout, first.created_at, first.scheduled_at,
+        first.priority, None, None, None, None, None, None, first.trace_context,
+    )  # fmt: skip
 
 
 def new_run(

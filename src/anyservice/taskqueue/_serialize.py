@@ -66,6 +66,10 @@ _ENCODER = json.JSONEncoder(default=_refuse, allow_nan=False, separators=(",", "
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
+#: The payload of a call without arguments, as :func:`encode_arguments` writes it.
+NO_ARGUMENTS = '{"args":[],"kwargs":{}}'
+
+
 def _loads(text: str | bytes, what: str) -> Any:
     try:
         if isinstance(text, str):
@@ -119,6 +123,14 @@ def encode_arguments(
         TypeError: An argument has no JSON form, e.g. "argument 'when' of task 'say' is
             not JSON-serialisable: datetime".
     """
+    if not args and not kwargs:
+        return NO_ARGUMENTS
+    if all(type(name) is str for name in kwargs):
+        try:
+            # The whole payload at once; the same text as the parts joined below.
+            return _ENCODER.encode({"args": args, "kwargs": kwargs})
+        except (_NotSerialisable, TypeError, ValueError, RecursionError):
+            pass  # encoded again below, argument by argument, to name the one at fault
     parts = [
         _dumps(value, f"{label} of task {task_name!r}")
         for label, value in zip(_positional_labels(signature, len(args)), args, strict=True)
@@ -141,6 +153,8 @@ def decode_arguments(payload: str) -> tuple[list[Any], dict[str, Any]]:
             list and a ``kwargs`` object (a corrupt row, or one written by a newer
             version).
     """
+    if payload == NO_ARGUMENTS:
+        return [], {}
     data = _loads(payload, "run arguments")
     if not isinstance(data, dict) or set(data) != {"args", "kwargs"}:
         raise PayloadError(
@@ -162,6 +176,8 @@ def encode_result(value: object, *, task_name: str | None = None) -> str:
         TypeError: The value has no JSON form, e.g. "result of task 'say' is not
             JSON-serialisable: datetime".
     """
+    if value is None:
+        return "null"  # most tasks return nothing: skip the encoder
     what = "result" if task_name is None else f"result of task {task_name!r}"
     return _dumps(value, what)
 

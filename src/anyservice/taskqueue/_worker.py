@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import sys
 import threading
+import time
 import uuid
 from contextlib import closing
 from datetime import UTC, datetime
@@ -45,9 +46,9 @@ from .._runner import run as run_service
 from .._runner import run_here as run_service_here
 from .._status import StatusServer
 from ._errors import BrokerError
-from ._execution import RunInFlight, Runners, attempt
+from ._execution import Outcome, RunInFlight, RunnerHooks, Runners
 from ._queue import Task, TaskQueue, TaskRun, in_event_loop
-from ._recording import HAND_BACK_BUDGET, Recorder, WorkerStats
+from ._recording import HAND_BACK_BUDGET, Batches, Recorder, WorkerStats
 from ._records import RunRecord
 from ._scheduler import keep_schedule
 
@@ -191,46 +192,78 @@ def _announcement(worker: TaskWorker) -> str:
     )
 
 
-class _Refills:
-    """The worker's :class:`~._recording.Refill`, for its recorder.
+def _free_slots(worker: TaskWorker) -> int:
+    """How many runs to claim now: free slots, counting only runs not yet ended.
 
-    While the worker is at its limit (so the claim loop waits for a free slot, or soon
-    will), the record of a batch of results claims the runs that take the batch's slots
-    in the same broker call, and the claim loop starts them as if it had claimed them;
-    it waits for work if they were fewer than asked.
+    Runs whose results wait to be recorded hold no slot, so the next claim goes out
+    while they are recorded (on SQLite, in the same transaction); at most ``limit``
+    such runs are held besides the ``limit`` running.
     """
+    limit = worker.limit
+    if limit is None:
+        return _UNLIMITED_CLAIM
+    held = len(worker._runs)
+    return min(limit - (held - worker._batches.held), 2 * limit - held)
+
+
+class _RunEnds:
+    """What becomes of a run once its runner is done with its body: the runner's hooks."""
 
     def __init__(self, worker: TaskWorker) -> None:
         self._worker = worker
-        #: What the last claim made with a batch of results brought, for the claim loop
-        #: to start (``None``: nothing since the claim loop's last claim).
-        self._runs: list[RunRecord] | None = None
 
-    def claim_options(self, finishing: int) -> dict[str, Any] | None:
+    def finished(self, entry: RunInFlight, outcome: Outcome | None) -> bool:
+        """Take ``entry`` over if that needs no wait: a result (to the batch) or a loss."""
         worker = self._worker
-        if worker.limit is None or worker.should_stop:
-            return None
-        held = len(worker._runs) + len(self._runs or ())
-        if held < worker.limit:
-            return None  # the claim loop claims (or waits for work) by itself
-        wanted = worker.limit - held + finishing
-        return {"tasks": sorted(worker.tasks), "limit": max(wanted, 0), **_claim_options(worker)}
+        if outcome is not None and outcome.result is not None:
+            worker._batches.add(entry, outcome)
+            worker._slot_freed()
+            return True
+        if outcome is None and not entry.stop_worker:
+            worker._forget(entry)  # Lost: the new claim's holder records it.
+            return True
+        return False
 
-    async def claimed(self, records: list[RunRecord]) -> None:
-        if self._worker.should_stop:
-            for record in records:
-                await self._worker._recorder.hand_back(record, "the worker is stopping")
+    async def settle(self, entry: RunInFlight, outcome: Outcome | None) -> None:
+        """Record what the batch does not (a failure, a cancellation), or hand the run back."""
+        # Cancelled meanwhile, the runner hands the run back (if it must) and forgets it.
+        worker = self._worker
+        if entry.stop_worker:
+            # Stop first: handed back before, the run could be claimed again here.
+            worker.log.info("%s raised StopTaskWorker: stopping", entry.describe())
+            worker._request_stop()
+            entry.settled = True
+            await worker._recorder.hand_back(entry.record, "its task raised StopTaskWorker")
+        elif outcome is not None:
+            await worker._recorder.settle(entry, outcome)
+        worker._forget(entry)
+
+    def lose(self, entry: RunInFlight) -> None:
+        """The claim no longer holds the run: stop its attempt, record nothing."""
+        if entry.lost or entry.settled:
             return
-        self._runs = [*(self._runs or ()), *records]
+        entry.lost = True
+        if entry.settling:
+            return  # The record in progress gives up (or was refused) by itself.
+        stats = self._worker._stats
+        stats.count(entry.record, "lost")
+        self._worker.log.warning(
+            "%s: its lease was lost (the run was claimed again): cancelled here",
+            entry.describe(),
+            extra=stats.extra(entry.record),
+        )
+        entry.stop_body()
 
-    def take(self) -> list[RunRecord] | None:
-        """The runs to start, or ``None`` if no batch claimed since the last take.
-
-        All of them, even if not every slot of their batch is free yet: the batch's runs
-        have finished, and are leaving.
-        """
-        runs, self._runs = self._runs, None
-        return runs
+    async def abandon(self, entry: RunInFlight) -> None:
+        """The runner was cancelled (the stop deadline, a forced stop, a crash)."""
+        worker = self._worker
+        try:
+            if not entry.settled and not entry.lost:
+                # Hand the run back now rather than after its lease.
+                entry.settled = True
+                await worker._recorder.hand_back(entry.record, "its worker was cancelled")
+        finally:
+            worker._forget(entry)
 
 
 class TaskWorker(Service, overrides=("run",)):
@@ -303,12 +336,20 @@ class TaskWorker(Service, overrides=("run",)):
         self.started_at: datetime | None = None
         self._stats = WorkerStats(self.log, self)
         self.counts = self._stats.counts
-        self._refills = refills = _Refills(self)
         self._recorder = Recorder(
-            lambda: self.queue.broker, self.client_id, self.lease_seconds, self._stats, refills
+            lambda: self.queue.broker, self.client_id, self.lease_seconds, self._stats
         )
         self._runs: dict[str, RunInFlight] = {}
-        self._runners = Runners(self.spawn, self._execute)
+        self._batches = Batches(self._recorder, self._forget)
+        self._ends = ends = _RunEnds(self)
+        hooks = RunnerHooks(
+            in_flight=self.in_flight,
+            finished=ends.finished,
+            settle=ends.settle,
+            abandon=ends.abandon,
+            worker_id=self.client_id,
+        )
+        self._runners = Runners(self.spawn, hooks)
         # Made per start, inside the event loop.
         self._busy = self._idle = self._drained = anyio.Event()
         self._freed: anyio.Event | None = None
@@ -322,11 +363,12 @@ class TaskWorker(Service, overrides=("run",)):
 
     async def on_start(self) -> None:
         self._runs = {}
-        self._runners.reset()
         self._busy, self._idle, self._drained = anyio.Event(), anyio.Event(), anyio.Event()
         self._idle.set()
         self._freed = None
         self._threads = anyio.CapacityLimiter(self.limit or _UNLIMITED_THREADS)
+        self._runners.reset(self._threads)
+        self._batches.reset()
         self._token = anyio.lowlevel.current_token()
         if not self._holding_queue:
             await self.queue.hold()
@@ -430,8 +472,6 @@ class TaskWorker(Service, overrides=("run",)):
         return True
 
     async def on_stop(self) -> None:
-        for record in self._refills.take() or ():
-            await self._recorder.hand_back(record, "the worker is stopping")
         if self._runs:
             self.log.info(
                 "stopping: no new claims; waiting up to %ss for %d run(s) in flight",
@@ -440,6 +480,7 @@ class TaskWorker(Service, overrides=("run",)):
             )
         else:
             self._drained.set()
+            self._batches.poke()
 
     async def _serve_status(self) -> None:
         # In flight for its whole life: it keeps answering (stopping: true) while the runs
@@ -474,12 +515,11 @@ class TaskWorker(Service, overrides=("run",)):
         names = sorted(self.tasks)
         backoff = _FIRST_BACKOFF
         while True:
-            while self.limit is not None and len(self._runs) >= self.limit:
+            while (wanted := _free_slots(self)) <= 0:
                 self._freed = self._freed or anyio.Event()
                 await self._freed.wait()
             if self._stopping():
                 return  # A stop is under way: its cancellation may not have come yet.
-            wanted = _UNLIMITED_CLAIM if self.limit is None else self.limit - len(self._runs)
             claimed: list[RunRecord] | None
             async with self.in_flight():
                 claimed = await self._claim(names, wanted)
@@ -488,8 +528,10 @@ class TaskWorker(Service, overrides=("run",)):
                     for record in claimed:
                         await self._recorder.hand_back(record, "the worker is stopping")
                     return
-                for record in claimed or ():
-                    self._start(record)
+                if claimed:
+                    began, started = anyio.current_time(), time.time()
+                    for record in claimed:
+                        self._start(record, began, started)
                 for entry in await self._runners.taken(self._stopping):
                     # A stop cancelled the idle runners before they took it (the loop ends).
                     entry.settled = True
@@ -518,8 +560,6 @@ class TaskWorker(Service, overrides=("run",)):
         its runs leased to nobody until the leases expire. Claimed, they are started or
         handed back, whatever cancellation comes.
         """
-        if (refilled := self._refills.take()) is not None:
-            return refilled
         with anyio.move_on_after(HAND_BACK_BUDGET, shield=True):
             try:
                 options = _claim_options(self)
@@ -536,19 +576,28 @@ class TaskWorker(Service, overrides=("run",)):
         )
         return None
 
-    def _start(self, record: RunRecord) -> RunInFlight:
-        entry = RunInFlight(record, self.tasks[record.task], self.lease_seconds)
+    def _start(
+        self, record: RunRecord, began: float | None = None, started: float | None = None
+    ) -> RunInFlight:
+        entry = RunInFlight(
+            record, self.tasks[record.task], self.lease_seconds, began=began, started=started
+        )
         earlier = self._runs.get(record.id)
         if earlier is not None:
             # This worker claimed the run again after an earlier attempt's lease expired:
             # that attempt is fenced off, so stop it here.
-            self._lose(earlier)
+            self._ends.lose(earlier)
         if not self._runs:
             self._busy.set()
             self._idle = anyio.Event()
         self._runs[record.id] = entry
         self._runners.put(entry)
         return entry
+
+    def _slot_freed(self) -> None:
+        if self._freed is not None:
+            self._freed.set()
+            self._freed = None
 
     def _forget(self, entry: RunInFlight) -> None:
         if entry.done is not None:
@@ -558,53 +607,22 @@ class TaskWorker(Service, overrides=("run",)):
         if self._runs.get(entry.record.id) is not entry:
             return
         del self._runs[entry.record.id]
-        if self._freed is not None:
-            self._freed.set()
-            self._freed = None
+        self._slot_freed()
         if not self._runs:
             self._idle.set()
             self._busy = anyio.Event()
             if self.should_stop:
                 self._drained.set()
+                self._batches.poke()
 
     # ------------------------------------------------------------------ running
 
-    async def _execute(self, entry: RunInFlight) -> None:
-        try:
-            async with self.in_flight():
-                outcome = await attempt(entry, self.client_id, self._threads)
-                if entry.stop_worker:
-                    # Stop first: handed back before, the run could be claimed again here.
-                    self.log.info("%s raised StopTaskWorker: stopping", entry.describe())
-                    self._request_stop()
-                    entry.settled = True
-                    await self._recorder.hand_back(entry.record, "its task raised StopTaskWorker")
-                elif outcome is not None:
-                    await self._recorder.settle(entry, outcome)
-        except anyio.get_cancelled_exc_class():
-            if not entry.settled and not entry.lost:
-                # The stop deadline, a forced stop or a crash: hand the run back now rather
-                # than after its lease.
-                entry.settled = True
-                await self._recorder.hand_back(entry.record, "its worker was cancelled")
-            raise
-        finally:
-            self._forget(entry)
-
-    def _lose(self, entry: RunInFlight) -> None:
-        """The claim no longer holds the run: stop its attempt, record nothing."""
-        if entry.lost or entry.settled:
-            return
-        entry.lost = True
-        if entry.settling:
-            return  # The record in progress gives up (or was refused) by itself.
-        self._stats.count(entry.record, "lost")
-        self.log.warning(
-            "%s: its lease was lost (the run was claimed again): cancelled here",
-            entry.describe(),
-            extra=self._stats.extra(entry.record),
-        )
-        entry.scope.cancel()
+    @background_task
+    async def _record_results(self) -> None:
+        # In flight for its whole life: a graceful stop waits until every run that
+        # ended has been recorded, then it returns.
+        async with self.in_flight():
+            await self._batches.serve(lambda: self.should_stop and not self._runs)
 
     @background_task
     async def _purge_old_runs(self) -> None:
@@ -632,7 +650,7 @@ class TaskWorker(Service, overrides=("run",)):
 
     async def _renew(self) -> None:
         for entry in await self._recorder.renew(self._runs):
-            self._lose(entry)
+            self._ends.lose(entry)
 
 
 # ---------------------------------------------------------------------- serve()

@@ -73,10 +73,8 @@ URL scheme is one line in ``_SCHEMES`` of ``brokers/_urls.py``.
 from __future__ import annotations
 
 import abc
-import functools
 import itertools
 import time
-import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -85,7 +83,14 @@ from typing import TYPE_CHECKING, Protocol, Self
 import anyio
 import anyio.lowlevel
 
-from .._records import DEFAULT_MAX_ATTEMPTS, RunError, RunRecord, RunState, new_run
+from .._records import (
+    DEFAULT_MAX_ATTEMPTS,
+    RunError,
+    RunRecord,
+    RunState,
+    new_run_ids,
+    sibling_run,
+)
 from ._cluster import ClusterBroker, ClusterMethods
 from ._notifier import ChangeNotifier
 from ._options import (
@@ -678,22 +683,11 @@ class BaseBroker(_CompletingClaims, ClusterMethods, Broker, abc.ABC):
         )
         if not payloads:
             return []
-        make = functools.partial(
-            new_run,
-            task=task,
-            retries=first.retries_left,
-            retry_delay=first.retry_delay,
-            timeout=first.timeout,
-            max_attempts=first.max_attempts,
-            scheduled_at=first.scheduled_at,
-            now=first.created_at,
-            priority=first.priority,
-            trace_context=first.trace_context,
-        )
         runs = [first]
+        ids = new_run_ids(len(payloads) - 1)
         runs.extend(
-            make(uuid.uuid4().hex, payload=payload)
-            for payload in itertools.islice(payloads, 1, None)
+            sibling_run(first, run_id, payload)
+            for run_id, payload in zip(ids, itertools.islice(payloads, 1, None), strict=True)
         )
         await self._insert_many(runs)
         self._notifier.notify(work=True)

@@ -41,7 +41,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
@@ -508,7 +508,7 @@ class _Wakeups(ChangeNotifier):
         for waiter in self._here(self._all()):
             waiter.wake()
 
-    def hand_over(self, leaving: _Waiter) -> None:
+    def hand_over(self, leaving: _Waiter | None) -> None:
         """Ask one other waiter (if any) to read the LISTEN connection from now on.
 
         Called whenever a waiter stops reading or stops waiting while nobody reads: the
@@ -872,6 +872,7 @@ class _Waits:
 
     async def wait_until_finished(self, run_id: str, timeout: float) -> RunRecord | None:
         deadline = anyio.current_time() + timeout
+        await self._listen_before_looking()
         # Registered before each read of the run, so a finish in between is not missed.
         waiter = _Waiter(run_id)
         self._wakeups.add(waiter)
@@ -886,6 +887,24 @@ class _Waits:
                 await self._wait_woken(waiter, min(remaining, self._poll_every), None)
         finally:
             self._stop_waiting(waiter)
+
+    async def _listen_before_looking(self) -> None:
+        """Make the first LISTEN connection now, before a waiter's first look.
+
+        Only what is sent after LISTEN takes effect is delivered: listening first, a
+        change after the look always wakes the waiter. (A connection made later, by a
+        waiter that reads it, wakes everyone to look again, at the cost of a return that
+        may be spurious.) Only the first: a lost connection is made again by the waiters.
+        """
+        if not self._listen or self.listen_connects or self._listening or self._pool is None:
+            return
+        self._listening = True
+        try:
+            await self._ensure_listener()
+        finally:
+            self._listening = False
+            # Waiters that came meanwhile wait for a reader: one of them reads now.
+            self._wakeups.hand_over(None)
 
     def _stop_waiting(self, waiter: _Waiter) -> None:
         self._wakeups.discard(waiter)
@@ -922,10 +941,16 @@ class _Waits:
         """Read one batch of notifications, waiting at most ``timeout`` seconds for it."""
         self._listening = True
         try:
+            connects = self.listen_connects
             listener = await self._ensure_listener()
             if listener is None:
                 # Down: wait out the reconnect delay (the caller's polls go on meanwhile).
                 await anyio.sleep(min(timeout, max(self._reconnect_at - time.monotonic(), 0)))
+                return
+            if self.listen_connects != connects:
+                # Just (re)connected: what was sent before LISTEN took effect is lost, so
+                # this waiter, woken with everyone, must look again before it waits; the
+                # run it read before the connection was up may have finished since.
                 return
             try:
                 with anyio.move_on_after(timeout):
@@ -956,25 +981,24 @@ class _Waits:
         self._reconnect_at = time.monotonic() + self._reconnect_delay
         self._reconnect_delay = min(self._reconnect_delay * 2, _MAX_RECONNECT)
 
+    def _connect_listener(self) -> psycopg.Connection[Any]:
+        """A new connection that LISTENs on the channel (blocking: run in a thread)."""
+        conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5)
+        try:
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
     async def _ensure_listener(self) -> psycopg.Connection[Any] | None:
         if self._listener is not None and not self._listener.closed:
             return self._listener
         if time.monotonic() < self._reconnect_at:
             return None
-        channel = sql.Identifier(self._channel)
-
-        def connect() -> psycopg.Connection[Any]:
-            conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5)
-            try:
-                conn.execute(sql.SQL("LISTEN {}").format(channel))
-            except BaseException:
-                conn.close()
-                raise
-            return conn
-
         try:
             with anyio.CancelScope(shield=True):
-                listener = await anyio.to_thread.run_sync(connect)
+                listener = await anyio.to_thread.run_sync(self._connect_listener)
         except psycopg.Error:
             self._drop_listener()
             return None
@@ -1342,6 +1366,43 @@ class PostgresBroker(PostgresClusterStorage, _Waits, _Claims, BaseBroker):
         )
         if len(runs) >= _ANALYZE_AFTER:
             await self._refresh_statistics()
+
+    async def claim(
+        self,
+        owner: str,
+        tasks: Collection[str],
+        *,
+        limit: int,
+        lease_seconds: float,
+        concurrency: Mapping[str, int] | None = None,
+    ) -> list[RunRecord]:
+        # A claim is the look a wait for work follows; LISTEN first (the base's claim
+        # then notes the work generation after the wake-up that connecting makes).
+        await self._listen_before_looking()
+        return await super().claim(
+            owner, tasks, limit=limit, lease_seconds=lease_seconds, concurrency=concurrency
+        )
+
+    async def complete_and_claim(
+        self,
+        owner: str,
+        results: Mapping[str, tuple[int, str]],
+        tasks: Collection[str],
+        *,
+        limit: int,
+        lease_seconds: float,
+        concurrency: Mapping[str, int] | None = None,
+    ) -> tuple[set[str], list[RunRecord]]:
+        # A claim too: LISTEN before it looks, as claim() does.
+        await self._listen_before_looking()
+        return await super().complete_and_claim(
+            owner,
+            results,
+            tasks,
+            limit=limit,
+            lease_seconds=lease_seconds,
+            concurrency=concurrency,
+        )
 
     async def _refresh_statistics(self) -> None:
         """Refresh the planner's statistics of the runs table after a large submission.

@@ -23,7 +23,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Self, TypeVar
 
 import anyio.to_thread
@@ -40,6 +40,7 @@ from ._sqlite_rows import (
     MIGRATIONS,
     SCHEMA_VERSION,
     SELECT,
+    claimed_record,
     insert_values,
     marks,
     read_row,
@@ -141,11 +142,14 @@ def _due_rows(
 
     Two branches, each walking the claim-order index and stopping at ``count``: due
     SCHEDULED runs, and RUNNING runs whose lease expired. One ``OR`` over both made
-    SQLite read and sort every due row instead.
+    SQLite read and sort every due row instead. The ``+`` keeps ``scheduled_at`` off the
+    index choice: on the due-time index SQLite would read and sort every due run (tens
+    of milliseconds behind a backlog of thousands), where the claim-order index yields
+    them in order and stops at ``count``.
     """
     tasks = f"task IN ({marks(len(names))})"
     return conn.execute(
-        f"SELECT * FROM ({SELECT} WHERE state = 'SCHEDULED' AND scheduled_at <= ?"
+        f"SELECT * FROM ({SELECT} WHERE state = 'SCHEDULED' AND +scheduled_at <= ?"
         f" AND {tasks} {_CLAIM_ORDER} LIMIT ?)"
         f" UNION ALL SELECT * FROM ({SELECT} WHERE state = 'RUNNING'"
         f" AND (lease_expires_at IS NULL OR lease_expires_at <= ?) AND {tasks}"
@@ -228,17 +232,7 @@ def _claim_due(
             sequence[run.id] = seq
             readable.append(run)
     picked = records.pick_claims(readable, limit, free)
-    claimed = [
-        replace(
-            run,
-            state=RunState.RUNNING,
-            attempts=run.attempts + 1,
-            started_at=now,
-            lease_owner=owner,
-            lease_expires_at=expires,
-        )
-        for run in picked.runs
-    ]
+    claimed = [claimed_record(run, now, owner, expires) for run in picked.runs]
     conn.executemany(
         _CLAIM,
         [(run.attempts, now, owner, expires, sequence[run.id]) for run in claimed],
@@ -297,6 +291,14 @@ _COMPLETE = (
     "UPDATE anyservice_runs SET state = 'COMPLETED', finished_at = :now,"
     " lease_owner = NULL, lease_expires_at = NULL, result = :result, error = NULL"
 )
+#: Most runs submitted or completed by a call that may run in the caller's thread (see
+#: ConnectionThread.call); a claim may, whatever its limit: it returns what is due.
+_INLINE_ROWS = 10
+
+_COMPLETE_HELD = (
+    f"{_COMPLETE} WHERE id = :id AND state = 'RUNNING' AND lease_owner = :owner"
+    " AND attempts = :attempt"
+)
 # Every expression in an UPDATE sees the row as it was, so the CASEs agree.
 _RETRIED = ":retry AND retries_left > 0"
 _FAIL = (
@@ -313,6 +315,31 @@ _RELEASE = (
     "UPDATE anyservice_runs SET state = 'SCHEDULED', attempts = MAX(attempts - 1, 0),"
     " started_at = NULL, lease_owner = NULL, lease_expires_at = NULL"
 )
+
+
+def _complete_held(
+    conn: sqlite3.Connection, owner: str, results: dict[str, tuple[int, str]], now: float
+) -> set[str]:
+    """Complete the runs of ``results`` that ``owner``'s claims still hold; their ids.
+
+    One statement for the batch, whose row count says whether every claim held, as it
+    almost always does; if not, the batch is undone and done run by run to learn which.
+    """
+    rows = [
+        {"id": run_id, "owner": owner, "attempt": attempt, "result": result, "now": now}
+        for run_id, (attempt, result) in results.items()
+    ]
+    conn.execute("SAVEPOINT complete_many")
+    if conn.executemany(_COMPLETE_HELD, rows).rowcount == len(rows):
+        conn.execute("RELEASE complete_many")
+        return set(results)
+    conn.execute("ROLLBACK TO complete_many")
+    conn.execute("RELEASE complete_many")
+    return {
+        run_id
+        for run_id, row in zip(results, rows, strict=True)
+        if _update_held(conn, _COMPLETE, row)
+    }
 
 
 def _keep_workers(
@@ -599,7 +626,7 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
             self._db.check_file()
             conn.executemany(INSERT, values)
 
-        await self._db.call(insert, signal=WORK)
+        await self._db.call(insert, signal=WORK, inline=len(values) <= _INLINE_ROWS)
 
     async def _claim(
         self,
@@ -617,12 +644,18 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
             _keep_workers(conn, owner, now, self._this, self._workers_seen)
             finished = _crash_abandoned(conn, now)
             if not names:
+                if finished:
+                    self._db.signal(CHANGE)
                 return Claimed([], finished, None)
             due = _claim_due(conn, names, owner, limit, (now, now + lease_seconds), concurrency)
             next_due = now if due.left_over else _next_due_time(conn, names, now)
+            if finished or due.corrupt:
+                self._db.signal(CHANGE)
             return Claimed(due.claimed, finished or due.corrupt, next_due, due.held_back)
 
-        return await self._db.call(claim, signal=CHANGE)
+        # Runs leased are nobody else's business: other processes hear of a claim only
+        # if it ended runs on the way (crashed or corrupt ones).
+        return await self._db.call(claim, inline=True)
 
     async def _heartbeat(
         self, owner: str, leases: dict[str, int], lease_seconds: float
@@ -649,29 +682,16 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
         return await self._db.call(
             lambda conn: _update_held(conn, _COMPLETE, {**parameters, "now": self._clock()}),
             signal=CHANGE,
+            inline=True,
         )
 
     async def _complete_many(self, owner: str, results: dict[str, tuple[int, str]]) -> set[str]:
-        def complete(conn: sqlite3.Connection) -> set[str]:
-            now = self._clock()
-            return {
-                run_id
-                for run_id, (attempt, result) in results.items()
-                if _update_held(
-                    conn,
-                    _COMPLETE,
-                    {
-                        "id": run_id,
-                        "owner": owner,
-                        "attempt": attempt,
-                        "result": result,
-                        "now": now,
-                    },
-                )
-            }
-
         # One operation: one savepoint and one wake-up for the whole batch.
-        return await self._db.call(complete, signal=CHANGE)
+        return await self._db.call(
+            lambda conn: _complete_held(conn, owner, results, self._clock()),
+            signal=CHANGE,
+            inline=len(results) <= _INLINE_ROWS,
+        )
 
     async def _fail(
         self,
@@ -739,7 +759,7 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
             row = conn.execute(f"{SELECT} WHERE id = ?", (run_id,)).fetchone()
             return None if row is None else read_row(row)[1]
 
-        return await self._db.call(get, write=False)
+        return await self._db.call(get, write=False, inline=True)
 
     async def _purge(self, before: float, limit: int) -> int:
         return await self._db.call(lambda conn: _purge(conn, before, limit), signal=CHANGE)

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 
 from .._errors import BrokerBusyError, BrokerError
@@ -62,14 +63,20 @@ class _Operation:
     __slots__ = ("error", "event", "function", "loop", "signal", "step", "value", "write")
 
     def __init__(
-        self, function: Callable[[sqlite3.Connection], Any], write: bool, signal: bytes = b""
+        self,
+        function: Callable[[sqlite3.Connection], Any],
+        write: bool,
+        signal: bytes = b"",
+        *,
+        queued: bool = True,
     ) -> None:
         self.function = function
         self.write = write
         #: What to tell other processes once committed (empty: nothing worth telling).
         self.signal = signal
-        self.loop = LoopHandle.current()
-        self.event = anyio.Event()
+        if queued:
+            self.loop = LoopHandle.current()
+            self.event = anyio.Event()
         self.step = _Step.PENDING
         self.value: Any = None
         self.error: BaseException | None = None
@@ -78,6 +85,63 @@ class _Operation:
 def _wake(operations: list[_Operation]) -> None:
     for operation in operations:
         operation.event.set()
+
+
+def _broker_error(path: str, exc: sqlite3.Error) -> BrokerError:
+    error = BrokerError(f"SQLite database {path}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+def _apply(conn: sqlite3.Connection, operation: _Operation, path: str, *, savepoint: bool) -> None:
+    """Run one operation, in a savepoint of its own if ``savepoint``; keep its outcome.
+
+    Raises:
+        sqlite3.OperationalError: The database is locked: the whole batch is retried.
+    """
+    if savepoint:
+        conn.execute("SAVEPOINT operation")
+    try:
+        value = operation.function(conn)
+        # A cursor must die in this thread: finalised in the caller's, while this
+        # thread uses the connection, it is an "API misuse" error of SQLite's.
+        operation.value = None if isinstance(value, sqlite3.Cursor) else value
+    except sqlite3.OperationalError as exc:
+        if is_locked(exc):
+            raise
+        operation.error = _broker_error(path, exc)
+    except sqlite3.Error as exc:
+        operation.error = _broker_error(path, exc)
+    except Exception as exc:
+        operation.error = exc
+    if savepoint:
+        if operation.error is not None:
+            conn.execute("ROLLBACK TO operation")
+        conn.execute("RELEASE operation")
+
+
+def check_file(path: str, identity: tuple[int, int] | None) -> None:
+    """Raise :class:`BrokerError` if the file at ``path`` was deleted, or replaced (its
+    ``(device, inode)`` is not ``identity``).
+
+    A connection keeps using the file it opened, unlinked or not, while processes that
+    open the path afterwards get a new file: their runs and this connection's would
+    never meet.
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise BrokerError(
+            f"SQLite database {path} was deleted while open: its runs are gone "
+            "for every other process; restart with the file in place"
+        ) from None
+    except OSError as exc:
+        raise BrokerError(f"SQLite database {path}: cannot check the file: {exc}") from exc
+    if identity is not None and (info.st_dev, info.st_ino) != identity:
+        raise BrokerError(
+            f"SQLite database {path} was replaced by another file while open: "
+            "new runs go to the new file, which this broker does not see; restart it"
+        )
 
 
 class ConnectionThread:
@@ -110,6 +174,16 @@ class ConnectionThread:
         self._pending: deque[_Operation] = deque()
         self._thread: threading.Thread | None = None
         self._closing = False
+        #: The thread is running a batch; a caller is running one call itself.
+        self._running = False
+        self._inline = False
+        #: The task whose calls ran here in this pass of the event loop, if any.
+        self._inline_this_pass: int | None = None
+        #: Whether SQLite waits busy_timeout for locks (the thread's way) or not at all.
+        self._waiting_for_locks = True
+        self._thread_id: int | None = None
+        #: Signals that operations of the transaction under way asked for (see signal()).
+        self._signals: set[bytes] = set()
         self._conn: sqlite3.Connection | None = None
         #: (device, inode) of the file opened, to notice it deleted or replaced.
         self._identity: tuple[int, int] | None = None
@@ -132,6 +206,7 @@ class ConnectionThread:
             BrokerError: The file cannot be opened, or ``prepare`` failed.
         """
         self._closing = False
+        self._running = True  # until the thread has run prepare
         first = _Operation(prepare, write=False)
         first.step = _Step.RUNNING
         thread = threading.Thread(
@@ -153,15 +228,31 @@ class ConnectionThread:
         *,
         write: bool = True,
         signal: bytes = b"",
+        inline: bool = False,
     ) -> T:
         """Run ``function(connection)`` in the thread, in a transaction if ``write``.
 
         ``signal`` is passed to ``on_commit`` once the call's writes are committed.
+        ``inline``: a short call (one run claimed, submitted, completed or read) that may
+        run right here, in the caller's thread, when it comes alone: the connection's
+        thread idle with nothing queued, and no other task's call run so in this pass
+        of the event loop. The two thread hops it saves cost more than the statements, and they
+        were most of the latency of a lone claim or submission; calls made together
+        (concurrent submissions) still share the thread's transactions. A locked
+        database sends it to the thread after all, so the event loop never waits for a
+        lock.
 
         Raises:
             BrokerBusyError: The database stayed locked for ``lock_timeout`` seconds.
             BrokerError: Any other SQLite error, or the connection is not open.
         """
+        if inline:
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            ran = self._run_inline(function, write, signal)
+            if ran is not None:
+                if ran.error is not None:
+                    raise ran.error
+                return ran.value  # type: ignore[no-any-return]
         operation = _Operation(function, write, signal)
         with self._condition:
             if not self.is_open:
@@ -186,6 +277,76 @@ class ConnectionThread:
             raise operation.error
         return operation.value  # type: ignore[no-any-return]
 
+    def _run_inline(
+        self, function: Callable[[sqlite3.Connection], Any], write: bool, signal: bytes
+    ) -> _Operation | None:
+        """Run one call in the caller's thread if the connection's is idle; ``None`` if not
+        (busy, something queued, or the database locked)."""
+        with self._condition:
+            if not self.is_open:
+                raise BrokerError(
+                    f"SQLite database {self._path} is not open; "
+                    "use 'async with broker:' or 'await broker.open()'"
+                )
+            if self._running or self._inline or self._pending:
+                return None
+            # Other tasks' calls in this pass of the event loop after this one are
+            # concurrent with it: they go to the thread, to share its transactions. The
+            # same task's next calls cannot share one anyway.
+            task = anyio.get_current_task().id
+            if self._inline_this_pass not in (None, task):
+                return None
+            self._inline = True
+        if self._inline_this_pass is None:
+            self._inline_this_pass = task
+            LoopHandle.current().call_soon(self._next_pass)
+        conn = self._conn
+        assert conn is not None
+        operation = _Operation(function, write, signal, queued=False)
+        try:
+            # Never wait for another process's lock here: the thread does, with backoff.
+            self._wait_for_locks(conn, False)
+            try:
+                committed = self._execute([operation])
+            except sqlite3.OperationalError as exc:
+                if is_locked(exc):
+                    return None
+                operation.error = _broker_error(self._path, exc)
+                return operation
+            except sqlite3.Error as exc:
+                operation.error = _broker_error(self._path, exc)
+                return operation
+            signals, self._signals = self._signals, set()
+            if signal:
+                signals.add(signal)
+            if committed and signals and operation.error is None and self._on_commit is not None:
+                self._on_commit(signals)
+            return operation
+        finally:
+            with self._condition:
+                self._inline = False
+                if self._pending or self._closing:
+                    self._condition.notify()
+
+    def _wait_for_locks(self, conn: sqlite3.Connection, wait: bool) -> None:
+        """Have SQLite wait ``busy_timeout`` for a lock (in the thread) or not at all (in
+        the caller's); set only when it changes, since the pragma costs tens of µs."""
+        if wait != self._waiting_for_locks:
+            milliseconds = round(self._busy_timeout * 1000) if wait else 0
+            conn.execute(f"PRAGMA busy_timeout = {milliseconds}")
+            self._waiting_for_locks = wait
+
+    def _next_pass(self) -> None:
+        self._inline_this_pass = None
+
+    def signal(self, kind: bytes) -> None:
+        """From inside an operation: pass ``kind`` to ``on_commit`` too, once committed.
+
+        For a call whose need to tell other processes shows only as it runs (a claim
+        tells them only if it ended runs on the way).
+        """
+        self._signals.add(kind)
+
     async def close(self) -> None:
         """Run what is queued, close the connection and end the thread."""
         thread = self._thread
@@ -199,32 +360,13 @@ class ConnectionThread:
         self._thread = None
 
     def check_file(self) -> None:
-        """Raise :class:`BrokerError` if the open file was deleted or replaced.
-
-        A connection keeps using the file it opened, unlinked or not, while processes
-        that open the path afterwards get a new file: their runs and this connection's
-        would never meet.
-        """
-        try:
-            info = os.stat(self._path)
-        except FileNotFoundError:
-            raise BrokerError(
-                f"SQLite database {self._path} was deleted while open: its runs are gone "
-                "for every other process; restart with the file in place"
-            ) from None
-        except OSError as exc:
-            raise BrokerError(
-                f"SQLite database {self._path}: cannot check the file: {exc}"
-            ) from exc
-        if self._identity is not None and (info.st_dev, info.st_ino) != self._identity:
-            raise BrokerError(
-                f"SQLite database {self._path} was replaced by another file while open: "
-                "new runs go to the new file, which this broker does not see; restart it"
-            )
+        """Raise :class:`BrokerError` if the open file was deleted or replaced."""
+        check_file(self._path, self._identity)
 
     # --- the thread's side --------------------------------------------------------------
 
     def _serve(self, first: _Operation) -> None:
+        self._thread_id = threading.get_ident()
         try:
             # Task arguments and results are the user's own: create the file 0600, and
             # SQLite gives its WAL and shared-memory files the mode of the database's.
@@ -235,6 +377,9 @@ class ConnectionThread:
                 timeout=self._busy_timeout,
                 # Transactions are explicit (BEGIN IMMEDIATE), never implicit.
                 isolation_level=None,
+                # Short calls may run in the caller's thread while this one is idle (see
+                # call()); the condition's flags keep the two from using it at once.
+                check_same_thread=False,
             )
             info = os.stat(self._path)
             self._identity = (info.st_dev, info.st_ino)
@@ -255,16 +400,18 @@ class ConnectionThread:
     def _take(self) -> list[_Operation] | None:
         """Wait for queued operations and take them; ``None`` once closing and drained."""
         with self._condition:
+            self._running = False
             while True:
                 batch: list[_Operation] = []
-                while self._pending and len(batch) < _MAX_BATCH:
+                while self._pending and len(batch) < _MAX_BATCH and not self._inline:
                     operation = self._pending.popleft()
                     if operation.step is _Step.PENDING:
                         operation.step = _Step.RUNNING
                         batch.append(operation)
                 if batch:
+                    self._running = True
                     return batch
-                if self._closing:
+                if self._closing and not self._inline:
                     return None
                 self._condition.wait()
 
@@ -310,8 +457,9 @@ class ConnectionThread:
                 self._fail_writes(batch, exc)
                 return
             else:
+                signals, self._signals = self._signals, set()
                 if committed and self._on_commit is not None:
-                    signals = {op.signal for op in batch if op.signal and op.error is None}
+                    signals.update(op.signal for op in batch if op.signal and op.error is None)
                     if signals:
                         self._on_commit(signals)
                 self._deliver(batch)
@@ -339,13 +487,16 @@ class ConnectionThread:
         """
         conn = self._conn
         assert conn is not None
+        if threading.get_ident() == self._thread_id:
+            self._wait_for_locks(conn, True)
         writes = [operation for operation in batch if operation.write]
         savepoints = len(writes) > 1
+        self._signals.clear()
         try:
             if writes:
                 conn.execute("BEGIN IMMEDIATE")
             for operation in batch:
-                self._apply(conn, operation, savepoint=savepoints and operation.write)
+                _apply(conn, operation, self._path, savepoint=savepoints and operation.write)
             if not writes:
                 return False
             if not savepoints and writes[0].error is not None:
@@ -362,37 +513,11 @@ class ConnectionThread:
                     pass  # The original error says more.
             raise
 
-    def _apply(self, conn: sqlite3.Connection, operation: _Operation, *, savepoint: bool) -> None:
-        if savepoint:
-            conn.execute("SAVEPOINT operation")
-        try:
-            value = operation.function(conn)
-            # A cursor must die in this thread: finalised in the caller's, while this
-            # thread uses the connection, it is an "API misuse" error of SQLite's.
-            operation.value = None if isinstance(value, sqlite3.Cursor) else value
-        except sqlite3.OperationalError as exc:
-            if is_locked(exc):
-                raise
-            operation.error = self._broker_error(exc)
-        except sqlite3.Error as exc:
-            operation.error = self._broker_error(exc)
-        except Exception as exc:
-            operation.error = exc
-        if savepoint:
-            if operation.error is not None:
-                conn.execute("ROLLBACK TO operation")
-            conn.execute("RELEASE operation")
-
-    def _broker_error(self, exc: sqlite3.Error) -> BrokerError:
-        error = BrokerError(f"SQLite database {self._path}: {exc}")
-        error.__cause__ = exc
-        return error
-
     def _fail_writes(self, batch: list[_Operation], exc: sqlite3.Error) -> None:
         """The transaction failed: every operation of it fails with the error."""
         for operation in batch:
             if operation.error is None:
-                operation.error = self._broker_error(exc)
+                operation.error = _broker_error(self._path, exc)
         self._deliver(batch)
 
     def _deliver(self, batch: list[_Operation]) -> None:
