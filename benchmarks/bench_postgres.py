@@ -338,6 +338,7 @@ def run(config: Config) -> list[Table]:
         return []
     runs = runs_for(config)
     repeats = config.repeats(full=5, quick=2)
+    load_before = os.getloadavg()[0]
     rates = Table(
         f"No-op runs per second on PostgreSQL ({fmt_count(runs)} runs, fsync on) vs the "
         "broker's statements from bare psycopg loops",
@@ -398,6 +399,8 @@ def run(config: Config) -> list[Table]:
                 verdict(max(best, lite) <= RECOVERY_TARGET),
             )
     rates.notes += [
+        f"Load average (1 minute) at the start and at the end of the run: {load_before:.1f} "
+        f"and {os.getloadavg()[0]:.1f}, on {os.cpu_count()} cores shared with other jobs.",
         f"Medians of {repeats} runs after one discarded warm-up pair, anyservice and "
         "baseline alternating, each sample on a fresh schema of one server started for the "
         "benchmark (PostgreSQL on loopback, `fsync=on`, `synchronous_commit=on`: the "
@@ -409,15 +412,14 @@ def run(config: Config) -> list[Table]:
         f"raw psycopg: the same runs, claimed with the broker's own claim statement (up to "
         f"{LIMIT} at once), then each batch completed with the broker's fenced "
         "`UPDATE ... FROM unnest(...)` and the next batch claimed in the same pipelined "
-        "transaction (what a worker at its limit sends), by as many bare sync psycopg loops "
+        "transaction (`broker.complete_and_claim`), by as many bare sync psycopg loops "
         "as there are worker processes, one connection and thread each: the statements' "
         "own cost, without event loop, worker, threads hops or JSON.",
         f"Target: >= {fmt_count(round(THROUGHPUT_TARGET))} runs/s with 4 worker processes.",
-        "A worker at its limit records the runs that finish together and claims the runs "
-        "that take their slots in one `complete_and_claim` call: one pipelined transaction, "
-        "one round trip, one commit (one WAL flush, one NOTIFY per 200 finished ids) per "
-        f"batch of up to {LIMIT}; a claim on its own commits without waiting for the WAL "
-        "flush (a lost claim only makes its runs claimable again).",
+        "A worker's runners hand finished runs to a batch, stored by one `complete_many` "
+        "statement (one commit, one WAL flush, one NOTIFY per 200 finished ids) while the "
+        "next claim goes out; a claim is one pipelined round trip that commits without "
+        "waiting for the WAL flush (a lost claim only makes its runs claimable again).",
     ]
     latencies.notes += [
         "One `serve()` process; `await stamp.delay()` here, the task returns `time.time()` "
