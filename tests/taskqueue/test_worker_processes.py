@@ -275,18 +275,18 @@ async def test_two_processes_never_run_more_of_a_task_than_its_concurrency(setup
     assert peak == 2, spans
 
 
-def _completed_rows(url: str) -> dict[str, str]:
-    """The results committed so far, read as another process would read them."""
-    query = "SELECT id, result FROM anyservice_runs WHERE state = 'COMPLETED'"
+def _completed_rows(url: str) -> dict[str, tuple[int, str]]:
+    """The attempt and result of each run committed so far, read as another process would."""
+    query = "SELECT id, attempts, result FROM anyservice_runs WHERE state = 'COMPLETED'"
     if url.startswith("sqlite:///"):
         with closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as conn:
-            return dict(conn.execute(query))
+            return {run_id: (attempts, result) for run_id, attempts, result in conn.execute(query)}
     import psycopg  # a test dependency, for the PostgreSQL runs only
 
     server, _, options = url.partition("?")
     schema = dict(option.split("=", 1) for option in options.split("&"))["schema"]
     with psycopg.connect(server, options=f"-csearch_path={schema}") as conn:
-        return dict(conn.execute(query))
+        return {run_id: (attempts, result) for run_id, attempts, result in conn.execute(query)}
 
 
 async def test_kill_9_during_group_commits_loses_no_acknowledged_result(setup: Setup) -> None:
@@ -316,12 +316,17 @@ async def test_kill_9_during_group_commits_loses_no_acknowledged_result(setup: S
 
     assert {run.state for run in runs} == {RunState.COMPLETED}
     by_id = {run.id: run for run in runs}
-    for run_id, result in acknowledged.items():
+    for run_id, (attempts, result) in acknowledged.items():
         run = by_id[run_id]
-        assert (run.attempts, run.record.result) == (1, result)  # kept, never run again
+        # Kept as acknowledged, never claimed again. (A 1 s lease may lapse on a loaded
+        # machine before a run is recorded: at least once, a run may have run twice
+        # before its result was acknowledged, never after.)
+        assert (run.attempts, run.record.result) == (attempts, result)
         assert await run.result() == int(result)
     executions = Counter(
         run_id for path in setup.dir.glob("*.runs") for run_id in path.read_text().split()
     )
     assert set(executions) == set(by_id)  # none lost
-    assert {executions[run_id] for run_id in acknowledged} == {1}
+    # Each execution was a claim of its own, and no claim came after the acknowledgement.
+    for run_id, (attempts, _) in acknowledged.items():
+        assert 1 <= executions[run_id] <= attempts
