@@ -255,11 +255,7 @@ class ConnectionThread:
                 return ran.value  # type: ignore[no-any-return]
         operation = _Operation(function, write, signal)
         with self._condition:
-            if not self.is_open:
-                raise BrokerError(
-                    f"SQLite database {self._path} is not open; "
-                    "use 'async with broker:' or 'await broker.open()'"
-                )
+            self._check_open()
             self._pending.append(operation)
             self._condition.notify()
         try:
@@ -277,17 +273,21 @@ class ConnectionThread:
             raise operation.error
         return operation.value  # type: ignore[no-any-return]
 
+    def _check_open(self) -> None:
+        """Raise :class:`BrokerError` unless the connection is open (under the condition)."""
+        if not self.is_open:
+            raise BrokerError(
+                f"SQLite database {self._path} is not open; "
+                "use 'async with broker:' or 'await broker.open()'"
+            )
+
     def _run_inline(
         self, function: Callable[[sqlite3.Connection], Any], write: bool, signal: bytes
     ) -> _Operation | None:
         """Run one call in the caller's thread if the connection's is idle; ``None`` if not
         (busy, something queued, or the database locked)."""
         with self._condition:
-            if not self.is_open:
-                raise BrokerError(
-                    f"SQLite database {self._path} is not open; "
-                    "use 'async with broker:' or 'await broker.open()'"
-                )
+            self._check_open()
             if self._running or self._inline or self._pending:
                 return None
             # Other tasks' calls in this pass of the event loop after this one are
