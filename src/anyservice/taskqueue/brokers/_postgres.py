@@ -75,7 +75,7 @@ from .._records import (
 from ._base import BaseBroker, Claimed
 from ._notifier import ChangeNotifier
 from ._options import hide_password
-from ._postgres_cluster import PostgresClusterStorage, cluster_tables
+from ._postgres_cluster import PURGE_CLUSTER, PostgresClusterStorage, cluster_tables
 from ._workers import WORKERS_EVERY, WORKERS_FORGOTTEN, host_identity, process_gone
 
 __all__ = ["SCHEMA_VERSION", "PostgresBroker"]
@@ -1568,6 +1568,8 @@ class PostgresBroker(PostgresClusterStorage, _Waits, _Claims, _ListensBeforeClai
     async def _purge(self, before: float, limit: int) -> int:
         # Housekeeping is one process's job at a time: the one that gets the advisory lock
         # (held for this statement's transaction) deletes; the others delete nothing.
+        # With the runs go their ticks and keys, where the cluster's tables were made.
+        cluster = PURGE_CLUSTER if await self._cluster_made() else ""
         rows = await self._call(
             self._execute(
                 "WITH housekeeper AS"
@@ -1576,7 +1578,7 @@ class PostgresBroker(PostgresClusterStorage, _Waits, _Claims, _ListensBeforeClai
                 " AND state = ANY(%(finished)s) AND (SELECT held FROM housekeeper)"
                 " ORDER BY finished_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED),"
                 " gone AS (DELETE FROM {runs} r USING doomed WHERE r.seq = doomed.seq"
-                " RETURNING 1)"
+                f" RETURNING r.id){cluster}"
                 " SELECT count(*) FROM gone",
                 {
                     "lock": f"anyservice:{self._schema}:housekeeping",
