@@ -8,7 +8,6 @@ schedule's business (:mod:`anyservice._schedule`), which never accumulates error
 from __future__ import annotations
 
 import datetime
-import functools
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
@@ -157,13 +156,14 @@ class TimerSpec(_PeriodicSpec):
         )
         return stats, schedule
 
-    def prepare_bare(
-        self, service: Host, now: float
-    ) -> tuple[float, Callable[[bool], Awaitable[None]]] | None:
+    def prepare_bare(self, service: Host, now: float) -> tuple[float, object] | None:
         if self.exec_first:
             return None  # due at once: nothing to wait for
         prepared = self.prepare(service, now)
-        return prepared[1].due, functools.partial(self.serve, service, prepared)
+        return prepared[1].due, prepared
+
+    def resume_bare(self, service: Host, state: object, due_now: bool) -> Coroutine[Any, Any, None]:
+        return self.serve(service, cast(tuple[TimerStats, IntervalSchedule], state), due_now)
 
     def run(self, service: Host) -> Coroutine[Any, Any, None]:
         # The loop's own coroutine, not one around it: a frame less held while it idles.
