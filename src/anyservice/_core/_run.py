@@ -69,6 +69,7 @@ __all__ = [
     "current_run",
     "idle_released",
     "idle_until",
+    "live_resources",
     "open_task_group",
     "serving_scope",
     "start_beside",
@@ -446,7 +447,7 @@ class Started:
 class Countdown:
     """One ``task_status`` for services started together: one wait for all of them.
 
-    Each run tells its ``task_status`` at most once (:class:`_Handover`), so counting the
+    Each run tells its ``task_status`` at most once (:func:`_hand_over`), so counting the
     calls counts the services that are RUNNING (or whose start a stop cut short).
     """
 
@@ -467,20 +468,6 @@ class Countdown:
             await self.event.wait()
 
 
-class _Handover:
-    """The caller's ``task_status``, told at most once that the service is RUNNING."""
-
-    __slots__ = ("task_status",)
-
-    def __init__(self, task_status: anyio.abc.TaskStatus[None]) -> None:
-        self.task_status: anyio.abc.TaskStatus[None] | None = task_status
-
-    def started(self) -> None:
-        status, self.task_status = self.task_status, None
-        if status is not None:
-            status.started()
-
-
 class Run:
     """The scopes and bookkeeping of one run of a service, and its sequence."""
 
@@ -488,9 +475,9 @@ class Run:
         "bare",
         "cut_short",
         "deferred",
+        "handover",
         "inline",
         "inside",
-        "live_resources",
         "phase",
         "resources",
         "restarted",
@@ -501,6 +488,7 @@ class Run:
         "started_dependencies",
         "stop_requested",
         "stopping",
+        "takes_resources",
         "task",
         "task_group",
         "wheel",
@@ -530,10 +518,13 @@ class Run:
         #: The services this run's tasks run inside, itself last; set when its task
         #: group opens (a bare run that never opens one needs none).
         self.inside: tuple[Owner, ...] = ()
-        self.resources = Resources(self)
-        #: The resources while they may still be added to: from the start until the tasks
-        #: have stopped.
-        self.live_resources: Resources | None = None
+        #: Made for the first resource entered (see :func:`live_resources`).
+        self.resources: Resources | None = None
+        #: True while resources may still be added: from the start until the tasks stop.
+        self.takes_resources = False
+        #: The caller's ``task_status``, told once that the service is RUNNING (or that
+        #: its start was cut short), then let go (see :func:`_hand_over`).
+        self.handover: anyio.abc.TaskStatus[None] | None = None
         #: The one background task that the run's own task runs once RUNNING, instead of
         #: a task of its own (see :func:`_start_background`).
         self.deferred: BackgroundSpec | None = None
@@ -580,7 +571,7 @@ class Run:
         service = self.service
         return bool(
             self.started_dependencies
-            or self.resources.stack is not None
+            or (self.resources is not None and self.resources.stack is not None)
             or "on_stop" in service._overridden_hooks
             or "on_shutdown" in service._overridden_hooks
             or any(slot.observable for slot in self.slots)
@@ -606,13 +597,13 @@ class Run:
             BaseException: what crashed the run, as the task group raises it.
         """
         service = self.service
-        handover = self._begin(task_status, restart=restart)
+        self._begin(task_status, restart=restart)
         token = None
         try:
             # A bare run waits here, in this frame, and opens no task group unless it
             # needs one; nor does it mark the context before then: nothing of the user's
             # runs in its task meanwhile.
-            waiting = _enter_bare(self, handover) if _waits_bare(self) else None
+            waiting = _enter_bare(self) if _waits_bare(self) else None
             ended = False
             if waiting is not None:
                 await waiting
@@ -625,7 +616,7 @@ class Run:
                     if self.bare is not None:
                         _open_bare(self, task_group)
                     try:
-                        await self._start_and_serve(handover)
+                        await self._start_and_serve()
                     except BaseException as exc:
                         if not only_cancellation(exc):
                             self.note_crash()
@@ -643,20 +634,20 @@ class Run:
             if service._pending_crash is not None:
                 raise service._pending_crash
         except BaseException as exc:
-            service._run = None
+            object.__setattr__(service, "_run", None)
             _give_up_bare(self)
             if only_cancellation(exc):
                 # Cancelled from outside (an enclosing scope): a stop, not a crash.
-                self._finish_stopped("stopped (cancelled from outside)")
+                _finish_stopped(self, "stopped (cancelled from outside)")
             else:
                 service._record_crash(exc)
             raise
         finally:
             if token is not None:
                 _inside.reset(token)
-        self._end(handover)
+        self._end()
 
-    def _begin(self, task_status: anyio.abc.TaskStatus[None], *, restart: bool) -> _Handover:
+    def _begin(self, task_status: anyio.abc.TaskStatus[None], *, restart: bool) -> None:
         service = self.service
         if restart and service._started_once:
             # The one place restarts are counted, whoever asked for the restart.
@@ -664,8 +655,9 @@ class Run:
             self.restarted = True
             if _hooks.service_restart is not None:
                 _hooks.service_restart(service)
-        service._run = self
-        # Written only if set: each write to a service is a check of the reserved names.
+        # Past the service's __setattr__ (a check of the reserved names, a call per write):
+        # none of the run's own names is reserved. Others written only if set.
+        object.__setattr__(service, "_run", self)
         if service.crash_reason is not None:
             service.crash_reason = None
         if service._pending_crash is not None:
@@ -673,11 +665,11 @@ class Run:
         service._set_state(ServiceState.STARTING)
         service._log_lifecycle("starting")
         self.task = current_task()
-        return _Handover(task_status)
+        self.handover = task_status
 
-    def _end(self, handover: _Handover) -> None:
+    def _end(self) -> None:
         service = self.service
-        service._run = None
+        object.__setattr__(service, "_run", None)
         # With no grace period at all, cancelling is the stop itself, not worth a warning.
         cancelled = self.task_group is not None and self.hard_scope.cancelled_caught
         if cancelled and (self.cut_short or service.shutdown_timeout > 0):
@@ -686,26 +678,19 @@ class Run:
                 service.shutdown_timeout,
                 f" (in flight: {', '.join(self.cut_short)})" if self.cut_short else "",
             )
-        self._finish_stopped("stopped")
+        _finish_stopped(self, "stopped")
         # tg.start() must not hang on a service whose start a stop cut short.
-        handover.started()
+        _hand_over(self)
 
-    def _finish_stopped(self, message: str) -> None:
-        service = self.service
-        if service.state in (ServiceState.STARTING, ServiceState.RUNNING):
-            service._set_state(ServiceState.STOPPING)
-        service._set_state(ServiceState.STOPPED)
-        service._log_lifecycle(message)
-
-    async def _start_and_serve(self, handover: _Handover) -> None:
+    async def _start_and_serve(self) -> None:
         # The resources' exit by hand rather than ``async with``: most runs hold none, and
         # then there is nothing to await on the way in or out.
-        resources = self.live_resources = self.resources
+        self.takes_resources = True
         hooks = self.service._overridden_hooks
         hooked = False
         try:
             # A bare run has started already (see _enter_bare).
-            hooked = self.bare is not None or await self._start(handover)
+            hooked = self.bare is not None or await self._start()
             # Started (or cut short): from here a stop only sets the event, so the scope can
             # go, and with it what anyio keeps for it while the service runs.
             self.running_scope = None
@@ -738,25 +723,25 @@ class Run:
             self.release_slots()
             if self.slots:
                 await self.wait_slots_done()
-            self.live_resources = None
+            self.takes_resources = False
         except BaseException as exc:
-            if resources.stack is None or not await resources.close(exc):
+            if not _holds_resources(self) or not await _close_resources(self, exc):
                 raise
         else:
-            if resources.stack is not None:
-                await resources.close(None)
+            if _holds_resources(self):
+                await _close_resources(self, None)
         if hooked and "on_shutdown" in hooks:
             await _call_hook(self.service, "on_shutdown")
 
-    async def _start(self, handover: _Handover) -> bool:
+    async def _start(self) -> bool:
         """Start, in the running scope; returns whether ``on_start`` completed."""
         if self.running_scope is None:
             # A start that runs none of the user's code and waits for no task: nothing in
             # it awaits, so none of the awaits below is made.
             if not self.service._started_once:
-                self.service._started_once = True
+                object.__setattr__(self.service, "_started_once", True)
             _start_background(self)
-            _report_running(self, handover)
+            _report_running(self)
             return True
         service = self.service
         hooked = False
@@ -765,16 +750,16 @@ class Run:
                 await _call_hook(self.service, "on_restart")
             await _start_dependencies(self, service._dependencies_to_start())
             if not service._started_once:
-                service._started_once = True
+                object.__setattr__(service, "_started_once", True)
                 await _call_hook(self.service, "on_first_start")
             await _call_hook(self.service, "on_start")
             hooked = True
             for context in service._contexts:
-                await self.resources.enter(context)
+                await _resources(self).enter(context)
             for slot in _start_background(self):
                 await slot.ready.wait()  # type: ignore[union-attr]  # set by the spawn
             await _call_hook(self.service, "on_started")
-            _report_running(self, handover)
+            _report_running(self)
         return hooked
 
     def _advance(self, phase: RunPhase) -> None:
@@ -889,6 +874,43 @@ async def _call_hook(service: Owner, hook: str) -> None:
         raise
 
 
+def _finish_stopped(run: Run, message: str) -> None:
+    service = run.service
+    if service.state in (ServiceState.STARTING, ServiceState.RUNNING):
+        service._set_state(ServiceState.STOPPING)
+    service._set_state(ServiceState.STOPPED)
+    service._log_lifecycle(message)
+
+
+def _hand_over(run: Run) -> None:
+    """Tell the caller's ``task_status`` that the service is RUNNING, once."""
+    status, run.handover = run.handover, None
+    if status is not None:
+        status.started()
+
+
+def live_resources(run: Run | None) -> Resources | None:
+    """The resources of ``run`` while they may be added to (made at the first), else None."""
+    if run is None or not run.takes_resources:
+        return None
+    return _resources(run)
+
+
+def _resources(run: Run) -> Resources:
+    if run.resources is None:
+        run.resources = Resources(run)
+    return run.resources
+
+
+def _holds_resources(run: Run) -> bool:
+    return run.resources is not None and run.resources.stack is not None
+
+
+async def _close_resources(run: Run, exc: BaseException | None) -> bool:
+    assert run.resources is not None
+    return await run.resources.close(exc)
+
+
 def _start_background(run: Run) -> list[Slot]:
     """Start the background tasks; returns the slots whose task the start waits for."""
     service = run.service
@@ -911,14 +933,14 @@ def _start_background(run: Run) -> list[Slot]:
     return waits
 
 
-def _report_running(run: Run, handover: _Handover) -> None:
+def _report_running(run: Run) -> None:
     """The start is done: RUNNING, unless a stop came meanwhile."""
     if not run.stop_requested:
         run._advance(RunPhase.RUNNING)
         service = run.service
         service._set_state(ServiceState.RUNNING)
         service._log_lifecycle("started")
-        handover.started()
+        _hand_over(run)
 
 
 class _Bare:
@@ -973,7 +995,7 @@ def _class_waits_bare(cls: Any) -> bool:
     )
 
 
-def _enter_bare(run: Run, handover: _Handover) -> Awaitable[object] | None:
+def _enter_bare(run: Run) -> Awaitable[object] | None:
     """Start ``run`` bare; returns what its task waits on, or None to open a task group.
 
     None if it cannot wait bare: its owner is not running its own task group (a timer
@@ -999,13 +1021,13 @@ def _enter_bare(run: Run, handover: _Handover) -> Awaitable[object] | None:
     woken = new_waiter(service._loop)
     run.bare = _Bare(state, woken)
     if not service._started_once:
-        service._started_once = True
+        object.__setattr__(service, "_started_once", True)
     if wheel is not None:
         slot = run.inline = _inline_slot(run, specs[0])
         slot.waker = woken
         wheel.wake_at(due, woken)
-    run.live_resources = run.resources
-    _report_running(run, handover)
+    run.takes_resources = True
+    _report_running(run)
     return woken.wait()
 
 
@@ -1027,12 +1049,17 @@ def _leave_bare(run: Run) -> bool:
         bare.due = not stopped and not bare.queued and bare.opened is None
         if not bare.due:
             _woken_early(run)
-    if not stopped or bare.queued or bare.opened is not None or run.resources.stack is not None:
+    if (
+        not stopped
+        or bare.queued
+        or bare.opened is not None
+        or (run.resources is not None and run.resources.stack is not None)
+    ):
         return False
     if slot is not None:
         run.inline = None
         run.slot_ended(slot)
-    run.live_resources = None
+    run.takes_resources = False
     run.phase = RunPhase.CLOSED
     return True
 
