@@ -1,27 +1,28 @@
-"""What one service with a timer costs to start and stop: tasks, scopes, events, bytes.
+"""What one service costs to start and stop: tasks, scopes, events, calls, bytes.
 
 Not a benchmark with a baseline (``run.py`` does not run it): a count of what the library
 does per service, to read beside the figures of ``bench_service.py``. It starts N services
-with one ``@timer`` each under a parent, then stops them, under ``cProfile`` (counts only:
-its timings are distorted) and, separately, ``tracemalloc``::
+with one ``@timer`` each under a parent, then under a ``Supervisor``, and N idle services
+(no task at all) under a parent, then stops them, under ``cProfile`` (counts only: its
+timings are distorted) and, separately, ``tracemalloc``::
 
     python benchmarks/profile_service.py              # both backends, N = 1 000
-    python benchmarks/profile_service.py --backend trio -n 200
+    python benchmarks/profile_service.py --backend trio -n 200 --shape idle
     python benchmarks/profile_service.py --cpu        # CPU-time ratios instead
 
 
 Per service it prints the tasks spawned, cancel scopes entered and cancelled, events made,
 event-loop passes (asyncio) and Python function calls of the start and of the stop, and
 the bytes held while running, by where they were allocated; then the same for raw anyio,
-a task group of N tasks each sleeping until a deadline (what ``bench_service.py``
-compares with).
+a task group of N tasks each sleeping until a deadline (for the timer services) or for
+ever (for the idle ones): what ``bench_service.py`` compares with.
 
 With ``--cpu`` it times instead, by the CPU time of the process (``time.process_time()``,
 which the other jobs of a shared machine move much less than the wall clock), the start
-and the stop of N such services under a parent and under a ``Supervisor`` against raw
-anyio's task group, the fastest of ``--repeats`` runs of each, the three alternating; and
-the bytes held per running service. To compare two versions of the library, run it with
-each one's ``src`` first on ``PYTHONPATH``, one after the other.
+and the stop of N such services against raw anyio's task group, the fastest of
+``--repeats`` runs of each, the sides alternating; and the bytes held per running
+service. To compare two versions of the library, run it with each one's ``src`` first on
+``PYTHONPATH``, one after the other.
 """
 
 from __future__ import annotations
