@@ -131,6 +131,8 @@ class TimerSpec(_PeriodicSpec):
         name: str | None = None,
     ) -> None:
         self.interval = check_interval(interval, f"@timer {function.__name__!r} interval")
+        # What each start's statistics are made with: worked out once, not per service.
+        self._late_after = TimerStats.for_interval(self.interval).late_after
         self.policy = check_policy(policy)
         self.exec_first = bool(exec_first)
         super().__init__(function, on_error=on_error)
@@ -141,13 +143,13 @@ class TimerSpec(_PeriodicSpec):
         return self.interval
 
     def new_stats(self) -> TimerStats:
-        return TimerStats.for_interval(self.interval)
+        return TimerStats(interval=self.interval, late_after=self._late_after)
 
     def prepare(
         self, service: Host, now: float | None = None
     ) -> tuple[TimerStats, IntervalSchedule]:
         """The statistics and the schedule of a run of the timer, starting ``now``."""
-        stats = self.stats_for(service)
+        stats = service.timer_stats[self.name] = self.new_stats()
         schedule = IntervalSchedule.checked(
             self.interval_for(service),
             start=anyio.current_time() if now is None else now,
