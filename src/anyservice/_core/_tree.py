@@ -133,10 +133,6 @@ class Tree:
         self.dependencies.remove(service)
         service._tree.owner = None
 
-    def has_dependencies(self) -> bool:
-        """True if a start would start dependencies (``@requirements`` counted unresolved)."""
-        return bool(self.dependencies) or self.requirements is not None
-
     def to_start(self) -> list[Node]:
         """The dependencies to start, in order; resolves ``@requirements`` the first time."""
         requirements, self.requirements = self.requirements, None
