@@ -289,7 +289,11 @@ async def _open_plain(tmp_path: Path) -> ConnectionThread:
     thread = ConnectionThread(
         str(tmp_path / "plain.db"), url="sqlite:///plain.db", busy_timeout=0.1, lock_timeout=30
     )
-    await thread.open(lambda conn: conn.execute("CREATE TABLE IF NOT EXISTS t (n INTEGER)"))
+
+    def create(conn: sqlite3.Connection) -> None:
+        conn.execute("CREATE TABLE IF NOT EXISTS t (n INTEGER)")
+
+    await thread.open(create)
     return thread
 
 
@@ -391,6 +395,36 @@ async def test_a_submit_in_another_process_wakes_a_waiting_broker_without_pollin
             with anyio.fail_after(PROMPTLY):
                 await woke.wait()
         assert len(await broker.claim("w", ["say"], limit=1, lease_seconds=30)) == 1
+
+
+@pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="Unix datagram sockets")
+async def test_the_event_loop_itself_listens_for_pokes_and_stops_at_close(tmp_path: Path) -> None:
+    # No thread sits in recv() to hand each wake-up over to the loop: the loop that
+    # opened the broker watches its socket, and closing the broker ends the watch.
+    def listening_threads() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("anyservice wake")]
+
+    path = tmp_path / "runs.db"
+    async with SqliteBroker(path, poll_interval=3600) as broker:
+        assert listening_threads() == []
+        await broker.claim("w", ["say"], limit=1, lease_seconds=30)
+        woke = anyio.Event()
+
+        async def wait() -> None:
+            await broker.wait_for_work(3600)
+            woke.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait)
+            process = await anyio.run_process(
+                [sys.executable, "-c", SUBMIT_FROM_ANOTHER_PROCESS, str(path)],
+                stderr=subprocess.STDOUT,
+            )
+            assert process.returncode == 0, process.stdout
+            with anyio.fail_after(PROMPTLY):
+                await woke.wait()
+    assert listening_threads() == []
+    assert os.listdir(f"{path}-wake") == []
 
 
 @pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="Unix datagram sockets")

@@ -191,7 +191,9 @@ def _candidates(
     for task, slots in free.items():
         rows += _due_rows(conn, [task], now, min(slots, limit) + 1)
     read = [read_row(row) for row in rows]
-    read.sort(key=lambda item: records.claim_order(item[1], item[0]))
+    if len(free) + bool(unlimited) > 1:
+        # Each read is in claim order already; only several need merging.
+        read.sort(key=lambda item: records.claim_order(item[1], item[0]))
     return read
 
 
@@ -565,6 +567,7 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
         await self._db.open(self._prepare)
         channel = WakeChannel(self._path, self._poked)
         if await anyio.to_thread.run_sync(channel.open):
+            channel.listen()
             self._channel = channel
             self._poll_interval = max(self._unsignalled_poll, SIGNALLED_POLL_INTERVAL)
         return True
@@ -583,6 +586,8 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
             channel, self._channel = self._channel, None
             self._poll_interval = self._unsignalled_poll
             if channel is not None:
+                # In this loop first: a watch by the loop that opened it ends there.
+                channel.stop_listening()
                 await anyio.to_thread.run_sync(channel.close)
 
     async def _check_open(self) -> None:
@@ -611,7 +616,8 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
             channel.poke(WORK if WORK in signals else CHANGE)
 
     def _poked(self, work: bool) -> None:
-        # In the channel's thread: another process committed a change.
+        # In the event loop watching the channel (or its thread): another process
+        # committed a change.
         self._notifier.notify_from_thread(work=work)
 
     # --- the broker protocol -------------------------------------------------------------
