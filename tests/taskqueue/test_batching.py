@@ -252,6 +252,17 @@ anyio.run(main)
 """
 
 
+async def _commit_after_five_ticks(holder: sqlite3.Connection, gaps: list[float]) -> None:
+    """End ``holder``'s transaction after five short sleeps, noting how long each took (an
+    event loop blocked in SQLite's own wait for the lock would stretch them)."""
+    last = anyio.current_time()
+    for _ in range(5):
+        await anyio.sleep(0.01)
+        gaps.append(anyio.current_time() - last)
+        last = anyio.current_time()
+    holder.execute("COMMIT")
+
+
 @pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="Unix datagram sockets")
 async def test_a_short_call_that_meets_a_locked_file_waits_in_the_thread(tmp_path: Path) -> None:
     # A lone claim runs in the caller's thread when the connection's is idle; one that
@@ -263,18 +274,9 @@ async def test_a_short_call_that_meets_a_locked_file_waits_in_the_thread(tmp_pat
         holder = sqlite3.connect(path, isolation_level=None)
         holder.execute("BEGIN IMMEDIATE")
         gaps: list[float] = []
-
-        async def release_soon() -> None:
-            last = anyio.current_time()
-            for _ in range(5):
-                await anyio.sleep(0.01)
-                gaps.append(anyio.current_time() - last)
-                last = anyio.current_time()
-            holder.execute("COMMIT")
-
         try:
             async with anyio.create_task_group() as group:
-                group.start_soon(release_soon)
+                group.start_soon(_commit_after_five_ticks, holder, gaps)
                 with anyio.fail_after(PROMPTLY):
                     claimed = await broker.claim("w", ["say"], limit=1, lease_seconds=30)
         finally:
@@ -339,20 +341,11 @@ async def test_short_calls_kept_for_a_pass_that_meet_a_locked_file_wait_in_the_t
     holder = sqlite3.connect(tmp_path / "plain.db", isolation_level=None)
     threads: list[int] = []
     gaps: list[float] = []
-
-    async def release_soon() -> None:
-        last = anyio.current_time()
-        for _ in range(5):
-            await anyio.sleep(0.01)
-            gaps.append(anyio.current_time() - last)
-            last = anyio.current_time()
-        holder.execute("COMMIT")
-
     try:
         holder.execute("BEGIN IMMEDIATE")
         with anyio.fail_after(PROMPTLY):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(release_soon)
+                tg.start_soon(_commit_after_five_ticks, holder, gaps)
                 for number in range(4):
                     tg.start_soon(
                         functools.partial(
@@ -375,36 +368,13 @@ async def test_short_calls_kept_for_a_pass_that_meet_a_locked_file_wait_in_the_t
 async def test_a_submit_in_another_process_wakes_a_waiting_broker_without_polling(
     tmp_path: Path,
 ) -> None:
-    path = tmp_path / "runs.db"
-    # The fallback poll comes an hour later: only the other process's poke can wake it.
-    async with SqliteBroker(path, poll_interval=3600) as broker:
-        await broker.claim("w", ["say"], limit=1, lease_seconds=30)
-        woke = anyio.Event()
-
-        async def wait() -> None:
-            await broker.wait_for_work(3600)
-            woke.set()
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(wait)
-            process = await anyio.run_process(
-                [sys.executable, "-c", SUBMIT_FROM_ANOTHER_PROCESS, str(path)],
-                stderr=subprocess.STDOUT,
-            )
-            assert process.returncode == 0, process.stdout
-            with anyio.fail_after(PROMPTLY):
-                await woke.wait()
-        assert len(await broker.claim("w", ["say"], limit=1, lease_seconds=30)) == 1
-
-
-@pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="Unix datagram sockets")
-async def test_the_event_loop_itself_listens_for_pokes_and_stops_at_close(tmp_path: Path) -> None:
     # No thread sits in recv() to hand each wake-up over to the loop: the loop that
     # opened the broker watches its socket, and closing the broker ends the watch.
     def listening_threads() -> list[str]:
         return [t.name for t in threading.enumerate() if t.name.startswith("anyservice wake")]
 
     path = tmp_path / "runs.db"
+    # The fallback poll comes an hour later: only the other process's poke can wake it.
     async with SqliteBroker(path, poll_interval=3600) as broker:
         assert listening_threads() == []
         await broker.claim("w", ["say"], limit=1, lease_seconds=30)
@@ -423,6 +393,7 @@ async def test_the_event_loop_itself_listens_for_pokes_and_stops_at_close(tmp_pa
             assert process.returncode == 0, process.stdout
             with anyio.fail_after(PROMPTLY):
                 await woke.wait()
+        assert len(await broker.claim("w", ["say"], limit=1, lease_seconds=30)) == 1
     assert listening_threads() == []
     assert os.listdir(f"{path}-wake") == []
 
