@@ -329,7 +329,7 @@ class _InlineCalls(_Transactions):
             self._inline = True
         if self._inline_this_pass is None:
             self._inline_this_pass = task
-            loop.call_soon(self._next_pass)
+            loop.call_soon_here(self._next_pass)
         conn = self._conn
         assert conn is not None
         operation = _Operation(function, write, signal, queued=False)
@@ -380,7 +380,7 @@ class _InlineCalls(_Transactions):
         gathered.append(operation)
         if len(gathered) == 1:
             self._gathered_loop = loop.native
-            loop.call_soon(self._run_gathered)
+            loop.call_soon_here(self._run_gathered)
         return operation
 
     def _run_gathered(self) -> None:
