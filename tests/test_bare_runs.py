@@ -205,3 +205,21 @@ async def test_a_bare_dependency_cancelled_from_outside_is_stopped(shape: str) -
             await anyio.sleep_forever()
     assert service.state is ServiceState.STOPPED
     assert parent.state is ServiceState.STOPPED
+
+
+async def test_what_one_service_adds_is_its_own_and_not_another_s() -> None:
+    # Services that hold nothing yet share their empty containers until they add to them.
+    first, second = Service(name="first"), Service(name="second")
+    first.add_dependency(Idle(name="dependency"))
+    async with first, second:
+        assert [service.name for service in first.dependencies] == ["dependency"]
+        assert second.dependencies == ()
+        second.spawn(anyio.sleep_forever, name="extra")
+        await anyio.sleep(1)
+        assert set(second.tracebacks()) == {"second (main)", "second.extra"}
+        assert set(first.tracebacks()) == {"first (main)", "dependency (main)"}
+        first_run, second_run = first._run, second._run
+        assert first_run is not None
+        assert second_run is not None
+        assert [service.name for service in first_run.started_dependencies] == ["dependency"]
+        assert second_run.started_dependencies == []

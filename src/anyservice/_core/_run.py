@@ -74,6 +74,7 @@ __all__ = [
     "serving_scope",
     "start_beside",
     "start_is_observable",
+    "started_dependencies",
     "unwind_unobservable",
 ]
 
@@ -105,7 +106,7 @@ class Owner(Host, Protocol):
     def _background_specs(self) -> tuple[BackgroundSpec, ...]: ...
 
     @property
-    def _contexts(self) -> list[ContextSource]: ...
+    def _contexts(self) -> Sequence[ContextSource]: ...
 
     @property
     def _owner(self) -> Owner | None: ...
@@ -468,6 +469,19 @@ class Countdown:
             await self.event.wait()
 
 
+#: The slots of a run that has given none of its tasks a slot of its own (most runs).
+_NO_SLOTS: dict[Slot, None] = {}
+#: The dependencies started by a run that has started none (most runs).
+_NONE_STARTED: list[Owner] = []
+
+
+def started_dependencies(run: Run) -> list[Owner]:
+    """The list of the dependencies ``run`` started, to add to (made at the first)."""
+    if run.started_dependencies is _NONE_STARTED:
+        run.started_dependencies = []
+    return run.started_dependencies
+
+
 class Run:
     """The scopes and bookkeeping of one run of a service, and its sequence."""
 
@@ -509,10 +523,13 @@ class Run:
         #: Made for the first task that waits for a stop: a service whose one task runs in
         #: the run's own task ends that task at the stop, and then need not wait.
         self.stopping: anyio.Event | None = None
-        # A dict as an ordered set: an empty one is a third of the size of an empty set.
-        self.slots: dict[Slot, None] = {}
+        # A dict as an ordered set, made at the first task given its own slot: until
+        # then the one empty dict of every run, never written to (see spawn()).
+        self.slots: dict[Slot, None] = _NO_SLOTS
         self.slots_done: anyio.Event | None = None
-        self.started_dependencies: list[Owner] = []
+        #: The one empty list of every run until it starts a dependency (see
+        #: :func:`started_dependencies`), never written to.
+        self.started_dependencies: list[Owner] = _NONE_STARTED
         self.cut_short: tuple[str, ...] = ()
         self.task: object = None
         #: The services this run's tasks run inside, itself last; set when its task
@@ -816,6 +833,8 @@ class Run:
     ) -> Slot:
         """Run ``body(*args)`` as a background task of this run, in its own slot."""
         slot = Slot(name, self, idle_runs_user_code=idle_runs_user_code)
+        if self.slots is _NO_SLOTS:
+            self.slots = {}
         self.slots[slot] = None
         if self.task_group is None:
             _queue_in_bare(self, slot, body, args)
@@ -1294,7 +1313,7 @@ def _spawn_dependency(run: Run, dependency: Owner, status: anyio.abc.TaskStatus[
     # start_soon and an event rather than task_group.start(): the same wait for RUNNING,
     # at a fraction of the cost of start()'s hand-over on trio. A crash of the dependency
     # reaches this service through the task group, which cancels the wait.
-    run.started_dependencies.append(dependency)
+    started_dependencies(run).append(dependency)
     assert run.task_group is not None
     run.task_group.start_soon(
         dependency._run_coroutine, status, name=f"{dependency.name} (of {run.service.name})"

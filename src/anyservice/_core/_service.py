@@ -12,7 +12,7 @@ an instance attribute one at the assignment), and only the hooks are meant to be
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from types import TracebackType
 from typing import Any, ClassVar, Self
@@ -157,7 +157,8 @@ class Service(Compat):
         self._state = ServiceState.INIT
         self._state_changed: anyio.Event | None = None
         self._tree = Tree(self, _requirements_of(self) if self._requirement_methods else None)
-        self._contexts: list[ContextSource] = []
+        # A tuple until the first resource is registered: most services hold none.
+        self._contexts: Sequence[ContextSource] = ()
         self._started_once = False
         self._pending = Pending.NOTHING
         self._pending_crash: BaseException | None = None
@@ -781,7 +782,7 @@ def _register_context(service: Service, context: ContextSource) -> None:
         raise TypeError(f"{service.name}: not a context manager or a factory of one: {context!r}")
     if hasattr(context, "__aenter__") or hasattr(context, "__enter__"):
         context = _EnteredOnce(service.name, context)
-    service._contexts.append(context)
+    service._contexts = [*service._contexts, context]
 
 
 class _EnteredOnce:
