@@ -422,22 +422,14 @@ class Runners:
         A thread hands its outcomes over when it returns, which a body that takes long
         (or blocks) would put off: the runs before it would wait for it to be recorded.
         """
-        hooks = self._hooks
         try:
-            with hooks.in_flight():  # Until the last thread returns: a stop waits for that.
+            with self._hooks.in_flight():  # Until the last thread returns: a stop waits.
                 while self._batches:
                     returned = self._returned
                     with anyio.move_on_after(THREAD_RESULTS_EVERY):
                         await returned.wait()
                     for batch in list(self._batches):
-                        while batch.ran:
-                            entry, outcome = batch.ran.popleft()
-                            try:
-                                if not hooks.finished(entry, outcome):
-                                    await hooks.settle(entry, outcome)
-                            except anyio.get_cancelled_exc_class():
-                                await hooks.abandon(entry)
-                                raise
+                        await self._settle(batch.ran)
         finally:
             self._watching = False
 
@@ -476,13 +468,17 @@ class Runners:
         return entry
 
     async def _settle(self, ran: deque[tuple[RunInFlight, Outcome | None]]) -> None:
-        """Settle the runs a thread ran, in order; each stays in ``ran`` until settled."""
+        """Settle the runs a thread ran, in order, taking each from ``ran`` (which the
+        thread may still be adding to, and another task settling from)."""
         hooks = self._hooks
         while ran:
-            entry, outcome = ran[0]
-            if not hooks.finished(entry, outcome):
-                await hooks.settle(entry, outcome)
-            ran.popleft()
+            entry, outcome = ran.popleft()
+            try:
+                if not hooks.finished(entry, outcome):
+                    await hooks.settle(entry, outcome)
+            except anyio.get_cancelled_exc_class():
+                await hooks.abandon(entry)
+                raise
 
     async def _abandon(
         self, ran: deque[tuple[RunInFlight, Outcome | None]], entry: RunInFlight | None
