@@ -12,8 +12,7 @@ import contextvars
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -33,16 +32,12 @@ from anyservice.taskqueue import (
     current_run,
 )
 
+from . import test_worker_prefect as prefect
+from .test_worker import PROMPTLY, wait_until
+
 pytestmark = pytest.mark.anyio
 
-#: Bound on every wait for something that happens promptly.
-PROMPTLY = 10.0
-
-
-@pytest.fixture
-async def queue(tmp_path: Path) -> AsyncIterator[TaskQueue]:
-    async with TaskQueue(f"sqlite:///{tmp_path / 'runs.db'}") as queue:
-        yield queue
+queue = prefect.queue
 
 
 @pytest.fixture(autouse=True)
@@ -67,14 +62,6 @@ def one_thread(monkeypatch: pytest.MonkeyPatch) -> list[object]:
 
     monkeypatch.setattr(anyio.to_thread, "run_sync", counted)
     return hops
-
-
-async def wait_until(condition: Callable[[], bool], what: str) -> None:
-    with anyio.move_on_after(PROMPTLY):
-        while not condition():  # noqa: ASYNC110 - set from a thread or a log: no event
-            await anyio.sleep(0.005)
-        return
-    pytest.fail(f"not within {PROMPTLY:g} s: {what}")
 
 
 async def test_sync_runs_back_to_back_in_one_thread_keep_their_own_outcome_and_context(

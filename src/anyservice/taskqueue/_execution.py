@@ -53,6 +53,8 @@ THREAD_PATIENCE = 0.001
 #: How often the outcomes of the bodies a worker thread finished are settled while it runs
 #: on: a body that takes long would otherwise hold back the record of those before it.
 THREAD_RESULTS_EVERY = 0.002
+#: How often at least, when the threads have finished nothing for a while.
+_RESULTS_AT_MOST = 0.1
 #: How often the claim loop looks whether the threads took the runs it claimed.
 _QUEUE_POLL = 0.001
 #: Held while a worker thread moves from one run to the next (clearing the scope of the
@@ -422,22 +424,19 @@ class Runners:
         A thread hands its outcomes over when it returns, which a body that takes long
         (or blocks) would put off: the runs before it would wait for it to be recorded.
         """
-        hooks = self._hooks
         try:
-            with hooks.in_flight():  # Until the last thread returns: a stop waits for that.
+            with self._hooks.in_flight():  # Until the last thread returns: a stop waits.
+                every = THREAD_RESULTS_EVERY
                 while self._batches:
                     returned = self._returned
-                    with anyio.move_on_after(THREAD_RESULTS_EVERY):
+                    with anyio.move_on_after(every):
                         await returned.wait()
+                    found = returned.is_set()
                     for batch in list(self._batches):
-                        while batch.ran:
-                            entry, outcome = batch.ran.popleft()
-                            try:
-                                if not hooks.finished(entry, outcome):
-                                    await hooks.settle(entry, outcome)
-                            except anyio.get_cancelled_exc_class():
-                                await hooks.abandon(entry)
-                                raise
+                        found = found or bool(batch.ran)
+                        await self._settle(batch.ran)
+                    # Less often while the threads are in long bodies: nothing to settle.
+                    every = THREAD_RESULTS_EVERY if found else min(2 * every, _RESULTS_AT_MOST)
         finally:
             self._watching = False
 
@@ -476,13 +475,17 @@ class Runners:
         return entry
 
     async def _settle(self, ran: deque[tuple[RunInFlight, Outcome | None]]) -> None:
-        """Settle the runs a thread ran, in order; each stays in ``ran`` until settled."""
+        """Settle the runs a thread ran, in order, taking each from ``ran`` (which the
+        thread may still be adding to, and another task settling from)."""
         hooks = self._hooks
         while ran:
-            entry, outcome = ran[0]
-            if not hooks.finished(entry, outcome):
-                await hooks.settle(entry, outcome)
-            ran.popleft()
+            entry, outcome = ran.popleft()
+            try:
+                if not hooks.finished(entry, outcome):
+                    await hooks.settle(entry, outcome)
+            except anyio.get_cancelled_exc_class():
+                await hooks.abandon(entry)
+                raise
 
     async def _abandon(
         self, ran: deque[tuple[RunInFlight, Outcome | None]], entry: RunInFlight | None
