@@ -527,7 +527,8 @@ class _Wakeups(ChangeNotifier):
         # its run (a submit of one due run); ``_unnamed`` once any did not.
         self._named: set[str] = set()
         self._unnamed = False
-        self._submitted: str | None = None
+        # The run a submit in a thread (by its id) just stored, for the notify that follows.
+        self._submitted: tuple[int, str] | None = None
 
     @property
     def work(self) -> int:
@@ -535,8 +536,12 @@ class _Wakeups(ChangeNotifier):
 
     def notify(self, *, work: bool) -> None:
         if work:
-            named, self._submitted = self._submitted, None
-            self._note_work([named] if named is not None else None)
+            submitted, thread = self._submitted, threading.get_ident()
+            if submitted is not None and submitted[0] == thread:
+                self._submitted = None
+                self._note_work([submitted[1]])
+            else:
+                self._note_work(None)
         self._wake(work=work)
 
     def _wake(self, *, work: bool) -> None:
@@ -546,8 +551,9 @@ class _Wakeups(ChangeNotifier):
                 waiter.wake()
 
     def submitted(self, run_id: str) -> None:
-        """The next work to arrive here is this run's submit (``notify`` follows at once)."""
-        self._submitted = run_id
+        """The next work to arrive from this thread is this run's submit (``notify``
+        follows at once)."""
+        self._submitted = (threading.get_ident(), run_id)
 
     def work_arrived(self, run_ids: list[str] | None = None) -> None:
         """Work arrived from a notification: these due runs, or (``None``) unnamed work."""
