@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -394,6 +395,26 @@ async def test_a_submit_of_a_due_run_names_it_in_its_notification(
     assert got == [f"w {due.id}", "w"]
 
 
+@asynccontextmanager
+async def holding(url: str, query: sql.Composed, *args: object) -> AsyncIterator[None]:
+    """Hold the locks ``query`` takes, in a transaction of another connection, for the block."""
+
+    def hold(locked: anyio.Event, release: anyio.Event) -> None:
+        with psycopg.connect(server_of(url)) as conn:
+            conn.execute(query, args or None)
+            anyio.from_thread.run_sync(locked.set)
+            anyio.from_thread.run(release.wait)
+
+    locked, release = anyio.Event(), anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(anyio.to_thread.run_sync, hold, locked, release)
+        await locked.wait()
+        try:
+            yield
+        finally:
+            release.set()
+
+
 async def claim_after_wake(worker: PostgresBroker, submit: Callable[[], Any]) -> list[str]:
     """Wait for work on ``worker`` while ``submit()`` runs elsewhere, then claim."""
     assert await worker.claim("w1", ["say"], limit=10, lease_seconds=30) == []
@@ -463,23 +484,12 @@ async def test_a_cancelled_submit_blocked_on_a_lock_stores_nothing(
 ) -> None:
     await broker.submit("say", PAYLOAD)  # the direct connection is made and used
     runs = sql.SQL("{}.anyservice_runs").format(sql.Identifier(schema_of(url)))
-
-    def hold_the_table(locked: anyio.Event, release: anyio.Event) -> None:
-        with psycopg.connect(server_of(url)) as conn:
-            conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(runs))
-            anyio.from_thread.run_sync(locked.set)
-            anyio.from_thread.run(release.wait)
-
-    locked, release = anyio.Event(), anyio.Event()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(anyio.to_thread.run_sync, hold_the_table, locked, release)
-        await locked.wait()
+    async with holding(url, sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(runs)):
         started = time.monotonic()
         with anyio.move_on_after(0.2) as scope:
             await broker.submit("say", PAYLOAD)  # waits for the table lock
         assert scope.cancelled_caught
         assert time.monotonic() - started < 5
-        release.set()
     assert await admin(url, sql.SQL("SELECT count(*) FROM {}").format(runs)) == [(1,)]
     # And the broker goes on, on a new connection.
     run = await broker.submit("say", PAYLOAD)
@@ -514,25 +524,14 @@ async def test_cancelling_a_blocked_statement_returns_at_once_and_leaves_the_poo
 ) -> None:
     run = await broker.submit("say", PAYLOAD)
     runs = sql.SQL("{}.anyservice_runs").format(sql.Identifier(schema_of(url)))
-
-    def hold_the_row(locked: anyio.Event, release: anyio.Event) -> None:
-        with psycopg.connect(server_of(url)) as conn:
-            conn.execute(
-                sql.SQL("SELECT 1 FROM {} WHERE id = %s FOR UPDATE").format(runs), [run.id]
-            )
-            anyio.from_thread.run_sync(locked.set)
-            anyio.from_thread.run(release.wait)
-
-    locked, release = anyio.Event(), anyio.Event()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(anyio.to_thread.run_sync, hold_the_row, locked, release)
-        await locked.wait()
+    async with holding(
+        url, sql.SQL("SELECT 1 FROM {} WHERE id = %s FOR UPDATE").format(runs), run.id
+    ):
         started = time.monotonic()
         with anyio.move_on_after(0.2) as scope:
             await broker.cancel(run.id)  # waits for the row lock
         assert scope.cancelled_caught
         assert time.monotonic() - started < 5
-        release.set()
     for _ in range(broker._pool_size + 1):  # every pooled connection still works
         assert (await broker.get(run.id)) == run
     assert await broker.cancel(run.id)

@@ -5,10 +5,11 @@ connection and pool run on asyncio only, while a sync connection driven from any
 threads runs the same code on asyncio and on trio. Statements run in a thread
 (``anyio.to_thread``, under a capacity limiter the size of the pool) and are cancellable: a
 cancelled call asks the server to cancel its query (``cancel_safe``) in a shielded scope,
-then waits for the thread, so no connection goes back to the pool busy. Two statements
-that a run's start waits on, the submit of one run and the claim of runs a notification
-named, go out instead on one more connection that the event loop drives through libpq's
-non-blocking interface (``_postgres_direct``): a thread hand-off costs more than they do.
+then waits for the thread, so no connection goes back to the pool busy. The statements a
+run's start waits on, the submit of one run and the claim of runs a notification named,
+and the read of one run, go out instead on one more connection that the event loop
+drives through libpq's non-blocking interface (``_postgres_direct``): a thread hand-off
+costs more than they do.
 
 How runs move, and why it is safe with any number of workers:
 
@@ -526,7 +527,8 @@ class _Wakeups(ChangeNotifier):
         # its run (a submit of one due run); ``_unnamed`` once any did not.
         self._named: set[str] = set()
         self._unnamed = False
-        self._submitted: str | None = None
+        # The run a submit in a thread (by its id) just stored, for the notify that follows.
+        self._submitted: tuple[int, str] | None = None
 
     @property
     def work(self) -> int:
@@ -534,8 +536,12 @@ class _Wakeups(ChangeNotifier):
 
     def notify(self, *, work: bool) -> None:
         if work:
-            named, self._submitted = self._submitted, None
-            self._note_work([named] if named is not None else None)
+            submitted, thread = self._submitted, threading.get_ident()
+            if submitted is not None and submitted[0] == thread:
+                self._submitted = None
+                self._note_work([submitted[1]])
+            else:
+                self._note_work(None)
         self._wake(work=work)
 
     def _wake(self, *, work: bool) -> None:
@@ -545,8 +551,9 @@ class _Wakeups(ChangeNotifier):
                 waiter.wake()
 
     def submitted(self, run_id: str) -> None:
-        """The next work to arrive here is this run's submit (``notify`` follows at once)."""
-        self._submitted = run_id
+        """The next work to arrive from this thread is this run's submit (``notify``
+        follows at once)."""
+        self._submitted = (threading.get_ident(), run_id)
 
     def work_arrived(self, run_ids: list[str] | None = None) -> None:
         """Work arrived from a notification: these due runs, or (``None``) unnamed work."""
@@ -960,6 +967,24 @@ class _Connections:
         self._wakeups.everyone()
 
 
+def _arrived(listener: psycopg.Connection[Any]) -> list[str]:
+    """The payloads of the notifications that already reached ``listener``; never blocks.
+
+    Read from libpq itself (``consume_input``, then ``notifies``): ``notifies(timeout=0)``
+    of the connection polls its socket twice on top, a tenth of a millisecond on the way
+    from a submit to the run's start.
+
+    Raises:
+        psycopg.OperationalError: The connection is lost.
+    """
+    pgconn = listener.pgconn
+    pgconn.consume_input()
+    payloads = []
+    while (notify := pgconn.notifies()) is not None:
+        payloads.append(notify.extra.decode())
+    return payloads
+
+
 class _Waits:
     """The waiting side of :class:`PostgresBroker`: LISTEN/NOTIFY and polling."""
 
@@ -1094,21 +1119,20 @@ class _Waits:
             except anyio.ClosedResourceError:
                 return  # closed by close()
             try:
-                # Only what already arrived: this never blocks the event loop.
-                notifies = list(listener.notifies(timeout=0))
+                payloads = _arrived(listener)
             except psycopg.Error:
                 self._drop_listener()
                 self._wakeups.everyone()
                 return
-            for notify in notifies:
-                if notify.payload == "w":
+            for payload in payloads:
+                if payload == "w":
                     self._wakeups.work_arrived()
-                elif notify.payload.startswith("w "):
+                elif payload.startswith("w "):
                     # A submit of due runs, named.
-                    self._wakeups.work_arrived(notify.payload[2:].split(" "))
-                elif notify.payload.startswith("f "):
+                    self._wakeups.work_arrived(payload[2:].split(" "))
+                elif payload.startswith("f "):
                     # One id, or the ids of a batch of completions, space-separated.
-                    for run_id in notify.payload[2:].split(" "):
+                    for run_id in payload[2:].split(" "):
                         self._wakeups.run_finished(run_id)
         finally:
             self._listening = False
@@ -1287,6 +1311,11 @@ class _Claims(_WorkerRecords):
     #: When the last claim that looked at every run began (monotonic, and broker clock).
     _looked_at: float
     _looked_clock: float
+    #: Whether that claim took fewer runs than it could (so it left none due behind).
+    _looked_clear: bool
+    #: The shortest lease this broker's claims took since then, and the tasks it claimed.
+    _leased_for: float
+    _looked_tasks: frozenset[str]
 
     async def _claim(
         self,
@@ -1297,7 +1326,7 @@ class _Claims(_WorkerRecords):
         concurrency: dict[str, int],
     ) -> Claimed:
         named = self._wakeups.take_named()
-        if named and self._claim_by_id(len(named), limit, lease_seconds):
+        if named and self._claim_by_id(len(named), tasks, limit, lease_seconds):
             runs = await self._claim_named(owner, named, tasks, lease_seconds, concurrency)
             if len(runs) == len(named):
                 # Nothing else became claimable since the last full look: what it said of
@@ -1313,22 +1342,26 @@ class _Claims(_WorkerRecords):
             return claimed
         return await self._claim_all(owner, tasks, limit, lease_seconds, concurrency)
 
-    def _claim_by_id(self, named: int, limit: int, lease_seconds: float) -> bool:
+    def _claim_by_id(self, named: int, tasks: list[str], limit: int, lease_seconds: float) -> bool:
         """Whether the runs notifications named are all there is to claim now.
 
-        They are when the last full claim found nothing more due (no next due time
-        passed since, no run held back by a concurrency limit), every piece of work since
-        named its runs, and no lease taken since (by that claim or another worker's) can
-        have expired yet. A full claim still goes out at least every poll interval (or
-        lease, if shorter), on the wall clock and on the broker's: it ends abandoned runs,
-        takes over expired leases and records this worker alive.
+        They are when the last full claim found nothing more due among these tasks (it
+        looked at them all and took fewer runs than it could; no next due time passed
+        since; no run held back by a concurrency limit), every piece of work since named
+        its runs, and no lease taken since (by this broker, or by another worker within a
+        poll interval) can have expired yet.
+        A full claim still goes out at least every poll interval (or lease, if shorter),
+        on the wall clock and on the broker's: it ends abandoned runs, takes over expired
+        leases and records this worker alive.
         """
-        if named > limit or self._held_back:
+        if named > limit or self._held_back or not self._looked_clear:
+            return False
+        if not self._looked_tasks.issuperset(tasks):
             return False
         now = self._clock()
         if self._next_due is not None and self._next_due <= now:
             return False
-        within = min(self._poll_every, lease_seconds)
+        within = min(self._poll_every, lease_seconds, self._leased_for)
         return time.monotonic() - self._looked_at < within and now - self._looked_clock < within
 
     async def _claim_named(
@@ -1352,6 +1385,7 @@ class _Claims(_WorkerRecords):
                 "expires": now + lease_seconds,
             },
         )
+        self._leased_for = min(self._leased_for, lease_seconds)
         ordered = sorted(rows, key=lambda row: (-row[_PRIORITY], row[_SCHEDULED_AT], row[_SEQ]))
         return [_record(row) for row in ordered]
 
@@ -1363,11 +1397,13 @@ class _Claims(_WorkerRecords):
         lease_seconds: float,
         concurrency: dict[str, int],
     ) -> Claimed:
-        self._looked_at, self._looked_clock = time.monotonic(), self._clock()
+        looked = time.monotonic()
         watch = self._workers_step(owner)
         now, steps = self._claim_steps(owner, tasks, limit, lease_seconds, concurrency)
         rows = await self._call(self._pipeline([*watch, *steps], durable=False))
-        return await self._claimed_watching(rows, watch, now, limit)
+        claimed = await self._claimed_watching(rows, watch, now, limit, looked)
+        self._leased_for, self._looked_tasks = lease_seconds, frozenset(tasks)
+        return claimed
 
     async def _complete_and_claim(
         self,
@@ -1380,7 +1416,7 @@ class _Claims(_WorkerRecords):
     ) -> tuple[set[str], Claimed]:
         # One transaction, one round trip, one WAL flush (durable: it holds results).
         self._wakeups.take_named()  # this claim looks at every run
-        self._looked_at, self._looked_clock = time.monotonic(), self._clock()
+        looked = time.monotonic()
         completion = [(_COMPLETE_MANY, self._completion_parameters(owner, results))]
         if not results:
             completion = []
@@ -1388,7 +1424,9 @@ class _Claims(_WorkerRecords):
         now, steps = self._claim_steps(owner, tasks, limit, lease_seconds, concurrency)
         rows = await self._call(self._pipeline([*completion, *watch, *steps]))
         done = self._completed(rows[0]) if results else set()
-        return done, await self._claimed_watching(rows[len(completion) :], watch, now, limit)
+        claimed = await self._claimed_watching(rows[len(completion) :], watch, now, limit, looked)
+        self._leased_for, self._looked_tasks = lease_seconds, frozenset(tasks)
+        return done, claimed
 
     async def _claimed_watching(
         self,
@@ -1396,11 +1434,17 @@ class _Claims(_WorkerRecords):
         watch: list[tuple[str, dict[str, Any]]],
         now: float,
         limit: int,
+        looked: float,
     ) -> Claimed:
         """The claim of ``rows`` (each statement's, the workers step's first if sent);
         when that step found dead workers, their leases are ended and the claim says runs
-        are claimable now, so the caller claims them at once."""
+        are claimable now, so the caller claims them at once.
+
+        Notes the claim, begun at ``looked`` (monotonic) and ``now``, as the last full
+        look, and whether it left due runs behind (it took as many as it could)."""
         claimed = self._claimed(rows[-1], now, limit)
+        self._looked_at, self._looked_clock = looked, now
+        self._looked_clear = len(claimed.runs) < limit
         if watch and await self._end_dead_leases(rows[0]):
             claimed.next_due = now
         return claimed
@@ -1508,6 +1552,7 @@ class _Claims(_WorkerRecords):
         )
         steps = [*self._limit_locks(limited), claim]
         rows = (await self._call(self._pipeline(steps, durable=False)))[-1]
+        self._leased_for = min(self._leased_for, lease_seconds)
         return _record(rows[0]) if rows else None
 
     def _completion_parameters(
@@ -1587,6 +1632,9 @@ class PostgresBroker(PostgresClusterStorage, _Waits, _Claims, _ListensBeforeClai
         self._direct: DirectConnection | None = None
         self._direct_at = 0.0  # monotonic time before which it is not made again
         self._looked_at = self._looked_clock = -math.inf
+        self._looked_clear = False
+        self._leased_for = math.inf
+        self._looked_tasks: frozenset[str] = frozenset()
         self._composed: dict[str, str] = {}  # statement -> its text, tables filled in
         #: How many times the LISTEN connection was (re)made; a health signal.
         self.listen_connects = 0
@@ -1788,10 +1836,10 @@ class PostgresBroker(PostgresClusterStorage, _Waits, _Claims, _ListensBeforeClai
         return bool(rows)
 
     async def _get(self, run_id: str) -> RunRecord | None:
-        rows = await self._call(
-            self._execute(
-                f"SELECT {', '.join(_COLUMNS)} FROM {{runs}} WHERE id = %(id)s", {"id": run_id}
-            )
+        # What ``run.result()`` reads first, while the run is on its way to a worker: not
+        # through a thread, whose hand-offs would take the CPU from that way meanwhile.
+        rows = await self._quick(
+            f"SELECT {', '.join(_COLUMNS)} FROM {{runs}} WHERE id = %(id)s::text", {"id": run_id}
         )
         return _record(rows[0]) if rows else None
 
