@@ -1296,6 +1296,7 @@ async def _start_dependencies(run: Run, dependencies: Sequence[Owner]) -> None:
     for all of them, before the next dependency that can tell.
     """
     together = Countdown()
+    started_dependencies(run)  # made here once, not at each dependency
     for dependency in dependencies:
         if start_is_observable(dependency):
             await together.wait()
@@ -1313,7 +1314,7 @@ def _spawn_dependency(run: Run, dependency: Owner, status: anyio.abc.TaskStatus[
     # start_soon and an event rather than task_group.start(): the same wait for RUNNING,
     # at a fraction of the cost of start()'s hand-over on trio. A crash of the dependency
     # reaches this service through the task group, which cancels the wait.
-    started_dependencies(run).append(dependency)
+    run.started_dependencies.append(dependency)  # made by _start_dependencies
     assert run.task_group is not None
     run.task_group.start_soon(
         dependency._run_coroutine, status, name=f"{dependency.name} (of {run.service.name})"
