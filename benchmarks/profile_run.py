@@ -1,7 +1,7 @@
 """The life of one run: what each broker call costs, and what a worker does per run.
 
 Not part of ``run.py``: a profile for finding where the time goes, printed as tables.
-``python benchmarks/profile_run.py [asyncio|trio] [--drain] [--postgres]``.
+``python benchmarks/profile_run.py [asyncio|trio] [--drain] [--postgres] [--sync]``.
 
 Step by step (the default), each step timed over many calls, one at a time, on a fresh
 SQLite file (medians of per-call times, µs):
@@ -21,6 +21,8 @@ operations, wherever they run, or PostgreSQL statements), the SQLite operations 
 to the connection's thread (a hop there and back each), commits, and the CPU time of the
 whole process (every thread, the profiler's cost included). ``--postgres`` does the same
 on a PostgreSQL server of its own (Debian's binaries, as the tests start it).
+``--sync`` drains runs of a ``def`` no-op task (run in worker threads) instead, and counts
+the hops to a worker thread (``anyio.to_thread.run_sync`` calls) as well.
 """
 
 from __future__ import annotations
@@ -137,22 +139,42 @@ def _count_calls(broker: Any, counted: dict[str, int]) -> None:
         setattr(broker, name, call)
 
 
-async def drain(url: str, backend: str) -> dict[str, float]:
+def _count_hops(counted: dict[str, int]) -> None:
+    """Count the hops to a worker thread (``anyio.to_thread.run_sync`` calls) into ``counted``."""
+    import anyio.to_thread
+
+    run_sync = anyio.to_thread.run_sync
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        counted["thread hops"] = counted.get("thread hops", 0) + 1
+        return await run_sync(*args, **kwargs)
+
+    anyio.to_thread.run_sync = counting  # type: ignore[assignment]
+
+
+async def drain(url: str, backend: str, sync: bool = False) -> dict[str, float]:
     """Per-run counts of one worker draining ``DRAINED`` no-op runs from ``url``."""
     import anyservice.taskqueue as taskqueue
 
     queue = taskqueue.TaskQueue(url)
 
-    @queue.task
-    async def noop() -> None:
+    @queue.task(name="noop")
+    async def async_noop() -> None:
         return None
 
+    @queue.task(name="sync_noop")
+    def sync_noop() -> None:
+        return None
+
+    noop = sync_noop if sync else async_noop
+
     async with queue:
-        await queue.broker.submit_many("noop", [noop.encode((), {})] * DRAINED)
+        await queue.broker.submit_many(noop.name, [noop.encode((), {})] * DRAINED)
         commits_before = getattr(queue.broker, "commits", None)
         counted: dict[str, int] = {}
         _count_calls(queue.broker, counted)
         _count_thread_calls(queue.broker, counted)
+        _count_hops(counted)
         worker = taskqueue.TaskWorker(noop, limit=LIMIT)
         profile = cProfile.Profile()
         started = time.perf_counter()
@@ -170,6 +192,7 @@ async def drain(url: str, backend: str) -> dict[str, float]:
         if "_db" in vars(queue.broker):
             hops = counted.get("connection-thread calls", 0)
             found["connection-thread calls"] = hops / DRAINED
+        found["thread hops"] = counted.get("thread hops", 0) / DRAINED
         if commits_before is not None:
             found["commits"] = (queue.broker.commits - commits_before) / DRAINED
         found["runs/s under the profiler"] = DRAINED / seconds
@@ -200,8 +223,10 @@ def main() -> None:
     if "--drain" in sys.argv or "--postgres" in sys.argv:
         where = _postgres_url if "--postgres" in sys.argv else _sqlite_url
         with where() as url:
-            figures = anyio.run(drain, url, backend, backend=backend)
-        print(f"{backend}, one worker (limit {LIMIT}) draining {DRAINED} no-op runs, per run:")
+            figures = anyio.run(drain, url, backend, "--sync" in sys.argv, backend=backend)
+        kind = "sync" if "--sync" in sys.argv else "async"
+        runs = f"{DRAINED} {kind} no-op runs"
+        print(f"{backend}, one worker (limit {LIMIT}) draining {runs}, per run:")
         for label, value in figures.items():
             print(f"  {label:28} {value:10.2f}")
         return

@@ -16,9 +16,11 @@ this one) changes nothing.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import os
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 
@@ -38,6 +41,26 @@ from ._records import PayloadError, RunError, RunRecord
 from ._serialize import decode_arguments, encode_result
 
 __all__ = ["Outcome", "RunInFlight", "RunnerHooks", "Runners", "attempt", "verdict"]
+
+#: How long a worker thread runs queued sync bodies back to back before it hands their
+#: outcomes to the event loop (which records them), when runs keep coming.
+THREAD_BATCH_SECONDS = 0.002
+#: How long a runner called for queued sync runs leaves them to the worker threads that
+#: are running sync bodies already, for as long as those threads keep finishing bodies: a
+#: thread hop per run would cost more than the run. A thread still in the same body after
+#: this long may be blocked in it, and the runner takes the queued run itself.
+THREAD_PATIENCE = 0.001
+#: How often the outcomes of the bodies a worker thread finished are settled while it runs
+#: on: a body that takes long would otherwise hold back the record of those before it.
+THREAD_RESULTS_EVERY = 0.002
+#: How often at least, when the threads have finished nothing for a while.
+_RESULTS_AT_MOST = 0.1
+#: How often the claim loop looks whether the threads took the runs it claimed.
+_QUEUE_POLL = 0.001
+#: Held while a worker thread moves from one run to the next (clearing the scope of the
+#: run it finished, setting it on the next) and while the event loop stops a body, so that
+#: a stop meant for a run that just finished never reaches the next one.
+_SWITCHING = threading.Lock()
 
 
 @dataclass(eq=False)
@@ -144,8 +167,9 @@ class RunInFlight:
 
     def stop_body(self) -> None:
         """Stop the task's body if it is running; one not started yet never starts."""
-        if self.scope is not None:
-            self.scope.cancel()
+        with _SWITCHING:
+            if self.scope is not None:
+                self.scope.cancel()
 
     @property
     def attempt(self) -> int:
@@ -165,10 +189,11 @@ class RunnerHooks:
             ``False`` if the runner must ``await settle(entry, outcome)`` itself.
         settle: Records an outcome ``finished`` did not take, then forgets the run.
         abandon: Hands back a run whose runner was cancelled from outside, then forgets it.
+        stopping: Whether the worker is stopping (no new runner or task is started then).
         worker_id, threads: For :func:`attempt`.
     """
 
-    __slots__ = ("abandon", "finished", "in_flight", "settle", "threads", "worker_id")
+    __slots__ = ("abandon", "finished", "in_flight", "settle", "stopping", "threads", "worker_id")
 
     def __init__(
         self,
@@ -177,14 +202,39 @@ class RunnerHooks:
         finished: Callable[[RunInFlight, Outcome | None], bool],
         settle: Callable[[RunInFlight, Outcome | None], Awaitable[None]],
         abandon: Callable[[RunInFlight], Awaitable[None]],
+        stopping: Callable[[], bool],
         worker_id: str,
     ) -> None:
         self.in_flight = in_flight
         self.finished = finished
         self.settle = settle
         self.abandon = abandon
+        self.stopping = stopping
         self.worker_id = worker_id
         self.threads: anyio.CapacityLimiter | None = None
+
+
+class _ThreadBatch:
+    """What a runner and the worker thread it waits for share while the thread runs bodies.
+
+    The runner's cancel scope is the scope of whichever run the thread is executing
+    (``current``), so ``anyio.from_thread.run()`` and ``check_cancelled()`` in a body
+    belong to its own run, and stopping that run cancels it.
+    """
+
+    __slots__ = ("cancelled", "current", "ran", "scope", "started", "worker_id")
+
+    def __init__(self, first: RunInFlight, scope: anyio.CancelScope, worker_id: str) -> None:
+        #: The run whose body the thread is executing, or is about to.
+        self.current: RunInFlight | None = first
+        #: The runs whose bodies ended, each with what it came to, to be settled (by the
+        #: runner, or while the thread runs on by :meth:`Runners._watch`).
+        self.ran: deque[tuple[RunInFlight, Outcome | None]] = deque()
+        self.scope = scope
+        #: Bodies started so far: how the runners see that the thread keeps up.
+        self.started = 1
+        self.worker_id = worker_id
+        self.cancelled = anyio.get_cancelled_exc_class()
 
 
 class Runners:
@@ -196,6 +246,14 @@ class Runners:
     task switch. A runner that takes a run wakes (or starts) one more runner if more are
     queued, so runs that do wait run side by side, up to the worker's ``limit``.
 
+    A sync run (one without a timeout or a span to record) goes to a worker thread, which
+    then takes the next queued sync runs itself, each once its body before returned, for
+    up to :data:`THREAD_BATCH_SECONDS`: one thread hop for a series of runs, not one per
+    run. Their outcomes come back to the runner when the thread returns. The runner woken
+    for the runs still queued leaves them to such threads while they keep finishing
+    bodies, and takes one itself once none has for :data:`THREAD_PATIENCE`, so a run does
+    not wait for a body that blocks.
+
     One cancel scope per runner, entered once and kept across its runs, stops a run's
     body when its lease is lost or a user cancels it (:meth:`RunInFlight.stop_body`);
     the runner then enters a new one. A stop cancels the idle runners, so runs still
@@ -205,12 +263,22 @@ class Runners:
     def __init__(self, spawn: Callable[..., object], hooks: RunnerHooks) -> None:
         self._spawn = spawn
         self._hooks = hooks
-        #: Claimed runs waiting for a runner, and the runners waiting for a run.
+        #: Claimed runs waiting for a runner, and the runners waiting for a run. Worker
+        #: threads take runs from it too (``popleft`` is atomic), so every take allows
+        #: for its being empty by then.
         self._queued: deque[RunInFlight] = deque()
         self._idle: list[anyio.Event] = []
         self._count = 0
-        #: A runner was woken (or started) for the queued runs and has not run yet.
+        #: A runner was woken (or started) for the queued runs and has not taken one yet.
         self._calling = False
+        #: The worker threads running sync bodies now.
+        self._batches: list[_ThreadBatch] = []
+        #: A stop handed the queued runs back: threads take no more.
+        self._closing = False
+        #: A task settles what the threads finished while they run on (see :meth:`_watch`).
+        self._watching = False
+        #: Set (and made anew) when a thread returns, for whoever waits on the threads.
+        self._returned = anyio.Event()
 
     def reset(self, threads: anyio.CapacityLimiter) -> None:
         """Forget the runners of an earlier start (their tasks ended with it)."""
@@ -218,6 +286,10 @@ class Runners:
         self._idle = []
         self._count = 0
         self._calling = False
+        self._batches = []
+        self._closing = False
+        self._watching = False
+        self._returned = anyio.Event()
         self._hooks.threads = threads
 
     def put(self, entry: RunInFlight) -> None:
@@ -227,27 +299,42 @@ class Runners:
             self._call_runner()
 
     def _call_runner(self) -> None:
-        """Wake an idle runner for the queued runs, or start one."""
-        self._calling = True
+        """Wake an idle runner for the queued runs, or start one (not while stopping)."""
         if self._idle:
+            self._calling = True
             self._idle.pop().set()
-        else:
+        elif not self._hooks.stopping():
+            self._calling = True
             self._count += 1
             self._spawn(self._runner, name=f"runner {self._count}")
+
+    def _take(self) -> RunInFlight | None:
+        """The next queued run, if a worker thread did not take the last meanwhile."""
+        try:
+            return self._queued.popleft()
+        except IndexError:
+            return None
 
     async def taken(self, stopping: Callable[[], bool]) -> list[RunInFlight]:
         """Wait until runners took every queued run; the runs left if a stop came first."""
         while self._queued:
             if stopping():
-                left = list(self._queued)
-                self._queued.clear()
+                self._closing = True
+                left = []
+                while (entry := self._take()) is not None:
+                    left.append(entry)
                 return left
-            await anyio.lowlevel.checkpoint()
+            if self._batches:
+                # Threads are taking them: a pass of the loop each would keep the GIL from them.
+                await anyio.sleep(_QUEUE_POLL)
+            else:
+                await anyio.lowlevel.checkpoint()
         return []
 
     async def _runner(self) -> None:
         try:
             while True:
+                await self._leave_to_threads()
                 self._calling = False
                 if self._queued:
                     with self._hooks.in_flight():
@@ -263,19 +350,43 @@ class Runners:
         finally:
             self._count -= 1
 
+    async def _leave_to_threads(self) -> None:
+        """Wait while the worker threads running sync bodies keep taking the queued runs."""
+        while self._batches and _in_a_thread(_head(self._queued)):
+            seen = [(batch, batch.started) for batch in self._batches]
+            returned = self._returned
+            with anyio.move_on_after(THREAD_PATIENCE):
+                await returned.wait()
+            if returned.is_set():
+                continue  # A thread returned: its runner may take the runs, or nobody.
+            if all(batch in self._batches and batch.started == n for batch, n in seen):
+                return  # Each is still in the body it was in: maybe blocked there.
+
     async def _run_queued(self) -> None:
         """Run queued runs in one cancel scope until none is left or one was stopped."""
         hooks = self._hooks
         entry: RunInFlight | None = None
         outcome: Outcome | None = None
+        ran: deque[tuple[RunInFlight, Outcome | None]] = deque()  # a thread's, to settle
         try:
             with anyio.CancelScope() as scope:
-                while self._queued:
-                    entry = self._queued.popleft()
+                while (entry := self._take()) is not None:
                     if self._queued and not self._calling:
                         self._call_runner()  # for the others, in case this one waits
                     entry.scope = scope
                     outcome = None
+                    if _in_a_thread(entry):
+                        batch = _ThreadBatch(entry, scope, hooks.worker_id)
+                        try:
+                            await self._in_thread(batch)
+                        finally:
+                            ran.extend(batch.ran)
+                            batch.ran.clear()
+                            entry = batch.current  # Its body raised past the thread.
+                        if scope.cancel_called:
+                            break  # A run of the thread's was stopped: the scope is spent.
+                        await self._settle(ran)
+                        continue
                     outcome = await attempt(entry, hooks.worker_id, hooks.threads)
                     entry.scope = None
                     if scope.cancel_called:
@@ -283,6 +394,7 @@ class Runners:
                     if not hooks.finished(entry, outcome):
                         await hooks.settle(entry, outcome)
                     entry = None
+            await self._settle(ran)
             if entry is not None:
                 # Its body was stopped (lease lost, or cancelled as asked).
                 entry.scope = None
@@ -290,10 +402,121 @@ class Runners:
                 if not hooks.finished(entry, outcome):
                     await hooks.settle(entry, outcome)
         except anyio.get_cancelled_exc_class():
-            if entry is not None:
-                entry.scope = None
-                await hooks.abandon(entry)
+            await self._abandon(ran, entry)
             raise
+
+    async def _in_thread(self, batch: _ThreadBatch) -> None:
+        """Run ``batch``'s first body, and the queued sync runs after it, in a worker thread."""
+        self._batches.append(batch)
+        if not self._watching and not self._hooks.stopping():
+            self._watching = True
+            self._spawn(self._watch, name="thread watcher")
+        try:
+            await anyio.to_thread.run_sync(self._thread_loop, batch, limiter=self._hooks.threads)
+        finally:
+            self._batches.remove(batch)
+            self._returned.set()
+            self._returned = anyio.Event()
+
+    async def _watch(self) -> None:
+        """While threads run bodies, settle those they finished every so often.
+
+        A thread hands its outcomes over when it returns, which a body that takes long
+        (or blocks) would put off: the runs before it would wait for it to be recorded.
+        """
+        try:
+            with self._hooks.in_flight():  # Until the last thread returns: a stop waits.
+                every = THREAD_RESULTS_EVERY
+                while self._batches:
+                    returned = self._returned
+                    with anyio.move_on_after(every):
+                        await returned.wait()
+                    found = returned.is_set()
+                    for batch in list(self._batches):
+                        found = found or bool(batch.ran)
+                        await self._settle(batch.ran)
+                    # Less often while the threads are in long bodies: nothing to settle.
+                    every = THREAD_RESULTS_EVERY if found else min(2 * every, _RESULTS_AT_MOST)
+        finally:
+            self._watching = False
+
+    def _thread_loop(self, batch: _ThreadBatch) -> None:
+        """In the worker thread: run bodies while queued sync runs come, within bounds."""
+        until = time.monotonic() + THREAD_BATCH_SECONDS
+        entry = batch.current
+        while entry is not None:
+            # A context of its own per body, as a thread hop of its own would give it.
+            outcome = contextvars.copy_context().run(_run_in_thread, entry, batch.worker_id)
+            with _SWITCHING:
+                entry.scope = None
+                batch.ran.append((entry, _concluded(entry, outcome)))
+                batch.current = None
+                if entry.stop_worker or self._closing or time.monotonic() >= until:
+                    return
+                try:
+                    anyio.from_thread.check_cancelled()
+                except batch.cancelled:
+                    return  # A stop, or a run of the batch was stopped as it ended.
+                entry = self._take_in_thread()
+                if entry is not None:
+                    entry.scope = batch.scope
+                    batch.current = entry
+                    batch.started += 1
+
+    def _take_in_thread(self) -> RunInFlight | None:
+        """The next queued run if it is a sync run this thread may run."""
+        if self._closing:
+            return None
+        entry = self._take()
+        if entry is not None and not _in_a_thread(entry):
+            # Not a body for this thread: back to the front, for its runner to run next.
+            self._queued.appendleft(entry)
+            return None
+        return entry
+
+    async def _settle(self, ran: deque[tuple[RunInFlight, Outcome | None]]) -> None:
+        """Settle the runs a thread ran, in order, taking each from ``ran`` (which the
+        thread may still be adding to, and another task settling from)."""
+        hooks = self._hooks
+        while ran:
+            entry, outcome = ran.popleft()
+            try:
+                if not hooks.finished(entry, outcome):
+                    await hooks.settle(entry, outcome)
+            except anyio.get_cancelled_exc_class():
+                await hooks.abandon(entry)
+                raise
+
+    async def _abandon(
+        self, ran: deque[tuple[RunInFlight, Outcome | None]], entry: RunInFlight | None
+    ) -> None:
+        """The runner was cancelled (a forced stop): hand back what it could not settle at
+        once, and the runs still queued, which no runner will take now."""
+        hooks = self._hooks
+        while ran:
+            done, outcome = ran.popleft()
+            if not hooks.finished(done, outcome):
+                await hooks.abandon(done)
+        if entry is not None:
+            entry.scope = None
+            await hooks.abandon(entry)
+        while (entry := self._take()) is not None:
+            await hooks.abandon(entry)
+
+
+def _head(queued: deque[RunInFlight]) -> RunInFlight | None:
+    try:
+        return queued[0]
+    except IndexError:
+        return None
+
+
+def _in_a_thread(entry: RunInFlight | None) -> bool:
+    """Whether a worker thread may run ``entry`` among others: a sync body, no timeout
+    (which the event loop must keep) and no span to record (which the event loop opens)."""
+    if entry is None or entry.task.is_async or entry.record.timeout is not None:
+        return False
+    return otel is None or not otel.records_spans(entry.record.trace_context)
 
 
 def verdict(entry: RunInFlight, outcome: Outcome | None) -> Outcome | None:
@@ -337,23 +560,14 @@ async def _attempt(
 ) -> Outcome | None:
     if entry.lost or entry.cancelled:
         return verdict(entry, None)  # Stopped before it started: it never starts.
-    record, task = entry.record, entry.task
-    try:
-        args, kwargs = decode_arguments(record.payload)
-    except PayloadError as exc:
-        return Outcome.failure(exc, retry=False, traceback=False)
-    running(
-        RunContext(
-            run_id=record.id,
-            task=task.name,
-            attempt=record.attempts,
-            retries_left=record.retries_left,
-            worker=worker_id,
-        )
-    )
+    prepared = _prepared(entry, worker_id)
+    if isinstance(prepared, Outcome):
+        return prepared
+    args, kwargs = prepared
+    task = entry.task
     outcome: Outcome | None = None
     try:
-        value = await _call(task, args, kwargs, record.timeout, threads)
+        value = await _call(task, args, kwargs, entry.record.timeout, threads)
     except StopTaskWorker:
         entry.stop_worker = True
     except TaskTimeoutError as exc:
@@ -361,13 +575,60 @@ async def _attempt(
     except Exception as exc:
         outcome = Outcome.failure(exc, retry=task.should_retry(exc))
     else:
-        try:
-            outcome = Outcome(result=encode_result(value, task_name=task.name))
-        except TypeError as exc:
-            outcome = Outcome.failure(exc, retry=False)
-    outcome = verdict(entry, outcome)  # The flags may have been set while it ran.
+        outcome = _returned(task, value)
+    return _concluded(entry, outcome)  # The flags may have been set while it ran.
+
+
+def _run_in_thread(entry: RunInFlight, worker_id: str) -> Outcome | None:
+    """One sync body, in a worker thread (see :meth:`Runners._thread_loop`)."""
+    if entry.lost or entry.cancelled:
+        return None  # Stopped before it started: it never starts.
+    prepared = _prepared(entry, worker_id)
+    if isinstance(prepared, Outcome):
+        return prepared
+    args, kwargs = prepared
+    task = entry.task
+    try:
+        value = task.function(*args, **kwargs)
+    except StopTaskWorker:
+        entry.stop_worker = True
+        return None
+    except Exception as exc:
+        return Outcome.failure(exc, retry=task.should_retry(exc))
+    return _returned(task, value)
+
+
+def _prepared(entry: RunInFlight, worker_id: str) -> tuple[list[Any], dict[str, Any]] | Outcome:
+    """The run's arguments, its context set for the body; a failure if they do not decode."""
+    record = entry.record
+    try:
+        args, kwargs = decode_arguments(record.payload)
+    except PayloadError as exc:
+        return Outcome.failure(exc, retry=False, traceback=False)
+    running(
+        RunContext(
+            run_id=record.id,
+            task=entry.task.name,
+            attempt=record.attempts,
+            retries_left=record.retries_left,
+            worker=worker_id,
+        )
+    )
+    return args, kwargs
+
+
+def _returned(task: Task[Any, Any], value: object) -> Outcome:
+    try:
+        return Outcome(result=encode_result(value, task_name=task.name))
+    except TypeError as exc:
+        return Outcome.failure(exc, retry=False)
+
+
+def _concluded(entry: RunInFlight, outcome: Outcome | None) -> Outcome | None:
+    """What the body came to, given what happened to the run while it ran."""
+    outcome = verdict(entry, outcome)
     if outcome is not None and outcome.retry:
-        outcome.retry_delay = task.delay_before_retry(record)
+        outcome.retry_delay = entry.task.delay_before_retry(entry.record)
     return outcome
 
 

@@ -347,6 +347,7 @@ class TaskWorker(Service, overrides=("run",)):
             finished=ends.finished,
             settle=ends.settle,
             abandon=ends.abandon,
+            stopping=self._stopping,
             worker_id=self.client_id,
         )
         self._runners = Runners(self.spawn, hooks)

@@ -34,7 +34,7 @@ from .._errors import BrokerError
 from .._records import FINISHED_STATES, RunError, RunRecord, RunState, abandoned_error
 from ._base import BaseBroker, Claimed
 from ._notifier import ChangeNotifier
-from ._sqlite_cluster import SqliteClusterStorage
+from ._sqlite_cluster import SqliteClusterStorage, forget_purged
 from ._sqlite_rows import (
     INSERT,
     MIGRATIONS,
@@ -391,13 +391,16 @@ _FINISHED = ", ".join(f"'{state.value}'" for state in sorted(FINISHED_STATES))
 
 
 def _purge(conn: sqlite3.Connection, before: float, limit: int) -> int:
-    """Delete up to ``limit`` runs finished before ``before``; how many went."""
-    cursor = conn.execute(
-        "DELETE FROM anyservice_runs WHERE seq IN (SELECT seq FROM anyservice_runs"
-        f" WHERE finished_at < ? AND state IN ({_FINISHED}) LIMIT ?)",
+    """Delete up to ``limit`` runs finished before ``before``, and their ticks and keys;
+    how many runs went."""
+    doomed = conn.execute(
+        f"SELECT seq, id FROM anyservice_runs WHERE finished_at < ? AND state IN ({_FINISHED})"
+        " LIMIT ?",
         (before, limit),
-    )
-    return cursor.rowcount
+    ).fetchall()
+    forget_purged(conn, [run_id for _, run_id in doomed], before, limit)
+    conn.executemany("DELETE FROM anyservice_runs WHERE seq = ?", ((seq,) for seq, _ in doomed))
+    return len(doomed)
 
 
 def _count_states(conn: sqlite3.Connection) -> dict[RunState, int]:
