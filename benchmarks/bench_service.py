@@ -371,7 +371,8 @@ def run(config: Config) -> list[Table]:
         "alternating. The garbage collector stays enabled (its passes are part of the cost).",
         "anyservice: one parent with N idle dependencies; the time is from just before "
         "`await parent.stop()` to its return (every service is then asserted STOPPED, "
-        "outside the timing).",
+        "outside the timing). An idle dependency (no hooks, tasks or resources) waits for "
+        "its stop with no task group of its own, and they stop together.",
         "Baseline: a task group holding N tasks in `anyio.sleep_forever()`, all started; the "
         "time is from `tg.cancel_scope.cancel()` to the exit of `async with`.",
         f"Target: <= {TARGET}x the baseline at {fmt_count(STOP_TARGET_SIZE)} services.",

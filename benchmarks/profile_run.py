@@ -15,12 +15,14 @@ SQLite file (medians of per-call times, µs):
 
 ``--drain``: one in-process worker (limit 100) drains 4 000 no-op runs submitted up front,
 under ``cProfile`` (counts only: its timings are distorted), and the counts are given per
-run: Python function calls, cancel scopes entered, events made, event-loop passes, broker
-calls, round trips to the database (the SQLite connection thread's operations, or
-PostgreSQL statements) and commits. ``--postgres`` does the same on a PostgreSQL server of
-its own (Debian's binaries, as the tests start it). ``--sync`` drains runs of a ``def``
-no-op task (run in worker threads) instead, and counts the hops to a worker thread
-(``anyio.to_thread.run_sync`` calls) as well.
+run: Python function calls in the event loop's thread, cancel scopes entered, events made,
+event-loop passes, broker calls, round trips to the database (the SQLite connection's
+operations, wherever they run, or PostgreSQL statements), the SQLite operations that went
+to the connection's thread (a hop there and back each), commits, and the CPU time of the
+whole process (every thread, the profiler's cost included). ``--postgres`` does the same
+on a PostgreSQL server of its own (Debian's binaries, as the tests start it).
+``--sync`` drains runs of a ``def`` no-op task (run in worker threads) instead, and counts
+the hops to a worker thread (``anyio.to_thread.run_sync`` calls) as well.
 """
 
 from __future__ import annotations
@@ -106,6 +108,22 @@ def _round_trip_keys(url: str) -> dict[str, list[Callable[..., Any]]]:
     return {"database round trips": [_sqlite_thread._Operation.__init__]}
 
 
+def _count_thread_calls(broker: Any, counted: dict[str, int]) -> None:
+    """Count the operations ``broker``'s SQLite connection thread runs (each a hop there and
+    back for its caller), into ``counted``; nothing for other brokers."""
+    connection = getattr(broker, "_db", None)
+    run = getattr(connection, "_run", None)
+    if run is None:
+        return
+
+    def counting(batch: list[Any], _run: Any = run) -> None:
+        hops = counted.get("connection-thread calls", 0)
+        counted["connection-thread calls"] = hops + len(batch)
+        _run(batch)
+
+    connection._run = counting
+
+
 def _count_calls(broker: Any, counted: dict[str, int]) -> None:
     """Count the calls of ``broker``'s claim and recording methods into ``counted``."""
     calls = ("claim", "heartbeat", "complete", "complete_many", "complete_and_claim", "fail")
@@ -155,10 +173,12 @@ async def drain(url: str, backend: str, sync: bool = False) -> dict[str, float]:
         commits_before = getattr(queue.broker, "commits", None)
         counted: dict[str, int] = {}
         _count_calls(queue.broker, counted)
+        _count_thread_calls(queue.broker, counted)
         _count_hops(counted)
         worker = taskqueue.TaskWorker(noop, limit=LIMIT)
         profile = cProfile.Profile()
         started = time.perf_counter()
+        cpu = time.process_time()
         profile.enable()
         async with worker:
             # Polled: a waiter of its own would add broker reads to what is counted.
@@ -166,13 +186,18 @@ async def drain(url: str, backend: str, sync: bool = False) -> dict[str, float]:
                 await anyio.sleep(0.001)
         profile.disable()
         seconds = time.perf_counter() - started
-        keys = {**_code_keys(backend), **_round_trip_keys(url)}
-        found = _counts(profile, backend, DRAINED, keys)
+        cpu = time.process_time() - cpu
+        found = _counts(profile, backend, DRAINED, {**_code_keys(backend), **_round_trip_keys(url)})
         found["broker calls"] = counted.get("broker calls", 0) / DRAINED
+        if "_db" in vars(queue.broker):
+            hops = counted.get("connection-thread calls", 0)
+            found["connection-thread calls"] = hops / DRAINED
         found["thread hops"] = counted.get("thread hops", 0) / DRAINED
         if commits_before is not None:
             found["commits"] = (queue.broker.commits - commits_before) / DRAINED
         found["runs/s under the profiler"] = DRAINED / seconds
+        # Every thread of the process (the connection's too), profiler included.
+        found["CPU µs under the profiler"] = cpu / DRAINED * 1e6
     return found
 
 

@@ -127,7 +127,8 @@ async def test_the_wheel_wakes_entries_in_due_order_and_drops_those_woken_early(
 
 
 # A dependency whose only work is its timer waits for its first tick with no task group of
-# its own; whatever needs one (a task, a crash, a dependency, a resource) still gets it.
+# its own; whatever needs one (a task, a crash, a dependency, a resource) still gets it
+# (tests/test_bare_runs.py, for it and for a dependency with no work at all).
 
 
 async def test_an_idle_timer_dependency_holds_no_task_group_until_it_needs_one() -> None:
@@ -143,83 +144,3 @@ async def test_an_idle_timer_dependency_holds_no_task_group_until_it_needs_one()
         await anyio.sleep(1)
         # Ticked: from its first tick on it runs as any service, in a task group.
         assert run.task_group is not None
-
-
-async def test_a_task_spawned_on_an_idle_timer_dependency_runs_and_stops_with_it() -> None:
-    log: list[tuple[str, float]] = []
-    ticker = Ticker("ticker", log)
-    parent = Service(name="parent")
-    parent.add_dependency(ticker)
-    events: list[str] = []
-
-    async def extra() -> None:
-        events.append("started")
-        try:
-            await anyio.sleep_forever()
-        finally:
-            events.append("ended")
-
-    async with parent:
-        t0 = anyio.current_time()
-        await anyio.sleep(0.5)
-        ticker.spawn(extra)
-        await anyio.sleep(2)
-        assert events == ["started"]
-        assert await ticker.stop() is True
-        assert events == ["started", "ended"]
-        assert ticker.state is ServiceState.STOPPED
-    # The timer kept its grid from the start, not from the spawn.
-    assert [at - t0 for _, at in log] == [1, 2]
-
-
-async def test_crash_from_outside_of_an_idle_timer_dependency_crashes_it() -> None:
-    ticker = Ticker("ticker", [])
-    parent = Service(name="parent")
-    parent.add_dependency(ticker)
-    # The same exception group as a dependency's crash in a task group of its own.
-    with pytest.RaisesGroup(pytest.RaisesGroup(pytest.RaisesExc(ConnectionError, match="lost"))):
-        async with parent:
-            await anyio.sleep(0.5)
-            await ticker.crash(ConnectionError("lost"))
-            await anyio.sleep(1)
-    assert ticker.state is ServiceState.CRASHED
-    assert isinstance(ticker.crash_reason, ConnectionError)
-
-
-async def test_an_idle_timer_dependency_takes_a_runtime_dependency_and_a_resource() -> None:
-    log: list[tuple[str, float]] = []
-    ticker = Ticker("ticker", log)
-    parent = Service(name="parent")
-    parent.add_dependency(ticker)
-    released: list[float] = []
-
-    class Resource:
-        def __enter__(self) -> str:
-            return "held"
-
-        def __exit__(self, *exc_info: object) -> None:
-            released.append(anyio.current_time() - t0)
-
-    async with parent:
-        t0 = anyio.current_time()
-        await anyio.sleep(0.5)
-        assert ticker.add_context(Resource()) == "held"
-        extra = await ticker.add_runtime_dependency(Service(name="extra"))
-        assert extra.state is ServiceState.RUNNING
-        await anyio.sleep(1)
-    assert released == [1.5]
-    assert extra.state is ServiceState.STOPPED
-    assert [at - t0 for _, at in log] == [1]
-
-
-async def test_a_stop_of_an_idle_timer_dependency_with_a_grace_period_ends_it_at_once() -> None:
-    ticker = Ticker("ticker", [])
-    parent = Service(name="parent")
-    parent.add_dependency(ticker)
-    async with parent:
-        await anyio.sleep(0.5)
-        assert ticker.stop_deadline == anyio.current_time() + ticker.shutdown_timeout
-        before = anyio.current_time()
-        assert await ticker.stop() is True
-        assert anyio.current_time() == before
-        assert ticker.timer_stats["tick"].ticks == 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import anyio
@@ -51,9 +51,7 @@ class _LoopSpec(TimerSpec):
         assert isinstance(service, LoopService)
         await service.run_once()
 
-    def prepare_bare(
-        self, service: Host, now: float
-    ) -> tuple[float, Callable[[bool], Awaitable[None]]] | None:
+    def prepare_bare(self, service: Host, now: float) -> tuple[float, object] | None:
         return None  # it fires at start, and run() counts the loops of each start
 
     def interval_for(self, service: Host) -> float:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import anyio
@@ -62,18 +61,71 @@ class SupervisorError(RuntimeError):
     """A supervisor gave up: its children restarted more often than its intensity allows."""
 
 
-@dataclass(eq=False)
 class _Child:
-    service: Service
-    restart: RestartType
-    #: Restarts in a row without the child having run for ``within`` seconds in between.
-    failures: int = 0
-    started_at: float = 0.0
-    #: The supervisor is stopping it on purpose (one-for-all / rest-for-one): not an exit.
-    stopping: bool = False
-    running: bool = False
-    #: Told when the child's run has ended, while the supervisor waits for it with others.
-    ended: Countdown | None = field(default=None, repr=False)
+    """A child of a supervisor, and what its run tells the supervisor.
+
+    It is the run's ``task_status`` (told once per run that the child is RUNNING) and the
+    run's ``ended`` (see ``run_as_restart``), so no coroutine of the supervisor's wraps
+    the child's run, and nothing else is made per child to start it.
+    """
+
+    __slots__ = (
+        "ended",
+        "failures",
+        "restart",
+        "running",
+        "service",
+        "started_at",
+        "status",
+        "stopping",
+        "supervisor",
+    )
+
+    def __init__(self, supervisor: Supervisor, service: Service, restart: RestartType) -> None:
+        self.supervisor = supervisor
+        self.service = service
+        self.restart = restart
+        #: Restarts in a row without the child having run for ``within`` seconds between.
+        self.failures = 0
+        self.started_at = 0.0
+        #: The supervisor is stopping it on purpose (one-for-all / rest-for-one): not an exit.
+        self.stopping = False
+        self.running = False
+        #: Told when the child's run has ended, while the supervisor waits for it with others.
+        self.ended: Countdown | None = None
+        #: Told once that the current run is RUNNING (or over): the start waits on it.
+        self.status: Started | Countdown | None = None
+
+    def __repr__(self) -> str:
+        return f"<child {self.service.name!r} {self.restart.value}>"
+
+    def started(self, value: object = None) -> None:
+        status, self.status = self.status, None
+        if status is not None:
+            status.started()
+
+    def __call__(self, error: BaseException | None) -> None:
+        """The child's run is over; ``error`` is what it raised, if anything."""
+        self.running = False
+        self.started()
+        ended, self.ended = self.ended, None
+        if ended is not None:
+            ended.started()
+        if error is not None and not isinstance(error, Exception):
+            return  # cancelled: the supervisor itself is going, and decides nothing
+        exits = self.supervisor._exits
+        if exits is not None:
+            # What the child crashed with, not the group its task group wraps it in.
+            outcome = None if error is None else (self.service.crash_reason or error)
+            try:
+                exits.send_nowait((self, outcome))
+            except anyio.ClosedResourceError:
+                pass  # the supervisor stopped supervising meanwhile: nothing to decide
+
+
+def _run_child(child: _Child) -> Coroutine[Any, Any, None]:
+    # The child's run itself, in the supervisor's task group: no frame around it.
+    return run_as_restart(child.service, task_status=child, ended=child)
 
 
 _Exit = tuple[_Child, BaseException | None]
@@ -179,7 +231,7 @@ class Supervisor(Service):
     def _add(self, service: Service, restart: RestartType | str) -> _Child:
         kind = check_choice(restart, f"{self.name}: restart", RestartType)
         adopt(self, service, "child")
-        child = _Child(service, kind)
+        child = _Child(self, service, kind)
         self._children.append(child)
         return child
 
@@ -285,7 +337,7 @@ class Supervisor(Service):
                 together.remaining += 1
                 if now is None:
                     now = anyio.current_time()
-                self._spawn_child(child, _Once(together), now)
+                self._spawn_child(child, together, now)
         await together.wait()
 
     async def _stop_in_order(self, children: list[_Child]) -> None:
@@ -336,51 +388,17 @@ class Supervisor(Service):
         await started.wait()
 
     def _spawn_child(
-        self, child: _Child, started: Started | _Once, now: float | None = None
+        self, child: _Child, started: Started | Countdown, now: float | None = None
     ) -> None:
         child.running = True
         child.started_at = anyio.current_time() if now is None else now
+        child.status = started
         # Beside the supervisor's tasks, not one of them: a supervisor's stop does not
         # cancel a child, it stops it gracefully (see supervise()).
-        start_beside(self, f"child {child.service.name}", self._run_child, child, started)
-
-    async def _run_child(self, child: _Child, started: Started | _Once) -> None:
-        outcome: BaseException | None = None
-        try:
-            # Every start after the first is a restart, whoever's restart caused it.
-            await run_as_restart(child.service, task_status=started)
-        except Exception as exc:
-            # What the child crashed with, not the group its task group wraps it in.
-            outcome = child.service.crash_reason or exc
-        finally:
-            child.running = False
-            started.started()
-            ended, child.ended = child.ended, None
-            if ended is not None:
-                ended.started()
-        exits = self._exits
-        if exits is not None:
-            try:
-                exits.send_nowait((child, outcome))
-            except anyio.ClosedResourceError:
-                pass  # the supervisor stopped supervising meanwhile: nothing to decide
+        start_beside(self, f"child {child.service.name}", _run_child, child)
 
     def describe(self) -> str:
         return f"{super().describe()} strategy={self.strategy.value}"
-
-
-class _Once:
-    """A child's ``task_status`` among children started together: counted once."""
-
-    __slots__ = ("countdown",)
-
-    def __init__(self, countdown: Countdown) -> None:
-        self.countdown: Countdown | None = countdown
-
-    def started(self, value: object = None) -> None:
-        countdown, self.countdown = self.countdown, None
-        if countdown is not None:
-            countdown.started()
 
 
 def _reason(error: BaseException) -> str:

@@ -8,7 +8,6 @@ schedule's business (:mod:`anyservice._schedule`), which never accumulates error
 from __future__ import annotations
 
 import datetime
-import functools
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
@@ -132,6 +131,8 @@ class TimerSpec(_PeriodicSpec):
         name: str | None = None,
     ) -> None:
         self.interval = check_interval(interval, f"@timer {function.__name__!r} interval")
+        # What each start's statistics are made with: worked out once, not per service.
+        self._late_after = TimerStats.for_interval(self.interval).late_after
         self.policy = check_policy(policy)
         self.exec_first = bool(exec_first)
         super().__init__(function, on_error=on_error)
@@ -142,13 +143,13 @@ class TimerSpec(_PeriodicSpec):
         return self.interval
 
     def new_stats(self) -> TimerStats:
-        return TimerStats.for_interval(self.interval)
+        return TimerStats(interval=self.interval, late_after=self._late_after)
 
     def prepare(
         self, service: Host, now: float | None = None
     ) -> tuple[TimerStats, IntervalSchedule]:
         """The statistics and the schedule of a run of the timer, starting ``now``."""
-        stats = self.stats_for(service)
+        stats = service.timer_stats[self.name] = self.new_stats()
         schedule = IntervalSchedule.checked(
             self.interval_for(service),
             start=anyio.current_time() if now is None else now,
@@ -157,13 +158,14 @@ class TimerSpec(_PeriodicSpec):
         )
         return stats, schedule
 
-    def prepare_bare(
-        self, service: Host, now: float
-    ) -> tuple[float, Callable[[bool], Awaitable[None]]] | None:
+    def prepare_bare(self, service: Host, now: float) -> tuple[float, object] | None:
         if self.exec_first:
             return None  # due at once: nothing to wait for
         prepared = self.prepare(service, now)
-        return prepared[1].due, functools.partial(self.serve, service, prepared)
+        return prepared[1].due, prepared
+
+    def resume_bare(self, service: Host, state: object, due_now: bool) -> Coroutine[Any, Any, None]:
+        return self.serve(service, cast(tuple[TimerStats, IntervalSchedule], state), due_now)
 
     def run(self, service: Host) -> Coroutine[Any, Any, None]:
         # The loop's own coroutine, not one around it: a frame less held while it idles.

@@ -8,11 +8,13 @@ waiter through the file's datagram sockets, without waiting for the fallback pol
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
@@ -250,6 +252,17 @@ anyio.run(main)
 """
 
 
+async def _commit_after_five_ticks(holder: sqlite3.Connection, gaps: list[float]) -> None:
+    """End ``holder``'s transaction after five short sleeps, noting how long each took (an
+    event loop blocked in SQLite's own wait for the lock would stretch them)."""
+    last = anyio.current_time()
+    for _ in range(5):
+        await anyio.sleep(0.01)
+        gaps.append(anyio.current_time() - last)
+        last = anyio.current_time()
+    holder.execute("COMMIT")
+
+
 @pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="Unix datagram sockets")
 async def test_a_short_call_that_meets_a_locked_file_waits_in_the_thread(tmp_path: Path) -> None:
     # A lone claim runs in the caller's thread when the connection's is idle; one that
@@ -261,18 +274,9 @@ async def test_a_short_call_that_meets_a_locked_file_waits_in_the_thread(tmp_pat
         holder = sqlite3.connect(path, isolation_level=None)
         holder.execute("BEGIN IMMEDIATE")
         gaps: list[float] = []
-
-        async def release_soon() -> None:
-            last = anyio.current_time()
-            for _ in range(5):
-                await anyio.sleep(0.01)
-                gaps.append(anyio.current_time() - last)
-                last = anyio.current_time()
-            holder.execute("COMMIT")
-
         try:
             async with anyio.create_task_group() as group:
-                group.start_soon(release_soon)
+                group.start_soon(_commit_after_five_ticks, holder, gaps)
                 with anyio.fail_after(PROMPTLY):
                     claimed = await broker.claim("w", ["say"], limit=1, lease_seconds=30)
         finally:
@@ -283,12 +287,96 @@ async def test_a_short_call_that_meets_a_locked_file_waits_in_the_thread(tmp_pat
     assert max(gaps) < 5
 
 
+async def _open_plain(tmp_path: Path) -> ConnectionThread:
+    thread = ConnectionThread(
+        str(tmp_path / "plain.db"), url="sqlite:///plain.db", busy_timeout=0.1, lock_timeout=30
+    )
+
+    def create(conn: sqlite3.Connection) -> None:
+        conn.execute("CREATE TABLE IF NOT EXISTS t (n INTEGER)")
+
+    await thread.open(create)
+    return thread
+
+
+def _insert_noting_thread(number: int, threads: list[int]) -> Callable[[sqlite3.Connection], None]:
+    def write(conn: sqlite3.Connection) -> None:
+        threads.append(threading.get_ident())
+        conn.execute("INSERT INTO t VALUES (?)", (number,))
+
+    return write
+
+
+async def test_short_calls_of_one_pass_share_one_commit_in_the_event_loops_thread(
+    tmp_path: Path,
+) -> None:
+    # The first short call of a pass runs at once; the others of that pass run together
+    # at the next one, in one transaction, without a hop to the connection's thread.
+    thread = await _open_plain(tmp_path)
+    threads: list[int] = []
+    try:
+        before = thread.commits
+        async with anyio.create_task_group() as tg:
+            for number in range(5):
+                tg.start_soon(
+                    functools.partial(
+                        thread.call, _insert_noting_thread(number, threads), inline=True
+                    )
+                )
+        commits = thread.commits - before
+        rows = await thread.call(
+            lambda conn: sorted(n for (n,) in conn.execute("SELECT n FROM t")), write=False
+        )
+    finally:
+        await thread.close()
+    assert rows == [0, 1, 2, 3, 4]
+    assert set(threads) == {threading.get_ident()}
+    assert commits == 2
+
+
+async def test_short_calls_kept_for_a_pass_that_meet_a_locked_file_wait_in_the_thread(
+    tmp_path: Path,
+) -> None:
+    thread = await _open_plain(tmp_path)
+    holder = sqlite3.connect(tmp_path / "plain.db", isolation_level=None)
+    threads: list[int] = []
+    gaps: list[float] = []
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        with anyio.fail_after(PROMPTLY):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_commit_after_five_ticks, holder, gaps)
+                for number in range(4):
+                    tg.start_soon(
+                        functools.partial(
+                            thread.call, _insert_noting_thread(number, threads), inline=True
+                        )
+                    )
+        rows = await thread.call(lambda conn: conn.execute("SELECT COUNT(*) FROM t").fetchone())
+    finally:
+        holder.close()
+        await thread.close()
+    assert rows == (4,)
+    # Each found the file locked (its BEGIN failed before its statements ran) and was
+    # stored by the connection's thread, while the event loop went on (the sleeps).
+    assert len(set(threads)) == 1
+    assert threading.get_ident() not in threads
+    assert len(gaps) == 5
+    assert max(gaps) < 5
+
+
 async def test_a_submit_in_another_process_wakes_a_waiting_broker_without_polling(
     tmp_path: Path,
 ) -> None:
+    # No thread sits in recv() to hand each wake-up over to the loop: the loop that
+    # opened the broker watches its socket, and closing the broker ends the watch.
+    def listening_threads() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("anyservice wake")]
+
     path = tmp_path / "runs.db"
     # The fallback poll comes an hour later: only the other process's poke can wake it.
     async with SqliteBroker(path, poll_interval=3600) as broker:
+        assert listening_threads() == []
         await broker.claim("w", ["say"], limit=1, lease_seconds=30)
         woke = anyio.Event()
 
@@ -306,6 +394,8 @@ async def test_a_submit_in_another_process_wakes_a_waiting_broker_without_pollin
             with anyio.fail_after(PROMPTLY):
                 await woke.wait()
         assert len(await broker.claim("w", ["say"], limit=1, lease_seconds=30)) == 1
+    assert listening_threads() == []
+    assert os.listdir(f"{path}-wake") == []
 
 
 @pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="Unix datagram sockets")

@@ -7,6 +7,7 @@ ticks and take the same lease at once, as separate processes would.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -17,6 +18,9 @@ from anyservice.taskqueue._errors import BrokerError
 from anyservice.taskqueue._leases import Lease, StoredTick, TickResult
 from anyservice.taskqueue._records import RunState
 from anyservice.taskqueue.brokers import BaseBroker, Broker, broker_from_url
+from anyservice.taskqueue.brokers._memory import MemoryBroker
+from anyservice.taskqueue.brokers._postgres import PostgresBroker
+from anyservice.taskqueue.brokers._sqlite import SqliteBroker
 from tests._postgres import postgres_schema
 
 from . import test_broker_conformance as conformance
@@ -270,3 +274,119 @@ async def test_applications_in_two_schemas_of_one_database_keep_their_own(
         finally:
             await first.close()
             await second.close()
+
+
+# --- what a purge deletes of the cluster's storage ------------------------------------------
+
+
+async def stored_rows(broker: Broker, table: str) -> int:
+    """How many rows the broker's storage holds in ``table`` ("ticks" or "keys")."""
+    if isinstance(broker, MemoryBroker):
+        if table == "ticks":
+            return sum(len(ticks) for ticks in broker._ticks.values())
+        return len(broker._keys)
+    if isinstance(broker, SqliteBroker):
+        rows: int = await broker._call(
+            lambda conn: conn.execute(f"SELECT COUNT(*) FROM anyservice_{table}").fetchone()[0]
+        )
+        return rows
+    assert isinstance(broker, PostgresBroker)
+    ((count,),) = await broker._call(broker._execute(f"SELECT count(*) FROM {{{table}}}", {}))
+    return int(count)
+
+
+async def finish_due_runs(broker: Broker) -> None:
+    for run in await broker.claim("w1", ["say"], limit=100, lease_seconds=LEASE):
+        assert await broker.complete("w1", run.id, run.attempts, "null")
+
+
+async def test_a_purge_deletes_the_ticks_of_the_runs_it_deletes_but_each_latest_tick(
+    broker: Broker, clock: FakeClock
+) -> None:
+    for due in (START - 3, START - 2, START - 1):
+        await store(broker, due)
+    await store(broker, START - 1, schedule="hourly")
+    await finish_due_runs(broker)
+    assert await stored_rows(broker, "ticks") == 4
+    clock.advance(100)
+
+    assert await broker.purge(older_than=50) == 4
+
+    # Each schedule's latest tick stays, for the next one to be planned from.
+    assert await stored_rows(broker, "ticks") == 2
+    counts = await broker.tick_counts("nightly")
+    assert (counts.runs, counts.skipped, counts.latest) == (3, 0, START - 1)
+    assert (await broker.tick_counts("hourly")).runs == 1
+    assert (await store(broker, START + 100)).result is TickResult.STORED
+    assert (await store(broker, START - 1)).result is TickResult.TAKEN
+    assert (await broker.tick_counts("nightly")).runs == 4
+
+
+async def test_a_purge_keeps_the_ticks_of_runs_it_keeps(broker: Broker, clock: FakeClock) -> None:
+    first = await store(broker, START - 2)
+    await store(broker, START - 1)
+    await store(broker, START)
+    (running,) = await broker.claim("w1", ["say"], limit=1, lease_seconds=LEASE * 1000)
+    assert running.id == first.run_id
+    clock.advance(100)
+    await finish_due_runs(broker)  # finished after the cutoff: kept
+
+    assert await broker.purge(older_than=50) == 0
+
+    assert await stored_rows(broker, "ticks") == 3
+    # The tick of the run still RUNNING still says so: without overlap, the next is skipped.
+    assert (await store(broker, START + 100, overlap=False)).result is TickResult.SKIPPED
+
+
+async def test_a_purge_deletes_skipped_ticks_due_before_the_cutoff(
+    broker: Broker, clock: FakeClock
+) -> None:
+    first = await store(broker, START - 3, overlap=False)
+    (running,) = await broker.claim("w1", ["say"], limit=1, lease_seconds=LEASE * 1000)
+    assert running.id == first.run_id
+    for due in (START - 2, START - 1, START + 200):
+        assert (await store(broker, due, overlap=False)).result is TickResult.SKIPPED
+    clock.advance(100)
+
+    assert await broker.purge(older_than=50) == 0
+
+    # The run's tick and the latest skipped tick are left.
+    assert await stored_rows(broker, "ticks") == 2
+    counts = await broker.tick_counts("nightly")
+    assert (counts.runs, counts.skipped, counts.latest) == (1, 3, START + 200)
+
+
+async def test_a_purge_deletes_the_keys_of_the_runs_it_deletes(
+    broker: Broker, clock: FakeClock
+) -> None:
+    old, _ = await broker.submit_once("order-1", "say", PAYLOAD)
+    kept, _ = await broker.submit_once("order-2", "say", PAYLOAD, scheduled_at=START + 1000)
+    assert await broker.cancel(old.id)
+    clock.advance(100)
+
+    assert await broker.purge(older_than=50) == 1
+
+    assert await stored_rows(broker, "keys") == 1
+    again, created = await broker.submit_once("order-2", "say", PAYLOAD)
+    assert (again.id, created) == (kept.id, False)
+    fresh, created = await broker.submit_once("order-1", "say", PAYLOAD)
+    assert created
+    assert fresh.id != old.id
+
+
+async def test_a_sqlite_file_with_ticks_from_before_their_counts_were_kept_counts_them(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    path = tmp_path / "runs.db"
+    first = SqliteBroker(path, clock=clock)
+    async with first:
+        for due in (START, START + 1):
+            await store(first, due)
+    with sqlite3.connect(path) as conn:
+        conn.execute("DROP TABLE anyservice_schedules")  # as a file made before they were
+    second = SqliteBroker(path, clock=clock)
+    async with second:
+        counts = await second.tick_counts("nightly")
+        assert (counts.runs, counts.skipped, counts.latest) == (2, 0, START + 1)
+        assert (await store(second, START + 2)).result is TickResult.STORED
+        assert (await second.tick_counts("nightly")).runs == 3

@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -364,6 +365,157 @@ async def test_without_listen_waits_poll(postgres_url: str) -> None:
                     await worker.complete("w1", run.id, 1, "null")
 
 
+# --- the way from a submit to a start: named runs, the direct connection --------------------
+
+
+def notifications(url: str, count: int, ready: anyio.Event) -> list[str]:
+    """The payloads of the next ``count`` notifications of the broker (run in a thread)."""
+    channel = sql.Identifier(f"anyservice:{schema_of(url)}")
+    with psycopg.connect(server_of(url), autocommit=True) as conn:
+        conn.execute(sql.SQL("LISTEN {}").format(channel))
+        anyio.from_thread.run_sync(ready.set)
+        return [n.payload for n in conn.notifies(timeout=PROMPTLY, stop_after=count)]
+
+
+async def test_a_submit_of_a_due_run_names_it_in_its_notification(
+    url: str, broker: PostgresBroker
+) -> None:
+    got: list[str] = []
+    ready = anyio.Event()
+
+    async def listen() -> None:
+        got.extend(await anyio.to_thread.run_sync(notifications, url, 2, ready))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listen)
+        await ready.wait()
+        due = await broker.submit("say", PAYLOAD)
+        await broker.submit("say", PAYLOAD, scheduled_at=time.time() + 3600)
+    # A run not due yet is work without a name: the claim that follows looks at every run.
+    assert got == [f"w {due.id}", "w"]
+
+
+@asynccontextmanager
+async def holding(url: str, query: sql.Composed, *args: object) -> AsyncIterator[None]:
+    """Hold the locks ``query`` takes, in a transaction of another connection, for the block."""
+
+    def hold(locked: anyio.Event, release: anyio.Event) -> None:
+        with psycopg.connect(server_of(url)) as conn:
+            conn.execute(query, args or None)
+            anyio.from_thread.run_sync(locked.set)
+            anyio.from_thread.run(release.wait)
+
+    locked, release = anyio.Event(), anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(anyio.to_thread.run_sync, hold, locked, release)
+        await locked.wait()
+        try:
+            yield
+        finally:
+            release.set()
+
+
+async def claim_after_wake(worker: PostgresBroker, submit: Callable[[], Any]) -> list[str]:
+    """Wait for work on ``worker`` while ``submit()`` runs elsewhere, then claim."""
+    assert await worker.claim("w1", ["say"], limit=10, lease_seconds=30) == []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.wait_for_work, 3600)
+        await anyio.sleep(0.05)
+        await submit()
+    runs = await worker.claim("w1", ["say"], limit=10, lease_seconds=30)
+    return sorted(run.id for run in runs)
+
+
+async def test_a_run_named_by_its_notification_is_claimed(url: str) -> None:
+    async with PostgresBroker(url) as worker, PostgresBroker(url) as submitter:
+        submitted: list[str] = []
+
+        async def submit() -> None:
+            submitted.append((await submitter.submit("say", PAYLOAD)).id)
+
+        with anyio.fail_after(PROMPTLY):
+            assert await claim_after_wake(worker, submit) == submitted
+        (run,) = [await worker.get(run_id) for run_id in submitted]
+        assert run is not None
+        assert (run.state, run.attempts, run.lease_owner) == (RunState.RUNNING, 1, "w1")
+
+
+async def test_work_without_names_makes_the_next_claim_look_at_every_run(url: str) -> None:
+    async with PostgresBroker(url) as worker, PostgresBroker(url) as submitter:
+        submitted: list[str] = []
+
+        async def submit() -> None:
+            # Stored together, announced without names; then one named.
+            submitted.extend(run.id for run in await submitter.submit_many("say", [PAYLOAD] * 2))
+            submitted.append((await submitter.submit("say", PAYLOAD)).id)
+
+        with anyio.fail_after(PROMPTLY):
+            assert await claim_after_wake(worker, submit) == sorted(submitted)
+
+
+async def test_a_named_run_of_another_task_is_not_claimed(
+    url: str,
+) -> None:
+    async with PostgresBroker(url) as worker, PostgresBroker(url) as submitter:
+        submitted: list[str] = []
+
+        async def submit() -> None:
+            await submitter.submit("other", PAYLOAD)  # named, not the worker's task
+            submitted.append((await submitter.submit("say", PAYLOAD)).id)
+
+        with anyio.fail_after(PROMPTLY):
+            assert await claim_after_wake(worker, submit) == submitted
+
+
+async def test_task_names_with_quotes_and_braces_are_claimed_by_name(url: str) -> None:
+    odd = "say \"hi\", {to} \\ 'you'"
+    async with PostgresBroker(url) as worker, PostgresBroker(url) as submitter:
+        assert await worker.claim("w1", [odd], limit=10, lease_seconds=30) == []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.wait_for_work, 3600)
+            await anyio.sleep(0.05)
+            run = await submitter.submit(odd, PAYLOAD)
+        (claimed,) = await worker.claim("w1", [odd], limit=10, lease_seconds=30)
+        assert (claimed.id, claimed.task) == (run.id, odd)
+
+
+async def test_a_cancelled_submit_blocked_on_a_lock_stores_nothing(
+    url: str, broker: PostgresBroker
+) -> None:
+    await broker.submit("say", PAYLOAD)  # the direct connection is made and used
+    runs = sql.SQL("{}.anyservice_runs").format(sql.Identifier(schema_of(url)))
+    async with holding(url, sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(runs)):
+        started = time.monotonic()
+        with anyio.move_on_after(0.2) as scope:
+            await broker.submit("say", PAYLOAD)  # waits for the table lock
+        assert scope.cancelled_caught
+        assert time.monotonic() - started < 5
+    assert await admin(url, sql.SQL("SELECT count(*) FROM {}").format(runs)) == [(1,)]
+    # And the broker goes on, on a new connection.
+    run = await broker.submit("say", PAYLOAD)
+    assert await broker.get(run.id) == run
+
+
+async def test_a_submit_after_lost_connections_is_a_broker_error_then_works(
+    url: str, broker: PostgresBroker
+) -> None:
+    await broker.submit("say", PAYLOAD)
+    await admin(url, TERMINATE_OTHERS)
+    with anyio.fail_after(PROMPTLY):
+        while True:
+            try:
+                run = await broker.submit("say", PAYLOAD)
+                break
+            except BrokerError:
+                await anyio.sleep(0.05)
+        while True:  # the pooled connections were lost too
+            try:
+                assert await broker.get(run.id) == run
+                break
+            except BrokerError:
+                await anyio.sleep(0.05)
+
+
 # --- trouble -----------------------------------------------------------------------------
 
 
@@ -372,25 +524,14 @@ async def test_cancelling_a_blocked_statement_returns_at_once_and_leaves_the_poo
 ) -> None:
     run = await broker.submit("say", PAYLOAD)
     runs = sql.SQL("{}.anyservice_runs").format(sql.Identifier(schema_of(url)))
-
-    def hold_the_row(locked: anyio.Event, release: anyio.Event) -> None:
-        with psycopg.connect(server_of(url)) as conn:
-            conn.execute(
-                sql.SQL("SELECT 1 FROM {} WHERE id = %s FOR UPDATE").format(runs), [run.id]
-            )
-            anyio.from_thread.run_sync(locked.set)
-            anyio.from_thread.run(release.wait)
-
-    locked, release = anyio.Event(), anyio.Event()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(anyio.to_thread.run_sync, hold_the_row, locked, release)
-        await locked.wait()
+    async with holding(
+        url, sql.SQL("SELECT 1 FROM {} WHERE id = %s FOR UPDATE").format(runs), run.id
+    ):
         started = time.monotonic()
         with anyio.move_on_after(0.2) as scope:
             await broker.cancel(run.id)  # waits for the row lock
         assert scope.cancelled_caught
         assert time.monotonic() - started < 5
-        release.set()
     for _ in range(broker._pool_size + 1):  # every pooled connection still works
         assert (await broker.get(run.id)) == run
     assert await broker.cancel(run.id)

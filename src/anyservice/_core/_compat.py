@@ -23,7 +23,7 @@ from ._backend import call_in_loop
 from ._diag import Diag
 from ._health import monitor_health
 from ._itertimer import itertimer
-from ._run import Resources, Run, inside
+from ._run import Resources, Run, inside, live_resources
 from ._state import Pending, ServiceError, ServiceState
 from ._wait import WaitResult, WaitResults, race
 
@@ -332,7 +332,7 @@ class Compat:
 
     def _stacks(self) -> tuple[ExitStack, AsyncExitStack]:
         run = self._run
-        resources = run.live_resources if run is not None else None
+        resources = live_resources(run)
         if resources is None:
             raise ServiceError(
                 f"{self.name}: exit_stack and async_exit_stack belong to a running service "

@@ -21,10 +21,11 @@ From the outside in, a run opens:
   idles on its owner's timer wheel, which a release wakes (see :func:`idle_until`).
 
 A dependency whose only work is such a timer (no hooks, resources or dependencies) waits
-for its first tick *bare*, before opening its task group (see :func:`_wait_bare`): nothing
-of it runs meanwhile that needs one. A stop then ends it without one; a task given to it
-(``spawn()``, ``crash()``), a resource or a runtime dependency, or the tick, opens it, and
-the run goes on as any other from there.
+for its first tick *bare*, before opening its task group (see :func:`_enter_bare`): nothing
+of it runs meanwhile that needs one. So does a dependency with no work at all, for its
+stop. A stop then ends it without one; a task given to it (``spawn()``, ``crash()``), a
+resource or a runtime dependency, or the tick, opens it, and the run goes on as any other
+from there.
 
 The run's :class:`~anyservice._core._state.RunPhase` moves forward only: STARTING (the
 dependencies, ``on_start``, resources, tasks, ``on_started``), RUNNING (reported to the
@@ -68,10 +69,12 @@ __all__ = [
     "current_run",
     "idle_released",
     "idle_until",
+    "live_resources",
     "open_task_group",
     "serving_scope",
     "start_beside",
     "start_is_observable",
+    "started_dependencies",
     "unwind_unobservable",
 ]
 
@@ -103,7 +106,7 @@ class Owner(Host, Protocol):
     def _background_specs(self) -> tuple[BackgroundSpec, ...]: ...
 
     @property
-    def _contexts(self) -> list[ContextSource]: ...
+    def _contexts(self) -> Sequence[ContextSource]: ...
 
     @property
     def _owner(self) -> Owner | None: ...
@@ -445,7 +448,7 @@ class Started:
 class Countdown:
     """One ``task_status`` for services started together: one wait for all of them.
 
-    Each run tells its ``task_status`` at most once (:class:`_Handover`), so counting the
+    Each run tells its ``task_status`` at most once (:func:`_hand_over`), so counting the
     calls counts the services that are RUNNING (or whose start a stop cut short).
     """
 
@@ -466,18 +469,17 @@ class Countdown:
             await self.event.wait()
 
 
-class _Handover:
-    """The caller's ``task_status``, told at most once that the service is RUNNING."""
+#: The slots of a run that has given none of its tasks a slot of its own (most runs).
+_NO_SLOTS: dict[Slot, None] = {}
+#: The dependencies started by a run that has started none (most runs).
+_NONE_STARTED: list[Owner] = []
 
-    __slots__ = ("task_status",)
 
-    def __init__(self, task_status: anyio.abc.TaskStatus[None]) -> None:
-        self.task_status: anyio.abc.TaskStatus[None] | None = task_status
-
-    def started(self) -> None:
-        status, self.task_status = self.task_status, None
-        if status is not None:
-            status.started()
+def started_dependencies(run: Run) -> list[Owner]:
+    """The list of the dependencies ``run`` started, to add to (made at the first)."""
+    if run.started_dependencies is _NONE_STARTED:
+        run.started_dependencies = []
+    return run.started_dependencies
 
 
 class Run:
@@ -487,9 +489,9 @@ class Run:
         "bare",
         "cut_short",
         "deferred",
+        "handover",
         "inline",
         "inside",
-        "live_resources",
         "phase",
         "resources",
         "restarted",
@@ -500,6 +502,7 @@ class Run:
         "started_dependencies",
         "stop_requested",
         "stopping",
+        "takes_resources",
         "task",
         "task_group",
         "wheel",
@@ -520,17 +523,25 @@ class Run:
         #: Made for the first task that waits for a stop: a service whose one task runs in
         #: the run's own task ends that task at the stop, and then need not wait.
         self.stopping: anyio.Event | None = None
-        # A dict as an ordered set: an empty one is a third of the size of an empty set.
-        self.slots: dict[Slot, None] = {}
+        # A dict as an ordered set, made at the first task given its own slot: until
+        # then the one empty dict of every run, never written to (see spawn()).
+        self.slots: dict[Slot, None] = _NO_SLOTS
         self.slots_done: anyio.Event | None = None
-        self.started_dependencies: list[Owner] = []
+        #: The one empty list of every run until it starts a dependency (see
+        #: :func:`started_dependencies`), never written to.
+        self.started_dependencies: list[Owner] = _NONE_STARTED
         self.cut_short: tuple[str, ...] = ()
         self.task: object = None
+        #: The services this run's tasks run inside, itself last; set when its task
+        #: group opens (a bare run that never opens one needs none).
         self.inside: tuple[Owner, ...] = ()
-        self.resources = Resources(self)
-        #: The resources while they may still be added to: from the start until the tasks
-        #: have stopped.
-        self.live_resources: Resources | None = None
+        #: Made for the first resource entered (see :func:`live_resources`).
+        self.resources: Resources | None = None
+        #: True while resources may still be added: from the start until the tasks stop.
+        self.takes_resources = False
+        #: The caller's ``task_status``, told once that the service is RUNNING (or that
+        #: its start was cut short), then let go (see :func:`_hand_over`).
+        self.handover: anyio.abc.TaskStatus[None] | None = None
         #: The one background task that the run's own task runs once RUNNING, instead of
         #: a task of its own (see :func:`_start_background`).
         self.deferred: BackgroundSpec | None = None
@@ -539,7 +550,7 @@ class Run:
         #: The timer wheel of the dependencies' timers, made when the first one idles.
         self.wheel: Wheel | None = None
         #: Set while, or if, the run waited for its one timer's first tick with no task
-        #: group (see :func:`_wait_bare`).
+        #: group (see :func:`_enter_bare`).
         self.bare: _Bare | None = None
 
     # ------------------------------------------------------------ questions
@@ -577,7 +588,7 @@ class Run:
         service = self.service
         return bool(
             self.started_dependencies
-            or self.resources.stack is not None
+            or (self.resources is not None and self.resources.stack is not None)
             or "on_stop" in service._overridden_hooks
             or "on_shutdown" in service._overridden_hooks
             or any(slot.observable for slot in self.slots)
@@ -603,18 +614,26 @@ class Run:
             BaseException: what crashed the run, as the task group raises it.
         """
         service = self.service
-        handover = self._begin(task_status, restart=restart)
-        token = _inside.set(self.inside)
+        self._begin(task_status, restart=restart)
+        token = None
         try:
-            # A bare run that ends without ever needing a task group opens none.
-            ended = _waits_bare(self) and await _wait_bare(self, handover)
+            # A bare run waits here, in this frame, and opens no task group unless it
+            # needs one; nor does it mark the context before then: nothing of the user's
+            # runs in its task meanwhile.
+            waiting = _enter_bare(self) if _waits_bare(self) else None
+            ended = False
+            if waiting is not None:
+                await waiting
+                ended = _leave_bare(self)
             if not ended:
+                self.inside = _inside_of(self)
+                token = _inside.set(self.inside)
                 async with anyio.create_task_group() as task_group:
                     self.task_group = task_group
                     if self.bare is not None:
                         _open_bare(self, task_group)
                     try:
-                        await self._start_and_serve(handover)
+                        await self._start_and_serve()
                     except BaseException as exc:
                         if not only_cancellation(exc):
                             self.note_crash()
@@ -632,18 +651,20 @@ class Run:
             if service._pending_crash is not None:
                 raise service._pending_crash
         except BaseException as exc:
-            service._run = None
+            object.__setattr__(service, "_run", None)
+            _give_up_bare(self)
             if only_cancellation(exc):
                 # Cancelled from outside (an enclosing scope): a stop, not a crash.
-                self._finish_stopped("stopped (cancelled from outside)")
+                _finish_stopped(self, "stopped (cancelled from outside)")
             else:
                 service._record_crash(exc)
             raise
         finally:
-            _inside.reset(token)
-        self._end(handover)
+            if token is not None:
+                _inside.reset(token)
+        self._end()
 
-    def _begin(self, task_status: anyio.abc.TaskStatus[None], *, restart: bool) -> _Handover:
+    def _begin(self, task_status: anyio.abc.TaskStatus[None], *, restart: bool) -> None:
         service = self.service
         if restart and service._started_once:
             # The one place restarts are counted, whoever asked for the restart.
@@ -651,8 +672,9 @@ class Run:
             self.restarted = True
             if _hooks.service_restart is not None:
                 _hooks.service_restart(service)
-        service._run = self
-        # Written only if set: each write to a service is a check of the reserved names.
+        # Past the service's __setattr__ (a check of the reserved names, a call per write):
+        # none of the run's own names is reserved. Others written only if set.
+        object.__setattr__(service, "_run", self)
         if service.crash_reason is not None:
             service.crash_reason = None
         if service._pending_crash is not None:
@@ -660,14 +682,11 @@ class Run:
         service._set_state(ServiceState.STARTING)
         service._log_lifecycle("starting")
         self.task = current_task()
-        owner = service._owner
-        owner_run = owner._run if owner is not None else None
-        self.inside = (*(owner_run.inside if owner_run is not None else _inside.get()), service)
-        return _Handover(task_status)
+        self.handover = task_status
 
-    def _end(self, handover: _Handover) -> None:
+    def _end(self) -> None:
         service = self.service
-        service._run = None
+        object.__setattr__(service, "_run", None)
         # With no grace period at all, cancelling is the stop itself, not worth a warning.
         cancelled = self.task_group is not None and self.hard_scope.cancelled_caught
         if cancelled and (self.cut_short or service.shutdown_timeout > 0):
@@ -676,26 +695,19 @@ class Run:
                 service.shutdown_timeout,
                 f" (in flight: {', '.join(self.cut_short)})" if self.cut_short else "",
             )
-        self._finish_stopped("stopped")
+        _finish_stopped(self, "stopped")
         # tg.start() must not hang on a service whose start a stop cut short.
-        handover.started()
+        _hand_over(self)
 
-    def _finish_stopped(self, message: str) -> None:
-        service = self.service
-        if service.state in (ServiceState.STARTING, ServiceState.RUNNING):
-            service._set_state(ServiceState.STOPPING)
-        service._set_state(ServiceState.STOPPED)
-        service._log_lifecycle(message)
-
-    async def _start_and_serve(self, handover: _Handover) -> None:
+    async def _start_and_serve(self) -> None:
         # The resources' exit by hand rather than ``async with``: most runs hold none, and
         # then there is nothing to await on the way in or out.
-        resources = self.live_resources = self.resources
+        self.takes_resources = True
         hooks = self.service._overridden_hooks
         hooked = False
         try:
-            # A bare run has started already (see _wait_bare).
-            hooked = self.bare is not None or await self._start(handover)
+            # A bare run has started already (see _enter_bare).
+            hooked = self.bare is not None or await self._start()
             # Started (or cut short): from here a stop only sets the event, so the scope can
             # go, and with it what anyio keeps for it while the service runs.
             self.running_scope = None
@@ -721,61 +733,51 @@ class Run:
             served = self.phase is RunPhase.RUNNING
             self._advance(RunPhase.STOPPING)
             if hooked and "on_stop" in hooks:
-                await self._call_hook("on_stop")
+                await _call_hook(self.service, "on_stop")
             if served and self.service.wait_for_shutdown:
                 # mode's: the tasks go on until one says they are done (or the deadline).
                 await self.service._wait_for_shutdown_flag()
             self.release_slots()
             if self.slots:
                 await self.wait_slots_done()
-            self.live_resources = None
+            self.takes_resources = False
         except BaseException as exc:
-            if resources.stack is None or not await resources.close(exc):
+            if not _holds_resources(self) or not await _close_resources(self, exc):
                 raise
         else:
-            if resources.stack is not None:
-                await resources.close(None)
+            if _holds_resources(self):
+                await _close_resources(self, None)
         if hooked and "on_shutdown" in hooks:
-            await self._call_hook("on_shutdown")
+            await _call_hook(self.service, "on_shutdown")
 
-    async def _start(self, handover: _Handover) -> bool:
+    async def _start(self) -> bool:
         """Start, in the running scope; returns whether ``on_start`` completed."""
         if self.running_scope is None:
             # A start that runs none of the user's code and waits for no task: nothing in
             # it awaits, so none of the awaits below is made.
             if not self.service._started_once:
-                self.service._started_once = True
+                object.__setattr__(self.service, "_started_once", True)
             _start_background(self)
-            _report_running(self, handover)
+            _report_running(self)
             return True
         service = self.service
         hooked = False
         with self.running_scope:
             if self.restarted:
-                await self._call_hook("on_restart")
+                await _call_hook(self.service, "on_restart")
             await _start_dependencies(self, service._dependencies_to_start())
             if not service._started_once:
-                service._started_once = True
-                await self._call_hook("on_first_start")
-            await self._call_hook("on_start")
+                object.__setattr__(service, "_started_once", True)
+                await _call_hook(self.service, "on_first_start")
+            await _call_hook(self.service, "on_start")
             hooked = True
             for context in service._contexts:
-                await self.resources.enter(context)
+                await _resources(self).enter(context)
             for slot in _start_background(self):
                 await slot.ready.wait()  # type: ignore[union-attr]  # set by the spawn
-            await self._call_hook("on_started")
-            _report_running(self, handover)
+            await _call_hook(self.service, "on_started")
+            _report_running(self)
         return hooked
-
-    async def _call_hook(self, hook: str) -> None:
-        service = self.service
-        if hook not in service._overridden_hooks:
-            return  # nothing to await, and thousands of idle services add up
-        try:
-            await getattr(service, hook)()
-        except Exception as exc:
-            exc.add_note(f"anyservice: raised in {hook}() of service {service.name!r}")
-            raise
 
     def _advance(self, phase: RunPhase) -> None:
         if phase > self.phase:
@@ -801,6 +803,8 @@ class Run:
         self.stop_requested = True
         if self.stopping is not None:
             self.stopping.set()
+        if self.bare is not None and self.inline is None:
+            _wake_bare(self)  # a service with no task waits bare for its stop alone
         return True
 
     def set_deadline(self) -> None:
@@ -829,6 +833,8 @@ class Run:
     ) -> Slot:
         """Run ``body(*args)`` as a background task of this run, in its own slot."""
         slot = Slot(name, self, idle_runs_user_code=idle_runs_user_code)
+        if self.slots is _NO_SLOTS:
+            self.slots = {}
         self.slots[slot] = None
         if self.task_group is None:
             _queue_in_bare(self, slot, body, args)
@@ -877,6 +883,53 @@ class Run:
             await self.slots_done.wait()
 
 
+async def _call_hook(service: Owner, hook: str) -> None:
+    if hook not in service._overridden_hooks:
+        return  # nothing to await, and thousands of idle services add up
+    try:
+        await getattr(service, hook)()
+    except Exception as exc:
+        exc.add_note(f"anyservice: raised in {hook}() of service {service.name!r}")
+        raise
+
+
+def _finish_stopped(run: Run, message: str) -> None:
+    service = run.service
+    if service.state in (ServiceState.STARTING, ServiceState.RUNNING):
+        service._set_state(ServiceState.STOPPING)
+    service._set_state(ServiceState.STOPPED)
+    service._log_lifecycle(message)
+
+
+def _hand_over(run: Run) -> None:
+    """Tell the caller's ``task_status`` that the service is RUNNING, once."""
+    status, run.handover = run.handover, None
+    if status is not None:
+        status.started()
+
+
+def live_resources(run: Run | None) -> Resources | None:
+    """The resources of ``run`` while they may be added to (made at the first), else None."""
+    if run is None or not run.takes_resources:
+        return None
+    return _resources(run)
+
+
+def _resources(run: Run) -> Resources:
+    if run.resources is None:
+        run.resources = Resources(run)
+    return run.resources
+
+
+def _holds_resources(run: Run) -> bool:
+    return run.resources is not None and run.resources.stack is not None
+
+
+async def _close_resources(run: Run, exc: BaseException | None) -> bool:
+    assert run.resources is not None
+    return await run.resources.close(exc)
+
+
 def _start_background(run: Run) -> list[Slot]:
     """Start the background tasks; returns the slots whose task the start waits for."""
     service = run.service
@@ -899,42 +952,49 @@ def _start_background(run: Run) -> list[Slot]:
     return waits
 
 
-def _report_running(run: Run, handover: _Handover) -> None:
+def _report_running(run: Run) -> None:
     """The start is done: RUNNING, unless a stop came meanwhile."""
     if not run.stop_requested:
         run._advance(RunPhase.RUNNING)
         service = run.service
         service._set_state(ServiceState.RUNNING)
         service._log_lifecycle("started")
-        handover.started()
+        _hand_over(run)
 
 
 class _Bare:
     """What a run keeps while it waits bare, with no task group, for its timer's first tick.
 
     Its tasks queued meanwhile (``spawn()``, ``crash()``, ``add_future()``, start when the
-    task group opens, which they ask for), the deadline a stop or a crash set, and how the
-    timer goes on from its first due time in the task group.
+    task group opens, which they ask for), the deadline a stop or a crash set, and the
+    state its timer goes on from (its spec's ``prepare_bare``), from its first due time or
+    earlier, in the task group. A service with no task at all waits so too, for its stop.
     """
 
-    __slots__ = ("deadline", "due", "opened", "queued", "resume")
+    __slots__ = ("deadline", "due", "opened", "queued", "state", "waker")
 
-    def __init__(self, resume: Callable[[bool], Awaitable[None]]) -> None:
-        self.resume = resume
+    def __init__(self, state: object, waker: Waiter) -> None:
+        #: The timer's state; None for a service with no task.
+        self.state = state
+        #: Set to end the wait: by the wheel when due, by a stop, by a task queued.
+        self.waker: Waiter | None = waker
         #: True once the timer's first tick is due (the wheel woke it).
         self.due = False
         self.deadline = math.inf
-        self.queued: list[tuple[Slot, Callable[..., Awaitable[None]], tuple[Any, ...]]] = []
+        self.queued: list[tuple[Slot, Callable[..., Awaitable[None]], tuple[Any, ...]]] | None = (
+            None
+        )
         #: Set when the task group opens, for a caller that needs it (a runtime dependency).
         self.opened: anyio.Event | None = None
 
 
 def _waits_bare(run: Run) -> bool:
-    """True if ``run`` may wait for its first tick before opening its task group.
+    """True if ``run`` may wait for its first tick (or its stop) before opening a task group.
 
     A service whose start runs none of the user's code (no hooks at all, dependencies or
-    resources) and whose one task is a timer run in the run's own task: until its first
-    tick nothing of it runs but that wait, which needs no task group.
+    resources) and whose one task is a timer run in the run's own task, or which has no
+    task at all: until the tick (or the stop) nothing of it runs but that wait, which
+    needs no task group.
     """
     service = run.service
     return (
@@ -947,73 +1007,111 @@ def _waits_bare(run: Run) -> bool:
 
 @functools.cache
 def _class_waits_bare(cls: Any) -> bool:
-    return (
-        _class_serves_inline(cls)
-        and not cls._overridden_hooks
-        and cls._background_specs[0].enters_own_scope
+    if cls._overridden_hooks:
+        return False
+    return not cls._background_specs or (
+        _class_serves_inline(cls) and cls._background_specs[0].enters_own_scope
     )
 
 
-async def _wait_bare(run: Run, handover: _Handover) -> bool:
-    """Start ``run`` and wait for its timer's first tick on its owner's wheel, bare.
+def _enter_bare(run: Run) -> Awaitable[object] | None:
+    """Start ``run`` bare; returns what its task waits on, or None to open a task group.
 
-    Returns True if the run is over (stopped meanwhile, with nothing else to end); False to
-    go on in a task group: the tick is due, or a task or a resource needs one, or it cannot
-    wait bare (no wheel: its owner is not running its own task group).
-
-    Raises:
-        BaseException: a cancellation from outside, as any wait of the run.
+    None if it cannot wait bare: its owner is not running its own task group (a timer
+    also needs its owner's wheel), or its timer is due at once.
     """
     service = run.service
-    wheel = _owner_wheel(run)
-    if wheel is None:
-        return False
-    spec = service._background_specs[0]
-    prepared = spec.prepare_bare(service, clock(service._loop)())
-    if prepared is None:
-        return False
-    due, resume = prepared
-    bare = run.bare = _Bare(resume)
+    specs = service._background_specs
+    wheel = None
+    if specs:
+        wheel = _owner_wheel(run)
+        if wheel is None:
+            return None
+        prepared = specs[0].prepare_bare(service, clock(service._loop)())
+        if prepared is None:
+            return None
+        due, state = prepared
+    else:
+        owner = service._owner
+        owner_run = owner._run if owner is not None else None
+        if owner_run is None or owner_run.task_group is None or not owner_run.takes_tasks:
+            return None
+        state = None
+    woken = new_waiter(service._loop)
+    run.bare = _Bare(state, woken)
     if not service._started_once:
-        service._started_once = True
-    slot = run.inline = _inline_slot(run, spec)
-    run.live_resources = run.resources
-    _report_running(run, handover)
-    if not slot.released:
-        woken = slot.waker = new_waiter(service._loop)
+        object.__setattr__(service, "_started_once", True)
+    if wheel is not None:
+        slot = run.inline = _inline_slot(run, specs[0])
+        slot.waker = woken
         wheel.wake_at(due, woken)
-        try:
-            await woken.wait()
-        except BaseException:
-            # Cancelled from outside: the run ends here, with no task group to wait for.
-            if bare.opened is not None:
-                bare.opened.set()
-            raise
+    run.takes_resources = True
+    _report_running(run)
+    return woken.wait()
+
+
+def _leave_bare(run: Run) -> bool:
+    """After the wait of :func:`_enter_bare`: True if the run is over, with nothing to end.
+
+    False to go on in a task group: the tick is due, or a task or a resource needs one.
+    """
+    bare = run.bare
+    assert bare is not None
+    bare.waker = None
+    slot = run.inline
+    if slot is None:
+        stopped = run.stop_requested
+    else:
         slot.waker = None
+        stopped = slot.released
         # Woken by the wheel, or by a stop or something that needs the task group.
-        bare.due = not slot.released and not bare.queued and bare.opened is None
+        bare.due = not stopped and not bare.queued and bare.opened is None
         if not bare.due:
-            wheel.woken_early()
+            _woken_early(run)
     if (
-        not slot.released
+        not stopped
         or bare.queued
         or bare.opened is not None
-        or run.resources.stack is not None
+        or (run.resources is not None and run.resources.stack is not None)
     ):
         return False
-    run.inline = None
-    run.slot_ended(slot)
-    run.live_resources = None
+    if slot is not None:
+        run.inline = None
+        run.slot_ended(slot)
+    run.takes_resources = False
     run.phase = RunPhase.CLOSED
     return True
+
+
+def _give_up_bare(run: Run) -> None:
+    # The run ends with an error (cancelled while bare, say): whoever waits for its task
+    # group gets none.
+    if run.bare is not None and run.bare.opened is not None:
+        run.bare.opened.set()
+
+
+def _woken_early(run: Run) -> None:
+    owner = run.service._owner
+    owner_run = owner._run if owner is not None else None
+    if owner_run is not None and owner_run.wheel is not None:
+        owner_run.wheel.woken_early()
+
+
+def _inside_of(run: Run) -> tuple[Owner, ...]:
+    """The services ``run``'s tasks run inside: its owner's (or the caller's), then itself."""
+    owner = run.service._owner
+    owner_run = owner._run if owner is not None else None
+    return (*(owner_run.inside if owner_run is not None else _inside.get()), run.service)
 
 
 def _inline_task(run: Run) -> tuple[Slot, Callable[[], Awaitable[None]]] | None:
     """The slot and body of the one task the run's own task runs, if it runs one."""
     bare = run.bare
     if bare is not None:
-        assert run.inline is not None  # made by _wait_bare
-        return run.inline, functools.partial(bare.resume, bare.due)
+        if run.inline is None:
+            return None  # a service with no task
+        spec = run.service._background_specs[0]
+        return run.inline, functools.partial(spec.resume_bare, run.service, bare.state, bare.due)
     deferred, run.deferred = run.deferred, None
     if deferred is None:
         return None
@@ -1027,7 +1125,7 @@ def _open_bare(run: Run, task_group: anyio.abc.TaskGroup) -> None:
     assert bare is not None
     if bare.deadline != math.inf:
         task_group.cancel_scope.deadline = bare.deadline
-    queued, bare.queued = bare.queued, []
+    queued, bare.queued = bare.queued or (), None
     for slot, body, args in queued:
         task_group.start_soon(
             run._run_slot, slot, body, args, name=f"{run.service.name}.{slot.name}"
@@ -1037,10 +1135,10 @@ def _open_bare(run: Run, task_group: anyio.abc.TaskGroup) -> None:
 
 
 def _wake_bare(run: Run) -> None:
-    # Wakes the wait of _wait_bare: the run then goes on in a task group.
-    inline = run.inline
-    if inline is not None and inline.waker is not None:
-        inline.waker.set()
+    # Wakes the wait of _enter_bare: the run then ends, or goes on in a task group.
+    bare = run.bare
+    if bare is not None and bare.waker is not None:
+        bare.waker.set()
 
 
 def _queue_in_bare(
@@ -1048,6 +1146,8 @@ def _queue_in_bare(
 ) -> None:
     bare = run.bare
     assert bare is not None, "a run with no task group takes tasks only while bare"
+    if bare.queued is None:
+        bare.queued = []
     bare.queued.append((slot, body, args))
     _wake_bare(run)
 
@@ -1213,7 +1313,7 @@ def _spawn_dependency(run: Run, dependency: Owner, status: anyio.abc.TaskStatus[
     # start_soon and an event rather than task_group.start(): the same wait for RUNNING,
     # at a fraction of the cost of start()'s hand-over on trio. A crash of the dependency
     # reaches this service through the task group, which cancels the wait.
-    run.started_dependencies.append(dependency)
+    started_dependencies(run).append(dependency)
     assert run.task_group is not None
     run.task_group.start_soon(
         dependency._run_coroutine, status, name=f"{dependency.name} (of {run.service.name})"

@@ -12,7 +12,7 @@ an instance attribute one at the assignment), and only the hooks are meant to be
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from types import TracebackType
 from typing import Any, ClassVar, Self
@@ -29,9 +29,18 @@ from ._compat import Compat
 from ._diag import coroutine_stack, format_tree
 from ._exceptions import first_real_error, is_logged, mark_logged, only_cancellation, real_leaves
 from ._health import HealthMonitorSpec, run_healthcheck
-from ._run import ContextSource, InFlight, Resources, Run, current_slot, inside, sleep_until
+from ._run import (
+    ContextSource,
+    InFlight,
+    Resources,
+    Run,
+    current_slot,
+    inside,
+    live_resources,
+    sleep_until,
+)
 from ._specs import BackgroundSpec, collect
-from ._state import Health, Pending, ServiceError, ServiceState, check_transition
+from ._state import ALLOWED, Health, Pending, ServiceError, ServiceState, check_transition
 from ._tree import Tree
 
 __all__ = ["RESERVED", "Service", "adopt", "run_as_restart", "stop_service"]
@@ -148,7 +157,8 @@ class Service(Compat):
         self._state = ServiceState.INIT
         self._state_changed: anyio.Event | None = None
         self._tree = Tree(self, _requirements_of(self) if self._requirement_methods else None)
-        self._contexts: list[ContextSource] = []
+        # A tuple until the first resource is registered: most services hold none.
+        self._contexts: Sequence[ContextSource] = ()
         self._started_once = False
         self._pending = Pending.NOTHING
         self._pending_crash: BaseException | None = None
@@ -249,7 +259,8 @@ class Service(Compat):
         return self.dependencies
 
     def _set_state(self, new: ServiceState) -> None:
-        check_transition(self.name, self._state, new)
+        if new not in ALLOWED[self._state]:
+            check_transition(self.name, self._state, new)  # raises, naming both
         # Not a reserved name: past __setattr__'s check, on every change of every service.
         object.__setattr__(self, "_state", new)
         event = self._state_changed
@@ -321,7 +332,9 @@ class Service(Compat):
         return self._tree.to_start()  # type: ignore[return-value]  # nodes are Services
 
     def _has_dependencies(self) -> bool:
-        return self._tree.has_dependencies()
+        """True if a start would start dependencies (``@requirements`` counted unresolved)."""
+        tree = self._tree
+        return bool(tree.dependencies) or tree.requirements is not None
 
     def add_context(self, context: ContextSource) -> Any:
         """Register or enter a (sync or async) context manager as a resource of the service.
@@ -673,38 +686,65 @@ def adopt(owner: Service, service: Service, what: str) -> None:
 
 
 def run_as_restart(
-    service: Service, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    service: Service,
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ended: Callable[[BaseException | None], object] | None = None,
 ) -> Coroutine[Any, Any, None]:
     """``service.run()`` for a policy that restarts it: counted in ``restart_count``.
 
     The run's coroutine itself, to await: no frame of its own, held as long as it runs.
+    With ``ended``, the run's end is told to it rather than raised: ``ended(None)`` once
+    it returns, ``ended(error)`` once it raised an ``Exception`` (which the coroutine then
+    does not raise), ``ended(exc)`` for anything else (a cancellation), which it then
+    raises. A policy that would catch these around the run needs no frame of its own.
     """
-    return _run_service(service, task_status, restart=True)
+    return _run_service(service, task_status, restart=True, ended=ended)
 
 
 async def _run_service(
-    service: Service, task_status: anyio.abc.TaskStatus[None], *, restart: bool
+    service: Service,
+    task_status: anyio.abc.TaskStatus[None],
+    *,
+    restart: bool,
+    ended: Callable[[BaseException | None], object] | None = None,
 ) -> None:
-    if not hasattr(service, "_state"):
-        raise ServiceError(f"{type(service).__name__}.__init__ did not call super().__init__()")
-    if service._state.is_active or service._run is not None:
-        raise ServiceError(f"{service.name} is already running ({service._state.name})")
-    if service._pending is Pending.STOP:
-        service._pending = Pending.NOTHING
-        task_status.started()
-        return
-    if service._contexts:
-        _check_resources_reusable(service)
-    owner = service._owner
-    # A dependency runs in its owner's loop: only the root of a tree asks which it is.
-    service._loop = owner._loop if owner is not None and owner._run is not None else current_loop()
-    while True:
-        await Run(service).execute(task_status, restart=restart)
-        task_status = anyio.TASK_STATUS_IGNORED
-        if service._pending is not Pending.RESTART:
+    error: BaseException | None = None
+    try:
+        if not hasattr(service, "_state"):
+            raise ServiceError(f"{type(service).__name__}.__init__ did not call super().__init__()")
+        if service._state.is_active or service._run is not None:
+            raise ServiceError(f"{service.name} is already running ({service._state.name})")
+        if service._pending is Pending.STOP:
+            service._pending = Pending.NOTHING
+            task_status.started()
             return
-        service._pending = Pending.NOTHING
-        restart = True
+        if service._contexts:
+            _check_resources_reusable(service)
+        owner = service._tree.owner
+        # A dependency runs in its owner's loop: only the root of a tree asks which it is.
+        # Not a reserved name: written past __setattr__'s check of them.
+        object.__setattr__(
+            service,
+            "_loop",
+            owner._loop if owner is not None and owner._run is not None else current_loop(),
+        )
+        while True:
+            await Run(service).execute(task_status, restart=restart)
+            task_status = anyio.TASK_STATUS_IGNORED
+            if service._pending is not Pending.RESTART:
+                return
+            service._pending = Pending.NOTHING
+            restart = True
+    except BaseException as exc:
+        if ended is None:
+            raise
+        error = exc
+        if not isinstance(exc, Exception):
+            raise
+    finally:
+        if ended is not None:
+            ended(error)
 
 
 def _add_context(service: Service, context: ContextSource) -> Any:
@@ -723,7 +763,7 @@ def _add_context(service: Service, context: ContextSource) -> Any:
 
 
 def _live_resources(service: Service) -> Resources:
-    resources = service._run.live_resources if service._run is not None else None
+    resources = live_resources(service._run)
     if resources is None:
         raise ServiceError(
             f"{service.name}: resources can be added before start, or from on_start() on "
@@ -742,7 +782,7 @@ def _register_context(service: Service, context: ContextSource) -> None:
         raise TypeError(f"{service.name}: not a context manager or a factory of one: {context!r}")
     if hasattr(context, "__aenter__") or hasattr(context, "__enter__"):
         context = _EnteredOnce(service.name, context)
-    service._contexts.append(context)
+    service._contexts = [*service._contexts, context]
 
 
 class _EnteredOnce:

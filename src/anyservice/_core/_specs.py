@@ -9,7 +9,7 @@ runs for the life of a service) plug in beside plain tasks without the core know
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, TypeVar, overload
 
 import anyio
@@ -61,19 +61,24 @@ class BackgroundSpec:
     def slot_names(self) -> list[str]:
         return [self.name]
 
-    def prepare_bare(
-        self, service: Host, now: float
-    ) -> tuple[float, Callable[[bool], Awaitable[None]]] | None:
+    def prepare_bare(self, service: Host, now: float) -> tuple[float, object] | None:
         """For a task that can wait for its first due time before its run opens a task group.
 
         ``now`` is the backend's clock, read for it.
 
-        Returns that time (backend clock, later than now) and what runs the task from
-        then on, given whether the time has come (False: its run needs a task group
-        earlier, and the task waits the rest itself); None for a task that cannot (the
-        default).
+        Returns that time (backend clock, later than now) and the state the task goes on
+        from, for :meth:`resume_bare`; None for a task that cannot (the default). The run
+        keeps the state while it waits: no callable is made for it.
         """
         return None
+
+    def resume_bare(self, service: Host, state: object, due_now: bool) -> Coroutine[Any, Any, None]:
+        """Run the task from the state :meth:`prepare_bare` gave, once its run needs it.
+
+        ``due_now``: the due time has come (False: the run needs a task group earlier, and
+        the task waits the rest itself).
+        """
+        raise NotImplementedError
 
     async def run(self, service: Host) -> None:
         raise NotImplementedError

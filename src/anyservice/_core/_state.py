@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass
 
 __all__ = [
+    "ALLOWED",
     "Health",
     "Pending",
     "RunPhase",
@@ -47,7 +48,8 @@ class ServiceState(enum.StrEnum):
 _FINAL = frozenset({ServiceState.STOPPED, ServiceState.CRASHED})
 _ACTIVE = frozenset({ServiceState.STARTING, ServiceState.RUNNING, ServiceState.STOPPING})
 
-_ALLOWED: dict[ServiceState, frozenset[ServiceState]] = {
+#: The states a service may go to from each state.
+ALLOWED: dict[ServiceState, frozenset[ServiceState]] = {
     # A stop requested before the first start ends the service without starting anything.
     ServiceState.INIT: frozenset(
         {ServiceState.STARTING, ServiceState.STOPPED, ServiceState.CRASHED}
@@ -73,7 +75,7 @@ def check_transition(name: str, old: ServiceState, new: ServiceState) -> None:
     Raises:
         ServiceError: naming the service and both states.
     """
-    if new not in _ALLOWED[old]:
+    if new not in ALLOWED[old]:
         raise ServiceError(f"service {name!r} cannot go from {old.name} to {new.name}")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import ClassVar, Protocol
 
-from ._run import Owner, Run, open_task_group
+from ._run import Owner, Run, open_task_group, started_dependencies
 from ._state import ServiceError, ServiceState
 
 __all__ = ["Node", "Tree"]
@@ -21,6 +21,10 @@ class Node(Owner, Protocol):
 
     @property
     def _tree(self) -> Tree: ...
+
+
+#: The dependencies of every service that has none (most): never written to.
+_NO_DEPENDENCIES: list[Node] = []
 
 
 class Tree:
@@ -34,9 +38,16 @@ class Tree:
     def __init__(self, service: Node, requirements: Callable[[], Iterable[object]] | None) -> None:
         self.service = service
         self.owner: Node | None = None
-        self.dependencies: list[Node] = []
+        # Made at the first dependency: until then the one empty list of every service
+        # with none, never written to (see _writable()).
+        self.dependencies: list[Node] = _NO_DEPENDENCIES
         #: Returns the ``@requirements`` services; called once, at the first start.
         self.requirements: Callable[[], Iterable[object]] | None = requirements
+
+    def _writable(self) -> list[Node]:
+        if self.dependencies is _NO_DEPENDENCIES:
+            self.dependencies = []
+        return self.dependencies
 
     def check_node(self, service: object, what: str) -> Node:
         if not isinstance(service, self.node_type):
@@ -73,7 +84,7 @@ class Tree:
                 f"use 'await add_runtime_dependency(...)' while {state.name}"
             )
         node = self.adopt(service)
-        self.dependencies.append(node)
+        self._writable().append(node)
         return node
 
     async def add_runtime(self, service: object) -> Node:
@@ -84,7 +95,7 @@ class Tree:
         """
         self._check_live("add_runtime_dependency()")
         node = self.adopt(service)
-        self.dependencies.append(node)
+        self._writable().append(node)
         try:
             await self.start_runtime(node)
         except BaseException:
@@ -97,7 +108,7 @@ class Tree:
         run = self._check_live("maybe_start()")
         group = await open_task_group(run)
         await group.start(node.run, name=f"{node.name} (of {self.service.name})")
-        run.started_dependencies.append(node)
+        started_dependencies(run).append(node)
 
     def _check_live(self, what: str) -> Run:
         run = self.service._run
@@ -133,14 +144,10 @@ class Tree:
         self.dependencies.remove(service)
         service._tree.owner = None
 
-    def has_dependencies(self) -> bool:
-        """True if a start would start dependencies (``@requirements`` counted unresolved)."""
-        return bool(self.dependencies) or self.requirements is not None
-
     def to_start(self) -> list[Node]:
         """The dependencies to start, in order; resolves ``@requirements`` the first time."""
         requirements, self.requirements = self.requirements, None
         if requirements is not None:
             for service in requirements():
-                self.dependencies.append(self.adopt(service))
+                self._writable().append(self.adopt(service))
         return list(self.dependencies)

@@ -13,7 +13,7 @@ The wheel is made at the first timer that waits on it and closed by its run once
 dependency has been told to stop (see ``Run.execute``); a timer that finds it closed, or
 whose service has no owner, sleeps on its own as before. A dependency whose only work is
 its timer waits for its first tick here before it has even opened its task group (see
-``_run._wait_bare``).
+``_run._enter_bare``).
 """
 
 from __future__ import annotations

@@ -135,7 +135,10 @@ class Batches:
         entry.settling = True
         self._pending.append((entry, outcome))
         self.held += 1
-        self.poke()
+        wake = self._wake  # poke(), without a call per run
+        if wake is not None:
+            self._wake = None
+            wake.set()
 
     def poke(self) -> None:
         """Wake :meth:`serve`: runs were handed over, or it may be done."""
@@ -314,7 +317,8 @@ class Recorder:
                 return
             results = {e.record.id: (e.record.attempts, o.result or "null") for e, o in batch}
             # The lease keeper may move the leases on meanwhile: the loop looks again.
-            with anyio.move_on_after(min(e.lease_until for e, _ in batch) - now, shield=True):
+            first_lapse = min([e.lease_until for e, _ in batch])
+            with anyio.move_on_after(first_lapse - now, shield=True):
                 try:
                     done = await self._broker().complete_many(self._owner, results)
                 except BrokerError as exc:
@@ -322,11 +326,30 @@ class Recorder:
                     await anyio.sleep(backoff)
                 else:
                     self._stats.broker_worked()
-                    now = anyio.current_time()
-                    for entry, outcome in batch:
-                        self._settled(entry, outcome, entry.record.id in done, now)
+                    self._completed(batch, done, anyio.current_time())
                     return
             backoff = min(backoff * 2, MAX_BACKOFF)
+
+    def _completed(
+        self, batch: list[tuple[RunInFlight, Outcome]], done: set[str], now: float
+    ) -> None:
+        """The batch's results are recorded, those of ``done``: settle each run.
+
+        Run by run, as :meth:`_settled` would, with the common case (stored, counted as
+        completed) without a call of its own: it is paid for every run.
+        """
+        stats = self._stats
+        counts, finished, observe = stats.counts, stats.finished, _hooks.task_run
+        for entry, outcome in batch:
+            record = entry.record
+            if record.id not in done or outcome.cancelled or outcome.error is not None:
+                self._settled(entry, outcome, record.id in done, now)
+                continue
+            entry.settled = True
+            finished.append(record.id)
+            counts["completed"] += 1
+            if observe is not None:
+                observe(stats.worker, record.task, "completed", now - entry.began)
 
     def _settled(
         self, entry: RunInFlight, outcome: Outcome, stored: bool | None, now: float

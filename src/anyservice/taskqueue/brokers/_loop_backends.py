@@ -1,4 +1,5 @@
-"""Backend-specific code: calling into an event loop from another thread without waiting.
+"""Backend-specific code: calling into an event loop from another thread without waiting,
+and watching a socket from inside one.
 
 anyio's ``from_thread.run_sync`` blocks the calling thread until the event loop has run
 the function. A database thread that finishes a batch of statements must hand the
@@ -9,13 +10,16 @@ module schedules the call and returns, through each backend's own thread-safe ho
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+import socket
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import anyio.lowlevel
 
-__all__ = ["LoopHandle"]
+__all__ = ["LoopHandle", "LoopReader"]
 
 # The handle a task made last, with its thread: a task never changes event loop, and a
 # context copied into a worker thread is told apart by the thread.
@@ -31,7 +35,7 @@ class LoopHandle:
     from any thread.
     """
 
-    __slots__ = ("_schedule", "native")
+    __slots__ = ("_schedule", "_schedule_here", "native")
 
     def __init__(self) -> None:
         native = anyio.lowlevel.current_token().native_token
@@ -41,6 +45,11 @@ class LoopHandle:
         if schedule is None:
             schedule = native.run_sync_soon  # type: ignore[attr-defined]  # a TrioToken
         self._schedule: Callable[[Callable[[], object]], object] = schedule
+        # From the loop's own thread asyncio needs no wake-up of the loop (a write to its
+        # self-pipe, then a pass to read it); trio has no other way.
+        self._schedule_here: Callable[[Callable[[], object]], object] = getattr(
+            native, "call_soon", schedule
+        )
 
     @classmethod
     def current(cls) -> LoopHandle:
@@ -53,6 +62,10 @@ class LoopHandle:
         _current.set((thread, handle))
         return handle
 
+    def call_soon_here(self, function: Callable[[], object]) -> None:
+        """:meth:`call_soon`, from the event loop's own thread (cheaper on asyncio)."""
+        self._schedule_here(function)
+
     def call_soon(self, function: Callable[[], object]) -> None:
         """Run ``function()`` in the event loop soon; never blocks, never raises.
 
@@ -62,3 +75,79 @@ class LoopHandle:
             self._schedule(function)
         except RuntimeError:
             pass  # asyncio: the loop is closed; trio: RunFinishedError (a RuntimeError).
+
+
+class LoopReader:
+    """Calls ``on_readable()`` in an event loop each time a socket has data to read.
+
+    No thread of its own: the event loop watches the socket with the rest of its I/O
+    (asyncio's ``add_reader``, a trio system task in ``wait_readable``), so what wakes
+    is the loop itself, where a thread in ``recv`` would have to wake and then hand over
+    to the loop. ``on_readable`` runs in the loop's thread and must not raise.
+
+    Made by :meth:`start` inside the event loop; :meth:`stop` from any thread.
+    """
+
+    __slots__ = ("_handle", "_on_readable", "_scope", "_sock", "_thread")
+
+    def __init__(self, sock: socket.socket, on_readable: Callable[[], None]) -> None:
+        self._sock = sock
+        self._on_readable = on_readable
+        self._handle = LoopHandle.current()
+        self._thread = threading.get_ident()
+        self._scope: Any = None
+
+    @classmethod
+    def start(cls, sock: socket.socket, on_readable: Callable[[], None]) -> LoopReader | None:
+        """Watch ``sock`` in the running event loop; ``None`` if this loop cannot."""
+        reader = cls(sock, on_readable)
+        native: Any = reader._handle.native
+        add_reader = getattr(native, "add_reader", None)
+        try:
+            if add_reader is not None:  # asyncio (and uvloop)
+                add_reader(sock.fileno(), on_readable)
+            elif type(native).__module__.startswith("trio"):
+                import trio
+
+                trio.lowlevel.spawn_system_task(reader._watch, name="anyservice wake-ups")
+            else:
+                return None
+        except (NotImplementedError, RuntimeError):
+            return None  # e.g. asyncio's proactor loop on Windows: no readers
+        return reader
+
+    async def _watch(self) -> None:
+        import trio
+
+        with trio.CancelScope() as scope:
+            self._scope = scope
+            while True:
+                try:
+                    await trio.lowlevel.wait_readable(self._sock)
+                except trio.ClosedResourceError:
+                    return
+                self._on_readable()
+
+    def stop(self) -> None:
+        """Stop watching and close the socket, in the loop's thread (soon, if called from
+        another); at once if that loop has ended."""
+        if threading.get_ident() == self._thread:
+            self._stop_here()
+            return
+        try:
+            self._handle._schedule(self._stop_here)
+        except RuntimeError:
+            self._sock.close()  # The loop has ended: nothing watches the socket any more.
+
+    def _stop_here(self) -> None:
+        native: Any = self._handle.native
+        remove_reader = getattr(native, "remove_reader", None)
+        if remove_reader is not None:
+            with contextlib.suppress(RuntimeError, ValueError):  # a closed loop
+                remove_reader(self._sock.fileno())
+        elif self._scope is not None:
+            import trio
+
+            self._scope.cancel()
+            trio.lowlevel.notify_closing(self._sock)
+        self._sock.close()

@@ -41,7 +41,10 @@ class MemoryBroker(BaseBroker):
         self._is_open = False
         # Ticks by schedule: due time -> the run's id, or None for a skipped tick.
         self._ticks: dict[str, dict[float, str | None]] = {}
-        self._schedule_of: dict[str, str] = {}
+        # Each schedule's counts since its first tick: a purge deletes old ticks, not these.
+        self._tick_counts_of: dict[str, TickCounts] = {}
+        # The tick each run of a schedule was stored for: (schedule, due).
+        self._tick_of: dict[str, tuple[str, float]] = {}
         self._leases: dict[str, Lease] = {}
         self._keys: dict[str, str] = {}
         self._cancel_requested: set[str] = set()
@@ -232,7 +235,23 @@ class MemoryBroker(BaseBroker):
         for run_id in doomed:
             del self._runs[run_id]
             self._sequence.pop(run_id, None)
+            tick = self._tick_of.pop(run_id, None)
+            if tick is not None:
+                self._forget_tick(*tick)
+        gone = set(doomed)
+        for key in [key for key, run_id in self._keys.items() if run_id in gone]:
+            del self._keys[key]
+        for schedule, ticks in self._ticks.items():
+            skipped = [due for due, run_id in ticks.items() if run_id is None and due < before]
+            for due in skipped[:limit]:
+                self._forget_tick(schedule, due)
         return len(doomed)
+
+    def _forget_tick(self, schedule: str, due: float) -> None:
+        """Delete a tick, unless it is its schedule's latest (the next tick follows it)."""
+        ticks = self._ticks[schedule]
+        if due != max(ticks):
+            del ticks[due]
 
     async def _counts(self) -> dict[RunState, int]:
         await self._check_open()
@@ -251,23 +270,32 @@ class MemoryBroker(BaseBroker):
         if due in ticks:
             return TickResult.TAKEN
         if not overlap and any(
-            self._schedule_of.get(run_id) == schedule
+            run_id in self._tick_of
+            and self._tick_of[run_id][0] == schedule
             and self._runs[run_id].state is RunState.RUNNING
             for run_id in self._unfinished
         ):
             ticks[due] = None
+            self._count_tick(schedule, due, skipped=True)
             return TickResult.SKIPPED
         ticks[due] = run.id
-        self._schedule_of[run.id] = schedule
+        self._count_tick(schedule, due, skipped=False)
+        self._tick_of[run.id] = (schedule, due)
         self._sequence[run.id] = len(self._sequence)
         self._store(run)
         return TickResult.STORED
 
+    def _count_tick(self, schedule: str, due: float, *, skipped: bool) -> None:
+        counts = self._tick_counts_of.get(schedule, TickCounts())
+        self._tick_counts_of[schedule] = TickCounts(
+            runs=counts.runs + (not skipped),
+            skipped=counts.skipped + skipped,
+            latest=due if counts.latest is None else max(counts.latest, due),
+        )
+
     async def _tick_counts(self, schedule: str) -> TickCounts:
         await self._check_open()
-        ticks = self._ticks.get(schedule, {})
-        runs = sum(run_id is not None for run_id in ticks.values())
-        return TickCounts(runs=runs, skipped=len(ticks) - runs, latest=max(ticks, default=None))
+        return self._tick_counts_of.get(schedule, TickCounts())
 
     async def _acquire_lease(self, name: str, holder: str, lease_seconds: float) -> Lease | None:
         await self._check_open()

@@ -67,7 +67,9 @@ class ChangeNotifier:
             waiter.event.set()
 
     def notify_from_thread(self, *, work: bool) -> None:
-        """:meth:`notify`, from any thread: every waiter is woken in its own event loop."""
+        """:meth:`notify`, from any thread: every waiter is woken in its own event loop
+        (at once if that is the caller's, through the loop otherwise)."""
+        thread = threading.get_ident()
         with self._lock:
             self._changes += 1
             if work:
@@ -76,7 +78,10 @@ class ChangeNotifier:
             for waiter in ready:
                 self._waiters.remove(waiter)
         for waiter in ready:
-            waiter.loop.call_soon(waiter.event.set)
+            if waiter.thread == thread:
+                waiter.event.set()
+            else:
+                waiter.loop.call_soon(waiter.event.set)
 
     async def wait(
         self,

@@ -2,10 +2,14 @@
 
 The driver is sync psycopg 3 with a ``psycopg_pool.ConnectionPool``: psycopg's async
 connection and pool run on asyncio only, while a sync connection driven from anyio worker
-threads runs the same code on asyncio and on trio. Every statement runs in a thread
-(``anyio.to_thread``, under a capacity limiter the size of the pool) and is cancellable: a
+threads runs the same code on asyncio and on trio. Statements run in a thread
+(``anyio.to_thread``, under a capacity limiter the size of the pool) and are cancellable: a
 cancelled call asks the server to cancel its query (``cancel_safe``) in a shielded scope,
-then waits for the thread, so no connection goes back to the pool busy.
+then waits for the thread, so no connection goes back to the pool busy. The statements a
+run's start waits on, the submit of one run and the claim of runs a notification named,
+and the read of one run, go out instead on one more connection that the event loop
+drives through libpq's non-blocking interface (``_postgres_direct``): a thread hand-off
+costs more than they do.
 
 How runs move, and why it is safe with any number of workers:
 
@@ -18,7 +22,11 @@ How runs move, and why it is safe with any number of workers:
   (when this broker made the claim) the attempt it claimed: a worker whose lease passed to
   another changes nothing, even if it later claimed the same run again.
 * A submit, release or retry sends ``pg_notify`` in its own transaction (delivered on
-  commit); so does a run reaching a finished state, naming the run. One dedicated LISTEN
+  commit); so does a run reaching a finished state, naming the run. A submit of one due
+  run names it too (``w <id>``): a worker woken only by such notifications since its last
+  full claim found nothing more due claims those runs by id, a primary-key lookup
+  without the claim statement's planning, and makes the full claim again at least every
+  poll interval (it ends abandoned runs, takes over expired leases). One dedicated LISTEN
   connection per broker is waited on with ``anyio.wait_readable``, by whichever waiter is
   waiting at the moment. Waiting always polls as well (notifications sent while the LISTEN
   connection was down are lost), and ``?listen=false`` polls only, for PgBouncer in
@@ -75,7 +83,8 @@ from .._records import (
 from ._base import BaseBroker, Claimed
 from ._notifier import ChangeNotifier
 from ._options import hide_password
-from ._postgres_cluster import PostgresClusterStorage, cluster_tables
+from ._postgres_cluster import PURGE_CLUSTER, PostgresClusterStorage, cluster_tables
+from ._postgres_direct import DirectConnection
 from ._workers import WORKERS_EVERY, WORKERS_FORGOTTEN, host_identity, process_gone
 
 __all__ = ["SCHEMA_VERSION", "PostgresBroker"]
@@ -91,6 +100,8 @@ _FIRST_RECONNECT = 0.1
 _MAX_RECONNECT = 5.0
 #: Finished run ids per notification: 200 ids of 32 characters stay under NOTIFY's limit.
 _FINISHED_PER_NOTIFY = 200
+#: Runs named by notifications of work past which a claim no longer claims them by id.
+_MOST_NAMED = 100
 #: Runs stored by one submission past which the table's statistics are refreshed at once.
 _ANALYZE_AFTER = 1_000
 
@@ -199,6 +210,19 @@ INSERT_RUNS = (
 )
 
 
+# One run, with scalar parameters; its notification's payload is given.
+_INSERT_ONE = (
+    "WITH inserted AS ("
+    f"INSERT INTO {{runs}} ({', '.join(name for name, _ in _NEW_RUN_COLUMNS)}) VALUES ("
+    + ", ".join(f"%({name})s::{kind}" for name, kind in _NEW_RUN_COLUMNS)
+    + ") RETURNING 1) SELECT pg_notify(%(channel)s, %(notice)s::text) FROM inserted"
+)
+
+
+def _parameter(value: Any) -> Any:
+    return value.value if isinstance(value, RunState) else value
+
+
 def insert_parameters(runs: Sequence[RunRecord]) -> dict[str, list[Any]]:
     """The parameters of :data:`INSERT_RUNS` for new ``runs``."""
     return {
@@ -285,6 +309,24 @@ WITH crashed AS (
 )
 SELECT later.scheduled, later.expiring, later.crashed, later.held_back, claimed.*
 FROM later LEFT JOIN claimed ON true
+"""
+
+# The claim of runs a notification named (``_Claims._claim_named``): due SCHEDULED runs of
+# tasks without a concurrency limit, found by id; committed without waiting for the WAL
+# flush, as every claim (see _ASYNC_COMMIT: the setting is made in the statement, which is
+# its own transaction).
+_CLAIM_NAMED = f"""
+WITH picked AS (
+    SELECT seq FROM {{runs}}
+    WHERE id = ANY(%(ids)s::text[]) AND state = 'SCHEDULED' AND scheduled_at <= %(now)s::float8
+        AND task = ANY(%(tasks)s::text[])
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE {{runs}} r SET state = 'RUNNING', attempts = r.attempts + 1, started_at = %(now)s::float8,
+    lease_owner = %(owner)s::text, lease_expires_at = %(expires)s::float8
+FROM picked, (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
+WHERE r.seq = picked.seq
+RETURNING {_RETURNING}
 """
 
 # Claims of a task with a concurrency limit take turns: each holds its tasks' locks from
@@ -481,19 +523,57 @@ class _Wakeups(ChangeNotifier):
         super().__init__()
         self._work_waiters: set[_Waiter] = set()
         self._run_waiters: dict[str, set[_Waiter]] = {}
+        # The runs that work arrived as since the last claim, when each piece of it named
+        # its run (a submit of one due run); ``_unnamed`` once any did not.
+        self._named: set[str] = set()
+        self._unnamed = False
+        # The run a submit in a thread (by its id) just stored, for the notify that follows.
+        self._submitted: tuple[int, str] | None = None
 
     @property
     def work(self) -> int:
         return self.generation(work=True)
 
     def notify(self, *, work: bool) -> None:
+        if work:
+            submitted, thread = self._submitted, threading.get_ident()
+            if submitted is not None and submitted[0] == thread:
+                self._submitted = None
+                self._note_work([submitted[1]])
+            else:
+                self._note_work(None)
+        self._wake(work=work)
+
+    def _wake(self, *, work: bool) -> None:
         super().notify(work=work)
         for waiter in self._here(self._work_waiters):
             if work or waiter.any_finish:
                 waiter.wake()
 
-    def work_arrived(self) -> None:
-        self.notify(work=True)
+    def submitted(self, run_id: str) -> None:
+        """The next work to arrive from this thread is this run's submit (``notify``
+        follows at once)."""
+        self._submitted = (threading.get_ident(), run_id)
+
+    def work_arrived(self, run_ids: list[str] | None = None) -> None:
+        """Work arrived from a notification: these due runs, or (``None``) unnamed work."""
+        self._note_work(run_ids)
+        self._wake(work=True)
+
+    def _note_work(self, run_ids: list[str] | None) -> None:
+        if run_ids is None or len(self._named) >= _MOST_NAMED:
+            self._unnamed = True
+            self._named.clear()
+        elif not self._unnamed:
+            self._named.update(run_ids)
+
+    def take_named(self) -> list[str]:
+        """The runs the work since the last call named, if all of it named its runs (else
+        none); a claim calls it as it begins, for the next claim to see what came since."""
+        named = [] if self._unnamed else sorted(self._named)
+        self._named = set()
+        self._unnamed = False
+        return named
 
     def run_finished(self, run_id: str) -> None:
         for waiter in self._here(self._run_waiters.get(run_id, ())):
@@ -569,6 +649,9 @@ class _Connections:
     _listener: psycopg.Connection[Any] | None
     _reconnect_at: float
     _wakeups: _Wakeups
+    _direct: DirectConnection | None
+    _direct_at: float
+    _composed: dict[str, str]
 
     if TYPE_CHECKING:  # written by _WorkerRecords; declared for the type checker only
 
@@ -697,6 +780,61 @@ class _Connections:
 
         return execute
 
+    async def _quick(self, query: str, parameters: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """Run one statement on the event loop's own connection (see ``_postgres_direct``),
+        or on a pooled one in a thread while that connection is busy or down.
+
+        For the statements a run's start waits on, with parameters of the few types the
+        direct connection sends (strings, numbers, arrays of strings). Cancellable: a
+        statement cancelled in flight discards the connection.
+
+        Raises:
+            BrokerError: As :meth:`_call`.
+        """
+        direct = await self._direct_connection()
+        if direct is None or not direct.acquire():
+            return await self._call(self._execute(query, parameters))
+        text = self._composed.get(query)
+        if text is None:
+            text = self._composed[query] = self._compose(query).as_string(None)
+        try:
+            return await direct.execute(text, parameters)
+        except psycopg.Error as exc:
+            raise self._error(exc) from exc
+        finally:
+            if direct.broken or self._direct is not direct:  # failed, or the broker closed
+                self._drop_direct(direct)
+            direct.release()
+
+    async def _direct_connection(self) -> DirectConnection | None:
+        """The direct connection, made first if it is down (then at most every
+        ``_MAX_RECONNECT`` seconds); ``None`` while it cannot be had."""
+        if self._direct is not None or self._pool is None:
+            return self._direct
+        if time.monotonic() < self._direct_at:
+            return None
+        self._direct_at = time.monotonic() + _MAX_RECONNECT
+        try:
+            direct = await DirectConnection.connect(self._conninfo, self._pool_timeout)
+        except psycopg.Error:
+            return None
+        return self._keep_direct(direct)
+
+    def _keep_direct(self, direct: DirectConnection) -> DirectConnection | None:
+        """Keep the connection just made, unless the broker closed (or made another)
+        while it was being made."""
+        if self._pool is None or self._direct is not None:
+            direct.close()
+            return self._direct
+        self._direct = direct
+        return direct
+
+    def _drop_direct(self, direct: DirectConnection) -> None:
+        if self._direct is direct:
+            self._direct = None
+            self._direct_at = 0.0  # made again at the next use
+        direct.close()
+
     # --- opening and closing -------------------------------------------------------------
 
     async def _open(self) -> bool:
@@ -737,6 +875,7 @@ class _Connections:
             raise self._error(exc) from exc
         self._pool = pool
         self._reconnect_at = 0.0
+        self._direct_at = 0.0
         return True
 
     async def _check_open(self) -> None:
@@ -814,6 +953,9 @@ class _Connections:
                     pass  # the rows are forgotten a day later instead
         pool, self._pool = self._pool, None
         listener, self._listener = self._listener, None
+        direct, self._direct = self._direct, None
+        if direct is not None and direct.acquire():
+            direct.close()  # else its statement's caller closes it (it is no longer ours)
         with anyio.CancelScope(shield=True):
             if listener is not None:
                 # A waiter blocked on its socket must be told before the socket goes.
@@ -823,6 +965,24 @@ class _Connections:
                 await anyio.to_thread.run_sync(pool.close)
         # Waiters reading the closed listener must notice.
         self._wakeups.everyone()
+
+
+def _arrived(listener: psycopg.Connection[Any]) -> list[str]:
+    """The payloads of the notifications that already reached ``listener``; never blocks.
+
+    Read from libpq itself (``consume_input``, then ``notifies``): ``notifies(timeout=0)``
+    of the connection polls its socket twice on top, a tenth of a millisecond on the way
+    from a submit to the run's start.
+
+    Raises:
+        psycopg.OperationalError: The connection is lost.
+    """
+    pgconn = listener.pgconn
+    pgconn.consume_input()
+    payloads = []
+    while (notify := pgconn.notifies()) is not None:
+        payloads.append(notify.extra.decode())
+    return payloads
 
 
 class _Waits:
@@ -959,18 +1119,20 @@ class _Waits:
             except anyio.ClosedResourceError:
                 return  # closed by close()
             try:
-                # Only what already arrived: this never blocks the event loop.
-                notifies = list(listener.notifies(timeout=0))
+                payloads = _arrived(listener)
             except psycopg.Error:
                 self._drop_listener()
                 self._wakeups.everyone()
                 return
-            for notify in notifies:
-                if notify.payload == "w":
+            for payload in payloads:
+                if payload == "w":
                     self._wakeups.work_arrived()
-                elif notify.payload.startswith("f "):
+                elif payload.startswith("w "):
+                    # A submit of due runs, named.
+                    self._wakeups.work_arrived(payload[2:].split(" "))
+                elif payload.startswith("f "):
                     # One id, or the ids of a batch of completions, space-separated.
-                    for run_id in notify.payload[2:].split(" "):
+                    for run_id in payload[2:].split(" "):
                         self._wakeups.run_finished(run_id)
         finally:
             self._listening = False
@@ -1143,6 +1305,17 @@ class _Claims(_WorkerRecords):
     """Claiming, for :class:`PostgresBroker`: the claim statement's steps and its answer."""
 
     _channel: str
+    _poll_every: float
+    _next_due: float | None
+    _held_back: bool
+    #: When the last claim that looked at every run began (monotonic, and broker clock).
+    _looked_at: float
+    _looked_clock: float
+    #: Whether that claim took fewer runs than it could (so it left none due behind).
+    _looked_clear: bool
+    #: The shortest lease this broker's claims took since then, and the tasks it claimed.
+    _leased_for: float
+    _looked_tasks: frozenset[str]
 
     async def _claim(
         self,
@@ -1152,10 +1325,85 @@ class _Claims(_WorkerRecords):
         lease_seconds: float,
         concurrency: dict[str, int],
     ) -> Claimed:
+        named = self._wakeups.take_named()
+        if named and self._claim_by_id(len(named), tasks, limit, lease_seconds):
+            runs = await self._claim_named(owner, named, tasks, lease_seconds, concurrency)
+            if len(runs) == len(named):
+                # Nothing else became claimable since the last full look: what it said of
+                # the next due time and of held-back runs still holds.
+                return Claimed(
+                    runs=runs, finished=False, next_due=self._next_due, held_back=self._held_back
+                )
+            # Some were claimed elsewhere (or are not this worker's): look at everything.
+            claimed = await self._claim_all(
+                owner, tasks, limit - len(runs), lease_seconds, concurrency
+            )
+            claimed.runs[:0] = runs
+            return claimed
+        return await self._claim_all(owner, tasks, limit, lease_seconds, concurrency)
+
+    def _claim_by_id(self, named: int, tasks: list[str], limit: int, lease_seconds: float) -> bool:
+        """Whether the runs notifications named are all there is to claim now.
+
+        They are when the last full claim found nothing more due among these tasks (it
+        looked at them all and took fewer runs than it could; no next due time passed
+        since; no run held back by a concurrency limit), every piece of work since named
+        its runs, and no lease taken since (by this broker, or by another worker within a
+        poll interval) can have expired yet.
+        A full claim still goes out at least every poll interval (or lease, if shorter),
+        on the wall clock and on the broker's: it ends abandoned runs, takes over expired
+        leases and records this worker alive.
+        """
+        if named > limit or self._held_back or not self._looked_clear:
+            return False
+        if not self._looked_tasks.issuperset(tasks):
+            return False
+        now = self._clock()
+        if self._next_due is not None and self._next_due <= now:
+            return False
+        within = min(self._poll_every, lease_seconds, self._leased_for)
+        return time.monotonic() - self._looked_at < within and now - self._looked_clock < within
+
+    async def _claim_named(
+        self,
+        owner: str,
+        run_ids: list[str],
+        tasks: list[str],
+        lease_seconds: float,
+        concurrency: dict[str, int],
+    ) -> list[RunRecord]:
+        """Claim these runs, those of them still due and SCHEDULED (a primary-key lookup,
+        and no planning to speak of: the statement a run's start waits on)."""
+        now = self._clock()
+        rows = await self._quick(
+            _CLAIM_NAMED,
+            {
+                "ids": run_ids,
+                "tasks": [task for task in tasks if task not in concurrency],
+                "now": now,
+                "owner": owner,
+                "expires": now + lease_seconds,
+            },
+        )
+        self._leased_for = min(self._leased_for, lease_seconds)
+        ordered = sorted(rows, key=lambda row: (-row[_PRIORITY], row[_SCHEDULED_AT], row[_SEQ]))
+        return [_record(row) for row in ordered]
+
+    async def _claim_all(
+        self,
+        owner: str,
+        tasks: list[str],
+        limit: int,
+        lease_seconds: float,
+        concurrency: dict[str, int],
+    ) -> Claimed:
+        looked = time.monotonic()
         watch = self._workers_step(owner)
         now, steps = self._claim_steps(owner, tasks, limit, lease_seconds, concurrency)
         rows = await self._call(self._pipeline([*watch, *steps], durable=False))
-        return await self._claimed_watching(rows, watch, now, limit)
+        claimed = await self._claimed_watching(rows, watch, now, limit, looked)
+        self._leased_for, self._looked_tasks = lease_seconds, frozenset(tasks)
+        return claimed
 
     async def _complete_and_claim(
         self,
@@ -1167,6 +1415,8 @@ class _Claims(_WorkerRecords):
         concurrency: dict[str, int],
     ) -> tuple[set[str], Claimed]:
         # One transaction, one round trip, one WAL flush (durable: it holds results).
+        self._wakeups.take_named()  # this claim looks at every run
+        looked = time.monotonic()
         completion = [(_COMPLETE_MANY, self._completion_parameters(owner, results))]
         if not results:
             completion = []
@@ -1174,7 +1424,9 @@ class _Claims(_WorkerRecords):
         now, steps = self._claim_steps(owner, tasks, limit, lease_seconds, concurrency)
         rows = await self._call(self._pipeline([*completion, *watch, *steps]))
         done = self._completed(rows[0]) if results else set()
-        return done, await self._claimed_watching(rows[len(completion) :], watch, now, limit)
+        claimed = await self._claimed_watching(rows[len(completion) :], watch, now, limit, looked)
+        self._leased_for, self._looked_tasks = lease_seconds, frozenset(tasks)
+        return done, claimed
 
     async def _claimed_watching(
         self,
@@ -1182,11 +1434,17 @@ class _Claims(_WorkerRecords):
         watch: list[tuple[str, dict[str, Any]]],
         now: float,
         limit: int,
+        looked: float,
     ) -> Claimed:
         """The claim of ``rows`` (each statement's, the workers step's first if sent);
         when that step found dead workers, their leases are ended and the claim says runs
-        are claimable now, so the caller claims them at once."""
+        are claimable now, so the caller claims them at once.
+
+        Notes the claim, begun at ``looked`` (monotonic) and ``now``, as the last full
+        look, and whether it left due runs behind (it took as many as it could)."""
         claimed = self._claimed(rows[-1], now, limit)
+        self._looked_at, self._looked_clock = looked, now
+        self._looked_clear = len(claimed.runs) < limit
         if watch and await self._end_dead_leases(rows[0]):
             claimed.next_due = now
         return claimed
@@ -1294,6 +1552,7 @@ class _Claims(_WorkerRecords):
         )
         steps = [*self._limit_locks(limited), claim]
         rows = (await self._call(self._pipeline(steps, durable=False)))[-1]
+        self._leased_for = min(self._leased_for, lease_seconds)
         return _record(rows[0]) if rows else None
 
     def _completion_parameters(
@@ -1370,6 +1629,13 @@ class PostgresBroker(PostgresClusterStorage, _Waits, _Claims, _ListensBeforeClai
         self._listening = False  # a waiter is reading the listener right now
         self._reconnect_at = 0.0
         self._reconnect_delay = _FIRST_RECONNECT
+        self._direct: DirectConnection | None = None
+        self._direct_at = 0.0  # monotonic time before which it is not made again
+        self._looked_at = self._looked_clock = -math.inf
+        self._looked_clear = False
+        self._leased_for = math.inf
+        self._looked_tasks: frozenset[str] = frozenset()
+        self._composed: dict[str, str] = {}  # statement -> its text, tables filled in
         #: How many times the LISTEN connection was (re)made; a health signal.
         self.listen_connects = 0
 
@@ -1399,7 +1665,19 @@ class PostgresBroker(PostgresClusterStorage, _Waits, _Claims, _ListensBeforeClai
     # --- storage -----------------------------------------------------------------------
 
     async def _insert(self, run: RunRecord) -> None:
-        await self._insert_many([run])
+        # The statement a run's start waits on first: on the direct connection, and its
+        # notification names the run when it is due, for the claim by id (see _Claims).
+        due = run.scheduled_at <= self._clock()
+        await self._quick(
+            _INSERT_ONE,
+            {
+                **{name: _parameter(getattr(run, name)) for name, _ in _NEW_RUN_COLUMNS},
+                "channel": self._channel,
+                "notice": f"w {run.id}" if due else "w",
+            },
+        )
+        if due:
+            self._wakeups.submitted(run.id)
 
     async def _insert_many(self, runs: Sequence[RunRecord]) -> None:
         # One statement, so the rows are stored all or none and the notification goes
@@ -1558,16 +1836,18 @@ class PostgresBroker(PostgresClusterStorage, _Waits, _Claims, _ListensBeforeClai
         return bool(rows)
 
     async def _get(self, run_id: str) -> RunRecord | None:
-        rows = await self._call(
-            self._execute(
-                f"SELECT {', '.join(_COLUMNS)} FROM {{runs}} WHERE id = %(id)s", {"id": run_id}
-            )
+        # What ``run.result()`` reads first, while the run is on its way to a worker: not
+        # through a thread, whose hand-offs would take the CPU from that way meanwhile.
+        rows = await self._quick(
+            f"SELECT {', '.join(_COLUMNS)} FROM {{runs}} WHERE id = %(id)s::text", {"id": run_id}
         )
         return _record(rows[0]) if rows else None
 
     async def _purge(self, before: float, limit: int) -> int:
         # Housekeeping is one process's job at a time: the one that gets the advisory lock
         # (held for this statement's transaction) deletes; the others delete nothing.
+        # With the runs go their ticks and keys, where the cluster's tables were made.
+        cluster = PURGE_CLUSTER if await self._cluster_made() else ""
         rows = await self._call(
             self._execute(
                 "WITH housekeeper AS"
@@ -1576,7 +1856,7 @@ class PostgresBroker(PostgresClusterStorage, _Waits, _Claims, _ListensBeforeClai
                 " AND state = ANY(%(finished)s) AND (SELECT held FROM housekeeper)"
                 " ORDER BY finished_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED),"
                 " gone AS (DELETE FROM {runs} r USING doomed WHERE r.seq = doomed.seq"
-                " RETURNING 1)"
+                f" RETURNING r.id){cluster}"
                 " SELECT count(*) FROM gone",
                 {
                     "lock": f"anyservice:{self._schema}:housekeeping",

@@ -37,7 +37,7 @@ from .._records import RunRecord, RunState
 if TYPE_CHECKING:
     import psycopg
 
-__all__ = ["PostgresClusterStorage", "cluster_tables"]
+__all__ = ["PURGE_CLUSTER", "PostgresClusterStorage", "cluster_tables"]
 
 T = TypeVar("T")
 
@@ -73,6 +73,8 @@ _TABLES = (
     """,
     # The run last submitted under each key= (its dedup lasts while it is unfinished).
     "CREATE TABLE IF NOT EXISTS {keys} (key text PRIMARY KEY, run_id text NOT NULL)",
+    # A purge deletes the keys of the runs it deletes.
+    "CREATE INDEX IF NOT EXISTS anyservice_keys_runs ON {keys} (run_id)",
     # RUNNING runs whose cancellation was asked for; their worker looks at each heartbeat.
     "CREATE TABLE IF NOT EXISTS {cancels} (run_id text PRIMARY KEY)",
 )
@@ -125,6 +127,27 @@ SELECT requeued.* FROM requeued CROSS JOIN LATERAL pg_notify(%(channel)s, 'w') A
 
 _PLACEHOLDERS = ("ticks", "schedules", "leases", "keys", "cancels")
 _NAMES = tuple(f"anyservice_{name}" for name in _PLACEHOLDERS)
+_INDEXES = ("anyservice_ticks_runs", "anyservice_keys_runs")
+
+#: What a purge deletes with the runs it deletes (the ``gone`` rows of its statement, and
+#: its ``housekeeper`` lock): their ticks and keys, and skipped ticks due before the cutoff,
+#: up to the batch size. Each schedule keeps its latest tick, which the next one is planned
+#: from, and its counts (in {schedules}).
+PURGE_CLUSTER = """
+, ticks_gone AS (
+    DELETE FROM {ticks} t USING gone WHERE t.run_id = gone.id
+    AND t.due < (SELECT s.latest FROM {schedules} s WHERE s.schedule = t.schedule)
+), skipped_gone AS (
+    DELETE FROM {ticks} t WHERE t.ctid IN (
+        SELECT k.ctid FROM {ticks} k WHERE k.run_id IS NULL AND k.due < %(before)s
+        AND (SELECT held FROM housekeeper)
+        AND k.due < (SELECT s.latest FROM {schedules} s WHERE s.schedule = k.schedule)
+        LIMIT %(limit)s
+    )
+), keys_gone AS (
+    DELETE FROM {keys} k USING gone WHERE k.run_id = gone.id
+)
+"""
 
 
 def cluster_tables(schema: str) -> dict[str, sql.Composed]:
@@ -192,9 +215,9 @@ class PostgresClusterStorage:
         (found,) = conn.execute(
             "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
             " WHERE n.nspname = %s AND c.relname = ANY(%s)",
-            (self._schema, [*_NAMES, "anyservice_ticks_runs"]),
+            (self._schema, [*_NAMES, *_INDEXES]),
         ).fetchone() or (0,)
-        if found == len(_NAMES) + 1:
+        if found == len(_NAMES) + len(_INDEXES):
             return
         with conn.transaction():
             # Concurrent CREATE ... IF NOT EXISTS of one table can still collide: take turns.
@@ -203,6 +226,20 @@ class PostgresClusterStorage:
             )
             for statement in _TABLES:
                 conn.execute(self._compose(statement))
+
+    async def _cluster_made(self) -> bool:
+        """Whether the cluster tables exist (they are made on first use of the cluster)."""
+        if not self._cluster_ready:
+            rows = await self._call(
+                self._execute(
+                    "SELECT to_regclass(format('%%I.%%I', %(schema)s::text, %(table)s::text))"
+                    " IS NOT NULL",
+                    {"schema": self._schema, "table": "anyservice_schedules"},
+                )
+            )
+            if not rows[0][0]:
+                return False
+        return True
 
     async def _cluster_rows(self, query: str, parameters: dict[str, Any]) -> list[tuple[Any, ...]]:
         return await self._cluster_call(self._execute(query, parameters))

@@ -18,7 +18,7 @@ from .._leases import Lease, TickCounts, TickResult, acquire_lease
 from .._records import RunRecord, RunState
 from ._sqlite_rows import INSERT, chunks, insert_values, marks
 
-__all__ = ["SqliteClusterStorage"]
+__all__ = ["SqliteClusterStorage", "forget_purged"]
 
 T = TypeVar("T")
 
@@ -33,6 +33,16 @@ _TABLES = (
     )
     """,
     "CREATE INDEX IF NOT EXISTS anyservice_ticks_runs ON anyservice_ticks (run_id)",
+    # Each schedule's counts, kept by the step that stores a tick: a purge deletes old
+    # ticks, and the counts stay those of every tick the schedule ever had.
+    """
+    CREATE TABLE IF NOT EXISTS anyservice_schedules (
+        schedule TEXT PRIMARY KEY,
+        runs INTEGER NOT NULL,
+        skipped INTEGER NOT NULL,
+        latest REAL NOT NULL
+    )
+    """,
     """
     CREATE TABLE IF NOT EXISTS anyservice_leases (
         name TEXT PRIMARY KEY,
@@ -42,6 +52,8 @@ _TABLES = (
     """,
     # The run last submitted under each key= (its dedup lasts while it is unfinished).
     "CREATE TABLE IF NOT EXISTS anyservice_keys (key TEXT PRIMARY KEY, run_id TEXT NOT NULL)",
+    # A purge deletes the keys of the runs it deletes.
+    "CREATE INDEX IF NOT EXISTS anyservice_keys_runs ON anyservice_keys (run_id)",
     # RUNNING runs whose cancellation was asked for; their worker looks at each heartbeat.
     "CREATE TABLE IF NOT EXISTS anyservice_cancels (run_id TEXT PRIMARY KEY)",
 )
@@ -50,8 +62,47 @@ _RETRYABLE = ", ".join(f"'{state.value}'" for state in sorted(RETRYABLE_STATES))
 
 
 def _create_tables(conn: sqlite3.Connection) -> None:
+    counted = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'anyservice_schedules'"
+    ).fetchone()
     for statement in _TABLES:
         conn.execute(statement)
+    if not counted:
+        # A file whose ticks were stored before their counts were kept apart: count them.
+        conn.execute(
+            "INSERT OR IGNORE INTO anyservice_schedules (schedule, runs, skipped, latest)"
+            " SELECT schedule, COUNT(run_id), COUNT(*) - COUNT(run_id), MAX(due)"
+            " FROM anyservice_ticks GROUP BY schedule"
+        )
+
+
+def forget_purged(conn: sqlite3.Connection, run_ids: list[str], before: float, limit: int) -> None:
+    """Delete what pointed at the runs a purge deletes: their ticks and their keys.
+
+    Each schedule keeps its latest tick, which the next one is planned from, and its
+    counts. Skipped ticks (no run) due before ``before`` go too, up to ``limit``.
+    Nothing to do in a file whose cluster tables were never made.
+    """
+    if (
+        conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'anyservice_schedules'"
+        ).fetchone()
+        is None
+    ):
+        return
+    not_latest = (
+        " AND due < (SELECT s.latest FROM anyservice_schedules s"
+        " WHERE s.schedule = anyservice_ticks.schedule)"
+    )
+    conn.executemany(
+        f"DELETE FROM anyservice_ticks WHERE run_id = ?{not_latest}", ((id_,) for id_ in run_ids)
+    )
+    conn.executemany("DELETE FROM anyservice_keys WHERE run_id = ?", ((id_,) for id_ in run_ids))
+    conn.execute(
+        "DELETE FROM anyservice_ticks WHERE rowid IN (SELECT rowid FROM anyservice_ticks"
+        f" WHERE run_id IS NULL AND due < ?{not_latest} LIMIT ?)",
+        (before, limit),
+    )
 
 
 class SqliteClusterStorage:
@@ -97,25 +148,31 @@ class SqliteClusterStorage:
                 (schedule, due, None if busy else run.id),
             )
             if cursor.rowcount != 1:
-                result = TickResult.TAKEN
-            elif busy:
-                result = TickResult.SKIPPED
-            else:
-                conn.execute(INSERT, insert_values(run))
-                result = TickResult.STORED
-            return result
+                return TickResult.TAKEN
+            conn.execute(
+                "INSERT INTO anyservice_schedules AS s (schedule, runs, skipped, latest)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (schedule) DO UPDATE SET"
+                " runs = s.runs + excluded.runs, skipped = s.skipped + excluded.skipped,"
+                " latest = MAX(s.latest, excluded.latest)",
+                (schedule, 0 if busy else 1, 1 if busy else 0, due),
+            )
+            if busy:
+                return TickResult.SKIPPED
+            conn.execute(INSERT, insert_values(run))
+            return TickResult.STORED
 
         return await self._cluster_call(insert)
 
     async def _tick_counts(self, schedule: str) -> TickCounts:
         def count(conn: sqlite3.Connection) -> TickCounts:
-            total, runs, latest = conn.execute(
-                "SELECT COUNT(*), COUNT(run_id), MAX(due) FROM anyservice_ticks WHERE schedule = ?",
+            row = conn.execute(
+                "SELECT runs, skipped, latest FROM anyservice_schedules WHERE schedule = ?",
                 (schedule,),
             ).fetchone()
-            return TickCounts(
-                runs=runs, skipped=total - runs, latest=None if latest is None else float(latest)
-            )
+            if row is None:
+                return TickCounts()
+            runs, skipped, latest = row
+            return TickCounts(runs=runs, skipped=skipped, latest=float(latest))
 
         return await self._cluster_call(count)
 

@@ -48,6 +48,9 @@ _FIRST_BACKOFF = 0.005
 _MAX_BACKOFF = 0.5
 #: Most operations in one transaction, so one batch cannot hold the write lock for long.
 _MAX_BATCH = 1_000
+#: Most short calls gathered in one pass of the event loop to share a transaction there;
+#: more go to the connection's thread, so the event loop is never held for long.
+_MAX_PASS_BATCH = 32
 
 
 class _Step(enum.Enum):
@@ -144,17 +147,9 @@ def check_file(path: str, identity: tuple[int, int] | None) -> None:
         )
 
 
-class ConnectionThread:
-    """A SQLite connection owned by one thread, and the queue of calls it runs.
-
-    Args:
-        path: The database file.
-        url: The broker's URL, for error messages.
-        busy_timeout: Seconds SQLite itself waits for a lock before reporting it busy.
-        lock_timeout: Seconds to retry a locked database before :class:`BrokerBusyError`.
-        on_commit: Called in the thread after each committed transaction whose
-            operations asked for a signal, with the set of their signals.
-    """
+class _Transactions:
+    """What both sides of a connection share: its state, the transaction that runs a batch
+    of operations, and the wake-up of their callers (see :class:`ConnectionThread`)."""
 
     def __init__(
         self,
@@ -179,6 +174,10 @@ class ConnectionThread:
         self._inline = False
         #: The task whose calls ran here in this pass of the event loop, if any.
         self._inline_this_pass: int | None = None
+        #: Other tasks' short calls of this pass, run together at the next one (see
+        #: _gather), and the event loop they wait in.
+        self._gathered: list[_Operation] = []
+        self._gathered_loop: object = None
         #: Whether SQLite waits busy_timeout for locks (the thread's way) or not at all.
         self._waiting_for_locks = True
         self._thread_id: int | None = None
@@ -196,6 +195,255 @@ class ConnectionThread:
     def is_open(self) -> bool:
         """Whether calls are accepted."""
         return self._thread is not None and not self._closing
+
+    def _check_open(self) -> None:
+        """Raise :class:`BrokerError` unless the connection is open (under the condition)."""
+        if not self.is_open:
+            raise BrokerError(
+                f"SQLite database {self._path} is not open; "
+                "use 'async with broker:' or 'await broker.open()'"
+            )
+
+    def _wait_for_locks(self, conn: sqlite3.Connection, wait: bool) -> None:
+        """Have SQLite wait ``busy_timeout`` for a lock (in the thread) or not at all (in
+        the caller's); set only when it changes, since the pragma costs tens of µs."""
+        if wait != self._waiting_for_locks:
+            milliseconds = round(self._busy_timeout * 1000) if wait else 0
+            conn.execute(f"PRAGMA busy_timeout = {milliseconds}")
+            self._waiting_for_locks = wait
+
+    def _execute(self, batch: list[_Operation]) -> bool:
+        """Run ``batch`` in one transaction if it writes; whether it committed writes.
+
+        Raises:
+            sqlite3.OperationalError: The database is locked (nothing was kept), or the
+                commit failed.
+        """
+        conn = self._conn
+        assert conn is not None
+        if threading.get_ident() == self._thread_id:
+            self._wait_for_locks(conn, True)
+        writes = [operation for operation in batch if operation.write]
+        savepoints = len(writes) > 1
+        self._signals.clear()
+        try:
+            if writes:
+                conn.execute("BEGIN IMMEDIATE")
+            for operation in batch:
+                _apply(conn, operation, self._path, savepoint=savepoints and operation.write)
+            if not writes:
+                return False
+            if not savepoints and writes[0].error is not None:
+                conn.execute("ROLLBACK")
+                return False
+            conn.execute("COMMIT")
+            self.commits += 1
+            return True
+        except BaseException:
+            if conn.in_transaction:
+                try:
+                    conn.rollback()
+                except sqlite3.Error:
+                    pass  # The original error says more.
+            raise
+
+    def _execute_here(self, batch: list[_Operation]) -> bool:
+        """Run ``batch`` in the event loop's thread and wake its callers; ``False`` if the
+        database was locked (nothing was kept)."""
+        try:
+            committed = self._execute(batch)
+        except sqlite3.OperationalError as exc:
+            if is_locked(exc):
+                return False
+            self._fail_writes(batch, exc)
+            return True
+        except sqlite3.Error as exc:
+            self._fail_writes(batch, exc)
+            return True
+        self._committed(batch, committed)
+        with self._condition:
+            for operation in batch:
+                operation.step = _Step.DONE
+        _wake(batch)
+        return True
+
+    @staticmethod
+    def _done(operation: _Operation) -> _Operation:
+        operation.step = _Step.DONE
+        return operation
+
+    def _committed(self, batch: list[_Operation], committed: bool) -> None:
+        """Pass the signals of a batch's operations to ``on_commit``, once committed."""
+        signals, self._signals = self._signals, set()
+        if committed and self._on_commit is not None:
+            signals.update(op.signal for op in batch if op.signal and op.error is None)
+            if signals:
+                self._on_commit(signals)
+
+    def _fail_writes(
+        self, batch: list[_Operation], exc: sqlite3.Error, *, last: bool = False
+    ) -> None:
+        """The transaction failed: every operation of it fails with the error."""
+        for operation in batch:
+            if operation.error is None:
+                operation.error = _broker_error(self._path, exc)
+        self._deliver(batch, last=last)
+
+    def _deliver(self, batch: list[_Operation], *, last: bool = False) -> None:
+        """Wake the callers, one call into each event loop for the whole batch; ``last``:
+        the thread is done with what it took, so their next calls may run inline."""
+        by_loop: dict[int, tuple[LoopHandle, list[_Operation]]] = {}
+        with self._condition:
+            if last:
+                self._running = False
+            for operation in batch:
+                operation.step = _Step.DONE
+                key = id(operation.loop.native)
+                by_loop.setdefault(key, (operation.loop, []))[1].append(operation)
+        for loop, operations in by_loop.values():
+            loop.call_soon(functools.partial(_wake, operations))
+
+
+class _InlineCalls(_Transactions):
+    """Short calls run in the caller's thread, at once or gathered for the next pass of
+    its event loop (see :meth:`ConnectionThread.call`)."""
+
+    def _run_inline(
+        self, function: Callable[[sqlite3.Connection], Any], write: bool, signal: bytes
+    ) -> _Operation | None:
+        """Run one call in the caller's thread if the connection's is idle (the operation,
+        DONE), or keep it for the next pass (see :meth:`_gather`: PENDING); ``None`` if
+        it must go to the connection's thread (busy, something queued, the database
+        locked)."""
+        loop = LoopHandle.current()
+        with self._condition:
+            self._check_open()
+            if self._running or self._inline or self._pending:
+                return None
+            # Other tasks' calls in this pass of the event loop after this one are
+            # concurrent with it: they run together at the next pass, sharing a
+            # transaction. The same task's next calls cannot share one anyway.
+            task = anyio.get_current_task().id
+            if self._inline_this_pass not in (None, task):
+                return self._gather(function, write, signal, loop)
+            self._inline = True
+        if self._inline_this_pass is None:
+            self._inline_this_pass = task
+            loop.call_soon_here(self._next_pass)
+        conn = self._conn
+        assert conn is not None
+        operation = _Operation(function, write, signal, queued=False)
+        try:
+            # Never wait for another process's lock here: the thread does, with backoff.
+            self._wait_for_locks(conn, False)
+            try:
+                committed = self._execute([operation])
+            except sqlite3.OperationalError as exc:
+                if is_locked(exc):
+                    return None
+                operation.error = _broker_error(self._path, exc)
+                return self._done(operation)
+            except sqlite3.Error as exc:
+                operation.error = _broker_error(self._path, exc)
+                return self._done(operation)
+            signals, self._signals = self._signals, set()
+            if signal:
+                signals.add(signal)
+            if committed and signals and operation.error is None and self._on_commit is not None:
+                self._on_commit(signals)
+            return self._done(operation)
+        finally:
+            with self._condition:
+                self._inline = False
+                if self._pending or self._closing:
+                    self._condition.notify()
+
+    def _gather(
+        self,
+        function: Callable[[sqlite3.Connection], Any],
+        write: bool,
+        signal: bytes,
+        loop: LoopHandle,
+    ) -> _Operation | None:
+        """Keep a short call for the next pass of the event loop (under the condition);
+        ``None`` if enough are kept already, or for another event loop.
+
+        Tasks whose short calls come in one pass share one commit there, and none of
+        them pays the two thread hops.
+        """
+        gathered = self._gathered
+        if len(gathered) >= _MAX_PASS_BATCH or (
+            gathered and self._gathered_loop is not loop.native
+        ):
+            return None
+        operation = _Operation(function, write, signal)
+        gathered.append(operation)
+        if len(gathered) == 1:
+            self._gathered_loop = loop.native
+            loop.call_soon_here(self._run_gathered)
+        return operation
+
+    def _run_gathered(self) -> None:
+        """In the event loop, the pass after they came: run the calls kept by _gather."""
+        with self._condition:
+            gathered, self._gathered = self._gathered, []
+            self._gathered_loop = None
+            batch = [operation for operation in gathered if operation.step is _Step.PENDING]
+            if not batch:
+                return
+            if self._running or self._inline or self._pending or self._closing:
+                # The thread has work (or is closing): it runs these with it.
+                self._pending.extend(batch)
+                self._condition.notify()
+                return
+            for operation in batch:
+                operation.step = _Step.RUNNING
+            self._inline = True
+        conn = self._conn
+        assert conn is not None
+        # Reads first, outside the writes' transaction, as the thread runs them: no read
+        # sees a write before it is committed.
+        parts = [
+            part
+            for part in (
+                [operation for operation in batch if not operation.write],
+                [operation for operation in batch if operation.write],
+            )
+            if part
+        ]
+        left: list[_Operation] = []
+        try:
+            self._wait_for_locks(conn, False)
+            for index, part in enumerate(parts):
+                if not self._execute_here(part):
+                    # Locked by another process: the thread waits for the lock instead.
+                    left = [operation for rest in parts[index:] for operation in rest]
+                    break
+        finally:
+            with self._condition:
+                self._inline = False
+                for operation in left:
+                    operation.step = _Step.PENDING
+                    operation.error = None
+                self._pending.extend(left)
+                if self._pending or self._closing:
+                    self._condition.notify()
+
+    def _next_pass(self) -> None:
+        self._inline_this_pass = None
+
+
+class ConnectionThread(_InlineCalls):
+    """A SQLite connection owned by one thread, and the queue of calls it runs.
+
+    Args:
+        path: The database file.
+        url: The broker's URL, for error messages.
+        busy_timeout: Seconds SQLite itself waits for a lock before reporting it busy.
+        lock_timeout: Seconds to retry a locked database before :class:`BrokerBusyError`.
+        on_commit: Called in the thread after each committed transaction whose
+            operations asked for a signal, with the set of their signals.
+    """
 
     # --- the callers' side --------------------------------------------------------------
 
@@ -234,30 +482,34 @@ class ConnectionThread:
 
         ``signal`` is passed to ``on_commit`` once the call's writes are committed.
         ``inline``: a short call (one run claimed, submitted, completed or read) that may
-        run right here, in the caller's thread, when it comes alone: the connection's
-        thread idle with nothing queued, and no other task's call run so in this pass
-        of the event loop. The two thread hops it saves cost more than the statements, and they
-        were most of the latency of a lone claim or submission; calls made together
-        (concurrent submissions) still share the thread's transactions. A locked
-        database sends it to the thread after all, so the event loop never waits for a
-        lock.
+        run right here, in the caller's thread, while the connection's thread is idle
+        with nothing queued. The two thread hops it saves cost more than the
+        statements, and they were most of the latency of a lone claim or submission.
+        The first such call of a pass of the event loop runs at once; the others of
+        the same pass (concurrent submissions, a worker's claim beside its batch of
+        results) are kept for the next pass, where they run together in one
+        transaction, still in this thread; past a few of them, the rest go to the
+        connection's thread, whose transactions they share. A locked database sends
+        a call to the thread after all, so the event loop never waits for a lock.
 
         Raises:
             BrokerBusyError: The database stayed locked for ``lock_timeout`` seconds.
             BrokerError: Any other SQLite error, or the connection is not open.
         """
+        operation: _Operation | None = None
         if inline:
             await anyio.lowlevel.checkpoint_if_cancelled()
-            ran = self._run_inline(function, write, signal)
-            if ran is not None:
-                if ran.error is not None:
-                    raise ran.error
-                return ran.value  # type: ignore[no-any-return]
-        operation = _Operation(function, write, signal)
-        with self._condition:
-            self._check_open()
-            self._pending.append(operation)
-            self._condition.notify()
+            operation = self._run_inline(function, write, signal)
+            if operation is not None and operation.step is _Step.DONE:
+                if operation.error is not None:
+                    raise operation.error
+                return operation.value  # type: ignore[no-any-return]
+        if operation is None:
+            operation = _Operation(function, write, signal)
+            with self._condition:
+                self._check_open()
+                self._pending.append(operation)
+                self._condition.notify()
         try:
             await operation.event.wait()
         except anyio.get_cancelled_exc_class():
@@ -272,72 +524,6 @@ class ConnectionThread:
         if operation.error is not None:
             raise operation.error
         return operation.value  # type: ignore[no-any-return]
-
-    def _check_open(self) -> None:
-        """Raise :class:`BrokerError` unless the connection is open (under the condition)."""
-        if not self.is_open:
-            raise BrokerError(
-                f"SQLite database {self._path} is not open; "
-                "use 'async with broker:' or 'await broker.open()'"
-            )
-
-    def _run_inline(
-        self, function: Callable[[sqlite3.Connection], Any], write: bool, signal: bytes
-    ) -> _Operation | None:
-        """Run one call in the caller's thread if the connection's is idle; ``None`` if not
-        (busy, something queued, or the database locked)."""
-        with self._condition:
-            self._check_open()
-            if self._running or self._inline or self._pending:
-                return None
-            # Other tasks' calls in this pass of the event loop after this one are
-            # concurrent with it: they go to the thread, to share its transactions. The
-            # same task's next calls cannot share one anyway.
-            task = anyio.get_current_task().id
-            if self._inline_this_pass not in (None, task):
-                return None
-            self._inline = True
-        if self._inline_this_pass is None:
-            self._inline_this_pass = task
-            LoopHandle.current().call_soon(self._next_pass)
-        conn = self._conn
-        assert conn is not None
-        operation = _Operation(function, write, signal, queued=False)
-        try:
-            # Never wait for another process's lock here: the thread does, with backoff.
-            self._wait_for_locks(conn, False)
-            try:
-                committed = self._execute([operation])
-            except sqlite3.OperationalError as exc:
-                if is_locked(exc):
-                    return None
-                operation.error = _broker_error(self._path, exc)
-                return operation
-            except sqlite3.Error as exc:
-                operation.error = _broker_error(self._path, exc)
-                return operation
-            signals, self._signals = self._signals, set()
-            if signal:
-                signals.add(signal)
-            if committed and signals and operation.error is None and self._on_commit is not None:
-                self._on_commit(signals)
-            return operation
-        finally:
-            with self._condition:
-                self._inline = False
-                if self._pending or self._closing:
-                    self._condition.notify()
-
-    def _wait_for_locks(self, conn: sqlite3.Connection, wait: bool) -> None:
-        """Have SQLite wait ``busy_timeout`` for a lock (in the thread) or not at all (in
-        the caller's); set only when it changes, since the pragma costs tens of µs."""
-        if wait != self._waiting_for_locks:
-            milliseconds = round(self._busy_timeout * 1000) if wait else 0
-            conn.execute(f"PRAGMA busy_timeout = {milliseconds}")
-            self._waiting_for_locks = wait
-
-    def _next_pass(self) -> None:
-        self._inline_this_pass = None
 
     def signal(self, kind: bytes) -> None:
         """From inside an operation: pass ``kind`` to ``on_commit`` too, once committed.
@@ -385,7 +571,7 @@ class ConnectionThread:
             self._identity = (info.st_dev, info.st_ino)
         except (sqlite3.Error, OSError) as exc:
             first.error = BrokerError(f"cannot open SQLite database {self._path!r}: {exc}")
-            self._deliver([first])
+            self._deliver([first], last=True)
             return
         try:
             self._run([first])
@@ -402,6 +588,10 @@ class ConnectionThread:
         with self._condition:
             self._running = False
             while True:
+                if self._closing and self._gathered:
+                    # Kept for a pass of an event loop that may never come: run them here.
+                    self._pending.extend(self._gathered)
+                    self._gathered = []
                 batch: list[_Operation] = []
                 while self._pending and len(batch) < _MAX_BATCH and not self._inline:
                     operation = self._pending.popleft()
@@ -424,12 +614,13 @@ class ConnectionThread:
         """
         reads = [operation for operation in batch if not operation.write]
         if reads and len(reads) < len(batch):
-            self._run_retrying(reads)
+            self._run_retrying(reads, last=False)
             batch = [operation for operation in batch if operation.write]
-        self._run_retrying(batch)
+        self._run_retrying(batch, last=True)
 
-    def _run_retrying(self, batch: list[_Operation]) -> None:
-        """Execute operations, retrying them whole while the database is locked."""
+    def _run_retrying(self, batch: list[_Operation], *, last: bool) -> None:
+        """Execute operations, retrying them whole while the database is locked; ``last``:
+        the thread is idle once they are delivered."""
         deadline = time.monotonic() + self._lock_timeout
         delay = _FIRST_BACKOFF
         while True:
@@ -437,7 +628,7 @@ class ConnectionThread:
                 committed = self._execute(batch)
             except sqlite3.OperationalError as exc:
                 if not is_locked(exc):
-                    self._fail_writes(batch, exc)
+                    self._fail_writes(batch, exc, last=last)
                     return
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -446,7 +637,7 @@ class ConnectionThread:
                             f"SQLite database {self._path!r} stayed locked for more than "
                             f"{self._lock_timeout:g} s (lock_timeout): {exc}"
                         )
-                    self._deliver(batch)
+                    self._deliver(batch, last=last)
                     return
                 self.lock_retries += 1
                 batch = self._back_off(batch, min(delay * random.uniform(0.5, 1.0), remaining))
@@ -454,15 +645,11 @@ class ConnectionThread:
                 if not batch:
                     return
             except sqlite3.Error as exc:
-                self._fail_writes(batch, exc)
+                self._fail_writes(batch, exc, last=last)
                 return
             else:
-                signals, self._signals = self._signals, set()
-                if committed and self._on_commit is not None:
-                    signals.update(op.signal for op in batch if op.signal and op.error is None)
-                    if signals:
-                        self._on_commit(signals)
-                self._deliver(batch)
+                self._committed(batch, committed)
+                self._deliver(batch, last=last)
                 return
 
     def _back_off(self, batch: list[_Operation], seconds: float) -> list[_Operation]:
@@ -477,56 +664,3 @@ class ConnectionThread:
             for operation in wanted:
                 operation.step = _Step.RUNNING
             return wanted
-
-    def _execute(self, batch: list[_Operation]) -> bool:
-        """Run ``batch`` in one transaction if it writes; whether it committed writes.
-
-        Raises:
-            sqlite3.OperationalError: The database is locked (nothing was kept), or the
-                commit failed.
-        """
-        conn = self._conn
-        assert conn is not None
-        if threading.get_ident() == self._thread_id:
-            self._wait_for_locks(conn, True)
-        writes = [operation for operation in batch if operation.write]
-        savepoints = len(writes) > 1
-        self._signals.clear()
-        try:
-            if writes:
-                conn.execute("BEGIN IMMEDIATE")
-            for operation in batch:
-                _apply(conn, operation, self._path, savepoint=savepoints and operation.write)
-            if not writes:
-                return False
-            if not savepoints and writes[0].error is not None:
-                conn.execute("ROLLBACK")
-                return False
-            conn.execute("COMMIT")
-            self.commits += 1
-            return True
-        except BaseException:
-            if conn.in_transaction:
-                try:
-                    conn.rollback()
-                except sqlite3.Error:
-                    pass  # The original error says more.
-            raise
-
-    def _fail_writes(self, batch: list[_Operation], exc: sqlite3.Error) -> None:
-        """The transaction failed: every operation of it fails with the error."""
-        for operation in batch:
-            if operation.error is None:
-                operation.error = _broker_error(self._path, exc)
-        self._deliver(batch)
-
-    def _deliver(self, batch: list[_Operation]) -> None:
-        """Wake the callers, one call into each event loop for the whole batch."""
-        by_loop: dict[int, tuple[LoopHandle, list[_Operation]]] = {}
-        with self._condition:
-            for operation in batch:
-                operation.step = _Step.DONE
-                key = id(operation.loop.native)
-                by_loop.setdefault(key, (operation.loop, []))[1].append(operation)
-        for loop, operations in by_loop.values():
-            loop.call_soon(functools.partial(_wake, operations))

@@ -3,9 +3,12 @@
 Every open broker of a file binds a Unix datagram socket in a directory beside it
 (``runs.db-wake/``, mode 0700), named after its process. A broker that committed a change
 sends one byte to every other socket there (``w`` for new work, ``c`` for another change);
-a thread per broker sleeps in ``recv`` and wakes that broker's waiters. A sleeping thread
-costs no CPU, and a datagram reaches it in microseconds, where polling the file would
-cost either latency or a core.
+the event loop that opened the broker watches its socket with the rest of its I/O and
+wakes the broker's waiters (where it cannot, a thread per broker sleeps in ``recv``
+instead). A socket being watched costs no CPU, and a datagram wakes the loop in
+microseconds, where polling the file would cost either latency or a core; watched by the
+loop itself, a wake-up needs no thread to wake first and hand over to the loop (on two
+busy cores, one runnable thread fewer).
 
 The signal is only a hint, never the truth: a datagram may be dropped (the receiver's
 buffer is full, so it has pokes pending anyway) and a broker that cannot bind (no Unix
@@ -23,6 +26,8 @@ import socket
 import stat
 import threading
 from collections.abc import Callable
+
+from ._loop_backends import LoopReader
 
 __all__ = ["CHANGE", "WORK", "WakeChannel"]
 
@@ -42,8 +47,8 @@ class WakeChannel:
 
     Args:
         database: The database file's absolute path.
-        on_poke: Called in the listening thread when pokes arrived, with whether any
-            of them was ``WORK``.
+        on_poke: Called when pokes arrived, with whether any of them was ``WORK``: in
+            the event loop that called :meth:`listen`, or in the listening thread.
     """
 
     def __init__(self, database: str, on_poke: Callable[[bool], None]) -> None:
@@ -53,6 +58,7 @@ class WakeChannel:
         self._socket: socket.socket | None = None
         self._directory_fd: int | None = None
         self._thread: threading.Thread | None = None
+        self._reader: LoopReader | None = None
         self._peers: list[str] = []
         self._peers_seen: int | None = None
         self._lock = threading.Lock()
@@ -60,10 +66,11 @@ class WakeChannel:
     @property
     def active(self) -> bool:
         """Whether this broker is listening (otherwise only polling notices others)."""
-        return self._thread is not None
+        return self._thread is not None or self._reader is not None
 
     def open(self) -> bool:
-        """Bind and start listening; whether it worked (if not, polling must do)."""
+        """Bind (blocks briefly: the file system); whether it worked (if not, polling must
+        do). :meth:`listen` then starts listening."""
         if not hasattr(socket, "AF_UNIX"):
             return False
         try:
@@ -83,25 +90,42 @@ class WakeChannel:
             self._close_directory()
             return False
         self._socket = sock
-        self._thread = threading.Thread(
-            target=self._listen, name=f"anyservice wake {self._name}", daemon=True
-        )
-        self._thread.start()
         return True
+
+    def listen(self) -> None:
+        """Start listening: in the running event loop if it can watch the socket, else
+        in a thread of its own. Called once, after :meth:`open` worked."""
+        sock = self._socket
+        assert sock is not None
+        self._reader = LoopReader.start(sock, self._drain)
+        if self._reader is None:
+            self._thread = threading.Thread(
+                target=self._listen, name=f"anyservice wake {self._name}", daemon=True
+            )
+            self._thread.start()
+
+    def stop_listening(self) -> None:
+        """In the event loop: stop the loop's watch of the socket (then :meth:`close`)."""
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            # The watch closes the socket once it is removed, in the loop that watched.
+            self._socket = None
+            reader.stop()
 
     def close(self) -> None:
         """Stop listening and remove this broker's socket (blocks briefly)."""
+        self.stop_listening()
         sock, thread = self._socket, self._thread
-        if sock is None or thread is None:
-            return
-        address = self._address(self._name)
-        if address is not None:
-            with contextlib.suppress(OSError):
-                sock.sendto(_CLOSE, address)
-        thread.join(5)
+        if thread is not None and sock is not None:
+            address = self._address(self._name)
+            if address is not None:
+                with contextlib.suppress(OSError):
+                    sock.sendto(_CLOSE, address)
+            thread.join(5)
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(self.directory, self._name))
-        sock.close()
+        if sock is not None:
+            sock.close()
         self._socket = self._thread = None
         self._close_directory()
 
@@ -156,6 +180,22 @@ class WakeChannel:
                     self._peers = []
                 self._peers_seen = seen
             return self._peers
+
+    def _drain(self) -> None:
+        """In the event loop, the socket readable: take every poke queued, wake once."""
+        sock = self._socket
+        if sock is None:
+            return
+        kinds: set[bytes] = set()
+        try:
+            while True:
+                kinds.add(sock.recv(16, socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            pass
+        except OSError:
+            return  # Closed meanwhile: nobody is listening any more.
+        if kinds:
+            self._on_poke(WORK in kinds)
 
     def _listen(self) -> None:
         sock = self._socket

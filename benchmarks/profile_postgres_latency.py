@@ -1,0 +1,212 @@
+"""Where the time goes between a submit and the run's first line, across processes, on PostgreSQL.
+
+Not part of ``run.py``: a trace for finding what to cut, printed as a table.
+``python benchmarks/profile_postgres_latency.py [asyncio|trio] [PROBES]``.
+
+A PostgreSQL server of its own (Debian's binaries, as the tests start it, ``fsync`` and
+``synchronous_commit`` on), one ``serve()`` worker process, and ``await stamp.delay()``
+here, one probe at a time, as the ``postgres`` benchmark's latency rows do. Both processes
+note wall-clock times at the steps of the way (the broker's methods wrapped, nothing else
+changed): the submit's statement, its time in a worker thread if it went through one, the
+LISTEN socket turning readable in the worker, the claim (and its statement's time in a
+thread), and the body's first line, which returns the worker's notes. Medians and 90th
+percentiles of each step over the probes, in ms. The wrapping costs a few µs per step;
+run it on the tree to measure (``PYTHONPATH=src``), before and after a change.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+PROBES = 300
+GAP = 0.02
+
+#: (step, wall-clock time) noted in this process since the last probe.
+NOTES: list[tuple[str, float]] = []
+
+
+def note(step: str) -> None:
+    NOTES.append((step, time.time()))
+
+
+def _timed(method: Callable[..., Any], step: str) -> Callable[..., Any]:
+    """``method`` noting ``step.start`` and ``step.end`` around each call."""
+
+    async def timed(*args: Any, **kwargs: Any) -> Any:
+        note(f"{step}.start")
+        try:
+            return await method(*args, **kwargs)
+        finally:
+            note(f"{step}.end")
+
+    return timed
+
+
+def instrument() -> None:
+    """Wrap the broker's steps (those this tree has) so that each call notes its times."""
+    from anyservice.taskqueue.brokers import _postgres as pg
+
+    for owner, name, step in (
+        (pg._Connections, "_call", "pooled"),
+        (pg._Connections, "_quick", "direct"),
+        (pg._Claims, "_claim", "claim"),
+        (pg._Claims, "_claim_named", "named"),
+        (pg._Claims, "_claim_all", "full"),
+    ):
+        method = owner.__dict__.get(name)
+        if method is not None:
+            setattr(owner, name, _timed(method, step))
+    in_thread = pg._Connections._in_thread
+
+    def noted_in_thread(self: Any, pool: Any, call: Any, operation: Any) -> Any:
+        note("thread.start")
+        try:
+            return in_thread(self, pool, call, operation)
+        finally:
+            note("thread.end")
+
+    pg._Connections._in_thread = noted_in_thread  # type: ignore[method-assign]
+    wait_readable = anyio.wait_readable
+
+    async def noted_wait_readable(obj: Any) -> None:
+        await wait_readable(obj)
+        note("readable")
+
+    anyio.wait_readable = noted_wait_readable  # type: ignore[assignment]
+
+
+def define(url: str) -> tuple[Any, Any]:
+    import anyservice.taskqueue as taskqueue
+
+    queue = taskqueue.TaskQueue(url)
+
+    @queue.task
+    async def stamp() -> list[Any]:
+        """The body's first line: its time, and what this process noted since the last."""
+        started = time.time()
+        notes = list(NOTES)
+        NOTES.clear()
+        return [started, notes]
+
+    return queue, stamp
+
+
+def worker_main(url: str, backend: str) -> int:
+    import anyservice.taskqueue as taskqueue
+
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
+    instrument()
+    _, stamp = define(url)
+    code: int = taskqueue.serve(stamp, backend=backend, limit=10)
+    return code
+
+
+def _first(notes: list[tuple[str, float]], step: str, after: float) -> float | None:
+    return next((at for name, at in notes if name == step and at >= after), None)
+
+
+def _steps(
+    begun: float, mine: list[tuple[str, float]], started: float, theirs: list[Any]
+) -> dict[str, float]:
+    """One probe's steps, in ms."""
+    steps: dict[str, float] = {"submit to start": started - begun}
+    notes = [(name, at) for name, at in theirs]
+    sent = _first(mine, "direct.end", begun) or _first(mine, "pooled.end", begun)
+    assert sent is not None
+    steps["submit: delay() to its statement answered"] = sent - begun
+    thread_start, thread_end = (
+        _first(mine, "thread.start", begun),
+        _first(mine, "thread.end", begun),
+    )
+    if thread_start is not None and thread_end is not None:
+        steps["  submit: of which in a worker thread"] = thread_end - thread_start
+    readable = _first(notes, "readable", begun)
+    claim_start = _first(notes, "claim.start", readable or begun)
+    claim_end = _first(notes, "claim.end", claim_start or begun)
+    if readable is None or claim_start is None or claim_end is None:
+        return {name: value * 1e3 for name, value in steps.items()}
+    steps["notification: answered to the worker's socket readable"] = readable - sent
+    steps["wake: readable to the claim's start"] = claim_start - readable
+    steps["claim"] = claim_end - claim_start
+    for kind in ("named", "full"):
+        at = _first(notes, f"{kind}.start", claim_start)
+        end = _first(notes, f"{kind}.end", claim_start)
+        if at is not None and end is not None and end <= claim_end:
+            steps[f"  {kind} claims"] = end - at
+    thread_start = _first(notes, "thread.start", claim_start)
+    thread_end = _first(notes, "thread.end", claim_start)
+    if thread_start is not None and thread_end is not None and thread_end <= claim_end:
+        steps["  claim: of which in a worker thread"] = thread_end - thread_start
+    steps["start: claimed to the body's first line"] = started - claim_end
+    return {name: value * 1e3 for name, value in steps.items()}
+
+
+async def trace(url: str, backend: str, probes: int) -> list[dict[str, float]]:
+    instrument()
+    queue, stamp = define(url)
+    traced = []
+    with tempfile.TemporaryDirectory() as directory:
+        log = Path(directory) / "worker.log"
+        with log.open("wb") as output:
+            command = [sys.executable, __file__, "--worker", url, backend]
+            process = await anyio.open_process(command, stdout=output, stderr=subprocess.STDOUT)
+        try:
+            async with queue:
+                with anyio.fail_after(60):
+                    while "] started" not in await anyio.Path(log).read_text():  # noqa: ASYNC110
+                        await anyio.sleep(0.05)
+                await anyio.sleep(1.0)
+                for _ in range(probes):
+                    NOTES.clear()
+                    begun = time.time()
+                    run = await stamp.delay()
+                    mine = list(NOTES)
+                    started, theirs = await run.result(timeout=30)
+                    traced.append(_steps(begun, mine, started, theirs))
+                    await anyio.sleep(GAP)
+        finally:
+            process.kill()
+            await process.wait()
+    return traced
+
+
+def report(backend: str, traced: list[dict[str, float]]) -> None:
+    print(f"{backend}: {len(traced)} probes, ms      median      p90   probes")
+    names: list[str] = []
+    for steps in traced:
+        names.extend(name for name in steps if name not in names)
+    for name in names:
+        values = sorted(steps[name] for steps in traced if name in steps)
+        p90 = values[min(len(values) - 1, int(0.9 * len(values)))]
+        print(f"  {name:56} {statistics.median(values):7.3f} {p90:8.3f} {len(values):6}")
+
+
+def main() -> None:
+    from tests._postgres import postgres_schema, postgres_server
+
+    backend = next((arg for arg in sys.argv[1:] if not arg.isdigit()), "asyncio")
+    probes = next((int(arg) for arg in sys.argv[1:] if arg.isdigit()), PROBES)
+    with postgres_server(durable=True) as server, postgres_schema(server) as url:
+        traced = anyio.run(functools.partial(trace, url, backend, probes), backend=backend)
+    report(backend, traced)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        sys.exit(worker_main(sys.argv[2], sys.argv[3]))
+    main()
