@@ -467,6 +467,30 @@ async def test_a_named_run_of_another_task_is_not_claimed(
             assert await claim_after_wake(worker, submit) == submitted
 
 
+async def test_a_stream_of_named_runs_does_not_put_off_taking_over_an_expired_lease(
+    postgres_url: str,
+) -> None:
+    with postgres_schema(postgres_url, poll_interval="0.1") as url:
+        async with PostgresBroker(url) as worker, PostgresBroker(url) as other:
+            assert await worker.claim("w1", ["say"], limit=10, lease_seconds=30) == []
+            # Leased after the worker's last full look: its lease is news to the worker.
+            lapsed = await other.submit("say", PAYLOAD)
+            (taken,) = await other.claim("w0", ["say"], limit=1, lease_seconds=0.3)
+            assert taken.id == lapsed.id
+            claimed: set[str] = set()
+            with anyio.fail_after(PROMPTLY):
+                while lapsed.id not in claimed:
+                    # Submitted here, so named before every claim (and the worker never
+                    # waits, so it reads no notification of the other's).
+                    await worker.submit("say", PAYLOAD)
+                    runs = await worker.claim("w1", ["say"], limit=10, lease_seconds=30)
+                    claimed.update(run.id for run in runs)
+                    await anyio.sleep(0.02)
+            run = await worker.get(lapsed.id)
+            assert run is not None
+            assert (run.lease_owner, run.attempts) == ("w1", 2)
+
+
 async def test_task_names_with_quotes_and_braces_are_claimed_by_name(url: str) -> None:
     odd = "say \"hi\", {to} \\ 'you'"
     async with PostgresBroker(url) as worker, PostgresBroker(url) as submitter:

@@ -25,8 +25,9 @@ How runs move, and why it is safe with any number of workers:
   commit); so does a run reaching a finished state, naming the run. A submit of one due
   run names it too (``w <id>``): a worker woken only by such notifications since its last
   full claim found nothing more due claims those runs by id, a primary-key lookup
-  without the claim statement's planning, and makes the full claim again at least every
-  poll interval (it ends abandoned runs, takes over expired leases). One dedicated LISTEN
+  without the claim statement's planning, and makes the full claim again (right after,
+  once a poll interval has passed since the last): it ends abandoned runs and takes over
+  expired leases. One dedicated LISTEN
   connection per broker is waited on with ``anyio.wait_readable``, by whichever waiter is
   waiting at the moment. Waiting always polls as well (notifications sent while the LISTEN
   connection was down are lost), and ``?listen=false`` polls only, for PgBouncer in
@@ -1327,12 +1328,18 @@ class _Claims(_WorkerRecords):
     ) -> Claimed:
         named = self._wakeups.take_named()
         if named and self._claim_by_id(len(named), tasks, limit, lease_seconds):
+            # Past a poll interval since the last full look, another worker's lease may
+            # have expired (and this worker is due to record itself alive): the named runs
+            # first, then at once a full claim (``next_due`` now, which the next claim
+            # cannot put off: see below), off the runs' way.
+            look = self._look_due()
             runs = await self._claim_named(owner, named, tasks, lease_seconds, concurrency)
             if len(runs) == len(named):
-                # Nothing else became claimable since the last full look: what it said of
-                # the next due time and of held-back runs still holds.
+                # Nothing else became claimable here since the last full look: what it said
+                # of the next due time and of held-back runs still holds.
+                next_due = self._clock() if look else self._next_due
                 return Claimed(
-                    runs=runs, finished=False, next_due=self._next_due, held_back=self._held_back
+                    runs=runs, finished=False, next_due=next_due, held_back=self._held_back
                 )
             # Some were claimed elsewhere (or are not this worker's): look at everything.
             claimed = await self._claim_all(
@@ -1348,11 +1355,10 @@ class _Claims(_WorkerRecords):
         They are when the last full claim found nothing more due among these tasks (it
         looked at them all and took fewer runs than it could; no next due time passed
         since; no run held back by a concurrency limit), every piece of work since named
-        its runs, and no lease taken since (by this broker, or by another worker within a
-        poll interval) can have expired yet.
-        A full claim still goes out at least every poll interval (or lease, if shorter),
-        on the wall clock and on the broker's: it ends abandoned runs, takes over expired
-        leases and records this worker alive.
+        its runs, and no lease this broker took since can have expired yet (on the wall
+        clock and on the broker's). Another worker's lease may have expired since: a full
+        claim follows the claim by id once a poll interval passed since the last (it ends
+        abandoned runs, takes over expired leases and records this worker alive).
         """
         if named > limit or self._held_back or not self._looked_clear:
             return False
@@ -1361,8 +1367,15 @@ class _Claims(_WorkerRecords):
         now = self._clock()
         if self._next_due is not None and self._next_due <= now:
             return False
-        within = min(self._poll_every, lease_seconds, self._leased_for)
+        within = min(lease_seconds, self._leased_for)
         return time.monotonic() - self._looked_at < within and now - self._looked_clock < within
+
+    def _look_due(self) -> bool:
+        """Whether a poll interval passed since the last full claim began."""
+        return (
+            time.monotonic() - self._looked_at >= self._poll_every
+            or self._clock() - self._looked_clock >= self._poll_every
+        )
 
     async def _claim_named(
         self,
