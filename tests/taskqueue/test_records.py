@@ -608,3 +608,27 @@ def test_a_batch_of_new_run_ids_are_distinct_uuid4_hex_strings() -> None:
         parsed = uuid.UUID(run_id)
         assert (parsed.hex, parsed.version, parsed.variant) == (run_id, 4, uuid.RFC_4122)
     assert records.new_run_ids(0) == []
+
+
+def test_record_of_makes_the_record_its_constructor_would() -> None:
+    made = RunRecord(
+        id="r1", task="say", payload='{"a": 1}', state=RunState.RUNNING, attempts=2,
+        max_attempts=5, retries_left=3, retry_delay=1.5, timeout=9.0, created_at=10.0,
+        scheduled_at=11.0, priority=4, started_at=12.0, finished_at=None, result='"x"',
+        error=None, lease_owner="w1", lease_expires_at=42.0, trace_context="00-ab-cd-01",
+    )  # fmt: skip
+    values = [getattr(made, field) for field in RunRecord.__dataclass_fields__]
+    assert records.record_of(values) == made
+    with pytest.raises(ValueError, match="shorter"):
+        records.record_of(values[:-1])
+    with pytest.raises(ValueError, match="longer"):
+        records.record_of([*values, None])
+
+
+def test_a_sibling_run_has_the_first_run_s_options_and_its_own_id_and_payload() -> None:
+    first = records.new_run(
+        "r1", "say", '{"a": 1}', retries=2, retry_delay=0.5, timeout=3.0, max_attempts=4,
+        scheduled_at=20.0, now=10.0, priority=7, trace_context="00-ab-cd-01",
+    )  # fmt: skip
+    sibling = records.sibling_run(first, "r2", '{"a": 2}')
+    assert sibling == replace(first, id="r2", payload='{"a": 2}')
