@@ -307,6 +307,59 @@ async def test_a_run_finished_while_the_listen_connection_was_down_is_seen(url: 
         assert (waiter.before_listening, waiter.listen_connects) == (None, 2)
 
 
+class CountsReads(PostgresBroker):
+    """A real broker that counts its reads of one run (``get``)."""
+
+    reads = 0
+
+    async def _get(self, run_id: str) -> Any:
+        self.reads += 1
+        return await super()._get(run_id)
+
+
+async def test_a_run_submitted_while_listening_is_read_once_it_finished(url: str) -> None:
+    async with CountsReads(url) as submitter, PostgresBroker(url) as worker:
+        earlier = await submitter.submit("say", PAYLOAD)
+        # Not listening when it was stored: the wait reads it first (and LISTENs).
+        record = await submitter.wait_until_finished(earlier.id, timeout=0.05)
+        assert record is not None
+        assert submitter.reads >= 1
+        assert submitter.listen_connects == 1
+        run = await submitter.submit("say", PAYLOAD)
+        reads = submitter.reads
+        finished: dict[str, RunState] = {}
+        with anyio.fail_after(PROMPTLY):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(note_finish, submitter, run.id, finished)
+                await anyio.sleep(0.1)
+                # Stored while listening: its finish is sure to be notified, so no read yet.
+                assert submitter.reads == reads
+                claimed = await worker.claim("w1", ["say"], limit=2, lease_seconds=30)
+                assert {r.id for r in claimed} == {earlier.id, run.id}
+                assert await worker.complete("w1", run.id, 1, '"ok"')
+        assert finished == {run.id: RunState.COMPLETED}
+        assert submitter.reads == reads + 1
+
+
+async def test_a_run_submitted_while_listening_is_read_after_the_connection_is_lost(
+    url: str,
+) -> None:
+    async with CountsReads(url) as submitter, PostgresBroker(url) as worker:
+        assert await submitter.claim("w0", ["other"], limit=1, lease_seconds=30) == []
+        assert submitter._listener is not None
+        run = await submitter.submit("say", PAYLOAD)
+        # Lost after the submit, with the finish: its notification reaches nobody.
+        await admin(url, "SELECT pg_terminate_backend(%s)", submitter._listener.info.backend_pid)
+        assert await worker.claim("w1", ["say"], limit=1, lease_seconds=30)
+        assert await worker.complete("w1", run.id, 1, '"ok"')
+        # Polling is off (the fixture's URL): the lost connection makes the wait read.
+        with anyio.fail_after(PROMPTLY):
+            record = await submitter.wait_until_finished(run.id, timeout=3600)
+        assert record is not None
+        assert record.state is RunState.COMPLETED
+        assert submitter.reads == 1  # only once the lost connection said it must
+
+
 async def note_finish(broker: PostgresBroker, run_id: str, finished: dict[str, RunState]) -> None:
     """Wait for the run to finish through ``broker``; note its final state in ``finished``."""
     record = await broker.wait_until_finished(run_id, timeout=3600)

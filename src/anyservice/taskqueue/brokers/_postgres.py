@@ -103,6 +103,8 @@ _MAX_RECONNECT = 5.0
 _FINISHED_PER_NOTIFY = 200
 #: Runs named by notifications of work past which a claim no longer claims them by id.
 _MOST_NAMED = 100
+#: Runs submitted here whose state this process knows without reading it, at most.
+_MOST_FRESH = 1_000
 #: Runs stored by one submission past which the table's statistics are refreshed at once.
 _ANALYZE_AFTER = 1_000
 
@@ -530,6 +532,9 @@ class _Wakeups(ChangeNotifier):
         self._unnamed = False
         # The run a submit in a thread (by its id) just stored, for the notify that follows.
         self._submitted: tuple[int, str] | None = None
+        # Runs this broker stored while its LISTEN connection was up, and not seen to
+        # finish since: run id -> that connection's number (``listen_connects``).
+        self._fresh: dict[str, int] = {}
 
     @property
     def work(self) -> int:
@@ -576,7 +581,22 @@ class _Wakeups(ChangeNotifier):
         self._unnamed = False
         return named
 
+    def stored(self, run_id: str, connection: int) -> None:
+        """This broker stored ``run_id`` (SCHEDULED) while LISTEN connection number
+        ``connection`` was up: its finish will come as a notification on that connection."""
+        fresh = self._fresh
+        fresh[run_id] = connection
+        if len(fresh) > _MOST_FRESH:
+            del fresh[next(iter(fresh))]  # the oldest: its waiter, if any, reads it first
+
+    def unfinished(self, run_id: str, connection: int) -> bool:
+        """Whether ``run_id`` is known unfinished without a read: this broker stored it
+        while LISTEN connection number ``connection`` (the current one) was up, and no
+        finish of it arrived since."""
+        return self._fresh.pop(run_id, None) == connection
+
     def run_finished(self, run_id: str) -> None:
+        self._fresh.pop(run_id, None)
         for waiter in self._here(self._run_waiters.get(run_id, ())):
             waiter.wake()
         for waiter in self._here(self._work_waiters):
@@ -585,6 +605,7 @@ class _Wakeups(ChangeNotifier):
 
     def everyone(self) -> None:
         """Wake every waiter: anything may have changed."""
+        self._fresh.clear()
         self.notify(work=True)
         for waiter in self._here(self._all()):
             waiter.wake()
@@ -1038,13 +1059,20 @@ class _Waits:
         # Registered before each read of the run, so a finish in between is not missed.
         waiter = _Waiter(run_id)
         self._wakeups.add(waiter)
+        # A run this broker just stored, its finish sure to be notified here, is not read
+        # first: that read would take the CPU from the run's way to a worker.
+        unread = timeout > 0 and self._wakeups.unfinished(run_id, self.listen_connects)
         try:
             while True:
                 waiter.rearm()
-                run = await self.get(run_id)
                 remaining = deadline - anyio.current_time()
-                if run is None or run.finished or remaining <= 0:
-                    return run
+                if unread:
+                    unread = False
+                else:
+                    run = await self.get(run_id)
+                    remaining = deadline - anyio.current_time()
+                    if run is None or run.finished or remaining <= 0:
+                        return run
                 # Past a poll interval the run is read again: that read is the poll.
                 await self._wait_woken(waiter, min(remaining, self._poll_every), None)
         finally:
@@ -1681,6 +1709,9 @@ class PostgresBroker(PostgresClusterStorage, _Waits, _Claims, _ListensBeforeClai
         # The statement a run's start waits on first: on the direct connection, and its
         # notification names the run when it is due, for the claim by id (see _Claims).
         due = run.scheduled_at <= self._clock()
+        # Listening since before the run is stored, this process hears of its finish.
+        listener = self._listener if self._listen else None
+        connection = self.listen_connects
         await self._quick(
             _INSERT_ONE,
             {
@@ -1691,6 +1722,8 @@ class PostgresBroker(PostgresClusterStorage, _Waits, _Claims, _ListensBeforeClai
         )
         if due:
             self._wakeups.submitted(run.id)
+        if listener is not None and listener is self._listener and not listener.closed:
+            self._wakeups.stored(run.id, connection)
 
     async def _insert_many(self, runs: Sequence[RunRecord]) -> None:
         # One statement, so the rows are stored all or none and the notification goes
