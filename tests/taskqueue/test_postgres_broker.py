@@ -493,6 +493,58 @@ async def test_a_run_named_by_its_notification_is_claimed(url: str) -> None:
         assert (run.state, run.attempts, run.lease_owner) == (RunState.RUNNING, 1, "w1")
 
 
+async def claimed_ahead(worker: PostgresBroker, submitter: PostgresBroker) -> str:
+    """A run submitted while ``worker`` waits for work between claims by ``w1``, and found
+    RUNNING under ``w1`` before the worker claims again: claimed as its notification was
+    read. (A first round prepares the claim of named runs.)"""
+
+    async def submit() -> None:
+        await submitter.submit("say", PAYLOAD)
+
+    assert len(await claim_after_wake(worker, submit)) == 1
+    assert await worker.claim("w1", ["say"], limit=10, lease_seconds=30) == []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.wait_for_work, 3600)
+        await anyio.sleep(0.05)
+        run = await submitter.submit("say", PAYLOAD)
+    # Polled with a deadline (the caller's): another process's claim sets no event here.
+    while (record := await submitter.get(run.id)) is None or record.state is RunState.SCHEDULED:  # noqa: ASYNC110
+        await anyio.sleep(0.01)
+    assert (record.state, record.lease_owner, record.attempts) == (RunState.RUNNING, "w1", 1)
+    return run.id
+
+
+async def test_a_named_run_is_claimed_as_the_waiting_worker_reads_its_notification(
+    url: str,
+) -> None:
+    async with PostgresBroker(url) as worker, PostgresBroker(url) as submitter:
+        with anyio.fail_after(PROMPTLY):
+            run_id = await claimed_ahead(worker, submitter)
+            # The wait ends at once while the runs claimed ahead are not taken.
+            await worker.wait_for_work(3600)
+            runs = await worker.claim("w1", ["say"], limit=10, lease_seconds=30)
+        assert [(run.id, run.attempts) for run in runs] == [(run_id, 1)]
+
+
+async def test_runs_claimed_ahead_are_handed_back_to_a_claim_with_other_arguments(
+    url: str,
+) -> None:
+    async with PostgresBroker(url) as worker, PostgresBroker(url) as submitter:
+        with anyio.fail_after(PROMPTLY):
+            run_id = await claimed_ahead(worker, submitter)
+            runs = await worker.claim("w2", ["say"], limit=10, lease_seconds=30)
+        assert [(run.id, run.lease_owner, run.attempts) for run in runs] == [(run_id, "w2", 1)]
+
+
+async def test_runs_claimed_ahead_are_handed_back_as_the_broker_closes(url: str) -> None:
+    async with PostgresBroker(url) as submitter:
+        with anyio.fail_after(PROMPTLY):
+            async with PostgresBroker(url) as worker:
+                run_id = await claimed_ahead(worker, submitter)
+            runs = await submitter.claim("w3", ["say"], limit=10, lease_seconds=30)
+        assert [(run.id, run.lease_owner, run.attempts) for run in runs] == [(run_id, "w3", 1)]
+
+
 async def test_work_without_names_makes_the_next_claim_look_at_every_run(url: str) -> None:
     async with PostgresBroker(url) as worker, PostgresBroker(url) as submitter:
         submitted: list[str] = []
