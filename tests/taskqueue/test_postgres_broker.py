@@ -7,6 +7,7 @@ PostgreSQL too.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
@@ -358,6 +359,29 @@ async def test_a_run_submitted_while_listening_is_read_after_the_connection_is_l
         assert record is not None
         assert record.state is RunState.COMPLETED
         assert submitter.reads == 1  # only once the lost connection said it must
+
+
+def keepalives_of(conn: psycopg.Connection[Any]) -> tuple[int, int, int, int]:
+    """The TCP keepalive settings of ``conn``'s socket: on, idle, interval, count."""
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        return (
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+        )
+
+
+async def test_the_listen_connection_sends_keepalives_unless_the_url_sets_them(
+    postgres_url: str,
+) -> None:
+    # A server gone without a word is noticed from the socket, not only by the polls.
+    for options, expected in (({}, (1, 5, 2, 3)), ({"keepalives_idle": "30"}, (1, 30, 2, 3))):
+        with postgres_schema(postgres_url, **options) as url:
+            async with PostgresBroker(url) as broker:
+                assert await broker.claim("w1", ["say"], limit=1, lease_seconds=30) == []
+                assert broker._listener is not None
+                assert keepalives_of(broker._listener) == expected
 
 
 async def note_finish(broker: PostgresBroker, run_id: str, finished: dict[str, RunState]) -> None:

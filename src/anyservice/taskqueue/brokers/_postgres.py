@@ -27,7 +27,9 @@ How runs move, and why it is safe with any number of workers:
   full claim found nothing more due claims those runs by id, a primary-key lookup
   without the claim statement's planning, and makes the full claim again (right after,
   once a poll interval has passed since the last): it ends abandoned runs and takes over
-  expired leases. One dedicated LISTEN
+  expired leases. A worker waiting between claims sends that claim by id as soon as the
+  notification is read, and its next claim reads the answer (``_ClaimsAhead``). One
+  dedicated LISTEN
   connection per broker is waited on with ``anyio.wait_readable``, by whichever waiter is
   waiting at the moment. Waiting always polls as well (notifications sent while the LISTEN
   connection was down are lost), and ``?listen=false`` polls only, for PgBouncer in
@@ -64,6 +66,7 @@ try:
     import psycopg.errors
     import psycopg_pool
     from psycopg import sql
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError(
         f"the PostgreSQL broker needs psycopg and psycopg-pool ({exc}): "
@@ -80,6 +83,7 @@ from .._records import (
     RunRecord,
     RunState,
     abandoned_error,
+    record_of,
 )
 from ._base import BaseBroker, Claimed
 from ._notifier import ChangeNotifier
@@ -103,6 +107,15 @@ _MAX_RECONNECT = 5.0
 _FINISHED_PER_NOTIFY = 200
 #: Runs named by notifications of work past which a claim no longer claims them by id.
 _MOST_NAMED = 100
+#: TCP keepalives of the LISTEN connection, where the URL sets none: a server gone without
+#: a word (its host down, the network cut) is noticed within about 11 s, instead of the
+#: kernel's default of over two hours, and the connection is made again.
+_LISTEN_KEEPALIVES = {
+    "keepalives": "1",
+    "keepalives_idle": "5",
+    "keepalives_interval": "2",
+    "keepalives_count": "3",
+}
 #: Runs submitted here whose state this process knows without reading it, at most.
 _MOST_FRESH = 1_000
 #: Runs stored by one submission past which the table's statistics are refreshed at once.
@@ -167,9 +180,10 @@ assert len(_MIGRATIONS) == SCHEMA_VERSION
 # The record's fields in its order, after the submission sequence number.
 _COLUMNS = ("seq", *(column.name for column in dataclasses.fields(RunRecord)))
 _RETURNING = ", ".join(f"r.{name}" for name in _COLUMNS)
-_SEQ, _PRIORITY, _SCHEDULED_AT = (
-    _COLUMNS.index(name) for name in ("seq", "priority", "scheduled_at")
+_SEQ, _PRIORITY, _SCHEDULED_AT, _STATE, _ERROR = (
+    _COLUMNS.index(name) for name in ("seq", "priority", "scheduled_at", "state", "error")
 )
+_STATES = {state.value: state for state in RunState}
 
 
 def _abandoned_template() -> str:
@@ -390,6 +404,11 @@ def _record(row: Iterable[Any]) -> RunRecord:
     PostgreSQL enforces the column types, so what can be wrong is a state this version
     does not know or an error that is not the JSON this library writes.
     """
+    row = tuple(row)
+    state = _STATES.get(row[_STATE])
+    if state is not None and row[_ERROR] is None:
+        # The common case, made without the dataclass's per-field checks (claims).
+        return record_of((*row[1:_STATE], state, *row[_STATE + 1 :]))
     values = dict(zip(_COLUMNS, row, strict=True))
     problems: list[str] = []
     try:
@@ -1242,7 +1261,10 @@ class _Waits:
 
     def _connect_listener(self) -> psycopg.Connection[Any]:
         """A new connection that LISTENs on the channel (blocking: run in a thread)."""
-        conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5)
+        given = conninfo_to_dict(self._conninfo)
+        keepalives = {key: value for key, value in _LISTEN_KEEPALIVES.items() if key not in given}
+        conninfo = make_conninfo(self._conninfo, **keepalives)
+        conn = psycopg.connect(conninfo, autocommit=True, connect_timeout=5)
         try:
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
         except BaseException:
