@@ -1461,17 +1461,11 @@ class _Claims(_WorkerRecords):
         taken = await self._take_ahead(owner, tasks, limit, lease_seconds, concurrency)
         if taken is not None:
             ahead, runs = taken
-            self._wakeups.take_named()  # what came since, the full claim below looks at
-            if len(runs) == len(ahead.named) and ahead.work == self._wakeups.work:
-                next_due = self._clock() if ahead.look else self._next_due
-                return Claimed(
-                    runs=runs, finished=False, next_due=next_due, held_back=self._held_back
-                )
-            claimed = await self._claim_all(
-                owner, tasks, limit - len(runs), lease_seconds, concurrency
+            self._wakeups.take_named()  # what came since: a full claim looks at it
+            every = len(runs) == len(ahead.named) and ahead.work == self._wakeups.work
+            return await self._named_claimed(
+                runs, every, ahead.look, owner, tasks, limit, lease_seconds, concurrency
             )
-            claimed.runs[:0] = runs
-            return claimed
         named = self._wakeups.take_named()
         if named and self._claim_by_id(len(named), tasks, limit, lease_seconds):
             # Past a poll interval since the last full look, another worker's lease may
@@ -1480,20 +1474,33 @@ class _Claims(_WorkerRecords):
             # cannot put off: see below), off the runs' way.
             look = self._look_due()
             runs = await self._claim_named(owner, named, tasks, lease_seconds, concurrency)
-            if len(runs) == len(named):
-                # Nothing else became claimable here since the last full look: what it said
-                # of the next due time and of held-back runs still holds.
-                next_due = self._clock() if look else self._next_due
-                return Claimed(
-                    runs=runs, finished=False, next_due=next_due, held_back=self._held_back
-                )
-            # Some were claimed elsewhere (or are not this worker's): look at everything.
-            claimed = await self._claim_all(
-                owner, tasks, limit - len(runs), lease_seconds, concurrency
+            return await self._named_claimed(
+                runs, len(runs) == len(named), look, owner, tasks, limit, lease_seconds, concurrency
             )
-            claimed.runs[:0] = runs
-            return claimed
         return await self._claim_all(owner, tasks, limit, lease_seconds, concurrency)
+
+    async def _named_claimed(
+        self,
+        runs: list[RunRecord],
+        every: bool,
+        look: bool,
+        owner: str,
+        tasks: list[str],
+        limit: int,
+        lease_seconds: float,
+        concurrency: dict[str, int],
+    ) -> Claimed:
+        """The claim that claimed named ``runs`` by id: ``every`` named run (and nothing
+        else came), or else with a full claim of the rest; ``look``: a full claim was due."""
+        if every:
+            # Nothing else became claimable here since the last full look: what it said of
+            # the next due time and of held-back runs still holds.
+            next_due = self._clock() if look else self._next_due
+            return Claimed(runs=runs, finished=False, next_due=next_due, held_back=self._held_back)
+        # Some were claimed elsewhere (or are not this worker's): look at everything.
+        claimed = await self._claim_all(owner, tasks, limit - len(runs), lease_seconds, concurrency)
+        claimed.runs[:0] = runs
+        return claimed
 
     def _claim_by_id(self, named: int, tasks: list[str], limit: int, lease_seconds: float) -> bool:
         """Whether the runs notifications named are all there is to claim now.
