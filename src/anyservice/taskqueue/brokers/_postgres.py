@@ -1105,11 +1105,14 @@ class _Waits:
     _reconnect_at: float
     _reconnect_delay: float
     _ahead: _Ahead | None
+    _pool_timeout: float
     listen_connects: int
 
     if TYPE_CHECKING:  # written by the other classes of PostgresBroker; for the type checker
 
         async def _check_open(self) -> None: ...
+
+        async def _drop_ahead(self) -> None: ...
 
         def _claim_ahead(self) -> None: ...
 
@@ -1134,6 +1137,11 @@ class _Waits:
         self._wakeups.add(waiter)
         try:
             await self._wait_woken(waiter, timeout, self._work_seen_by_claim)
+        except BaseException:
+            # Cancelled (a stopping worker): no claim will take runs claimed ahead.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self._pool_timeout):
+                await self._drop_ahead()
+            raise
         finally:
             self._stop_waiting(waiter)
 
@@ -1840,7 +1848,8 @@ class _ClaimsAhead(_Claims):
                 pass  # it waits out its lease instead
 
     async def _drop_ahead(self) -> None:
-        """Hand back what a claim sent ahead claimed, as the broker closes."""
+        """Hand back what a claim sent ahead claimed (the broker closes, or the wait for
+        work that read its notification is cancelled)."""
         ahead, self._ahead = self._ahead, None
         if ahead is None:
             return
