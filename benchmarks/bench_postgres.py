@@ -425,9 +425,11 @@ def run(config: Config) -> list[Table]:
         "One `serve()` process; `await stamp.delay()` here, the task returns `time.time()` "
         "as it starts. The worker is woken by the submit's NOTIFY on its LISTEN connection, "
         "which names the run: the worker claims it by id (a full claim goes out at least "
-        "once a second as well). The submit and that claim go out on each process's "
-        "connection driven by its event loop (libpq's non-blocking interface), not through "
-        "a worker thread; `profile_postgres_latency.py` traces the steps.",
+        "once a second as well), that claim sent by the task that read the notification, "
+        "its answer read by the worker's next claim. The submit and that claim go out on "
+        "each process's connection driven by its event loop (libpq's non-blocking "
+        "interface), not through a worker thread; `run.result()` reads the run once its "
+        "finish is notified; `profile_postgres_latency.py` traces the steps.",
         "synchronous_commit on (the default): the submit's commit waits for a WAL flush "
         "before the worker is notified (`pg_test_fsync` on this disk: fdatasync about "
         "0.3 ms); the claim's does not (the broker commits claims asynchronously, "
