@@ -520,12 +520,13 @@ async def test_a_run_named_by_its_notification_is_claimed(url: str) -> None:
 async def claimed_ahead(worker: PostgresBroker, submitter: PostgresBroker) -> str:
     """A run submitted while ``worker`` waits for work between claims by ``w1``, and found
     RUNNING under ``w1`` before the worker claims again: claimed as its notification was
-    read. (A first round prepares the claim of named runs.)"""
+    read. (A first round prepares the claim of named runs; its run is completed.)"""
 
     async def submit() -> None:
         await submitter.submit("say", PAYLOAD)
 
-    assert len(await claim_after_wake(worker, submit)) == 1
+    (first,) = await claim_after_wake(worker, submit)
+    assert await worker.complete("w1", first, 1, "null")
     assert await worker.claim("w1", ["say"], limit=10, lease_seconds=30) == []
     async with anyio.create_task_group() as tg:
         tg.start_soon(worker.wait_for_work, 3600)
@@ -547,6 +548,19 @@ async def test_a_named_run_is_claimed_as_the_waiting_worker_reads_its_notificati
             # The wait ends at once while the runs claimed ahead are not taken.
             await worker.wait_for_work(3600)
             runs = await worker.claim("w1", ["say"], limit=10, lease_seconds=30)
+        assert [(run.id, run.attempts) for run in runs] == [(run_id, 1)]
+
+
+async def test_runs_claimed_ahead_are_taken_by_a_claim_with_results(url: str) -> None:
+    async with PostgresBroker(url) as worker, PostgresBroker(url) as submitter:
+        other = await submitter.submit("other", PAYLOAD)
+        with anyio.fail_after(PROMPTLY):
+            assert await worker.claim_run("w1", other.id, lease_seconds=30) is not None
+            run_id = await claimed_ahead(worker, submitter)
+            done, runs = await worker.complete_and_claim(
+                "w1", {other.id: (1, "null")}, ["say"], limit=10, lease_seconds=30
+            )
+        assert done == {other.id}
         assert [(run.id, run.attempts) for run in runs] == [(run_id, 1)]
 
 

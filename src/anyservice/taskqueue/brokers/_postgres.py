@@ -1596,6 +1596,9 @@ class _Claims(_WorkerRecords):
         concurrency: dict[str, int],
     ) -> tuple[set[str], Claimed]:
         # One transaction, one round trip, one WAL flush (durable: it holds results).
+        self._claimer = _Claimer(
+            owner, tasks, limit, lease_seconds, concurrency, threading.get_ident()
+        )
         taken = await self._take_ahead(owner, tasks, limit, lease_seconds, concurrency)
         early = [] if taken is None else taken[1]
         self._wakeups.take_named()  # this claim looks at every run
