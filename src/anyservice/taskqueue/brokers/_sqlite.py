@@ -35,6 +35,7 @@ from .._records import FINISHED_STATES, RunError, RunRecord, RunState, abandoned
 from ._base import BaseBroker, Claimed
 from ._notifier import ChangeNotifier
 from ._sqlite_cluster import SqliteClusterStorage, forget_purged
+from ._sqlite_named import NamedWork, claim_named
 from ._sqlite_rows import (
     INSERT,
     MIGRATIONS,
@@ -475,6 +476,7 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
             on_commit=self._committed,
         )
         self._channel: WakeChannel | None = None
+        self._named = NamedWork(self._notifier, SIGNALLED_POLL_INTERVAL)
         self._data_version = 0
         self._last_poll = -math.inf
         # This process, as the workers table records it.
@@ -613,14 +615,18 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
     # --- signals between processes ---------------------------------------------------------
 
     def _committed(self, signals: set[bytes]) -> None:
-        # In the connection's thread, after the commit: other processes may look now.
+        # After the commit: other processes may look now. A lone work signal may name
+        # its run (a submit of one due run); several, or none, name nothing.
         channel = self._channel
         if channel is not None:
-            channel.poke(WORK if WORK in signals else CHANGE)
+            work = [signal for signal in signals if signal.startswith(WORK)]
+            channel.poke(work[0] if len(work) == 1 else WORK if work else CHANGE)
 
-    def _poked(self, work: bool) -> None:
+    def _poked(self, work: bool, run_ids: list[str] | None) -> None:
         # In the event loop watching the channel (or its thread): another process
         # committed a change.
+        if work:
+            self._named.poked(run_ids)
         self._notifier.notify_from_thread(work=work)
 
     # --- the broker protocol -------------------------------------------------------------
@@ -635,7 +641,10 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
             self._db.check_file()
             conn.executemany(INSERT, values)
 
-        await self._db.call(insert, signal=WORK, inline=len(values) <= _INLINE_ROWS)
+        # One run due now is named, for a worker to claim it by id.
+        lone = len(runs) == 1 and runs[0].scheduled_at <= self._clock()
+        signal = WORK + runs[0].id.encode() if lone else WORK
+        await self._db.call(insert, signal=signal, inline=len(values) <= _INLINE_ROWS)
 
     async def _claim(
         self,
@@ -646,21 +655,30 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
         concurrency: dict[str, int],
     ) -> Claimed:
         names = tasks
+        named = self._named.take(names, limit, self._next_due, self._clock())
+        unlimited = [name for name in names if name not in concurrency]
 
         def claim(conn: sqlite3.Connection) -> Claimed:
             self._db.check_file()
             now = self._clock()
+            runs, whole = claim_named(conn, named, unlimited, owner, (now, lease_seconds))
+            if named and whole:
+                return Claimed(runs, False, self._next_due, False)
             _keep_workers(conn, owner, now, self._this, self._workers_seen)
             finished = _crash_abandoned(conn, now)
             if not names:
                 if finished:
                     self._db.signal(CHANGE)
                 return Claimed([], finished, None)
-            due = _claim_due(conn, names, owner, limit, (now, now + lease_seconds), concurrency)
+            due = _claim_due(
+                conn, names, owner, limit - len(runs), (now, now + lease_seconds), concurrency
+            )
+            self._named.looked(names, now, not (due.left_over or due.held_back))
             next_due = now if due.left_over else _next_due_time(conn, names, now)
             if finished or due.corrupt:
                 self._db.signal(CHANGE)
-            return Claimed(due.claimed, finished or due.corrupt, next_due, due.held_back)
+            claimed = runs + due.claimed
+            return Claimed(claimed, finished or due.corrupt, next_due, due.held_back)
 
         # Runs leased are nobody else's business: other processes hear of a claim only
         # if it ended runs on the way (crashed or corrupt ones).
