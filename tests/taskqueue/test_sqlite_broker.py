@@ -276,6 +276,35 @@ async def test_racing_brokers_on_one_file_claim_each_run_exactly_once(path: Path
     assert counts[RunState.COMPLETED] == 200
 
 
+@pytest.mark.anyio
+async def test_complete_and_claim_is_one_transaction_that_a_failing_claim_undoes(
+    broker: SqliteBroker, path: Path
+) -> None:
+    first, second = await broker.submit_many("say", [PAYLOAD, PAYLOAD])
+    (claimed,) = await broker.claim("w1", ["say"], limit=1, lease_seconds=LEASE)
+    before = broker.commits
+    done, (next_run,) = await broker.complete_and_claim(
+        "w1", {claimed.id: (claimed.attempts, '"hi"')}, ["say"], limit=5, lease_seconds=LEASE
+    )
+    assert (done, broker.commits - before) == ({claimed.id}, 1)
+    assert {claimed.id, next_run.id} == {first.id, second.id}
+    assert raw_column(path, "state", claimed.id) == "COMPLETED"
+    # A claim that fails (here a trigger refuses it) undoes the results stored before it.
+    await broker.submit("say", PAYLOAD)
+    with raw_connection(path) as conn:
+        conn.execute(
+            "CREATE TRIGGER refuse BEFORE UPDATE OF lease_owner ON anyservice_runs"
+            " WHEN NEW.state = 'RUNNING' BEGIN SELECT RAISE(ABORT, 'no claims'); END"
+        )
+    with pytest.raises(BrokerError, match="no claims"):
+        await broker.complete_and_claim(
+            "w1", {next_run.id: (next_run.attempts, '"hi"')}, ["say"], limit=5,
+            lease_seconds=LEASE,
+        )  # fmt: skip
+    assert raw_column(path, "state", next_run.id) == "RUNNING"
+    assert raw_column(path, "result", next_run.id) is None
+
+
 CLAIMING_PROCESS = textwrap.dedent(
     """
     import sys, time

@@ -5,7 +5,7 @@ from __future__ import annotations
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-__all__ = ["RunContext", "current_run", "running"]
+__all__ = ["RunContext", "current_run", "run_context", "running"]
 
 
 @dataclass(frozen=True)
@@ -42,3 +42,13 @@ def current_run() -> RunContext | None:
 def running(context: RunContext) -> None:
     """Mark the current (worker-side) task as executing ``context``'s run."""
     _current.set(context)
+
+
+def run_context(run_id: str, task: str, attempt: int, retries_left: int, worker: str) -> RunContext:
+    """``RunContext(...)`` of these fields, made as a worker makes one per run: the frozen
+    dataclass's ``__init__`` sets each field through ``object.__setattr__``."""
+    context: RunContext = object.__new__(RunContext)
+    context.__dict__.update(
+        run_id=run_id, task=task, attempt=attempt, retries_left=retries_left, worker=worker
+    )
+    return context

@@ -40,8 +40,8 @@ from ._sqlite_rows import (
     MIGRATIONS,
     SCHEMA_VERSION,
     SELECT,
-    claimed_record,
     insert_values,
+    lease_in_place,
     marks,
     read_row,
 )
@@ -233,13 +233,41 @@ def _claim_due(
             sequence[run.id] = seq
             readable.append(run)
     picked = records.pick_claims(readable, limit, free)
-    claimed = [claimed_record(run, now, owner, expires) for run in picked.runs]
+    claimed = [lease_in_place(run, now, owner, expires) for run in picked.runs]
     conn.executemany(
         _CLAIM,
         [(run.attempts, now, owner, expires, sequence[run.id]) for run in claimed],
     )
     # Rows past a corrupt one may be due: claim again promptly.
     return _Due(claimed, corrupt_seen, picked.left_over or corrupt_seen, picked.held_back)
+
+
+def _claiming(
+    broker: SqliteBroker,
+    owner: str,
+    names: list[str],
+    limit: int,
+    lease_seconds: float,
+    concurrency: dict[str, int],
+) -> Callable[[sqlite3.Connection], Claimed]:
+    """The operation of ``broker``'s claim, alone or after a batch's results."""
+
+    def claim(conn: sqlite3.Connection) -> Claimed:
+        broker._db.check_file()
+        now = broker._clock()
+        _keep_workers(conn, owner, now, broker._this, broker._workers_seen)
+        finished = _crash_abandoned(conn, now)
+        if not names:
+            if finished:
+                broker._db.signal(CHANGE)
+            return Claimed([], finished, None)
+        due = _claim_due(conn, names, owner, limit, (now, now + lease_seconds), concurrency)
+        next_due = now if due.left_over else _next_due_time(conn, names, now)
+        if finished or due.corrupt:
+            broker._db.signal(CHANGE)
+        return Claimed(due.claimed, finished or due.corrupt, next_due, due.held_back)
+
+    return claim
 
 
 def _update_held(conn: sqlite3.Connection, sql: str, parameters: dict[str, Any]) -> bool:
@@ -645,25 +673,9 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
         lease_seconds: float,
         concurrency: dict[str, int],
     ) -> Claimed:
-        names = tasks
-
-        def claim(conn: sqlite3.Connection) -> Claimed:
-            self._db.check_file()
-            now = self._clock()
-            _keep_workers(conn, owner, now, self._this, self._workers_seen)
-            finished = _crash_abandoned(conn, now)
-            if not names:
-                if finished:
-                    self._db.signal(CHANGE)
-                return Claimed([], finished, None)
-            due = _claim_due(conn, names, owner, limit, (now, now + lease_seconds), concurrency)
-            next_due = now if due.left_over else _next_due_time(conn, names, now)
-            if finished or due.corrupt:
-                self._db.signal(CHANGE)
-            return Claimed(due.claimed, finished or due.corrupt, next_due, due.held_back)
-
         # Runs leased are nobody else's business: other processes hear of a claim only
         # if it ended runs on the way (crashed or corrupt ones).
+        claim = _claiming(self, owner, tasks, limit, lease_seconds, concurrency)
         return await self._db.call(claim, inline=True)
 
     async def _heartbeat(
@@ -701,6 +713,28 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
             signal=CHANGE,
             inline=len(results) <= _INLINE_ROWS,
         )
+
+    async def _complete_and_claim(
+        self,
+        owner: str,
+        results: dict[str, tuple[int, str]],
+        tasks: list[str],
+        limit: int,
+        lease_seconds: float,
+        concurrency: dict[str, int],
+    ) -> tuple[set[str], Claimed]:
+        # One operation, so one transaction and one commit: a worker's finished batch and
+        # its next claim, the claim seeing the completions (freed concurrency slots). A
+        # process killed before the commit loses both, and nobody was told of either.
+        claim = _claiming(self, owner, tasks, limit, lease_seconds, concurrency)
+
+        def complete_and_claim(conn: sqlite3.Connection) -> tuple[set[str], Claimed]:
+            done = _complete_held(conn, owner, results, self._clock()) if results else set()
+            if done:
+                self._db.signal(CHANGE)  # for the waiters of the results, elsewhere
+            return done, claim(conn)
+
+        return await self._db.call(complete_and_claim, inline=len(results) <= _INLINE_ROWS)
 
     async def _fail(
         self,
