@@ -5,7 +5,7 @@ from __future__ import annotations
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-__all__ = ["RunContext", "current_run", "run_context", "running"]
+__all__ = ["RunContext", "current_run", "run_as", "running"]
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,13 @@ def running(context: RunContext) -> None:
     _current.set(context)
 
 
-def run_context(run_id: str, task: str, attempt: int, retries_left: int, worker: str) -> RunContext:
-    """``RunContext(...)`` of these fields, made as a worker makes one per run: the frozen
-    dataclass's ``__init__`` sets each field through ``object.__setattr__``."""
+def run_as(run_id: str, task: str, attempt: int, retries_left: int, worker: str) -> None:
+    """``running(RunContext(...))`` of these fields, as a worker does once per run: made
+    at once, since the frozen dataclass's ``__init__`` sets each field through
+    ``object.__setattr__``."""
     context: RunContext = object.__new__(RunContext)
-    context.__dict__.update(
-        run_id=run_id, task=task, attempt=attempt, retries_left=retries_left, worker=worker
-    )
-    return context
+    object.__setattr__(context, "__dict__", {
+        "run_id": run_id, "task": task, "attempt": attempt, "retries_left": retries_left,
+        "worker": worker,
+    })  # fmt: skip
+    _current.set(context)

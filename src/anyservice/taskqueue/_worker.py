@@ -620,7 +620,9 @@ class TaskWorker(Service, overrides=("run",)):
         if self._runs.get(entry.record.id) is not entry:
             return
         del self._runs[entry.record.id]
-        self._slot_freed()
+        if self._freed is not None:  # _slot_freed(), without a call per run
+            self._freed.set()
+            self._freed = None
         if not self._runs:
             self._idle.set()
             self._busy = anyio.Event()

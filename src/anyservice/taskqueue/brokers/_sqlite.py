@@ -44,6 +44,7 @@ from ._sqlite_rows import (
     lease_in_place,
     marks,
     read_row,
+    read_rows,
 )
 from ._sqlite_thread import ConnectionThread
 from ._wake_channel import CHANGE, WORK, WakeChannel
@@ -190,7 +191,7 @@ def _candidates(
     rows = _due_rows(conn, unlimited, now, limit + 1) if unlimited else []
     for task, slots in free.items():
         rows += _due_rows(conn, [task], now, min(slots, limit) + 1)
-    read = [read_row(row) for row in rows]
+    read = read_rows(rows)
     if len(free) + bool(unlimited) > 1:
         # Each read is in claim order already; only several need merging.
         read.sort(key=lambda item: records.claim_order(item[1], item[0]))
@@ -325,9 +326,12 @@ _COMPLETE = (
 #: hops a worker's batch of results would wait for. A claim may, whatever its limit.
 _INLINE_ROWS = 100
 
+#: ``_COMPLETE`` fenced, with positional parameters ``(now, result, id, owner, attempt)``:
+#: a batch binds tuples, cheaper than a dict per run.
 _COMPLETE_HELD = (
-    f"{_COMPLETE} WHERE id = :id AND state = 'RUNNING' AND lease_owner = :owner"
-    " AND attempts = :attempt"
+    "UPDATE anyservice_runs SET state = 'COMPLETED', finished_at = ?,"
+    " lease_owner = NULL, lease_expires_at = NULL, result = ?, error = NULL"
+    " WHERE id = ? AND state = 'RUNNING' AND lease_owner = ? AND attempts = ?"
 )
 # Every expression in an UPDATE sees the row as it was, so the CASEs agree.
 _RETRIED = ":retry AND retries_left > 0"
@@ -355,21 +359,18 @@ def _complete_held(
     One statement for the batch, whose row count says whether every claim held, as it
     almost always does; if not, the batch is undone and done run by run to learn which.
     """
-    rows = [
-        {"id": run_id, "owner": owner, "attempt": attempt, "result": result, "now": now}
-        for run_id, (attempt, result) in results.items()
-    ]
+    rows = [(now, result, run_id, owner, attempt) for run_id, (attempt, result) in results.items()]
     conn.execute("SAVEPOINT complete_many")
     if conn.executemany(_COMPLETE_HELD, rows).rowcount == len(rows):
         conn.execute("RELEASE complete_many")
         return set(results)
     conn.execute("ROLLBACK TO complete_many")
     conn.execute("RELEASE complete_many")
-    return {
-        run_id
-        for run_id, row in zip(results, rows, strict=True)
-        if _update_held(conn, _COMPLETE, row)
-    }
+    return {run_id for run_id, row in zip(results, rows, strict=True) if _complete_row(conn, row)}
+
+
+def _complete_row(conn: sqlite3.Connection, row: tuple[Any, ...]) -> bool:
+    return conn.execute(_COMPLETE_HELD, row).rowcount == 1
 
 
 def _keep_workers(

@@ -35,6 +35,7 @@ __all__ = [
     "lease_in_place",
     "marks",
     "read_row",
+    "read_rows",
 ]
 
 #: ``PRAGMA user_version`` of a database with the current schema.
@@ -323,6 +324,15 @@ def lease_in_place(run: RunRecord, now: float, owner: str, expires: float) -> Ru
     fields["lease_owner"] = owner
     fields["lease_expires_at"] = expires
     return run
+
+
+def read_rows(rows: list[tuple[Any, ...]]) -> list[tuple[int, RunRecord, bool]]:
+    """:func:`read_row` of each row, the plain ones without its call (a claim reads many)."""
+    read: list[tuple[int, RunRecord, bool]] = []
+    for row in rows:
+        plain = _plain_row(row)
+        read.append(read_row(row) if plain is None else (plain[0], plain[1], False))
+    return read
 
 
 def read_row(row: tuple[Any, ...]) -> tuple[int, RunRecord, bool]:
