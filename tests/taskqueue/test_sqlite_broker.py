@@ -14,6 +14,7 @@ import sys
 import textwrap
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -22,9 +23,11 @@ import anyio.to_thread
 import pytest
 
 from anyservice.taskqueue._errors import BrokerBusyError, BrokerError
-from anyservice.taskqueue._records import CORRUPT_RUN_ERROR_TYPE, PayloadError, RunState
+from anyservice.taskqueue._records import CORRUPT_RUN_ERROR_TYPE, PayloadError, RunState, new_run
 from anyservice.taskqueue._serialize import decode_arguments
 from anyservice.taskqueue.brokers._sqlite import SCHEMA_VERSION, SqliteBroker
+from anyservice.taskqueue.brokers._sqlite_rows import INSERT, insert_values
+from anyservice.taskqueue.brokers._wake_channel import WakeChannel
 
 PAYLOAD = '{"args":["hi"],"kwargs":{}}'
 LEASE = 30.0
@@ -622,3 +625,169 @@ async def test_wait_until_finished_sees_a_run_finished_by_another_process(
             finished = await broker.wait_until_finished(run.id, timeout=5)
     assert finished is not None
     assert (finished.state, finished.result) == (RunState.COMPLETED, "1")
+
+
+# --- claims of the runs pokes named ------------------------------------------------------
+
+
+def foreign_submit(path: Path, task: str = "say", *, scheduled_at: float | None = None) -> str:
+    """Store a run as another process's broker would (its commit wakes nobody here)."""
+    run_id = uuid.uuid4().hex
+    run = new_run(
+        run_id,
+        task,
+        PAYLOAD,
+        retries=0,
+        retry_delay=0.0,
+        timeout=None,
+        max_attempts=3,
+        scheduled_at=scheduled_at,
+        now=time.time(),
+    )
+    with raw_connection(path) as conn:
+        conn.execute(INSERT, insert_values(run))
+    return run_id
+
+
+@contextlib.contextmanager
+def foreign_channel(path: Path) -> Iterator[WakeChannel]:
+    """Another process's wake channel on the file: what it pokes reaches the broker's."""
+    channel = WakeChannel(os.path.abspath(path), lambda work, named: None)
+    assert channel.open()
+    try:
+        yield channel
+    finally:
+        channel.close()
+
+
+async def claim_ids(
+    broker: SqliteBroker, limit: int = 1, tasks: tuple[str, ...] = ("say",)
+) -> list[str]:
+    return [r.id for r in await broker.claim("w1", tasks, limit=limit, lease_seconds=LEASE)]
+
+
+async def poke_and_wait(broker: SqliteBroker, channel: WakeChannel, kind: bytes) -> None:
+    """Poke the broker as another process's commit would; return once it heard of work."""
+    seen = broker._notifier.generation(work=True)
+    channel.poke(kind)
+    with anyio.fail_after(4):
+        while broker._notifier.generation(work=True) == seen:  # noqa: ASYNC110
+            await anyio.sleep(0.001)
+
+
+@pytest.mark.anyio
+async def test_a_run_named_by_a_poke_is_claimed_once_and_fenced(
+    broker: SqliteBroker, path: Path
+) -> None:
+    assert await claim_ids(broker) == []
+    with foreign_channel(path) as channel:
+        run_id = foreign_submit(path)
+        await poke_and_wait(broker, channel, b"w" + run_id.encode())
+        (claimed,) = await broker.claim("w1", ["say"], limit=1, lease_seconds=LEASE)
+        assert (claimed.id, claimed.state, claimed.attempts) == (run_id, RunState.RUNNING, 1)
+        assert claimed.lease_owner == "w1"
+        # The same poke again (a duplicate, a late one) claims nothing twice.
+        await poke_and_wait(broker, channel, b"w" + run_id.encode())
+        assert await claim_ids(broker) == []
+    assert await broker.complete("w1", run_id, 1, "1")
+    stored = await broker.get(run_id)
+    assert stored is not None
+    assert (stored.state, stored.attempts) == (RunState.COMPLETED, 1)
+
+
+@pytest.mark.anyio
+async def test_a_named_run_never_goes_before_an_older_due_run_left_over(
+    broker: SqliteBroker, path: Path
+) -> None:
+    older = [foreign_submit(path), foreign_submit(path)]
+    # The claim takes one and leaves the other due.
+    assert await claim_ids(broker) == older[:1]
+    with foreign_channel(path) as channel:
+        named = foreign_submit(path)
+        await poke_and_wait(broker, channel, b"w" + named.encode())
+        assert await claim_ids(broker) == older[1:]
+        assert await claim_ids(broker) == [named]
+
+
+@pytest.mark.anyio
+async def test_a_named_run_never_goes_before_a_scheduled_run_come_due(
+    path: Path,
+) -> None:
+    now = [time.time()]
+    async with SqliteBroker(path, clock=lambda: now[0]) as broker:
+        scheduled = foreign_submit(path, scheduled_at=now[0] + 0.05)
+        assert await claim_ids(broker) == []
+        now[0] += 0.1
+        with foreign_channel(path) as channel:
+            named = foreign_submit(path, scheduled_at=now[0])
+            await poke_and_wait(broker, channel, b"w" + named.encode())
+            assert await claim_ids(broker) == [scheduled]
+            assert await claim_ids(broker) == [named]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", [b"w", b"w\xff\xfe", b"zz", b"w" + b"0" * 300, b"wno-such-run"])
+async def test_a_poke_that_names_no_run_or_makes_no_sense_claims_every_due_run(
+    broker: SqliteBroker, path: Path, kind: bytes
+) -> None:
+    assert await claim_ids(broker) == []
+    with foreign_channel(path) as channel:
+        runs = [foreign_submit(path), foreign_submit(path)]
+        await poke_and_wait(broker, channel, kind)
+        assert sorted(await claim_ids(broker, limit=5)) == sorted(runs)
+
+
+@pytest.mark.anyio
+async def test_a_run_named_beside_one_of_a_task_not_served_is_claimed_alone(
+    broker: SqliteBroker, path: Path
+) -> None:
+    assert await claim_ids(broker) == []
+    with foreign_channel(path) as channel:
+        other = foreign_submit(path, "other")
+        await poke_and_wait(broker, channel, b"w" + other.encode())
+        assert await claim_ids(broker) == []
+        mine = foreign_submit(path)
+        await poke_and_wait(broker, channel, b"w" + mine.encode())
+        assert await claim_ids(broker) == [mine]
+    stored = await broker.get(other)
+    assert stored is not None
+    assert stored.state is RunState.SCHEDULED
+
+
+@pytest.mark.anyio
+async def test_an_older_run_whose_poke_was_lost_is_claimed_by_the_next_look(
+    broker: SqliteBroker, path: Path
+) -> None:
+    assert await claim_ids(broker) == []
+    with foreign_channel(path) as channel:
+        lost = foreign_submit(path)  # its poke never came
+        named = foreign_submit(path)
+        await poke_and_wait(broker, channel, b"w" + named.encode())
+        claimed = await claim_ids(broker, limit=5)
+        # Claimed by id, the named run may come alone: the poll of the file (every
+        # quarter of a second) sees the other commit, and the next claim looks at all.
+        with anyio.fail_after(4):
+            while len(claimed) < 2:
+                await broker.wait_for_work(timeout=5)
+                claimed += await claim_ids(broker, limit=5)
+        assert sorted(claimed) == sorted([lost, named])
+
+
+@pytest.mark.anyio
+async def test_a_named_run_of_a_task_at_its_concurrency_limit_is_not_claimed(
+    broker: SqliteBroker, path: Path
+) -> None:
+    limits = {"say": 1}
+    first = foreign_submit(path)
+    claimed = await broker.claim("w1", ["say"], limit=5, lease_seconds=LEASE, concurrency=limits)
+    assert [r.id for r in claimed] == [first]
+    with foreign_channel(path) as channel:
+        named = foreign_submit(path)
+        await poke_and_wait(broker, channel, b"w" + named.encode())
+        claimed = await broker.claim(
+            "w1", ["say"], limit=5, lease_seconds=LEASE, concurrency=limits
+        )
+        assert claimed == []
+    assert await broker.complete("w1", first, 1, "1")
+    claimed = await broker.claim("w1", ["say"], limit=5, lease_seconds=LEASE, concurrency=limits)
+    assert [r.id for r in claimed] == [named]

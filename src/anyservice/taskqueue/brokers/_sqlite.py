@@ -35,6 +35,7 @@ from .._records import FINISHED_STATES, RunError, RunRecord, RunState, abandoned
 from ._base import BaseBroker, Claimed
 from ._notifier import ChangeNotifier
 from ._sqlite_cluster import SqliteClusterStorage, forget_purged
+from ._sqlite_named import NamedWork, claim_named
 from ._sqlite_rows import (
     INSERT,
     MIGRATIONS,
@@ -252,21 +253,30 @@ def _claiming(
     concurrency: dict[str, int],
 ) -> Callable[[sqlite3.Connection], Claimed]:
     """The operation of ``broker``'s claim, alone or after a batch's results."""
+    named = broker._named.take(names, limit, broker._next_due, broker._clock())
+    unlimited = [name for name in names if name not in concurrency]
 
     def claim(conn: sqlite3.Connection) -> Claimed:
         broker._db.check_file()
         now = broker._clock()
+        runs, whole = claim_named(conn, named, unlimited, owner, (now, lease_seconds))
+        if named and whole:
+            return Claimed(runs, False, broker._next_due, False)
         _keep_workers(conn, owner, now, broker._this, broker._workers_seen)
         finished = _crash_abandoned(conn, now)
         if not names:
             if finished:
                 broker._db.signal(CHANGE)
             return Claimed([], finished, None)
-        due = _claim_due(conn, names, owner, limit, (now, now + lease_seconds), concurrency)
+        due = _claim_due(
+            conn, names, owner, limit - len(runs), (now, now + lease_seconds), concurrency
+        )
+        broker._named.looked(names, now, not (due.left_over or due.held_back))
         next_due = now if due.left_over else _next_due_time(conn, names, now)
         if finished or due.corrupt:
             broker._db.signal(CHANGE)
-        return Claimed(due.claimed, finished or due.corrupt, next_due, due.held_back)
+        claimed = runs + due.claimed
+        return Claimed(claimed, finished or due.corrupt, next_due, due.held_back)
 
     return claim
 
@@ -504,6 +514,7 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
             on_commit=self._committed,
         )
         self._channel: WakeChannel | None = None
+        self._named = NamedWork(self._notifier, SIGNALLED_POLL_INTERVAL)
         self._data_version = 0
         self._last_poll = -math.inf
         # This process, as the workers table records it.
@@ -642,14 +653,18 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
     # --- signals between processes ---------------------------------------------------------
 
     def _committed(self, signals: set[bytes]) -> None:
-        # In the connection's thread, after the commit: other processes may look now.
+        # After the commit: other processes may look now. A lone work signal may name
+        # its run (a submit of one due run); several, or none, name nothing.
         channel = self._channel
         if channel is not None:
-            channel.poke(WORK if WORK in signals else CHANGE)
+            work = [signal for signal in signals if signal.startswith(WORK)]
+            channel.poke(work[0] if len(work) == 1 else WORK if work else CHANGE)
 
-    def _poked(self, work: bool) -> None:
+    def _poked(self, work: bool, run_ids: list[str] | None) -> None:
         # In the event loop watching the channel (or its thread): another process
         # committed a change.
+        if work:
+            self._named.poked(run_ids)
         self._notifier.notify_from_thread(work=work)
 
     # --- the broker protocol -------------------------------------------------------------
@@ -664,7 +679,10 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
             self._db.check_file()
             conn.executemany(INSERT, values)
 
-        await self._db.call(insert, signal=WORK, inline=len(values) <= _INLINE_ROWS)
+        # One run due now is named, for a worker to claim it by id.
+        lone = len(runs) == 1 and runs[0].scheduled_at <= self._clock()
+        signal = WORK + runs[0].id.encode() if lone else WORK
+        await self._db.call(insert, signal=signal, inline=len(values) <= _INLINE_ROWS)
 
     async def _claim(
         self,
