@@ -313,8 +313,10 @@ def _rows_in_the_database_file(path: Path) -> int:
     with contextlib.closing(sqlite3.connect(f"file:{path}?immutable=1", uri=True)) as conn:
         try:
             (count,) = conn.execute("SELECT COUNT(*) FROM anyservice_runs").fetchone()
-        except sqlite3.OperationalError:
-            return 0  # not even the table is there yet
+        except sqlite3.DatabaseError:
+            # Not even the table is there yet, or the file changed under this read (which
+            # assumes it does not): the caller looks again.
+            return 0
         return int(count)
 
 

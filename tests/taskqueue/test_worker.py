@@ -38,6 +38,7 @@ from anyservice.taskqueue import (
     current_run,
     serve,
 )
+from anyservice.taskqueue._errors import BrokerError
 from anyservice.taskqueue.brokers import broker_from_url
 from tests._postgres import postgres_schema
 
@@ -995,12 +996,14 @@ async def test_leases_are_renewed_once_an_interval_not_at_every_batch_of_runs() 
 
 
 class CompletionCountingBroker(MemoryBroker):
-    """A memory broker that counts the calls recording results, and the results in each."""
+    """A memory broker that counts the calls recording results, and the results in each;
+    its first ``refusals`` claims that carry results fail, storing nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, refusals: int = 0) -> None:
         super().__init__()
         self.batches: list[int] = []
         self.singles = 0
+        self.refusals = refusals
 
     async def complete_many(self, owner: str, results: Mapping[str, tuple[int, str]]) -> set[str]:
         self.batches.append(len(results))
@@ -1013,6 +1016,9 @@ class CompletionCountingBroker(MemoryBroker):
         tasks: Collection[str],
         **options: Any,
     ) -> tuple[set[str], list[RunRecord]]:
+        if results and self.refusals:
+            self.refusals -= 1
+            raise BrokerError("the storage is unavailable")
         if results:
             self.batches.append(len(results))
         return await super().complete_and_claim(owner, results, tasks, **options)
@@ -1157,6 +1163,27 @@ async def test_the_next_claim_waits_for_the_last_result_and_stores_it_first() ->
             assert await two.result(timeout=30) == RunState.COMPLETED.value
         assert broker.batches[0] == {one.id}
         assert worker.counts["completed"] == 2
+
+
+@pytest.mark.virtual_time
+async def test_results_whose_claim_failed_are_recorded_all_the_same() -> None:
+    broker = CompletionCountingBroker(refusals=3)
+    async with TaskQueue(broker=broker) as queue:
+
+        @queue.task
+        async def double(number: int) -> int:
+            return 2 * number
+
+        async with TaskWorker(double, limit=5) as worker:
+            runs = await double.map(range(20))
+            assert [await run.result(timeout=60) for run in runs] == [
+                2 * number for number in range(20)
+            ]
+        # Nothing lost or run twice: every run completed once, at its first attempt.
+        assert broker.refusals == 0
+        assert worker.counts["completed"] == 20
+        assert {run.attempts for run in runs} == {1}
+        assert sum(broker.batches) == 20
 
 
 @pytest.mark.virtual_time
