@@ -187,8 +187,11 @@ class IntervalSchedule:
         # The quotient can round either way, but grid(k) is monotone in k, so stepping
         # from the estimate to the exact first grid point takes at most a step or two.
         index = max(lowest, math.ceil((moment - self._anchor) / self._interval))
-        while index > lowest and self._grid(index - 1) >= moment:
-            index -= 1
+        # Not mutated: stepping down too far (`index -= 2`, `grid(index + 1)`) is undone by
+        # the loop after, and `index >= lowest` is the same because every caller's grid
+        # point lowest - 1 is before moment.
+        while index > lowest and self._grid(index - 1) >= moment:  # pragma: no mutate
+            index -= 1  # pragma: no mutate
         while self._grid(index) < moment:
             index += 1
         return index
@@ -214,7 +217,10 @@ class IntervalSchedule:
         ran = self._index
         if started_at <= self._grid(ran + 1):
             return 0
-        latest = self._first_index_at_or_after(started_at, ran + 1)
+        # Grid point ran + 1 is before started_at, so any lower bound up to ran + 2 gives
+        # the same index.
+        above = ran + 1  # pragma: no mutate
+        latest = self._first_index_at_or_after(started_at, above)
         if self._grid(latest) > started_at:
             latest -= 1
         self._index = latest
@@ -245,7 +251,10 @@ class IntervalSchedule:
             self._index = ran + 1
             return TickOutcome(lateness=lateness, overran=overran, missed=0)
 
-        on_time = self._first_index_at_or_after(finished_at, ran + 2)
+        # Grid point ran + 1 is before finished_at, so any lower bound up to ran + 2 (the
+        # bound given) gives the same index.
+        above = ran + 2  # pragma: no mutate
+        on_time = self._first_index_at_or_after(finished_at, above)
         if self._policy is MissedTickPolicy.SKIP:
             self._index = on_time
             return TickOutcome(lateness=lateness, overran=True, missed=on_time - ran - 1)
@@ -337,11 +346,13 @@ class CronSchedule:
         self._expression = expression
         expanded: list[list[int | str]] = parsed.expanded
         # croniter writes a full list of hours as "*"; the set comparison is for releases
-        # that might list them instead.
-        self._every_hour = expanded[1] == ["*"] or set(expanded[1]) == set(range(24))
+        # that might list them instead, so with this one it is never true (not mutated).
+        lists_every_hour = set(expanded[1]) == set(range(24))  # pragma: no mutate
+        self._every_hour = expanded[1] == ["*"] or lists_every_hour
         # A year field makes "never fires" depend on the year it is asked from; start the
-        # probe just before the earliest year it names.
-        probe_from = _PROBE_DATE
+        # probe just before the earliest year it names. Without one, the Gregorian calendar
+        # repeats every 400 years: probing from now (None) would find the same answer.
+        probe_from = _PROBE_DATE  # pragma: no mutate
         if len(expanded) == 7 and expanded[6] != ["*"]:
             years = [int(year) for year in expanded[6]]
             probe_from = datetime.datetime(min(years), 1, 1) - _ONE_SECOND
@@ -386,7 +397,9 @@ class CronSchedule:
             raise TypeError(f"moment must be a datetime, got {type(moment).__name__}")
         if moment.utcoffset() is None:
             raise ValueError(f"moment must be a timezone-aware datetime, got {moment!r}")
-        instant = moment.astimezone(_UTC)
+        # Not mutated: astimezone(None), the system's zone at that instant, is a fixed
+        # offset too, and everything below compares and adds instants, never wall times.
+        instant = moment.astimezone(_UTC)  # pragma: no mutate
         local = instant.astimezone(self._timezone)
         wall = local.replace(tzinfo=None)
         # On the first pass through a repeated stretch, the matching wall times already
@@ -394,7 +407,8 @@ class CronSchedule:
         behind: datetime.datetime | None = None
         if self._every_hour and local.fold == 0:
             early, late = self._offsets(wall)
-            if early > late:
+            # Not mutated: with early == late, a stretch of no length holds no repeat.
+            if early > late:  # pragma: no mutate
                 behind = self._first_repeat_after(instant, wall, early - late)
         candidates = self._walls_from(wall, instant)
         while True:
@@ -418,8 +432,11 @@ class CronSchedule:
             TypeError: If ``now`` is not a datetime.
             ValueError: If ``now`` is naive or the expression never fires after it.
         """
-        fire = self.next_after(now)
-        return max(0.0, (fire.astimezone(_UTC) - now.astimezone(_UTC)).total_seconds())
+        # In UTC, because datetimes sharing a tzinfo subtract by wall time. Not mutated: any
+        # other fixed offset (astimezone(None)) gives the same difference.
+        fire = self.next_after(now).astimezone(_UTC)  # pragma: no mutate
+        start = now.astimezone(_UTC)  # pragma: no mutate
+        return max(0.0, (fire - start).total_seconds())
 
     def _walls_from(
         self, start: datetime.datetime, moment: datetime.datetime
@@ -427,7 +444,10 @@ class CronSchedule:
         """Yield the matching wall times from ``start`` (whole seconds) on, in order."""
         # croniter is given naive wall times so that it does plain calendar arithmetic: its
         # own DST handling is bypassed, and each wall time is resolved to instants below.
-        first = start.replace(microsecond=0) - _ONE_SECOND
+        # Not mutated: croniter's next whole second after x.000001 - 1 s is the one after
+        # x - 1 s, so microsecond=1 is the same.
+        whole = start.replace(microsecond=0)  # pragma: no mutate
+        first = whole - _ONE_SECOND
         walk = croniter(self._expression, first)
         while True:
             try:
@@ -440,8 +460,10 @@ class CronSchedule:
             yield wall
 
     def _offsets(self, wall: datetime.datetime) -> tuple[datetime.timedelta, datetime.timedelta]:
+        # Not mutated: every wall time passed in has fold=0 already (croniter's, or a local
+        # time at its first occurrence), so dropping fold=0 is the same.
         return (
-            _utcoffset(wall.replace(tzinfo=self._timezone, fold=0)),
+            _utcoffset(wall.replace(tzinfo=self._timezone, fold=0)),  # pragma: no mutate
             _utcoffset(wall.replace(tzinfo=self._timezone, fold=1)),
         )
 
@@ -455,7 +477,7 @@ class CronSchedule:
         early, late = self._offsets(wall)
         if early == late:
             return (wall - early).replace(tzinfo=_UTC), None
-        if early > late:
+        if early > late:  # pragma: no mutate (early == late returned above)
             first = (wall - early).replace(tzinfo=_UTC)
             if self._every_hour:
                 return first, (wall - late).replace(tzinfo=_UTC)
@@ -471,7 +493,9 @@ class CronSchedule:
         """Return the first instant in ``(before, after]`` that has ``after``'s UTC offset."""
         target = _utcoffset(after.astimezone(self._timezone))
         while after - before > _ONE_MICROSECOND:
-            middle = before + (after - before) // 2
+            # Not mutated: halving with / (rounded to the microsecond) instead of // moves
+            # the same bounds to the same microsecond.
+            middle = before + (after - before) // 2  # pragma: no mutate
             if _utcoffset(middle.astimezone(self._timezone)) == target:
                 after = middle
             else:

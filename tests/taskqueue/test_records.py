@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
+import operator
 import re
 import traceback
 import uuid
@@ -608,6 +611,37 @@ def test_a_batch_of_new_run_ids_are_distinct_uuid4_hex_strings() -> None:
         parsed = uuid.UUID(run_id)
         assert (parsed.hex, parsed.version, parsed.variant) == (run_id, 4, uuid.RFC_4122)
     assert records.new_run_ids(0) == []
+
+
+# The hex digits of a uuid4 that are random, and which of their bits: all but the version
+# digit (12, always 4) and the two high bits of the variant digit (16, binary 10xx).
+RANDOM_BITS_OF_DIGIT = dict.fromkeys(range(32), 0xF) | {12: 0x0, 16: 0x3}
+RANDOM_DIGITS = [digit for digit, bits in RANDOM_BITS_OF_DIGIT.items() if bits]
+
+
+def test_every_random_bit_of_a_batch_of_run_ids_varies_on_its_own() -> None:
+    ids = records.new_run_ids(500)
+    columns = {digit: [int(run_id[digit], 16) for run_id in ids] for digit in range(32)}
+    for digit, values in columns.items():
+        random_bits = RANDOM_BITS_OF_DIGIT[digit]
+        # Each random bit is 0 in some ids and 1 in others (2**-499 odds of failing by chance).
+        assert functools.reduce(operator.and_, values) & random_bits == 0, digit
+        assert functools.reduce(operator.or_, values) & random_bits == random_bits, digit
+    # No random digit is a copy of another, in the same id or in the next one (the last
+    # id's next being the first): sharing bytes would make ids guessable from each other.
+    for digit, other in itertools.product(RANDOM_DIGITS, repeat=2):
+        following = columns[other][1:] + columns[other][:1]
+        assert columns[digit] != following, (digit, other)
+        if digit != other:
+            assert columns[digit] != columns[other], (digit, other)
+
+
+def test_the_ids_of_a_batch_of_two_share_no_random_digit() -> None:
+    batches = [records.new_run_ids(2) for _ in range(200)]
+    for digit in RANDOM_DIGITS:
+        # By chance, a digit would be the same in both ids of all 200 batches at odds of
+        # 4**-200 at most.
+        assert any(first[digit] != second[digit] for first, second in batches), digit
 
 
 def test_record_of_makes_the_record_its_constructor_would() -> None:

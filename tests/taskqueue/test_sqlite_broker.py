@@ -279,6 +279,66 @@ async def test_racing_brokers_on_one_file_claim_each_run_exactly_once(path: Path
     assert counts[RunState.COMPLETED] == 200
 
 
+@pytest.mark.anyio
+async def test_complete_and_claim_is_one_transaction_that_a_failing_claim_undoes(
+    broker: SqliteBroker, path: Path
+) -> None:
+    first, second = await broker.submit_many("say", [PAYLOAD, PAYLOAD])
+    (claimed,) = await broker.claim("w1", ["say"], limit=1, lease_seconds=LEASE)
+    before = broker.commits
+    done, (next_run,) = await broker.complete_and_claim(
+        "w1", {claimed.id: (claimed.attempts, '"hi"')}, ["say"], limit=5, lease_seconds=LEASE
+    )
+    assert (done, broker.commits - before) == ({claimed.id}, 1)
+    assert {claimed.id, next_run.id} == {first.id, second.id}
+    assert raw_column(path, "state", claimed.id) == "COMPLETED"
+    # A claim that fails (here a trigger refuses it) undoes the results stored before it.
+    await broker.submit("say", PAYLOAD)
+    with raw_connection(path) as conn:
+        conn.execute(
+            "CREATE TRIGGER refuse BEFORE UPDATE OF lease_owner ON anyservice_runs"
+            " WHEN NEW.state = 'RUNNING' BEGIN SELECT RAISE(ABORT, 'no claims'); END"
+        )
+    with pytest.raises(BrokerError, match="no claims"):
+        await broker.complete_and_claim(
+            "w1", {next_run.id: (next_run.attempts, '"hi"')}, ["say"], limit=5,
+            lease_seconds=LEASE,
+        )  # fmt: skip
+    assert raw_column(path, "state", next_run.id) == "RUNNING"
+    assert raw_column(path, "result", next_run.id) is None
+
+
+def _rows_in_the_database_file(path: Path) -> int:
+    """The runs in the database file itself, not counting what is still only in its WAL."""
+    with contextlib.closing(sqlite3.connect(f"file:{path}?immutable=1", uri=True)) as conn:
+        try:
+            (count,) = conn.execute("SELECT COUNT(*) FROM anyservice_runs").fetchone()
+        except sqlite3.OperationalError:
+            return 0  # not even the table is there yet
+        return int(count)
+
+
+@pytest.mark.anyio
+async def test_commits_reach_the_database_file_from_a_thread_of_their_own(
+    broker: SqliteBroker, path: Path
+) -> None:
+    # No commit of the broker copies its WAL into the file (SQLite's checkpoint, done
+    # by the commit that crosses 1 000 pages): a thread of the broker's does it soon
+    # after commits, however few.
+    assert (
+        await broker._db.call(
+            lambda conn: conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0], write=False
+        )
+        == 0
+    )
+    await broker.submit_many("say", [PAYLOAD] * 50)
+    deadline = time.monotonic() + 30
+    while _rows_in_the_database_file(path) < 50:
+        assert time.monotonic() < deadline, "the commits never reached the database file"
+        await anyio.sleep(0.01)
+    assert (await broker.counts())[RunState.SCHEDULED] == 50
+
+
 CLAIMING_PROCESS = textwrap.dedent(
     """
     import sys, time
