@@ -656,9 +656,14 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
         # After the commit: other processes may look now. A lone work signal may name
         # its run (a submit of one due run); several, or none, name nothing.
         channel = self._channel
-        if channel is not None:
+        if channel is None:
+            return
+        if len(signals) == 1:
+            (kind,) = signals  # the usual case, a lone call's
+        else:
             work = [signal for signal in signals if signal.startswith(WORK)]
-            channel.poke(work[0] if len(work) == 1 else WORK if work else CHANGE)
+            kind = work[0] if len(work) == 1 else WORK if work else CHANGE
+        channel.poke(kind)
 
     def _poked(self, work: bool, run_ids: list[str] | None) -> None:
         # In the event loop watching the channel (or its thread): another process
