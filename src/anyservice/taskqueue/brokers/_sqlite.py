@@ -453,6 +453,17 @@ def _count_states(conn: sqlite3.Connection) -> dict[RunState, int]:
     return counts
 
 
+def _poke_for(signals: set[bytes]) -> bytes:
+    """What to poke other processes with after a commit that asked for ``signals``: a
+    lone work signal may name its run (a submit of one due run); several, or none, name
+    nothing."""
+    if len(signals) == 1:
+        (kind,) = signals  # the usual case, a lone call's
+        return kind
+    work = [signal for signal in signals if signal.startswith(WORK)]
+    return work[0] if len(work) == 1 else WORK if work else CHANGE
+
+
 class SqliteBroker(SqliteClusterStorage, BaseBroker):
     """Task runs in a SQLite file shared by the processes of one machine.
 
@@ -653,12 +664,10 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
     # --- signals between processes ---------------------------------------------------------
 
     def _committed(self, signals: set[bytes]) -> None:
-        # After the commit: other processes may look now. A lone work signal may name
-        # its run (a submit of one due run); several, or none, name nothing.
+        # After the commit: other processes may look now.
         channel = self._channel
         if channel is not None:
-            work = [signal for signal in signals if signal.startswith(WORK)]
-            channel.poke(work[0] if len(work) == 1 else WORK if work else CHANGE)
+            channel.poke(_poke_for(signals))
 
     def _poked(self, work: bool, run_ids: list[str] | None) -> None:
         # In the event loop watching the channel (or its thread): another process

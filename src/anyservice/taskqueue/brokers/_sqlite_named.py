@@ -20,7 +20,7 @@ import time
 from .. import _records as records
 from .._records import RunRecord
 from ._notifier import ChangeNotifier
-from ._sqlite_rows import SELECT, read_row
+from ._sqlite_rows import SELECT, lease_in_place, read_row
 
 __all__ = ["NamedWork", "claim_named"]
 
@@ -110,8 +110,8 @@ def claim_named(
         lease = None
         if row is not None:
             seq, run, corrupt = read_row(row)
-            if not corrupt and run.task in tasks:
-                lease = records.claim(run, owner, now, lease_seconds)
+            if not corrupt and run.task in tasks and records.claimable(run, now):
+                lease = lease_in_place(run, now, owner, now + lease_seconds)
         if lease is None:
             whole = False
             break

@@ -374,7 +374,7 @@ class _InlineCalls(_Transactions):
             # Other tasks' calls in this pass of the event loop after this one are
             # concurrent with it: they run together at the next pass, sharing a
             # transaction. The same task's next calls cannot share one anyway.
-            task = anyio.get_current_task().id
+            task = id(loop.current_task())
             if self._inline_this_pass not in (None, task):
                 return self._gather(function, write, signal, loop)
             self._inline = True
