@@ -1,15 +1,24 @@
-"""Where the time goes between a submit and the run's first line, across processes, on PostgreSQL.
+"""Where the time goes between a submit and the run's first line, across processes.
 
 Not part of ``run.py``: a trace for finding what to cut, printed as a table.
-``python benchmarks/profile_postgres_latency.py [asyncio|trio] [PROBES]``.
+``python benchmarks/profile_postgres_latency.py [asyncio|trio] [PROBES] [--sqlite]``.
+
+``--sqlite``: the same on a fresh SQLite file, the ``taskqueue`` benchmark's latency rows
+(probes 2 ms apart). Noted in the submitter: ``delay()`` called, the broker's submit
+entered (the task's options and payload encoded), the transaction's statements begun and
+committed (INSERT, COMMIT), the datagram sent and ``delay()`` returned; in the worker: its
+socket readable, the wait for work returned (the woken task running), the claim entered,
+its statements begun and committed, the broker's claim returned, and the body's first line.
+Each step is the time between two notes, median and 90th percentile.
 
 A PostgreSQL server of its own (Debian's binaries, as the tests start it, ``fsync`` and
 ``synchronous_commit`` on), one ``serve()`` worker process, and ``await stamp.delay()``
 here, one probe at a time, as the ``postgres`` benchmark's latency rows do. Both processes
 note wall-clock times at the steps of the way (the broker's methods wrapped, nothing else
 changed): the submit's statement, its time in a worker thread if it went through one, the
-LISTEN socket turning readable in the worker, the claim (and its statement's time in a
-thread), and the body's first line, which returns the worker's notes. Medians and 90th
+LISTEN socket turning readable in the worker, the claim (from its statement's sending, if
+that came first, as for a claim sent as the notification is read; and its statement's time
+in a thread), and the body's first line, which returns the worker's notes. Medians and 90th
 percentiles of each step over the probes, in ms. The wrapping costs a few µs per step;
 run it on the tree to measure (``PYTHONPATH=src``), before and after a change.
 """
@@ -35,6 +44,8 @@ if str(ROOT) not in sys.path:
 
 PROBES = 300
 GAP = 0.02
+#: The ``taskqueue`` benchmark's gap between probes.
+SQLITE_GAP = 0.002
 
 #: (step, wall-clock time) noted in this process since the last probe.
 NOTES: list[tuple[str, float]] = []
@@ -57,8 +68,11 @@ def _timed(method: Callable[..., Any], step: str) -> Callable[..., Any]:
     return timed
 
 
-def instrument() -> None:
+def instrument(url: str) -> None:
     """Wrap the broker's steps (those this tree has) so that each call notes its times."""
+    if url.startswith("sqlite"):
+        instrument_sqlite()
+        return
     from anyservice.taskqueue.brokers import _postgres as pg
 
     for owner, name, step in (
@@ -81,6 +95,16 @@ def instrument() -> None:
             note("thread.end")
 
     pg._Connections._in_thread = noted_in_thread  # type: ignore[method-assign]
+    from anyservice.taskqueue.brokers import _postgres_direct as direct
+
+    send = direct.DirectConnection.__dict__.get("send")
+    if send is not None:  # a claim may go out before the claim call (sent ahead)
+
+        def noted_send(self: Any, *args: Any) -> Any:
+            note("send")
+            return send(self, *args)
+
+        direct.DirectConnection.send = noted_send  # type: ignore[method-assign]
     wait_readable = anyio.wait_readable
 
     async def noted_wait_readable(obj: Any) -> None:
@@ -88,6 +112,92 @@ def instrument() -> None:
         note("readable")
 
     anyio.wait_readable = noted_wait_readable  # type: ignore[assignment]
+
+
+def _noted(function: Callable[..., Any], step: str, *, after: bool = False) -> Any:
+    """The sync ``function`` noting ``step`` before it runs (or after it returned)."""
+
+    @functools.wraps(function)
+    def noted(*args: Any, **kwargs: Any) -> Any:
+        if not after:
+            note(step)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            if after:
+                note(step)
+
+    return noted
+
+
+def instrument_sqlite() -> None:
+    """Wrap the SQLite broker's steps, in whichever process this is."""
+    from anyservice.taskqueue.brokers import _base, _sqlite, _sqlite_thread, _wake_channel
+
+    broker = _sqlite.SqliteBroker
+    for name, step in (("submit", "submit"), ("_claim", "claim"), ("claim", "claimed")):
+        setattr(broker, name, _timed(getattr(broker, name), step))
+    wait_for_work = _base.BaseBroker.wait_for_work
+
+    async def noted_wait(self: Any, timeout: float) -> None:
+        await wait_for_work(self, timeout)
+        note("woken")
+
+    broker.wait_for_work = noted_wait  # type: ignore[method-assign]
+    transactions = _sqlite_thread._Transactions
+    execute = transactions._execute
+    transactions._execute = _noted(  # type: ignore[method-assign]
+        _noted(execute, "execute.end", after=True), "execute.start"
+    )
+    channel = _wake_channel.WakeChannel
+    channel.poke = _noted(  # type: ignore[method-assign]
+        _noted(channel.poke, "poke.end", after=True), "poke.start"
+    )
+    channel._drain = _noted(channel._drain, "readable")  # type: ignore[method-assign]
+
+
+#: The SQLite path: (step, whose note it starts from, whose note it ends at), each note
+#: named ``side:name`` (``mine``: the submitter's, ``theirs``: the worker's), each the
+#: first of its name after the note before it.
+SQLITE_PATH = (
+    ("delay(): called to the broker's submit (options, encode)", "mine:begun", "mine:submit.start"),
+    ("submit: to its transaction's start", "mine:submit.start", "mine:execute.start"),
+    ("submit: INSERT + COMMIT", "mine:execute.start", "mine:execute.end"),
+    ("submit: committed to the datagram's send", "mine:execute.end", "mine:poke.start"),
+    ("submit: the datagram's send", "mine:poke.start", "mine:poke.end"),
+    ("submit: sent to delay()'s return", "mine:poke.end", "mine:delay.end"),
+    ("datagram: sent to the worker's socket readable", "mine:poke.start", "theirs:readable"),
+    ("wake: readable to the woken wait's return", "theirs:readable", "theirs:woken"),
+    ("wake: returned to the claim's start", "theirs:woken", "theirs:claim.start"),
+    ("claim: to its transaction's start", "theirs:claim.start", "theirs:execute.start"),
+    ("claim: its statements + COMMIT", "theirs:execute.start", "theirs:execute.end"),
+    ("claim: committed to the broker's claim returned", "theirs:execute.end", "theirs:claimed.end"),
+    ("start: claimed to the body's first line", "theirs:claimed.end", "theirs:started"),
+)
+
+
+def _sqlite_steps(
+    begun: float, mine: list[tuple[str, float]], started: float, theirs: list[Any]
+) -> dict[str, float]:
+    """One probe's steps along :data:`SQLITE_PATH`, in ms (those whose notes were found)."""
+    notes = {
+        "mine": [("begun", begun), *mine],
+        "theirs": [*((name, at) for name, at in theirs), ("started", started)],
+    }
+    found: dict[str, float] = {"mine:begun": begun}
+    steps: dict[str, float] = {"submit to start": (started - begun) * 1e3}
+    for label, start, end in SQLITE_PATH:
+        side, name = end.split(":")
+        after = found.get(start)
+        if after is None:
+            continue
+        if end not in found:
+            at = _first(notes[side], name, after)
+            if at is None:
+                continue
+            found[end] = at
+        steps[label] = (found[end] - after) * 1e3
+    return steps
 
 
 def define(url: str) -> tuple[Any, Any]:
@@ -110,7 +220,7 @@ def worker_main(url: str, backend: str) -> int:
     import anyservice.taskqueue as taskqueue
 
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
-    instrument()
+    instrument(url)
     _, stamp = define(url)
     code: int = taskqueue.serve(stamp, backend=backend, limit=10)
     return code
@@ -137,6 +247,9 @@ def _steps(
         steps["  submit: of which in a worker thread"] = thread_end - thread_start
     readable = _first(notes, "readable", begun)
     claim_start = _first(notes, "claim.start", readable or begun)
+    ahead = _first(notes, "send", readable or begun)
+    if claim_start is not None and ahead is not None and ahead < claim_start:
+        claim_start = ahead  # sent ahead, as the notification was read
     claim_end = _first(notes, "claim.end", claim_start or begun)
     if readable is None or claim_start is None or claim_end is None:
         return {name: value * 1e3 for name, value in steps.items()}
@@ -157,7 +270,8 @@ def _steps(
 
 
 async def trace(url: str, backend: str, probes: int) -> list[dict[str, float]]:
-    instrument()
+    instrument(url)
+    sqlite = url.startswith("sqlite")
     queue, stamp = define(url)
     traced = []
     with tempfile.TemporaryDirectory() as directory:
@@ -175,10 +289,12 @@ async def trace(url: str, backend: str, probes: int) -> list[dict[str, float]]:
                     NOTES.clear()
                     begun = time.time()
                     run = await stamp.delay()
+                    note("delay.end")
                     mine = list(NOTES)
                     started, theirs = await run.result(timeout=30)
-                    traced.append(_steps(begun, mine, started, theirs))
-                    await anyio.sleep(GAP)
+                    steps = _sqlite_steps if sqlite else _steps
+                    traced.append(steps(begun, mine, started, theirs))
+                    await anyio.sleep(SQLITE_GAP if sqlite else GAP)
         finally:
             process.kill()
             await process.wait()
@@ -199,8 +315,15 @@ def report(backend: str, traced: list[dict[str, float]]) -> None:
 def main() -> None:
     from tests._postgres import postgres_schema, postgres_server
 
-    backend = next((arg for arg in sys.argv[1:] if not arg.isdigit()), "asyncio")
-    probes = next((int(arg) for arg in sys.argv[1:] if arg.isdigit()), PROBES)
+    args = [arg for arg in sys.argv[1:] if arg != "--sqlite"]
+    backend = next((arg for arg in args if not arg.isdigit()), "asyncio")
+    probes = next((int(arg) for arg in args if arg.isdigit()), PROBES)
+    if "--sqlite" in sys.argv[1:]:
+        with tempfile.TemporaryDirectory() as directory:
+            url = f"sqlite:///{Path(directory) / 'runs.db'}"
+            traced = anyio.run(functools.partial(trace, url, backend, probes), backend=backend)
+        report(backend, traced)
+        return
     with postgres_server(durable=True) as server, postgres_schema(server) as url:
         traced = anyio.run(functools.partial(trace, url, backend, probes), backend=backend)
     report(backend, traced)

@@ -7,6 +7,7 @@ PostgreSQL too.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
@@ -307,6 +308,82 @@ async def test_a_run_finished_while_the_listen_connection_was_down_is_seen(url: 
         assert (waiter.before_listening, waiter.listen_connects) == (None, 2)
 
 
+class CountsReads(PostgresBroker):
+    """A real broker that counts its reads of one run (``get``)."""
+
+    reads = 0
+
+    async def _get(self, run_id: str) -> Any:
+        self.reads += 1
+        return await super()._get(run_id)
+
+
+async def test_a_run_submitted_while_listening_is_read_once_it_finished(url: str) -> None:
+    async with CountsReads(url) as submitter, PostgresBroker(url) as worker:
+        earlier = await submitter.submit("say", PAYLOAD)
+        # Not listening when it was stored: the wait reads it first (and LISTENs).
+        record = await submitter.wait_until_finished(earlier.id, timeout=0.05)
+        assert record is not None
+        assert submitter.reads >= 1
+        assert submitter.listen_connects == 1
+        run = await submitter.submit("say", PAYLOAD)
+        reads = submitter.reads
+        finished: dict[str, RunState] = {}
+        with anyio.fail_after(PROMPTLY):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(note_finish, submitter, run.id, finished)
+                await anyio.sleep(0.1)
+                # Stored while listening: its finish is sure to be notified, so no read yet.
+                assert submitter.reads == reads
+                claimed = await worker.claim("w1", ["say"], limit=2, lease_seconds=30)
+                assert {r.id for r in claimed} == {earlier.id, run.id}
+                assert await worker.complete("w1", run.id, 1, '"ok"')
+        assert finished == {run.id: RunState.COMPLETED}
+        assert submitter.reads == reads + 1
+
+
+async def test_a_run_submitted_while_listening_is_read_after_the_connection_is_lost(
+    url: str,
+) -> None:
+    async with CountsReads(url) as submitter, PostgresBroker(url) as worker:
+        assert await submitter.claim("w0", ["other"], limit=1, lease_seconds=30) == []
+        assert submitter._listener is not None
+        run = await submitter.submit("say", PAYLOAD)
+        # Lost after the submit, with the finish: its notification reaches nobody.
+        await admin(url, "SELECT pg_terminate_backend(%s)", submitter._listener.info.backend_pid)
+        assert await worker.claim("w1", ["say"], limit=1, lease_seconds=30)
+        assert await worker.complete("w1", run.id, 1, '"ok"')
+        # Polling is off (the fixture's URL): the lost connection makes the wait read.
+        with anyio.fail_after(PROMPTLY):
+            record = await submitter.wait_until_finished(run.id, timeout=3600)
+        assert record is not None
+        assert record.state is RunState.COMPLETED
+        assert submitter.reads == 1  # only once the lost connection said it must
+
+
+def keepalives_of(conn: psycopg.Connection[Any]) -> tuple[int, int, int, int]:
+    """The TCP keepalive settings of ``conn``'s socket: on, idle, interval, count."""
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        return (
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+        )
+
+
+async def test_the_listen_connection_sends_keepalives_unless_the_url_sets_them(
+    postgres_url: str,
+) -> None:
+    # A server gone without a word is noticed from the socket, not only by the polls.
+    for options, expected in (({}, (1, 5, 2, 3)), ({"keepalives_idle": "30"}, (1, 30, 2, 3))):
+        with postgres_schema(postgres_url, **options) as url:
+            async with PostgresBroker(url) as broker:
+                assert await broker.claim("w1", ["say"], limit=1, lease_seconds=30) == []
+                assert broker._listener is not None
+                assert keepalives_of(broker._listener) == expected
+
+
 async def note_finish(broker: PostgresBroker, run_id: str, finished: dict[str, RunState]) -> None:
     """Wait for the run to finish through ``broker``; note its final state in ``finished``."""
     record = await broker.wait_until_finished(run_id, timeout=3600)
@@ -438,6 +515,58 @@ async def test_a_run_named_by_its_notification_is_claimed(url: str) -> None:
         (run,) = [await worker.get(run_id) for run_id in submitted]
         assert run is not None
         assert (run.state, run.attempts, run.lease_owner) == (RunState.RUNNING, 1, "w1")
+
+
+async def claimed_ahead(worker: PostgresBroker, submitter: PostgresBroker) -> str:
+    """A run submitted while ``worker`` waits for work between claims by ``w1``, and found
+    RUNNING under ``w1`` before the worker claims again: claimed as its notification was
+    read. (A first round prepares the claim of named runs.)"""
+
+    async def submit() -> None:
+        await submitter.submit("say", PAYLOAD)
+
+    assert len(await claim_after_wake(worker, submit)) == 1
+    assert await worker.claim("w1", ["say"], limit=10, lease_seconds=30) == []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.wait_for_work, 3600)
+        await anyio.sleep(0.05)
+        run = await submitter.submit("say", PAYLOAD)
+    # Polled with a deadline (the caller's): another process's claim sets no event here.
+    while (record := await submitter.get(run.id)) is None or record.state is RunState.SCHEDULED:  # noqa: ASYNC110
+        await anyio.sleep(0.01)
+    assert (record.state, record.lease_owner, record.attempts) == (RunState.RUNNING, "w1", 1)
+    return run.id
+
+
+async def test_a_named_run_is_claimed_as_the_waiting_worker_reads_its_notification(
+    url: str,
+) -> None:
+    async with PostgresBroker(url) as worker, PostgresBroker(url) as submitter:
+        with anyio.fail_after(PROMPTLY):
+            run_id = await claimed_ahead(worker, submitter)
+            # The wait ends at once while the runs claimed ahead are not taken.
+            await worker.wait_for_work(3600)
+            runs = await worker.claim("w1", ["say"], limit=10, lease_seconds=30)
+        assert [(run.id, run.attempts) for run in runs] == [(run_id, 1)]
+
+
+async def test_runs_claimed_ahead_are_handed_back_to_a_claim_with_other_arguments(
+    url: str,
+) -> None:
+    async with PostgresBroker(url) as worker, PostgresBroker(url) as submitter:
+        with anyio.fail_after(PROMPTLY):
+            run_id = await claimed_ahead(worker, submitter)
+            runs = await worker.claim("w2", ["say"], limit=10, lease_seconds=30)
+        assert [(run.id, run.lease_owner, run.attempts) for run in runs] == [(run_id, "w2", 1)]
+
+
+async def test_runs_claimed_ahead_are_handed_back_as_the_broker_closes(url: str) -> None:
+    async with PostgresBroker(url) as submitter:
+        with anyio.fail_after(PROMPTLY):
+            async with PostgresBroker(url) as worker:
+                run_id = await claimed_ahead(worker, submitter)
+            runs = await submitter.claim("w3", ["say"], limit=10, lease_seconds=30)
+        assert [(run.id, run.lease_owner, run.attempts) for run in runs] == [(run_id, "w3", 1)]
 
 
 async def test_work_without_names_makes_the_next_claim_look_at_every_run(url: str) -> None:

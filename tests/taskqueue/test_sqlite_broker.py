@@ -14,6 +14,7 @@ import sys
 import textwrap
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -22,9 +23,11 @@ import anyio.to_thread
 import pytest
 
 from anyservice.taskqueue._errors import BrokerBusyError, BrokerError
-from anyservice.taskqueue._records import CORRUPT_RUN_ERROR_TYPE, PayloadError, RunState
+from anyservice.taskqueue._records import CORRUPT_RUN_ERROR_TYPE, PayloadError, RunState, new_run
 from anyservice.taskqueue._serialize import decode_arguments
 from anyservice.taskqueue.brokers._sqlite import SCHEMA_VERSION, SqliteBroker
+from anyservice.taskqueue.brokers._sqlite_rows import INSERT, insert_values
+from anyservice.taskqueue.brokers._wake_channel import WakeChannel
 
 PAYLOAD = '{"args":["hi"],"kwargs":{}}'
 LEASE = 30.0
@@ -274,6 +277,66 @@ async def test_racing_brokers_on_one_file_claim_each_run_exactly_once(path: Path
     claimed = [run_id for ids in claims.values() for run_id in ids]
     assert sorted(claimed) == sorted(submitted)
     assert counts[RunState.COMPLETED] == 200
+
+
+@pytest.mark.anyio
+async def test_complete_and_claim_is_one_transaction_that_a_failing_claim_undoes(
+    broker: SqliteBroker, path: Path
+) -> None:
+    first, second = await broker.submit_many("say", [PAYLOAD, PAYLOAD])
+    (claimed,) = await broker.claim("w1", ["say"], limit=1, lease_seconds=LEASE)
+    before = broker.commits
+    done, (next_run,) = await broker.complete_and_claim(
+        "w1", {claimed.id: (claimed.attempts, '"hi"')}, ["say"], limit=5, lease_seconds=LEASE
+    )
+    assert (done, broker.commits - before) == ({claimed.id}, 1)
+    assert {claimed.id, next_run.id} == {first.id, second.id}
+    assert raw_column(path, "state", claimed.id) == "COMPLETED"
+    # A claim that fails (here a trigger refuses it) undoes the results stored before it.
+    await broker.submit("say", PAYLOAD)
+    with raw_connection(path) as conn:
+        conn.execute(
+            "CREATE TRIGGER refuse BEFORE UPDATE OF lease_owner ON anyservice_runs"
+            " WHEN NEW.state = 'RUNNING' BEGIN SELECT RAISE(ABORT, 'no claims'); END"
+        )
+    with pytest.raises(BrokerError, match="no claims"):
+        await broker.complete_and_claim(
+            "w1", {next_run.id: (next_run.attempts, '"hi"')}, ["say"], limit=5,
+            lease_seconds=LEASE,
+        )  # fmt: skip
+    assert raw_column(path, "state", next_run.id) == "RUNNING"
+    assert raw_column(path, "result", next_run.id) is None
+
+
+def _rows_in_the_database_file(path: Path) -> int:
+    """The runs in the database file itself, not counting what is still only in its WAL."""
+    with contextlib.closing(sqlite3.connect(f"file:{path}?immutable=1", uri=True)) as conn:
+        try:
+            (count,) = conn.execute("SELECT COUNT(*) FROM anyservice_runs").fetchone()
+        except sqlite3.OperationalError:
+            return 0  # not even the table is there yet
+        return int(count)
+
+
+@pytest.mark.anyio
+async def test_commits_reach_the_database_file_from_a_thread_of_their_own(
+    broker: SqliteBroker, path: Path
+) -> None:
+    # No commit of the broker copies its WAL into the file (SQLite's checkpoint, done
+    # by the commit that crosses 1 000 pages): a thread of the broker's does it soon
+    # after commits, however few.
+    assert (
+        await broker._db.call(
+            lambda conn: conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0], write=False
+        )
+        == 0
+    )
+    await broker.submit_many("say", [PAYLOAD] * 50)
+    deadline = time.monotonic() + 30
+    while _rows_in_the_database_file(path) < 50:
+        assert time.monotonic() < deadline, "the commits never reached the database file"
+        await anyio.sleep(0.01)
+    assert (await broker.counts())[RunState.SCHEDULED] == 50
 
 
 CLAIMING_PROCESS = textwrap.dedent(
@@ -562,3 +625,169 @@ async def test_wait_until_finished_sees_a_run_finished_by_another_process(
             finished = await broker.wait_until_finished(run.id, timeout=5)
     assert finished is not None
     assert (finished.state, finished.result) == (RunState.COMPLETED, "1")
+
+
+# --- claims of the runs pokes named ------------------------------------------------------
+
+
+def foreign_submit(path: Path, task: str = "say", *, scheduled_at: float | None = None) -> str:
+    """Store a run as another process's broker would (its commit wakes nobody here)."""
+    run_id = uuid.uuid4().hex
+    run = new_run(
+        run_id,
+        task,
+        PAYLOAD,
+        retries=0,
+        retry_delay=0.0,
+        timeout=None,
+        max_attempts=3,
+        scheduled_at=scheduled_at,
+        now=time.time(),
+    )
+    with raw_connection(path) as conn:
+        conn.execute(INSERT, insert_values(run))
+    return run_id
+
+
+@contextlib.contextmanager
+def foreign_channel(path: Path) -> Iterator[WakeChannel]:
+    """Another process's wake channel on the file: what it pokes reaches the broker's."""
+    channel = WakeChannel(os.path.abspath(path), lambda work, named: None)
+    assert channel.open()
+    try:
+        yield channel
+    finally:
+        channel.close()
+
+
+async def claim_ids(
+    broker: SqliteBroker, limit: int = 1, tasks: tuple[str, ...] = ("say",)
+) -> list[str]:
+    return [r.id for r in await broker.claim("w1", tasks, limit=limit, lease_seconds=LEASE)]
+
+
+async def poke_and_wait(broker: SqliteBroker, channel: WakeChannel, kind: bytes) -> None:
+    """Poke the broker as another process's commit would; return once it heard of work."""
+    seen = broker._notifier.generation(work=True)
+    channel.poke(kind)
+    with anyio.fail_after(4):
+        while broker._notifier.generation(work=True) == seen:  # noqa: ASYNC110
+            await anyio.sleep(0.001)
+
+
+@pytest.mark.anyio
+async def test_a_run_named_by_a_poke_is_claimed_once_and_fenced(
+    broker: SqliteBroker, path: Path
+) -> None:
+    assert await claim_ids(broker) == []
+    with foreign_channel(path) as channel:
+        run_id = foreign_submit(path)
+        await poke_and_wait(broker, channel, b"w" + run_id.encode())
+        (claimed,) = await broker.claim("w1", ["say"], limit=1, lease_seconds=LEASE)
+        assert (claimed.id, claimed.state, claimed.attempts) == (run_id, RunState.RUNNING, 1)
+        assert claimed.lease_owner == "w1"
+        # The same poke again (a duplicate, a late one) claims nothing twice.
+        await poke_and_wait(broker, channel, b"w" + run_id.encode())
+        assert await claim_ids(broker) == []
+    assert await broker.complete("w1", run_id, 1, "1")
+    stored = await broker.get(run_id)
+    assert stored is not None
+    assert (stored.state, stored.attempts) == (RunState.COMPLETED, 1)
+
+
+@pytest.mark.anyio
+async def test_a_named_run_never_goes_before_an_older_due_run_left_over(
+    broker: SqliteBroker, path: Path
+) -> None:
+    older = [foreign_submit(path), foreign_submit(path)]
+    # The claim takes one and leaves the other due.
+    assert await claim_ids(broker) == older[:1]
+    with foreign_channel(path) as channel:
+        named = foreign_submit(path)
+        await poke_and_wait(broker, channel, b"w" + named.encode())
+        assert await claim_ids(broker) == older[1:]
+        assert await claim_ids(broker) == [named]
+
+
+@pytest.mark.anyio
+async def test_a_named_run_never_goes_before_a_scheduled_run_come_due(
+    path: Path,
+) -> None:
+    now = [time.time()]
+    async with SqliteBroker(path, clock=lambda: now[0]) as broker:
+        scheduled = foreign_submit(path, scheduled_at=now[0] + 0.05)
+        assert await claim_ids(broker) == []
+        now[0] += 0.1
+        with foreign_channel(path) as channel:
+            named = foreign_submit(path, scheduled_at=now[0])
+            await poke_and_wait(broker, channel, b"w" + named.encode())
+            assert await claim_ids(broker) == [scheduled]
+            assert await claim_ids(broker) == [named]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", [b"w", b"w\xff\xfe", b"zz", b"w" + b"0" * 300, b"wno-such-run"])
+async def test_a_poke_that_names_no_run_or_makes_no_sense_claims_every_due_run(
+    broker: SqliteBroker, path: Path, kind: bytes
+) -> None:
+    assert await claim_ids(broker) == []
+    with foreign_channel(path) as channel:
+        runs = [foreign_submit(path), foreign_submit(path)]
+        await poke_and_wait(broker, channel, kind)
+        assert sorted(await claim_ids(broker, limit=5)) == sorted(runs)
+
+
+@pytest.mark.anyio
+async def test_a_run_named_beside_one_of_a_task_not_served_is_claimed_alone(
+    broker: SqliteBroker, path: Path
+) -> None:
+    assert await claim_ids(broker) == []
+    with foreign_channel(path) as channel:
+        other = foreign_submit(path, "other")
+        await poke_and_wait(broker, channel, b"w" + other.encode())
+        assert await claim_ids(broker) == []
+        mine = foreign_submit(path)
+        await poke_and_wait(broker, channel, b"w" + mine.encode())
+        assert await claim_ids(broker) == [mine]
+    stored = await broker.get(other)
+    assert stored is not None
+    assert stored.state is RunState.SCHEDULED
+
+
+@pytest.mark.anyio
+async def test_an_older_run_whose_poke_was_lost_is_claimed_by_the_next_look(
+    broker: SqliteBroker, path: Path
+) -> None:
+    assert await claim_ids(broker) == []
+    with foreign_channel(path) as channel:
+        lost = foreign_submit(path)  # its poke never came
+        named = foreign_submit(path)
+        await poke_and_wait(broker, channel, b"w" + named.encode())
+        claimed = await claim_ids(broker, limit=5)
+        # Claimed by id, the named run may come alone: the poll of the file (every
+        # quarter of a second) sees the other commit, and the next claim looks at all.
+        with anyio.fail_after(4):
+            while len(claimed) < 2:
+                await broker.wait_for_work(timeout=5)
+                claimed += await claim_ids(broker, limit=5)
+        assert sorted(claimed) == sorted([lost, named])
+
+
+@pytest.mark.anyio
+async def test_a_named_run_of_a_task_at_its_concurrency_limit_is_not_claimed(
+    broker: SqliteBroker, path: Path
+) -> None:
+    limits = {"say": 1}
+    first = foreign_submit(path)
+    claimed = await broker.claim("w1", ["say"], limit=5, lease_seconds=LEASE, concurrency=limits)
+    assert [r.id for r in claimed] == [first]
+    with foreign_channel(path) as channel:
+        named = foreign_submit(path)
+        await poke_and_wait(broker, channel, b"w" + named.encode())
+        claimed = await broker.claim(
+            "w1", ["say"], limit=5, lease_seconds=LEASE, concurrency=limits
+        )
+        assert claimed == []
+    assert await broker.complete("w1", first, 1, "1")
+    claimed = await broker.claim("w1", ["say"], limit=5, lease_seconds=LEASE, concurrency=limits)
+    assert [r.id for r in claimed] == [named]

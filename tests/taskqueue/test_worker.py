@@ -1006,6 +1006,17 @@ class CompletionCountingBroker(MemoryBroker):
         self.batches.append(len(results))
         return await super().complete_many(owner, results)
 
+    async def complete_and_claim(
+        self,
+        owner: str,
+        results: Mapping[str, tuple[int, str]],
+        tasks: Collection[str],
+        **options: Any,
+    ) -> tuple[set[str], list[RunRecord]]:
+        if results:
+            self.batches.append(len(results))
+        return await super().complete_and_claim(owner, results, tasks, **options)
+
     async def complete(self, owner: str, run_id: str, attempt: int, result: str) -> bool:
         self.singles += 1
         return await super().complete(owner, run_id, attempt, result)
@@ -1058,8 +1069,9 @@ async def test_a_run_finishing_later_is_recorded_without_waiting_for_the_others(
 
 
 class _GatedBroker(MemoryBroker):
-    """A memory broker whose batched completions wait for a gate: results stay in the
-    worker's batch, unrecorded, for as long as a test needs."""
+    """A memory broker whose recording of results waits for a gate (on its own or with
+    the next claim): results stay in the worker's batch, unrecorded, for as long as a
+    test needs."""
 
     def __init__(self) -> None:
         super().__init__(clock=anyio.current_time)
@@ -1071,6 +1083,20 @@ class _GatedBroker(MemoryBroker):
         done = await super().complete_many(owner, results)
         self.batches.append(done)
         return done
+
+    async def complete_and_claim(
+        self,
+        owner: str,
+        results: Mapping[str, tuple[int, str]],
+        tasks: Collection[str],
+        **options: Any,
+    ) -> tuple[set[str], list[RunRecord]]:
+        if results:
+            await self.gate.wait()
+        done, claimed = await super().complete_and_claim(owner, results, tasks, **options)
+        if results:
+            self.batches.append(done)
+        return done, claimed
 
 
 @pytest.mark.virtual_time
@@ -1088,17 +1114,48 @@ async def test_a_runner_takes_its_next_run_while_the_last_ones_result_is_recorde
             second_started.set()
             return "second"
 
-        async with TaskWorker(first, second, limit=1) as worker:
-            one = await first.delay()
-            await wait_until(lambda: worker.status()["in_flight"] != {}, "first claimed")
-            two = await second.delay()
-            # The first run's result waits at the gate; its one runner went on meanwhile.
+        # Claimed together; the first's result waits at the gate, and its runner went on
+        # to the second meanwhile (a second runner starts only for runs that wait).
+        one, two = await first.delay(), await second.delay()
+        async with TaskWorker(first, second, limit=2) as worker:
             with anyio.fail_after(30):
                 await second_started.wait()
             assert await one.refresh() is RunState.RUNNING
             broker.gate.set()
             assert await one.result(timeout=30) == "first"
             assert await two.result(timeout=30) == "second"
+        assert worker.counts["completed"] == 2
+
+
+@pytest.mark.virtual_time
+async def test_the_next_claim_waits_for_the_last_result_and_stores_it_first() -> None:
+    broker = _GatedBroker()
+    async with TaskQueue(broker=broker) as queue:
+        first_ran, second_started = anyio.Event(), anyio.Event()
+
+        @queue.task
+        async def first() -> str:
+            first_ran.set()
+            return "first"
+
+        @queue.task
+        async def second() -> str:
+            second_started.set()
+            return (await one.refresh()).value
+
+        async with TaskWorker(first, second, limit=1) as worker:
+            one = await first.delay()
+            with anyio.fail_after(30):
+                await first_ran.wait()
+            two = await second.delay()
+            # The free slot's claim carries the first's result: nothing is claimed until
+            # the call that stores it goes through.
+            await anyio.sleep(1)
+            assert not second_started.is_set()
+            assert await one.refresh() is RunState.RUNNING
+            broker.gate.set()
+            assert await two.result(timeout=30) == RunState.COMPLETED.value
+        assert broker.batches[0] == {one.id}
         assert worker.counts["completed"] == 2
 
 
@@ -1121,12 +1178,13 @@ async def test_a_run_cancelled_while_its_predecessors_result_is_unrecorded() -> 
             finally:
                 cleaned_up.append("endless")
 
-        async with TaskWorker(quick, endless, limit=1, lease_seconds=30) as worker:
-            before = await quick.delay("before")
-            await wait_until(lambda: worker.status()["in_flight"] != {}, "quick claimed")
-            stopped = await endless.delay()
+        # Claimed together: the quick run's result waits at the gate while the endless
+        # run's body runs in another runner.
+        stopped, before = await endless.delay(), await quick.delay("before")
+        async with TaskWorker(quick, endless, limit=2, lease_seconds=30) as worker:
             with anyio.fail_after(30):
                 await endless_started.wait()
+            await wait_until(lambda: len(worker.status()["in_flight"]) == 2, "both claimed")
             # Cancelled through the heartbeat while the first result still waits to be
             # recorded: only the endless run's body is stopped.
             assert await stopped.cancel(timeout=60)

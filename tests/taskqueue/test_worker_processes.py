@@ -289,11 +289,16 @@ def _completed_rows(url: str) -> dict[str, tuple[int, str]]:
         return {run_id: (attempts, result) for run_id, attempts, result in conn.execute(query)}
 
 
-async def test_kill_9_during_group_commits_loses_no_acknowledged_result(setup: Setup) -> None:
+@pytest.mark.parametrize("limit", [10, 100])
+async def test_kill_9_during_group_commits_loses_no_acknowledged_result(
+    setup: Setup, limit: int
+) -> None:
+    # The worker stores each batch of results in the transaction of its next claim, so
+    # the kill lands in such a combined transaction (or between two).
     total = 5000
     record = setup.tasks["record"]
     runs = await record.map(range(total))
-    async with setup.worker("--lease=1", "--limit=100") as victim:
+    async with setup.worker("--lease=1", f"--limit={limit}") as victim:
         await victim.wait_until_serving()
 
         async def some_completed() -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-__all__ = ["RunContext", "current_run", "running"]
+__all__ = ["RunContext", "current_run", "run_as", "running"]
 
 
 @dataclass(frozen=True)
@@ -41,4 +41,16 @@ def current_run() -> RunContext | None:
 
 def running(context: RunContext) -> None:
     """Mark the current (worker-side) task as executing ``context``'s run."""
+    _current.set(context)
+
+
+def run_as(run_id: str, task: str, attempt: int, retries_left: int, worker: str) -> None:
+    """``running(RunContext(...))`` of these fields, as a worker does once per run: made
+    at once, since the frozen dataclass's ``__init__`` sets each field through
+    ``object.__setattr__``."""
+    context: RunContext = object.__new__(RunContext)
+    object.__setattr__(context, "__dict__", {
+        "run_id": run_id, "task": task, "attempt": attempt, "retries_left": retries_left,
+        "worker": worker,
+    })  # fmt: skip
     _current.set(context)

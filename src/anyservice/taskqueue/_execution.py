@@ -34,13 +34,13 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from .._tracing import otel
-from ._context import RunContext, running
+from ._context import run_as
 from ._errors import StopTaskWorker, TaskTimeoutError
 from ._queue import Task
 from ._records import PayloadError, RunError, RunRecord
-from ._serialize import decode_arguments, encode_result
+from ._serialize import NO_ARGUMENTS, decode_arguments, encode_result
 
-__all__ = ["Outcome", "RunInFlight", "RunnerHooks", "Runners", "attempt", "verdict"]
+__all__ = ["Outcome", "RunInFlight", "RunnerHooks", "Runners", "attempt", "tracer_set", "verdict"]
 
 #: How long a worker thread runs queued sync bodies back to back before it hands their
 #: outcomes to the event loop (which records them), when runs keep coming.
@@ -121,6 +121,7 @@ class RunInFlight:
         "scope",
         "settled",
         "settling",
+        "spans",
         "started",
         "stop_worker",
         "task",
@@ -134,9 +135,17 @@ class RunInFlight:
         *,
         began: float | None = None,
         started: float | None = None,
+        traced: bool | None = None,
     ) -> None:
         self.record = record
         self.task = task
+        #: Its attempt is a span (see :func:`attempt`). ``traced``: whether a tracer
+        #: provider is set, asked once per claim rather than once per run.
+        self.spans = (
+            (otel is not None and otel.records_spans(record.trace_context))
+            if traced is None
+            else traced or (otel is not None and record.trace_context is not None)
+        )
         #: While its body runs: the scope to cancel to stop it (its runner's).
         self.scope: anyio.CancelScope | None = None
         self.started = time.time() if started is None else started
@@ -375,7 +384,7 @@ class Runners:
                         self._call_runner()  # for the others, in case this one waits
                     entry.scope = scope
                     outcome = None
-                    if _in_a_thread(entry):
+                    if not entry.task.is_async and _in_a_thread(entry):
                         batch = _ThreadBatch(entry, scope, hooks.worker_id)
                         try:
                             await self._in_thread(batch)
@@ -387,7 +396,9 @@ class Runners:
                             break  # A run of the thread's was stopped: the scope is spent.
                         await self._settle(ran)
                         continue
-                    outcome = await attempt(entry, hooks.worker_id, hooks.threads)
+                    # Without a span, the attempt itself: a coroutine fewer per run.
+                    run = attempt if entry.spans else _attempt
+                    outcome = await run(entry, hooks.worker_id, hooks.threads)
                     entry.scope = None
                     if scope.cancel_called:
                         break  # Stopped just as it ended: the scope is spent.
@@ -516,7 +527,13 @@ def _in_a_thread(entry: RunInFlight | None) -> bool:
     (which the event loop must keep) and no span to record (which the event loop opens)."""
     if entry is None or entry.task.is_async or entry.record.timeout is not None:
         return False
-    return otel is None or not otel.records_spans(entry.record.trace_context)
+    return not entry.spans
+
+
+def tracer_set() -> bool:
+    """Whether a tracer provider is set, so that every attempt is a span: asked once per
+    claim (it reads the environment and OpenTelemetry's globals), not once per run."""
+    return otel is not None and otel.records_spans(None)
 
 
 def verdict(entry: RunInFlight, outcome: Outcome | None) -> Outcome | None:
@@ -536,9 +553,10 @@ async def attempt(
     The caller gives the run a cancel scope (``entry.scope``) around the call.
     With OpenTelemetry installed, the attempt is a span, a child of the submitter's.
     """
-    record = entry.record
-    if otel is None or not otel.records_spans(record.trace_context):
+    if not entry.spans:
         return await _attempt(entry, worker_id, threads)
+    record = entry.record
+    assert otel is not None
     with otel.run_span(
         entry.task.name, record.id, record.attempts, worker_id, record.trace_context
     ) as span:
@@ -566,8 +584,12 @@ async def _attempt(
     args, kwargs = prepared
     task = entry.task
     outcome: Outcome | None = None
+    timeout = entry.record.timeout
     try:
-        value = await _call(task, args, kwargs, entry.record.timeout, threads)
+        if task.is_async and timeout is None:
+            value = await task.function(*args, **kwargs)  # the usual run: no call between
+        else:
+            value = await _call(task, args, kwargs, timeout, threads)
     except StopTaskWorker:
         entry.stop_worker = True
     except TaskTimeoutError as exc:
@@ -575,7 +597,10 @@ async def _attempt(
     except Exception as exc:
         outcome = Outcome.failure(exc, retry=task.should_retry(exc))
     else:
-        outcome = _returned(task, value)
+        if value is not None:
+            outcome = _returned(task, value)
+        elif not (entry.lost or entry.cancelled):
+            return _RETURNED_NONE  # the usual run, as _concluded would find it
     return _concluded(entry, outcome)  # The flags may have been set while it ran.
 
 
@@ -601,23 +626,24 @@ def _run_in_thread(entry: RunInFlight, worker_id: str) -> Outcome | None:
 def _prepared(entry: RunInFlight, worker_id: str) -> tuple[list[Any], dict[str, Any]] | Outcome:
     """The run's arguments, its context set for the body; a failure if they do not decode."""
     record = entry.record
+    payload = record.payload
     try:
-        args, kwargs = decode_arguments(record.payload)
+        # No call for the usual payload of no arguments.
+        args, kwargs = ([], {}) if payload == NO_ARGUMENTS else decode_arguments(payload)
     except PayloadError as exc:
         return Outcome.failure(exc, retry=False, traceback=False)
-    running(
-        RunContext(
-            run_id=record.id,
-            task=entry.task.name,
-            attempt=record.attempts,
-            retries_left=record.retries_left,
-            worker=worker_id,
-        )
-    )
+    run_as(record.id, entry.task.name, record.attempts, record.retries_left, worker_id)
     return args, kwargs
 
 
+#: The outcome of every run that returned ``None``: nothing changes an outcome that
+#: carries a result, so they share one.
+_RETURNED_NONE = Outcome(result="null")
+
+
 def _returned(task: Task[Any, Any], value: object) -> Outcome:
+    if value is None:
+        return _RETURNED_NONE
     try:
         return Outcome(result=encode_result(value, task_name=task.name))
     except TypeError as exc:

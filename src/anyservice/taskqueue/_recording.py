@@ -22,7 +22,7 @@ from ._execution import Outcome, RunInFlight
 from ._records import RunRecord
 from .brokers import Broker
 
-__all__ = ["OUTCOMES", "Batches", "Recorder", "WorkerStats", "run_log_extra"]
+__all__ = ["OUTCOMES", "Batches", "Recorder", "WorkerStats", "results_of", "run_log_extra"]
 
 #: What became of the runs a worker ran: the keys of ``TaskWorker.counts``.
 OUTCOMES = ("completed", "failed", "retried", "cancelled", "handed_back", "lost", "not_recorded")
@@ -111,14 +111,25 @@ class Batches:
     Nobody waiting for a run hears of its result before the call that stored it
     returned, and the lease keeper renews the leases of the runs waiting here.
 
+    The worker's claim loop takes the batch itself (:meth:`take`) when it is about to
+    claim, so the results and the next claim share one broker call: ``defer()`` says
+    when :meth:`serve` leaves them to it.
+
     Args:
         recorder: Records the batch, fenced by each run's claim.
         forget: The worker's: done with a run (its slot and ``finished()`` event).
+        defer: Whether the claim loop is about to take what is handed over.
     """
 
-    def __init__(self, recorder: Recorder, forget: Callable[[RunInFlight], None]) -> None:
+    def __init__(
+        self,
+        recorder: Recorder,
+        forget: Callable[[RunInFlight], None],
+        defer: Callable[[], bool] = lambda: False,
+    ) -> None:
         self._recorder = recorder
         self._forget = forget
+        self._defer = defer
         self._pending: list[tuple[RunInFlight, Outcome]] = []
         self._wake: anyio.Event | None = None
         #: Runs handed over and not yet forgotten.
@@ -155,8 +166,8 @@ class Batches:
         """
         try:
             while True:
-                while not self._pending:
-                    if done():
+                while not self._pending or self._defer():
+                    if not self._pending and done():
                         return
                     self._wake = anyio.Event()
                     await self._wake.wait()
@@ -167,22 +178,53 @@ class Batches:
                     await self._record_pending()
             raise
 
-    async def _record_pending(self) -> None:
+    @property
+    def pending(self) -> bool:
+        """Whether results wait to be recorded."""
+        return bool(self._pending)
+
+    def take(self) -> list[tuple[RunInFlight, Outcome]]:
+        """The next batch to record (runs of distinct ids), taken from what is pending.
+
+        Whoever takes it ends with :meth:`recorded` (or :meth:`settle_many` does).
+        """
+        pending = self._pending
+        if not pending:
+            return []
         batch: list[tuple[RunInFlight, Outcome]] = []
         later: list[tuple[RunInFlight, Outcome]] = []
         ids: set[str] = set()
-        for item in self._pending:
+        for item in pending:
             run_id = item[0].record.id
             # Another attempt of a run already in the batch waits for the next one.
             (later if run_id in ids else batch).append(item)
             ids.add(run_id)
         self._pending = later
+        return batch
+
+    def recorded(self, batch: list[tuple[RunInFlight, Outcome]], stored: bool) -> None:
+        """Done with a batch of :meth:`take`: forget its runs if ``stored`` (or settled
+        on the way); otherwise the unsettled ones go back to be recorded again."""
+        back = [] if stored else [item for item in batch if not item[0].settled]
+        for entry, _ in batch:
+            if stored or entry.settled:
+                self.held -= 1
+                self._forget(entry)
+        if back:
+            self._pending[:0] = back
+            self.poke()
+
+    async def _record_pending(self) -> None:
+        batch = self.take()
         try:
             await self._recorder.settle_many(batch)
         finally:
-            self.held -= len(batch)
-            for entry, _ in batch:
-                self._forget(entry)
+            self.recorded(batch, True)
+
+
+def results_of(batch: list[tuple[RunInFlight, Outcome]]) -> dict[str, tuple[int, str]]:
+    """What ``complete_many()`` takes for a batch: ``{run_id: (attempt, result)}``."""
+    return {e.record.id: (e.record.attempts, o.result or "null") for e, o in batch}
 
 
 class Recorder:
@@ -303,19 +345,11 @@ class Recorder:
         """
         backoff = FIRST_BACKOFF
         while batch:
-            now = anyio.current_time()
-            held: list[tuple[RunInFlight, Outcome]] = []
-            for entry, outcome in batch:
-                if entry.lost:
-                    self._settled(entry, outcome, False, now)
-                elif entry.lease_until <= now:
-                    self._settled(entry, outcome, None, now)
-                else:
-                    held.append((entry, outcome))
-            batch = held
+            batch = self.still_held(batch, anyio.current_time())
             if not batch:
                 return
-            results = {e.record.id: (e.record.attempts, o.result or "null") for e, o in batch}
+            now = anyio.current_time()
+            results = results_of(batch)
             # The lease keeper may move the leases on meanwhile: the loop looks again.
             first_lapse = min([e.lease_until for e, _ in batch])
             with anyio.move_on_after(first_lapse - now, shield=True):
@@ -326,11 +360,26 @@ class Recorder:
                     await anyio.sleep(backoff)
                 else:
                     self._stats.broker_worked()
-                    self._completed(batch, done, anyio.current_time())
+                    self.completed(batch, done, anyio.current_time())
                     return
             backoff = min(backoff * 2, MAX_BACKOFF)
 
-    def _completed(
+    def still_held(
+        self, batch: list[tuple[RunInFlight, Outcome]], now: float
+    ) -> list[tuple[RunInFlight, Outcome]]:
+        """The runs of ``batch`` whose result can still be stored; the others (claim lost,
+        lease run out) are settled now."""
+        held: list[tuple[RunInFlight, Outcome]] = []
+        for entry, outcome in batch:
+            if entry.lost:
+                self._settled(entry, outcome, False, now)
+            elif entry.lease_until <= now:
+                self._settled(entry, outcome, None, now)
+            else:
+                held.append((entry, outcome))
+        return held
+
+    def completed(
         self, batch: list[tuple[RunInFlight, Outcome]], done: set[str], now: float
     ) -> None:
         """The batch's results are recorded, those of ``done``: settle each run.

@@ -46,9 +46,9 @@ from .._runner import run as run_service
 from .._runner import run_here as run_service_here
 from .._status import StatusServer
 from ._errors import BrokerError
-from ._execution import Outcome, RunInFlight, RunnerHooks, Runners
+from ._execution import Outcome, RunInFlight, RunnerHooks, Runners, tracer_set
 from ._queue import Task, TaskQueue, TaskRun, in_event_loop
-from ._recording import HAND_BACK_BUDGET, Batches, Recorder, WorkerStats
+from ._recording import HAND_BACK_BUDGET, Batches, Recorder, WorkerStats, results_of
 from ._records import RunRecord
 from ._scheduler import keep_schedule
 
@@ -340,7 +340,9 @@ class TaskWorker(Service, overrides=("run",)):
             lambda: self.queue.broker, self.client_id, self.lease_seconds, self._stats
         )
         self._runs: dict[str, RunInFlight] = {}
-        self._batches = Batches(self._recorder, self._forget)
+        self._batches = Batches(self._recorder, self._forget, self._claims_results)
+        #: The claim loop is about to claim, taking the batch of results with it.
+        self._claiming = False
         self._ends = ends = _RunEnds(self)
         hooks = RunnerHooks(
             in_flight=self.in_flight,
@@ -510,20 +512,41 @@ class TaskWorker(Service, overrides=("run",)):
 
     # ------------------------------------------------------------------ claiming
 
+    def _claims_results(self) -> bool:
+        """Whether the claim loop takes the pending results with its next claim (one
+        broker call, one transaction), rather than the batch task on its own."""
+        return self._claiming and not self.should_stop and _free_slots(self) > 0
+
     @background_task
     async def _claim_runs(self) -> None:
+        try:
+            await self._claim_loop()
+        finally:
+            self._leave_results()
+
+    def _leave_results(self) -> None:
+        """The claim loop waits (or ends): the batch task records what is pending."""
+        self._claiming = False
+        if self._batches.pending:
+            self._batches.poke()
+
+    async def _claim_loop(self) -> None:
         broker = self.queue.broker
         names = sorted(self.tasks)
         backoff = _FIRST_BACKOFF
         while True:
+            self._claiming = True
             while (wanted := _free_slots(self)) <= 0:
+                # No claim until a slot frees (a result handed over frees one, and then
+                # goes with that claim): what is pending meanwhile is recorded alone.
+                self._batches.poke()
                 self._freed = self._freed or anyio.Event()
                 await self._freed.wait()
             if self._stopping():
                 return  # A stop is under way: its cancellation may not have come yet.
             claimed: list[RunRecord] | None
             async with self.in_flight():
-                claimed = await self._claim(names, wanted)
+                claimed = await _claim(self, names, wanted)
                 if claimed and self._stopping():
                     # Claimed while a stop came in: hand them straight back.
                     for record in claimed:
@@ -531,19 +554,22 @@ class TaskWorker(Service, overrides=("run",)):
                     return
                 if claimed:
                     began, started = anyio.current_time(), time.time()
+                    traced = tracer_set()
                     for record in claimed:
-                        self._start(record, began, started)
+                        self._start(record, began, started, traced)
                 for entry in await self._runners.taken(self._stopping):
                     # A stop cancelled the idle runners before they took it (the loop ends).
                     entry.settled = True
                     await self._recorder.hand_back(entry.record, "the worker is stopping")
                     self._forget(entry)
             if claimed is None:
+                self._leave_results()
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF)
                 continue
             backoff = _FIRST_BACKOFF
             if len(claimed) < wanted:
+                self._leave_results()
                 try:
                     await broker.wait_for_work(_IDLE_WAIT)
                 except BrokerError as exc:
@@ -554,34 +580,20 @@ class TaskWorker(Service, overrides=("run",)):
         # A call, not the property: a stop may come in during the claim between two looks.
         return self.should_stop
 
-    async def _claim(self, names: list[str], wanted: int) -> list[RunRecord] | None:
-        """Claim up to ``wanted`` runs; ``None`` when the broker failed.
-
-        Shielded, within bounds: a claim cancelled once the broker has made it would leave
-        its runs leased to nobody until the leases expire. Claimed, they are started or
-        handed back, whatever cancellation comes.
-        """
-        with anyio.move_on_after(HAND_BACK_BUDGET, shield=True):
-            try:
-                options = _claim_options(self)
-                claimed = await self.queue.broker.claim(
-                    self.client_id, names, limit=wanted, **options
-                )
-            except BrokerError as exc:
-                self._stats.broker_failed(exc, "claiming runs")
-                return None
-            self._stats.broker_worked()
-            return claimed
-        self._stats.broker_failed(
-            BrokerError(f"no answer within {HAND_BACK_BUDGET:g} s"), "claiming runs"
-        )
-        return None
-
     def _start(
-        self, record: RunRecord, began: float | None = None, started: float | None = None
+        self,
+        record: RunRecord,
+        began: float | None = None,
+        started: float | None = None,
+        traced: bool | None = None,
     ) -> RunInFlight:
         entry = RunInFlight(
-            record, self.tasks[record.task], self.lease_seconds, began=began, started=started
+            record,
+            self.tasks[record.task],
+            self.lease_seconds,
+            began=began,
+            started=started,
+            traced=traced,
         )
         earlier = self._runs.get(record.id)
         if earlier is not None:
@@ -608,7 +620,9 @@ class TaskWorker(Service, overrides=("run",)):
         if self._runs.get(entry.record.id) is not entry:
             return
         del self._runs[entry.record.id]
-        self._slot_freed()
+        if self._freed is not None:  # _slot_freed(), without a call per run
+            self._freed.set()
+            self._freed = None
         if not self._runs:
             self._idle.set()
             self._busy = anyio.Event()
@@ -652,6 +666,51 @@ class TaskWorker(Service, overrides=("run",)):
     async def _renew(self) -> None:
         for entry in await self._recorder.renew(self._runs):
             self._ends.lose(entry)
+
+
+async def _claim(worker: TaskWorker, names: list[str], wanted: int) -> list[RunRecord] | None:
+    """Claim up to ``wanted`` runs; ``None`` when the broker failed.
+
+    Shielded, within bounds: a claim cancelled once the broker has made it would leave
+    its runs leased to nobody until the leases expire. Claimed, they are started or
+    handed back, whatever cancellation comes.
+    """
+    batch = worker._batches.take()
+    stored = False
+    try:
+        with anyio.move_on_after(HAND_BACK_BUDGET, shield=True):
+            try:
+                claimed = await _claim_recording(worker, batch, names, wanted)
+            except BrokerError as exc:
+                worker._stats.broker_failed(exc, "claiming runs")
+                return None
+            stored = True
+            worker._stats.broker_worked()
+            return claimed
+        worker._stats.broker_failed(
+            BrokerError(f"no answer within {HAND_BACK_BUDGET:g} s"), "claiming runs"
+        )
+        return None
+    finally:
+        # Not stored: the batch task records them on their own.
+        worker._batches.recorded(batch, stored)
+
+
+async def _claim_recording(
+    worker: TaskWorker, batch: list[tuple[RunInFlight, Outcome]], names: list[str], wanted: int
+) -> list[RunRecord]:
+    """Claim, storing the results of ``batch`` in the same call first: they are
+    durable before anyone hears of them, and the claim sees their slots free."""
+    broker = worker.queue.broker
+    options = _claim_options(worker)
+    batch = worker._recorder.still_held(batch, anyio.current_time())
+    if not batch:
+        return await broker.claim(worker.client_id, names, limit=wanted, **options)
+    done, claimed = await broker.complete_and_claim(
+        worker.client_id, results_of(batch), names, limit=wanted, **options
+    )
+    worker._recorder.completed(batch, done, anyio.current_time())
+    return claimed
 
 
 # ---------------------------------------------------------------------- serve()

@@ -500,6 +500,9 @@ class BaseBroker(_CompletingClaims, ClusterMethods, Broker, abc.ABC):
         # generation it saw: then any finish may free a slot, not only new work.
         self._held_back = False
         self._changes_seen_by_claim = 0
+        # The run the last submit stored and the change generation just after it: a wait
+        # for that run while nothing changed since need not read it first.
+        self._submitted: tuple[str, int] | None = None
 
     @classmethod
     @abc.abstractmethod
@@ -645,6 +648,7 @@ class BaseBroker(_CompletingClaims, ClusterMethods, Broker, abc.ABC):
         )
         await self._insert(run)
         self._notifier.notify(work=True)
+        self._submitted = (run.id, self._notifier.generation(work=False))
         return run
 
     async def submit_many(
@@ -835,6 +839,13 @@ class BaseBroker(_CompletingClaims, ClusterMethods, Broker, abc.ABC):
         while True:
             # Read the generation before the record: a change in between wakes the wait.
             since = self._notifier.generation(work=False)
+            if self._submitted == (run_id, since):
+                # Just submitted, and unfinished since, or its finish would have been
+                # heard of: no read (which, on two cores, would take CPU from the
+                # worker starting it now), only the wait.
+                self._submitted = None
+                await self._wait(work=False, since=since, timeout=timeout)
+                continue
             run = await self.get(run_id)
             remaining = deadline - anyio.current_time()
             if run is None or run.finished or remaining <= 0:

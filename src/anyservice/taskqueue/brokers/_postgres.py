@@ -27,7 +27,9 @@ How runs move, and why it is safe with any number of workers:
   full claim found nothing more due claims those runs by id, a primary-key lookup
   without the claim statement's planning, and makes the full claim again (right after,
   once a poll interval has passed since the last): it ends abandoned runs and takes over
-  expired leases. One dedicated LISTEN
+  expired leases. A worker waiting between claims sends that claim by id as soon as the
+  notification is read, and its next claim reads the answer (``_ClaimsAhead``). One
+  dedicated LISTEN
   connection per broker is waited on with ``anyio.wait_readable``, by whichever waiter is
   waiting at the moment. Waiting always polls as well (notifications sent while the LISTEN
   connection was down are lost), and ``?listen=false`` polls only, for PgBouncer in
@@ -64,6 +66,7 @@ try:
     import psycopg.errors
     import psycopg_pool
     from psycopg import sql
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError(
         f"the PostgreSQL broker needs psycopg and psycopg-pool ({exc}): "
@@ -80,6 +83,7 @@ from .._records import (
     RunRecord,
     RunState,
     abandoned_error,
+    record_of,
 )
 from ._base import BaseBroker, Claimed
 from ._notifier import ChangeNotifier
@@ -103,6 +107,17 @@ _MAX_RECONNECT = 5.0
 _FINISHED_PER_NOTIFY = 200
 #: Runs named by notifications of work past which a claim no longer claims them by id.
 _MOST_NAMED = 100
+#: TCP keepalives of the LISTEN connection, where the URL sets none: a server gone without
+#: a word (its host down, the network cut) is noticed within about 11 s, instead of the
+#: kernel's default of over two hours, and the connection is made again.
+_LISTEN_KEEPALIVES = {
+    "keepalives": "1",
+    "keepalives_idle": "5",
+    "keepalives_interval": "2",
+    "keepalives_count": "3",
+}
+#: Runs submitted here whose state this process knows without reading it, at most.
+_MOST_FRESH = 1_000
 #: Runs stored by one submission past which the table's statistics are refreshed at once.
 _ANALYZE_AFTER = 1_000
 
@@ -165,9 +180,10 @@ assert len(_MIGRATIONS) == SCHEMA_VERSION
 # The record's fields in its order, after the submission sequence number.
 _COLUMNS = ("seq", *(column.name for column in dataclasses.fields(RunRecord)))
 _RETURNING = ", ".join(f"r.{name}" for name in _COLUMNS)
-_SEQ, _PRIORITY, _SCHEDULED_AT = (
-    _COLUMNS.index(name) for name in ("seq", "priority", "scheduled_at")
+_SEQ, _PRIORITY, _SCHEDULED_AT, _STATE, _ERROR = (
+    _COLUMNS.index(name) for name in ("seq", "priority", "scheduled_at", "state", "error")
 )
+_STATES = {state.value: state for state in RunState}
 
 
 def _abandoned_template() -> str:
@@ -376,12 +392,23 @@ def _completion_columns(results: dict[str, tuple[int, str]]) -> dict[str, list[A
     }
 
 
+def _named_records(rows: list[tuple[Any, ...]]) -> list[RunRecord]:
+    """The runs a claim of named runs returned, in claim order."""
+    ordered = sorted(rows, key=lambda row: (-row[_PRIORITY], row[_SCHEDULED_AT], row[_SEQ]))
+    return [_record(row) for row in ordered]
+
+
 def _record(row: Iterable[Any]) -> RunRecord:
     """A run from a row of :data:`_COLUMNS`; a row that makes no sense reads as FAILED.
 
     PostgreSQL enforces the column types, so what can be wrong is a state this version
     does not know or an error that is not the JSON this library writes.
     """
+    row = tuple(row)
+    state = _STATES.get(row[_STATE])
+    if state is not None and row[_ERROR] is None:
+        # The common case, made without the dataclass's per-field checks (claims).
+        return record_of((*row[1:_STATE], state, *row[_STATE + 1 :]))
     values = dict(zip(_COLUMNS, row, strict=True))
     problems: list[str] = []
     try:
@@ -487,6 +514,39 @@ class _Call:
                 self.conn.cancel_safe()
 
 
+@dataclass(frozen=True)
+class _Claimer:
+    """The arguments of this broker's last claim, and the thread it was made in."""
+
+    owner: str
+    tasks: list[str]
+    limit: int
+    lease_seconds: float
+    concurrency: dict[str, int]
+    thread: int
+
+    def same(self, owner: str, tasks: list[str], lease: float, limits: dict[str, int]) -> bool:
+        """Whether a claim with these arguments may take runs claimed with these."""
+        return (self.owner, self.tasks, self.lease_seconds, self.concurrency) == (
+            owner,
+            tasks,
+            lease,
+            limits,
+        )
+
+
+@dataclass(eq=False)
+class _Ahead:
+    """A claim of named runs sent as their notification was read, its answer not yet read."""
+
+    direct: DirectConnection
+    named: list[str]
+    claimer: _Claimer
+    #: Whether a full claim was due when it was sent; the work generation then.
+    look: bool
+    work: int
+
+
 @dataclass(eq=False)
 class _Waiter:
     """One task waiting for work (``run_id`` ``None``) or for a run to finish."""
@@ -530,6 +590,9 @@ class _Wakeups(ChangeNotifier):
         self._unnamed = False
         # The run a submit in a thread (by its id) just stored, for the notify that follows.
         self._submitted: tuple[int, str] | None = None
+        # Runs this broker stored while its LISTEN connection was up, and not seen to
+        # finish since: run id -> that connection's number (``listen_connects``).
+        self._fresh: dict[str, int] = {}
 
     @property
     def work(self) -> int:
@@ -568,6 +631,14 @@ class _Wakeups(ChangeNotifier):
         elif not self._unnamed:
             self._named.update(run_ids)
 
+    def named_so_far(self) -> list[str]:
+        """What :meth:`take_named` would return, left in place."""
+        return [] if self._unnamed else list(self._named)
+
+    def waiting_for_work(self) -> bool:
+        """Whether a task of this thread waits for work (a claim loop between claims)."""
+        return bool(self._here(self._work_waiters))
+
     def take_named(self) -> list[str]:
         """The runs the work since the last call named, if all of it named its runs (else
         none); a claim calls it as it begins, for the next claim to see what came since."""
@@ -576,7 +647,22 @@ class _Wakeups(ChangeNotifier):
         self._unnamed = False
         return named
 
+    def stored(self, run_id: str, connection: int) -> None:
+        """This broker stored ``run_id`` (SCHEDULED) while LISTEN connection number
+        ``connection`` was up: its finish will come as a notification on that connection."""
+        fresh = self._fresh
+        fresh[run_id] = connection
+        if len(fresh) > _MOST_FRESH:
+            del fresh[next(iter(fresh))]  # the oldest: its waiter, if any, reads it first
+
+    def unfinished(self, run_id: str, connection: int) -> bool:
+        """Whether ``run_id`` is known unfinished without a read: this broker stored it
+        while LISTEN connection number ``connection`` (the current one) was up, and no
+        finish of it arrived since."""
+        return self._fresh.pop(run_id, None) == connection
+
     def run_finished(self, run_id: str) -> None:
+        self._fresh.pop(run_id, None)
         for waiter in self._here(self._run_waiters.get(run_id, ())):
             waiter.wake()
         for waiter in self._here(self._work_waiters):
@@ -585,6 +671,7 @@ class _Wakeups(ChangeNotifier):
 
     def everyone(self) -> None:
         """Wake every waiter: anything may have changed."""
+        self._fresh.clear()
         self.notify(work=True)
         for waiter in self._here(self._all()):
             waiter.wake()
@@ -654,9 +741,11 @@ class _Connections:
     _direct_at: float
     _composed: dict[str, str]
 
-    if TYPE_CHECKING:  # written by _WorkerRecords; declared for the type checker only
+    if TYPE_CHECKING:  # written by _WorkerRecords and _ClaimsAhead; for the type checker only
 
         async def _forget_workers(self) -> None: ...
+
+        async def _drop_ahead(self) -> None: ...
 
     # --- running statements ------------------------------------------------------------
 
@@ -795,17 +884,26 @@ class _Connections:
         direct = await self._direct_connection()
         if direct is None or not direct.acquire():
             return await self._call(self._execute(query, parameters))
-        text = self._composed.get(query)
-        if text is None:
-            text = self._composed[query] = self._compose(query).as_string(None)
+        text = self._direct_text(query)
         try:
             return await direct.execute(text, parameters)
         except psycopg.Error as exc:
             raise self._error(exc) from exc
         finally:
-            if direct.broken or self._direct is not direct:  # failed, or the broker closed
-                self._drop_direct(direct)
-            direct.release()
+            self._release_direct(direct)
+
+    def _direct_text(self, query: str) -> str:
+        """``query`` as the direct connection sends it (its tables filled in)."""
+        text = self._composed.get(query)
+        if text is None:
+            text = self._composed[query] = self._compose(query).as_string(None)
+        return text
+
+    def _release_direct(self, direct: DirectConnection) -> None:
+        """Hand back the direct connection held for a statement that ended."""
+        if direct.broken or self._direct is not direct:  # failed, or the broker closed
+            self._drop_direct(direct)
+        direct.release()
 
     async def _direct_connection(self) -> DirectConnection | None:
         """The direct connection, made first if it is down (then at most every
@@ -948,6 +1046,8 @@ class _Connections:
         """Close the connections. Calling it again (or before :meth:`open`) does nothing."""
         if self._pool is not None:
             with anyio.CancelScope(shield=True), anyio.move_on_after(self._pool_timeout):
+                await self._drop_ahead()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self._pool_timeout):
                 try:
                     await self._forget_workers()
                 except BrokerError:
@@ -1004,11 +1104,17 @@ class _Waits:
     _listening: bool
     _reconnect_at: float
     _reconnect_delay: float
+    _ahead: _Ahead | None
+    _pool_timeout: float
     listen_connects: int
 
     if TYPE_CHECKING:  # written by the other classes of PostgresBroker; for the type checker
 
         async def _check_open(self) -> None: ...
+
+        async def _drop_ahead(self) -> None: ...
+
+        def _claim_ahead(self) -> None: ...
 
         async def get(self, run_id: str) -> RunRecord | None: ...
 
@@ -1016,6 +1122,9 @@ class _Waits:
 
     async def wait_for_work(self, timeout: float) -> None:
         await self._check_open()
+        if self._ahead is not None:  # runs claimed ahead wait for the next claim
+            await anyio.lowlevel.checkpoint()
+            return
         if self._next_due is not None:
             timeout = min(timeout, max(self._next_due - self._clock(), 0.0))
         # Past a poll interval the caller claims again: that claim is the poll.
@@ -1028,6 +1137,11 @@ class _Waits:
         self._wakeups.add(waiter)
         try:
             await self._wait_woken(waiter, timeout, self._work_seen_by_claim)
+        except BaseException:
+            # Cancelled (a stopping worker): no claim will take runs claimed ahead.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self._pool_timeout):
+                await self._drop_ahead()
+            raise
         finally:
             self._stop_waiting(waiter)
 
@@ -1038,13 +1152,20 @@ class _Waits:
         # Registered before each read of the run, so a finish in between is not missed.
         waiter = _Waiter(run_id)
         self._wakeups.add(waiter)
+        # A run this broker just stored, its finish sure to be notified here, is not read
+        # first: that read would take the CPU from the run's way to a worker.
+        unread = timeout > 0 and self._wakeups.unfinished(run_id, self.listen_connects)
         try:
             while True:
                 waiter.rearm()
-                run = await self.get(run_id)
                 remaining = deadline - anyio.current_time()
-                if run is None or run.finished or remaining <= 0:
-                    return run
+                if unread:
+                    unread = False
+                else:
+                    run = await self.get(run_id)
+                    remaining = deadline - anyio.current_time()
+                    if run is None or run.finished or remaining <= 0:
+                        return run
                 # Past a poll interval the run is read again: that read is the poll.
                 await self._wait_woken(waiter, min(remaining, self._poll_every), None)
         finally:
@@ -1135,6 +1256,7 @@ class _Waits:
                     # One id, or the ids of a batch of completions, space-separated.
                     for run_id in payload[2:].split(" "):
                         self._wakeups.run_finished(run_id)
+            self._claim_ahead()
         finally:
             self._listening = False
 
@@ -1147,7 +1269,10 @@ class _Waits:
 
     def _connect_listener(self) -> psycopg.Connection[Any]:
         """A new connection that LISTENs on the channel (blocking: run in a thread)."""
-        conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5)
+        given = conninfo_to_dict(self._conninfo)
+        keepalives = {key: value for key, value in _LISTEN_KEEPALIVES.items() if key not in given}
+        conninfo = make_conninfo(self._conninfo, **keepalives)
+        conn = psycopg.connect(conninfo, autocommit=True, connect_timeout=5)
         try:
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
         except BaseException:
@@ -1305,6 +1430,7 @@ class _WorkerRecords(_Connections):
 class _Claims(_WorkerRecords):
     """Claiming, for :class:`PostgresBroker`: the claim statement's steps and its answer."""
 
+    _claimer: _Claimer | None
     _channel: str
     _poll_every: float
     _next_due: float | None
@@ -1318,6 +1444,17 @@ class _Claims(_WorkerRecords):
     _leased_for: float
     _looked_tasks: frozenset[str]
 
+    if TYPE_CHECKING:  # written by _ClaimsAhead; declared for the type checker only
+
+        async def _take_ahead(
+            self,
+            owner: str,
+            tasks: list[str],
+            limit: int,
+            lease_seconds: float,
+            concurrency: dict[str, int],
+        ) -> tuple[_Ahead, list[RunRecord]] | None: ...
+
     async def _claim(
         self,
         owner: str,
@@ -1326,6 +1463,17 @@ class _Claims(_WorkerRecords):
         lease_seconds: float,
         concurrency: dict[str, int],
     ) -> Claimed:
+        self._claimer = _Claimer(
+            owner, tasks, limit, lease_seconds, concurrency, threading.get_ident()
+        )
+        taken = await self._take_ahead(owner, tasks, limit, lease_seconds, concurrency)
+        if taken is not None:
+            ahead, runs = taken
+            self._wakeups.take_named()  # what came since: a full claim looks at it
+            every = len(runs) == len(ahead.named) and ahead.work == self._wakeups.work
+            return await self._named_claimed(
+                runs, every, ahead.look, owner, tasks, limit, lease_seconds, concurrency
+            )
         named = self._wakeups.take_named()
         if named and self._claim_by_id(len(named), tasks, limit, lease_seconds):
             # Past a poll interval since the last full look, another worker's lease may
@@ -1334,20 +1482,33 @@ class _Claims(_WorkerRecords):
             # cannot put off: see below), off the runs' way.
             look = self._look_due()
             runs = await self._claim_named(owner, named, tasks, lease_seconds, concurrency)
-            if len(runs) == len(named):
-                # Nothing else became claimable here since the last full look: what it said
-                # of the next due time and of held-back runs still holds.
-                next_due = self._clock() if look else self._next_due
-                return Claimed(
-                    runs=runs, finished=False, next_due=next_due, held_back=self._held_back
-                )
-            # Some were claimed elsewhere (or are not this worker's): look at everything.
-            claimed = await self._claim_all(
-                owner, tasks, limit - len(runs), lease_seconds, concurrency
+            return await self._named_claimed(
+                runs, len(runs) == len(named), look, owner, tasks, limit, lease_seconds, concurrency
             )
-            claimed.runs[:0] = runs
-            return claimed
         return await self._claim_all(owner, tasks, limit, lease_seconds, concurrency)
+
+    async def _named_claimed(
+        self,
+        runs: list[RunRecord],
+        every: bool,
+        look: bool,
+        owner: str,
+        tasks: list[str],
+        limit: int,
+        lease_seconds: float,
+        concurrency: dict[str, int],
+    ) -> Claimed:
+        """The claim that claimed named ``runs`` by id: ``every`` named run (and nothing
+        else came), or else with a full claim of the rest; ``look``: a full claim was due."""
+        if every:
+            # Nothing else became claimable here since the last full look: what it said of
+            # the next due time and of held-back runs still holds.
+            next_due = self._clock() if look else self._next_due
+            return Claimed(runs=runs, finished=False, next_due=next_due, held_back=self._held_back)
+        # Some were claimed elsewhere (or are not this worker's): look at everything.
+        claimed = await self._claim_all(owner, tasks, limit - len(runs), lease_seconds, concurrency)
+        claimed.runs[:0] = runs
+        return claimed
 
     def _claim_by_id(self, named: int, tasks: list[str], limit: int, lease_seconds: float) -> bool:
         """Whether the runs notifications named are all there is to claim now.
@@ -1387,20 +1548,27 @@ class _Claims(_WorkerRecords):
     ) -> list[RunRecord]:
         """Claim these runs, those of them still due and SCHEDULED (a primary-key lookup,
         and no planning to speak of: the statement a run's start waits on)."""
-        now = self._clock()
-        rows = await self._quick(
-            _CLAIM_NAMED,
-            {
-                "ids": run_ids,
-                "tasks": [task for task in tasks if task not in concurrency],
-                "now": now,
-                "owner": owner,
-                "expires": now + lease_seconds,
-            },
-        )
+        parameters = self._named_parameters(owner, run_ids, tasks, lease_seconds, concurrency)
+        rows = await self._quick(_CLAIM_NAMED, parameters)
         self._leased_for = min(self._leased_for, lease_seconds)
-        ordered = sorted(rows, key=lambda row: (-row[_PRIORITY], row[_SCHEDULED_AT], row[_SEQ]))
-        return [_record(row) for row in ordered]
+        return _named_records(rows)
+
+    def _named_parameters(
+        self,
+        owner: str,
+        run_ids: list[str],
+        tasks: list[str],
+        lease_seconds: float,
+        concurrency: dict[str, int],
+    ) -> dict[str, Any]:
+        now = self._clock()
+        return {
+            "ids": run_ids,
+            "tasks": [task for task in tasks if task not in concurrency],
+            "now": now,
+            "owner": owner,
+            "expires": now + lease_seconds,
+        }
 
     async def _claim_all(
         self,
@@ -1428,16 +1596,21 @@ class _Claims(_WorkerRecords):
         concurrency: dict[str, int],
     ) -> tuple[set[str], Claimed]:
         # One transaction, one round trip, one WAL flush (durable: it holds results).
+        taken = await self._take_ahead(owner, tasks, limit, lease_seconds, concurrency)
+        early = [] if taken is None else taken[1]
         self._wakeups.take_named()  # this claim looks at every run
         looked = time.monotonic()
         completion = [(_COMPLETE_MANY, self._completion_parameters(owner, results))]
         if not results:
             completion = []
         watch = self._workers_step(owner)
-        now, steps = self._claim_steps(owner, tasks, limit, lease_seconds, concurrency)
+        now, steps = self._claim_steps(owner, tasks, limit - len(early), lease_seconds, concurrency)
         rows = await self._call(self._pipeline([*completion, *watch, *steps]))
         done = self._completed(rows[0]) if results else set()
-        claimed = await self._claimed_watching(rows[len(completion) :], watch, now, limit, looked)
+        claimed = await self._claimed_watching(
+            rows[len(completion) :], watch, now, limit - len(early), looked
+        )
+        claimed.runs[:0] = early
         self._leased_for, self._looked_tasks = lease_seconds, frozenset(tasks)
         return done, claimed
 
@@ -1586,7 +1759,111 @@ class _Claims(_WorkerRecords):
         return done
 
 
-class PostgresBroker(PostgresClusterStorage, _Waits, _Claims, _ListensBeforeClaiming):
+class _ClaimsAhead(_Claims):
+    """Claims sent as the notification naming their runs is read, for :class:`PostgresBroker`.
+
+    A worker between claims waits for work; woken by a notification that names runs (a
+    submit of one due run), it would return through its wait and its claim loop before
+    its claim went out: a few tenths of a millisecond of Python on the way from a submit
+    to the run's start. Instead, the task that read the notification sends at once the
+    claim the worker's next claim would make (by id, with the arguments of its last
+    claim), on the direct connection, and that next claim reads its answer; the Python
+    on the way back runs while the server claims. A claim with other arguments (or the
+    broker's close) hands the runs back.
+    """
+
+    _ahead: _Ahead | None
+
+    def _claim_ahead(self) -> None:
+        """Send the claim of the runs notifications named, if the next claim would make it.
+
+        Only for the last claimer, in its thread, while a task of it waits for work (a
+        claim loop between claims), when a claim by id is what the next claim would make
+        and the direct connection is free, its statement prepared already.
+        """
+        claimer, direct = self._claimer, self._direct
+        if claimer is None or direct is None or self._ahead is not None:
+            return
+        if claimer.thread != threading.get_ident() or not self._wakeups.waiting_for_work():
+            return
+        named = self._wakeups.named_so_far()
+        tasks, lease = claimer.tasks, claimer.lease_seconds
+        if not named or not self._claim_by_id(len(named), tasks, claimer.limit, lease):
+            return
+        text = self._composed.get(_CLAIM_NAMED)
+        if text is None or not direct.prepared(text) or not direct.acquire():
+            return
+        named = self._wakeups.take_named()
+        look = self._look_due()
+        try:
+            direct.send(
+                text,
+                self._named_parameters(claimer.owner, named, tasks, lease, claimer.concurrency),
+            )
+        except psycopg.Error:
+            self._release_direct(direct)
+            self._wakeups.work_arrived()  # unnamed now: the next claim looks at every run
+            return
+        self._leased_for = min(self._leased_for, lease)
+        self._ahead = _Ahead(direct, named, claimer, look, self._wakeups.work)
+
+    async def _take_ahead(
+        self,
+        owner: str,
+        tasks: list[str],
+        limit: int,
+        lease_seconds: float,
+        concurrency: dict[str, int],
+    ) -> tuple[_Ahead, list[RunRecord]] | None:
+        """The claim sent ahead and the runs it claimed, if one was and a claim with these
+        arguments may take them; else ``None`` (runs it claimed are handed back).
+
+        Raises:
+            BrokerError: Its answer could not be read (the runs wait out their leases).
+        """
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        runs = await self._answer_of(ahead)
+        if len(runs) <= limit and ahead.claimer.same(owner, tasks, lease_seconds, concurrency):
+            return ahead, runs
+        await self._hand_back(ahead.claimer.owner, runs)
+        return None
+
+    async def _answer_of(self, ahead: _Ahead) -> list[RunRecord]:
+        direct = ahead.direct
+        try:
+            return _named_records(await direct.receive())
+        except psycopg.Error as exc:
+            raise self._error(exc) from exc
+        finally:
+            self._release_direct(direct)
+
+    async def _hand_back(self, owner: str, runs: list[RunRecord]) -> None:
+        """Release runs claimed ahead that no claim takes (claimable again at once)."""
+        for run in runs:
+            try:
+                await self._release(owner, run.id, run.attempts)
+            except BrokerError:
+                pass  # it waits out its lease instead
+
+    async def _drop_ahead(self) -> None:
+        """Hand back what a claim sent ahead claimed (the broker closes, or the wait for
+        work that read its notification is cancelled)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return
+        try:
+            await self._hand_back(ahead.claimer.owner, await self._answer_of(ahead))
+        except BrokerError:
+            pass  # its runs wait out their leases
+
+    if TYPE_CHECKING:  # written by PostgresBroker; declared for the type checker only
+
+        async def _release(self, owner: str, run_id: str, attempt: int) -> bool: ...
+
+
+class PostgresBroker(PostgresClusterStorage, _Waits, _ClaimsAhead, _ListensBeforeClaiming):
     """Task runs in a PostgreSQL database shared by workers on any number of hosts.
 
     Args:
@@ -1649,6 +1926,8 @@ class PostgresBroker(PostgresClusterStorage, _Waits, _Claims, _ListensBeforeClai
         self._leased_for = math.inf
         self._looked_tasks: frozenset[str] = frozenset()
         self._composed: dict[str, str] = {}  # statement -> its text, tables filled in
+        self._claimer: _Claimer | None = None
+        self._ahead: _Ahead | None = None
         #: How many times the LISTEN connection was (re)made; a health signal.
         self.listen_connects = 0
 
@@ -1681,6 +1960,9 @@ class PostgresBroker(PostgresClusterStorage, _Waits, _Claims, _ListensBeforeClai
         # The statement a run's start waits on first: on the direct connection, and its
         # notification names the run when it is due, for the claim by id (see _Claims).
         due = run.scheduled_at <= self._clock()
+        # Listening since before the run is stored, this process hears of its finish.
+        listener = self._listener if self._listen else None
+        connection = self.listen_connects
         await self._quick(
             _INSERT_ONE,
             {
@@ -1691,6 +1973,8 @@ class PostgresBroker(PostgresClusterStorage, _Waits, _Claims, _ListensBeforeClai
         )
         if due:
             self._wakeups.submitted(run.id)
+        if listener is not None and listener is self._listener and not listener.closed:
+            self._wakeups.stored(run.id, connection)
 
     async def _insert_many(self, runs: Sequence[RunRecord]) -> None:
         # One statement, so the rows are stored all or none and the notification goes

@@ -185,17 +185,46 @@ class DirectConnection:
                 :attr:`broken`).
         """
         try:
-            prepared = self._prepared.get(query)
-            if prepared is None:
+            if query not in self._prepared:
                 text, names = positional(query)
                 name = f"anyservice_direct_{len(self._prepared)}".encode()
                 self._pgconn.send_prepare(name, text.encode())
                 for result in await self._results():
                     _raise_for(result)
-                prepared = self._prepared[query] = (name, names)
-            name, names = prepared
-            values = [_dump(parameters[key]) for key in names]
+                self._prepared[query] = (name, names)
+        except BaseException as exc:
+            await self._failed(exc)
+            raise
+        self.send(query, parameters)
+        return await self.receive()
+
+    def prepared(self, query: str) -> bool:
+        """Whether ``query`` was prepared on this connection (:meth:`send` sends only those)."""
+        return query in self._prepared
+
+    def send(self, query: str, parameters: dict[str, Any]) -> None:
+        """Send ``query``, prepared earlier, with ``parameters``: no waiting, the answer is
+        :meth:`receive`'s to read (the caller holds the connection until then).
+
+        Raises:
+            TypeError: A parameter cannot be sent as text.
+            psycopg.Error: The connection failed (it is :attr:`broken`).
+        """
+        name, names = self._prepared[query]
+        values = [_dump(parameters[key]) for key in names]
+        try:
             self._pgconn.send_query_prepared(name, values)
+        except psycopg.Error:
+            self.broken = True
+            raise
+
+    async def receive(self) -> list[tuple[Any, ...]]:
+        """The rows of the statement :meth:`send` sent.
+
+        Raises:
+            psycopg.Error: As :meth:`execute`.
+        """
+        try:
             rows: list[tuple[Any, ...]] = []
             failure: Exception | None = None
             for result in await self._results():
@@ -209,24 +238,28 @@ class DirectConnection:
             if failure is not None:
                 raise failure
             return rows
-        except psycopg.Error as exc:
+        except BaseException as exc:
+            await self._failed(exc)
+            raise
+
+    async def _failed(self, exc: BaseException) -> None:
+        """Note what ``exc``, raised with a statement in flight, did to the connection."""
+        if isinstance(exc, psycopg.Error):
             if self._pgconn.status != pq.ConnStatus.OK:
                 self.broken = True
             if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
                 self.broken = True
-            raise
-        except BaseException:
-            # Cancelled (or worse) with the statement in flight. Ask the server to cancel
-            # it, as a pooled statement's cancellation does (one blocked on a lock would
-            # otherwise go on, and commit, once the lock is free); its answer would be
-            # read by the next statement, so the connection goes too.
-            self.broken = True
-            with anyio.CancelScope(shield=True):
-                try:
-                    await anyio.to_thread.run_sync(self._pgconn.get_cancel().cancel)
-                except psycopg.Error:
-                    pass  # the connection is gone anyway
-            raise
+            return
+        # Cancelled (or worse) with the statement in flight. Ask the server to cancel it,
+        # as a pooled statement's cancellation does (one blocked on a lock would otherwise
+        # go on, and commit, once the lock is free); its answer would be read by the next
+        # statement, so the connection goes too.
+        self.broken = True
+        with anyio.CancelScope(shield=True):
+            try:
+                await anyio.to_thread.run_sync(self._pgconn.get_cancel().cancel)
+            except psycopg.Error:
+                pass  # the connection is gone anyway
 
     async def _results(self) -> list[pq.abc.PGresult]:
         """Send what is queued, then read every result of the statement sent."""

@@ -35,15 +35,17 @@ from .._records import FINISHED_STATES, RunError, RunRecord, RunState, abandoned
 from ._base import BaseBroker, Claimed
 from ._notifier import ChangeNotifier
 from ._sqlite_cluster import SqliteClusterStorage, forget_purged
+from ._sqlite_named import NamedWork, claim_named
 from ._sqlite_rows import (
     INSERT,
     MIGRATIONS,
     SCHEMA_VERSION,
     SELECT,
-    claimed_record,
     insert_values,
+    lease_in_place,
     marks,
     read_row,
+    read_rows,
 )
 from ._sqlite_thread import ConnectionThread
 from ._wake_channel import CHANGE, WORK, WakeChannel
@@ -190,7 +192,7 @@ def _candidates(
     rows = _due_rows(conn, unlimited, now, limit + 1) if unlimited else []
     for task, slots in free.items():
         rows += _due_rows(conn, [task], now, min(slots, limit) + 1)
-    read = [read_row(row) for row in rows]
+    read = read_rows(rows)
     if len(free) + bool(unlimited) > 1:
         # Each read is in claim order already; only several need merging.
         read.sort(key=lambda item: records.claim_order(item[1], item[0]))
@@ -233,13 +235,50 @@ def _claim_due(
             sequence[run.id] = seq
             readable.append(run)
     picked = records.pick_claims(readable, limit, free)
-    claimed = [claimed_record(run, now, owner, expires) for run in picked.runs]
+    claimed = [lease_in_place(run, now, owner, expires) for run in picked.runs]
     conn.executemany(
         _CLAIM,
         [(run.attempts, now, owner, expires, sequence[run.id]) for run in claimed],
     )
     # Rows past a corrupt one may be due: claim again promptly.
     return _Due(claimed, corrupt_seen, picked.left_over or corrupt_seen, picked.held_back)
+
+
+def _claiming(
+    broker: SqliteBroker,
+    owner: str,
+    names: list[str],
+    limit: int,
+    lease_seconds: float,
+    concurrency: dict[str, int],
+) -> Callable[[sqlite3.Connection], Claimed]:
+    """The operation of ``broker``'s claim, alone or after a batch's results."""
+    named = broker._named.take(names, limit, broker._next_due, broker._clock())
+    unlimited = [name for name in names if name not in concurrency]
+
+    def claim(conn: sqlite3.Connection) -> Claimed:
+        broker._db.check_file()
+        now = broker._clock()
+        runs, whole = claim_named(conn, named, unlimited, owner, (now, lease_seconds))
+        if named and whole:
+            return Claimed(runs, False, broker._next_due, False)
+        _keep_workers(conn, owner, now, broker._this, broker._workers_seen)
+        finished = _crash_abandoned(conn, now)
+        if not names:
+            if finished:
+                broker._db.signal(CHANGE)
+            return Claimed([], finished, None)
+        due = _claim_due(
+            conn, names, owner, limit - len(runs), (now, now + lease_seconds), concurrency
+        )
+        broker._named.looked(names, now, not (due.left_over or due.held_back))
+        next_due = now if due.left_over else _next_due_time(conn, names, now)
+        if finished or due.corrupt:
+            broker._db.signal(CHANGE)
+        claimed = runs + due.claimed
+        return Claimed(claimed, finished or due.corrupt, next_due, due.held_back)
+
+    return claim
 
 
 def _update_held(conn: sqlite3.Connection, sql: str, parameters: dict[str, Any]) -> bool:
@@ -297,9 +336,12 @@ _COMPLETE = (
 #: hops a worker's batch of results would wait for. A claim may, whatever its limit.
 _INLINE_ROWS = 100
 
+#: ``_COMPLETE`` fenced, with positional parameters ``(now, result, id, owner, attempt)``:
+#: a batch binds tuples, cheaper than a dict per run.
 _COMPLETE_HELD = (
-    f"{_COMPLETE} WHERE id = :id AND state = 'RUNNING' AND lease_owner = :owner"
-    " AND attempts = :attempt"
+    "UPDATE anyservice_runs SET state = 'COMPLETED', finished_at = ?,"
+    " lease_owner = NULL, lease_expires_at = NULL, result = ?, error = NULL"
+    " WHERE id = ? AND state = 'RUNNING' AND lease_owner = ? AND attempts = ?"
 )
 # Every expression in an UPDATE sees the row as it was, so the CASEs agree.
 _RETRIED = ":retry AND retries_left > 0"
@@ -327,21 +369,18 @@ def _complete_held(
     One statement for the batch, whose row count says whether every claim held, as it
     almost always does; if not, the batch is undone and done run by run to learn which.
     """
-    rows = [
-        {"id": run_id, "owner": owner, "attempt": attempt, "result": result, "now": now}
-        for run_id, (attempt, result) in results.items()
-    ]
+    rows = [(now, result, run_id, owner, attempt) for run_id, (attempt, result) in results.items()]
     conn.execute("SAVEPOINT complete_many")
     if conn.executemany(_COMPLETE_HELD, rows).rowcount == len(rows):
         conn.execute("RELEASE complete_many")
         return set(results)
     conn.execute("ROLLBACK TO complete_many")
     conn.execute("RELEASE complete_many")
-    return {
-        run_id
-        for run_id, row in zip(results, rows, strict=True)
-        if _update_held(conn, _COMPLETE, row)
-    }
+    return {run_id for run_id, row in zip(results, rows, strict=True) if _complete_row(conn, row)}
+
+
+def _complete_row(conn: sqlite3.Connection, row: tuple[Any, ...]) -> bool:
+    return conn.execute(_COMPLETE_HELD, row).rowcount == 1
 
 
 def _keep_workers(
@@ -475,6 +514,7 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
             on_commit=self._committed,
         )
         self._channel: WakeChannel | None = None
+        self._named = NamedWork(self._notifier, SIGNALLED_POLL_INTERVAL)
         self._data_version = 0
         self._last_poll = -math.inf
         # This process, as the workers table records it.
@@ -613,14 +653,18 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
     # --- signals between processes ---------------------------------------------------------
 
     def _committed(self, signals: set[bytes]) -> None:
-        # In the connection's thread, after the commit: other processes may look now.
+        # After the commit: other processes may look now. A lone work signal may name
+        # its run (a submit of one due run); several, or none, name nothing.
         channel = self._channel
         if channel is not None:
-            channel.poke(WORK if WORK in signals else CHANGE)
+            work = [signal for signal in signals if signal.startswith(WORK)]
+            channel.poke(work[0] if len(work) == 1 else WORK if work else CHANGE)
 
-    def _poked(self, work: bool) -> None:
+    def _poked(self, work: bool, run_ids: list[str] | None) -> None:
         # In the event loop watching the channel (or its thread): another process
         # committed a change.
+        if work:
+            self._named.poked(run_ids)
         self._notifier.notify_from_thread(work=work)
 
     # --- the broker protocol -------------------------------------------------------------
@@ -635,7 +679,10 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
             self._db.check_file()
             conn.executemany(INSERT, values)
 
-        await self._db.call(insert, signal=WORK, inline=len(values) <= _INLINE_ROWS)
+        # One run due now is named, for a worker to claim it by id.
+        lone = len(runs) == 1 and runs[0].scheduled_at <= self._clock()
+        signal = WORK + runs[0].id.encode() if lone else WORK
+        await self._db.call(insert, signal=signal, inline=len(values) <= _INLINE_ROWS)
 
     async def _claim(
         self,
@@ -645,25 +692,9 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
         lease_seconds: float,
         concurrency: dict[str, int],
     ) -> Claimed:
-        names = tasks
-
-        def claim(conn: sqlite3.Connection) -> Claimed:
-            self._db.check_file()
-            now = self._clock()
-            _keep_workers(conn, owner, now, self._this, self._workers_seen)
-            finished = _crash_abandoned(conn, now)
-            if not names:
-                if finished:
-                    self._db.signal(CHANGE)
-                return Claimed([], finished, None)
-            due = _claim_due(conn, names, owner, limit, (now, now + lease_seconds), concurrency)
-            next_due = now if due.left_over else _next_due_time(conn, names, now)
-            if finished or due.corrupt:
-                self._db.signal(CHANGE)
-            return Claimed(due.claimed, finished or due.corrupt, next_due, due.held_back)
-
         # Runs leased are nobody else's business: other processes hear of a claim only
         # if it ended runs on the way (crashed or corrupt ones).
+        claim = _claiming(self, owner, tasks, limit, lease_seconds, concurrency)
         return await self._db.call(claim, inline=True)
 
     async def _heartbeat(
@@ -701,6 +732,28 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
             signal=CHANGE,
             inline=len(results) <= _INLINE_ROWS,
         )
+
+    async def _complete_and_claim(
+        self,
+        owner: str,
+        results: dict[str, tuple[int, str]],
+        tasks: list[str],
+        limit: int,
+        lease_seconds: float,
+        concurrency: dict[str, int],
+    ) -> tuple[set[str], Claimed]:
+        # One operation, so one transaction and one commit: a worker's finished batch and
+        # its next claim, the claim seeing the completions (freed concurrency slots). A
+        # process killed before the commit loses both, and nobody was told of either.
+        claim = _claiming(self, owner, tasks, limit, lease_seconds, concurrency)
+
+        def complete_and_claim(conn: sqlite3.Connection) -> tuple[set[str], Claimed]:
+            done = _complete_held(conn, owner, results, self._clock()) if results else set()
+            if done:
+                self._db.signal(CHANGE)  # for the waiters of the results, elsewhere
+            return done, claim(conn)
+
+        return await self._db.call(complete_and_claim, inline=len(results) <= _INLINE_ROWS)
 
     async def _fail(
         self,

@@ -21,7 +21,6 @@ from .._records import (
     RunRecord,
     RunState,
     describe_stored,
-    record_of,
 )
 
 __all__ = [
@@ -31,11 +30,12 @@ __all__ = [
     "SCHEMA_VERSION",
     "SELECT",
     "chunks",
-    "claimed_record",
     "insert_values",
     "is_locked",
+    "lease_in_place",
     "marks",
     "read_row",
+    "read_rows",
 ]
 
 #: ``PRAGMA user_version`` of a database with the current schema.
@@ -295,26 +295,44 @@ def _plain_row(row: tuple[Any, ...]) -> tuple[int, RunRecord] | None:
         or (known is RunState.RUNNING and (lease_owner is None or lease_expires_at is None))
     ):
         return None
-    record = record_of((
-        run_id, task, payload, known, attempts, max_attempts, retries_left, retry_delay,
-        timeout, created_at, scheduled_at, priority, started_at, finished_at, lease_owner,
-        lease_expires_at, result, None, trace_context,
-    ))  # fmt: skip
+    # The record's fields set at once (see record_of), from a dict display: cheaper still
+    # than zipping them with the names.
+    record: RunRecord = object.__new__(RunRecord)
+    object.__setattr__(record, "__dict__", {
+        "id": run_id, "task": task, "payload": payload, "state": known, "attempts": attempts,
+        "max_attempts": max_attempts, "retries_left": retries_left,
+        "retry_delay": retry_delay, "timeout": timeout, "created_at": created_at,
+        "scheduled_at": scheduled_at, "priority": priority, "started_at": started_at,
+        "finished_at": finished_at, "lease_owner": lease_owner,
+        "lease_expires_at": lease_expires_at, "result": result, "error": None,
+        "trace_context": trace_context,
+    })  # fmt: skip
     return seq, record
 
 
-def claimed_record(run: RunRecord, now: float, owner: str, expires: float) -> RunRecord:
+def lease_in_place(run: RunRecord, now: float, owner: str, expires: float) -> RunRecord:
     """``run`` as a claim leaves it: RUNNING under ``owner``'s lease, one attempt more.
 
-    Made field by field (:func:`record_of`): ``dataclasses.replace`` costs several times
-    as much, per run claimed.
+    Changed in place, for a record that :func:`read_row` has just made for this claim
+    and that nobody else holds yet: a second record per run claimed (even made field by
+    field) cost more than the claim's UPDATE of the row's lease.
     """
-    return record_of((
-        run.id, run.task, run.payload, RunState.RUNNING, run.attempts + 1, run.max_attempts,
-        run.retries_left, run.retry_delay, run.timeout, run.created_at, run.scheduled_at,
-        run.priority, now, run.finished_at, owner, expires, run.result, run.error,
-        run.trace_context,
-    ))  # fmt: skip
+    fields = run.__dict__
+    fields["state"] = RunState.RUNNING
+    fields["attempts"] = run.attempts + 1
+    fields["started_at"] = now
+    fields["lease_owner"] = owner
+    fields["lease_expires_at"] = expires
+    return run
+
+
+def read_rows(rows: list[tuple[Any, ...]]) -> list[tuple[int, RunRecord, bool]]:
+    """:func:`read_row` of each row, the plain ones without its call (a claim reads many)."""
+    read: list[tuple[int, RunRecord, bool]] = []
+    for row in rows:
+        plain = _plain_row(row)
+        read.append(read_row(row) if plain is None else (plain[0], plain[1], False))
+    return read
 
 
 def read_row(row: tuple[Any, ...]) -> tuple[int, RunRecord, bool]:

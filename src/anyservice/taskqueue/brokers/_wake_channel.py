@@ -2,7 +2,8 @@
 
 Every open broker of a file binds a Unix datagram socket in a directory beside it
 (``runs.db-wake/``, mode 0700), named after its process. A broker that committed a change
-sends one byte to every other socket there (``w`` for new work, ``c`` for another change);
+sends one datagram to every other socket there (``w`` for new work, ``w`` followed by
+the run's id for the submit of one run due now, ``c`` for another change);
 the event loop that opened the broker watches its socket with the rest of its I/O and
 wakes the broker's waiters (where it cannot, a thread per broker sleeps in ``recv``
 instead). A socket being watched costs no CPU, and a datagram wakes the loop in
@@ -13,7 +14,8 @@ busy cores, one runnable thread fewer).
 The signal is only a hint, never the truth: a datagram may be dropped (the receiver's
 buffer is full, so it has pokes pending anyway) and a broker that cannot bind (no Unix
 sockets, a directory it may not write) simply isn't woken this way; waiters keep polling
-``PRAGMA data_version`` as the fallback. Sockets left by a killed process refuse
+``PRAGMA data_version`` as the fallback. A datagram that makes no sense (not one of these)
+counts as work that names no run. Sockets left by a killed process refuse
 datagrams, and the first sender to meet one deletes it.
 """
 
@@ -29,13 +31,17 @@ from collections.abc import Callable
 
 from ._loop_backends import LoopReader
 
-__all__ = ["CHANGE", "WORK", "WakeChannel"]
+__all__ = ["CHANGE", "WORK", "WakeChannel", "named_work"]
 
 #: The byte sent after a commit that may have made a run claimable.
 WORK = b"w"
 #: The byte sent after any other change to the runs.
 CHANGE = b"c"
 _CLOSE = b"x"
+#: Longest datagram read: ``w`` and a run's id (a uuid4's 32 hex digits) fit many times.
+_MOST_BYTES = 256
+#: Longest run id a datagram may name; a longer one names no run.
+_MOST_ID = 128
 
 # Unix socket addresses are limited to about 104 bytes (sun_path).
 _MAX_ADDRESS = 100
@@ -47,11 +53,13 @@ class WakeChannel:
 
     Args:
         database: The database file's absolute path.
-        on_poke: Called when pokes arrived, with whether any of them was ``WORK``: in
-            the event loop that called :meth:`listen`, or in the listening thread.
+        on_poke: Called when pokes arrived, with whether any of them was work, and the
+            runs they named if every one of them that was work named its run (else
+            ``None``): in the event loop that called :meth:`listen`, or (naming no run) in
+            the listening thread.
     """
 
-    def __init__(self, database: str, on_poke: Callable[[bool], None]) -> None:
+    def __init__(self, database: str, on_poke: Callable[[bool, list[str] | None], None]) -> None:
         self.directory = database + "-wake"
         self._on_poke = on_poke
         self._name = f"{os.getpid()}-{secrets.token_hex(4)}{_SUFFIX}"
@@ -130,7 +138,8 @@ class WakeChannel:
         self._close_directory()
 
     def poke(self, kind: bytes) -> None:
-        """Tell every other broker of the file that runs changed (``WORK`` or ``CHANGE``)."""
+        """Tell every other broker of the file that runs changed (``WORK``, ``WORK``
+        followed by the id of the one run a submit stored, due now, or ``CHANGE``)."""
         sock = self._socket
         if sock is None:
             return
@@ -189,33 +198,52 @@ class WakeChannel:
         kinds: set[bytes] = set()
         try:
             while True:
-                kinds.add(sock.recv(16, socket.MSG_DONTWAIT))
+                kinds.add(sock.recv(_MOST_BYTES, socket.MSG_DONTWAIT))
         except BlockingIOError:
             pass
         except OSError:
             return  # Closed meanwhile: nobody is listening any more.
         if kinds:
-            self._on_poke(WORK in kinds)
+            work, named = named_work(kinds)
+            self._on_poke(work, named)
 
     def _listen(self) -> None:
         sock = self._socket
         assert sock is not None
         while True:
             try:
-                kinds = {sock.recv(16)}
+                kinds = {sock.recv(_MOST_BYTES)}
                 # Many pokes may have queued up: one wake-up for all of them.
                 while True:
-                    kinds.add(sock.recv(16, socket.MSG_DONTWAIT))
+                    kinds.add(sock.recv(_MOST_BYTES, socket.MSG_DONTWAIT))
             except BlockingIOError:
                 pass
             except OSError:
                 return
             if _CLOSE in kinds:
                 return
-            self._on_poke(WORK in kinds)
+            # From this thread, runs are not named: the broker's claims read them in its
+            # event loop.
+            self._on_poke(named_work(kinds)[0], None)
 
     def _close_directory(self) -> None:
         if self._directory_fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._directory_fd)
             self._directory_fd = None
+
+
+def named_work(kinds: set[bytes]) -> tuple[bool, list[str] | None]:
+    """Whether these pokes tell of work, and the runs they name if every poke of work
+    names its run (``None`` if any does not, or makes no sense)."""
+    named: list[str] = []
+    work = False
+    for kind in kinds:
+        if kind == CHANGE:
+            continue
+        work = True
+        run_id = kind[1:]
+        if kind[:1] != WORK or not run_id or len(run_id) > _MOST_ID or not run_id.isalnum():
+            return True, None
+        named.append(run_id.decode("ascii"))
+    return work, named if work else None
