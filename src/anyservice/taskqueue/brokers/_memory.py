@@ -249,9 +249,8 @@ class MemoryBroker(BaseBroker):
 
     def _forget_tick(self, schedule: str, due: float) -> None:
         """Delete a tick, unless it is its schedule's latest (the next tick follows it)."""
-        ticks = self._ticks[schedule]
-        if due != max(ticks):
-            del ticks[due]
+        if due != self._tick_counts_of[schedule].latest:
+            del self._ticks[schedule][due]
 
     async def _counts(self) -> dict[RunState, int]:
         await self._check_open()
