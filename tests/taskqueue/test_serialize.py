@@ -85,6 +85,99 @@ def test_positional_argument_without_signature_is_named_by_position() -> None:
         encode_arguments("say", ["hi", WHEN], {})
 
 
+def plain(text: str, when: datetime.datetime) -> None:
+    """A task function without ``*args``."""
+
+
+def test_positional_argument_is_named_from_a_signature_without_star_parameter() -> None:
+    with pytest.raises(
+        TypeError, match=r"^argument 'when' of task 'plain' is not JSON-serialisable: datetime$"
+    ):
+        encode_arguments("plain", ["hi", WHEN], {}, inspect.signature(plain))
+
+
+def test_positional_argument_beyond_the_signature_is_named_by_position() -> None:
+    with pytest.raises(
+        TypeError, match=r"^positional argument 2 of task 'plain' is not JSON-serialisable: set$"
+    ):
+        encode_arguments("plain", ["hi", "now", {1}], {}, inspect.signature(plain))
+
+
+def test_keyword_argument_name_that_is_not_a_string_is_refused() -> None:
+    with pytest.raises(
+        TypeError, match=r"^keyword argument names of task 'say' must be strings, not 1$"
+    ):
+        encode_arguments("say", ["hi"], {1: "one"})  # type: ignore[dict-item]
+
+
+def test_payload_text_is_the_same_when_a_keyword_name_is_a_string_subclass() -> None:
+    class Name(str):
+        pass
+
+    assert encode_arguments("say", [1], {Name("loud"): True}) == (
+        '{"args":[1],"kwargs":{"loud":true}}'
+    )
+
+
+def _nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def _deepest_encodable() -> int:
+    """The deepest nesting of lists JSON encodes from here (found by bisection)."""
+    low, high = 1, 1 << 16
+    while low + 1 < high:
+        middle = (low + high) // 2
+        try:
+            encode_result(_nested(middle))
+        except TypeError:
+            high = middle
+        else:
+            low = middle
+    return low
+
+
+def test_arguments_each_encodable_but_too_deep_together_name_the_task() -> None:
+    # One argument as deep as the encoder goes alone is two levels too deep inside the
+    # payload: no single argument is at fault, so the error names the task's arguments.
+    # The search spans the few frames by which the bisection's calls stand deeper.
+    deepest = _deepest_encodable()
+    refused: list[TypeError] = []
+    for depth in range(deepest - 20, deepest + 20):
+        try:
+            payload = encode_arguments("say", [_nested(depth)], {})
+        except TypeError as exc:
+            refused.append(exc)
+            continue
+        brackets = depth + 1
+        assert payload == '{"args":[' + "[" * brackets + "]" * brackets + '],"kwargs":{}}'
+    whole = "arguments of task 'say' is not JSON-serialisable: "
+    one = "positional argument 0 of task 'say' is not JSON-serialisable: "
+    whole_refused = [error for error in refused if str(error).startswith(whole)]
+    assert whole_refused
+    assert all(str(error).startswith((whole, one)) for error in refused)
+    for error in whole_refused:
+        assert isinstance(error.__cause__, RecursionError)
+        assert str(error) == whole + str(error.__cause__)
+
+
+def test_unknown_type_error_hides_the_encoder_internals() -> None:
+    with pytest.raises(TypeError) as caught:
+        encode_arguments("say", [WHEN], {})
+    assert caught.value.__cause__ is None
+    assert caught.value.__suppress_context__
+
+
+def test_value_error_of_the_encoder_is_the_cause() -> None:
+    with pytest.raises(TypeError) as caught:
+        encode_result(float("nan"))
+    assert isinstance(caught.value.__cause__, ValueError)
+    assert str(caught.value) == f"result is not JSON-serialisable: {caught.value.__cause__}"
+
+
 def test_value_nested_in_an_argument_is_reported_by_type() -> None:
     with pytest.raises(TypeError, match=r"argument 'items' .*: datetime$"):
         encode_arguments("say", [], {"items": [1, {"at": WHEN}]})
@@ -107,16 +200,23 @@ def test_circular_value_is_rejected() -> None:
         encode_arguments("say", [loop], {})
 
 
+EXACTLY = r"^run arguments must be a JSON object with exactly 'args' and 'kwargs': "
+NEEDS = r"^run arguments need an 'args' list and a 'kwargs' object: "
+
+
 @pytest.mark.parametrize(
     ("payload", "message"),
     [
-        ("not json{", "not valid JSON"),
-        ('{"args": [NaN], "kwargs": {}}', "not valid JSON"),
-        ("[1, 2]", "exactly 'args' and 'kwargs'"),
-        ('{"args": []}', "exactly 'args' and 'kwargs'"),
-        ('{"args": [], "kwargs": {}, "v": 2}', "exactly 'args' and 'kwargs'"),
-        ('{"args": {}, "kwargs": {}}', "'args' list"),
-        ('{"args": [], "kwargs": []}', "'kwargs' object"),
+        ("not json{", r"^run arguments is not valid JSON \(Expecting value: .*\): 'not json\{'$"),
+        (
+            '{"args": [NaN], "kwargs": {}}',
+            r"^run arguments is not valid JSON \(NaN is not valid JSON\): ",
+        ),
+        ("[1, 2]", EXACTLY + r"'\[1, 2\]'$"),
+        ('{"args": []}', EXACTLY + r"""'\{"args": \[\]\}'$"""),
+        ('{"args": [], "kwargs": {}, "v": 2}', EXACTLY + "'"),
+        ('{"args": {}, "kwargs": {}}', NEEDS + r"""'\{"args": \{\}, "kwargs": \{\}\}'$"""),
+        ('{"args": [], "kwargs": []}', NEEDS + r"""'\{"args": \[\], "kwargs": \[\]\}'$"""),
     ],
 )
 def test_undecodable_payload_raises_payload_error(payload: str, message: str) -> None:

@@ -31,13 +31,22 @@ __all__ = [
 
 
 class _NotSerialisable(Exception):
-    def __init__(self, value: object) -> None:
-        super().__init__(type(value).__name__)
-        self.type_name = type(value).__name__
+    """A value JSON has no form for; the one argument is the name of its type."""
 
 
 def _refuse(value: object) -> NoReturn:
-    raise _NotSerialisable(value)
+    raise _NotSerialisable(type(value).__name__)
+
+
+#: What the encoder raises for a value with no JSON form: a type it does not know, a
+#: non-string dict key, NaN or infinity, a circular reference, nesting too deep.
+_UNENCODABLE = (_NotSerialisable, TypeError, ValueError, RecursionError)
+
+
+def _refuse_encoding(what: str, error: Exception) -> NoReturn:
+    """Raise the ``TypeError`` for ``error`` (one of ``_UNENCODABLE``), naming ``what``."""
+    cause = None if isinstance(error, _NotSerialisable) else error
+    raise TypeError(f"{what} is not JSON-serialisable: {error}") from cause
 
 
 def _dumps(value: object, what: str) -> str:
@@ -49,11 +58,8 @@ def _dumps(value: object, what: str) -> str:
     """
     try:
         return _ENCODER.encode(value)
-    except _NotSerialisable as exc:
-        raise TypeError(f"{what} is not JSON-serialisable: {exc.type_name}") from None
-    except (TypeError, ValueError, RecursionError) as exc:
-        # Non-string dict keys, NaN/infinity, circular references.
-        raise TypeError(f"{what} is not JSON-serialisable: {exc}") from exc
+    except _UNENCODABLE as exc:
+        _refuse_encoding(what, exc)
 
 
 def _reject_constant(name: str) -> NoReturn:
@@ -70,11 +76,9 @@ _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 NO_ARGUMENTS = '{"args":[],"kwargs":{}}'
 
 
-def _loads(text: str | bytes, what: str) -> Any:
+def _loads(text: str, what: str) -> Any:
     try:
-        if isinstance(text, str):
-            return _DECODER.decode(text)
-        return json.loads(text, parse_constant=_reject_constant)
+        return _DECODER.decode(text)
     except (TypeError, ValueError, RecursionError) as exc:
         raise PayloadError(f"{what} is not valid JSON ({exc}): {describe_stored(text)}") from exc
 
@@ -125,24 +129,28 @@ def encode_arguments(
     """
     if not args and not kwargs:
         return NO_ARGUMENTS
-    if all(type(name) is str for name in kwargs):
-        try:
-            # The whole payload at once; the same text as the parts joined below.
-            return _ENCODER.encode({"args": args, "kwargs": kwargs})
-        except (_NotSerialisable, TypeError, ValueError, RecursionError):
-            pass  # encoded again below, argument by argument, to name the one at fault
-    parts = [
-        _dumps(value, f"{label} of task {task_name!r}")
-        for label, value in zip(_positional_labels(signature, len(args)), args, strict=True)
-    ]
-    items = []
-    for name, value in kwargs.items():
+    for name in kwargs:
         if not isinstance(name, str):
-            raise TypeError(f"keyword argument names of task {task_name!r} must be strings")
-        items.append(
-            f"{json.dumps(name)}:{_dumps(value, f'argument {name!r} of task {task_name!r}')}"
-        )
-    return f'{{"args":[{",".join(parts)}],"kwargs":{{{",".join(items)}}}}}'
+            raise TypeError(
+                f"keyword argument names of task {task_name!r} must be strings, not {name!r}"
+            )
+    payload = {"args": args, "kwargs": kwargs}
+    try:
+        return _ENCODER.encode(payload)
+    except _UNENCODABLE as exc:
+        whole = exc
+    # Something has no JSON form: encode each argument alone (in this frame, as the whole
+    # was) to name the one at fault.
+    labels = _positional_labels(signature, len(args))
+    named = [(labels[index], value) for index, value in enumerate(args)]
+    named += [(f"argument {name!r}", value) for name, value in kwargs.items()]
+    for label, value in named:
+        try:
+            _ENCODER.encode(value)
+        except _UNENCODABLE as exc:
+            _refuse_encoding(f"{label} of task {task_name!r}", exc)
+    # Each argument has a JSON form alone, but not the whole: nested just too deep.
+    _refuse_encoding(f"arguments of task {task_name!r}", whole)
 
 
 def decode_arguments(payload: str) -> tuple[list[Any], dict[str, Any]]:
