@@ -318,6 +318,24 @@ def test_in_memory_database_is_rejected() -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("runs, limit", [(5, 3), (700, 700)])
+async def test_a_claim_leases_exactly_the_runs_it_returns(
+    broker: SqliteBroker, path: Path, runs: int, limit: int
+) -> None:
+    # 3 and 700: neither a power of two nor, for 700, within one statement's rows.
+    await broker.submit_many("say", [PAYLOAD] * runs)
+    claimed = await broker.claim("w1", ["say"], limit=limit, lease_seconds=LEASE)
+    assert len(claimed) == limit
+    with raw_connection(path) as conn:
+        leased = conn.execute(
+            "SELECT id, attempts, lease_owner, lease_expires_at FROM anyservice_runs"
+            " WHERE state = 'RUNNING'"
+        ).fetchall()
+    assert sorted(leased) == sorted((run.id, 1, "w1", run.lease_expires_at) for run in claimed)
+    assert (await broker.counts())[RunState.SCHEDULED] == runs - limit
+
+
+@pytest.mark.anyio
 async def test_racing_brokers_on_one_file_claim_each_run_exactly_once(path: Path) -> None:
     brokers = [SqliteBroker(path) for _ in range(4)]
     claims: dict[str, list[str]] = {}

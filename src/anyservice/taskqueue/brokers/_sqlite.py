@@ -43,6 +43,7 @@ from ._sqlite_rows import (
     SELECT,
     insert_values,
     lease_in_place,
+    lease_rows,
     marks,
     read_row,
     read_rows,
@@ -236,10 +237,7 @@ def _claim_due(
             readable.append(run)
     picked = records.pick_claims(readable, limit, free)
     claimed = [lease_in_place(run, now, owner, expires) for run in picked.runs]
-    conn.executemany(
-        _CLAIM,
-        [(run.attempts, now, owner, expires, sequence[run.id]) for run in claimed],
-    )
+    lease_rows(conn, [sequence[run.id] for run in claimed], (now, owner, expires))
     # Rows past a corrupt one may be due: claim again promptly.
     return _Due(claimed, corrupt_seen, picked.left_over or corrupt_seen, picked.held_back)
 
