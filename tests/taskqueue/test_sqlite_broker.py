@@ -318,7 +318,7 @@ def test_in_memory_database_is_rejected() -> None:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("runs, limit", [(5, 3), (700, 700)])
+@pytest.mark.parametrize(("runs", "limit"), [(5, 3), (700, 700)])
 async def test_a_claim_leases_exactly_the_runs_it_returns(
     broker: SqliteBroker, path: Path, runs: int, limit: int
 ) -> None:
