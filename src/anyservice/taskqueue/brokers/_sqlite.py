@@ -142,18 +142,28 @@ def _due_rows(
 ) -> list[tuple[Any, ...]]:
     """The first ``count`` claimable rows of these tasks, in claim order.
 
-    Two branches, each walking the claim-order index and stopping at ``count``: due
+    Two branches, each walking an index in claim order and stopping at ``count``: due
     SCHEDULED runs, and RUNNING runs whose lease expired. One ``OR`` over both made
     SQLite read and sort every due row instead. The ``+`` keeps ``scheduled_at`` off the
     index choice: on the due-time index SQLite would read and sort every due run (tens
     of milliseconds behind a backlog of thousands), where the claim-order index yields
-    them in order and stops at ``count``.
+    them in order and stops at ``count``. The second branch is read only if a lease has
+    expired, which is rare: the ``UNION ALL`` sorts the rows of both branches in
+    temporary b-trees, which took three times as long as the first branch alone.
     """
     tasks = f"task IN ({marks(len(names))})"
+    expired = (
+        f"SELECT 1 FROM anyservice_runs WHERE state = 'RUNNING'"
+        f" AND (lease_expires_at IS NULL OR lease_expires_at <= ?) AND {tasks}"
+    )
+    scheduled = (
+        f"{SELECT} WHERE state = 'SCHEDULED' AND +scheduled_at <= ?"
+        f" AND {tasks} {_CLAIM_ORDER} LIMIT ?"
+    )
+    if conn.execute(f"{expired} LIMIT 1", (now, *names)).fetchone() is None:
+        return conn.execute(scheduled, (now, *names, count)).fetchall()
     return conn.execute(
-        f"SELECT * FROM ({SELECT} WHERE state = 'SCHEDULED' AND +scheduled_at <= ?"
-        f" AND {tasks} {_CLAIM_ORDER} LIMIT ?)"
-        f" UNION ALL SELECT * FROM ({SELECT} WHERE state = 'RUNNING'"
+        f"SELECT * FROM ({scheduled}) UNION ALL SELECT * FROM ({SELECT} WHERE state = 'RUNNING'"
         f" AND (lease_expires_at IS NULL OR lease_expires_at <= ?) AND {tasks}"
         f" {_CLAIM_ORDER} LIMIT ?) {_CLAIM_ORDER} LIMIT ?",
         (now, *names, count, now, *names, count, count),
