@@ -1,7 +1,8 @@
 """The life of one run: what each broker call costs, and what a worker does per run.
 
 Not part of ``run.py``: a profile for finding where the time goes, printed as tables.
-``python benchmarks/profile_run.py [asyncio|trio] [--drain] [--postgres] [--sync]``.
+``python benchmarks/profile_run.py [asyncio|trio] [--drain] [--postgres] [--sync]
+[--limit=N]``.
 
 Step by step (the default), each step timed over many calls, one at a time, on a fresh
 SQLite file (medians of per-call times, µs):
@@ -13,14 +14,18 @@ SQLite file (medians of per-call times, µs):
 - round trip: ``await task.delay()`` then ``await run.result()`` through an in-process
   worker (submit, wake, claim, start, result, wake of the waiter).
 
-``--drain``: one in-process worker (limit 100) drains 4 000 no-op runs submitted up front,
-under ``cProfile`` (counts only: its timings are distorted), and the counts are given per
-run: Python function calls in the event loop's thread, cancel scopes entered, events made,
-event-loop passes, broker calls, round trips to the database (the SQLite connection's
-operations, wherever they run, or PostgreSQL statements), the SQLite operations that went
-to the connection's thread (a hop there and back each), commits, and the CPU time of the
-whole process (every thread, the profiler's cost included). ``--postgres`` does the same
-on a PostgreSQL server of its own (Debian's binaries, as the tests start it).
+``--drain``: one in-process worker (limit 100, or ``--limit=N``) drains 4 000 no-op runs
+submitted up front, under ``cProfile`` (counts only: its timings are distorted), and the
+counts are given per run: Python function calls in the event loop's thread, cancel scopes
+entered, events made, event-loop passes, broker calls, round trips to the database (the
+SQLite connection's operations, wherever they run, or PostgreSQL statements), the SQLite
+operations that went to the connection's thread (a hop there and back each), commits,
+SQLite statements run in the event loop's thread (``execute`` and ``executemany`` calls),
+the bytes the process wrote (Linux's ``/proc/self/io`` ``wchar``: on SQLite the pages its
+commits append to the WAL and its checkpoints copy into the file, fewer with fewer index
+pages touched), and the CPU time of the whole process (every thread, the profiler's cost
+included). ``--postgres`` does the same on a PostgreSQL server of its own (Debian's
+binaries, as the tests start it).
 ``--sync`` drains runs of a ``def`` no-op task (run in worker threads) instead, and counts
 the hops to a worker thread (``anyio.to_thread.run_sync`` calls) as well.
 """
@@ -28,6 +33,7 @@ the hops to a worker thread (``anyio.to_thread.run_sync`` calls) as well.
 from __future__ import annotations
 
 import cProfile
+import pstats
 import statistics
 import sys
 import tempfile
@@ -108,6 +114,22 @@ def _round_trip_keys(url: str) -> dict[str, list[Callable[..., Any]]]:
     return {"database round trips": [_sqlite_thread._Operation.__init__]}
 
 
+def _statements(profile: cProfile.Profile) -> int:
+    """SQLite statements the profiled thread ran: its calls of ``execute``/``executemany``."""
+    stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
+    names = ("<method 'execute' of 'sqlite3.", "<method 'executemany' of 'sqlite3.")
+    return sum(value[1] for key, value in stats.items() if key[2].startswith(names))
+
+
+def _bytes_written() -> int | None:
+    """Bytes this process has passed to ``write()`` and its kin so far (Linux only)."""
+    try:
+        text = Path("/proc/self/io").read_text()
+    except OSError:
+        return None
+    return next(int(line.split()[1]) for line in text.splitlines() if line.startswith("wchar"))
+
+
 def _count_thread_calls(broker: Any, counted: dict[str, int]) -> None:
     """Count the operations ``broker``'s SQLite connection thread runs (each a hop there and
     back for its caller), into ``counted``; nothing for other brokers."""
@@ -152,7 +174,7 @@ def _count_hops(counted: dict[str, int]) -> None:
     anyio.to_thread.run_sync = counting  # type: ignore[assignment]
 
 
-async def drain(url: str, backend: str, sync: bool = False) -> dict[str, float]:
+async def drain(url: str, backend: str, sync: bool = False, limit: int = LIMIT) -> dict[str, float]:
     """Per-run counts of one worker draining ``DRAINED`` no-op runs from ``url``."""
     import anyservice.taskqueue as taskqueue
 
@@ -175,10 +197,11 @@ async def drain(url: str, backend: str, sync: bool = False) -> dict[str, float]:
         _count_calls(queue.broker, counted)
         _count_thread_calls(queue.broker, counted)
         _count_hops(counted)
-        worker = taskqueue.TaskWorker(noop, limit=LIMIT)
+        worker = taskqueue.TaskWorker(noop, limit=limit)
         profile = cProfile.Profile()
         started = time.perf_counter()
         cpu = time.process_time()
+        written = _bytes_written()
         profile.enable()
         async with worker:
             # Polled: a waiter of its own would add broker reads to what is counted.
@@ -187,6 +210,7 @@ async def drain(url: str, backend: str, sync: bool = False) -> dict[str, float]:
         profile.disable()
         seconds = time.perf_counter() - started
         cpu = time.process_time() - cpu
+        after = _bytes_written()
         found = _counts(profile, backend, DRAINED, {**_code_keys(backend), **_round_trip_keys(url)})
         found["broker calls"] = counted.get("broker calls", 0) / DRAINED
         if "_db" in vars(queue.broker):
@@ -195,6 +219,9 @@ async def drain(url: str, backend: str, sync: bool = False) -> dict[str, float]:
         found["thread hops"] = counted.get("thread hops", 0) / DRAINED
         if commits_before is not None:
             found["commits"] = (queue.broker.commits - commits_before) / DRAINED
+            found["SQLite statements"] = _statements(profile) / DRAINED
+        if written is not None and after is not None:
+            found["bytes written"] = (after - written) / DRAINED
         found["runs/s under the profiler"] = DRAINED / seconds
         # Every thread of the process (the connection's too), profiler included.
         found["CPU µs under the profiler"] = cpu / DRAINED * 1e6
@@ -220,13 +247,15 @@ def _postgres_url() -> Iterator[str]:
 
 def main() -> None:
     backend = next((arg for arg in sys.argv[1:] if not arg.startswith("--")), "asyncio")
+    limits = [int(arg.partition("=")[2]) for arg in sys.argv if arg.startswith("--limit=")]
+    limit = limits[-1] if limits else LIMIT
     if "--drain" in sys.argv or "--postgres" in sys.argv:
         where = _postgres_url if "--postgres" in sys.argv else _sqlite_url
         with where() as url:
-            figures = anyio.run(drain, url, backend, "--sync" in sys.argv, backend=backend)
+            figures = anyio.run(drain, url, backend, "--sync" in sys.argv, limit, backend=backend)
         kind = "sync" if "--sync" in sys.argv else "async"
         runs = f"{DRAINED} {kind} no-op runs"
-        print(f"{backend}, one worker (limit {LIMIT}) draining {runs}, per run:")
+        print(f"{backend}, one worker (limit {limit}) draining {runs}, per run:")
         for label, value in figures.items():
             print(f"  {label:28} {value:10.2f}")
         return

@@ -80,14 +80,9 @@ async def test_file_is_in_wal_mode_with_a_schema_version(broker: SqliteBroker, p
 
 
 @pytest.mark.anyio
-async def test_a_file_of_the_version_before_gains_the_trace_context_column(path: Path) -> None:
-    from anyservice.taskqueue.brokers._sqlite_rows import MIGRATIONS
-
+async def test_a_file_of_schema_version_4_gains_the_trace_context_column(path: Path) -> None:
     with raw_connection(path) as conn:
-        for step in MIGRATIONS[: SCHEMA_VERSION - 1]:
-            for statement in step:
-                conn.execute(statement)
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION - 1}")
+        create_schema(conn, 4)
         conn.execute(
             "INSERT INTO anyservice_runs (id, task, payload, state, attempts, max_attempts,"
             " retries_left, retry_delay, created_at, scheduled_at)"
@@ -103,6 +98,76 @@ async def test_a_file_of_the_version_before_gains_the_trace_context_column(path:
         assert await broker.get(run.id) == run
     with raw_connection(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+
+
+def create_schema(conn: sqlite3.Connection, version: int) -> None:
+    """The schema as anyservice made it at ``version``."""
+    from anyservice.taskqueue.brokers._sqlite_rows import MIGRATIONS
+
+    for step in MIGRATIONS[:version]:
+        for statement in step:
+            conn.execute(statement)
+    conn.execute(f"PRAGMA user_version = {version}")
+
+
+def index_definitions(path: Path) -> dict[str, str]:
+    with raw_connection(path) as conn:
+        rows = conn.execute(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'index'"
+            " AND tbl_name = 'anyservice_runs' AND sql IS NOT NULL"
+        ).fetchall()
+    return dict(rows)
+
+
+@pytest.mark.anyio
+async def test_a_file_of_schema_version_5_gets_the_partial_indexes_and_keeps_its_runs(
+    path: Path, tmp_path: Path
+) -> None:
+    now = time.time()
+    with raw_connection(path) as conn:
+        create_schema(conn, 5)
+        for run_id, state, lease_expires_at, finished_at in (
+            ("due", "SCHEDULED", None, None),
+            ("expired", "RUNNING", now - 60, None),
+            ("leased", "RUNNING", now + 600, None),
+            ("old", "COMPLETED", None, now - 7200),
+        ):
+            conn.execute(
+                "INSERT INTO anyservice_runs (id, task, payload, state, attempts, max_attempts,"
+                " retries_left, retry_delay, created_at, scheduled_at, started_at, finished_at,"
+                " lease_owner, lease_expires_at)"
+                " VALUES (?, 'say', ?, ?, ?, 3, 0, 0, ?, ?, ?, ?, ?, ?)",
+                (
+                    run_id,
+                    PAYLOAD,
+                    state,
+                    0 if state == "SCHEDULED" else 1,
+                    now - 100,
+                    now - (100 if run_id == "expired" else 50),
+                    None if state == "SCHEDULED" else now - 90,
+                    finished_at,
+                    "gone" if state == "RUNNING" else None,
+                    lease_expires_at,
+                ),
+            )
+    async with SqliteBroker(path) as broker:
+        assert (await broker.counts())[RunState.RUNNING] == 2
+        claimed = await broker.claim("w1", ["say"], limit=5, lease_seconds=LEASE)
+        assert [(run.id, run.attempts) for run in claimed] == [("expired", 2), ("due", 1)]
+        assert await broker.claim("w2", ["say"], limit=5, lease_seconds=LEASE) == []
+        assert await broker.purge(3600) == 1
+        assert await broker.get("old") is None
+        counts = await broker.counts()
+        assert (counts[RunState.RUNNING], counts[RunState.SCHEDULED]) == (3, 0)
+    with raw_connection(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    # The same indexes as a file made with the current schema.
+    async with SqliteBroker(tmp_path / "fresh.db"):
+        pass
+    migrated = index_definitions(path)
+    assert migrated == index_definitions(tmp_path / "fresh.db")
+    assert "WHERE state = 'SCHEDULED'" in migrated["anyservice_runs_claim_order"]
+    assert "WHERE state = 'RUNNING'" in migrated["anyservice_runs_leases"]
 
 
 @pytest.mark.anyio
@@ -250,6 +315,24 @@ def test_in_memory_database_is_rejected() -> None:
 
 
 # --- concurrent claims -----------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("runs", "limit"), [(5, 3), (700, 700)])
+async def test_a_claim_leases_exactly_the_runs_it_returns(
+    broker: SqliteBroker, path: Path, runs: int, limit: int
+) -> None:
+    # 3 and 700: neither a power of two nor, for 700, within one statement's rows.
+    await broker.submit_many("say", [PAYLOAD] * runs)
+    claimed = await broker.claim("w1", ["say"], limit=limit, lease_seconds=LEASE)
+    assert len(claimed) == limit
+    with raw_connection(path) as conn:
+        leased = conn.execute(
+            "SELECT id, attempts, lease_owner, lease_expires_at FROM anyservice_runs"
+            " WHERE state = 'RUNNING'"
+        ).fetchall()
+    assert sorted(leased) == sorted((run.id, 1, "w1", run.lease_expires_at) for run in claimed)
+    assert (await broker.counts())[RunState.SCHEDULED] == runs - limit
 
 
 @pytest.mark.anyio

@@ -222,12 +222,15 @@ class SqliteClusterStorage:
     async def _list_runs(
         self, state: RunState | None, task: str | None, since: float | None, limit: int
     ) -> list[RunRecord]:
-        where: list[str] = []
+        # The state is written out (a RunState's value, never the caller's text): the
+        # indexes of due and of leased runs hold the rows of their state alone, and
+        # SQLite uses such an index only for a query that names that state.
+        where: list[str] = [] if state is None else [f"state = '{RunState(state).value}'"]
         parameters: list[object] = []
-        for clause, value in (("state = ?", state), ("task = ?", task), ("created_at >= ?", since)):
+        for clause, value in (("task = ?", task), ("created_at >= ?", since)):
             if value is not None:
                 where.append(clause)
-                parameters.append(value.value if isinstance(value, RunState) else value)
+                parameters.append(value)
         sql = self._select_runs + (f" WHERE {' AND '.join(where)}" if where else "")
         sql += " ORDER BY created_at DESC, seq DESC LIMIT ?"
 
