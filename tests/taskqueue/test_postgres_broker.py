@@ -21,6 +21,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from anyservice import ServiceState
 from anyservice.taskqueue import BrokerError, RunState, TaskQueue, TaskWorker
 from anyservice.taskqueue.brokers import broker_from_url
 from anyservice.taskqueue.brokers._postgres import SCHEMA_VERSION, PostgresBroker
@@ -581,6 +582,64 @@ async def test_runs_claimed_ahead_are_handed_back_as_the_broker_closes(url: str)
                 run_id = await claimed_ahead(worker, submitter)
             runs = await submitter.claim("w3", ["say"], limit=10, lease_seconds=30)
         assert [(run.id, run.lease_owner, run.attempts) for run in runs] == [(run_id, "w3", 1)]
+
+
+class StopsAsWorkArrives(PostgresBroker):
+    """A real broker whose first wait for work begun once ``worker`` is set stops that
+    worker as it returns: between the wait and the claim that would take what came."""
+
+    worker: TaskWorker | None = None
+    #: Set as a wait for work begins (the test makes it).
+    waiting: anyio.Event
+    #: The runs claimed ahead for the next claim as that wait returned, before the stop.
+    ahead: list[str] | None = None
+
+    async def wait_for_work(self, timeout: float) -> None:
+        worker, self.worker = self.worker, None
+        self.waiting.set()
+        await super().wait_for_work(timeout)
+        if worker is not None:
+            self.ahead = [] if self._ahead is None else self._ahead.named
+            await worker.stop()
+
+
+async def test_runs_claimed_ahead_are_released_when_the_worker_stops_before_claiming(
+    url: str,
+) -> None:
+    broker = StopsAsWorkArrives(url)
+    queue = TaskQueue(broker=broker)
+
+    @queue.task
+    async def noop() -> None:
+        pass
+
+    async with queue, PostgresBroker(url) as submitter:
+        worker = TaskWorker(noop)
+        with anyio.fail_after(PROMPTLY):
+            broker.waiting = anyio.Event()
+            async with worker:
+                # A first run, submitted as the worker waits, is claimed by id: that
+                # prepares the claim of named runs on the worker's side.
+                await broker.waiting.wait()
+                first = await submitter.submit(noop.name, PAYLOAD)
+                finished = await submitter.wait_until_finished(first.id, timeout=PROMPTLY)
+                assert finished is not None
+                assert finished.state is RunState.COMPLETED
+                broker.waiting = anyio.Event()
+                broker.worker = worker
+                await broker.waiting.wait()
+                run = await submitter.submit(noop.name, PAYLOAD)
+                await worker.wait_for(ServiceState.STOPPED, ServiceState.CRASHED)
+        # The run was claimed for the worker as its notification was read...
+        assert broker.ahead == [run.id]
+        # ...and is claimable again at once, the broker still open.
+        record = await submitter.get(run.id)
+        assert record is not None
+        assert (record.state, record.lease_owner, record.attempts) == (
+            RunState.SCHEDULED,
+            None,
+            0,
+        )
 
 
 async def test_work_without_names_makes_the_next_claim_look_at_every_run(url: str) -> None:

@@ -1850,9 +1850,15 @@ class _ClaimsAhead(_Claims):
             except BrokerError:
                 pass  # it waits out its lease instead
 
+    async def release_claimed_ahead(self, owner: str) -> None:
+        if self._ahead is None or self._ahead.claimer.owner != owner:
+            await anyio.lowlevel.checkpoint()
+            return
+        await self._drop_ahead()
+
     async def _drop_ahead(self) -> None:
-        """Hand back what a claim sent ahead claimed (the broker closes, or the wait for
-        work that read its notification is cancelled)."""
+        """Hand back what a claim sent ahead claimed (the broker closes, the wait for
+        work that read its notification is cancelled, or its claimer claims no more)."""
         ahead, self._ahead = self._ahead, None
         if ahead is None:
             return
