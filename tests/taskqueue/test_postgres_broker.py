@@ -22,7 +22,7 @@ import pytest
 from psycopg import sql
 
 from anyservice import ServiceState
-from anyservice.taskqueue import BrokerError, RunState, TaskQueue, TaskWorker
+from anyservice.taskqueue import BrokerError, RunRecord, RunState, TaskQueue, TaskWorker
 from anyservice.taskqueue.brokers import broker_from_url
 from anyservice.taskqueue.brokers._postgres import SCHEMA_VERSION, PostgresBroker
 from tests._postgres import postgres_schema
@@ -341,6 +341,44 @@ async def test_a_run_submitted_while_listening_is_read_once_it_finished(url: str
                 assert await worker.complete("w1", run.id, 1, '"ok"')
         assert finished == {run.id: RunState.COMPLETED}
         assert submitter.reads == reads + 1
+
+
+class CountsPooled(PostgresBroker):
+    """A real broker that counts its statements on pooled connections (in a thread)."""
+
+    pooled = 0
+
+    async def _call(self, operation: Callable[[psycopg.Connection[Any]], Any]) -> Any:
+        self.pooled += 1
+        return await super()._call(operation)
+
+
+async def test_statements_take_the_listen_connection_from_a_waiter_reading_it(url: str) -> None:
+    async with CountsPooled(url) as broker, PostgresBroker(url) as worker:
+        run = await broker.submit("say", PAYLOAD)
+        finished: list[RunRecord | None] = []
+
+        async def wait() -> None:
+            finished.append(await broker.wait_until_finished(run.id, timeout=3600))
+
+        with anyio.fail_after(PROMPTLY):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait)
+                # Polled with a deadline: the waiter reads the LISTEN connection.
+                while broker._direct is None or not broker._direct.reading:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+                pooled = broker.pooled
+                for _ in range(20):
+                    await broker.submit("say", PAYLOAD)
+                    record = await broker.get(run.id)
+                    assert record is not None
+                    assert record.state is RunState.SCHEDULED
+                assert broker.pooled == pooled  # each on the LISTEN connection
+                assert broker.listen_connects == 1
+                # The waiter reads it again, and hears of the finish.
+                assert await worker.claim_run("w1", run.id, lease_seconds=30) is not None
+                assert await worker.complete("w1", run.id, 1, '"ok"')
+        assert [record.state if record else None for record in finished] == [RunState.COMPLETED]
 
 
 async def test_a_run_submitted_while_listening_is_read_after_the_connection_is_lost(
