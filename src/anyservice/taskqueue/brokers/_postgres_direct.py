@@ -262,7 +262,6 @@ class DirectConnection:
 
         Raises:
             psycopg.Error: The connection is lost (it is :attr:`broken`).
-            anyio.ClosedResourceError: It is being closed.
         """
         self._home = threading.get_ident()
         payloads, self._pending = [*self._pending, *self._arrived()], []
