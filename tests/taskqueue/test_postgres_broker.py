@@ -21,7 +21,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from anyservice.taskqueue import BrokerError, RunState, TaskQueue, TaskWorker
+from anyservice import ServiceState
+from anyservice.taskqueue import BrokerError, RunRecord, RunState, TaskQueue, TaskWorker
 from anyservice.taskqueue.brokers import broker_from_url
 from anyservice.taskqueue.brokers._postgres import SCHEMA_VERSION, PostgresBroker
 from tests._postgres import postgres_schema
@@ -342,6 +343,44 @@ async def test_a_run_submitted_while_listening_is_read_once_it_finished(url: str
         assert submitter.reads == reads + 1
 
 
+class CountsPooled(PostgresBroker):
+    """A real broker that counts its statements on pooled connections (in a thread)."""
+
+    pooled = 0
+
+    async def _call(self, operation: Callable[[psycopg.Connection[Any]], Any]) -> Any:
+        self.pooled += 1
+        return await super()._call(operation)
+
+
+async def test_statements_take_the_listen_connection_from_a_waiter_reading_it(url: str) -> None:
+    async with CountsPooled(url) as broker, PostgresBroker(url) as worker:
+        run = await broker.submit("say", PAYLOAD)
+        finished: list[RunRecord | None] = []
+
+        async def wait() -> None:
+            finished.append(await broker.wait_until_finished(run.id, timeout=3600))
+
+        with anyio.fail_after(PROMPTLY):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait)
+                # Polled with a deadline: the waiter reads the LISTEN connection.
+                while broker._direct is None or not broker._direct.reading:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+                pooled = broker.pooled
+                for _ in range(20):
+                    await broker.submit("say", PAYLOAD)
+                    record = await broker.get(run.id)
+                    assert record is not None
+                    assert record.state is RunState.SCHEDULED
+                assert broker.pooled == pooled  # each on the LISTEN connection
+                assert broker.listen_connects == 1
+                # The waiter reads it again, and hears of the finish.
+                assert await worker.claim_run("w1", run.id, lease_seconds=30) is not None
+                assert await worker.complete("w1", run.id, 1, '"ok"')
+        assert [record.state if record else None for record in finished] == [RunState.COMPLETED]
+
+
 async def test_a_run_submitted_while_listening_is_read_after_the_connection_is_lost(
     url: str,
 ) -> None:
@@ -581,6 +620,64 @@ async def test_runs_claimed_ahead_are_handed_back_as_the_broker_closes(url: str)
                 run_id = await claimed_ahead(worker, submitter)
             runs = await submitter.claim("w3", ["say"], limit=10, lease_seconds=30)
         assert [(run.id, run.lease_owner, run.attempts) for run in runs] == [(run_id, "w3", 1)]
+
+
+class StopsAsWorkArrives(PostgresBroker):
+    """A real broker whose first wait for work begun once ``worker`` is set stops that
+    worker as it returns: between the wait and the claim that would take what came."""
+
+    worker: TaskWorker | None = None
+    #: Set as a wait for work begins (the test makes it).
+    waiting: anyio.Event
+    #: The runs claimed ahead for the next claim as that wait returned, before the stop.
+    ahead: list[str] | None = None
+
+    async def wait_for_work(self, timeout: float) -> None:
+        worker, self.worker = self.worker, None
+        self.waiting.set()
+        await super().wait_for_work(timeout)
+        if worker is not None:
+            self.ahead = [] if self._ahead is None else self._ahead.named
+            await worker.stop()
+
+
+async def test_runs_claimed_ahead_are_released_when_the_worker_stops_before_claiming(
+    url: str,
+) -> None:
+    broker = StopsAsWorkArrives(url)
+    queue = TaskQueue(broker=broker)
+
+    @queue.task
+    async def noop() -> None:
+        pass
+
+    async with queue, PostgresBroker(url) as submitter:
+        worker = TaskWorker(noop)
+        with anyio.fail_after(PROMPTLY):
+            broker.waiting = anyio.Event()
+            async with worker:
+                # A first run, submitted as the worker waits, is claimed by id: that
+                # prepares the claim of named runs on the worker's side.
+                await broker.waiting.wait()
+                first = await submitter.submit(noop.name, PAYLOAD)
+                finished = await submitter.wait_until_finished(first.id, timeout=PROMPTLY)
+                assert finished is not None
+                assert finished.state is RunState.COMPLETED
+                broker.waiting = anyio.Event()
+                broker.worker = worker
+                await broker.waiting.wait()
+                run = await submitter.submit(noop.name, PAYLOAD)
+                await worker.wait_for(ServiceState.STOPPED, ServiceState.CRASHED)
+        # The run was claimed for the worker as its notification was read...
+        assert broker.ahead == [run.id]
+        # ...and is claimable again at once, the broker still open.
+        record = await submitter.get(run.id)
+        assert record is not None
+        assert (record.state, record.lease_owner, record.attempts) == (
+            RunState.SCHEDULED,
+            None,
+            0,
+        )
 
 
 async def test_work_without_names_makes_the_next_claim_look_at_every_run(url: str) -> None:

@@ -519,10 +519,7 @@ class TaskWorker(Service, overrides=("run",)):
 
     @background_task
     async def _claim_runs(self) -> None:
-        try:
-            await self._claim_loop()
-        finally:
-            self._leave_results()
+        await _claim_until_stopped(self)
 
     def _leave_results(self) -> None:
         """The claim loop waits (or ends): the batch task records what is pending."""
@@ -666,6 +663,18 @@ class TaskWorker(Service, overrides=("run",)):
     async def _renew(self) -> None:
         for entry in await self._recorder.renew(self._runs):
             self._ends.lose(entry)
+
+
+async def _claim_until_stopped(worker: TaskWorker) -> None:
+    """The worker's claim loop, and what is left to do once it ends, however it ends."""
+    try:
+        await worker._claim_loop()
+    finally:
+        worker._leave_results()
+        # Runs the broker claimed as work arrived were for a claim the loop no longer
+        # makes (it stopped, was cancelled or failed): claimable again at once.
+        with anyio.move_on_after(HAND_BACK_BUDGET, shield=True):
+            await worker.queue.broker.release_claimed_ahead(worker.client_id)
 
 
 async def _claim(worker: TaskWorker, names: list[str], wanted: int) -> list[RunRecord] | None:

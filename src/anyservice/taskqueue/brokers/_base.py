@@ -376,6 +376,17 @@ class Broker(ClusterBroker, Protocol):
         """
         ...
 
+    async def release_claimed_ahead(self, owner: str) -> None:
+        """Release the runs this broker claimed for ``owner``'s next claim, if any.
+
+        A broker may claim runs as their work arrives, while ``owner`` waits for work,
+        for the claim that follows the wait to take (PostgreSQL does). A claimer that
+        will not claim again (a worker stopping, cancelled or failing) calls this, so
+        those runs are claimable at once instead of leased until the lease ends. Never
+        raises :class:`BrokerError`: runs it cannot release wait out their lease.
+        """
+        ...
+
     async def wait_until_finished(self, run_id: str, timeout: float) -> RunRecord | None:
         """Wait for the run to finish, for at most ``timeout`` seconds.
 
@@ -833,6 +844,10 @@ class BaseBroker(_CompletingClaims, ClusterMethods, Broker, abc.ABC):
             await self._wait(work=False, since=self._changes_seen_by_claim, timeout=timeout)
         else:
             await self._wait(work=True, since=self._work_seen_by_claim, timeout=timeout)
+
+    async def release_claimed_ahead(self, owner: str) -> None:
+        # A broker claims nothing ahead unless it says otherwise.
+        await anyio.lowlevel.checkpoint()
 
     async def wait_until_finished(self, run_id: str, timeout: float) -> RunRecord | None:
         deadline = anyio.current_time() + timeout

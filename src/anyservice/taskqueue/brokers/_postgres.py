@@ -9,7 +9,8 @@ then waits for the thread, so no connection goes back to the pool busy. The stat
 run's start waits on, the submit of one run and the claim of runs a notification named,
 and the read of one run, go out instead on one more connection that the event loop
 drives through libpq's non-blocking interface (``_postgres_direct``): a thread hand-off
-costs more than they do.
+costs more than they do. That connection is also the one that LISTENs (unless
+``?listen=false``).
 
 How runs move, and why it is safe with any number of workers:
 
@@ -29,11 +30,12 @@ How runs move, and why it is safe with any number of workers:
   once a poll interval has passed since the last): it ends abandoned runs and takes over
   expired leases. A worker waiting between claims sends that claim by id as soon as the
   notification is read, and its next claim reads the answer (``_ClaimsAhead``). One
-  dedicated LISTEN
-  connection per broker is waited on with ``anyio.wait_readable``, by whichever waiter is
-  waiting at the moment. Waiting always polls as well (notifications sent while the LISTEN
-  connection was down are lost), and ``?listen=false`` polls only, for PgBouncer in
-  transaction mode, which cannot carry LISTEN.
+  LISTEN connection per broker, the direct one, is waited on with ``anyio.wait_readable``
+  by whichever waiter is waiting at the moment; a statement that needs it makes that
+  waiter let go, reads the notifications that arrive with its answer, and hands it back.
+  Waiting always polls as well (notifications sent while the LISTEN connection was down
+  are lost), and ``?listen=false`` polls only, for PgBouncer in transaction mode, which
+  cannot carry LISTEN.
 
 Times are epoch seconds from the broker's ``clock`` (``time.time``), as in every broker:
 hosts sharing a database need clocks kept in step (NTP), to well within a lease.
@@ -728,6 +730,7 @@ class _Connections:
     _schema: str
     _pool_size: int
     _pool_timeout: float
+    _listen: bool
     _runs: sql.Composed
     _workers: sql.Composed
     #: Every table's name in the schema, by the placeholder statements use for it.
@@ -741,11 +744,13 @@ class _Connections:
     _direct_at: float
     _composed: dict[str, str]
 
-    if TYPE_CHECKING:  # written by _WorkerRecords and _ClaimsAhead; for the type checker only
+    if TYPE_CHECKING:  # written by the other classes of PostgresBroker; for the type checker
 
         async def _forget_workers(self) -> None: ...
 
         async def _drop_ahead(self) -> None: ...
+
+        async def _ensure_listener(self) -> psycopg.Connection[Any] | None: ...
 
     # --- running statements ------------------------------------------------------------
 
@@ -870,27 +875,35 @@ class _Connections:
 
         return execute
 
-    async def _quick(self, query: str, parameters: dict[str, Any]) -> list[tuple[Any, ...]]:
+    async def _quick(
+        self, query: str, parameters: dict[str, Any], *, reads: bool = False
+    ) -> list[tuple[Any, ...]]:
         """Run one statement on the event loop's own connection (see ``_postgres_direct``),
         or on a pooled one in a thread while that connection is busy or down.
 
         For the statements a run's start waits on, with parameters of the few types the
         direct connection sends (strings, numbers, arrays of strings). Cancellable: a
-        statement cancelled in flight discards the connection.
+        statement cancelled in flight discards the connection. A statement that only
+        ``reads`` goes again on a pooled connection if the direct one was lost under it
+        (as the LISTEN connection, it is the one a lost connection is noticed on).
 
         Raises:
             BrokerError: As :meth:`_call`.
         """
         direct = await self._direct_connection()
-        if direct is None or not direct.acquire():
+        if direct is None or not await direct.take():
+            if direct is not None and direct.broken:
+                self._drop_direct(direct)  # found lost: made again at the next use
             return await self._call(self._execute(query, parameters))
         text = self._direct_text(query)
         try:
             return await direct.execute(text, parameters)
         except psycopg.Error as exc:
-            raise self._error(exc) from exc
+            if not (reads and direct.broken):
+                raise self._error(exc) from exc
         finally:
             self._release_direct(direct)
+        return await self._call(self._execute(query, parameters))
 
     def _direct_text(self, query: str) -> str:
         """``query`` as the direct connection sends it (its tables filled in)."""
@@ -909,6 +922,10 @@ class _Connections:
         """The direct connection, made first if it is down (then at most every
         ``_MAX_RECONNECT`` seconds); ``None`` while it cannot be had."""
         if self._direct is not None or self._pool is None:
+            return self._direct
+        if self._listen:
+            # The LISTEN connection is the direct one (see _Waits).
+            await self._ensure_listener()
             return self._direct
         if time.monotonic() < self._direct_at:
             return None
@@ -932,6 +949,10 @@ class _Connections:
         if self._direct is direct:
             self._direct = None
             self._direct_at = 0.0  # made again at the next use
+            if self._listener is direct.conn:
+                # Its LISTEN goes with it: made again by the next reader (which wakes
+                # every waiter to look again) or the next statement.
+                self._listener = None
         direct.close()
 
     # --- opening and closing -------------------------------------------------------------
@@ -1053,37 +1074,15 @@ class _Connections:
                 except BrokerError:
                     pass  # the rows are forgotten a day later instead
         pool, self._pool = self._pool, None
-        listener, self._listener = self._listener, None
+        self._listener = None  # the direct connection's, when listening
         direct, self._direct = self._direct, None
-        if direct is not None and direct.acquire():
-            direct.close()  # else its statement's caller closes it (it is no longer ours)
+        if direct is not None:
+            direct.discard()  # a waiter for notifications holding it hands it back now
         with anyio.CancelScope(shield=True):
-            if listener is not None:
-                # A waiter blocked on its socket must be told before the socket goes.
-                anyio.notify_closing(listener.fileno())
-                await anyio.to_thread.run_sync(listener.close)
             if pool is not None:
                 await anyio.to_thread.run_sync(pool.close)
         # Waiters reading the closed listener must notice.
         self._wakeups.everyone()
-
-
-def _arrived(listener: psycopg.Connection[Any]) -> list[str]:
-    """The payloads of the notifications that already reached ``listener``; never blocks.
-
-    Read from libpq itself (``consume_input``, then ``notifies``): ``notifies(timeout=0)``
-    of the connection polls its socket twice on top, a tenth of a millisecond on the way
-    from a submit to the run's start.
-
-    Raises:
-        psycopg.OperationalError: The connection is lost.
-    """
-    pgconn = listener.pgconn
-    pgconn.consume_input()
-    payloads = []
-    while (notify := pgconn.notifies()) is not None:
-        payloads.append(notify.extra.decode())
-    return payloads
 
 
 class _Waits:
@@ -1104,6 +1103,8 @@ class _Waits:
     _listening: bool
     _reconnect_at: float
     _reconnect_delay: float
+    _connecting: tuple[int, anyio.Event] | None
+    _direct: DirectConnection | None
     _ahead: _Ahead | None
     _pool_timeout: float
     listen_connects: int
@@ -1117,6 +1118,8 @@ class _Waits:
         def _claim_ahead(self) -> None: ...
 
         async def get(self, run_id: str) -> RunRecord | None: ...
+
+        def _release_direct(self, direct: DirectConnection) -> None: ...
 
     # --- waiting -------------------------------------------------------------------------
 
@@ -1235,34 +1238,50 @@ class _Waits:
                 # this waiter, woken with everyone, must look again before it waits; the
                 # run it read before the connection was up may have finished since.
                 return
+            direct = self._direct
+            if direct is None or direct.conn is not listener:
+                return  # dropped meanwhile: made again at the next turn
+            if direct.broken:
+                self._drop_listener()
+                self._wakeups.everyone()
+                return
+            if not direct.acquire_to_read():
+                # A statement holds it (or is about to), and reads what arrives meanwhile.
+                await direct.until_free(timeout)
+                return
             try:
-                with anyio.move_on_after(timeout):
-                    await anyio.wait_readable(listener.fileno())
-            except anyio.ClosedResourceError:
-                return  # closed by close()
-            try:
-                payloads = _arrived(listener)
+                payloads = await direct.wait_notified(timeout)
             except psycopg.Error:
                 self._drop_listener()
                 self._wakeups.everyone()
                 return
-            for payload in payloads:
-                if payload == "w":
-                    self._wakeups.work_arrived()
-                elif payload.startswith("w "):
-                    # A submit of due runs, named.
-                    self._wakeups.work_arrived(payload[2:].split(" "))
-                elif payload.startswith("f "):
-                    # One id, or the ids of a batch of completions, space-separated.
-                    for run_id in payload[2:].split(" "):
-                        self._wakeups.run_finished(run_id)
+            finally:
+                self._release_direct(direct)
+            self._notified(payloads)
             self._claim_ahead()
         finally:
             self._listening = False
 
+    def _notified(self, payloads: list[str]) -> None:
+        """Wake the waiters that notifications with these ``payloads`` concern."""
+        for payload in payloads:
+            if payload == "w":
+                self._wakeups.work_arrived()
+            elif payload.startswith("w "):
+                # A submit of due runs, named.
+                self._wakeups.work_arrived(payload[2:].split(" "))
+            elif payload.startswith("f "):
+                # One id, or the ids of a batch of completions, space-separated.
+                for run_id in payload[2:].split(" "):
+                    self._wakeups.run_finished(run_id)
+
     def _drop_listener(self) -> None:
         listener, self._listener = self._listener, None
-        if listener is not None:
+        direct = self._direct
+        if direct is not None and direct.conn is listener:
+            self._direct = None
+            direct.discard()
+        elif listener is not None:
             listener.close()
         self._reconnect_at = time.monotonic() + self._reconnect_delay
         self._reconnect_delay = min(self._reconnect_delay * 2, _MAX_RECONNECT)
@@ -1281,20 +1300,41 @@ class _Waits:
         return conn
 
     async def _ensure_listener(self) -> psycopg.Connection[Any] | None:
+        """The LISTEN connection, made first if it is down (and not waiting out a
+        reconnect delay); ``None`` while it cannot be had.
+
+        It is also the direct connection (``_postgres_direct``): the statements a run's
+        start waits on go out on it. A commit that notifies wakes every listening server
+        process, and the two connections were two processes to wake per process, on the
+        way from a submit to the run's start; on one, a submitter's own notification
+        comes with its statement's answer, and a worker's claim goes to the server
+        process that has just sent it the notification.
+        """
         if self._listener is not None and not self._listener.closed:
             return self._listener
+        connecting = self._connecting
+        if connecting is not None:  # another task of this broker is making it
+            if connecting[0] == threading.get_ident():
+                await connecting[1].wait()
+                return self._listener
+            return None
         if time.monotonic() < self._reconnect_at:
             return None
+        self._connecting = (threading.get_ident(), anyio.Event())
         try:
             with anyio.CancelScope(shield=True):
                 listener = await anyio.to_thread.run_sync(self._connect_listener)
         except psycopg.Error:
             self._drop_listener()
             return None
+        finally:
+            made, self._connecting = self._connecting, None
+            made[1].set()
         if self._pool is None:  # closed meanwhile
             listener.close()
             return None
         self._listener = listener
+        self._direct = DirectConnection(listener, self._notified)
         self._reconnect_delay = _FIRST_RECONNECT
         self.listen_connects += 1
         # Notifications sent while nobody listened are lost: everyone looks again.
@@ -1850,9 +1890,15 @@ class _ClaimsAhead(_Claims):
             except BrokerError:
                 pass  # it waits out its lease instead
 
+    async def release_claimed_ahead(self, owner: str) -> None:
+        if self._ahead is None or self._ahead.claimer.owner != owner:
+            await anyio.lowlevel.checkpoint()
+            return
+        await self._drop_ahead()
+
     async def _drop_ahead(self) -> None:
-        """Hand back what a claim sent ahead claimed (the broker closes, or the wait for
-        work that read its notification is cancelled)."""
+        """Hand back what a claim sent ahead claimed (the broker closes, the wait for
+        work that read its notification is cancelled, or its claimer claims no more)."""
         ahead, self._ahead = self._ahead, None
         if ahead is None:
             return
@@ -1923,6 +1969,7 @@ class PostgresBroker(PostgresClusterStorage, _Waits, _ClaimsAhead, _ListensBefor
         self._reconnect_at = 0.0
         self._reconnect_delay = _FIRST_RECONNECT
         self._direct: DirectConnection | None = None
+        self._connecting: tuple[int, anyio.Event] | None = None  # thread, made
         self._direct_at = 0.0  # monotonic time before which it is not made again
         self._looked_at = self._looked_clock = -math.inf
         self._looked_clear = False
@@ -2139,7 +2186,9 @@ class PostgresBroker(PostgresClusterStorage, _Waits, _ClaimsAhead, _ListensBefor
         # What ``run.result()`` reads first, while the run is on its way to a worker: not
         # through a thread, whose hand-offs would take the CPU from that way meanwhile.
         rows = await self._quick(
-            f"SELECT {', '.join(_COLUMNS)} FROM {{runs}} WHERE id = %(id)s::text", {"id": run_id}
+            f"SELECT {', '.join(_COLUMNS)} FROM {{runs}} WHERE id = %(id)s::text",
+            {"id": run_id},
+            reads=True,
         )
         return _record(rows[0]) if rows else None
 

@@ -16,6 +16,14 @@ which this module does for the few types those statements use. The connection is
 one statement at a time (a caller that finds it busy takes a pooled connection instead),
 and a statement cancelled while in flight makes the connection be discarded: nothing is
 left half-read, and the next call opens a new one.
+
+The broker's LISTEN connection is one of these: between statements a task waits on its
+socket for notifications (:meth:`DirectConnection.wait_notified`), and a statement of the
+same thread makes it let go (:meth:`DirectConnection.take`); notifications that arrive
+with a statement's answer go to ``on_notifies``. A commit that notifies wakes every
+listening server process: one connection per process, not two, halves the processes woken
+on the way from a submit to the run's start, and a submitter's own notification comes
+with its statement's answer instead of waking a second process.
 """
 
 from __future__ import annotations
@@ -124,20 +132,43 @@ def _raise_for(result: pq.abc.PGresult) -> None:
 class DirectConnection:
     """A connection that the event loop drives through libpq's non-blocking interface.
 
-    Made with :meth:`connect` (in a thread). :meth:`acquire` takes it if no statement is
-    using it (from any thread), :meth:`execute` runs one statement, :meth:`release`
-    hands it back. After an error or a cancellation it is :attr:`broken`: close it.
+    Made with :meth:`connect` (in a thread), or around a connection that LISTENs (then
+    ``on_notifies`` is given the payloads of the notifications that arrive). :meth:`acquire`
+    takes it if nobody is using it (from any thread), :meth:`take` also gets a reader of
+    notifications of this thread off it, :meth:`execute` runs one statement,
+    :meth:`wait_notified` waits for notifications, :meth:`release` hands it back. After an
+    error or a cancellation it is :attr:`broken`: close it.
     """
 
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+    def __init__(
+        self,
+        conn: psycopg.Connection[Any],
+        on_notifies: Callable[[list[str]], None] | None = None,
+    ) -> None:
         self._conn = conn
         self._pgconn = conn.pgconn
         self._pgconn.nonblocking = 1
         self._lock = threading.Lock()
+        self._on_notifies = on_notifies
         # A statement's text -> its prepared name and its parameters' names in order.
         self._prepared: dict[str, tuple[bytes, list[str]]] = {}
+        # The holder's thread; the scope of its wait for notifications while it waits.
+        self._holder: int | None = None
+        self._reader: anyio.CancelScope | None = None
+        # Set as the connection is handed back, for a task of that thread waiting for it.
+        self._free: tuple[int, anyio.Event] | None = None
+        self._wanted = 0  # statements waiting for a reader to let go
+        # The thread of the last wait for notifications: those a statement of another
+        # thread reads are kept for the next wait (only its thread can wake its waiters).
+        self._home: int | None = None
+        self._pending: list[str] = []
         #: Unusable after an error or a cancellation in flight: to be closed.
         self.broken = False
+
+    @property
+    def conn(self) -> psycopg.Connection[Any]:
+        """The psycopg connection underneath."""
+        return self._conn
 
     @classmethod
     async def connect(cls, conninfo: str, timeout: float) -> DirectConnection:
@@ -163,15 +194,121 @@ class DirectConnection:
         if self.broken:  # closed by another thread, before or while we took it
             self._lock.release()
             return False
+        self._holder = threading.get_ident()
         return True
 
+    def acquire_to_read(self) -> bool:
+        """Take the connection to wait for notifications, unless a statement waits for it."""
+        return not self._wanted and self.acquire()
+
+    async def take(self) -> bool:
+        """Take the connection; a task of this thread waiting on it for notifications is
+        made to let go first (it waits for it back). Whether it was taken: not while a
+        statement holds it, or a task of another thread, nor once it is found lost."""
+        # Wanted, it is not taken again by a reader as it is handed back.
+        self._wanted += 1
+        try:
+            while not self.acquire():
+                if self.broken or self._reader is None or self._holder != threading.get_ident():
+                    return False
+                self.stop_reading()
+                await self.until_free(math.inf)
+        finally:
+            self._wanted -= 1
+        try:
+            # Without waiting: a connection the server ended while it was idle shows here,
+            # before a statement is sent on it.
+            self._pgconn.consume_input()
+        except psycopg.Error:
+            self.broken = True
+            self.release()
+            return False
+        return True
+
+    async def until_free(self, timeout: float) -> None:
+        """Wait until the connection is handed back, or ``timeout`` seconds (at most a
+        hundredth of a second while a task of another thread holds it)."""
+        here = threading.get_ident()
+        if self._holder != here:
+            timeout = min(timeout, 0.01)
+        if self._free is None or self._free[0] != here:
+            self._free = (here, anyio.Event())
+        with anyio.move_on_after(timeout):
+            await self._free[1].wait()
+
     def release(self) -> None:
+        self._holder = None
+        self._reader = None
+        free, self._free = self._free, None
         self._lock.release()
+        if free is not None and free[0] == threading.get_ident():
+            free[1].set()
+
+    @property
+    def reading(self) -> bool:
+        """Whether a task waits on the connection for notifications."""
+        return self._reader is not None
+
+    def stop_reading(self) -> None:
+        """Make a task of this thread waiting for notifications (if any) stop waiting."""
+        reader = self._reader
+        if reader is not None and self._holder == threading.get_ident():
+            reader.cancel()
+
+    async def wait_notified(self, timeout: float) -> list[str]:
+        """The payloads of the notifications that arrive within ``timeout`` seconds (or
+        came already); fewer seconds if :meth:`take` asks for the connection. The caller
+        holds it.
+
+        Raises:
+            psycopg.Error: The connection is lost (it is :attr:`broken`).
+        """
+        self._home = threading.get_ident()
+        payloads, self._pending = [*self._pending, *self._arrived()], []
+        if payloads:
+            return payloads
+        try:
+            with anyio.move_on_after(timeout), anyio.CancelScope() as self._reader:
+                await anyio.wait_readable(self._pgconn.socket)
+        finally:
+            self._reader = None
+        return self._arrived()
+
+    def _arrived(self) -> list[str]:
+        """What arrived on the socket, read without waiting: notifications' payloads.
+
+        From libpq itself (``consume_input``, then ``notifies``): psycopg's
+        ``notifies(timeout=0)`` polls the socket twice on top.
+        """
+        try:
+            self._pgconn.consume_input()
+        except psycopg.Error:
+            self.broken = True
+            raise
+        return self._notified()
+
+    def _notified(self) -> list[str]:
+        payloads = []
+        while (notify := self._pgconn.notifies()) is not None:
+            payloads.append(notify.extra.decode())
+        return payloads
 
     def close(self) -> None:
         """Close the connection (it is never used again)."""
         self.broken = True
         self._conn.close()
+
+    def discard(self) -> None:
+        """Close the connection now, or (a task holds it) have it closed as it is
+        handed back: it is never used again."""
+        self.broken = True
+        if self._lock.acquire(blocking=False):
+            try:
+                self._conn.close()
+            finally:
+                self._lock.release()
+        else:
+            self.stop_reading()
 
     async def execute(self, query: str, parameters: dict[str, Any]) -> list[tuple[Any, ...]]:
         """Run ``query`` (``%(name)s`` placeholders) with ``parameters``; its rows.
@@ -275,5 +412,13 @@ class DirectConnection:
                 pgconn.consume_input()
             result = pgconn.get_result()
             if result is None:
-                return results
+                break
             results.append(result)
+        if self._on_notifies is not None:
+            # Notifications read with the answer: nobody would read them from the socket.
+            payloads = self._notified()
+            if self._home not in (None, threading.get_ident()):
+                self._pending.extend(payloads)
+            elif payloads:
+                self._on_notifies(payloads)
+        return results
