@@ -693,7 +693,10 @@ async def test_leases_are_renewed_while_a_run_is_in_flight(
         started.set()
         await gate.wait()
 
-    async with TaskWorker(hold, lease_seconds=0.06):
+    # Long enough that a heartbeat on a loaded machine (every lease / 3 of real time)
+    # renews it in time: a lease the worker saw run out would make it drop the outcome.
+    lease = 1.5
+    async with TaskWorker(hold, lease_seconds=lease):
         run = await hold.delay()
         with anyio.fail_after(PROMPTLY):
             await started.wait()
@@ -702,10 +705,10 @@ async def test_leases_are_renewed_while_a_run_is_in_flight(
 
         async def renewed() -> bool:
             record = await queue.broker.get(run.id)
-            return record is not None and record.lease_expires_at == clock.now + 0.06
+            return record is not None and record.lease_expires_at == clock.now + lease
 
         await eventually(renewed)
-        assert first == clock.now - 1 + 0.06
+        assert first == clock.now - 1 + lease
         gate.set()
         await run.wait(timeout=PROMPTLY)
     assert run.state is RunState.COMPLETED
