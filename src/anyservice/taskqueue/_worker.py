@@ -19,6 +19,7 @@ finish; an optional status server keeps answering until they have.
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import threading
 import time
@@ -545,28 +546,10 @@ class TaskWorker(Service, overrides=("run",)):
                 await self._freed.wait()
             if self._stopping():
                 return  # A stop is under way: its cancellation may not have come yet.
-            claimed: list[RunRecord] | None = None
             async with self.in_flight():
-                batch = self._batches.take()
-                try:
-                    claimed = await _claim(self, batch, names, wanted)
-                    if claimed and self._stopping():
-                        # Claimed while a stop came in: hand them straight back.
-                        for record in claimed:
-                            await self._recorder.hand_back(record, "the worker is stopping")
-                        return
-                    if claimed:
-                        self._start(claimed)
-                finally:
-                    # The batch's runs are forgotten once the claimed ones are held: the
-                    # worker does not go idle (and busy again, waking the lease keeper
-                    # twice) between two claims. Not stored, the batch task records them.
-                    self._batches.recorded(batch, claimed is not None)
-                for entry in await self._runners.taken(self._stopping):
-                    # A stop cancelled the idle runners before they took it (the loop ends).
-                    entry.settled = True
-                    await self._recorder.hand_back(entry.record, "the worker is stopping")
-                    self._forget(entry)
+                claimed, wanted = await self._claim_while_free(names, wanted)
+            if self._stopping():
+                return  # Claimed while a stop came in: handed straight back.
             if claimed is None:
                 self._leave_results()
                 await anyio.sleep(backoff)
@@ -580,6 +563,60 @@ class TaskWorker(Service, overrides=("run",)):
                 except BrokerError as exc:
                     self._stats.broker_failed(exc, "waiting for work")
                     await anyio.sleep(backoff)
+
+    async def _claim_while_free(
+        self, names: list[str], wanted: int
+    ) -> tuple[list[RunRecord] | None, int]:
+        """Claim up to ``wanted`` runs and start them, storing the pending results in the
+        same call; again while each claim was full and slots are free at once. The last
+        claim (``None`` when the broker failed) and what it asked for.
+
+        Shielded, within bounds: a claim cancelled once the broker has made it would leave
+        its runs leased to nobody until the leases expire. Claimed, they are started or
+        handed back, whatever cancellation comes. One scope serves the series, its
+        deadline moved for each claim: a scope per claim would cost more than the claim's
+        share of a no-op run.
+        """
+        claimed: list[RunRecord] | None = None
+        with anyio.CancelScope(shield=True) as shield:
+            while True:
+                shield.deadline = anyio.current_time() + HAND_BACK_BUDGET
+                batch = self._batches.take()
+                claimed = None
+                try:
+                    try:
+                        claimed = await _claim_recording(self, batch, names, wanted)
+                    except BrokerError as exc:
+                        self._stats.broker_failed(exc, "claiming runs")
+                        return None, wanted
+                    shield.deadline = math.inf
+                    self._stats.broker_worked()
+                    if claimed and self._stopping():
+                        for record in claimed:
+                            await self._recorder.hand_back(record, "the worker is stopping")
+                        return claimed, wanted
+                    if claimed:
+                        self._start(claimed)
+                finally:
+                    # The batch's runs are forgotten once the claimed ones are held: the
+                    # worker does not go idle (and busy again, waking the lease keeper
+                    # twice) between two claims. Not stored, the batch task records them.
+                    self._batches.recorded(batch, claimed is not None)
+                for entry in await self._runners.taken(self._stopping):
+                    # A stop cancelled the idle runners before they took it (the loop ends).
+                    entry.settled = True
+                    await self._recorder.hand_back(entry.record, "the worker is stopping")
+                    self._forget(entry)
+                if len(claimed) < wanted or self._stopping():
+                    return claimed, wanted
+                wanted = _free_slots(self)
+                if wanted <= 0:
+                    return claimed, wanted
+        # No answer before the deadline: the scope ended the claim.
+        self._stats.broker_failed(
+            BrokerError(f"no answer within {HAND_BACK_BUDGET:g} s"), "claiming runs"
+        )
+        return None, wanted
 
     def _stopping(self) -> bool:
         # A call, not the property: a stop may come in during the claim between two looks.
@@ -665,30 +702,6 @@ class TaskWorker(Service, overrides=("run",)):
     async def _renew(self) -> None:
         for entry in await self._recorder.renew(self._runs):
             self._ends.lose(entry)
-
-
-async def _claim(
-    worker: TaskWorker, batch: list[tuple[RunInFlight, Outcome]], names: list[str], wanted: int
-) -> list[RunRecord] | None:
-    """Claim up to ``wanted`` runs, storing the results of ``batch`` first; ``None`` when
-    the broker failed (the results are not stored then).
-
-    Shielded, within bounds: a claim cancelled once the broker has made it would leave
-    its runs leased to nobody until the leases expire. Claimed, they are started or
-    handed back, whatever cancellation comes.
-    """
-    with anyio.move_on_after(HAND_BACK_BUDGET, shield=True):
-        try:
-            claimed = await _claim_recording(worker, batch, names, wanted)
-        except BrokerError as exc:
-            worker._stats.broker_failed(exc, "claiming runs")
-            return None
-        worker._stats.broker_worked()
-        return claimed
-    worker._stats.broker_failed(
-        BrokerError(f"no answer within {HAND_BACK_BUDGET:g} s"), "claiming runs"
-    )
-    return None
 
 
 async def _claim_recording(
