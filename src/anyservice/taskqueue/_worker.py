@@ -547,7 +547,7 @@ class TaskWorker(Service, overrides=("run",)):
             if self._stopping():
                 return  # A stop is under way: its cancellation may not have come yet.
             async with self.in_flight():
-                claimed, wanted = await self._claim_while_free(names, wanted)
+                claimed, wanted = await _claim_while_free(self, names, wanted)
             if self._stopping():
                 return  # Claimed while a stop came in: handed straight back.
             if claimed is None:
@@ -563,60 +563,6 @@ class TaskWorker(Service, overrides=("run",)):
                 except BrokerError as exc:
                     self._stats.broker_failed(exc, "waiting for work")
                     await anyio.sleep(backoff)
-
-    async def _claim_while_free(
-        self, names: list[str], wanted: int
-    ) -> tuple[list[RunRecord] | None, int]:
-        """Claim up to ``wanted`` runs and start them, storing the pending results in the
-        same call; again while each claim was full and slots are free at once. The last
-        claim (``None`` when the broker failed) and what it asked for.
-
-        Shielded, within bounds: a claim cancelled once the broker has made it would leave
-        its runs leased to nobody until the leases expire. Claimed, they are started or
-        handed back, whatever cancellation comes. One scope serves the series, its
-        deadline moved for each claim: a scope per claim would cost more than the claim's
-        share of a no-op run.
-        """
-        claimed: list[RunRecord] | None = None
-        with anyio.CancelScope(shield=True) as shield:
-            while True:
-                shield.deadline = anyio.current_time() + HAND_BACK_BUDGET
-                batch = self._batches.take()
-                claimed = None
-                try:
-                    try:
-                        claimed = await _claim_recording(self, batch, names, wanted)
-                    except BrokerError as exc:
-                        self._stats.broker_failed(exc, "claiming runs")
-                        return None, wanted
-                    shield.deadline = math.inf
-                    self._stats.broker_worked()
-                    if claimed and self._stopping():
-                        for record in claimed:
-                            await self._recorder.hand_back(record, "the worker is stopping")
-                        return claimed, wanted
-                    if claimed:
-                        self._start(claimed)
-                finally:
-                    # The batch's runs are forgotten once the claimed ones are held: the
-                    # worker does not go idle (and busy again, waking the lease keeper
-                    # twice) between two claims. Not stored, the batch task records them.
-                    self._batches.recorded(batch, claimed is not None)
-                for entry in await self._runners.taken(self._stopping):
-                    # A stop cancelled the idle runners before they took it (the loop ends).
-                    entry.settled = True
-                    await self._recorder.hand_back(entry.record, "the worker is stopping")
-                    self._forget(entry)
-                if len(claimed) < wanted or self._stopping():
-                    return claimed, wanted
-                wanted = _free_slots(self)
-                if wanted <= 0:
-                    return claimed, wanted
-        # No answer before the deadline: the scope ended the claim.
-        self._stats.broker_failed(
-            BrokerError(f"no answer within {HAND_BACK_BUDGET:g} s"), "claiming runs"
-        )
-        return None, wanted
 
     def _stopping(self) -> bool:
         # A call, not the property: a stop may come in during the claim between two looks.
@@ -702,6 +648,61 @@ class TaskWorker(Service, overrides=("run",)):
     async def _renew(self) -> None:
         for entry in await self._recorder.renew(self._runs):
             self._ends.lose(entry)
+
+
+async def _claim_while_free(
+    worker: TaskWorker, names: list[str], wanted: int
+) -> tuple[list[RunRecord] | None, int]:
+    """Claim up to ``wanted`` runs and start them, storing the pending results in the
+    same call; again while each claim was full and slots are free at once. The last
+    claim (``None`` when the broker failed) and what it asked for.
+
+    Shielded, within bounds: a claim cancelled once the broker has made it would leave
+    its runs leased to nobody until the leases expire. Claimed, they are started or
+    handed back, whatever cancellation comes. One scope serves the series, its
+    deadline moved for each claim: a scope per claim would cost more than the claim's
+    share of a no-op run.
+    """
+    claimed: list[RunRecord] | None = None
+    with anyio.CancelScope(shield=True) as shield:
+        while True:
+            shield.deadline = anyio.current_time() + HAND_BACK_BUDGET
+            batch = worker._batches.take()
+            claimed = None
+            try:
+                try:
+                    claimed = await _claim_recording(worker, batch, names, wanted)
+                except BrokerError as exc:
+                    worker._stats.broker_failed(exc, "claiming runs")
+                    return None, wanted
+                shield.deadline = math.inf
+                worker._stats.broker_worked()
+                if claimed and worker._stopping():
+                    for record in claimed:
+                        await worker._recorder.hand_back(record, "the worker is stopping")
+                    return claimed, wanted
+                if claimed:
+                    worker._start(claimed)
+            finally:
+                # The batch's runs are forgotten once the claimed ones are held: the
+                # worker does not go idle (and busy again, waking the lease keeper
+                # twice) between two claims. Not stored, the batch task records them.
+                worker._batches.recorded(batch, claimed is not None)
+            for entry in await worker._runners.taken(worker._stopping):
+                # A stop cancelled the idle runners before they took it (the loop ends).
+                entry.settled = True
+                await worker._recorder.hand_back(entry.record, "the worker is stopping")
+                worker._forget(entry)
+            if len(claimed) < wanted or worker._stopping():
+                return claimed, wanted
+            wanted = _free_slots(worker)
+            if wanted <= 0:
+                return claimed, wanted
+    # No answer before the deadline: the scope ended the claim.
+    worker._stats.broker_failed(
+        BrokerError(f"no answer within {HAND_BACK_BUDGET:g} s"), "claiming runs"
+    )
+    return None, wanted
 
 
 async def _claim_recording(
