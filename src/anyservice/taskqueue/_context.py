@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._records import RunRecord
 
 __all__ = ["RunContext", "current_run", "run_as", "running"]
 
@@ -28,7 +32,11 @@ class RunContext:
     worker: str
 
 
-_current: ContextVar[RunContext | None] = ContextVar("anyservice_task_run", default=None)
+#: The run the current code executes: its context, or (as a worker sets it once per run)
+#: its record and the worker's id, of which :func:`current_run` makes the context.
+_current: ContextVar[RunContext | tuple[RunRecord, str] | None] = ContextVar(
+    "anyservice_task_run", default=None
+)
 
 
 def current_run() -> RunContext | None:
@@ -36,7 +44,11 @@ def current_run() -> RunContext | None:
 
     ``None`` when the task function was called directly (``say("hi")``), not by a worker.
     """
-    return _current.get()
+    current = _current.get()
+    if current is None or isinstance(current, RunContext):
+        return current
+    record, worker = current
+    return RunContext(record.id, record.task, record.attempts, record.retries_left, worker)
 
 
 def running(context: RunContext) -> None:
@@ -44,13 +56,6 @@ def running(context: RunContext) -> None:
     _current.set(context)
 
 
-def run_as(run_id: str, task: str, attempt: int, retries_left: int, worker: str) -> None:
-    """``running(RunContext(...))`` of these fields, as a worker does once per run: made
-    at once, since the frozen dataclass's ``__init__`` sets each field through
-    ``object.__setattr__``."""
-    context: RunContext = object.__new__(RunContext)
-    object.__setattr__(context, "__dict__", {
-        "run_id": run_id, "task": task, "attempt": attempt, "retries_left": retries_left,
-        "worker": worker,
-    })  # fmt: skip
-    _current.set(context)
+#: ``running()`` of the context of ``(record, worker_id)``, as a worker marks each run it
+#: executes: the context is made only if the task asks for it.
+run_as = _current.set

@@ -133,24 +133,20 @@ class RunInFlight:
         task: Task[Any, Any],
         lease_seconds: float,
         *,
-        began: float | None = None,
-        started: float | None = None,
-        traced: bool | None = None,
+        began: float,
+        started: float,
+        traced: bool,
     ) -> None:
         self.record = record
         self.task = task
         #: Its attempt is a span (see :func:`attempt`). ``traced``: whether a tracer
-        #: provider is set, asked once per claim rather than once per run.
-        self.spans = (
-            (otel is not None and otel.records_spans(record.trace_context))
-            if traced is None
-            else traced or (otel is not None and record.trace_context is not None)
-        )
+        #: provider is set (:func:`tracer_set`), asked once per claim, not once per run.
+        self.spans = traced or (otel is not None and record.trace_context is not None)
         #: While its body runs: the scope to cancel to stop it (its runner's).
         self.scope: anyio.CancelScope | None = None
-        self.started = time.time() if started is None else started
-        #: The backend clock at the claim, for the run's duration.
-        self.began = anyio.current_time() if began is None else began
+        #: When it was claimed: on the wall clock, and on the backend's (for its duration).
+        self.started = started
+        self.began = began
         #: When the lease runs out as far as this worker knows (on the event loop's
         #: clock): claimed now, moved on by every renewal the broker confirmed.
         self.lease_until = self.began + lease_seconds
@@ -632,7 +628,7 @@ def _prepared(entry: RunInFlight, worker_id: str) -> tuple[list[Any], dict[str, 
         args, kwargs = ([], {}) if payload == NO_ARGUMENTS else decode_arguments(payload)
     except PayloadError as exc:
         return Outcome.failure(exc, retry=False, traceback=False)
-    run_as(record.id, entry.task.name, record.attempts, record.retries_left, worker_id)
+    run_as((record, worker_id))
     return args, kwargs
 
 

@@ -131,14 +131,17 @@ class Batches:
         self._forget = forget
         self._defer = defer
         self._pending: list[tuple[RunInFlight, Outcome]] = []
+        #: What :meth:`serve` waits on, for :meth:`poke`; and for :meth:`add` too, unless
+        #: the claim loop takes what is handed over (it pokes when it no longer does).
         self._wake: anyio.Event | None = None
+        self._wake_on_add: anyio.Event | None = None
         #: Runs handed over and not yet forgotten.
         self.held = 0
 
     def reset(self) -> None:
         """Forget an earlier start's runs (the worker forgot them too)."""
         self._pending = []
-        self._wake = None
+        self._wake = self._wake_on_add = None
         self.held = 0
 
     def add(self, entry: RunInFlight, outcome: Outcome) -> None:
@@ -146,16 +149,17 @@ class Batches:
         entry.settling = True
         self._pending.append((entry, outcome))
         self.held += 1
-        wake = self._wake  # poke(), without a call per run
+        wake = self._wake_on_add  # poke(), without a call per run
         if wake is not None:
-            self._wake = None
+            self._wake = self._wake_on_add = None
             wake.set()
 
     def poke(self) -> None:
-        """Wake :meth:`serve`: runs were handed over, or it may be done."""
+        """Wake :meth:`serve`: runs were handed over, it may be done, or the claim loop
+        no longer takes the results with its claims."""
         wake = self._wake
         if wake is not None:
-            self._wake = None
+            self._wake = self._wake_on_add = None
             wake.set()
 
     async def serve(self, done: Callable[[], bool]) -> None:
@@ -166,11 +170,13 @@ class Batches:
         """
         try:
             while True:
-                while not self._pending or self._defer():
+                while (deferred := self._defer()) or not self._pending:
                     if not self._pending and done():
                         return
-                    self._wake = anyio.Event()
-                    await self._wake.wait()
+                    wake = self._wake = anyio.Event()
+                    # Not woken by every result the claim loop is about to take anyway.
+                    self._wake_on_add = None if deferred else wake
+                    await wake.wait()
                 await self._record_pending()
         except anyio.get_cancelled_exc_class():
             with anyio.move_on_after(HAND_BACK_BUDGET, shield=True):
@@ -189,8 +195,9 @@ class Batches:
         Whoever takes it ends with :meth:`recorded` (or :meth:`settle_many` does).
         """
         pending = self._pending
-        if not pending:
-            return []
+        if len({entry.record.id for entry, _ in pending}) == len(pending):
+            self._pending = []  # The usual batch: one attempt of each run.
+            return pending
         batch: list[tuple[RunInFlight, Outcome]] = []
         later: list[tuple[RunInFlight, Outcome]] = []
         ids: set[str] = set()
@@ -205,11 +212,17 @@ class Batches:
     def recorded(self, batch: list[tuple[RunInFlight, Outcome]], stored: bool) -> None:
         """Done with a batch of :meth:`take`: forget its runs if ``stored`` (or settled
         on the way); otherwise the unsettled ones go back to be recorded again."""
-        back = [] if stored else [item for item in batch if not item[0].settled]
+        forget = self._forget
+        if stored:
+            self.held -= len(batch)
+            for entry, _ in batch:
+                forget(entry)
+            return
+        back = [item for item in batch if not item[0].settled]
         for entry, _ in batch:
-            if stored or entry.settled:
+            if entry.settled:
                 self.held -= 1
-                self._forget(entry)
+                forget(entry)
         if back:
             self._pending[:0] = back
             self.poke()

@@ -19,6 +19,7 @@ finish; an optional status server keeps answering until they have.
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import threading
 import time
@@ -217,7 +218,8 @@ class _RunEnds:
         worker = self._worker
         if outcome is not None and outcome.result is not None:
             worker._batches.add(entry, outcome)
-            worker._slot_freed()
+            if worker._freed is not None:  # _slot_freed(), without a call per run
+                worker._slot_freed()
             return True
         if outcome is None and not entry.stop_worker:
             worker._forget(entry)  # Lost: the new claim's holder records it.
@@ -470,7 +472,7 @@ class TaskWorker(Service, overrides=("run",)):
         if record is None:
             return False
         # Asked for before the first checkpoint, so before a runner can be done with it.
-        done = self._start(record).finished()
+        done = self._start([record]).finished()
         await done.wait()
         return True
 
@@ -522,10 +524,10 @@ class TaskWorker(Service, overrides=("run",)):
         await _claim_until_stopped(self)
 
     def _leave_results(self) -> None:
-        """The claim loop waits (or ends): the batch task records what is pending."""
+        """The claim loop waits (or ends): the batch task records what is pending, and
+        what is handed over from now on."""
         self._claiming = False
-        if self._batches.pending:
-            self._batches.poke()
+        self._batches.poke()
 
     async def _claim_loop(self) -> None:
         broker = self.queue.broker
@@ -541,24 +543,10 @@ class TaskWorker(Service, overrides=("run",)):
                 await self._freed.wait()
             if self._stopping():
                 return  # A stop is under way: its cancellation may not have come yet.
-            claimed: list[RunRecord] | None
             async with self.in_flight():
-                claimed = await _claim(self, names, wanted)
-                if claimed and self._stopping():
-                    # Claimed while a stop came in: hand them straight back.
-                    for record in claimed:
-                        await self._recorder.hand_back(record, "the worker is stopping")
-                    return
-                if claimed:
-                    began, started = anyio.current_time(), time.time()
-                    traced = tracer_set()
-                    for record in claimed:
-                        self._start(record, began, started, traced)
-                for entry in await self._runners.taken(self._stopping):
-                    # A stop cancelled the idle runners before they took it (the loop ends).
-                    entry.settled = True
-                    await self._recorder.hand_back(entry.record, "the worker is stopping")
-                    self._forget(entry)
+                claimed, wanted = await _claim_while_free(self, names, wanted)
+            if self._stopping():
+                return  # Claimed while a stop came in: handed straight back.
             if claimed is None:
                 self._leave_results()
                 await anyio.sleep(backoff)
@@ -577,31 +565,25 @@ class TaskWorker(Service, overrides=("run",)):
         # A call, not the property: a stop may come in during the claim between two looks.
         return self.should_stop
 
-    def _start(
-        self,
-        record: RunRecord,
-        began: float | None = None,
-        started: float | None = None,
-        traced: bool | None = None,
-    ) -> RunInFlight:
-        entry = RunInFlight(
-            record,
-            self.tasks[record.task],
-            self.lease_seconds,
-            began=began,
-            started=started,
-            traced=traced,
-        )
-        earlier = self._runs.get(record.id)
-        if earlier is not None:
-            # This worker claimed the run again after an earlier attempt's lease expired:
-            # that attempt is fenced off, so stop it here.
-            self._ends.lose(earlier)
-        if not self._runs:
+    def _start(self, claimed: list[RunRecord]) -> RunInFlight:
+        """Hold the runs just claimed and queue them for the runners; the last one's entry."""
+        # The clocks and the tracer provider are read once per claim, not once per run.
+        began, started, traced = anyio.current_time(), time.time(), tracer_set()
+        runs, tasks, lease, put = self._runs, self.tasks, self.lease_seconds, self._runners.put
+        if not runs:
             self._busy.set()
             self._idle = anyio.Event()
-        self._runs[record.id] = entry
-        self._runners.put(entry)
+        for record in claimed:
+            entry = RunInFlight(
+                record, tasks[record.task], lease, began=began, started=started, traced=traced
+            )
+            earlier = runs.get(record.id)
+            if earlier is not None:
+                # This worker claimed the run again after an earlier attempt's lease
+                # expired: that attempt is fenced off, so stop it here.
+                self._ends.lose(earlier)
+            runs[record.id] = entry
+            put(entry)
         return entry
 
     def _slot_freed(self) -> None:
@@ -677,32 +659,59 @@ async def _claim_until_stopped(worker: TaskWorker) -> None:
             await worker.queue.broker.release_claimed_ahead(worker.client_id)
 
 
-async def _claim(worker: TaskWorker, names: list[str], wanted: int) -> list[RunRecord] | None:
-    """Claim up to ``wanted`` runs; ``None`` when the broker failed.
+async def _claim_while_free(
+    worker: TaskWorker, names: list[str], wanted: int
+) -> tuple[list[RunRecord] | None, int]:
+    """Claim up to ``wanted`` runs and start them, storing the pending results in the
+    same call; again while each claim was full and slots are free at once. The last
+    claim (``None`` when the broker failed) and what it asked for.
 
     Shielded, within bounds: a claim cancelled once the broker has made it would leave
     its runs leased to nobody until the leases expire. Claimed, they are started or
-    handed back, whatever cancellation comes.
+    handed back, whatever cancellation comes. One scope serves the series, its
+    deadline moved for each claim: a scope per claim would cost more than the claim's
+    share of a no-op run.
     """
-    batch = worker._batches.take()
-    stored = False
-    try:
-        with anyio.move_on_after(HAND_BACK_BUDGET, shield=True):
+    claimed: list[RunRecord] | None = None
+    with anyio.CancelScope(shield=True) as shield:
+        while True:
+            shield.deadline = anyio.current_time() + HAND_BACK_BUDGET
+            batch = worker._batches.take()
+            claimed = None
             try:
-                claimed = await _claim_recording(worker, batch, names, wanted)
-            except BrokerError as exc:
-                worker._stats.broker_failed(exc, "claiming runs")
-                return None
-            stored = True
-            worker._stats.broker_worked()
-            return claimed
-        worker._stats.broker_failed(
-            BrokerError(f"no answer within {HAND_BACK_BUDGET:g} s"), "claiming runs"
-        )
-        return None
-    finally:
-        # Not stored: the batch task records them on their own.
-        worker._batches.recorded(batch, stored)
+                try:
+                    claimed = await _claim_recording(worker, batch, names, wanted)
+                except BrokerError as exc:
+                    worker._stats.broker_failed(exc, "claiming runs")
+                    return None, wanted
+                shield.deadline = math.inf
+                worker._stats.broker_worked()
+                if claimed and worker._stopping():
+                    for record in claimed:
+                        await worker._recorder.hand_back(record, "the worker is stopping")
+                    return claimed, wanted
+                if claimed:
+                    worker._start(claimed)
+            finally:
+                # The batch's runs are forgotten once the claimed ones are held: the
+                # worker does not go idle (and busy again, waking the lease keeper
+                # twice) between two claims. Not stored, the batch task records them.
+                worker._batches.recorded(batch, claimed is not None)
+            for entry in await worker._runners.taken(worker._stopping):
+                # A stop cancelled the idle runners before they took it (the loop ends).
+                entry.settled = True
+                await worker._recorder.hand_back(entry.record, "the worker is stopping")
+                worker._forget(entry)
+            if len(claimed) < wanted or worker._stopping():
+                return claimed, wanted
+            wanted = _free_slots(worker)
+            if wanted <= 0:
+                return claimed, wanted
+    # No answer before the deadline: the scope ended the claim.
+    worker._stats.broker_failed(
+        BrokerError(f"no answer within {HAND_BACK_BUDGET:g} s"), "claiming runs"
+    )
+    return None, wanted
 
 
 async def _claim_recording(
