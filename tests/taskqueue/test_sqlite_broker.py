@@ -15,17 +15,28 @@ import textwrap
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import anyio
 import anyio.to_thread
 import pytest
+from anyio.abc import TaskStatus
 
+from anyservice.taskqueue import TaskQueue, TaskWorker
 from anyservice.taskqueue._errors import BrokerBusyError, BrokerError
-from anyservice.taskqueue._records import CORRUPT_RUN_ERROR_TYPE, PayloadError, RunState, new_run
+from anyservice.taskqueue._records import (
+    CORRUPT_RUN_ERROR_TYPE,
+    PayloadError,
+    RunRecord,
+    RunState,
+    new_run,
+)
 from anyservice.taskqueue._serialize import decode_arguments
+from anyservice.taskqueue.brokers._base import AheadClaimer
 from anyservice.taskqueue.brokers._sqlite import SCHEMA_VERSION, SqliteBroker
+from anyservice.taskqueue.brokers._sqlite_named import NamedWork
 from anyservice.taskqueue.brokers._sqlite_rows import INSERT, insert_values
 from anyservice.taskqueue.brokers._wake_channel import WakeChannel
 
@@ -793,3 +804,172 @@ async def test_a_named_run_of_a_task_at_its_concurrency_limit_is_not_claimed(
     assert await broker.complete("w1", first, 1, "1")
     claimed = await broker.claim("w1", ["say"], limit=5, lease_seconds=LEASE, concurrency=limits)
     assert [r.id for r in claimed] == [named]
+
+
+# --- runs claimed ahead for a waiting claim loop --------------------------------------------
+
+
+_Broker = TypeVar("_Broker", bound=SqliteBroker)
+
+
+def patient(broker: _Broker) -> _Broker:
+    """``broker`` claiming by id for a minute after a full claim, not a quarter of a
+    second: a loaded machine may take longer than that between two steps of a test."""
+    broker._named = NamedWork(broker._notifier, 60.0)
+    return broker
+
+
+class Loop:
+    """A claim loop's part in claiming ahead: the runs started for it, and its wait."""
+
+    def __init__(self, slots: int = 5) -> None:
+        self.slots = slots
+        self.started: list[RunRecord] = []
+        self.arrived = anyio.Event()
+        self.woken = anyio.Event()
+
+    def claimer(self) -> AheadClaimer:
+        return AheadClaimer("w1", ["say"], LEASE, {}, lambda: self.slots, self.start)
+
+    def start(self, runs: list[RunRecord]) -> None:
+        self.started.extend(runs)
+        self.arrived.set()
+
+    async def wait(self, broker: SqliteBroker, *, task_status: TaskStatus[None]) -> None:
+        with broker.claiming_ahead(self.claimer()):
+            task_status.started()
+            await broker.wait_for_work(timeout=30)
+        self.woken.set()
+
+
+@pytest.mark.anyio
+async def test_a_run_named_by_a_poke_is_claimed_and_started_for_the_waiting_loop(
+    broker: SqliteBroker, path: Path
+) -> None:
+    patient(broker)
+    assert await claim_ids(broker) == []
+    loop = Loop()
+    with foreign_channel(path) as channel:
+        async with anyio.create_task_group() as tg:
+            await tg.start(loop.wait, broker)
+            run_id = foreign_submit(path)
+            channel.poke(b"w" + run_id.encode())
+            with anyio.fail_after(4):
+                await loop.arrived.wait()
+            ((started),) = loop.started
+            assert (started.id, started.state, started.attempts) == (run_id, RunState.RUNNING, 1)
+            assert started.lease_owner == "w1"
+            # Work that is not claimed ahead still ends the wait.
+            channel.poke(b"w")
+            with anyio.fail_after(4):
+                await loop.woken.wait()
+    # Leased once, to the claimer: nothing left to claim, and the lease is the claimer's.
+    assert await claim_ids(broker, limit=5) == []
+    assert await broker.complete("w1", run_id, 1, "1")
+
+
+@pytest.mark.anyio
+async def test_a_run_named_while_the_loop_has_no_free_slot_is_left_to_its_claim(
+    broker: SqliteBroker, path: Path
+) -> None:
+    patient(broker)
+    assert await claim_ids(broker) == []
+    loop = Loop(slots=0)
+    with foreign_channel(path) as channel:
+        async with anyio.create_task_group() as tg:
+            await tg.start(loop.wait, broker)
+            run_id = foreign_submit(path)
+            channel.poke(b"w" + run_id.encode())
+            with anyio.fail_after(4):
+                await loop.woken.wait()
+    assert loop.started == []
+    assert await claim_ids(broker) == [run_id]
+
+
+@pytest.mark.anyio
+async def test_a_poke_naming_a_run_the_loop_may_not_take_wakes_it_for_a_full_claim(
+    broker: SqliteBroker, path: Path
+) -> None:
+    patient(broker)
+    assert await claim_ids(broker) == []
+    loop = Loop()
+    with foreign_channel(path) as channel:
+        async with anyio.create_task_group() as tg:
+            await tg.start(loop.wait, broker)
+            lost = foreign_submit(path)  # its poke never came
+            other = foreign_submit(path, "other")
+            channel.poke(b"w" + other.encode())
+            with anyio.fail_after(4):
+                await loop.woken.wait()
+    assert loop.started == []
+    # The claim after it looks at every due run.
+    assert await claim_ids(broker, limit=5) == [lost]
+    stored = await broker.get(other)
+    assert stored is not None
+    assert stored.state is RunState.SCHEDULED
+
+
+PROMPTLY = 10.0
+
+
+@pytest.mark.anyio
+async def test_a_worker_starts_a_run_claimed_ahead_for_it_before_any_claim_of_its_own(
+    path: Path,
+) -> None:
+    broker = patient(CountingClaims(path, poll_interval=30.0))
+    queue = TaskQueue(broker=broker)
+    claims_before_body: list[int] = []
+
+    @queue.task
+    async def say(message: str) -> str:
+        claims_before_body.append(broker.claims)
+        return message
+
+    async with queue, TaskWorker(say, limit=2):
+        # A run through the worker first, so that a runner is idle and a full claim recent.
+        assert await (await say.delay("first")).result(timeout=PROMPTLY) == "first"
+        with foreign_channel(path) as channel:
+            claims = broker.claims
+            run_id = foreign_submit(path)
+            channel.poke(b"w" + run_id.encode())
+            run = await queue.get_run(run_id)
+            assert await run.result(timeout=PROMPTLY) == "hi"
+        stored = await broker.get(run_id)
+    assert claims_before_body[-1] == claims
+    assert stored is not None
+    assert (stored.state, stored.attempts) == (RunState.COMPLETED, 1)
+
+
+class CountingClaims(SqliteBroker):
+    """A SQLite broker that counts the claims its worker makes itself."""
+
+    claims = 0
+
+    async def claim(
+        self,
+        owner: str,
+        tasks: Collection[str],
+        *,
+        limit: int,
+        lease_seconds: float,
+        concurrency: Mapping[str, int] | None = None,
+    ) -> list[RunRecord]:
+        self.claims += 1
+        return await super().claim(
+            owner, tasks, limit=limit, lease_seconds=lease_seconds, concurrency=concurrency
+        )
+
+    async def complete_and_claim(
+        self,
+        owner: str,
+        results: Mapping[str, tuple[int, str]],
+        tasks: Collection[str],
+        *,
+        limit: int,
+        lease_seconds: float,
+        concurrency: Mapping[str, int] | None = None,
+    ) -> tuple[set[str], list[RunRecord]]:
+        self.claims += 1
+        return await super().complete_and_claim(
+            owner, results, tasks, limit=limit, lease_seconds=lease_seconds, concurrency=concurrency
+        )

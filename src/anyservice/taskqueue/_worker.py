@@ -51,6 +51,7 @@ from ._queue import Task, TaskQueue, TaskRun, in_event_loop
 from ._recording import HAND_BACK_BUDGET, Batches, Recorder, WorkerStats, results_of
 from ._records import RunRecord
 from ._scheduler import keep_schedule
+from .brokers._base import AheadClaimer
 
 __all__ = ["TaskWorker", "serve"]
 
@@ -531,7 +532,6 @@ class TaskWorker(Service, overrides=("run",)):
             self._batches.poke()
 
     async def _claim_loop(self) -> None:
-        broker = self.queue.broker
         names = sorted(self.tasks)
         backoff = _FIRST_BACKOFF
         while True:
@@ -553,10 +553,7 @@ class TaskWorker(Service, overrides=("run",)):
                         await self._recorder.hand_back(record, "the worker is stopping")
                     return
                 if claimed:
-                    began, started = anyio.current_time(), time.time()
-                    traced = tracer_set()
-                    for record in claimed:
-                        self._start(record, began, started, traced)
+                    _start_claimed(self, claimed)
                 for entry in await self._runners.taken(self._stopping):
                     # A stop cancelled the idle runners before they took it (the loop ends).
                     entry.settled = True
@@ -571,7 +568,7 @@ class TaskWorker(Service, overrides=("run",)):
             if len(claimed) < wanted:
                 self._leave_results()
                 try:
-                    await broker.wait_for_work(_IDLE_WAIT)
+                    await _wait_for_work(self, names)
                 except BrokerError as exc:
                     self._stats.broker_failed(exc, "waiting for work")
                     await anyio.sleep(backoff)
@@ -666,6 +663,40 @@ class TaskWorker(Service, overrides=("run",)):
     async def _renew(self) -> None:
         for entry in await self._recorder.renew(self._runs):
             self._ends.lose(entry)
+
+
+def _start_claimed(worker: TaskWorker, claimed: list[RunRecord]) -> None:
+    """Start runs just claimed: by the claim loop, or for it while it waits."""
+    began, started = anyio.current_time(), time.time()
+    traced = tracer_set()
+    for record in claimed:
+        worker._start(record, began, started, traced)
+
+
+async def _wait_for_work(worker: TaskWorker, names: list[str]) -> None:
+    """The claim loop's wait for work, during which the broker may claim runs for it and
+    start them (see ``Broker.claiming_ahead``)."""
+    broker = worker.queue.broker
+    options = _claim_options(worker)
+    claimer = AheadClaimer(
+        worker.client_id,
+        names,
+        options["lease_seconds"],
+        options["concurrency"],
+        free_slots=functools.partial(_free_ahead, worker),
+        start=functools.partial(_start_claimed, worker),
+    )
+    with broker.claiming_ahead(claimer):
+        await broker.wait_for_work(_IDLE_WAIT)
+
+
+def _free_ahead(worker: TaskWorker) -> int:
+    """How many runs may be claimed for the waiting claim loop: none while stopping, nor
+    while no runner is idle (a run claimed ahead starts in one at once; starting a new
+    runner is the loop's)."""
+    if worker._stopping() or not worker._runners.idle:
+        return 0
+    return _free_slots(worker)
 
 
 async def _claim(worker: TaskWorker, names: list[str], wanted: int) -> list[RunRecord] | None:

@@ -35,7 +35,7 @@ from .._records import FINISHED_STATES, RunError, RunRecord, RunState, abandoned
 from ._base import BaseBroker, Claimed
 from ._notifier import ChangeNotifier
 from ._sqlite_cluster import SqliteClusterStorage, forget_purged
-from ._sqlite_named import NamedWork, claim_named
+from ._sqlite_named import NamedWork, claim_named, poked
 from ._sqlite_rows import (
     INSERT,
     MIGRATIONS,
@@ -672,9 +672,7 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
     def _poked(self, work: bool, run_ids: list[str] | None) -> None:
         # In the event loop watching the channel (or its thread): another process
         # committed a change.
-        if work:
-            self._named.poked(run_ids)
-        self._notifier.notify_from_thread(work=work)
+        poked(self, work, run_ids)
 
     # --- the broker protocol -------------------------------------------------------------
 
