@@ -15,9 +15,8 @@ import textwrap
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Collection, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import anyio
 import anyio.to_thread
@@ -35,6 +34,7 @@ from anyservice.taskqueue._records import (
 )
 from anyservice.taskqueue._serialize import decode_arguments
 from anyservice.taskqueue.brokers._base import AheadClaimer
+from anyservice.taskqueue.brokers._notifier import ChangeNotifier
 from anyservice.taskqueue.brokers._sqlite import SCHEMA_VERSION, SqliteBroker
 from anyservice.taskqueue.brokers._sqlite_named import NamedWork
 from anyservice.taskqueue.brokers._sqlite_rows import INSERT, insert_values
@@ -809,13 +809,31 @@ async def test_a_named_run_of_a_task_at_its_concurrency_limit_is_not_claimed(
 # --- runs claimed ahead for a waiting claim loop --------------------------------------------
 
 
-_Broker = TypeVar("_Broker", bound=SqliteBroker)
+class CountedTakes(NamedWork):
+    """Claims by id for a minute after a full claim, not a quarter of a second (a loaded
+    machine may take longer between two steps of a test), counting the claims that ask
+    (every claim through the broker asks once; a claim made ahead does not)."""
+
+    def __init__(self, notifier: ChangeNotifier) -> None:
+        super().__init__(notifier, 60.0)
+        self.takes = 0
+
+    def take(self, tasks: list[str], limit: int, next_due: float | None, now: float) -> list[str]:
+        self.takes += 1
+        return super().take(tasks, limit, next_due, now)
 
 
-def patient(broker: _Broker) -> _Broker:
-    """``broker`` claiming by id for a minute after a full claim, not a quarter of a
-    second: a loaded machine may take longer than that between two steps of a test."""
-    broker._named = NamedWork(broker._notifier, 60.0)
+def patient(broker: SqliteBroker) -> CountedTakes:
+    named = CountedTakes(broker._notifier)
+    broker._named = named
+    return named
+
+
+@pytest.fixture
+async def looked(broker: SqliteBroker) -> SqliteBroker:
+    """``broker`` once a full claim found nothing due (and claiming by id for a minute)."""
+    patient(broker)
+    assert await claim_ids(broker) == []
     return broker
 
 
@@ -841,13 +859,20 @@ class Loop:
             await broker.wait_for_work(timeout=30)
         self.woken.set()
 
+    async def woken_by(self, broker: SqliteBroker, channel: WakeChannel, kind: bytes) -> None:
+        """Wait for work while ``channel`` pokes ``kind``; return once the wait ended."""
+        async with anyio.create_task_group() as tg:
+            await tg.start(self.wait, broker)
+            channel.poke(kind)
+            with anyio.fail_after(4):
+                await self.woken.wait()
+
 
 @pytest.mark.anyio
 async def test_a_run_named_by_a_poke_is_claimed_and_started_for_the_waiting_loop(
-    broker: SqliteBroker, path: Path
+    looked: SqliteBroker, path: Path
 ) -> None:
-    patient(broker)
-    assert await claim_ids(broker) == []
+    broker = looked
     loop = Loop()
     with foreign_channel(path) as channel:
         async with anyio.create_task_group() as tg:
@@ -870,37 +895,27 @@ async def test_a_run_named_by_a_poke_is_claimed_and_started_for_the_waiting_loop
 
 @pytest.mark.anyio
 async def test_a_run_named_while_the_loop_has_no_free_slot_is_left_to_its_claim(
-    broker: SqliteBroker, path: Path
+    looked: SqliteBroker, path: Path
 ) -> None:
-    patient(broker)
-    assert await claim_ids(broker) == []
+    broker = looked
     loop = Loop(slots=0)
     with foreign_channel(path) as channel:
-        async with anyio.create_task_group() as tg:
-            await tg.start(loop.wait, broker)
-            run_id = foreign_submit(path)
-            channel.poke(b"w" + run_id.encode())
-            with anyio.fail_after(4):
-                await loop.woken.wait()
+        run_id = foreign_submit(path)
+        await loop.woken_by(broker, channel, b"w" + run_id.encode())
     assert loop.started == []
     assert await claim_ids(broker) == [run_id]
 
 
 @pytest.mark.anyio
 async def test_a_poke_naming_a_run_the_loop_may_not_take_wakes_it_for_a_full_claim(
-    broker: SqliteBroker, path: Path
+    looked: SqliteBroker, path: Path
 ) -> None:
-    patient(broker)
-    assert await claim_ids(broker) == []
+    broker = looked
     loop = Loop()
     with foreign_channel(path) as channel:
-        async with anyio.create_task_group() as tg:
-            await tg.start(loop.wait, broker)
-            lost = foreign_submit(path)  # its poke never came
-            other = foreign_submit(path, "other")
-            channel.poke(b"w" + other.encode())
-            with anyio.fail_after(4):
-                await loop.woken.wait()
+        lost = foreign_submit(path)  # its poke never came
+        other = foreign_submit(path, "other")
+        await loop.woken_by(broker, channel, b"w" + other.encode())
     assert loop.started == []
     # The claim after it looks at every due run.
     assert await claim_ids(broker, limit=5) == [lost]
@@ -916,20 +931,21 @@ PROMPTLY = 10.0
 async def test_a_worker_starts_a_run_claimed_ahead_for_it_before_any_claim_of_its_own(
     path: Path,
 ) -> None:
-    broker = patient(CountingClaims(path, poll_interval=30.0))
+    broker = SqliteBroker(path, poll_interval=30.0)
+    named = patient(broker)
     queue = TaskQueue(broker=broker)
     claims_before_body: list[int] = []
 
     @queue.task
     async def say(message: str) -> str:
-        claims_before_body.append(broker.claims)
+        claims_before_body.append(named.takes)
         return message
 
     async with queue, TaskWorker(say, limit=2):
         # A run through the worker first, so that a runner is idle and a full claim recent.
         assert await (await say.delay("first")).result(timeout=PROMPTLY) == "first"
         with foreign_channel(path) as channel:
-            claims = broker.claims
+            claims = named.takes
             run_id = foreign_submit(path)
             channel.poke(b"w" + run_id.encode())
             run = await queue.get_run(run_id)
@@ -938,38 +954,3 @@ async def test_a_worker_starts_a_run_claimed_ahead_for_it_before_any_claim_of_it
     assert claims_before_body[-1] == claims
     assert stored is not None
     assert (stored.state, stored.attempts) == (RunState.COMPLETED, 1)
-
-
-class CountingClaims(SqliteBroker):
-    """A SQLite broker that counts the claims its worker makes itself."""
-
-    claims = 0
-
-    async def claim(
-        self,
-        owner: str,
-        tasks: Collection[str],
-        *,
-        limit: int,
-        lease_seconds: float,
-        concurrency: Mapping[str, int] | None = None,
-    ) -> list[RunRecord]:
-        self.claims += 1
-        return await super().claim(
-            owner, tasks, limit=limit, lease_seconds=lease_seconds, concurrency=concurrency
-        )
-
-    async def complete_and_claim(
-        self,
-        owner: str,
-        results: Mapping[str, tuple[int, str]],
-        tasks: Collection[str],
-        *,
-        limit: int,
-        lease_seconds: float,
-        concurrency: Mapping[str, int] | None = None,
-    ) -> tuple[set[str], list[RunRecord]]:
-        self.claims += 1
-        return await super().complete_and_claim(
-            owner, results, tasks, limit=limit, lease_seconds=lease_seconds, concurrency=concurrency
-        )
