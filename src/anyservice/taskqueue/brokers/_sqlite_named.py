@@ -5,8 +5,9 @@ A submit of one run due now pokes the other processes with the run's id (see
 nothing more due may claim just those runs by id (one SELECT and one UPDATE each, in
 the claim's transaction, fenced as every claim is): nothing older can be due, since the
 full claim would have seen it, no scheduled run's time has come since (the full claim's
-next due time has not passed), and no lease can have expired since (the full claims come
-at least every poll interval, far shorter than a lease). Any other work (a poke that named
+next due time has not passed), and an expired lease or a dead worker's run waits at most
+:data:`LOOK_EVERY` for the next full claim (as it would for an idle worker's next claim).
+Any other work (a poke that named
 no run or made no sense, this process's own writes, a poll that saw a commit nobody
 signalled) means a full claim; so does a named run that is not there to claim, in the
 same transaction.
@@ -27,10 +28,17 @@ from ._notifier import ChangeNotifier
 from ._sqlite_rows import SELECT, lease_in_place, read_row
 from ._sqlite_thread import ConnectionThread
 
-__all__ = ["NamedWork", "claim_named", "poked"]
+__all__ = ["LOOK_EVERY", "NamedWork", "claim_named", "poked"]
 
 #: Most runs named since the last claim that are claimed by id; past that, a full claim.
 _MOST_NAMED = 32
+
+#: Most seconds between two full claims of a worker that claims by id: as long as a
+#: waiting worker's longest wait between claims (each ends in a full claim), so a run
+#: submitted to a worker idle for a while is claimed by id as well; far shorter than
+#: a lease, and the takeover of a dead worker's runs waits no longer than an idle
+#: worker's next claim would.
+LOOK_EVERY = 1.0
 
 _CLAIM = (
     "UPDATE anyservice_runs SET state = 'RUNNING', attempts = ?,"
