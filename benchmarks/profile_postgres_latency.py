@@ -9,7 +9,10 @@ entered (the task's options and payload encoded), the transaction's statements b
 committed (INSERT, COMMIT), the datagram sent and ``delay()`` returned; in the worker: its
 socket readable, the wait for work returned (the woken task running), the claim entered,
 its statements begun and committed, the broker's claim returned, and the body's first line.
-Each step is the time between two notes, median and 90th percentile.
+Each step is the time between two notes, median and 90th percentile. A run claimed ahead
+(as the datagram is read, for the claim loop waiting) has no wait's return, claim call or
+claim's return: two rows sum the worker's steps either way (readable to the claim's
+transaction, committed to the body's first line).
 
 A PostgreSQL server of its own (Debian's binaries, as the tests start it, ``fsync`` and
 ``synchronous_commit`` on), one ``serve()`` worker process, and ``await stamp.delay()``
@@ -170,9 +173,20 @@ SQLITE_PATH = (
     ("wake: readable to the woken wait's return", "theirs:readable", "theirs:woken"),
     ("wake: returned to the claim's start", "theirs:woken", "theirs:claim.start"),
     ("claim: to its transaction's start", "theirs:claim.start", "theirs:execute.start"),
+    # A claim made ahead, as the datagram is read, has only these steps of the worker's.
+    (
+        "wake: readable to the claim's transaction (all of the above)",
+        "theirs:readable",
+        "theirs:execute.start",
+    ),
     ("claim: its statements + COMMIT", "theirs:execute.start", "theirs:execute.end"),
     ("claim: committed to the broker's claim returned", "theirs:execute.end", "theirs:claimed.end"),
     ("start: claimed to the body's first line", "theirs:claimed.end", "theirs:started"),
+    (
+        "start: committed to the body's first line (all of the above)",
+        "theirs:execute.end",
+        "theirs:started",
+    ),
 )
 
 

@@ -21,11 +21,22 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 import pytest
+from anyio.abc import TaskStatus
 
+from anyservice.taskqueue import TaskQueue, TaskWorker
 from anyservice.taskqueue._errors import BrokerBusyError, BrokerError
-from anyservice.taskqueue._records import CORRUPT_RUN_ERROR_TYPE, PayloadError, RunState, new_run
+from anyservice.taskqueue._records import (
+    CORRUPT_RUN_ERROR_TYPE,
+    PayloadError,
+    RunRecord,
+    RunState,
+    new_run,
+)
 from anyservice.taskqueue._serialize import decode_arguments
+from anyservice.taskqueue.brokers._base import AheadClaimer
+from anyservice.taskqueue.brokers._notifier import ChangeNotifier
 from anyservice.taskqueue.brokers._sqlite import SCHEMA_VERSION, SqliteBroker
+from anyservice.taskqueue.brokers._sqlite_named import NamedWork
 from anyservice.taskqueue.brokers._sqlite_rows import INSERT, insert_values
 from anyservice.taskqueue.brokers._wake_channel import WakeChannel
 
@@ -876,3 +887,153 @@ async def test_a_named_run_of_a_task_at_its_concurrency_limit_is_not_claimed(
     assert await broker.complete("w1", first, 1, "1")
     claimed = await broker.claim("w1", ["say"], limit=5, lease_seconds=LEASE, concurrency=limits)
     assert [r.id for r in claimed] == [named]
+
+
+# --- runs claimed ahead for a waiting claim loop --------------------------------------------
+
+
+class CountedTakes(NamedWork):
+    """Claims by id for a minute after a full claim, not a quarter of a second (a loaded
+    machine may take longer between two steps of a test), counting the claims that ask
+    (every claim through the broker asks once; a claim made ahead does not)."""
+
+    def __init__(self, notifier: ChangeNotifier) -> None:
+        super().__init__(notifier, 60.0)
+        self.takes = 0
+
+    def take(self, tasks: list[str], limit: int, next_due: float | None, now: float) -> list[str]:
+        self.takes += 1
+        return super().take(tasks, limit, next_due, now)
+
+
+def patient(broker: SqliteBroker) -> CountedTakes:
+    named = CountedTakes(broker._notifier)
+    broker._named = named
+    return named
+
+
+@pytest.fixture
+async def looked(broker: SqliteBroker) -> SqliteBroker:
+    """``broker`` once a full claim found nothing due (and claiming by id for a minute)."""
+    patient(broker)
+    assert await claim_ids(broker) == []
+    return broker
+
+
+class Loop:
+    """A claim loop's part in claiming ahead: the runs started for it, and its wait."""
+
+    def __init__(self, slots: int = 5) -> None:
+        self.slots = slots
+        self.started: list[RunRecord] = []
+        self.arrived = anyio.Event()
+        self.woken = anyio.Event()
+
+    def claimer(self) -> AheadClaimer:
+        return AheadClaimer("w1", ["say"], LEASE, {}, lambda: self.slots, self.start)
+
+    def start(self, runs: list[RunRecord]) -> None:
+        self.started.extend(runs)
+        self.arrived.set()
+
+    async def wait(self, broker: SqliteBroker, *, task_status: TaskStatus[None]) -> None:
+        with broker.claiming_ahead(self.claimer()):
+            task_status.started()
+            await broker.wait_for_work(timeout=30)
+        self.woken.set()
+
+    async def woken_by(self, broker: SqliteBroker, channel: WakeChannel, kind: bytes) -> None:
+        """Wait for work while ``channel`` pokes ``kind``; return once the wait ended."""
+        async with anyio.create_task_group() as tg:
+            await tg.start(self.wait, broker)
+            channel.poke(kind)
+            with anyio.fail_after(4):
+                await self.woken.wait()
+
+
+@pytest.mark.anyio
+async def test_a_run_named_by_a_poke_is_claimed_and_started_for_the_waiting_loop(
+    looked: SqliteBroker, path: Path
+) -> None:
+    broker = looked
+    loop = Loop()
+    with foreign_channel(path) as channel:
+        async with anyio.create_task_group() as tg:
+            await tg.start(loop.wait, broker)
+            run_id = foreign_submit(path)
+            channel.poke(b"w" + run_id.encode())
+            with anyio.fail_after(4):
+                await loop.arrived.wait()
+            ((started),) = loop.started
+            assert (started.id, started.state, started.attempts) == (run_id, RunState.RUNNING, 1)
+            assert started.lease_owner == "w1"
+            # Work that is not claimed ahead still ends the wait.
+            channel.poke(b"w")
+            with anyio.fail_after(4):
+                await loop.woken.wait()
+    # Leased once, to the claimer: nothing left to claim, and the lease is the claimer's.
+    assert await claim_ids(broker, limit=5) == []
+    assert await broker.complete("w1", run_id, 1, "1")
+
+
+@pytest.mark.anyio
+async def test_a_run_named_while_the_loop_has_no_free_slot_is_left_to_its_claim(
+    looked: SqliteBroker, path: Path
+) -> None:
+    broker = looked
+    loop = Loop(slots=0)
+    with foreign_channel(path) as channel:
+        run_id = foreign_submit(path)
+        await loop.woken_by(broker, channel, b"w" + run_id.encode())
+    assert loop.started == []
+    assert await claim_ids(broker) == [run_id]
+
+
+@pytest.mark.anyio
+async def test_a_poke_naming_a_run_the_loop_may_not_take_wakes_it_for_a_full_claim(
+    looked: SqliteBroker, path: Path
+) -> None:
+    broker = looked
+    loop = Loop()
+    with foreign_channel(path) as channel:
+        lost = foreign_submit(path)  # its poke never came
+        other = foreign_submit(path, "other")
+        await loop.woken_by(broker, channel, b"w" + other.encode())
+    assert loop.started == []
+    # The claim after it looks at every due run.
+    assert await claim_ids(broker, limit=5) == [lost]
+    stored = await broker.get(other)
+    assert stored is not None
+    assert stored.state is RunState.SCHEDULED
+
+
+PROMPTLY = 10.0
+
+
+@pytest.mark.anyio
+async def test_a_worker_starts_a_run_claimed_ahead_for_it_before_any_claim_of_its_own(
+    path: Path,
+) -> None:
+    broker = SqliteBroker(path, poll_interval=30.0)
+    named = patient(broker)
+    queue = TaskQueue(broker=broker)
+    claims_before_body: list[int] = []
+
+    @queue.task
+    async def say(message: str) -> str:
+        claims_before_body.append(named.takes)
+        return message
+
+    async with queue, TaskWorker(say, limit=2):
+        # A run through the worker first, so that a runner is idle and a full claim recent.
+        assert await (await say.delay("first")).result(timeout=PROMPTLY) == "first"
+        with foreign_channel(path) as channel:
+            claims = named.takes
+            run_id = foreign_submit(path)
+            channel.poke(b"w" + run_id.encode())
+            run = await queue.get_run(run_id)
+            assert await run.result(timeout=PROMPTLY) == "hi"
+        stored = await broker.get(run_id)
+    assert claims_before_body[-1] == claims
+    assert stored is not None
+    assert (stored.state, stored.attempts) == (RunState.COMPLETED, 1)

@@ -297,6 +297,11 @@ class Runners:
         self._returned = anyio.Event()
         self._hooks.threads = threads
 
+    @property
+    def idle(self) -> int:
+        """How many runners wait for a run (one takes the next queued at once)."""
+        return len(self._idle)
+
     def put(self, entry: RunInFlight) -> None:
         """Queue a run for the next idle runner, or for a new one."""
         self._queued.append(entry)

@@ -52,6 +52,7 @@ from ._queue import Task, TaskQueue, TaskRun, in_event_loop
 from ._recording import HAND_BACK_BUDGET, Batches, Recorder, WorkerStats, results_of
 from ._records import RunRecord
 from ._scheduler import keep_schedule
+from .brokers._base import AheadClaimer
 
 __all__ = ["TaskWorker", "serve"]
 
@@ -530,7 +531,6 @@ class TaskWorker(Service, overrides=("run",)):
         self._batches.poke()
 
     async def _claim_loop(self) -> None:
-        broker = self.queue.broker
         names = sorted(self.tasks)
         backoff = _FIRST_BACKOFF
         while True:
@@ -556,7 +556,7 @@ class TaskWorker(Service, overrides=("run",)):
             if len(claimed) < wanted:
                 self._leave_results()
                 try:
-                    await broker.wait_for_work(_IDLE_WAIT)
+                    await _wait_for_work(self, names)
                 except BrokerError as exc:
                     self._stats.broker_failed(exc, "waiting for work")
                     await anyio.sleep(backoff)
@@ -657,6 +657,37 @@ async def _claim_until_stopped(worker: TaskWorker) -> None:
         # makes (it stopped, was cancelled or failed): claimable again at once.
         with anyio.move_on_after(HAND_BACK_BUDGET, shield=True):
             await worker.queue.broker.release_claimed_ahead(worker.client_id)
+
+
+def _start_claimed(worker: TaskWorker, claimed: list[RunRecord]) -> None:
+    """Start runs just claimed for the claim loop while it waits (see ``_wait_for_work``)."""
+    worker._start(claimed)
+
+
+async def _wait_for_work(worker: TaskWorker, names: list[str]) -> None:
+    """The claim loop's wait for work, during which the broker may claim runs for it and
+    start them (see ``Broker.claiming_ahead``)."""
+    broker = worker.queue.broker
+    options = _claim_options(worker)
+    claimer = AheadClaimer(
+        worker.client_id,
+        names,
+        options["lease_seconds"],
+        options["concurrency"],
+        free_slots=functools.partial(_free_ahead, worker),
+        start=functools.partial(_start_claimed, worker),
+    )
+    with broker.claiming_ahead(claimer):
+        await broker.wait_for_work(_IDLE_WAIT)
+
+
+def _free_ahead(worker: TaskWorker) -> int:
+    """How many runs may be claimed for the waiting claim loop: none while stopping, nor
+    while no runner is idle (a run claimed ahead starts in one at once; starting a new
+    runner is the loop's)."""
+    if worker._stopping() or not worker._runners.idle:
+        return 0
+    return _free_slots(worker)
 
 
 async def _claim_while_free(

@@ -74,8 +74,10 @@ from __future__ import annotations
 
 import abc
 import itertools
+import threading
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, Self
@@ -104,7 +106,7 @@ from ._options import (
     hide_password,
 )
 
-__all__ = ["PURGE_BATCH", "BaseBroker", "Broker", "Claimed"]
+__all__ = ["PURGE_BATCH", "AheadClaimer", "BaseBroker", "Broker", "Claimed"]
 
 #: Runs deleted per statement by ``purge``: small, so a purge never holds the storage long.
 PURGE_BATCH = 500
@@ -387,6 +389,18 @@ class Broker(ClusterBroker, Protocol):
         """
         ...
 
+    def claiming_ahead(self, claimer: AheadClaimer) -> AbstractContextManager[None]:
+        """While the block runs (a claim loop's :meth:`wait_for_work`), the broker may
+        claim runs for ``claimer`` as it hears of them, and start them.
+
+        A broker told by another process of runs that the claimer's next claim would
+        take by id may claim them at once, in the claimer's event loop, with its
+        arguments, and hand them to ``claimer.start``: a run's body starts without the
+        wait's return and the claim's call in between. A wait whose work was all claimed
+        so goes on waiting. Brokers that cannot do this claim nothing ahead.
+        """
+        ...
+
     async def wait_until_finished(self, run_id: str, timeout: float) -> RunRecord | None:
         """Wait for the run to finish, for at most ``timeout`` seconds.
 
@@ -395,6 +409,29 @@ class Broker(ClusterBroker, Protocol):
             or ``None`` if there is no such run.
         """
         ...
+
+
+@dataclass(eq=False)
+class AheadClaimer:
+    """A claim loop waiting for work, that its broker may claim for (see
+    :meth:`Broker.claiming_ahead`).
+
+    Attributes:
+        owner, tasks, lease_seconds, concurrency: The arguments of the loop's claims
+            (``tasks`` sorted and distinct).
+        free_slots: How many runs the loop would claim now (0 while it takes none).
+        start: Takes the runs claimed for the loop and starts them, in its event loop's
+            thread; it must not raise.
+        thread: That thread (the one that made the claimer).
+    """
+
+    owner: str
+    tasks: list[str]
+    lease_seconds: float
+    concurrency: dict[str, int]
+    free_slots: Callable[[], int]
+    start: Callable[[list[RunRecord]], None]
+    thread: int = field(default_factory=threading.get_ident)
 
 
 @dataclass
@@ -480,7 +517,35 @@ class _CompletingClaims:
         return done, await self._claim(owner, tasks, limit, lease_seconds, concurrency)
 
 
-class BaseBroker(_CompletingClaims, ClusterMethods, Broker, abc.ABC):
+class _ClaimsAhead:
+    """:meth:`Broker.claiming_ahead` for :class:`BaseBroker`: the claimer registered,
+    for a storage that hears of named work to claim for it."""
+
+    _notifier: ChangeNotifier
+    _work_seen_by_claim: int
+    #: The claim loop waiting for work that runs may be claimed for, if any.
+    _ahead_claimer: AheadClaimer | None = None
+
+    @contextmanager
+    def claiming_ahead(self, claimer: AheadClaimer) -> Iterator[None]:
+        check_claim_options(
+            claimer.owner, claimer.tasks, limit=0, lease_seconds=claimer.lease_seconds
+        )
+        check_concurrency(claimer.concurrency, claimer.tasks)
+        self._ahead_claimer = claimer
+        try:
+            yield
+        finally:
+            if self._ahead_claimer is claimer:
+                self._ahead_claimer = None
+
+    def _claimed_ahead(self, generation: int) -> None:
+        """The work up to ``generation`` was all claimed for the claimer, and started:
+        its wait for work goes on."""
+        self._work_seen_by_claim = generation
+
+
+class BaseBroker(_ClaimsAhead, _CompletingClaims, ClusterMethods, Broker, abc.ABC):
     """The shared half of a broker: checks, wake-ups, waiting and ``async with``.
 
     A subclass writes its storage (see the module's docstring) and inherits the public
@@ -842,8 +907,17 @@ class BaseBroker(_CompletingClaims, ClusterMethods, Broker, abc.ABC):
             timeout = min(timeout, max(self._next_due - self._clock(), 0.0))
         if self._held_back:
             await self._wait(work=False, since=self._changes_seen_by_claim, timeout=timeout)
-        else:
-            await self._wait(work=True, since=self._work_seen_by_claim, timeout=timeout)
+            return
+        deadline = anyio.current_time() + timeout
+        while True:
+            since = self._work_seen_by_claim
+            await self._wait(work=True, since=since, timeout=deadline - anyio.current_time())
+            # Work claimed ahead for the waiting claim loop moved what its claims saw:
+            # if that was all of the work since, there is nothing to claim.
+            if since == self._work_seen_by_claim:
+                return
+            if self._notifier.generation(work=True) != self._work_seen_by_claim:
+                return
 
     async def release_claimed_ahead(self, owner: str) -> None:
         # A broker claims nothing ahead unless it says otherwise.

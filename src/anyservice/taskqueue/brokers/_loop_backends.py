@@ -115,7 +115,7 @@ class LoopReader:
         add_reader = getattr(native, "add_reader", None)
         try:
             if add_reader is not None:  # asyncio (and uvloop)
-                add_reader(sock.fileno(), on_readable)
+                add_reader(sock.fileno(), _asyncio_context().run, on_readable)
             elif type(native).__module__.startswith("trio"):
                 import trio
 
@@ -161,3 +161,16 @@ class LoopReader:
             self._scope.cancel()
             trio.lowlevel.notify_closing(self._sock)
         self._sock.close()
+
+
+def _asyncio_context() -> contextvars.Context:
+    """A copy of the current context in which anyio works outside a task, as in a
+    reader's callback: sniffio tells asyncio by its current task, and a callback runs
+    in none (without sniffio, anyio takes any running loop for asyncio's)."""
+    context = contextvars.copy_context()
+    try:
+        import sniffio
+    except ImportError:
+        return context
+    context.run(sniffio.current_async_library_cvar.set, "asyncio")
+    return context

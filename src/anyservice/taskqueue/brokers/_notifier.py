@@ -66,15 +66,19 @@ class ChangeNotifier:
         for waiter in ready:
             waiter.event.set()
 
-    def notify_from_thread(self, *, work: bool) -> None:
+    def notify_from_thread(self, *, work: bool, claimed: bool = False) -> int:
         """:meth:`notify`, from any thread: every waiter is woken in its own event loop
-        (at once if that is the caller's, through the loop otherwise)."""
+        (at once if that is the caller's, through the loop otherwise). ``claimed``: the
+        work was claimed already (for a waiting claim loop), so waiters for work alone
+        are not woken. Returns the new ``work`` generation."""
         thread = threading.get_ident()
         with self._lock:
             self._changes += 1
             if work:
                 self._work += 1
-            ready = [w for w in self._waiters if work or not w.work_only]
+            wake_work = work and not claimed
+            ready = [w for w in self._waiters if wake_work or not w.work_only]
+            generation = self._work
             for waiter in ready:
                 self._waiters.remove(waiter)
         for waiter in ready:
@@ -82,6 +86,7 @@ class ChangeNotifier:
                 waiter.event.set()
             else:
                 waiter.loop.call_soon(waiter.event.set)
+        return generation
 
     async def wait(
         self,
@@ -98,9 +103,11 @@ class ChangeNotifier:
         nobody notifies about (another process's commits); it calls :meth:`notify` itself.
         Without one, the generation is still compared every :data:`RECHECK_INTERVAL`.
         """
-        await anyio.lowlevel.checkpoint()
         if self.generation(work=work) != since or timeout <= 0:
+            await anyio.lowlevel.checkpoint()
             return
+        # The wait below is the checkpoint: no pass of the loop before it, which would
+        # keep a submitter waiting for its run on the CPU its worker may need.
         deadline = anyio.current_time() + timeout
         waiter = _Waiter(anyio.Event(), threading.get_ident(), work, LoopHandle.current())
         with self._lock:

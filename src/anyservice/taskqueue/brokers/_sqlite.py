@@ -35,7 +35,7 @@ from .._records import FINISHED_STATES, RunError, RunRecord, RunState, abandoned
 from ._base import BaseBroker, Claimed
 from ._notifier import ChangeNotifier
 from ._sqlite_cluster import SqliteClusterStorage, forget_purged
-from ._sqlite_named import NamedWork, claim_named
+from ._sqlite_named import LOOK_EVERY, NamedWork, claim_named, poked
 from ._sqlite_rows import (
     INSERT,
     MIGRATIONS,
@@ -550,7 +550,7 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
             on_commit=self._committed,
         )
         self._channel: WakeChannel | None = None
-        self._named = NamedWork(self._notifier, SIGNALLED_POLL_INTERVAL)
+        self._named = NamedWork(self._notifier, LOOK_EVERY)
         self._data_version = 0
         self._last_poll = -math.inf
         # This process, as the workers table records it.
@@ -697,9 +697,7 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
     def _poked(self, work: bool, run_ids: list[str] | None) -> None:
         # In the event loop watching the channel (or its thread): another process
         # committed a change.
-        if work:
-            self._named.poked(run_ids)
-        self._notifier.notify_from_thread(work=work)
+        poked(self, work, run_ids)
 
     # --- the broker protocol -------------------------------------------------------------
 

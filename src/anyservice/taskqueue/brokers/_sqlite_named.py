@@ -5,8 +5,9 @@ A submit of one run due now pokes the other processes with the run's id (see
 nothing more due may claim just those runs by id (one SELECT and one UPDATE each, in
 the claim's transaction, fenced as every claim is): nothing older can be due, since the
 full claim would have seen it, no scheduled run's time has come since (the full claim's
-next due time has not passed), and no lease can have expired since (the full claims come
-at least every poll interval, far shorter than a lease). Any other work (a poke that named
+next due time has not passed), and an expired lease or a dead worker's run waits at most
+:data:`LOOK_EVERY` for the next full claim (as it would for an idle worker's next claim).
+Any other work (a poke that named
 no run or made no sense, this process's own writes, a poll that saw a commit nobody
 signalled) means a full claim; so does a named run that is not there to claim, in the
 same transaction.
@@ -15,17 +16,29 @@ same transaction.
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
+from collections.abc import Callable
+from typing import Protocol
 
 from .. import _records as records
 from .._records import RunRecord
+from ._base import AheadClaimer
 from ._notifier import ChangeNotifier
 from ._sqlite_rows import SELECT, lease_in_place, read_row
+from ._sqlite_thread import ConnectionThread
 
-__all__ = ["NamedWork", "claim_named"]
+__all__ = ["LOOK_EVERY", "NamedWork", "claim_named", "poked"]
 
 #: Most runs named since the last claim that are claimed by id; past that, a full claim.
 _MOST_NAMED = 32
+
+#: Most seconds between two full claims of a worker that claims by id: as long as a
+#: waiting worker's longest wait between claims (each ends in a full claim), so a run
+#: submitted to a worker idle for a while is claimed by id as well; far shorter than
+#: a lease, and the takeover of a dead worker's runs waits no longer than an idle
+#: worker's next claim would.
+LOOK_EVERY = 1.0
 
 _CLAIM = (
     "UPDATE anyservice_runs SET state = 'RUNNING', attempts = ?,"
@@ -74,15 +87,45 @@ class NamedWork:
         named, self._named = self._named, []
         unnamed = generation - self._generation != self._named_moves
         self._generation, self._named_moves = generation, 0
-        clear = self._clear
-        if not named or unnamed or len(named) > limit or clear is None:
-            return []
-        looked_tasks, looked_at, looked_monotonic = clear
-        if not looked_tasks.issuperset(tasks) or (next_due is not None and next_due <= now):
-            return []
-        if max(now - looked_at, time.monotonic() - looked_monotonic) >= self._look_every:
+        if unnamed or not self._by_id(named, tasks, limit, next_due, now):
             return []
         return list(dict.fromkeys(named))
+
+    def ahead(
+        self, run_ids: list[str], tasks: list[str], limit: int, next_due: float | None, now: float
+    ) -> tuple[list[str], int]:
+        """As pokes naming ``run_ids`` arrive (before the work generation moves for
+        them): the runs a claim by id would take now (those named since the last claim
+        too), or ``[]`` if the claim loop must claim (then :meth:`poked` records them);
+        and the work generation seen."""
+        generation = self._notifier.generation(work=True)
+        named = [*self._named, *run_ids]
+        if generation - self._generation != self._named_moves:
+            return [], generation
+        if not self._by_id(named, tasks, limit, next_due, now):
+            return [], generation
+        return list(dict.fromkeys(named)), generation
+
+    def claimed_ahead(self, generation: int, whole: bool) -> None:
+        """The runs :meth:`ahead` gave at ``generation`` were claimed (all, if
+        ``whole``; else the next claim is a full one); the work generation moves once
+        right after, for the pokes."""
+        self._named = []
+        self._generation, self._named_moves = generation, 1
+        if not whole:
+            self._clear = None
+
+    def _by_id(
+        self, named: list[str], tasks: list[str], limit: int, next_due: float | None, now: float
+    ) -> bool:
+        """Whether a claim of ``tasks`` at ``now`` may take just the ``named`` runs."""
+        clear = self._clear
+        if not named or len(named) > limit or clear is None:
+            return False
+        looked_tasks, looked_at, looked_monotonic = clear
+        if not looked_tasks.issuperset(tasks) or (next_due is not None and next_due <= now):
+            return False
+        return max(now - looked_at, time.monotonic() - looked_monotonic) < self._look_every
 
     def looked(self, tasks: list[str], now: float, clear: bool) -> None:
         """A full claim of these tasks began at ``now``; ``clear``: it left nothing due."""
@@ -119,3 +162,63 @@ def claim_named(
         claimed.append(((-run.priority, run.scheduled_at, seq), lease))
     claimed.sort(key=lambda item: item[0])
     return [run for _, run in claimed], whole
+
+
+class _PokedBroker(Protocol):
+    """What :func:`poked` uses of the SQLite broker."""
+
+    _ahead_claimer: AheadClaimer | None
+    _named: NamedWork
+    _db: ConnectionThread
+    _next_due: float | None
+    _notifier: ChangeNotifier
+    _clock: Callable[[], float]
+
+    def _claimed_ahead(self, generation: int) -> None: ...
+
+
+def poked(broker: _PokedBroker, work: bool, run_ids: list[str] | None) -> None:
+    """Pokes arrived at ``broker`` from other processes: wake its waiters, and first, if
+    they named runs the claim loop waiting for work would claim by id, claim them here
+    and start them (in the event loop watching the socket), so that the loop's wait
+    goes on. Anything else (the loop's claim would be a full one, the connection is in
+    use) leaves the claim to the loop."""
+    claimed = _claim_ahead(broker, run_ids) if work and run_ids else None
+    if work and claimed is None:
+        broker._named.poked(run_ids)
+    whole = claimed is not None and claimed[0]
+    generation = broker._notifier.notify_from_thread(work=work, claimed=whole)
+    # Another thread's change in between is work of its own: the loop claims then.
+    if whole and claimed is not None and generation == claimed[1] + 1:
+        broker._claimed_ahead(generation)
+
+
+def _claim_ahead(broker: _PokedBroker, run_ids: list[str]) -> tuple[bool, int] | None:
+    """Claim the named runs for the waiting claim loop and start them; whether all were
+    claimed (``False``: the loop's next claim is a full one) and the work generation seen,
+    or ``None`` if nothing was claimed here."""
+    claimer = broker._ahead_claimer
+    if claimer is None or claimer.thread != threading.get_ident():
+        return None
+    named = broker._named
+    tasks = claimer.tasks
+    ids, generation = named.ahead(
+        run_ids, tasks, claimer.free_slots(), broker._next_due, broker._clock()
+    )
+    if not ids:
+        return None
+    unlimited = [name for name in tasks if name not in claimer.concurrency]
+    db, clock = broker._db, broker._clock
+
+    def claim(conn: sqlite3.Connection) -> tuple[list[RunRecord], bool]:
+        db.check_file()
+        return claim_named(conn, ids, unlimited, claimer.owner, (clock(), claimer.lease_seconds))
+
+    done = db.run_here(claim)
+    if done is None:
+        return None
+    runs, whole = done
+    named.claimed_ahead(generation, whole)
+    if runs:
+        claimer.start(runs)
+    return whole, generation

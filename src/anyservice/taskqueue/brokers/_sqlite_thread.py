@@ -409,6 +409,31 @@ class _InlineCalls(_Transactions):
                 if self._pending or self._closing:
                     self._condition.notify()
 
+    def run_here(self, function: Callable[[sqlite3.Connection], T]) -> T | None:
+        """Run the write ``function`` at once, in this thread (an event loop's, outside
+        any call), if the connection's thread is idle with nothing queued; its value, or
+        ``None`` if it could not run here or failed (nothing kept, no signal sent): the
+        caller then makes its call the usual way."""
+        with self._condition:
+            if not self.is_open or self._running or self._inline or self._pending:
+                return None
+            self._inline = True
+        conn = self._conn
+        assert conn is not None
+        operation = _Operation(function, True, queued=False)
+        try:
+            self._wait_for_locks(conn, False)
+            self._execute([operation])
+        except sqlite3.Error:
+            return None
+        finally:
+            self._signals = set()
+            with self._condition:
+                self._inline = False
+                if self._pending or self._closing:
+                    self._condition.notify()
+        return None if operation.error is not None else operation.value
+
     def _gather(
         self,
         function: Callable[[sqlite3.Connection], Any],
