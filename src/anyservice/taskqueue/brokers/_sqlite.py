@@ -339,17 +339,8 @@ def _claim_one(
         return None
     claimed = None if corrupt else records.claim(run, owner, now, lease_seconds)
     if claimed is not None:
-        conn.execute(
-            _CLAIM,
-            (claimed.attempts, claimed.started_at, owner, claimed.lease_expires_at, seq),
-        )
+        lease_rows(conn, [seq], (now, owner, now + lease_seconds))
     return claimed
-
-
-_CLAIM = (
-    "UPDATE anyservice_runs SET state = 'RUNNING', attempts = ?,"
-    " started_at = ?, lease_owner = ?, lease_expires_at = ? WHERE seq = ?"
-)
 
 
 _COMPLETE = (

@@ -2,7 +2,7 @@
 
 A submit of one run due now pokes the other processes with the run's id (see
 ``_wake_channel.py``). A worker woken only by such pokes since a full claim that found
-nothing more due may claim just those runs by id (one SELECT and one UPDATE each, in
+nothing more due may claim just those runs by id (one SELECT each and one UPDATE, in
 the claim's transaction, fenced as every claim is): nothing older can be due, since the
 full claim would have seen it, no scheduled run's time has come since (the full claim's
 next due time has not passed), and an expired lease or a dead worker's run waits at most
@@ -25,7 +25,7 @@ from .. import _records as records
 from .._records import RunRecord
 from ._base import AheadClaimer
 from ._notifier import ChangeNotifier
-from ._sqlite_rows import SELECT, lease_in_place, read_row
+from ._sqlite_rows import SELECT, lease_in_place, lease_rows, read_row
 from ._sqlite_thread import ConnectionThread
 
 __all__ = ["LOOK_EVERY", "NamedWork", "claim_named", "poked"]
@@ -39,11 +39,6 @@ _MOST_NAMED = 32
 #: a lease, and the takeover of a dead worker's runs waits no longer than an idle
 #: worker's next claim would.
 LOOK_EVERY = 1.0
-
-_CLAIM = (
-    "UPDATE anyservice_runs SET state = 'RUNNING', attempts = ?,"
-    " started_at = ?, lease_owner = ?, lease_expires_at = ? WHERE seq = ?"
-)
 
 
 class NamedWork:
@@ -158,8 +153,8 @@ def claim_named(
         if lease is None:
             whole = False
             break
-        conn.execute(_CLAIM, (lease.attempts, now, owner, lease.lease_expires_at, seq))
         claimed.append(((-run.priority, run.scheduled_at, seq), lease))
+    lease_rows(conn, [seq for (_, _, seq), _ in claimed], (now, owner, now + lease_seconds))
     claimed.sort(key=lambda item: item[0])
     return [run for _, run in claimed], whole
 
