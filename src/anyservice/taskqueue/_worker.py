@@ -659,11 +659,6 @@ async def _claim_until_stopped(worker: TaskWorker) -> None:
             await worker.queue.broker.release_claimed_ahead(worker.client_id)
 
 
-def _start_claimed(worker: TaskWorker, claimed: list[RunRecord]) -> None:
-    """Start runs just claimed for the claim loop while it waits (see ``_wait_for_work``)."""
-    worker._start(claimed)
-
-
 async def _wait_for_work(worker: TaskWorker, names: list[str]) -> None:
     """The claim loop's wait for work, during which the broker may claim runs for it and
     start them (see ``Broker.claiming_ahead``)."""
@@ -675,7 +670,7 @@ async def _wait_for_work(worker: TaskWorker, names: list[str]) -> None:
         options["lease_seconds"],
         options["concurrency"],
         free_slots=functools.partial(_free_ahead, worker),
-        start=functools.partial(_start_claimed, worker),
+        start=worker._start,
     )
     with broker.claiming_ahead(claimer):
         await broker.wait_for_work(_IDLE_WAIT)

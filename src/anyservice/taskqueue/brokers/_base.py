@@ -421,7 +421,7 @@ class AheadClaimer:
             (``tasks`` sorted and distinct).
         free_slots: How many runs the loop would claim now (0 while it takes none).
         start: Takes the runs claimed for the loop and starts them, in its event loop's
-            thread; it must not raise.
+            thread (what it returns is not used); it must not raise.
         thread: That thread (the one that made the claimer).
     """
 
@@ -430,7 +430,7 @@ class AheadClaimer:
     lease_seconds: float
     concurrency: dict[str, int]
     free_slots: Callable[[], int]
-    start: Callable[[list[RunRecord]], None]
+    start: Callable[[list[RunRecord]], object]
     thread: int = field(default_factory=threading.get_ident)
 
 
