@@ -644,6 +644,39 @@ def test_the_ids_of_a_batch_of_two_share_no_random_digit() -> None:
         assert any(first[digit] != second[digit] for first, second in batches), digit
 
 
+def test_a_new_run_id_is_a_fresh_uuid4_hex_string() -> None:
+    ids = {records.new_run_id() for _ in range(200)}
+    assert len(ids) == 200
+    for run_id in ids:
+        parsed = uuid.UUID(run_id)
+        assert (parsed.hex, parsed.version, parsed.variant) == (run_id, 4, uuid.RFC_4122)
+
+
+@pytest.mark.parametrize(
+    ("timeout", "scheduled_at", "expected_timeout", "expected_due"),
+    [(None, None, None, 10.0), (3, 20, 3.0, 20.0), (0.5, 9.5, 0.5, 9.5)],
+)
+def test_a_new_run_is_the_record_its_constructor_would_make(
+    timeout: float | None,
+    scheduled_at: float | None,
+    expected_timeout: float | None,
+    expected_due: float,
+) -> None:
+    run = records.new_run(
+        "r1", "say", '{"a": 1}', retries=2, retry_delay=1, timeout=timeout, max_attempts=4,
+        scheduled_at=scheduled_at, now=10.0, priority=-3, trace_context="00-ab-cd-01",
+    )  # fmt: skip
+    assert run == RunRecord(
+        id="r1", task="say", payload='{"a": 1}', state=RunState.SCHEDULED, attempts=0,
+        max_attempts=4, retries_left=2, retry_delay=1.0, timeout=expected_timeout,
+        created_at=10.0, scheduled_at=expected_due, priority=-3, trace_context="00-ab-cd-01",
+    )  # fmt: skip
+    # Numbers given as ints are stored as floats, as the constructor's callers gave them.
+    assert type(run.retry_delay) is float
+    assert type(run.scheduled_at) is float
+    assert run.timeout is None or type(run.timeout) is float
+
+
 def test_record_of_makes_the_record_its_constructor_would() -> None:
     made = RunRecord(
         id="r1", task="say", payload='{"a": 1}', state=RunState.RUNNING, attempts=2,

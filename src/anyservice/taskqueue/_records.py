@@ -57,6 +57,7 @@ __all__ = [
     "free_slots",
     "held",
     "new_run",
+    "new_run_id",
     "new_run_ids",
     "pick_claims",
     "release",
@@ -258,6 +259,13 @@ def record_of(values: Iterable[Any]) -> RunRecord:
     return record
 
 
+def new_run_id() -> str:
+    """A fresh run id: a uuid4 hex string, as ``uuid.uuid4().hex`` (version 4, RFC 4122
+    variant) without the ``UUID`` object made and checked on the way (every submit makes
+    one on its way to its statement)."""
+    return new_run_ids(1)[0]
+
+
 def new_run_ids(count: int) -> list[str]:
     """``count`` fresh run ids: uuid4 hex strings, from one read of the system's randomness.
 
@@ -297,22 +305,17 @@ def new_run(
     priority: int = 0,
     trace_context: str | None = None,
 ) -> RunRecord:
-    """A submitted run: SCHEDULED, due at ``scheduled_at`` (``now`` by default)."""
-    return RunRecord(
-        id=run_id,
-        task=task,
-        payload=payload,
-        state=RunState.SCHEDULED,
-        attempts=0,
-        max_attempts=max_attempts,
-        retries_left=retries,
-        retry_delay=float(retry_delay),
-        timeout=None if timeout is None else float(timeout),
-        created_at=now,
-        scheduled_at=now if scheduled_at is None else float(scheduled_at),
-        priority=priority,
-        trace_context=trace_context,
-    )
+    """A submitted run: SCHEDULED, due at ``scheduled_at`` (``now`` by default).
+
+    Made positionally (:func:`record_of`): every submit makes one on its way to the
+    statement a run's start waits on.
+    """
+    return record_of((
+        run_id, task, payload, RunState.SCHEDULED, 0, max_attempts, retries,
+        float(retry_delay), None if timeout is None else float(timeout), now,
+        now if scheduled_at is None else float(scheduled_at),
+        priority, None, None, None, None, None, None, trace_context,
+    ))  # fmt: skip
 
 
 def _lease_expired(run: RunRecord, now: float) -> bool:

@@ -26,13 +26,12 @@ so, at the call.
 from __future__ import annotations
 
 import math
-import uuid
 from collections.abc import Callable
 from typing import Protocol
 
 from .._errors import BrokerError
 from .._leases import Lease, StoredTick, TickCounts, TickResult
-from .._records import DEFAULT_MAX_ATTEMPTS, RunRecord, RunState, new_run
+from .._records import DEFAULT_MAX_ATTEMPTS, RunRecord, RunState, new_run, new_run_id
 from .._ticks import tick_key
 from ._notifier import ChangeNotifier
 from ._options import check_submit_options
@@ -254,7 +253,7 @@ class ClusterMethods(ClusterBroker):
                 f"trace_context must be a traceparent string or None, got {trace_context!r}"
             )
         return new_run(
-            uuid.uuid4().hex,
+            new_run_id(),
             task,
             payload,
             retries=retries,

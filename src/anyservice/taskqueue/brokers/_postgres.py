@@ -238,8 +238,18 @@ _INSERT_ONE = (
 )
 
 
-def _parameter(value: Any) -> Any:
-    return value.value if isinstance(value, RunState) else value
+_NEW_RUN_NAMES = tuple(name for name, _ in _NEW_RUN_COLUMNS)
+
+
+def _new_run_parameters(run: RunRecord) -> dict[str, Any]:
+    """The parameters of :data:`_INSERT_ONE` for a new ``run``, but its notification's.
+
+    Read from the record's fields at once: every submit's statement waits on it.
+    """
+    fields = run.__dict__
+    parameters = {name: fields[name] for name in _NEW_RUN_NAMES}
+    parameters["state"] = run.state.value
+    return parameters
 
 
 def insert_parameters(runs: Sequence[RunRecord]) -> dict[str, list[Any]]:
@@ -2013,14 +2023,10 @@ class PostgresBroker(PostgresClusterStorage, _Waits, _ClaimsAhead, _ListensBefor
         # Listening since before the run is stored, this process hears of its finish.
         listener = self._listener if self._listen else None
         connection = self.listen_connects
-        await self._quick(
-            _INSERT_ONE,
-            {
-                **{name: _parameter(getattr(run, name)) for name, _ in _NEW_RUN_COLUMNS},
-                "channel": self._channel,
-                "notice": f"w {run.id}" if due else "w",
-            },
-        )
+        parameters = _new_run_parameters(run)
+        parameters["channel"] = self._channel
+        parameters["notice"] = f"w {run.id}" if due else "w"
+        await self._quick(_INSERT_ONE, parameters)
         if due:
             self._wakeups.submitted(run.id)
         if listener is not None and listener is self._listener and not listener.closed:
