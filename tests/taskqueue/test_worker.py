@@ -39,6 +39,7 @@ from anyservice.taskqueue import (
     serve,
 )
 from anyservice.taskqueue._errors import BrokerError
+from anyservice.taskqueue._serialize import MAX_NESTING
 from anyservice.taskqueue.brokers import broker_from_url
 from tests._postgres import postgres_schema
 
@@ -351,6 +352,34 @@ async def test_a_result_that_is_not_json_fails_the_run_without_retrying(
         ):
             await run.result(timeout=PROMPTLY)
     assert run.attempts == 1
+
+
+async def test_arguments_nested_to_the_limit_run_and_one_level_more_is_refused_at_delay(
+    queue: TaskQueue,
+) -> None:
+    @queue.task
+    async def depth(value: Any) -> list[Any]:
+        levels = 0
+        while isinstance(value, list):
+            levels, value = levels + 1, value[0] if value else None
+        return [levels, value]
+
+    def nested(levels: int) -> list[Any]:
+        value: list[Any] = []
+        for _ in range(levels - 1):
+            value = [value]
+        return value
+
+    async with TaskWorker(depth):
+        run = await depth.delay(nested(MAX_NESTING))
+        assert await run.result(timeout=PROMPTLY) == [MAX_NESTING, None]
+    with pytest.raises(
+        TypeError,
+        match=f"^argument 'value' of task 'depth' is not JSON-serialisable: nested deeper than "
+        f"{MAX_NESTING} lists and objects$",
+    ):
+        await depth.delay(nested(MAX_NESTING + 1))
+    assert (await queue.counts())[RunState.SCHEDULED] == 0
 
 
 async def test_a_sync_task_can_submit_another_run(queue: TaskQueue) -> None:
