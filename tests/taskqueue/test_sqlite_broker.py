@@ -748,7 +748,7 @@ def foreign_submit(path: Path, task: str = "say", *, scheduled_at: float | None 
 @contextlib.contextmanager
 def foreign_channel(path: Path) -> Iterator[WakeChannel]:
     """Another process's wake channel on the file: what it pokes reaches the broker's."""
-    channel = WakeChannel(os.path.abspath(path), lambda work, named: None)
+    channel = WakeChannel(os.path.abspath(path), lambda work, named: None, lambda run_ids: None)
     assert channel.open()
     try:
         yield channel

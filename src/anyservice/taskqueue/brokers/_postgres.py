@@ -586,6 +586,9 @@ class _Wakeups(ChangeNotifier):
         super().__init__()
         self._work_waiters: set[_Waiter] = set()
         self._run_waiters: dict[str, set[_Waiter]] = {}
+        #: Watches of cancel requests (``watch_cancels``): they read the LISTEN
+        #: connection only while no other waiter of their thread waits.
+        self.cancel_watches: set[_Waiter] = set()
         # The runs that work arrived as since the last claim, when each piece of it named
         # its run (a submit of one due run); ``_unnamed`` once any did not.
         self._named: set[str] = set()
@@ -703,7 +706,14 @@ class _Wakeups(ChangeNotifier):
         waiters = list(self._work_waiters)
         for group in self._run_waiters.values():
             waiters.extend(group)
+        waiters.extend(self.cancel_watches)  # last: asked to read when nobody else is
         return waiters
+
+    def others_waiting(self) -> bool:
+        """Whether a waiter of this thread, other than the watches of cancels, waits
+        (woken ones are on their way out)."""
+        waiters = [*self._work_waiters, *(w for g in self._run_waiters.values() for w in g)]
+        return any(not waiter.woken for waiter in self._here(waiters))
 
     def add(self, waiter: _Waiter) -> None:
         if waiter.run_id is None:
@@ -1107,6 +1117,7 @@ class _Waits:
     _direct: DirectConnection | None
     _ahead: _Ahead | None
     _pool_timeout: float
+    _watch_reading: bool
     listen_connects: int
 
     if TYPE_CHECKING:  # written by the other classes of PostgresBroker; for the type checker
@@ -1206,6 +1217,9 @@ class _Waits:
         await anyio.lowlevel.checkpoint()
         deadline = anyio.current_time() + timeout
         reading = False
+        if self._watch_reading and self._direct is not None:
+            # A watch of cancels reads only while nobody else waits: it hands over.
+            self._direct.stop_reading()
         try:
             while not waiter.woken and (work_seen is None or work_seen == self._wakeups.work):
                 remaining = deadline - anyio.current_time()
@@ -1262,6 +1276,31 @@ class _Waits:
         finally:
             self._listening = False
 
+    async def _watch_cancels(self) -> None:
+        """Read the LISTEN connection for cancel requests (and everything else it
+        carries) while no other task of this thread waits, which would read it."""
+        if not self._listen:
+            await anyio.sleep_forever()  # poll-only: the heartbeats find the requests
+        watch = _Waiter(None)
+        wakeups = self._wakeups
+        wakeups.cancel_watches.add(watch)
+        try:
+            while True:
+                watch.rearm()
+                if self._pool is None or self._listening or wakeups.others_waiting():
+                    # Asked to read (``hand_over``) when the others are gone.
+                    with anyio.move_on_after(self._poll_every):
+                        await watch.event.wait()
+                    continue
+                self._watch_reading = True
+                try:
+                    await self._read_notifications(self._poll_every)
+                finally:
+                    self._watch_reading = False
+                    wakeups.hand_over(watch)
+        finally:
+            wakeups.cancel_watches.discard(watch)
+
     def _notified(self, payloads: list[str]) -> None:
         """Wake the waiters that notifications with these ``payloads`` concern."""
         for payload in payloads:
@@ -1274,6 +1313,9 @@ class _Waits:
                 # One id, or the ids of a batch of completions, space-separated.
                 for run_id in payload[2:].split(" "):
                     self._wakeups.run_finished(run_id)
+            elif payload.startswith("k "):
+                # A cancel of RUNNING runs was stored: their workers look it up.
+                self._wakeups.cancel_asked(payload[2:].split(" "))
 
     def _drop_listener(self) -> None:
         listener, self._listener = self._listener, None
@@ -1966,6 +2008,7 @@ class PostgresBroker(PostgresClusterStorage, _Waits, _ClaimsAhead, _ListensBefor
         self._workers_seen: dict[str, float] = {}  # owner -> monotonic time last recorded
         self._listener: psycopg.Connection[Any] | None = None
         self._listening = False  # a waiter is reading the listener right now
+        self._watch_reading = False  # ... and it is a watch of cancels
         self._reconnect_at = 0.0
         self._reconnect_delay = _FIRST_RECONNECT
         self._direct: DirectConnection | None = None
