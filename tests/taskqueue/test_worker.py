@@ -165,15 +165,24 @@ async def test_sync_task_runs_in_a_worker_thread(queue: TaskQueue) -> None:
 
 
 async def test_a_task_knows_which_run_it_executes(queue: TaskQueue) -> None:
+    contexts: list[object] = []
+
     @queue.task
     async def who() -> list[Any]:
         context = current_run()
         assert context is not None
+        # One object for the whole attempt: in the tasks the body starts too.
+        async with anyio.create_task_group() as group:
+            group.start_soon(
+                lambda: anyio.to_thread.run_sync(lambda: contexts.append(current_run()))
+            )
+        contexts.extend([context, current_run()])
         return [context.run_id, context.task, context.attempt, context.worker]
 
     @queue.task
     def who_in_a_thread() -> str | None:
         context = current_run()
+        assert context is current_run()
         return None if context is None else context.run_id
 
     async with TaskWorker(who, who_in_a_thread) as worker:
@@ -181,6 +190,12 @@ async def test_a_task_knows_which_run_it_executes(queue: TaskQueue) -> None:
         assert await run.result(timeout=PROMPTLY) == [run.id, "who", 1, worker.client_id]
         threaded = await who_in_a_thread.delay()
         assert await threaded.result(timeout=PROMPTLY) == threaded.id
+        again = await who.delay()
+        assert await again.result(timeout=PROMPTLY) == [again.id, "who", 1, worker.client_id]
+    first, second = contexts[:3], contexts[3:]
+    assert all(context is first[0] for context in first)
+    assert all(context is second[0] for context in second)
+    assert first[0] is not second[0]
 
 
 async def test_a_failed_run_carries_the_exception_type_message_and_traceback(

@@ -1286,6 +1286,8 @@ class _Waits:
         wakeups.cancel_watches.add(watch)
         try:
             while True:
+                # A read that returns at once (a connection just dropped) must not spin.
+                await anyio.lowlevel.checkpoint()
                 watch.rearm()
                 if self._pool is None or self._listening or wakeups.others_waiting():
                     # Asked to read (``hand_over``) when the others are gone.
