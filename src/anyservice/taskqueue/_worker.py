@@ -652,29 +652,33 @@ class TaskWorker(Service, overrides=("run",)):
 
     @background_task
     async def _watch_cancels(self) -> None:
-        # The broker tells of cancel requests as they are stored (where it can): the
-        # runs held here among them are looked up and stopped as a heartbeat would.
-        asked: set[str] = set()
-        nudge = anyio.Event()
+        await _stop_as_cancels_come(self)
 
-        def hear(run_ids: list[str]) -> None:
-            nonlocal nudge
-            runs = self._runs
-            asked.update(i for i in run_ids if i in runs and not runs[i].cancelled)
-            if asked:
-                nudge.set()
 
-        watch = getattr(self.queue.broker, "watch_cancels", None)
-        if watch is None:
-            return  # a broker of its own, made before: the heartbeats find the requests
-        async with anyio.create_task_group() as group:
-            group.start_soon(watch, hear)
-            while True:
-                await nudge.wait()
-                nudge = anyio.Event()
-                run_ids = list(asked)
-                asked.clear()
-                await self._recorder.stop_cancelled(self._runs, run_ids)
+async def _stop_as_cancels_come(worker: TaskWorker) -> None:
+    """The cancel watch: the broker tells of cancel requests as they are stored (where it
+    can), and the runs held here among them are looked up and stopped as a heartbeat
+    would stop them."""
+    asked: set[str] = set()
+    nudge = anyio.Event()
+
+    def hear(run_ids: list[str]) -> None:
+        runs = worker._runs
+        asked.update(i for i in run_ids if i in runs and not runs[i].cancelled)
+        if asked:
+            nudge.set()
+
+    watch = getattr(worker.queue.broker, "watch_cancels", None)
+    if watch is None:
+        return  # a broker of its own, made before: the heartbeats find the requests
+    async with anyio.create_task_group() as group:
+        group.start_soon(watch, hear)
+        while True:
+            await nudge.wait()
+            nudge = anyio.Event()
+            run_ids = list(asked)
+            asked.clear()
+            await worker._recorder.stop_cancelled(worker._runs, run_ids)
 
 
 async def _claim_until_stopped(worker: TaskWorker) -> None:
