@@ -158,6 +158,10 @@ def test_what_the_encoder_accepts_up_to_the_limit_decodes(depth: int, as_kwarg: 
     assert result == "[" * depth + "]" * depth
 
 
+def test_the_limit_is_the_documented_one() -> None:
+    assert MAX_NESTING == 200  # docs/taskqueue.md says so
+
+
 def test_one_level_past_the_limit_is_refused_naming_the_argument() -> None:
     too_deep = _nested(MAX_NESTING)
     nested = f"nested deeper than {MAX_NESTING} lists and objects"

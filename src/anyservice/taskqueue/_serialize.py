@@ -185,7 +185,9 @@ def encode_arguments(
     else:
         if not _nested_deeper(text, _PAYLOAD_NESTING):
             return text
-        whole = _TooDeep()
+        # Not mutated: a payload is too deep only when an argument is, which the loop
+        # below names; the whole is never refused for this.
+        whole = _TooDeep()  # pragma: no mutate
     # Something has no JSON form: encode each argument alone (in this frame, as the whole
     # was) to name the one at fault.
     labels = _positional_labels(signature, len(args))
