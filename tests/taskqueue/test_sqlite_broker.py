@@ -834,6 +834,33 @@ async def test_a_poke_that_names_no_run_or_makes_no_sense_claims_every_due_run(
 
 
 @pytest.mark.anyio
+async def test_a_cancel_poke_tells_the_watchers_of_its_run_and_is_no_work(
+    broker: SqliteBroker, path: Path
+) -> None:
+    heard: list[list[str]] = []
+    told = anyio.Event()
+
+    def asked(run_ids: list[str]) -> None:
+        heard.append(run_ids)
+        told.set()
+
+    work = broker._notifier.generation(work=True)
+    async with anyio.create_task_group() as group:
+        group.start_soon(broker.watch_cancels, asked)
+        await anyio.sleep(0.01)
+        with foreign_channel(path) as channel:
+            # Pokes that name no run, or make no sense, tell of nothing.
+            for kind in (b"k", b"k\xff\xfe", b"k" + b"0" * 300, b"kno-such-run"):
+                channel.poke(kind)
+            channel.poke(b"k" + b"ab12" * 8)
+            with anyio.fail_after(4):
+                await told.wait()
+        group.cancel_scope.cancel()
+    assert heard == [["ab12" * 8]]
+    assert broker._notifier.generation(work=True) == work
+
+
+@pytest.mark.anyio
 async def test_a_run_named_beside_one_of_a_task_not_served_is_claimed_alone(
     broker: SqliteBroker, path: Path
 ) -> None:
