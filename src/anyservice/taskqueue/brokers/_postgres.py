@@ -109,6 +109,11 @@ _MAX_RECONNECT = 5.0
 _FINISHED_PER_NOTIFY = 200
 #: Runs named by notifications of work past which a claim no longer claims them by id.
 _MOST_NAMED = 100
+#: How often a watch of cancel requests looks whether the LISTEN connection is read by
+#: anyone, when it does not read it itself (a waiter does): a cancel sent as the worker
+#: stops waiting for work (its slots are full) waits at most this for the watch to read.
+_WATCH_LOOK = 0.1
+
 #: TCP keepalives of the LISTEN connection, where the URL sets none: a server gone without
 #: a word (its host down, the network cut) is noticed within about 11 s, instead of the
 #: kernel's default of over two hours, and the connection is made again.
@@ -586,9 +591,6 @@ class _Wakeups(ChangeNotifier):
         super().__init__()
         self._work_waiters: set[_Waiter] = set()
         self._run_waiters: dict[str, set[_Waiter]] = {}
-        #: Watches of cancel requests (``watch_cancels``): they read the LISTEN
-        #: connection only while no other waiter of their thread waits.
-        self.cancel_watches: set[_Waiter] = set()
         # The runs that work arrived as since the last claim, when each piece of it named
         # its run (a submit of one due run); ``_unnamed`` once any did not.
         self._named: set[str] = set()
@@ -706,14 +708,11 @@ class _Wakeups(ChangeNotifier):
         waiters = list(self._work_waiters)
         for group in self._run_waiters.values():
             waiters.extend(group)
-        waiters.extend(self.cancel_watches)  # last: asked to read when nobody else is
         return waiters
 
-    def others_waiting(self) -> bool:
-        """Whether a waiter of this thread, other than the watches of cancels, waits
-        (woken ones are on their way out)."""
-        waiters = [*self._work_waiters, *(w for g in self._run_waiters.values() for w in g)]
-        return any(not waiter.woken for waiter in self._here(waiters))
+    def anyone_waiting(self) -> bool:
+        """Whether a waiter of this thread waits (woken ones are on their way out)."""
+        return any(not waiter.woken for waiter in self._here(self._all()))
 
     def add(self, waiter: _Waiter) -> None:
         if waiter.run_id is None:
@@ -1278,30 +1277,27 @@ class _Waits:
 
     async def _watch_cancels(self) -> None:
         """Read the LISTEN connection for cancel requests (and everything else it
-        carries) while no other task of this thread waits, which would read it."""
+        carries) while no waiter of this thread waits, which would read it.
+
+        Not a waiter: nobody hands the reading over to it, which would wake it on the
+        way of every run's start (a waiter leaves as work arrives); it looks every
+        :data:`_WATCH_LOOK` seconds instead whether anyone reads, and a cancel request
+        sent meanwhile waits in the connection for that look.
+        """
         if not self._listen:
             await anyio.sleep_forever()  # poll-only: the heartbeats find the requests
-        watch = _Waiter(None)
-        wakeups = self._wakeups
-        wakeups.cancel_watches.add(watch)
-        try:
-            while True:
-                # A read that returns at once (a connection just dropped) must not spin.
-                await anyio.lowlevel.checkpoint()
-                watch.rearm()
-                if self._pool is None or self._listening or wakeups.others_waiting():
-                    # Asked to read (``hand_over``) when the others are gone.
-                    with anyio.move_on_after(self._poll_every):
-                        await watch.event.wait()
-                    continue
-                self._watch_reading = True
-                try:
-                    await self._read_notifications(self._poll_every)
-                finally:
-                    self._watch_reading = False
-                    wakeups.hand_over(watch)
-        finally:
-            wakeups.cancel_watches.discard(watch)
+        while True:
+            if self._pool is None or self._listening or self._wakeups.anyone_waiting():
+                await anyio.sleep(_WATCH_LOOK)
+                continue
+            self._watch_reading = True
+            try:
+                await self._read_notifications(self._poll_every)
+            finally:
+                self._watch_reading = False
+                self._wakeups.hand_over(None)
+            # A read that returns at once (a connection just dropped) must not spin.
+            await anyio.lowlevel.checkpoint()
 
     def _notified(self, payloads: list[str]) -> None:
         """Wake the waiters that notifications with these ``payloads`` concern."""
