@@ -36,6 +36,9 @@ How runs move, and why it is safe with any number of workers:
   Waiting always polls as well (notifications sent while the LISTEN connection was down
   are lost), and ``?listen=false`` polls only, for PgBouncer in transaction mode, which
   cannot carry LISTEN.
+* A cancel of a RUNNING run notifies ``k <id>``; a worker's watch of cancels
+  (``watch_cancels``) reads the LISTEN connection while no waiter does (a worker whose
+  slots are all taken waits for none), and lets go as soon as one comes.
 
 Times are epoch seconds from the broker's ``clock`` (``time.time``), as in every broker:
 hosts sharing a database need clocks kept in step (NTP), to well within a lease.
