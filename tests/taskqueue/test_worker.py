@@ -1271,3 +1271,38 @@ async def test_a_run_cancelled_while_its_predecessors_result_is_unrecorded() -> 
             assert await after.result(timeout=30) == "after"
         assert (worker.counts["completed"], worker.counts["cancelled"]) == (2, 1)
         assert stopped.state is RunState.CANCELLED
+
+
+class FlakyWatchBroker(MemoryBroker):
+    """A memory broker whose first watch of cancel requests fails."""
+
+    def __init__(self) -> None:
+        super().__init__(clock=anyio.current_time)
+        self.watches = 0
+
+    async def _watch_cancels(self) -> None:
+        self.watches += 1
+        if self.watches == 1:
+            raise BrokerError("the watch broke")
+        await super()._watch_cancels()
+
+
+@pytest.mark.virtual_time
+async def test_a_broken_watch_of_cancels_is_watched_again_and_cancels_still_arrive() -> None:
+    broker = FlakyWatchBroker()
+    queue = TaskQueue(broker=broker)
+    started = anyio.Event()
+
+    @queue.task
+    async def endless() -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    async with queue, TaskWorker(endless, lease_seconds=600) as worker:
+        run = await endless.delay()
+        await started.wait()
+        await wait_until(lambda: broker.watches == 2, "the watch made again")
+        asked = anyio.current_time()
+        assert await run.cancel(timeout=60)
+        assert anyio.current_time() - asked < 600 / 3  # told, not found at a heartbeat
+        assert worker.counts["cancelled"] == 1

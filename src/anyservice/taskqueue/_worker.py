@@ -671,8 +671,18 @@ async def _stop_as_cancels_come(worker: TaskWorker) -> None:
     watch = getattr(worker.queue.broker, "watch_cancels", None)
     if watch is None:
         return  # a broker of its own, made before: the heartbeats find the requests
+
+    async def keep_watching() -> None:
+        while True:
+            try:
+                await watch(hear)
+            except BrokerError as exc:
+                # The heartbeats still find the requests meanwhile.
+                worker._stats.broker_failed(exc, "watching for cancel requests")
+                await anyio.sleep(_MAX_BACKOFF)
+
     async with anyio.create_task_group() as group:
-        group.start_soon(watch, hear)
+        group.start_soon(keep_watching)
         while True:
             await nudge.wait()
             nudge = anyio.Event()
