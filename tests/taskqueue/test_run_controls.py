@@ -8,9 +8,10 @@ one SQLite file or one PostgreSQL schema. (A RUNNING run cancelled on another pr
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -99,6 +100,48 @@ async def test_cancel_of_a_running_run_is_asked_of_its_owner(broker: Broker) -> 
     # Finished: nothing more to cancel.
     assert await broker.request_cancel(run.id) is None
     assert await broker.request_cancel("no-such-run") is None
+
+
+@contextlib.asynccontextmanager
+async def watching(broker: Broker, asked: Callable[[list[str]], None]) -> AsyncIterator[None]:
+    """``broker.watch_cancels(asked)`` for the block's duration."""
+    async with anyio.create_task_group() as group:
+        group.start_soon(broker.watch_cancels, asked)
+        await anyio.sleep(0.05)  # real time: a PostgreSQL watch begins to read
+        yield
+        group.cancel_scope.cancel()
+
+
+async def test_a_watch_of_cancels_hears_of_a_running_run_cancelled_on_its_broker(
+    broker: Broker,
+) -> None:
+    heard: list[list[str]] = []
+    run = await broker.submit("say", PAYLOAD)
+    scheduled = await broker.submit("say", PAYLOAD)
+    await broker.claim("w", ["say"], limit=1, lease_seconds=LEASE)
+    async with watching(broker, heard.append):
+        assert await broker.request_cancel(scheduled.id) is RunState.CANCELLED
+        assert await broker.request_cancel(run.id) is RunState.RUNNING
+        with anyio.fail_after(PROMPTLY):
+            while run.id not in {i for ids in heard for i in ids}:  # noqa: ASYNC110
+                await anyio.sleep(0.005)
+    # Only the RUNNING run's request is told of: a SCHEDULED run was cancelled outright.
+    assert {i for ids in heard for i in ids} == {run.id}
+
+
+async def test_a_watch_of_cancels_hears_of_one_asked_on_another_broker(
+    racers: list[Broker],
+) -> None:
+    # Two brokers on one database, as two processes have.
+    worker, other = racers[0], racers[1]
+    heard: list[list[str]] = []
+    run = await other.submit("say", PAYLOAD)
+    await worker.claim("w", ["say"], limit=1, lease_seconds=LEASE)
+    async with watching(worker, heard.append):
+        assert await other.request_cancel(run.id) is RunState.RUNNING
+        with anyio.fail_after(PROMPTLY):
+            while [run.id] not in heard:  # noqa: ASYNC110 - a callback, no event
+                await anyio.sleep(0.005)
 
 
 async def test_cancel_of_a_scheduled_run_is_at_once(broker: Broker) -> None:
