@@ -113,9 +113,12 @@ _FINISHED_PER_NOTIFY = 200
 #: Runs named by notifications of work past which a claim no longer claims them by id.
 _MOST_NAMED = 100
 #: How often a watch of cancel requests looks whether the LISTEN connection is read by
-#: anyone, when it does not read it itself (a waiter does): a cancel sent as the worker
-#: stops waiting for work (its slots are full) waits at most this for the watch to read.
+#: anyone, when it does not read it itself (a waiter does): first after this, then twice
+#: as long each time up to :data:`_WATCH_LOOK_MOST` (an idle worker's waiter reads it for
+#: good). A cancel sent as the worker stops waiting for work (its slots are full) waits
+#: at most that long for the watch to read it.
 _WATCH_LOOK = 0.1
+_WATCH_LOOK_MOST = 1.0
 
 #: TCP keepalives of the LISTEN connection, where the URL sets none: a server gone without
 #: a word (its host down, the network cut) is noticed within about 11 s, instead of the
@@ -1283,16 +1286,19 @@ class _Waits:
         carries) while no waiter of this thread waits, which would read it.
 
         Not a waiter: nobody hands the reading over to it, which would wake it on the
-        way of every run's start (a waiter leaves as work arrives); it looks every
-        :data:`_WATCH_LOOK` seconds instead whether anyone reads, and a cancel request
+        way of every run's start (a waiter leaves as work arrives); it looks now and
+        then instead (:data:`_WATCH_LOOK`) whether anyone reads, and a cancel request
         sent meanwhile waits in the connection for that look.
         """
         if not self._listen:
             await anyio.sleep_forever()  # poll-only: the heartbeats find the requests
+        look = _WATCH_LOOK
         while True:
             if self._pool is None or self._listening or self._wakeups.anyone_waiting():
-                await anyio.sleep(_WATCH_LOOK)
+                await anyio.sleep(look)
+                look = min(look * 2, _WATCH_LOOK_MOST)
                 continue
+            look = _WATCH_LOOK
             self._watch_reading = True
             try:
                 await self._read_notifications(self._poll_every)
