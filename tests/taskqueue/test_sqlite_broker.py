@@ -748,7 +748,7 @@ def foreign_submit(path: Path, task: str = "say", *, scheduled_at: float | None 
 @contextlib.contextmanager
 def foreign_channel(path: Path) -> Iterator[WakeChannel]:
     """Another process's wake channel on the file: what it pokes reaches the broker's."""
-    channel = WakeChannel(os.path.abspath(path), lambda work, named: None)
+    channel = WakeChannel(os.path.abspath(path), lambda work, named: None, lambda run_ids: None)
     assert channel.open()
     try:
         yield channel
@@ -831,6 +831,33 @@ async def test_a_poke_that_names_no_run_or_makes_no_sense_claims_every_due_run(
         runs = [foreign_submit(path), foreign_submit(path)]
         await poke_and_wait(broker, channel, kind)
         assert sorted(await claim_ids(broker, limit=5)) == sorted(runs)
+
+
+@pytest.mark.anyio
+async def test_a_cancel_poke_tells_the_watchers_of_its_run_and_is_no_work(
+    broker: SqliteBroker, path: Path
+) -> None:
+    heard: list[list[str]] = []
+    told = anyio.Event()
+
+    def asked(run_ids: list[str]) -> None:
+        heard.append(run_ids)
+        told.set()
+
+    work = broker._notifier.generation(work=True)
+    async with anyio.create_task_group() as group:
+        group.start_soon(broker.watch_cancels, asked)
+        await anyio.sleep(0.01)
+        with foreign_channel(path) as channel:
+            # Pokes that name no run, or make no sense, tell of nothing.
+            for kind in (b"k", b"k\xff\xfe", b"k" + b"0" * 300, b"kno-such-run"):
+                channel.poke(kind)
+            channel.poke(b"k" + b"ab12" * 8)
+            with anyio.fail_after(4):
+                await told.wait()
+        group.cancel_scope.cancel()
+    assert heard == [["ab12" * 8]]
+    assert broker._notifier.generation(work=True) == work
 
 
 @pytest.mark.anyio

@@ -39,6 +39,7 @@ from anyservice.taskqueue import (
     serve,
 )
 from anyservice.taskqueue._errors import BrokerError
+from anyservice.taskqueue._serialize import MAX_NESTING
 from anyservice.taskqueue.brokers import broker_from_url
 from tests._postgres import postgres_schema
 
@@ -164,15 +165,24 @@ async def test_sync_task_runs_in_a_worker_thread(queue: TaskQueue) -> None:
 
 
 async def test_a_task_knows_which_run_it_executes(queue: TaskQueue) -> None:
+    contexts: list[object] = []
+
     @queue.task
     async def who() -> list[Any]:
         context = current_run()
         assert context is not None
+        # One object for the whole attempt: in the tasks the body starts too.
+        async with anyio.create_task_group() as group:
+            group.start_soon(
+                lambda: anyio.to_thread.run_sync(lambda: contexts.append(current_run()))
+            )
+        contexts.extend([context, current_run()])
         return [context.run_id, context.task, context.attempt, context.worker]
 
     @queue.task
     def who_in_a_thread() -> str | None:
         context = current_run()
+        assert context is current_run()
         return None if context is None else context.run_id
 
     async with TaskWorker(who, who_in_a_thread) as worker:
@@ -180,6 +190,12 @@ async def test_a_task_knows_which_run_it_executes(queue: TaskQueue) -> None:
         assert await run.result(timeout=PROMPTLY) == [run.id, "who", 1, worker.client_id]
         threaded = await who_in_a_thread.delay()
         assert await threaded.result(timeout=PROMPTLY) == threaded.id
+        again = await who.delay()
+        assert await again.result(timeout=PROMPTLY) == [again.id, "who", 1, worker.client_id]
+    first, second = contexts[:3], contexts[3:]
+    assert all(context is first[0] for context in first)
+    assert all(context is second[0] for context in second)
+    assert first[0] is not second[0]
 
 
 async def test_a_failed_run_carries_the_exception_type_message_and_traceback(
@@ -351,6 +367,34 @@ async def test_a_result_that_is_not_json_fails_the_run_without_retrying(
         ):
             await run.result(timeout=PROMPTLY)
     assert run.attempts == 1
+
+
+async def test_arguments_nested_to_the_limit_run_and_one_level_more_is_refused_at_delay(
+    queue: TaskQueue,
+) -> None:
+    @queue.task
+    async def depth(value: Any) -> list[Any]:
+        levels = 0
+        while isinstance(value, list):
+            levels, value = levels + 1, value[0] if value else None
+        return [levels, value]
+
+    def nested(levels: int) -> list[Any]:
+        value: list[Any] = []
+        for _ in range(levels - 1):
+            value = [value]
+        return value
+
+    async with TaskWorker(depth):
+        run = await depth.delay(nested(MAX_NESTING))
+        assert await run.result(timeout=PROMPTLY) == [MAX_NESTING, None]
+    with pytest.raises(
+        TypeError,
+        match=f"^argument 'value' of task 'depth' is not JSON-serialisable: nested deeper than "
+        f"{MAX_NESTING} lists and objects$",
+    ):
+        await depth.delay(nested(MAX_NESTING + 1))
+    assert (await queue.counts())[RunState.SCHEDULED] == 0
 
 
 async def test_a_sync_task_can_submit_another_run(queue: TaskQueue) -> None:
@@ -1227,3 +1271,38 @@ async def test_a_run_cancelled_while_its_predecessors_result_is_unrecorded() -> 
             assert await after.result(timeout=30) == "after"
         assert (worker.counts["completed"], worker.counts["cancelled"]) == (2, 1)
         assert stopped.state is RunState.CANCELLED
+
+
+class FlakyWatchBroker(MemoryBroker):
+    """A memory broker whose first watch of cancel requests fails."""
+
+    def __init__(self) -> None:
+        super().__init__(clock=anyio.current_time)
+        self.watches = 0
+
+    async def _watch_cancels(self) -> None:
+        self.watches += 1
+        if self.watches == 1:
+            raise BrokerError("the watch broke")
+        await super()._watch_cancels()
+
+
+@pytest.mark.virtual_time
+async def test_a_broken_watch_of_cancels_is_watched_again_and_cancels_still_arrive() -> None:
+    broker = FlakyWatchBroker()
+    queue = TaskQueue(broker=broker)
+    started = anyio.Event()
+
+    @queue.task
+    async def endless() -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    async with queue, TaskWorker(endless, lease_seconds=600) as worker:
+        run = await endless.delay()
+        await started.wait()
+        await wait_until(lambda: broker.watches == 2, "the watch made again")
+        asked = anyio.current_time()
+        assert await run.cancel(timeout=60)
+        assert anyio.current_time() - asked < 600 / 3  # told, not found at a heartbeat
+        assert worker.counts["cancelled"] == 1

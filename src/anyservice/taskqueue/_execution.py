@@ -633,7 +633,7 @@ def _prepared(entry: RunInFlight, worker_id: str) -> tuple[list[Any], dict[str, 
         args, kwargs = ([], {}) if payload == NO_ARGUMENTS else decode_arguments(payload)
     except PayloadError as exc:
         return Outcome.failure(exc, retry=False, traceback=False)
-    run_as((record, worker_id))
+    run_as([record, worker_id, None])
     return args, kwargs
 
 

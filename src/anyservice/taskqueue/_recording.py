@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 import anyio
@@ -295,7 +295,7 @@ class Recorder:
             self._stats.broker_failed(exc, "renewing leases")
             return []
         self._stats.broker_worked()
-        await self._cancel_requested(runs, held)
+        await self.stop_cancelled(runs, held)
         lost: list[RunInFlight] = []
         for run_id, number in leases.items():
             entry = runs.get(run_id)
@@ -307,8 +307,9 @@ class Recorder:
                 lost.append(entry)
         return lost
 
-    async def _cancel_requested(self, runs: dict[str, RunInFlight], held: set[str]) -> None:
-        """Cancel, here, the runs among ``held`` whose cancellation a user asked for."""
+    async def stop_cancelled(self, runs: dict[str, RunInFlight], held: Collection[str]) -> None:
+        """Cancel, here, the runs among ``held`` whose cancellation a user asked for: at
+        each heartbeat, and as the broker tells of a request."""
         try:
             requested = await self._broker().cancel_requests(self._owner, sorted(held))
         except BrokerError as exc:

@@ -10,7 +10,11 @@ A worker is three kinds of background work in the service's scope:
   waits for its lease;
 - the *lease keeper* renews the leases of the runs in flight (and of those whose outcome
   is being recorded) every ``lease_seconds / 3`` and cancels, here, any run that was
-  claimed again after its lease expired.
+  claimed again after its lease expired, or whose cancellation a user asked for;
+- the *cancel watch* hears from the broker of cancel requests as they are stored (all
+  the brokers here tell their workers at once: in-process, by a datagram beside the
+  SQLite file, by NOTIFY on PostgreSQL) and stops the runs held here at once, as the
+  lease keeper would at its next heartbeat.
 
 A stop cancels the idle waits at once (nothing new is claimed) and lets the runs in flight
 finish; an optional status server keeps answering until they have.
@@ -645,6 +649,46 @@ class TaskWorker(Service, overrides=("run",)):
     async def _renew(self) -> None:
         for entry in await self._recorder.renew(self._runs):
             self._ends.lose(entry)
+
+    @background_task
+    async def _watch_cancels(self) -> None:
+        await _stop_as_cancels_come(self)
+
+
+async def _stop_as_cancels_come(worker: TaskWorker) -> None:
+    """The cancel watch: the broker tells of cancel requests as they are stored (where it
+    can), and the runs held here among them are looked up and stopped as a heartbeat
+    would stop them."""
+    asked: set[str] = set()
+    nudge = anyio.Event()
+
+    def hear(run_ids: list[str]) -> None:
+        runs = worker._runs
+        asked.update(i for i in run_ids if i in runs and not runs[i].cancelled)
+        if asked:
+            nudge.set()
+
+    watch = getattr(worker.queue.broker, "watch_cancels", None)
+    if watch is None:
+        return  # a broker of its own, made before: the heartbeats find the requests
+
+    async def keep_watching() -> None:
+        while True:
+            try:
+                await watch(hear)
+            except BrokerError as exc:
+                # The heartbeats still find the requests meanwhile.
+                worker._stats.broker_failed(exc, "watching for cancel requests")
+                await anyio.sleep(_MAX_BACKOFF)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(keep_watching)
+        while True:
+            await nudge.wait()
+            nudge = anyio.Event()
+            run_ids = list(asked)
+            asked.clear()
+            await worker._recorder.stop_cancelled(worker._runs, run_ids)
 
 
 async def _claim_until_stopped(worker: TaskWorker) -> None:

@@ -49,7 +49,7 @@ from ._sqlite_rows import (
     read_rows,
 )
 from ._sqlite_thread import ConnectionThread
-from ._wake_channel import CHANGE, WORK, WakeChannel
+from ._wake_channel import CANCEL, CHANGE, WORK, WakeChannel
 from ._workers import WORKERS_EVERY, WORKERS_FORGOTTEN, host_identity, process_gone
 
 __all__ = ["SCHEMA_VERSION", "SqliteBroker"]
@@ -635,7 +635,7 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
         if self._db.is_open:
             return False
         await self._db.open(self._prepare)
-        channel = WakeChannel(self._path, self._poked)
+        channel = WakeChannel(self._path, self._poked, self._notifier.cancel_asked)
         if await anyio.to_thread.run_sync(channel.open):
             channel.listen()
             self._channel = channel
@@ -689,6 +689,13 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
         # In the event loop watching the channel (or its thread): another process
         # committed a change.
         poked(self, work, run_ids)
+
+    def _announce_cancel(self, run_id: str) -> None:
+        # Committed: this process's brokers of the file, then the others, hear of it.
+        super()._announce_cancel(run_id)
+        channel = self._channel
+        if channel is not None:
+            channel.poke(CANCEL + run_id.encode())
 
     # --- the broker protocol -------------------------------------------------------------
 
