@@ -510,7 +510,9 @@ async def test_sync_runs_claimed_ahead_wait_their_turn_within_the_limit(
     assert worker.counts["completed"] == 10
 
 
-async def test_a_stop_hands_back_the_runs_claimed_ahead_at_once(queue: TaskQueue) -> None:
+async def test_a_stop_hands_back_the_runs_claimed_ahead_at_once(
+    queue: TaskQueue, caplog: pytest.LogCaptureFixture
+) -> None:
     started, gate = anyio.Event(), anyio.Event()
 
     @queue.task
@@ -526,6 +528,7 @@ async def test_a_stop_hands_back_the_runs_claimed_ahead_at_once(queue: TaskQueue
         ahead = [await hold.delay() for _ in range(2)]
         await wait_until(lambda: worker.status()["prefetched"] == 2, "two runs claimed ahead")
         async with anyio.create_task_group() as group:
+            caplog.set_level(logging.INFO, logger="anyservice")
             group.start_soon(worker.stop)
 
             async def handed_back() -> bool:
@@ -544,6 +547,10 @@ async def test_a_stop_hands_back_the_runs_claimed_ahead_at_once(queue: TaskQueue
         assert (record.state, record.attempts, record.lease_owner) == (RunState.SCHEDULED, 0, None)
     assert worker.counts["handed_back"] == 2
     assert worker.counts["completed"] == 1
+    # Routine, not a warning: they never started.
+    handed = [r for r in caplog.records if "handed back before it started" in r.getMessage()]
+    assert [record.levelno for record in handed] == [logging.INFO] * 2
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 async def test_the_leases_of_runs_claimed_ahead_are_renewed(

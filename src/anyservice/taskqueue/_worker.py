@@ -696,7 +696,7 @@ async def _hand_back(worker: TaskWorker, queued: list[RunInFlight]) -> None:
     """Hand back runs queued for the runners that none took (the worker is stopping)."""
     for entry in queued:
         entry.settled = True
-        await worker._recorder.hand_back(entry.record, "the worker is stopping")
+        await worker._recorder.hand_back(entry.record, "the worker is stopping", started=False)
         worker._forget(entry)
 
 
@@ -755,7 +755,9 @@ async def _claim_while_free(
                 worker._stats.broker_worked()
                 if claimed and worker._stopping():
                     for record in claimed:
-                        await worker._recorder.hand_back(record, "the worker is stopping")
+                        await worker._recorder.hand_back(
+                            record, "the worker is stopping", started=False
+                        )
                     return claimed, wanted
                 if claimed:
                     worker._start(claimed)
