@@ -398,6 +398,18 @@ class Runners:
             if all(batch in self._batches and batch.started == n for batch, n in seen):
                 return  # Each is still in the body it was in: maybe blocked there.
 
+    def end_stopped(self) -> None:
+        """End at once the queued runs stopped before a runner took them (a lost lease, a
+        cancellation asked for): each in a task of its own, where it never starts, rather
+        than when a runner is free."""
+        for entry in list(self._queued):  # a copy: threads take from the queue meanwhile
+            if entry.lost or entry.cancelled:
+                try:
+                    self._queued.remove(entry)
+                except ValueError:
+                    continue  # A thread took it meanwhile: it ends there.
+                self.run_now(entry)
+
     def run_now(self, entry: RunInFlight) -> None:
         """Run ``entry`` at once in a task of its own, past ``most`` (it is not queued)."""
         self._spawn(functools.partial(self._run_one, entry), name=f"run {entry.record.id}")

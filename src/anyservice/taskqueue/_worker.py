@@ -218,13 +218,13 @@ def _free_slots(worker: TaskWorker) -> int:
     Up to ``prefetch`` runs are claimed ahead of the ``limit`` running: they wait, held,
     for a runner to finish its run. Runs whose results wait to be recorded hold no slot,
     so the next claim goes out while they are recorded (on SQLite, in the same
-    transaction); at most ``limit`` such runs are held besides the others.
+    transaction); at most ``limit + prefetch`` such runs are held besides the others.
     """
     limit = worker.limit
     if limit is None:
         return _UNLIMITED_CLAIM
     held, most = len(worker._runs), limit + worker.prefetch
-    return min(most - (held - worker._batches.held), most + limit - held)
+    return min(most - (held - worker._batches.held), 2 * most - held)
 
 
 class _RunEnds:
@@ -676,6 +676,7 @@ class TaskWorker(Service, overrides=("run",)):
     async def _renew(self) -> None:
         for entry in await self._recorder.renew(self._runs):
             self._ends.lose(entry)
+        self._runners.end_stopped()
 
 
 async def _claim_until_stopped(worker: TaskWorker) -> None:
