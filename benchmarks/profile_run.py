@@ -200,7 +200,8 @@ async def drain(
         _count_calls(queue.broker, counted)
         _count_thread_calls(queue.broker, counted)
         _count_hops(counted)
-        worker = taskqueue.TaskWorker(noop, limit=limit, prefetch=prefetch)
+        ahead = {} if prefetch is None else {"prefetch": prefetch}  # older trees have none
+        worker = taskqueue.TaskWorker(noop, limit=limit, **ahead)
         profile = cProfile.Profile()
         started = time.perf_counter()
         cpu = time.process_time()

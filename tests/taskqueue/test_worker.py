@@ -32,7 +32,9 @@ from anyservice.taskqueue import (
     RunRecord,
     RunState,
     SqliteBroker,
+    Task,
     TaskQueue,
+    TaskRun,
     TaskRunFailed,
     TaskWorker,
     current_run,
@@ -371,12 +373,28 @@ async def test_a_sync_task_can_submit_another_run(queue: TaskQueue) -> None:
 # ------------------------------------------------------------------ limits
 
 
+@contextlib.asynccontextmanager
+async def ten_runs_three_claimed_ahead(
+    task: Task[[], None],
+) -> AsyncIterator[tuple[TaskWorker, list[TaskRun[None]]]]:
+    """A worker (limit 2, prefetch 3) with ten runs of ``task``, three claimed ahead; on
+    exit, all ten completed."""
+    async with TaskWorker(task, limit=2, prefetch=3) as worker:
+        runs = [await task.delay() for _ in range(10)]
+        await wait_until(lambda: worker.status()["prefetched"] == 3, "three runs claimed ahead")
+        yield worker, runs
+        for run in runs:
+            await run.wait(timeout=PROMPTLY)
+    assert worker.counts["completed"] == 10
+
+
 @pytest.mark.virtual_time
-async def test_limit_bounds_the_runs_in_flight(virtual_queue: TaskQueue) -> None:
+async def test_limit_bounds_the_runs_in_flight_runs_claimed_ahead_included(
+    virtual_queue: TaskQueue,
+) -> None:
     queue = virtual_queue
     gate = anyio.Event()
-    running = 0
-    most = 0
+    running = most = 0
 
     @queue.task
     async def hold() -> None:
@@ -386,17 +404,18 @@ async def test_limit_bounds_the_runs_in_flight(virtual_queue: TaskQueue) -> None
         await gate.wait()
         running -= 1
 
-    async with TaskWorker(hold, limit=2) as worker:
-        runs = [await hold.delay() for _ in range(5)]
-        await wait_until(lambda: running == 2, "two runs in flight")
+    async with ten_runs_three_claimed_ahead(hold) as (worker, runs):
         # A minute of the worker polling for work, in virtual time: no third run starts.
         await anyio.sleep(60)
         assert running == 2
+        states = [await state_of(queue, run.id) for run in runs]
+        # Claimed ahead: leased and RUNNING, held by this worker, not yet started.
+        assert states.count(RunState.RUNNING) == 5
+        assert states.count(RunState.SCHEDULED) == 5
         status = worker.status()
         assert (status["current"], status["available"], status["limit"]) == (2, 0, 2)
+        assert (status["prefetch"], status["prefetched"], len(status["in_flight"])) == (3, 3, 5)
         gate.set()
-        for run in runs:
-            await run.wait(timeout=PROMPTLY)
     assert most == 2
 
 
@@ -446,42 +465,6 @@ async def test_prefetch_defaults_to_the_limit_up_to_100_runs_a_claim(
     assert TaskWorker(say, **options).prefetch == prefetch
 
 
-@pytest.mark.virtual_time
-async def test_runs_claimed_ahead_wait_their_turn_within_the_limit(
-    virtual_queue: TaskQueue,
-) -> None:
-    queue = virtual_queue
-    gate = anyio.Event()
-    running = most = 0
-
-    @queue.task
-    async def hold() -> None:
-        nonlocal running, most
-        running += 1
-        most = max(most, running)
-        await gate.wait()
-        running -= 1
-
-    async with TaskWorker(hold, limit=2, prefetch=3) as worker:
-        runs = [await hold.delay() for _ in range(10)]
-        await wait_until(lambda: worker.status()["prefetched"] == 3, "three runs claimed ahead")
-        # A minute of the worker polling for work, in virtual time: still two bodies.
-        await anyio.sleep(60)
-        assert running == 2
-        states = [await state_of(queue, run.id) for run in runs]
-        # Claimed ahead: leased and RUNNING, held by this worker, not yet started.
-        assert states.count(RunState.RUNNING) == 5
-        assert states.count(RunState.SCHEDULED) == 5
-        status = worker.status()
-        assert (status["current"], status["available"]) == (2, 0)
-        assert (status["prefetch"], status["prefetched"], len(status["in_flight"])) == (3, 3, 5)
-        gate.set()
-        for run in runs:
-            await run.wait(timeout=PROMPTLY)
-    assert most == 2
-    assert worker.counts["completed"] == 10
-
-
 async def test_sync_runs_claimed_ahead_wait_their_turn_within_the_limit(
     queue: TaskQueue,
 ) -> None:
@@ -499,15 +482,10 @@ async def test_sync_runs_claimed_ahead_wait_their_turn_within_the_limit(
         with lock:
             running -= 1
 
-    async with TaskWorker(hold, limit=2, prefetch=3) as worker:
-        runs = [await hold.delay() for _ in range(10)]
-        await wait_until(lambda: worker.status()["prefetched"] == 3, "three runs claimed ahead")
+    async with ten_runs_three_claimed_ahead(hold):
         await wait_until(lambda: running == 2, "two bodies running")
         gate.set()
-        for run in runs:
-            await run.wait(timeout=PROMPTLY)
     assert most == 2
-    assert worker.counts["completed"] == 10
 
 
 async def test_a_stop_hands_back_the_runs_claimed_ahead_at_once(
@@ -551,37 +529,6 @@ async def test_a_stop_hands_back_the_runs_claimed_ahead_at_once(
     handed = [r for r in caplog.records if "handed back before it started" in r.getMessage()]
     assert [record.levelno for record in handed] == [logging.INFO] * 2
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-
-
-async def test_the_leases_of_runs_claimed_ahead_are_renewed(
-    clocked_queue: TaskQueue, clock: FakeClock
-) -> None:
-    queue = clocked_queue
-    started, gate = anyio.Event(), anyio.Event()
-
-    @queue.task
-    async def hold() -> None:
-        started.set()
-        await gate.wait()
-
-    lease = 1.5  # as in test_leases_are_renewed_while_a_run_is_in_flight
-    async with TaskWorker(hold, limit=1, prefetch=1, lease_seconds=lease) as worker:
-        first = await hold.delay()
-        with anyio.fail_after(PROMPTLY):
-            await started.wait()
-        ahead = await hold.delay()
-        await wait_until(lambda: worker.status()["prefetched"] == 1, "a run claimed ahead")
-        clock.now += 1
-
-        async def renewed() -> bool:
-            record = await queue.broker.get(ahead.id)
-            return record is not None and record.lease_expires_at == clock.now + lease
-
-        await eventually(renewed)
-        gate.set()
-        await first.wait(timeout=PROMPTLY)
-        await ahead.wait(timeout=PROMPTLY)
-    assert (ahead.state, ahead.attempts) == (RunState.COMPLETED, 1)
 
 
 @pytest.mark.parametrize(
@@ -866,22 +813,27 @@ async def test_leases_are_renewed_while_a_run_is_in_flight(
     # Long enough that a heartbeat on a loaded machine (every lease / 3 of real time)
     # renews it in time: a lease the worker saw run out would make it drop the outcome.
     lease = 1.5
-    async with TaskWorker(hold, lease_seconds=lease):
+    async with TaskWorker(hold, limit=1, prefetch=1, lease_seconds=lease) as worker:
         run = await hold.delay()
         with anyio.fail_after(PROMPTLY):
             await started.wait()
+        # Claimed ahead of the limit: it waits for the run in flight, leased all the same.
+        ahead = await hold.delay()
+        await wait_until(lambda: worker.status()["prefetched"] == 1, "a run claimed ahead")
         first = (await queue.broker.get(run.id)).lease_expires_at  # type: ignore[union-attr]
         clock.now += 1
 
         async def renewed() -> bool:
-            record = await queue.broker.get(run.id)
-            return record is not None and record.lease_expires_at == clock.now + lease
+            records = [await queue.broker.get(one.id) for one in (run, ahead)]
+            expiries = {record.lease_expires_at for record in records if record is not None}
+            return expiries == {clock.now + lease}
 
         await eventually(renewed)
         assert first == clock.now - 1 + lease
         gate.set()
         await run.wait(timeout=PROMPTLY)
-    assert run.state is RunState.COMPLETED
+        await ahead.wait(timeout=PROMPTLY)
+    assert (run.state, ahead.state, ahead.attempts) == (RunState.COMPLETED,) * 2 + (1,)
 
 
 async def test_a_run_that_keeps_killing_workers_ends_crashed() -> None:
