@@ -418,6 +418,37 @@ async def test_cancelling_a_running_run_cancels_its_body_at_once(queue: TaskQueu
     assert not await run.cancel()
 
 
+@pytest.mark.virtual_time
+async def test_a_run_claimed_ahead_and_cancelled_ends_at_once_and_never_starts(
+    queue: TaskQueue,
+) -> None:
+    started: list[str] = []
+    gate = anyio.Event()
+
+    @queue.task
+    async def hold(label: str) -> None:
+        started.append(label)
+        await gate.wait()
+
+    async with TaskWorker(hold, limit=1, prefetch=1, lease_seconds=30) as worker:
+        first = await hold.delay("first")
+        ahead = await hold.delay("ahead")
+        with anyio.fail_after(60):
+            while started != ["first"] or worker.status()["prefetched"] != 1:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        asked = anyio.current_time()
+        # Not held until the run before it finishes: ended within a heartbeat.
+        assert await ahead.cancel(timeout=60)
+        assert anyio.current_time() - asked <= 10
+        assert ahead.state is RunState.CANCELLED
+        assert worker.status()["prefetched"] == 0
+        gate.set()
+        await first.wait(timeout=60)
+    assert started == ["first"]
+    assert worker.counts["cancelled"] == 1
+    assert worker.counts["completed"] == 1
+
+
 @pytest.fixture(params=["sqlite", "postgresql", "postgresql-poll-only"])
 def cancel_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, bool]]:
     """A database two brokers (two processes) share, and whether its workers are told of

@@ -84,6 +84,12 @@ def add_commands(
     )
     serve.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
     serve.add_argument("--lease", type=float, default=30.0, help="lease seconds (default: 30)")
+    serve.add_argument(
+        "--prefetch",
+        type=int,
+        default=None,
+        help="most runs claimed ahead of --limit (default: as many as --limit, up to 100 a claim)",
+    )
     serve.set_defaults(handler=_serve, load_object=load_object, target_error=target_error)
 
     runs = commands.add_parser(
@@ -153,6 +159,7 @@ def _serve(args: argparse.Namespace) -> int:
             status_server_port=args.status_port,
             backend=cast(Literal["asyncio", "trio"], args.backend),
             lease_seconds=args.lease,
+            prefetch=args.prefetch,
         )
         return code
     except (CommandError, TypeError, ValueError) as error:

@@ -475,8 +475,9 @@ class Recorder:
                 extra=stats.extra(record),
             )
 
-    async def hand_back(self, record: RunRecord, why: str) -> None:
-        """Release a claimed run at once, shielded from the cancellation under way."""
+    async def hand_back(self, record: RunRecord, why: str, *, started: bool = True) -> None:
+        """Release a claimed run at once, shielded from the cancellation under way; one
+        not ``started`` (queued for a runner) is logged as routine, not as a warning."""
         released: bool | None = None
         broker = self._broker()
         with anyio.move_on_after(min(self._lease_seconds, HAND_BACK_BUDGET), shield=True):
@@ -486,7 +487,10 @@ class Recorder:
             )
         shown: tuple[Any, ...] = (record.id, record.task, why)
         extra = self._stats.extra(record)
-        if released:
+        if released and not started:
+            self._stats.count(record, "handed_back")
+            self._log.info("run %s of %r handed back before it started (%s)", *shown, extra=extra)
+        elif released:
             self._stats.count(record, "handed_back")
             self._log.warning(
                 "run %s of %r handed back unfinished (%s): another worker will run it",
