@@ -1018,48 +1018,50 @@ class FailingLoop(Loop):
         raise RuntimeError("the runners are gone")
 
 
+class UncountableLoop(Loop):
+    """A claim loop whose count of free slots raises, in the middle of the claim ahead."""
+
+    def claimer(self) -> AheadClaimer:
+        return dataclasses.replace(super().claimer(), free_slots=self.broken)
+
+    @staticmethod
+    def broken() -> int:
+        raise RuntimeError("no slots to count")
+
+
 @pytest.mark.anyio
-async def test_a_run_claimed_ahead_whose_start_raises_is_handed_back_to_the_loop(
-    looked: SqliteBroker, path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("make_loop", "started", "logged"),
+    [
+        (FailingLoop, True, "starting runs claimed ahead failed; handing them back"),
+        (UncountableLoop, False, "claiming runs ['{}'] as their poke arrived failed"),
+    ],
+    ids=["start", "claim"],
+)
+async def test_a_claim_ahead_that_raises_is_logged_and_its_run_left_to_the_loop(
+    looked: SqliteBroker,
+    path: Path,
+    caplog: pytest.LogCaptureFixture,
+    make_loop: type[Loop],
+    started: bool,
+    logged: str,
 ) -> None:
     broker = looked
-    loop = FailingLoop()
+    loop = make_loop()
     with foreign_channel(path) as channel, caplog.at_level(logging.ERROR, logger="anyservice"):
         run_id = foreign_submit(path)
         # The event loop goes on (on trio the reader is a system task), the wait ends.
         await loop.woken_by(broker, channel, b"w" + run_id.encode())
-    assert [run.id for run in loop.started] == [run_id]
-    assert "starting runs claimed ahead failed; handing them back" in caplog.text
-    assert "RuntimeError: the runners are gone" in caplog.text
-    # Claimable again at once, its attempt not counted; the lease given ahead is void.
+    assert [run.id for run in loop.started] == ([run_id] if started else [])
+    assert logged.format(run_id) in caplog.text
+    assert "RuntimeError: " in caplog.text
+    # Claimable again at once, its attempt not counted; a lease given ahead is void.
     stored = await broker.get(run_id)
     assert stored is not None
     assert (stored.state, stored.attempts, stored.lease_owner) == (RunState.SCHEDULED, 0, None)
     assert not await broker.complete("w1", run_id, 1, "1")
     claimed = await broker.claim("w2", ["say"], limit=5, lease_seconds=LEASE)
     assert [(run.id, run.attempts) for run in claimed] == [(run_id, 1)]
-
-
-@pytest.mark.anyio
-async def test_a_claim_ahead_that_raises_leaves_the_work_to_the_loops_full_claim(
-    looked: SqliteBroker, path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    broker = looked
-    loop = Loop()
-
-    def broken() -> int:
-        raise RuntimeError("no slots to count")
-
-    claimer = loop.claimer
-    loop.claimer = lambda: dataclasses.replace(claimer(), free_slots=broken)  # type: ignore[method-assign]
-    with foreign_channel(path) as channel, caplog.at_level(logging.ERROR, logger="anyservice"):
-        run_id = foreign_submit(path)
-        await loop.woken_by(broker, channel, b"w" + run_id.encode())
-    assert loop.started == []
-    assert "claiming runs" in caplog.text
-    assert "RuntimeError: no slots to count" in caplog.text
-    # Not leased to anyone: the loop's next claim (a full one) takes it.
-    assert await claim_ids(broker, limit=5) == [run_id]
 
 
 PROMPTLY = 10.0
