@@ -1,7 +1,8 @@
 """Where the time goes between a submit and the run's first line, across processes.
 
 Not part of ``run.py``: a trace for finding what to cut, printed as a table.
-``python benchmarks/profile_postgres_latency.py [asyncio|trio] [PROBES] [--sqlite|--bare]``.
+``python benchmarks/profile_postgres_latency.py [asyncio|trio] [PROBES] [--sqlite|--bare]
+[--slowest=N]`` (``--slowest``: the N slowest probes too, each with its long steps).
 
 ``--bare``: the floor the broker's way is measured against: the broker's own submit
 statement from a sync psycopg connection in this process, and in a worker process one
@@ -448,6 +449,14 @@ def bare(url: str, probes: int) -> list[dict[str, float]]:
     return traced
 
 
+def report_slowest(traced: list[dict[str, float]], count: int) -> None:
+    """The ``count`` slowest probes, each with its steps of 0.25 ms or more."""
+    print(f"the {count} slowest probes (ms), and their steps of 0.25 ms or more:")
+    for steps in sorted(traced, key=lambda steps: -steps["submit to start"])[:count]:
+        slow = [f"{name} {value:.2f}" for name, value in steps.items() if value >= 0.25]
+        print(f"  {steps['submit to start']:6.2f}: " + "; ".join(slow[1:]))
+
+
 def main() -> None:
     from tests._postgres import postgres_schema, postgres_server
 
@@ -456,18 +465,22 @@ def main() -> None:
         with postgres_server(durable=True) as server, postgres_schema(server) as url:
             report("bare psycopg", bare(url, probes))
         return
-    args = [arg for arg in sys.argv[1:] if arg != "--sqlite"]
+    args = [arg for arg in sys.argv[1:] if not arg.startswith("--")]
     backend = next((arg for arg in args if not arg.isdigit()), "asyncio")
     probes = next((int(arg) for arg in args if arg.isdigit()), PROBES)
+    slowest = next(
+        (int(arg.split("=", 1)[1]) for arg in sys.argv[1:] if arg.startswith("--slowest=")), 0
+    )
     if "--sqlite" in sys.argv[1:]:
         with tempfile.TemporaryDirectory() as directory:
             url = f"sqlite:///{Path(directory) / 'runs.db'}"
             traced = anyio.run(functools.partial(trace, url, backend, probes), backend=backend)
-        report(backend, traced)
-        return
-    with postgres_server(durable=True) as server, postgres_schema(server) as url:
-        traced = anyio.run(functools.partial(trace, url, backend, probes), backend=backend)
+    else:
+        with postgres_server(durable=True) as server, postgres_schema(server) as url:
+            traced = anyio.run(functools.partial(trace, url, backend, probes), backend=backend)
     report(backend, traced)
+    if slowest:
+        report_slowest(traced, slowest)
 
 
 if __name__ == "__main__":

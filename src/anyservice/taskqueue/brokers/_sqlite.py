@@ -39,6 +39,7 @@ from ._sqlite_named import LOOK_EVERY, NamedWork, claim_named, poked
 from ._sqlite_rows import (
     INSERT,
     MIGRATIONS,
+    RELEASE,
     SCHEMA_VERSION,
     SELECT,
     insert_values,
@@ -47,6 +48,7 @@ from ._sqlite_rows import (
     marks,
     read_row,
     read_rows,
+    update_held,
 )
 from ._sqlite_thread import ConnectionThread
 from ._wake_channel import CANCEL, CHANGE, WORK, WakeChannel
@@ -306,17 +308,6 @@ def _claiming(
     return claim
 
 
-def _update_held(conn: sqlite3.Connection, sql: str, parameters: dict[str, Any]) -> bool:
-    """Run one UPDATE fenced by ``WHERE`` the run is RUNNING under the claim
-    ``(:owner, :attempt)``."""
-    cursor = conn.execute(
-        f"{sql} WHERE id = :id AND state = 'RUNNING' AND lease_owner = :owner"
-        " AND attempts = :attempt",
-        parameters,
-    )
-    return cursor.rowcount == 1
-
-
 def _claim_one(
     conn: sqlite3.Connection,
     run_id: str,
@@ -370,10 +361,6 @@ _FAIL = (
     f" started_at = CASE WHEN {_RETRIED} THEN NULL ELSE started_at END,"
     f" finished_at = CASE WHEN {_RETRIED} THEN NULL ELSE :now END,"
     " lease_owner = NULL, lease_expires_at = NULL, error = :error"
-)
-_RELEASE = (
-    "UPDATE anyservice_runs SET state = 'SCHEDULED', attempts = MAX(attempts - 1, 0),"
-    " started_at = NULL, lease_owner = NULL, lease_expires_at = NULL"
 )
 
 
@@ -738,7 +725,7 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
             return {
                 run_id
                 for run_id, attempt in leases.items()
-                if _update_held(
+                if update_held(
                     conn,
                     "UPDATE anyservice_runs SET lease_expires_at = :expires",
                     {"id": run_id, "owner": owner, "attempt": attempt, "expires": expires},
@@ -750,7 +737,7 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
     async def _complete(self, owner: str, run_id: str, attempt: int, result: str) -> bool:
         parameters = {"id": run_id, "owner": owner, "attempt": attempt, "result": result}
         return await self._db.call(
-            lambda conn: _update_held(conn, _COMPLETE, {**parameters, "now": self._clock()}),
+            lambda conn: update_held(conn, _COMPLETE, {**parameters, "now": self._clock()}),
             signal=CHANGE,
             inline=True,
         )
@@ -804,7 +791,7 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
         }
 
         def fail(conn: sqlite3.Connection) -> RunState | None:
-            if not _update_held(conn, _FAIL, {**parameters, "now": self._clock()}):
+            if not update_held(conn, _FAIL, {**parameters, "now": self._clock()}):
                 return None
             if not retry:
                 return RunState.FAILED
@@ -818,9 +805,7 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
 
     async def _release(self, owner: str, run_id: str, attempt: int) -> bool:
         parameters = {"id": run_id, "owner": owner, "attempt": attempt}
-        return await self._db.call(
-            lambda conn: _update_held(conn, _RELEASE, parameters), signal=WORK
-        )
+        return await self._db.call(lambda conn: update_held(conn, RELEASE, parameters), signal=WORK)
 
     async def _claim_run(
         self, owner: str, run_id: str, lease_seconds: float, concurrency: dict[str, int]
