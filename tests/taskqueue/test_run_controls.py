@@ -437,9 +437,10 @@ async def test_a_run_claimed_ahead_and_cancelled_ends_at_once_and_never_starts(
             while started != ["first"] or worker.status()["prefetched"] != 1:  # noqa: ASYNC110
                 await anyio.sleep(0.01)
         asked = anyio.current_time()
-        # Not held until the run before it finishes: ended within a heartbeat.
+        # Not held until the run before it finishes, nor until the next heartbeat (10 s):
+        # the cancel watch hears of the request and the run ends at once.
         assert await ahead.cancel(timeout=60)
-        assert anyio.current_time() - asked <= 10
+        assert anyio.current_time() - asked < 1
         assert ahead.state is RunState.CANCELLED
         assert worker.status()["prefetched"] == 0
         gate.set()

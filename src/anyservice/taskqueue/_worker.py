@@ -721,6 +721,8 @@ async def _stop_as_cancels_come(worker: TaskWorker) -> None:
             run_ids = list(asked)
             asked.clear()
             await worker._recorder.stop_cancelled(worker._runs, run_ids)
+            # A run claimed ahead, not started, ends at once rather than when a runner frees.
+            worker._runners.end_stopped()
 
 
 async def _claim_until_stopped(worker: TaskWorker) -> None:
