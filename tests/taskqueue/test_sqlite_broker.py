@@ -1140,13 +1140,13 @@ async def test_a_worker_whose_start_of_a_run_claimed_ahead_raises_runs_it_after_
     failing: list[str] = []
     calls: list[list[str]] = []
 
-    def fails_once(claimed: list[RunRecord]) -> Any:
+    def fails_once(claimed: list[RunRecord], put: Any = None) -> Any:
         ids = [run.id for run in claimed]
         if failing and failing[0] in ids:
             calls.append(ids)
             if len(calls) == 1:
                 raise RuntimeError("no runner to be had")
-        return start(claimed)
+        return start(claimed, put)
 
     worker._start = fails_once  # type: ignore[method-assign]
     async with queue, worker:
