@@ -70,6 +70,16 @@ def add_commands(
     ``target_error`` with a one-line message (the ``anyservice`` command's own loader).
     """
     queue_help = f"the queue's URL (default: ${QUEUE_VARIABLE}, else {DEFAULT_URL})"
+    _add_serve(commands, queue_help, load_object, target_error)
+    _add_runs(commands, queue_help)
+
+
+def _add_serve(
+    commands: Any,
+    queue_help: str,
+    load_object: Callable[[str], object],
+    target_error: type[Exception],
+) -> None:
     serve = commands.add_parser(
         "serve",
         help="run a worker for tasks (TASK: package.module:task) until SIGTERM",
@@ -92,6 +102,8 @@ def add_commands(
     )
     serve.set_defaults(handler=_serve, load_object=load_object, target_error=target_error)
 
+
+def _add_runs(commands: Any, queue_help: str) -> None:
     runs = commands.add_parser(
         "runs",
         help="list, show, retry, cancel or purge stored task runs",
