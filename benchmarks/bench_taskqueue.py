@@ -695,16 +695,24 @@ def run(config: Config) -> list[Table]:
 # --- a worker process ------------------------------------------------------------------------
 
 
-def worker_main(url: str, backend: str, limit: int) -> int:
+def worker_main(url: str, backend: str, limit: int, prefetch: int | None = None) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
     _, noop, sync_noop, stamp = define_tasks(url)
-    code: int = _library().serve(noop, sync_noop, stamp, limit=limit, backend=backend)
+    serve = _library().serve
+    if prefetch is None:  # the default, also where serve() has no such option
+        code: int = serve(noop, sync_noop, stamp, limit=limit, backend=backend)
+    else:
+        code = serve(noop, sync_noop, stamp, limit=limit, backend=backend, prefetch=prefetch)
     return code
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
-        sys.exit(worker_main(sys.argv[2], sys.argv[3], int(sys.argv[4])))
+    if len(sys.argv) in (5, 6) and sys.argv[1] == "--worker":
+        prefetch = int(sys.argv[5]) if len(sys.argv) == 6 else None
+        sys.exit(worker_main(sys.argv[2], sys.argv[3], int(sys.argv[4]), prefetch))
     if len(sys.argv) == 3 and sys.argv[1] == "--idle":
         sys.exit(idle_main(sys.argv[2]))
-    sys.exit("usage: bench_taskqueue.py --worker URL BACKEND LIMIT (run.py runs the benchmark)")
+    sys.exit(
+        "usage: bench_taskqueue.py --worker URL BACKEND LIMIT [PREFETCH]"
+        " (run.py runs the benchmark)"
+    )

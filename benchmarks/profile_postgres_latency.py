@@ -1,7 +1,15 @@
 """Where the time goes between a submit and the run's first line, across processes.
 
 Not part of ``run.py``: a trace for finding what to cut, printed as a table.
-``python benchmarks/profile_postgres_latency.py [asyncio|trio] [PROBES] [--sqlite]``.
+``python benchmarks/profile_postgres_latency.py [asyncio|trio] [PROBES] [--sqlite|--bare]
+[--slowest=N]`` (``--slowest``: the N slowest probes too, each with its long steps).
+
+``--bare``: the floor the broker's way is measured against: the broker's own submit
+statement from a sync psycopg connection in this process, and in a worker process one
+sync connection that LISTENs and, on each notification, claims the run it names with the
+broker's claim by id; no event loop, no thread, no anyservice code on the way. Steps: the
+submit's statement answered, the worker's socket readable (from the answer), readable to
+the claim answered, and submit to claimed.
 
 ``--sqlite``: the same on a fresh SQLite file, the ``taskqueue`` benchmark's latency rows
 (probes 2 ms apart). Noted in the submitter: ``delay()`` called, the broker's submit
@@ -326,24 +334,158 @@ def report(backend: str, traced: list[dict[str, float]]) -> None:
         print(f"  {name:56} {statistics.median(values):7.3f} {p90:8.3f} {len(values):6}")
 
 
+def _bare_statements(url: str) -> tuple[Any, Any, Any, str, str]:
+    """The broker's own submit and claim-by-id statements, its conninfo and its channel."""
+    from psycopg import sql
+
+    from anyservice.taskqueue.brokers import _postgres as pg
+
+    broker = pg.PostgresBroker(url)
+    return (
+        broker._compose(pg._INSERT_ONE),
+        broker._compose(pg._CLAIM_NAMED),
+        sql.SQL("LISTEN {}").format(sql.Identifier(broker._channel)),
+        broker._conninfo,
+        broker._channel,
+    )
+
+
+def bare_worker_main(url: str) -> int:
+    """The floor's worker: one sync connection, LISTEN, then the claim by id of each run
+    named, no event loop; prints ``id readable claimed`` (wall-clock) per run."""
+    import select
+
+    import psycopg
+
+    _, claim, listen, conninfo, _ = _bare_statements(url)
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(listen)
+        pgconn = conn.pgconn
+        print("ready", flush=True)
+        while True:
+            select.select([pgconn.socket], [], [])
+            readable = time.time()
+            pgconn.consume_input()
+            ids = []
+            while (notify := pgconn.notifies()) is not None:
+                payload = notify.extra.decode()
+                if payload.startswith("w "):
+                    ids.append(payload[2:])
+            if not ids:
+                continue
+            now = time.time()
+            parameters = {
+                "ids": ids,
+                "now": now,
+                "tasks": ["stamp"],
+                "owner": "bare",
+                "expires": now + 30,
+            }
+            rows = conn.execute(claim, parameters, prepare=True).fetchall()
+            claimed = time.time()
+            for _ in rows:
+                print(ids[0], readable, claimed, flush=True)
+
+
+def bare(url: str, probes: int) -> list[dict[str, float]]:
+    """The floor: the broker's submit statement from a sync psycopg connection here, the
+    claim by id in a bare worker process (:func:`bare_worker_main`)."""
+    import uuid
+
+    import psycopg
+
+    from anyservice.taskqueue import TaskQueue
+
+    async def create() -> None:
+        async with TaskQueue(url):
+            pass
+
+    anyio.run(create)
+    insert, _, _, conninfo, channel = _bare_statements(url)
+    command = [sys.executable, __file__, "--bare-worker", url]
+    traced = []
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as worker:
+        assert worker.stdout is not None
+        try:
+            assert worker.stdout.readline().strip() == "ready"
+            with psycopg.connect(conninfo, autocommit=True) as conn:
+                for _ in range(probes):
+                    run_id = uuid.uuid4().hex
+                    now = time.time()
+                    parameters = {
+                        "id": run_id,
+                        "task": "stamp",
+                        "payload": "[[], {}]",
+                        "state": "SCHEDULED",
+                        "attempts": 0,
+                        "max_attempts": 1,
+                        "retries_left": 0,
+                        "retry_delay": 0.0,
+                        "timeout": None,
+                        "created_at": now,
+                        "scheduled_at": now,
+                        "priority": 0,
+                        "trace_context": None,
+                        "channel": channel,
+                        "notice": f"w {run_id}",
+                    }
+                    begun = time.time()
+                    conn.execute(insert, parameters, prepare=True)
+                    answered = time.time()
+                    claimed_id, readable, claimed = worker.stdout.readline().split()
+                    assert claimed_id == run_id
+                    traced.append(
+                        {
+                            "submit to claimed": (float(claimed) - begun) * 1e3,
+                            "submit: statement answered": (answered - begun) * 1e3,
+                            "notification: answered to readable": (float(readable) - answered)
+                            * 1e3,
+                            "claim: readable to claimed": (float(claimed) - float(readable)) * 1e3,
+                        }
+                    )
+                    time.sleep(GAP)
+        finally:
+            worker.kill()
+    return traced
+
+
+def report_slowest(traced: list[dict[str, float]], count: int) -> None:
+    """The ``count`` slowest probes, each with its steps of 0.25 ms or more."""
+    print(f"the {count} slowest probes (ms), and their steps of 0.25 ms or more:")
+    for steps in sorted(traced, key=lambda steps: -steps["submit to start"])[:count]:
+        slow = [f"{name} {value:.2f}" for name, value in steps.items() if value >= 0.25]
+        print(f"  {steps['submit to start']:6.2f}: " + "; ".join(slow[1:]))
+
+
 def main() -> None:
     from tests._postgres import postgres_schema, postgres_server
 
-    args = [arg for arg in sys.argv[1:] if arg != "--sqlite"]
+    if "--bare" in sys.argv[1:]:
+        probes = next((int(arg) for arg in sys.argv[1:] if arg.isdigit()), PROBES)
+        with postgres_server(durable=True) as server, postgres_schema(server) as url:
+            report("bare psycopg", bare(url, probes))
+        return
+    args = [arg for arg in sys.argv[1:] if not arg.startswith("--")]
     backend = next((arg for arg in args if not arg.isdigit()), "asyncio")
     probes = next((int(arg) for arg in args if arg.isdigit()), PROBES)
+    slowest = next(
+        (int(arg.split("=", 1)[1]) for arg in sys.argv[1:] if arg.startswith("--slowest=")), 0
+    )
     if "--sqlite" in sys.argv[1:]:
         with tempfile.TemporaryDirectory() as directory:
             url = f"sqlite:///{Path(directory) / 'runs.db'}"
             traced = anyio.run(functools.partial(trace, url, backend, probes), backend=backend)
-        report(backend, traced)
-        return
-    with postgres_server(durable=True) as server, postgres_schema(server) as url:
-        traced = anyio.run(functools.partial(trace, url, backend, probes), backend=backend)
+    else:
+        with postgres_server(durable=True) as server, postgres_schema(server) as url:
+            traced = anyio.run(functools.partial(trace, url, backend, probes), backend=backend)
     report(backend, traced)
+    if slowest:
+        report_slowest(traced, slowest)
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--bare-worker":
+        sys.exit(bare_worker_main(sys.argv[2]))
     if len(sys.argv) == 4 and sys.argv[1] == "--worker":
         sys.exit(worker_main(sys.argv[2], sys.argv[3]))
     main()

@@ -2,7 +2,7 @@
 
 Not part of ``run.py``: a profile for finding where the time goes, printed as tables.
 ``python benchmarks/profile_run.py [asyncio|trio] [--drain] [--postgres] [--sync]
-[--limit=N]``.
+[--limit=N] [--prefetch=N]``.
 
 Step by step (the default), each step timed over many calls, one at a time, on a fresh
 SQLite file (medians of per-call times, µs):
@@ -14,17 +14,18 @@ SQLite file (medians of per-call times, µs):
 - round trip: ``await task.delay()`` then ``await run.result()`` through an in-process
   worker (submit, wake, claim, start, result, wake of the waiter).
 
-``--drain``: one in-process worker (limit 100, or ``--limit=N``) drains 4 000 no-op runs
-submitted up front, under ``cProfile`` (counts only: its timings are distorted), and the
-counts are given per run: Python function calls in the event loop's thread, cancel scopes
-entered, events made, event-loop passes, broker calls, round trips to the database (the
-SQLite connection's operations, wherever they run, or PostgreSQL statements), the SQLite
-operations that went to the connection's thread (a hop there and back each), commits,
-SQLite statements run in the event loop's thread (``execute`` and ``executemany`` calls),
-the bytes the process wrote (Linux's ``/proc/self/io`` ``wchar``: on SQLite the pages its
-commits append to the WAL and its checkpoints copy into the file, fewer with fewer index
-pages touched), and the CPU time of the whole process (every thread, the profiler's cost
-included). ``--postgres`` does the same on a PostgreSQL server of its own (Debian's
+``--drain``: one in-process worker (limit 100, or ``--limit=N``; its ``prefetch`` the
+default, or ``--prefetch=N``) drains 4 000 no-op runs submitted up front, under
+``cProfile`` (counts only: its timings are distorted), and the counts are given per run:
+Python function calls in the event loop's thread, cancel scopes entered, events made,
+event-loop passes, broker calls, round trips to the database (the SQLite connection's
+operations, wherever they run, or PostgreSQL statements), the SQLite operations that went
+to the connection's thread (a hop there and back each), commits, SQLite statements run in
+the event loop's thread (``execute`` and ``executemany`` calls), the bytes the process
+wrote (Linux's ``/proc/self/io`` ``wchar``: on SQLite the pages its commits append to the
+WAL and its checkpoints copy into the file, fewer with fewer index pages touched), and the
+CPU time of the whole process (every thread, the profiler's cost included).
+``--postgres`` does the same on a PostgreSQL server of its own (Debian's
 binaries, as the tests start it).
 ``--sync`` drains runs of a ``def`` no-op task (run in worker threads) instead, and counts
 the hops to a worker thread (``anyio.to_thread.run_sync`` calls) as well.
@@ -174,7 +175,9 @@ def _count_hops(counted: dict[str, int]) -> None:
     anyio.to_thread.run_sync = counting  # type: ignore[assignment]
 
 
-async def drain(url: str, backend: str, sync: bool = False, limit: int = LIMIT) -> dict[str, float]:
+async def drain(
+    url: str, backend: str, sync: bool = False, limit: int = LIMIT, prefetch: int | None = None
+) -> dict[str, float]:
     """Per-run counts of one worker draining ``DRAINED`` no-op runs from ``url``."""
     import anyservice.taskqueue as taskqueue
 
@@ -197,7 +200,8 @@ async def drain(url: str, backend: str, sync: bool = False, limit: int = LIMIT) 
         _count_calls(queue.broker, counted)
         _count_thread_calls(queue.broker, counted)
         _count_hops(counted)
-        worker = taskqueue.TaskWorker(noop, limit=limit)
+        ahead = {} if prefetch is None else {"prefetch": prefetch}  # older trees have none
+        worker = taskqueue.TaskWorker(noop, limit=limit, **ahead)
         profile = cProfile.Profile()
         started = time.perf_counter()
         cpu = time.process_time()
@@ -249,13 +253,17 @@ def main() -> None:
     backend = next((arg for arg in sys.argv[1:] if not arg.startswith("--")), "asyncio")
     limits = [int(arg.partition("=")[2]) for arg in sys.argv if arg.startswith("--limit=")]
     limit = limits[-1] if limits else LIMIT
+    ahead = [int(arg.partition("=")[2]) for arg in sys.argv if arg.startswith("--prefetch=")]
+    prefetch = ahead[-1] if ahead else None
     if "--drain" in sys.argv or "--postgres" in sys.argv:
         where = _postgres_url if "--postgres" in sys.argv else _sqlite_url
         with where() as url:
-            figures = anyio.run(drain, url, backend, "--sync" in sys.argv, limit, backend=backend)
+            sync = "--sync" in sys.argv
+            figures = anyio.run(drain, url, backend, sync, limit, prefetch, backend=backend)
         kind = "sync" if "--sync" in sys.argv else "async"
         runs = f"{DRAINED} {kind} no-op runs"
-        print(f"{backend}, one worker (limit {limit}) draining {runs}, per run:")
+        ahead = "default" if prefetch is None else prefetch
+        print(f"{backend}, one worker (limit {limit}, prefetch {ahead}) draining {runs}, per run:")
         for label, value in figures.items():
             print(f"  {label:28} {value:10.2f}")
         return

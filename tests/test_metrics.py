@@ -137,7 +137,8 @@ async def test_task_runs_are_counted_by_task_and_state_and_the_queue_by_state(
     async def held() -> None:
         await gate.wait()
 
-    worker = TaskWorker(ok, broken, held, limit=1, name="worker")
+    # prefetch=0: the second held run stays SCHEDULED (claimed ahead, it would be held).
+    worker = TaskWorker(ok, broken, held, limit=1, prefetch=0, name="worker")
     async with StatusServer(worker, metrics=True) as server, worker:
         runs = [await ok.delay() for _ in range(3)]
         runs.append(await broken.delay())

@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default="asyncio", choices=("asyncio", "trio"))
     parser.add_argument("--lease", type=float, default=30.0)
     parser.add_argument("--limit", type=int, default=10)
+    parser.add_argument("--prefetch", type=int, default=None)
     parser.add_argument("--shutdown-timeout", type=float, default=10.0)
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     code: int = serve(
         *tasks.values(),
         limit=args.limit,
+        prefetch=args.prefetch,
         backend=args.backend,
         lease_seconds=args.lease,
         shutdown_timeout=args.shutdown_timeout,

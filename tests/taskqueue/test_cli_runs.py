@@ -103,6 +103,10 @@ def test_runs_show_retry_cancel_and_purge(url: str, capsys: pytest.CaptureFixtur
         (["runs", "--queue", "{url}", "cancel", "nope"], "no run 'nope' in"),
         (["serve", "tests.taskqueue.cli_tasks:not_a_task"], "is not a task"),
         (["serve", "tests.taskqueue.nowhere:task"], "cannot import module"),
+        (
+            ["serve", "tests.taskqueue.cli_tasks:shout", "--queue", "{url}", "--prefetch", "-1"],
+            "prefetch must be an int >= 0, got -1",
+        ),
     ],
 )
 def test_mistakes_are_one_line_and_exit_2(
@@ -141,6 +145,8 @@ def test_serve_runs_the_named_tasks_until_sigterm(url: str, backend: str) -> Non
         url,
         "--limit",
         "3",
+        "--prefetch",
+        "2",
         "--backend",
         backend,
     ]

@@ -184,11 +184,12 @@ async def test_a_singleton_runs_on_one_of_three_processes_and_fails_over(
 
 
 async def test_a_running_run_is_cancelled_on_the_process_that_runs_it(cluster: Cluster) -> None:
-    async with cluster.queue, cluster.worker("--lease=1") as worker:
+    # A lease of 60 s: its first heartbeat is 20 s away, so the notification stops it.
+    async with cluster.queue, cluster.worker("--lease=60") as worker:
         await worker.wait_until_serving()
         run = await cluster.tasks["slow"].delay(3600)
         await wait_for_file(cluster.dir / f"{run.id}.started")
-        assert await run.cancel(timeout=PROMPTLY), worker.output()
+        assert await run.cancel(timeout=PROMPTLY / 2), worker.output()
         assert run.state is RunState.CANCELLED
         assert run.attempts == 1
         worker.process.terminate()

@@ -697,5 +697,13 @@ def test_a_sibling_run_has_the_first_run_s_options_and_its_own_id_and_payload() 
         "r1", "say", '{"a": 1}', retries=2, retry_delay=0.5, timeout=3.0, max_attempts=4,
         scheduled_at=20.0, now=10.0, priority=7, trace_context="00-ab-cd-01",
     )  # fmt: skip
-    sibling = records.sibling_run(first, "r2", '{"a": 2}')
-    assert sibling == replace(first, id="r2", payload='{"a": 2}')
+    siblings = records.sibling_runs(first, ["r2", "r3"], ['{"a": 2}', '{"a": 3}'])
+    assert siblings == [
+        replace(first, id="r2", payload='{"a": 2}'),
+        replace(first, id="r3", payload='{"a": 3}'),
+    ]
+    assert records.sibling_runs(first, [], []) == []
+    with pytest.raises(ValueError, match="shorter"):
+        records.sibling_runs(first, ["r2", "r3"], ['{"a": 2}'])
+    with pytest.raises(ValueError, match="longer"):
+        records.sibling_runs(first, ["r2"], ['{"a": 2}', '{"a": 3}'])

@@ -8,9 +8,11 @@ one SQLite file or one PostgreSQL schema. (A RUNNING run cancelled on another pr
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import anyio
 import anyio.from_thread
@@ -26,12 +28,16 @@ from anyservice.taskqueue import (
     TaskWorker,
 )
 from anyservice.taskqueue.brokers import Broker
+from tests._postgres import postgres_schema
 
 from . import test_broker_conformance as conformance
 from . import test_cluster_brokers as cluster_brokers
 from .test_broker_conformance import LEASE, PAYLOAD, START, FakeClock
 
 pytestmark = [pytest.mark.anyio]
+
+#: Longest a real-time wait here may take before the test fails.
+PROMPTLY = 10.0
 
 clock = conformance.clock
 
@@ -94,6 +100,48 @@ async def test_cancel_of_a_running_run_is_asked_of_its_owner(broker: Broker) -> 
     # Finished: nothing more to cancel.
     assert await broker.request_cancel(run.id) is None
     assert await broker.request_cancel("no-such-run") is None
+
+
+@contextlib.asynccontextmanager
+async def watching(broker: Broker, asked: Callable[[list[str]], None]) -> AsyncIterator[None]:
+    """``broker.watch_cancels(asked)`` for the block's duration."""
+    async with anyio.create_task_group() as group:
+        group.start_soon(broker.watch_cancels, asked)
+        await anyio.sleep(0.05)  # real time: a PostgreSQL watch begins to read
+        yield
+        group.cancel_scope.cancel()
+
+
+async def test_a_watch_of_cancels_hears_of_a_running_run_cancelled_on_its_broker(
+    broker: Broker,
+) -> None:
+    heard: list[list[str]] = []
+    run = await broker.submit("say", PAYLOAD)
+    scheduled = await broker.submit("say", PAYLOAD)
+    await broker.claim("w", ["say"], limit=1, lease_seconds=LEASE)
+    async with watching(broker, heard.append):
+        assert await broker.request_cancel(scheduled.id) is RunState.CANCELLED
+        assert await broker.request_cancel(run.id) is RunState.RUNNING
+        with anyio.fail_after(PROMPTLY):
+            while run.id not in {i for ids in heard for i in ids}:  # noqa: ASYNC110
+                await anyio.sleep(0.005)
+    # Only the RUNNING run's request is told of: a SCHEDULED run was cancelled outright.
+    assert {i for ids in heard for i in ids} == {run.id}
+
+
+async def test_a_watch_of_cancels_hears_of_one_asked_on_another_broker(
+    racers: list[Broker],
+) -> None:
+    # Two brokers on one database, as two processes have.
+    worker, other = racers[0], racers[1]
+    heard: list[list[str]] = []
+    run = await other.submit("say", PAYLOAD)
+    await worker.claim("w", ["say"], limit=1, lease_seconds=LEASE)
+    async with watching(worker, heard.append):
+        assert await other.request_cancel(run.id) is RunState.RUNNING
+        with anyio.fail_after(PROMPTLY):
+            while [run.id] not in heard:  # noqa: ASYNC110 - a callback, no event
+                await anyio.sleep(0.005)
 
 
 async def test_cancel_of_a_scheduled_run_is_at_once(broker: Broker) -> None:
@@ -343,9 +391,7 @@ def test_concurrency_must_be_a_count_of_at_least_one() -> None:
 
 
 @pytest.mark.virtual_time
-async def test_cancelling_a_running_run_cancels_its_body_within_a_heartbeat(
-    queue: TaskQueue,
-) -> None:
+async def test_cancelling_a_running_run_cancels_its_body_at_once(queue: TaskQueue) -> None:
     started = anyio.Event()
     cleaned_up: list[float] = []
 
@@ -357,35 +403,110 @@ async def test_cancelling_a_running_run_cancels_its_body_within_a_heartbeat(
         finally:
             cleaned_up.append(anyio.current_time())
 
-    async with TaskWorker(endless, lease_seconds=30) as worker:
+    async with TaskWorker(endless, lease_seconds=60) as worker:
         run = await endless.delay()
         await started.wait()
         asked = anyio.current_time()
         assert await run.cancel(timeout=60)
         assert run.state is RunState.CANCELLED
         assert len(cleaned_up) == 1
-        assert cleaned_up[0] - asked <= 10  # a heartbeat: a third of the lease
+        # Told at once by the broker, not at the next heartbeat (a third of the lease).
+        assert cleaned_up[0] - asked < 60 / 3
         assert worker.counts["cancelled"] == 1
     with pytest.raises(TaskRunFailed, match="was cancelled while it was running"):
         await run.result()
     assert not await run.cancel()
 
 
-async def test_cancel_says_false_when_the_run_finished_otherwise(queue: TaskQueue) -> None:
-    # Real time: on a virtual clock the heartbeat would come while the thread runs.
-    started = anyio.Event()
+@pytest.mark.virtual_time
+async def test_a_run_claimed_ahead_and_cancelled_ends_at_once_and_never_starts(
+    queue: TaskQueue,
+) -> None:
+    started: list[str] = []
+    gate = anyio.Event()
 
     @queue.task
-    def blocking() -> str:
-        # The run completes long before its worker's next heartbeat could cancel it.
-        anyio.from_thread.run_sync(started.set)
+    async def hold(label: str) -> None:
+        started.append(label)
+        await gate.wait()
+
+    async with TaskWorker(hold, limit=1, prefetch=1, lease_seconds=30) as worker:
+        first = await hold.delay("first")
+        ahead = await hold.delay("ahead")
+        with anyio.fail_after(60):
+            while started != ["first"] or worker.status()["prefetched"] != 1:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        asked = anyio.current_time()
+        # Not held until the run before it finishes, nor until the next heartbeat (10 s):
+        # the cancel watch hears of the request and the run ends at once.
+        assert await ahead.cancel(timeout=60)
+        assert anyio.current_time() - asked < 1
+        assert ahead.state is RunState.CANCELLED
+        assert worker.status()["prefetched"] == 0
+        gate.set()
+        await first.wait(timeout=60)
+    assert started == ["first"]
+    assert worker.counts["cancelled"] == 1
+    assert worker.counts["completed"] == 1
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "postgresql-poll-only"])
+def cancel_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, bool]]:
+    """A database two brokers (two processes) share, and whether its workers are told of
+    cancel requests at once: SQLite and PostgreSQL, and PostgreSQL without LISTEN."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'runs.db'}", True
+        return
+    options = {"listen": "false"} if request.param == "postgresql-poll-only" else {}
+    with postgres_schema(request.getfixturevalue("postgres_url"), **options) as url:
+        yield url, not options
+
+
+async def test_a_running_run_cancelled_from_another_broker_stops_before_a_heartbeat(
+    cancel_url: tuple[str, bool],
+) -> None:
+    # Real time, two brokers on one database as two processes would have. The worker
+    # is full (limit=1): its claim loop waits for a slot, not for work, so only the
+    # notification of the cancel can explain a stop before the first heartbeat.
+    url, notified = cancel_url
+    lease = 60.0 if notified else 3.0  # poll-only: the heartbeat (a third) finds it
+    started = anyio.Event()
+    queue = TaskQueue(url)
+
+    @queue.task
+    async def endless() -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    other = TaskQueue(url)  # its broker is the other process's
+    async with queue, other, TaskWorker(endless, limit=1, lease_seconds=lease) as worker:
+        run = await endless.delay()
+        with anyio.fail_after(PROMPTLY):
+            await started.wait()
+        assert await other.broker.request_cancel(run.id) is RunState.RUNNING
+        # Bounded: notified, well before the first heartbeat could have found the request.
+        assert not notified or lease / 3 > PROMPTLY
+        finished = await other.broker.wait_until_finished(run.id, timeout=PROMPTLY)
+        assert finished is not None
+        assert finished.state is RunState.CANCELLED
+    assert worker.counts["cancelled"] == 1
+
+
+@pytest.mark.virtual_time
+async def test_cancel_says_false_when_the_run_finished_otherwise(queue: TaskQueue) -> None:
+    @queue.task
+    async def say() -> str:
         return "done"
 
-    async with TaskWorker(blocking, lease_seconds=60):
-        run = await blocking.delay()
-        await started.wait()
-        assert not await run.cancel(timeout=60)
-        assert run.state is RunState.COMPLETED
+    run = await say.delay()
+    # Its worker (standing in here) completes it before it looks for cancel requests.
+    (claimed,) = await queue.broker.claim("elsewhere", ["say"], limit=1, lease_seconds=60)
+    async with anyio.create_task_group() as group:
+        group.start_soon(run.cancel, 60)
+        await anyio.sleep(1)
+        assert await queue.broker.complete("elsewhere", run.id, claimed.attempts, '"done"')
+    assert not await run.cancel(timeout=60)
+    assert run.state is RunState.COMPLETED
 
 
 @pytest.mark.virtual_time

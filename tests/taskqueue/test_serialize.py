@@ -3,14 +3,17 @@ from __future__ import annotations
 import datetime
 import inspect
 import json
-from typing import Any
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from anyservice.taskqueue._records import PayloadError, RunError
 from anyservice.taskqueue._serialize import (
+    MAX_NESTING,
     decode_arguments,
     decode_result,
     encode_arguments,
@@ -18,6 +21,7 @@ from anyservice.taskqueue._serialize import (
 )
 
 WHEN = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
+T = TypeVar("T")
 
 json_values = st.recursive(
     st.none()
@@ -126,34 +130,85 @@ def _nested(depth: int) -> list[Any]:
     return value
 
 
-def _deepest_encodable() -> int:
-    """The deepest nesting of lists JSON encodes from here (found by bisection)."""
-    low, high = 1, 1 << 16
-    while low + 1 < high:
-        middle = (low + high) // 2
-        try:
-            encode_result(_nested(middle))
-        except TypeError:
-            high = middle
-        else:
-            low = middle
-    return low
+def _at_stack_depth(frames: int, call: Callable[[], T]) -> T:
+    """``call()``, ``frames`` frames deeper than here."""
+    if frames <= 0:
+        return call()
+    return _at_stack_depth(frames - 1, call)
+
+
+def _stack_depth() -> int:
+    depth, frame = 0, inspect.currentframe()
+    while frame is not None:
+        depth, frame = depth + 1, frame.f_back
+    return depth
+
+
+@settings(max_examples=50, deadline=None)
+@given(depth=st.integers(min_value=1, max_value=MAX_NESTING), as_kwarg=st.booleans())
+def test_what_the_encoder_accepts_up_to_the_limit_decodes(depth: int, as_kwarg: bool) -> None:
+    # From deep in a stack (the submitter's) to a shallow one (the worker's) and back.
+    value = _nested(depth - 1)
+    args, kwargs = ([], {"x": value}) if as_kwarg else ([value], {})
+    payload = _at_stack_depth(400, lambda: encode_arguments("say", args, kwargs))
+    assert decode_arguments(payload) == (args, kwargs)
+    assert _at_stack_depth(400, lambda: decode_arguments(payload)) == (args, kwargs)
+    result = encode_result(value)
+    assert decode_result(result) == value
+    assert result == "[" * depth + "]" * depth
+
+
+def test_the_limit_is_the_documented_one() -> None:
+    assert MAX_NESTING == 200  # docs/taskqueue.md says so
+
+
+def test_one_level_past_the_limit_is_refused_naming_the_argument() -> None:
+    too_deep = _nested(MAX_NESTING)
+    nested = f"nested deeper than {MAX_NESTING} lists and objects"
+    with pytest.raises(TypeError) as caught:
+        encode_arguments("say", ["hi", 1], {"loud": too_deep}, inspect.signature(say))
+    assert str(caught.value) == f"argument 'loud' of task 'say' is not JSON-serialisable: {nested}"
+    assert isinstance(caught.value.__cause__, ValueError)
+    with pytest.raises(TypeError, match=rf"^argument 'when' of task 'say' .*: {nested}$"):
+        encode_arguments("say", ["hi", too_deep], {}, inspect.signature(say))
+    with pytest.raises(
+        TypeError, match=rf"^result of task 'say' is not JSON-serialisable: {nested}$"
+    ):
+        encode_result(too_deep, task_name="say")
+    # Brackets inside strings are text, not nesting.
+    text = ["[" * (3 * MAX_NESTING), "{" * MAX_NESTING, '"]\\[' * MAX_NESTING]
+    assert decode_result(encode_result(text)) == text
+    assert decode_arguments(encode_arguments("say", text, {})) == (text, {})
+
+
+def test_the_decoder_refuses_what_the_encoder_would_have() -> None:
+    deep = "[" * (MAX_NESTING + 1) + "]" * (MAX_NESTING + 1)
+    nested = rf"\(nested deeper than {MAX_NESTING} lists and objects\)"
+    with pytest.raises(PayloadError, match=rf"^run result is not valid JSON {nested}: '\[\[\["):
+        decode_result(deep)
+    assert decode_result(deep[1:-1]) == _nested(MAX_NESTING - 1)
+    payload = '{"args":[' + deep + '],"kwargs":{}}'
+    with pytest.raises(PayloadError, match=r"^run arguments is not valid JSON \(nested deeper"):
+        decode_arguments(payload)
+    shallower = '{"args":[' + deep[1:-1] + '],"kwargs":{}}'
+    assert decode_arguments(shallower) == ([_nested(MAX_NESTING - 1)], {})
 
 
 def test_arguments_each_encodable_but_too_deep_together_name_the_task() -> None:
-    # One argument as deep as the encoder goes alone is two levels too deep inside the
-    # payload: no single argument is at fault, so the error names the task's arguments.
-    # The search spans the few frames by which the bisection's calls stand deeper.
-    deepest = _deepest_encodable()
+    # From a stack so deep that Python's recursion limit comes first: an argument that
+    # encodes alone is two levels too deep inside the payload, so no single argument is
+    # at fault and the error names the task's arguments. The search spans the frames
+    # where that happens.
+    value = _nested(MAX_NESTING - 1)
+    limit = sys.getrecursionlimit() - _stack_depth()
     refused: list[TypeError] = []
-    for depth in range(deepest - 20, deepest + 20):
+    for frames in range(limit - MAX_NESTING - 40, limit - MAX_NESTING + 40):
         try:
-            payload = encode_arguments("say", [_nested(depth)], {})
+            _at_stack_depth(frames, lambda: encode_arguments("say", [value], {}))
         except TypeError as exc:
             refused.append(exc)
-            continue
-        brackets = depth + 1
-        assert payload == '{"args":[' + "[" * brackets + "]" * brackets + '],"kwargs":{}}'
+        except RecursionError:
+            break  # deeper than the encoder itself can be called
     whole = "arguments of task 'say' is not JSON-serialisable: "
     one = "positional argument 0 of task 'say' is not JSON-serialisable: "
     whole_refused = [error for error in refused if str(error).startswith(whole)]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -17,6 +19,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -748,7 +751,7 @@ def foreign_submit(path: Path, task: str = "say", *, scheduled_at: float | None 
 @contextlib.contextmanager
 def foreign_channel(path: Path) -> Iterator[WakeChannel]:
     """Another process's wake channel on the file: what it pokes reaches the broker's."""
-    channel = WakeChannel(os.path.abspath(path), lambda work, named: None)
+    channel = WakeChannel(os.path.abspath(path), lambda work, named: None, lambda run_ids: None)
     assert channel.open()
     try:
         yield channel
@@ -831,6 +834,33 @@ async def test_a_poke_that_names_no_run_or_makes_no_sense_claims_every_due_run(
         runs = [foreign_submit(path), foreign_submit(path)]
         await poke_and_wait(broker, channel, kind)
         assert sorted(await claim_ids(broker, limit=5)) == sorted(runs)
+
+
+@pytest.mark.anyio
+async def test_a_cancel_poke_tells_the_watchers_of_its_run_and_is_no_work(
+    broker: SqliteBroker, path: Path
+) -> None:
+    heard: list[list[str]] = []
+    told = anyio.Event()
+
+    def asked(run_ids: list[str]) -> None:
+        heard.append(run_ids)
+        told.set()
+
+    work = broker._notifier.generation(work=True)
+    async with anyio.create_task_group() as group:
+        group.start_soon(broker.watch_cancels, asked)
+        await anyio.sleep(0.01)
+        with foreign_channel(path) as channel:
+            # Pokes that name no run, or make no sense, tell of nothing.
+            for kind in (b"k", b"k\xff\xfe", b"k" + b"0" * 300, b"kno-such-run"):
+                channel.poke(kind)
+            channel.poke(b"k" + b"ab12" * 8)
+            with anyio.fail_after(4):
+                await told.wait()
+        group.cancel_scope.cancel()
+    assert heard == [["ab12" * 8]]
+    assert broker._notifier.generation(work=True) == work
 
 
 @pytest.mark.anyio
@@ -1007,6 +1037,60 @@ async def test_a_poke_naming_a_run_the_loop_may_not_take_wakes_it_for_a_full_cla
     assert stored.state is RunState.SCHEDULED
 
 
+class FailingLoop(Loop):
+    """A claim loop whose start of runs claimed ahead raises, as a bug there would."""
+
+    def start(self, runs: list[RunRecord]) -> None:
+        self.started.extend(runs)
+        raise RuntimeError("the runners are gone")
+
+
+class UncountableLoop(Loop):
+    """A claim loop whose count of free slots raises, in the middle of the claim ahead."""
+
+    def claimer(self) -> AheadClaimer:
+        return dataclasses.replace(super().claimer(), free_slots=self.broken)
+
+    @staticmethod
+    def broken() -> int:
+        raise RuntimeError("no slots to count")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("make_loop", "started", "logged"),
+    [
+        (FailingLoop, True, "starting runs claimed ahead failed; handing them back"),
+        (UncountableLoop, False, "claiming runs ['{}'] as their poke arrived failed"),
+    ],
+    ids=["start", "claim"],
+)
+async def test_a_claim_ahead_that_raises_is_logged_and_its_run_left_to_the_loop(
+    looked: SqliteBroker,
+    path: Path,
+    caplog: pytest.LogCaptureFixture,
+    make_loop: type[Loop],
+    started: bool,
+    logged: str,
+) -> None:
+    broker = looked
+    loop = make_loop()
+    with foreign_channel(path) as channel, caplog.at_level(logging.ERROR, logger="anyservice"):
+        run_id = foreign_submit(path)
+        # The event loop goes on (on trio the reader is a system task), the wait ends.
+        await loop.woken_by(broker, channel, b"w" + run_id.encode())
+    assert [run.id for run in loop.started] == ([run_id] if started else [])
+    assert logged.format(run_id) in caplog.text
+    assert "RuntimeError: " in caplog.text
+    # Claimable again at once, its attempt not counted; a lease given ahead is void.
+    stored = await broker.get(run_id)
+    assert stored is not None
+    assert (stored.state, stored.attempts, stored.lease_owner) == (RunState.SCHEDULED, 0, None)
+    assert not await broker.complete("w1", run_id, 1, "1")
+    claimed = await broker.claim("w2", ["say"], limit=5, lease_seconds=LEASE)
+    assert [(run.id, run.attempts) for run in claimed] == [(run_id, 1)]
+
+
 PROMPTLY = 10.0
 
 
@@ -1035,5 +1119,47 @@ async def test_a_worker_starts_a_run_claimed_ahead_for_it_before_any_claim_of_it
             assert await run.result(timeout=PROMPTLY) == "hi"
         stored = await broker.get(run_id)
     assert claims_before_body[-1] == claims
+    assert stored is not None
+    assert (stored.state, stored.attempts) == (RunState.COMPLETED, 1)
+
+
+@pytest.mark.anyio
+async def test_a_worker_whose_start_of_a_run_claimed_ahead_raises_runs_it_after_all(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = SqliteBroker(path, poll_interval=30.0)
+    patient(broker)
+    queue = TaskQueue(broker=broker)
+
+    @queue.task
+    async def say(message: str) -> str:
+        return message
+
+    worker = TaskWorker(say, limit=2)
+    start = worker._start
+    failing: list[str] = []
+    calls: list[list[str]] = []
+
+    def fails_once(claimed: list[RunRecord], put: Any = None) -> Any:
+        ids = [run.id for run in claimed]
+        if failing and failing[0] in ids:
+            calls.append(ids)
+            if len(calls) == 1:
+                raise RuntimeError("no runner to be had")
+        return start(claimed, put)
+
+    worker._start = fails_once  # type: ignore[method-assign]
+    async with queue, worker:
+        assert await (await say.delay("first")).result(timeout=PROMPTLY) == "first"
+        with foreign_channel(path) as channel, caplog.at_level(logging.ERROR, "anyservice"):
+            run_id = foreign_submit(path)
+            failing.append(run_id)
+            channel.poke(b"w" + run_id.encode())
+            run = await queue.get_run(run_id)
+            # Handed back, and claimed again by the worker's own claim loop.
+            assert await run.result(timeout=PROMPTLY) == "hi"
+        stored = await broker.get(run_id)
+    assert calls == [[run_id], [run_id]]
+    assert "RuntimeError: no runner to be had" in caplog.text
     assert stored is not None
     assert (stored.state, stored.attempts) == (RunState.COMPLETED, 1)

@@ -32,13 +32,16 @@ from anyservice.taskqueue import (
     RunRecord,
     RunState,
     SqliteBroker,
+    Task,
     TaskQueue,
+    TaskRun,
     TaskRunFailed,
     TaskWorker,
     current_run,
     serve,
 )
 from anyservice.taskqueue._errors import BrokerError
+from anyservice.taskqueue._serialize import MAX_NESTING
 from anyservice.taskqueue.brokers import broker_from_url
 from tests._postgres import postgres_schema
 
@@ -164,15 +167,24 @@ async def test_sync_task_runs_in_a_worker_thread(queue: TaskQueue) -> None:
 
 
 async def test_a_task_knows_which_run_it_executes(queue: TaskQueue) -> None:
+    contexts: list[object] = []
+
     @queue.task
     async def who() -> list[Any]:
         context = current_run()
         assert context is not None
+        # One object for the whole attempt: in the tasks the body starts too.
+        async with anyio.create_task_group() as group:
+            group.start_soon(
+                lambda: anyio.to_thread.run_sync(lambda: contexts.append(current_run()))
+            )
+        contexts.extend([context, current_run()])
         return [context.run_id, context.task, context.attempt, context.worker]
 
     @queue.task
     def who_in_a_thread() -> str | None:
         context = current_run()
+        assert context is current_run()
         return None if context is None else context.run_id
 
     async with TaskWorker(who, who_in_a_thread) as worker:
@@ -180,6 +192,12 @@ async def test_a_task_knows_which_run_it_executes(queue: TaskQueue) -> None:
         assert await run.result(timeout=PROMPTLY) == [run.id, "who", 1, worker.client_id]
         threaded = await who_in_a_thread.delay()
         assert await threaded.result(timeout=PROMPTLY) == threaded.id
+        again = await who.delay()
+        assert await again.result(timeout=PROMPTLY) == [again.id, "who", 1, worker.client_id]
+    first, second = contexts[:3], contexts[3:]
+    assert all(context is first[0] for context in first)
+    assert all(context is second[0] for context in second)
+    assert first[0] is not second[0]
 
 
 async def test_a_failed_run_carries_the_exception_type_message_and_traceback(
@@ -353,6 +371,34 @@ async def test_a_result_that_is_not_json_fails_the_run_without_retrying(
     assert run.attempts == 1
 
 
+async def test_arguments_nested_to_the_limit_run_and_one_level_more_is_refused_at_delay(
+    queue: TaskQueue,
+) -> None:
+    @queue.task
+    async def depth(value: Any) -> list[Any]:
+        levels = 0
+        while isinstance(value, list):
+            levels, value = levels + 1, value[0] if value else None
+        return [levels, value]
+
+    def nested(levels: int) -> list[Any]:
+        value: list[Any] = []
+        for _ in range(levels - 1):
+            value = [value]
+        return value
+
+    async with TaskWorker(depth):
+        run = await depth.delay(nested(MAX_NESTING))
+        assert await run.result(timeout=PROMPTLY) == [MAX_NESTING, None]
+    with pytest.raises(
+        TypeError,
+        match=f"^argument 'value' of task 'depth' is not JSON-serialisable: nested deeper than "
+        f"{MAX_NESTING} lists and objects$",
+    ):
+        await depth.delay(nested(MAX_NESTING + 1))
+    assert (await queue.counts())[RunState.SCHEDULED] == 0
+
+
 async def test_a_sync_task_can_submit_another_run(queue: TaskQueue) -> None:
     @queue.task
     async def child(n: int) -> int:
@@ -371,12 +417,28 @@ async def test_a_sync_task_can_submit_another_run(queue: TaskQueue) -> None:
 # ------------------------------------------------------------------ limits
 
 
+@contextlib.asynccontextmanager
+async def ten_runs_three_claimed_ahead(
+    task: Task[[], None],
+) -> AsyncIterator[tuple[TaskWorker, list[TaskRun[None]]]]:
+    """A worker (limit 2, prefetch 3) with ten runs of ``task``, three claimed ahead; on
+    exit, all ten completed."""
+    async with TaskWorker(task, limit=2, prefetch=3) as worker:
+        runs = [await task.delay() for _ in range(10)]
+        await wait_until(lambda: worker.status()["prefetched"] == 3, "three runs claimed ahead")
+        yield worker, runs
+        for run in runs:
+            await run.wait(timeout=PROMPTLY)
+    assert worker.counts["completed"] == 10
+
+
 @pytest.mark.virtual_time
-async def test_limit_bounds_the_runs_in_flight(virtual_queue: TaskQueue) -> None:
+async def test_limit_bounds_the_runs_in_flight_runs_claimed_ahead_included(
+    virtual_queue: TaskQueue,
+) -> None:
     queue = virtual_queue
     gate = anyio.Event()
-    running = 0
-    most = 0
+    running = most = 0
 
     @queue.task
     async def hold() -> None:
@@ -386,17 +448,18 @@ async def test_limit_bounds_the_runs_in_flight(virtual_queue: TaskQueue) -> None
         await gate.wait()
         running -= 1
 
-    async with TaskWorker(hold, limit=2) as worker:
-        runs = [await hold.delay() for _ in range(5)]
-        await wait_until(lambda: running == 2, "two runs in flight")
+    async with ten_runs_three_claimed_ahead(hold) as (worker, runs):
         # A minute of the worker polling for work, in virtual time: no third run starts.
         await anyio.sleep(60)
         assert running == 2
+        states = [await state_of(queue, run.id) for run in runs]
+        # Claimed ahead: leased and RUNNING, held by this worker, not yet started.
+        assert states.count(RunState.RUNNING) == 5
+        assert states.count(RunState.SCHEDULED) == 5
         status = worker.status()
         assert (status["current"], status["available"], status["limit"]) == (2, 0, 2)
+        assert (status["prefetch"], status["prefetched"], len(status["in_flight"])) == (3, 3, 5)
         gate.set()
-        for run in runs:
-            await run.wait(timeout=PROMPTLY)
     assert most == 2
 
 
@@ -419,6 +482,99 @@ async def test_no_limit_runs_everything_at_once(queue: TaskQueue) -> None:
             await run.wait(timeout=PROMPTLY)
 
 
+# ------------------------------------------------------------------ prefetch
+
+
+@pytest.mark.parametrize(
+    ("options", "prefetch"),
+    [
+        ({}, 10),
+        ({"limit": 1}, 1),
+        ({"limit": 50}, 50),
+        ({"limit": 60}, 40),
+        ({"limit": 100}, 0),
+        ({"limit": 500}, 0),
+        ({"limit": None}, 0),
+        ({"limit": None, "prefetch": 7}, 0),
+        ({"limit": 10, "prefetch": 0}, 0),
+        ({"limit": 10, "prefetch": 500}, 500),
+    ],
+)
+async def test_prefetch_defaults_to_the_limit_up_to_100_runs_a_claim(
+    virtual_queue: TaskQueue, options: dict[str, Any], prefetch: int
+) -> None:
+    @virtual_queue.task
+    async def say() -> None: ...
+
+    assert TaskWorker(say, **options).prefetch == prefetch
+
+
+async def test_sync_runs_claimed_ahead_wait_their_turn_within_the_limit(
+    queue: TaskQueue,
+) -> None:
+    gate = threading.Event()
+    lock = threading.Lock()
+    running = most = 0
+
+    @queue.task
+    def hold() -> None:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        gate.wait(PROMPTLY)
+        with lock:
+            running -= 1
+
+    async with ten_runs_three_claimed_ahead(hold):
+        await wait_until(lambda: running == 2, "two bodies running")
+        gate.set()
+    assert most == 2
+
+
+async def test_a_stop_hands_back_the_runs_claimed_ahead_at_once(
+    queue: TaskQueue, caplog: pytest.LogCaptureFixture
+) -> None:
+    started, gate = anyio.Event(), anyio.Event()
+
+    @queue.task
+    async def hold() -> str:
+        started.set()
+        await gate.wait()
+        return "done"
+
+    async with TaskWorker(hold, limit=1, prefetch=2, shutdown_timeout=PROMPTLY) as worker:
+        first = await hold.delay()
+        with anyio.fail_after(PROMPTLY):
+            await started.wait()
+        ahead = [await hold.delay() for _ in range(2)]
+        await wait_until(lambda: worker.status()["prefetched"] == 2, "two runs claimed ahead")
+        async with anyio.create_task_group() as group:
+            caplog.set_level(logging.INFO, logger="anyservice")
+            group.start_soon(worker.stop)
+
+            async def handed_back() -> bool:
+                states = [await state_of(queue, run.id) for run in ahead]
+                return states == [RunState.SCHEDULED] * 2
+
+            # Not kept until the run in flight finishes: another worker may take them now.
+            await eventually(handed_back)
+            assert await state_of(queue, first.id) is RunState.RUNNING
+            gate.set()
+    assert worker.state is ServiceState.STOPPED
+    assert await first.result(timeout=PROMPTLY) == "done"
+    for run in ahead:
+        record = await queue.broker.get(run.id)
+        assert record is not None
+        assert (record.state, record.attempts, record.lease_owner) == (RunState.SCHEDULED, 0, None)
+    assert worker.counts["handed_back"] == 2
+    assert worker.counts["completed"] == 1
+    # Routine, not a warning: they never started.
+    handed = [r for r in caplog.records if "handed back before it started" in r.getMessage()]
+    assert [record.levelno for record in handed] == [logging.INFO] * 2
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
@@ -438,6 +594,9 @@ async def test_no_limit_runs_everything_at_once(queue: TaskQueue) -> None:
         ({"status_server_host": ""}, ValueError, "status_server_host must be a non-empty"),
         ({"shutdown_timeout": -1}, ValueError, "shutdown_timeout"),
         ({"shutdown_timeout": math.inf}, ValueError, "shutdown_timeout must be a finite number"),
+        ({"prefetch": -1}, ValueError, "TaskWorker: prefetch must be an int >= 0, got -1"),
+        ({"prefetch": 2.5}, TypeError, "TaskWorker: prefetch must be an int, got 2.5"),
+        ({"prefetch": "4"}, TypeError, "TaskWorker: prefetch must be an int"),
     ],
 )
 async def test_bad_worker_options_are_refused(
@@ -475,6 +634,8 @@ async def test_serve_refuses_an_unknown_backend_before_running_anything(queue: T
         serve(say, backend="curio")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="limit must be an int >= 1"):
         serve(say, limit=0)
+    with pytest.raises(ValueError, match="prefetch must be an int >= 0, got -2"):
+        serve(say, prefetch=-2)
 
 
 async def test_worker_durations_may_be_timedeltas_or_numeric_strings(queue: TaskQueue) -> None:
@@ -696,22 +857,27 @@ async def test_leases_are_renewed_while_a_run_is_in_flight(
     # Long enough that a heartbeat on a loaded machine (every lease / 3 of real time)
     # renews it in time: a lease the worker saw run out would make it drop the outcome.
     lease = 1.5
-    async with TaskWorker(hold, lease_seconds=lease):
+    async with TaskWorker(hold, limit=1, prefetch=1, lease_seconds=lease) as worker:
         run = await hold.delay()
         with anyio.fail_after(PROMPTLY):
             await started.wait()
+        # Claimed ahead of the limit: it waits for the run in flight, leased all the same.
+        ahead = await hold.delay()
+        await wait_until(lambda: worker.status()["prefetched"] == 1, "a run claimed ahead")
         first = (await queue.broker.get(run.id)).lease_expires_at  # type: ignore[union-attr]
         clock.now += 1
 
         async def renewed() -> bool:
-            record = await queue.broker.get(run.id)
-            return record is not None and record.lease_expires_at == clock.now + lease
+            records = [await queue.broker.get(one.id) for one in (run, ahead)]
+            expiries = {record.lease_expires_at for record in records if record is not None}
+            return expiries == {clock.now + lease}
 
         await eventually(renewed)
         assert first == clock.now - 1 + lease
         gate.set()
         await run.wait(timeout=PROMPTLY)
-    assert run.state is RunState.COMPLETED
+        await ahead.wait(timeout=PROMPTLY)
+    assert (run.state, ahead.state, ahead.attempts) == (RunState.COMPLETED,) * 2 + (1,)
 
 
 async def test_a_run_that_keeps_killing_workers_ends_crashed() -> None:
@@ -1152,7 +1318,7 @@ async def test_the_next_claim_waits_for_the_last_result_and_stores_it_first() ->
             second_started.set()
             return (await one.refresh()).value
 
-        async with TaskWorker(first, second, limit=1) as worker:
+        async with TaskWorker(first, second, limit=1, prefetch=0) as worker:
             one = await first.delay()
             with anyio.fail_after(30):
                 await first_ran.wait()
@@ -1177,7 +1343,7 @@ async def test_results_whose_claim_failed_are_recorded_all_the_same() -> None:
         async def double(number: int) -> int:
             return 2 * number
 
-        async with TaskWorker(double, limit=5) as worker:
+        async with TaskWorker(double, limit=5, prefetch=0) as worker:
             runs = await double.map(range(20))
             assert [await run.result(timeout=60) for run in runs] == [
                 2 * number for number in range(20)
@@ -1227,3 +1393,38 @@ async def test_a_run_cancelled_while_its_predecessors_result_is_unrecorded() -> 
             assert await after.result(timeout=30) == "after"
         assert (worker.counts["completed"], worker.counts["cancelled"]) == (2, 1)
         assert stopped.state is RunState.CANCELLED
+
+
+class FlakyWatchBroker(MemoryBroker):
+    """A memory broker whose first watch of cancel requests fails."""
+
+    def __init__(self) -> None:
+        super().__init__(clock=anyio.current_time)
+        self.watches = 0
+
+    async def _watch_cancels(self) -> None:
+        self.watches += 1
+        if self.watches == 1:
+            raise BrokerError("the watch broke")
+        await super()._watch_cancels()
+
+
+@pytest.mark.virtual_time
+async def test_a_broken_watch_of_cancels_is_watched_again_and_cancels_still_arrive() -> None:
+    broker = FlakyWatchBroker()
+    queue = TaskQueue(broker=broker)
+    started = anyio.Event()
+
+    @queue.task
+    async def endless() -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    async with queue, TaskWorker(endless, lease_seconds=600) as worker:
+        run = await endless.delay()
+        await started.wait()
+        await wait_until(lambda: broker.watches == 2, "the watch made again")
+        asked = anyio.current_time()
+        assert await run.cancel(timeout=60)
+        assert anyio.current_time() - asked < 600 / 3  # told, not found at a heartbeat
+        assert worker.counts["cancelled"] == 1

@@ -190,6 +190,34 @@ async def test_a_killed_workers_run_is_taken_over_long_before_its_lease_expires(
         assert await survivor.exit_code() == 0, survivor.output()
 
 
+async def test_runs_a_killed_worker_claimed_ahead_complete_on_another(setup: Setup) -> None:
+    async with setup.worker("--lease=1", "--limit=1", "--prefetch=2") as victim:
+        await victim.wait_until_serving()
+        hanging = await setup.tasks["hang_first"].delay()
+        await wait_for_file(setup.dir / f"{hanging.id}.hanging")
+        # Its one slot taken, the worker claims these two ahead: leased, queued, not run.
+        ahead = [await setup.tasks["record"].delay(number) for number in (1, 2)]
+
+        async def claimed_ahead() -> bool:
+            records = [await setup.queue.broker.get(run.id) for run in ahead]
+            return all(
+                record is not None and record.state is RunState.RUNNING for record in records
+            )
+
+        await eventually(claimed_ahead, PROMPTLY)
+        victim.process.kill()
+        assert await victim.exit_code() == -signal.SIGKILL
+    assert not (setup.dir / f"{victim.process.pid}.runs").exists(), "a run claimed ahead ran"
+
+    async with setup.worker("--lease=1") as survivor:
+        assert await hanging.result(timeout=PROMPTLY) == 2, survivor.output()
+        assert [await run.result(timeout=PROMPTLY) for run in ahead] == [1, 2]
+        # Claimed twice (ahead by the killed worker, then here), run once.
+        assert [run.attempts for run in ahead] == [2, 2]
+        survivor.process.terminate()
+        assert await survivor.exit_code() == 0, survivor.output()
+
+
 async def test_sigterm_lets_the_run_in_flight_finish_and_exits_0(setup: Setup) -> None:
     async with setup.worker() as worker:
         await worker.wait_until_serving()

@@ -70,6 +70,16 @@ def add_commands(
     ``target_error`` with a one-line message (the ``anyservice`` command's own loader).
     """
     queue_help = f"the queue's URL (default: ${QUEUE_VARIABLE}, else {DEFAULT_URL})"
+    _add_serve(commands, queue_help, load_object, target_error)
+    _add_runs(commands, queue_help)
+
+
+def _add_serve(
+    commands: Any,
+    queue_help: str,
+    load_object: Callable[[str], object],
+    target_error: type[Exception],
+) -> None:
     serve = commands.add_parser(
         "serve",
         help="run a worker for tasks (TASK: package.module:task) until SIGTERM",
@@ -84,8 +94,16 @@ def add_commands(
     )
     serve.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
     serve.add_argument("--lease", type=float, default=30.0, help="lease seconds (default: 30)")
+    serve.add_argument(
+        "--prefetch",
+        type=int,
+        default=None,
+        help="most runs claimed ahead of --limit (default: as many as --limit, up to 100 a claim)",
+    )
     serve.set_defaults(handler=_serve, load_object=load_object, target_error=target_error)
 
+
+def _add_runs(commands: Any, queue_help: str) -> None:
     runs = commands.add_parser(
         "runs",
         help="list, show, retry, cancel or purge stored task runs",
@@ -153,6 +171,7 @@ def _serve(args: argparse.Namespace) -> int:
             status_server_port=args.status_port,
             backend=cast(Literal["asyncio", "trio"], args.backend),
             lease_seconds=args.lease,
+            prefetch=args.prefetch,
         )
         return code
     except (CommandError, TypeError, ValueError) as error:

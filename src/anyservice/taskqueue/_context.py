@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from ._records import RunRecord
+from typing import Any
 
 __all__ = ["RunContext", "current_run", "run_as", "running"]
 
@@ -33,8 +30,9 @@ class RunContext:
 
 
 #: The run the current code executes: its context, or (as a worker sets it once per run)
-#: its record and the worker's id, of which :func:`current_run` makes the context.
-_current: ContextVar[RunContext | tuple[RunRecord, str] | None] = ContextVar(
+#: ``[record, worker id, None]``, of which :func:`current_run` makes the context on the
+#: first call and keeps it in the list's last place for the calls after.
+_current: ContextVar[RunContext | list[Any] | None] = ContextVar(
     "anyservice_task_run", default=None
 )
 
@@ -43,12 +41,18 @@ def current_run() -> RunContext | None:
     """The run being executed by the calling task (also in a sync task's thread).
 
     ``None`` when the task function was called directly (``say("hi")``), not by a worker.
+    Within one attempt of a run, every call returns the same object (in the tasks the
+    body starts and in its thread too).
     """
     current = _current.get()
     if current is None or isinstance(current, RunContext):
         return current
-    record, worker = current
-    return RunContext(record.id, record.task, record.attempts, record.retries_left, worker)
+    record, worker, context = current
+    if context is None:
+        context = current[2] = RunContext(
+            record.id, record.task, record.attempts, record.retries_left, worker
+        )
+    return context  # type: ignore[no-any-return]
 
 
 def running(context: RunContext) -> None:
@@ -56,6 +60,6 @@ def running(context: RunContext) -> None:
     _current.set(context)
 
 
-#: ``running()`` of the context of ``(record, worker_id)``, as a worker marks each run it
-#: executes: the context is made only if the task asks for it.
+#: ``running()`` of the context of ``[record, worker_id, None]``, as a worker marks each
+#: run it executes: the context is made only if the task asks for it.
 run_as = _current.set

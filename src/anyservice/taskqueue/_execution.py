@@ -274,6 +274,9 @@ class Runners:
         self._queued: deque[RunInFlight] = deque()
         self._idle: list[anyio.Event] = []
         self._count = 0
+        #: Most runners busy at once (the worker's ``limit``): runs claimed ahead of it
+        #: wait in the queue for a runner to finish its run.
+        self._most: int | None = None
         #: A runner was woken (or started) for the queued runs and has not taken one yet.
         self._calling = False
         #: The worker threads running sync bodies now.
@@ -285,8 +288,10 @@ class Runners:
         #: Set (and made anew) when a thread returns, for whoever waits on the threads.
         self._returned = anyio.Event()
 
-    def reset(self, threads: anyio.CapacityLimiter) -> None:
-        """Forget the runners of an earlier start (their tasks ended with it)."""
+    def reset(self, threads: anyio.CapacityLimiter, most: int | None = None) -> None:
+        """Forget the runners of an earlier start (their tasks ended with it); at most
+        ``most`` runners busy at once from now on (``None``: as many as runs queued)."""
+        self._most = most
         self._queued.clear()
         self._idle = []
         self._count = 0
@@ -296,6 +301,11 @@ class Runners:
         self._watching = False
         self._returned = anyio.Event()
         self._hooks.threads = threads
+
+    @property
+    def waiting(self) -> int:
+        """How many runs wait in the queue for a runner (claimed ahead of the limit)."""
+        return len(self._queued)
 
     @property
     def idle(self) -> int:
@@ -309,7 +319,10 @@ class Runners:
             self._call_runner()
 
     def _call_runner(self) -> None:
-        """Wake an idle runner for the queued runs, or start one (not while stopping)."""
+        """Wake an idle runner for the queued runs, or start one (not while stopping),
+        unless ``most`` runners are busy already: one of them takes the run next."""
+        if self._full():
+            return
         if self._idle:
             self._calling = True
             self._idle.pop().set()
@@ -317,6 +330,11 @@ class Runners:
             self._calling = True
             self._count += 1
             self._spawn(self._runner, name=f"runner {self._count}")
+
+    def _full(self) -> bool:
+        """Whether ``most`` runners are busy (none waits for a run)."""
+        most = self._most
+        return most is not None and self._count - len(self._idle) >= most
 
     def _take(self) -> RunInFlight | None:
         """The next queued run, if a worker thread did not take the last meanwhile."""
@@ -326,20 +344,28 @@ class Runners:
             return None
 
     async def taken(self, stopping: Callable[[], bool]) -> list[RunInFlight]:
-        """Wait until runners took every queued run; the runs left if a stop came first."""
+        """Wait until runners took every queued run they can take now (runs claimed
+        ahead wait for a busy runner); the runs left if a stop came first."""
         while self._queued:
             if stopping():
-                self._closing = True
-                left = []
-                while (entry := self._take()) is not None:
-                    left.append(entry)
-                return left
+                return self.close()
+            if not self._calling and (not self._batches or self._full()):
+                return []  # Every runner is busy: the one done first takes the next.
             if self._batches:
                 # Threads are taking them: a pass of the loop each would keep the GIL from them.
                 await anyio.sleep(_QUEUE_POLL)
             else:
                 await anyio.lowlevel.checkpoint()
         return []
+
+    def close(self) -> list[RunInFlight]:
+        """The runs still queued, taken out for the worker to hand back (a stop): runners
+        and threads take no more."""
+        self._closing = True
+        left = []
+        while (entry := self._take()) is not None:
+            left.append(entry)
+        return left
 
     async def _runner(self) -> None:
         try:
@@ -372,15 +398,37 @@ class Runners:
             if all(batch in self._batches and batch.started == n for batch, n in seen):
                 return  # Each is still in the body it was in: maybe blocked there.
 
-    async def _run_queued(self) -> None:
-        """Run queued runs in one cancel scope until none is left or one was stopped."""
+    def end_stopped(self) -> None:
+        """End at once the queued runs stopped before a runner took them (a lost lease, a
+        cancellation asked for): each in a task of its own, where it never starts, rather
+        than when a runner is free."""
+        for entry in list(self._queued):  # a copy: threads take from the queue meanwhile
+            if entry.lost or entry.cancelled:
+                try:
+                    self._queued.remove(entry)
+                except ValueError:
+                    continue  # A thread took it meanwhile: it ends there.
+                self.run_now(entry)
+
+    def run_now(self, entry: RunInFlight) -> None:
+        """Run ``entry`` at once in a task of its own, past ``most`` (it is not queued)."""
+        self._spawn(functools.partial(self._run_one, entry), name=f"run {entry.record.id}")
+
+    async def _run_one(self, entry: RunInFlight) -> None:
+        with self._hooks.in_flight():
+            await self._run_queued(functools.partial(next, iter((entry,)), None))
+
+    async def _run_queued(self, take: Callable[[], RunInFlight | None] | None = None) -> None:
+        """Run queued runs (or those ``take`` gives) in one cancel scope until none is left
+        or one was stopped."""
         hooks = self._hooks
         entry: RunInFlight | None = None
         outcome: Outcome | None = None
         ran: deque[tuple[RunInFlight, Outcome | None]] = deque()  # a thread's, to settle
+        take = take or self._take
         try:
             with anyio.CancelScope() as scope:
-                while (entry := self._take()) is not None:
+                while (entry := take()) is not None:
                     if self._queued and not self._calling:
                         self._call_runner()  # for the others, in case this one waits
                     entry.scope = scope
@@ -633,7 +681,7 @@ def _prepared(entry: RunInFlight, worker_id: str) -> tuple[list[Any], dict[str, 
         args, kwargs = ([], {}) if payload == NO_ARGUMENTS else decode_arguments(payload)
     except PayloadError as exc:
         return Outcome.failure(exc, retry=False, traceback=False)
-    run_as((record, worker_id))
+    run_as([record, worker_id, None])
     return args, kwargs
 
 

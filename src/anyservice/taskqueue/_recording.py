@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 import anyio
@@ -295,7 +295,7 @@ class Recorder:
             self._stats.broker_failed(exc, "renewing leases")
             return []
         self._stats.broker_worked()
-        await self._cancel_requested(runs, held)
+        await self.stop_cancelled(runs, held)
         lost: list[RunInFlight] = []
         for run_id, number in leases.items():
             entry = runs.get(run_id)
@@ -307,8 +307,9 @@ class Recorder:
                 lost.append(entry)
         return lost
 
-    async def _cancel_requested(self, runs: dict[str, RunInFlight], held: set[str]) -> None:
-        """Cancel, here, the runs among ``held`` whose cancellation a user asked for."""
+    async def stop_cancelled(self, runs: dict[str, RunInFlight], held: Collection[str]) -> None:
+        """Cancel, here, the runs among ``held`` whose cancellation a user asked for: at
+        each heartbeat, and as the broker tells of a request."""
         try:
             requested = await self._broker().cancel_requests(self._owner, sorted(held))
         except BrokerError as exc:
@@ -474,8 +475,9 @@ class Recorder:
                 extra=stats.extra(record),
             )
 
-    async def hand_back(self, record: RunRecord, why: str) -> None:
-        """Release a claimed run at once, shielded from the cancellation under way."""
+    async def hand_back(self, record: RunRecord, why: str, *, started: bool = True) -> None:
+        """Release a claimed run at once, shielded from the cancellation under way; one
+        not ``started`` (queued for a runner) is logged as routine, not as a warning."""
         released: bool | None = None
         broker = self._broker()
         with anyio.move_on_after(min(self._lease_seconds, HAND_BACK_BUDGET), shield=True):
@@ -485,7 +487,10 @@ class Recorder:
             )
         shown: tuple[Any, ...] = (record.id, record.task, why)
         extra = self._stats.extra(record)
-        if released:
+        if released and not started:
+            self._stats.count(record, "handed_back")
+            self._log.info("run %s of %r handed back before it started (%s)", *shown, extra=extra)
+        elif released:
             self._stats.count(record, "handed_back")
             self._log.warning(
                 "run %s of %r handed back unfinished (%s): another worker will run it",

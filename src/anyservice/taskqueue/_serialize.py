@@ -9,6 +9,10 @@ JSON has no tuples and only string keys: tuples come back as lists and ``int`` d
 as strings, as with any JSON task queue. ``NaN`` and infinities are rejected, since other
 JSON readers (PostgreSQL's ``jsonb``) refuse them.
 
+An argument or a result may nest lists and objects at most :data:`MAX_NESTING` deep, a
+limit both sides keep: what the encoder accepts, the decoder reads back wherever it runs
+(a worker's stack is not the submitter's, and Python's own limit is a count of frames).
+
 The stored payload is ``{"args": [...], "kwargs": {...}}``.
 """
 
@@ -16,18 +20,52 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
 from ._records import PayloadError, describe_stored
 
 __all__ = [
+    "MAX_NESTING",
     "PayloadError",
     "decode_arguments",
     "decode_result",
     "encode_arguments",
     "encode_result",
 ]
+
+
+#: The deepest an argument or a result may nest lists and objects (``[[]]`` is 2 deep).
+MAX_NESTING = 200
+#: A payload nests two levels more: its object, then its ``args`` list or ``kwargs`` object.
+_PAYLOAD_NESTING = MAX_NESTING + 2
+
+_STRINGS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
+_INNERMOST = re.compile(r"\[\]|\{\}")
+
+
+def _nested_deeper(text: str, limit: int) -> bool:
+    """Whether the JSON ``text`` nests lists and objects deeper than ``limit``."""
+    # Each level takes two characters: shorter text cannot be deeper (a fast path: the
+    # check below gives the same answer).
+    if len(text) <= 2 * limit:  # pragma: no mutate
+        return False
+    brackets = _NOT_BRACKETS.sub("", _STRINGS.sub("", text))
+    # Each pass takes away the innermost level.
+    for _ in range(limit):
+        if not brackets:
+            return False
+        brackets = _INNERMOST.sub("", brackets)
+    return bool(brackets)
+
+
+class _TooDeep(ValueError):
+    """A value nested deeper than :data:`MAX_NESTING`."""
+
+    def __init__(self) -> None:
+        super().__init__(f"nested deeper than {MAX_NESTING} lists and objects")
 
 
 class _NotSerialisable(Exception):
@@ -57,9 +95,12 @@ def _dumps(value: object, what: str) -> str:
             with ``what``.
     """
     try:
-        return _ENCODER.encode(value)
+        text = _ENCODER.encode(value)
     except _UNENCODABLE as exc:
         _refuse_encoding(what, exc)
+    if _nested_deeper(text, MAX_NESTING):
+        _refuse_encoding(what, _TooDeep())
+    return text
 
 
 def _reject_constant(name: str) -> NoReturn:
@@ -76,8 +117,10 @@ _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 NO_ARGUMENTS = '{"args":[],"kwargs":{}}'
 
 
-def _loads(text: str, what: str) -> Any:
+def _loads(text: str, what: str, limit: int) -> Any:
     try:
+        if _nested_deeper(text, limit):
+            raise _TooDeep()
         return _DECODER.decode(text)
     except (TypeError, ValueError, RecursionError) as exc:
         raise PayloadError(f"{what} is not valid JSON ({exc}): {describe_stored(text)}") from exc
@@ -125,7 +168,7 @@ def encode_arguments(
 
     Raises:
         TypeError: An argument has no JSON form, e.g. "argument 'when' of task 'say' is
-            not JSON-serialisable: datetime".
+            not JSON-serialisable: datetime", or nests deeper than :data:`MAX_NESTING`.
     """
     if not args and not kwargs:
         return NO_ARGUMENTS
@@ -136,20 +179,24 @@ def encode_arguments(
             )
     payload = {"args": args, "kwargs": kwargs}
     try:
-        return _ENCODER.encode(payload)
+        text = _ENCODER.encode(payload)
     except _UNENCODABLE as exc:
-        whole = exc
+        whole: Exception = exc
+    else:
+        if not _nested_deeper(text, _PAYLOAD_NESTING):
+            return text
+        # Not mutated: a payload is too deep only when an argument is, which the loop
+        # below names; the whole is never refused for this.
+        whole = _TooDeep()  # pragma: no mutate
     # Something has no JSON form: encode each argument alone (in this frame, as the whole
     # was) to name the one at fault.
     labels = _positional_labels(signature, len(args))
     named = [(labels[index], value) for index, value in enumerate(args)]
     named += [(f"argument {name!r}", value) for name, value in kwargs.items()]
     for label, value in named:
-        try:
-            _ENCODER.encode(value)
-        except _UNENCODABLE as exc:
-            _refuse_encoding(f"{label} of task {task_name!r}", exc)
-    # Each argument has a JSON form alone, but not the whole: nested just too deep.
+        _dumps(value, f"{label} of task {task_name!r}")
+    # Each argument has a JSON form alone, but not the whole: the caller's stack is so deep
+    # that the two levels the payload adds are too many for Python.
     _refuse_encoding(f"arguments of task {task_name!r}", whole)
 
 
@@ -163,7 +210,7 @@ def decode_arguments(payload: str) -> tuple[list[Any], dict[str, Any]]:
     """
     if payload == NO_ARGUMENTS:
         return [], {}
-    data = _loads(payload, "run arguments")
+    data = _loads(payload, "run arguments", _PAYLOAD_NESTING)
     if not isinstance(data, dict) or set(data) != {"args", "kwargs"}:
         raise PayloadError(
             "run arguments must be a JSON object with exactly 'args' and 'kwargs': "
@@ -182,7 +229,7 @@ def encode_result(value: object, *, task_name: str | None = None) -> str:
 
     Raises:
         TypeError: The value has no JSON form, e.g. "result of task 'say' is not
-            JSON-serialisable: datetime".
+            JSON-serialisable: datetime", or nests deeper than :data:`MAX_NESTING`.
     """
     if value is None:
         return "null"  # most tasks return nothing: skip the encoder
@@ -196,4 +243,4 @@ def decode_result(text: str) -> Any:
     Raises:
         PayloadError: ``text`` is not valid JSON.
     """
-    return _loads(text, "run result")
+    return _loads(text, "run result", MAX_NESTING)

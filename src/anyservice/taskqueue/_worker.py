@@ -10,7 +10,11 @@ A worker is three kinds of background work in the service's scope:
   waits for its lease;
 - the *lease keeper* renews the leases of the runs in flight (and of those whose outcome
   is being recorded) every ``lease_seconds / 3`` and cancels, here, any run that was
-  claimed again after its lease expired.
+  claimed again after its lease expired, or whose cancellation a user asked for;
+- the *cancel watch* hears from the broker of cancel requests as they are stored (all
+  the brokers here tell their workers at once: in-process, by a datagram beside the
+  SQLite file, by NOTIFY on PostgreSQL) and stops the runs held here at once, as the
+  lease keeper would at its next heartbeat.
 
 A stop cancels the idle waits at once (nothing new is claimed) and lets the runs in flight
 finish; an optional status server keeps answering until they have.
@@ -24,6 +28,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import closing
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -60,7 +65,8 @@ __all__ = ["TaskWorker", "serve"]
 #: have time to reach the broker. Production leases are tens of seconds.
 MIN_LEASE_SECONDS = 0.05
 
-#: Most runs claimed in one broker call when the worker has no limit.
+#: Most runs claimed in one broker call when the worker has no limit; also the most a
+#: claim takes by default (``limit`` plus the default ``prefetch``).
 _UNLIMITED_CLAIM = 100
 #: Longest wait for work between claims; the broker usually wakes the worker sooner.
 _IDLE_WAIT = 1.0
@@ -92,7 +98,8 @@ def _status_of(
     worker: TaskWorker, runs: dict[str, RunInFlight], stats: WorkerStats
 ) -> dict[str, Any]:
     """The body of :meth:`TaskWorker.status`."""
-    current = len(runs)
+    prefetched = worker._runners.waiting
+    current = len(runs) - prefetched
     limit = worker.limit
     return {
         "client_id": worker.client_id,
@@ -103,6 +110,8 @@ def _status_of(
         "limit": limit,
         "current": current,
         "available": None if limit is None else max(limit - current, 0),
+        "prefetch": worker.prefetch,
+        "prefetched": prefetched,
         "tasks": sorted(worker.tasks),
         "database": worker.queue.location,
         "finished": list(stats.finished),
@@ -139,22 +148,35 @@ def _check_tasks(name: str, tasks: tuple[Task[Any, Any], ...]) -> TaskQueue:
     return tasks[0].queue
 
 
+def default_prefetch(limit: int | None) -> int:
+    """The runs a worker claims ahead of ``limit`` unless told: as many as ``limit``, so
+    that each claim takes twice as many runs, up to :data:`_UNLIMITED_CLAIM` a claim;
+    none without a limit (its claims take that many already)."""
+    if limit is None:
+        return 0
+    return max(0, min(limit, _UNLIMITED_CLAIM - limit))
+
+
 def _check_options(
     name: str,
     limit: object,
+    prefetch: object,
     lease_seconds: object,
     status_server_port: object,
     status_server_host: object,
-) -> tuple[int | None, float, str]:
-    """The worker's ``limit``, ``lease_seconds`` and status host, checked."""
+) -> tuple[int | None, int, float, str]:
+    """The worker's ``limit``, ``prefetch``, ``lease_seconds`` and status host, checked."""
     checked_limit = check_optional_count(limit, f"{name}: limit", minimum=1)
+    ahead = check_optional_count(prefetch, f"{name}: prefetch")
+    if ahead is None:
+        ahead = default_prefetch(checked_limit)
     # The lease is renewed every third of it: the renewal must have time to reach the
     # broker before the lease lapses, or a run that takes longer never completes.
     lease = check_seconds(lease_seconds, f"{name}: lease_seconds", minimum=MIN_LEASE_SECONDS)
     host = check_host(status_server_host, f"{name}: status_server_host")
     if status_server_port is not None:
         check_port(status_server_port, f"{name}: status_server_port")
-    return checked_limit, lease, host
+    return checked_limit, ahead, lease, host
 
 
 async def _purge_now_and_then(queue: TaskQueue, stats: WorkerStats) -> None:
@@ -197,15 +219,16 @@ def _announcement(worker: TaskWorker) -> str:
 def _free_slots(worker: TaskWorker) -> int:
     """How many runs to claim now: free slots, counting only runs not yet ended.
 
-    Runs whose results wait to be recorded hold no slot, so the next claim goes out
-    while they are recorded (on SQLite, in the same transaction); at most ``limit``
-    such runs are held besides the ``limit`` running.
+    Up to ``prefetch`` runs are claimed ahead of the ``limit`` running: they wait, held,
+    for a runner to finish its run. Runs whose results wait to be recorded hold no slot,
+    so the next claim goes out while they are recorded (on SQLite, in the same
+    transaction); at most ``limit + prefetch`` such runs are held besides the others.
     """
     limit = worker.limit
     if limit is None:
         return _UNLIMITED_CLAIM
-    held = len(worker._runs)
-    return min(limit - (held - worker._batches.held), 2 * limit - held)
+    held, most = len(worker._runs), limit + worker.prefetch
+    return min(most - (held - worker._batches.held), 2 * most - held)
 
 
 class _RunEnds:
@@ -285,6 +308,11 @@ class TaskWorker(Service, overrides=("run",)):
     Args:
         *tasks: The tasks to serve, all from one :class:`TaskQueue`.
         limit: Most runs in flight at once; ``None`` for no limit.
+        prefetch: Most runs claimed ahead of ``limit``: held under lease (renewed, state
+            ``RUNNING``, ``started_at`` their claim's time) and queued until a run
+            finishes, so the next one starts at once and a claim takes more runs. Handed
+            back at a stop. ``None`` (the default): as many as ``limit``, up to 100 runs
+            a claim in all; 0 claims only for free slots. Ignored without a limit.
         lease_seconds: How long a claim lasts without renewal; renewed every third of
             it. A worker that dies holds its runs this long. At least
             :data:`MIN_LEASE_SECONDS`; a number, a ``timedelta`` or a numeric string.
@@ -317,11 +345,12 @@ class TaskWorker(Service, overrides=("run",)):
         status_server_host: str = "127.0.0.1",
         name: str | None = None,
         shutdown_timeout: Seconds | None = None,
+        prefetch: int | None = None,
     ) -> None:
         super().__init__(name=name, shutdown_timeout=shutdown_timeout)
         self.queue: TaskQueue = _check_tasks(self.name, tasks)
-        limit, lease, host = _check_options(
-            self.name, limit, lease_seconds, status_server_port, status_server_host
+        limit, prefetch, lease, host = _check_options(
+            self.name, limit, prefetch, lease_seconds, status_server_port, status_server_host
         )
         #: The status server (the one of :class:`anyservice.StatusServer`), if asked for.
         self.status_server = (
@@ -331,6 +360,8 @@ class TaskWorker(Service, overrides=("run",)):
         )
         self.tasks: dict[str, Task[Any, Any]] = {task.name: task for task in tasks}
         self.limit = limit
+        #: Most runs claimed ahead of ``limit`` (0 without a limit).
+        self.prefetch = prefetch if limit is not None else 0
         self.lease_seconds = lease
         self.status_server_host = host
         #: The status server's port: as asked until started, then the one bound.
@@ -373,7 +404,7 @@ class TaskWorker(Service, overrides=("run",)):
         self._idle.set()
         self._freed = None
         self._threads = anyio.CapacityLimiter(self.limit or _UNLIMITED_THREADS)
-        self._runners.reset(self._threads)
+        self._runners.reset(self._threads, self.limit)
         self._batches.reset()
         self._token = anyio.lowlevel.current_token()
         if not self._holding_queue:
@@ -473,7 +504,7 @@ class TaskWorker(Service, overrides=("run",)):
         if record is None:
             return False
         # Asked for before the first checkpoint, so before a runner can be done with it.
-        done = self._start([record]).finished()
+        done = self._start([record], self._runners.run_now).finished()
         await done.wait()
         return True
 
@@ -565,11 +596,15 @@ class TaskWorker(Service, overrides=("run",)):
         # A call, not the property: a stop may come in during the claim between two looks.
         return self.should_stop
 
-    def _start(self, claimed: list[RunRecord]) -> RunInFlight:
-        """Hold the runs just claimed and queue them for the runners; the last one's entry."""
+    def _start(
+        self, claimed: list[RunRecord], put: Callable[[RunInFlight], None] | None = None
+    ) -> RunInFlight:
+        """Hold the runs just claimed and queue them for the runners (or ``put`` them); the
+        last one's entry."""
         # The clocks and the tracer provider are read once per claim, not once per run.
         began, started, traced = anyio.current_time(), time.time(), tracer_set()
-        runs, tasks, lease, put = self._runs, self.tasks, self.lease_seconds, self._runners.put
+        runs, tasks, lease = self._runs, self.tasks, self.lease_seconds
+        put = put or self._runners.put
         if not runs:
             self._busy.set()
             self._idle = anyio.Event()
@@ -645,6 +680,49 @@ class TaskWorker(Service, overrides=("run",)):
     async def _renew(self) -> None:
         for entry in await self._recorder.renew(self._runs):
             self._ends.lose(entry)
+        self._runners.end_stopped()
+
+    @background_task
+    async def _watch_cancels(self) -> None:
+        await _stop_as_cancels_come(self)
+
+
+async def _stop_as_cancels_come(worker: TaskWorker) -> None:
+    """The cancel watch: the broker tells of cancel requests as they are stored (where it
+    can), and the runs held here among them are looked up and stopped as a heartbeat
+    would stop them."""
+    asked: set[str] = set()
+    nudge = anyio.Event()
+
+    def hear(run_ids: list[str]) -> None:
+        runs = worker._runs
+        asked.update(i for i in run_ids if i in runs and not runs[i].cancelled)
+        if asked:
+            nudge.set()
+
+    watch = getattr(worker.queue.broker, "watch_cancels", None)
+    if watch is None:
+        return  # a broker of its own, made before: the heartbeats find the requests
+
+    async def keep_watching() -> None:
+        while True:
+            try:
+                await watch(hear)
+            except BrokerError as exc:
+                # The heartbeats still find the requests meanwhile.
+                worker._stats.broker_failed(exc, "watching for cancel requests")
+                await anyio.sleep(_MAX_BACKOFF)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(keep_watching)
+        while True:
+            await nudge.wait()
+            nudge = anyio.Event()
+            run_ids = list(asked)
+            asked.clear()
+            await worker._recorder.stop_cancelled(worker._runs, run_ids)
+            # A run claimed ahead, not started, ends at once rather than when a runner frees.
+            worker._runners.end_stopped()
 
 
 async def _claim_until_stopped(worker: TaskWorker) -> None:
@@ -657,6 +735,16 @@ async def _claim_until_stopped(worker: TaskWorker) -> None:
         # makes (it stopped, was cancelled or failed): claimable again at once.
         with anyio.move_on_after(HAND_BACK_BUDGET, shield=True):
             await worker.queue.broker.release_claimed_ahead(worker.client_id)
+        # So are the runs claimed ahead of the limit that no runner took.
+        await _hand_back(worker, worker._runners.close())
+
+
+async def _hand_back(worker: TaskWorker, queued: list[RunInFlight]) -> None:
+    """Hand back runs queued for the runners that none took (the worker is stopping)."""
+    for entry in queued:
+        entry.settled = True
+        await worker._recorder.hand_back(entry.record, "the worker is stopping", started=False)
+        worker._forget(entry)
 
 
 async def _wait_for_work(worker: TaskWorker, names: list[str]) -> None:
@@ -714,7 +802,9 @@ async def _claim_while_free(
                 worker._stats.broker_worked()
                 if claimed and worker._stopping():
                     for record in claimed:
-                        await worker._recorder.hand_back(record, "the worker is stopping")
+                        await worker._recorder.hand_back(
+                            record, "the worker is stopping", started=False
+                        )
                     return claimed, wanted
                 if claimed:
                     worker._start(claimed)
@@ -723,11 +813,8 @@ async def _claim_while_free(
                 # worker does not go idle (and busy again, waking the lease keeper
                 # twice) between two claims. Not stored, the batch task records them.
                 worker._batches.recorded(batch, claimed is not None)
-            for entry in await worker._runners.taken(worker._stopping):
-                # A stop cancelled the idle runners before they took it (the loop ends).
-                entry.settled = True
-                await worker._recorder.hand_back(entry.record, "the worker is stopping")
-                worker._forget(entry)
+            # A stop cancelled the idle runners before they took them (the loop ends).
+            await _hand_back(worker, await worker._runners.taken(worker._stopping))
             if len(claimed) < wanted or worker._stopping():
                 return claimed, wanted
             wanted = _free_slots(worker)
@@ -770,6 +857,7 @@ def serve(
     status_server_host: str = "127.0.0.1",
     lease_seconds: Seconds = 30.0,
     shutdown_timeout: Seconds | None = None,
+    prefetch: int | None = None,
 ) -> Any:
     """Serve ``tasks`` until SIGINT or SIGTERM (Prefect's ``serve``); the exit code.
 
@@ -798,6 +886,7 @@ def serve(
         status_server_host=status_server_host,
         lease_seconds=lease_seconds,
         shutdown_timeout=shutdown_timeout,
+        prefetch=prefetch,
     )
     worker._announce = True
     if in_event_loop():

@@ -91,7 +91,7 @@ from .._records import (
     RunRecord,
     RunState,
     new_run_ids,
-    sibling_run,
+    sibling_runs,
 )
 from ._cluster import ClusterBroker, ClusterMethods
 from ._notifier import ChangeNotifier
@@ -764,10 +764,8 @@ class BaseBroker(_ClaimsAhead, _CompletingClaims, ClusterMethods, Broker, abc.AB
         if not payloads:
             return []
         runs = [first]
-        ids = new_run_ids(len(payloads) - 1)
-        runs.extend(
-            sibling_run(first, run_id, payload)
-            for run_id, payload in zip(ids, itertools.islice(payloads, 1, None), strict=True)
+        runs += sibling_runs(
+            first, new_run_ids(len(payloads) - 1), itertools.islice(payloads, 1, None)
         )
         await self._insert_many(runs)
         self._notifier.notify(work=True)

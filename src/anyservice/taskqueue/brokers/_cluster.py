@@ -18,6 +18,10 @@ arguments and wakes waiters, and a broker writes only these storage methods:
 * ``_requeue(run_id, retries)``, ``_request_cancel(run_id) -> RunState | None``,
   ``_cancel_requests(owner, run_ids)``, ``_end_cancelled(owner, run_id, attempt)``: the
   transitions of ``_controls.py`` and the cancel requests they rest on.
+* Optionally ``_announce_cancel(run_id)``: tell the workers of other processes that the
+  cancellation of a RUNNING run was asked for (a hint: they find the request stored), and
+  ``_watch_cancels()``: what a watch of such hints must do besides waiting (read them).
+  By default only the brokers of this process hear of them.
 
 A broker without them (a plugin written before they existed) raises ``BrokerError`` saying
 so, at the call.
@@ -28,6 +32,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from typing import Protocol
+
+import anyio
 
 from .._errors import BrokerError
 from .._leases import Lease, StoredTick, TickCounts, TickResult
@@ -148,7 +154,8 @@ class ClusterBroker(Protocol):
         """Cancel a SCHEDULED run at once, or ask the worker of a RUNNING one to.
 
         Returns:
-            CANCELLED (done), RUNNING (asked; its worker ends it within a heartbeat), or
+            CANCELLED (done), RUNNING (asked; its worker, told at once where the broker
+            can, ends it, within a heartbeat at the latest), or
             ``None``: the run is finished already, or there is no such run.
         """
         ...
@@ -160,6 +167,16 @@ class ClusterBroker(Protocol):
     async def end_cancelled(self, owner: str, run_id: str, attempt: int) -> bool:
         """Record CANCELLED a run ``owner``'s claim number ``attempt`` holds and stopped
         because it was asked to; ``False`` if that claim no longer holds it."""
+        ...
+
+    async def watch_cancels(self, asked: Callable[[list[str]], None]) -> None:
+        """Until cancelled, call ``asked(run_ids)`` (in this event loop) when this broker
+        hears that cancellation of these RUNNING runs was asked for, in any process.
+
+        A hint, sent after the request is stored: the caller looks the requests up with
+        :meth:`cancel_requests`, as it does at each heartbeat, which stays the fallback
+        (a hint may be lost, and a poll-only broker hears none from other processes).
+        """
         ...
 
 
@@ -220,6 +237,14 @@ class ClusterMethods(ClusterBroker):
     async def _end_cancelled(self, owner: str, run_id: str, attempt: int) -> bool:
         """Apply ``end_cancelled`` of ``_controls.py``."""
         raise self._unsupported("cancelling running runs")
+
+    def _announce_cancel(self, run_id: str) -> None:
+        """The request to cancel RUNNING ``run_id`` is stored: tell the watchers."""
+        self._notifier.cancel_asked([run_id])
+
+    async def _watch_cancels(self) -> None:
+        """Hear of cancel requests until cancelled (they come to the notifier)."""
+        await anyio.sleep_forever()
 
     def now(self) -> float:
         return self._clock()
@@ -384,12 +409,18 @@ class ClusterMethods(ClusterBroker):
         state = await self._request_cancel(run_id)
         if state is RunState.CANCELLED:
             self._notifier.notify(work=False)
+        elif state is RunState.RUNNING:
+            self._announce_cancel(run_id)
         return state
 
     async def cancel_requests(self, owner: str, run_ids: list[str]) -> set[str]:
         if not run_ids:
             return set()
         return await self._cancel_requests(owner, list(dict.fromkeys(run_ids)))
+
+    async def watch_cancels(self, asked: Callable[[list[str]], None]) -> None:
+        with self._notifier.watching_cancels(asked):
+            await self._watch_cancels()
 
     async def end_cancelled(self, owner: str, run_id: str, attempt: int) -> bool:
         done = await self._end_cancelled(owner, run_id, attempt)

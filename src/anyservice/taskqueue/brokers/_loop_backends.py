@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import socket
 import threading
 from collections.abc import Callable
@@ -20,6 +21,8 @@ from typing import Any
 import anyio.lowlevel
 
 __all__ = ["LoopHandle", "LoopReader"]
+
+_log = logging.getLogger("anyservice.taskqueue")
 
 # The handle a task made last, with its thread: a task never changes event loop, and a
 # context copied into a worker thread is told apart by the thread.
@@ -93,7 +96,8 @@ class LoopReader:
     No thread of its own: the event loop watches the socket with the rest of its I/O
     (asyncio's ``add_reader``, a trio system task in ``wait_readable``), so what wakes
     is the loop itself, where a thread in ``recv`` would have to wake and then hand over
-    to the loop. ``on_readable`` runs in the loop's thread and must not raise.
+    to the loop. ``on_readable`` runs in the loop's thread and should not raise (what it
+    raises is logged, and the watch goes on).
 
     Made by :meth:`start` inside the event loop; :meth:`stop` from any thread.
     """
@@ -136,7 +140,12 @@ class LoopReader:
                     await trio.lowlevel.wait_readable(self._sock)
                 except trio.ClosedResourceError:
                     return
-                self._on_readable()
+                try:
+                    self._on_readable()
+                except Exception:
+                    # A system task's exception would end the whole run: report it, and
+                    # go on watching (asyncio's loop does the same for a reader).
+                    _log.exception("handling a readable socket failed")
 
     def stop(self) -> None:
         """Stop watching and close the socket, in the loop's thread (soon, if called from

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import anyio
@@ -48,6 +50,7 @@ class ChangeNotifier:
         self._changes = 0
         self._work = 0
         self._waiters: list[_Waiter] = []
+        self._cancel_watchers: list[tuple[Callable[[list[str]], None], int, LoopHandle]] = []
 
     def generation(self, *, work: bool) -> int:
         """The current ``work`` (or ``changes``) generation."""
@@ -87,6 +90,31 @@ class ChangeNotifier:
             else:
                 waiter.loop.call_soon(waiter.event.set)
         return generation
+
+    @contextmanager
+    def watching_cancels(self, asked: Callable[[list[str]], None]) -> Iterator[None]:
+        """While in the block, :meth:`cancel_asked` calls ``asked(run_ids)`` in this event
+        loop (the caller's)."""
+        watcher = (asked, threading.get_ident(), LoopHandle.current())
+        with self._lock:
+            self._cancel_watchers.append(watcher)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._cancel_watchers.remove(watcher)
+
+    def cancel_asked(self, run_ids: list[str]) -> None:
+        """From any thread: a user asked for these RUNNING runs to be cancelled; tell
+        every watcher (at once if its loop is the caller's, through its loop otherwise)."""
+        thread = threading.get_ident()
+        with self._lock:
+            watchers = list(self._cancel_watchers)
+        for asked, home, loop in watchers:
+            if home == thread:
+                asked(run_ids)
+            else:
+                loop.call_soon(functools.partial(asked, run_ids))
 
     async def wait(
         self,

@@ -36,6 +36,9 @@ How runs move, and why it is safe with any number of workers:
   Waiting always polls as well (notifications sent while the LISTEN connection was down
   are lost), and ``?listen=false`` polls only, for PgBouncer in transaction mode, which
   cannot carry LISTEN.
+* A cancel of a RUNNING run notifies ``k <id>``; a worker's watch of cancels
+  (``watch_cancels``) reads the LISTEN connection while no waiter does (a worker whose
+  slots are all taken waits for none), and lets go as soon as one comes.
 
 Times are epoch seconds from the broker's ``clock`` (``time.time``), as in every broker:
 hosts sharing a database need clocks kept in step (NTP), to well within a lease.
@@ -109,6 +112,14 @@ _MAX_RECONNECT = 5.0
 _FINISHED_PER_NOTIFY = 200
 #: Runs named by notifications of work past which a claim no longer claims them by id.
 _MOST_NAMED = 100
+#: How often a watch of cancel requests looks whether the LISTEN connection is read by
+#: anyone, when it does not read it itself (a waiter does): first after this, then twice
+#: as long each time up to :data:`_WATCH_LOOK_MOST` (an idle worker's waiter reads it for
+#: good). A cancel sent as the worker stops waiting for work (its slots are full) waits
+#: at most that long for the watch to read it.
+_WATCH_LOOK = 0.1
+_WATCH_LOOK_MOST = 1.0
+
 #: TCP keepalives of the LISTEN connection, where the URL sets none: a server gone without
 #: a word (its host down, the network cut) is noticed within about 11 s, instead of the
 #: kernel's default of over two hours, and the connection is made again.
@@ -715,6 +726,10 @@ class _Wakeups(ChangeNotifier):
             waiters.extend(group)
         return waiters
 
+    def anyone_waiting(self) -> bool:
+        """Whether a waiter of this thread waits (woken ones are on their way out)."""
+        return any(not waiter.woken for waiter in self._here(self._all()))
+
     def add(self, waiter: _Waiter) -> None:
         if waiter.run_id is None:
             self._work_waiters.add(waiter)
@@ -1117,6 +1132,7 @@ class _Waits:
     _direct: DirectConnection | None
     _ahead: _Ahead | None
     _pool_timeout: float
+    _watch_reading: bool
     listen_connects: int
 
     if TYPE_CHECKING:  # written by the other classes of PostgresBroker; for the type checker
@@ -1216,6 +1232,9 @@ class _Waits:
         await anyio.lowlevel.checkpoint()
         deadline = anyio.current_time() + timeout
         reading = False
+        if self._watch_reading and self._direct is not None:
+            # A watch of cancels reads only while nobody else waits: it hands over.
+            self._direct.stop_reading()
         try:
             while not waiter.woken and (work_seen is None or work_seen == self._wakeups.work):
                 remaining = deadline - anyio.current_time()
@@ -1272,6 +1291,33 @@ class _Waits:
         finally:
             self._listening = False
 
+    async def _watch_cancels(self) -> None:
+        """Read the LISTEN connection for cancel requests (and everything else it
+        carries) while no waiter of this thread waits, which would read it.
+
+        Not a waiter: nobody hands the reading over to it, which would wake it on the
+        way of every run's start (a waiter leaves as work arrives); it looks now and
+        then instead (:data:`_WATCH_LOOK`) whether anyone reads, and a cancel request
+        sent meanwhile waits in the connection for that look.
+        """
+        if not self._listen:
+            await anyio.sleep_forever()  # poll-only: the heartbeats find the requests
+        look = _WATCH_LOOK
+        while True:
+            if self._pool is None or self._listening or self._wakeups.anyone_waiting():
+                await anyio.sleep(look)
+                look = min(look * 2, _WATCH_LOOK_MOST)
+                continue
+            look = _WATCH_LOOK
+            self._watch_reading = True
+            try:
+                await self._read_notifications(self._poll_every)
+            finally:
+                self._watch_reading = False
+                self._wakeups.hand_over(None)
+            # A read that returns at once (a connection just dropped) must not spin.
+            await anyio.lowlevel.checkpoint()
+
     def _notified(self, payloads: list[str]) -> None:
         """Wake the waiters that notifications with these ``payloads`` concern."""
         for payload in payloads:
@@ -1284,6 +1330,9 @@ class _Waits:
                 # One id, or the ids of a batch of completions, space-separated.
                 for run_id in payload[2:].split(" "):
                     self._wakeups.run_finished(run_id)
+            elif payload.startswith("k "):
+                # A cancel of RUNNING runs was stored: their workers look it up.
+                self._wakeups.cancel_asked(payload[2:].split(" "))
 
     def _drop_listener(self) -> None:
         listener, self._listener = self._listener, None
@@ -1976,6 +2025,7 @@ class PostgresBroker(PostgresClusterStorage, _Waits, _ClaimsAhead, _ListensBefor
         self._workers_seen: dict[str, float] = {}  # owner -> monotonic time last recorded
         self._listener: psycopg.Connection[Any] | None = None
         self._listening = False  # a waiter is reading the listener right now
+        self._watch_reading = False  # ... and it is a watch of cancels
         self._reconnect_at = 0.0
         self._reconnect_delay = _FIRST_RECONNECT
         self._direct: DirectConnection | None = None

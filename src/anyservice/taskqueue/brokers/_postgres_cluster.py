@@ -16,8 +16,9 @@ with any number of processes:
   first's lease.
 * A key= submission holds a transaction-scoped advisory lock on the key: submitters of one
   key take turns, each reading the run under the key with the previous one's commit seen.
-* A cancel of a RUNNING run locks the run's row, then stores the request; the run's worker
-  reads the requests of the runs it holds at every heartbeat.
+* A cancel of a RUNNING run locks the run's row, then stores the request and notifies
+  (``k <id>``, on commit); the run's worker looks the request up as the notification
+  arrives, and reads the requests of the runs it holds at every heartbeat too.
 
 Times come from the broker's clock, as in the broker's other statements; each statement
 that makes work or finishes a run sends its ``pg_notify`` in its own transaction.
@@ -363,7 +364,11 @@ class PostgresClusterStorage:
             " WHERE id = %(id)s RETURNING id)"
             " SELECT pg_notify(%(channel)s, 'f ' || id) FROM cancelled"
         )
-        ask = self._compose("INSERT INTO {cancels} (run_id) VALUES (%(id)s) ON CONFLICT DO NOTHING")
+        # Its worker, wherever it is, hears of it at once (LISTEN), or at its heartbeat.
+        ask = self._compose(
+            "WITH asked AS (INSERT INTO {cancels} (run_id) VALUES (%(id)s) ON CONFLICT DO NOTHING)"
+            " SELECT pg_notify(%(channel)s, 'k ' || %(id)s::text)"
+        )
         parameters = {"id": run_id, "now": self._clock(), "channel": self._channel}
 
         def request(conn: psycopg.Connection[Any]) -> RunState | None:

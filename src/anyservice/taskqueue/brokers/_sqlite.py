@@ -39,6 +39,7 @@ from ._sqlite_named import LOOK_EVERY, NamedWork, claim_named, poked
 from ._sqlite_rows import (
     INSERT,
     MIGRATIONS,
+    RELEASE,
     SCHEMA_VERSION,
     SELECT,
     insert_values,
@@ -47,9 +48,10 @@ from ._sqlite_rows import (
     marks,
     read_row,
     read_rows,
+    update_held,
 )
 from ._sqlite_thread import ConnectionThread
-from ._wake_channel import CHANGE, WORK, WakeChannel
+from ._wake_channel import CANCEL, CHANGE, WORK, WakeChannel
 from ._workers import WORKERS_EVERY, WORKERS_FORGOTTEN, host_identity, process_gone
 
 __all__ = ["SCHEMA_VERSION", "SqliteBroker"]
@@ -306,17 +308,6 @@ def _claiming(
     return claim
 
 
-def _update_held(conn: sqlite3.Connection, sql: str, parameters: dict[str, Any]) -> bool:
-    """Run one UPDATE fenced by ``WHERE`` the run is RUNNING under the claim
-    ``(:owner, :attempt)``."""
-    cursor = conn.execute(
-        f"{sql} WHERE id = :id AND state = 'RUNNING' AND lease_owner = :owner"
-        " AND attempts = :attempt",
-        parameters,
-    )
-    return cursor.rowcount == 1
-
-
 def _claim_one(
     conn: sqlite3.Connection,
     run_id: str,
@@ -370,10 +361,6 @@ _FAIL = (
     f" started_at = CASE WHEN {_RETRIED} THEN NULL ELSE started_at END,"
     f" finished_at = CASE WHEN {_RETRIED} THEN NULL ELSE :now END,"
     " lease_owner = NULL, lease_expires_at = NULL, error = :error"
-)
-_RELEASE = (
-    "UPDATE anyservice_runs SET state = 'SCHEDULED', attempts = MAX(attempts - 1, 0),"
-    " started_at = NULL, lease_owner = NULL, lease_expires_at = NULL"
 )
 
 
@@ -635,7 +622,7 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
         if self._db.is_open:
             return False
         await self._db.open(self._prepare)
-        channel = WakeChannel(self._path, self._poked)
+        channel = WakeChannel(self._path, self._poked, self._notifier.cancel_asked)
         if await anyio.to_thread.run_sync(channel.open):
             channel.listen()
             self._channel = channel
@@ -690,6 +677,13 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
         # committed a change.
         poked(self, work, run_ids)
 
+    def _announce_cancel(self, run_id: str) -> None:
+        # Committed: this process's brokers of the file, then the others, hear of it.
+        super()._announce_cancel(run_id)
+        channel = self._channel
+        if channel is not None:
+            channel.poke(CANCEL + run_id.encode())
+
     # --- the broker protocol -------------------------------------------------------------
 
     async def _insert(self, run: RunRecord) -> None:
@@ -731,7 +725,7 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
             return {
                 run_id
                 for run_id, attempt in leases.items()
-                if _update_held(
+                if update_held(
                     conn,
                     "UPDATE anyservice_runs SET lease_expires_at = :expires",
                     {"id": run_id, "owner": owner, "attempt": attempt, "expires": expires},
@@ -743,7 +737,7 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
     async def _complete(self, owner: str, run_id: str, attempt: int, result: str) -> bool:
         parameters = {"id": run_id, "owner": owner, "attempt": attempt, "result": result}
         return await self._db.call(
-            lambda conn: _update_held(conn, _COMPLETE, {**parameters, "now": self._clock()}),
+            lambda conn: update_held(conn, _COMPLETE, {**parameters, "now": self._clock()}),
             signal=CHANGE,
             inline=True,
         )
@@ -797,7 +791,7 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
         }
 
         def fail(conn: sqlite3.Connection) -> RunState | None:
-            if not _update_held(conn, _FAIL, {**parameters, "now": self._clock()}):
+            if not update_held(conn, _FAIL, {**parameters, "now": self._clock()}):
                 return None
             if not retry:
                 return RunState.FAILED
@@ -811,9 +805,7 @@ class SqliteBroker(SqliteClusterStorage, BaseBroker):
 
     async def _release(self, owner: str, run_id: str, attempt: int) -> bool:
         parameters = {"id": run_id, "owner": owner, "attempt": attempt}
-        return await self._db.call(
-            lambda conn: _update_held(conn, _RELEASE, parameters), signal=WORK
-        )
+        return await self._db.call(lambda conn: update_held(conn, RELEASE, parameters), signal=WORK)
 
     async def _claim_run(
         self, owner: str, run_id: str, lease_seconds: float, concurrency: dict[str, int]

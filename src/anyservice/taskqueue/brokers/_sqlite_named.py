@@ -15,6 +15,7 @@ same transaction.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -25,10 +26,12 @@ from .. import _records as records
 from .._records import RunRecord
 from ._base import AheadClaimer
 from ._notifier import ChangeNotifier
-from ._sqlite_rows import SELECT, lease_in_place, lease_rows, read_row
+from ._sqlite_rows import RELEASE, SELECT, lease_in_place, lease_rows, read_row, update_held
 from ._sqlite_thread import ConnectionThread
 
 __all__ = ["LOOK_EVERY", "NamedWork", "claim_named", "poked"]
+
+_log = logging.getLogger("anyservice.taskqueue")
 
 #: Most runs named since the last claim that are claimed by id; past that, a full claim.
 _MOST_NAMED = 32
@@ -177,8 +180,18 @@ def poked(broker: _PokedBroker, work: bool, run_ids: list[str] | None) -> None:
     they named runs the claim loop waiting for work would claim by id, claim them here
     and start them (in the event loop watching the socket), so that the loop's wait
     goes on. Anything else (the loop's claim would be a full one, the connection is in
-    use) leaves the claim to the loop."""
-    claimed = _claim_ahead(broker, run_ids) if work and run_ids else None
+    use, the claim here failed) leaves the claim to the loop.
+
+    Never raises: it runs in the socket's reader, which on trio is a system task (an
+    exception there would end the whole event loop); anything that goes wrong is logged
+    and the claim left to the loop."""
+    claimed = None
+    if work and run_ids:
+        try:
+            claimed = _claim_ahead(broker, run_ids)
+        except Exception:
+            _log.exception("claiming runs %s as their poke arrived failed", run_ids)
+            run_ids = None  # The loop's next claim is a full one.
     if work and claimed is None:
         broker._named.poked(run_ids)
     whole = claimed is not None and claimed[0]
@@ -215,5 +228,30 @@ def _claim_ahead(broker: _PokedBroker, run_ids: list[str]) -> tuple[bool, int] |
     runs, whole = done
     named.claimed_ahead(generation, whole)
     if runs:
-        claimer.start(runs)
+        try:
+            claimer.start(runs)
+        except Exception:
+            # The claim loop's next claim (a full one) takes them again, and meets the
+            # error itself if it comes again.
+            _log.exception("starting runs claimed ahead failed; handing them back")
+            _hand_back(db, runs, claimer.owner)
+            named.claimed_ahead(generation, whole=False)
+            return False, generation
     return whole, generation
+
+
+def _hand_back(db: ConnectionThread, runs: list[RunRecord], owner: str) -> None:
+    """Make the runs just leased to ``owner`` claimable again at once (each still under
+    that lease only); runs that cannot be (the connection busy or failing) wait out
+    their lease."""
+
+    def release(conn: sqlite3.Connection) -> bool:
+        for run in runs:
+            update_held(conn, RELEASE, {"id": run.id, "owner": owner, "attempt": run.attempts})
+        return True
+
+    if db.run_here(release) is None:
+        _log.error(
+            "runs %s claimed ahead could not be handed back: claimable once their lease ends",
+            [run.id for run in runs],
+        )

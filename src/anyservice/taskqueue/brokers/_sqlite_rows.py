@@ -27,6 +27,7 @@ __all__ = [
     "COLUMNS",
     "INSERT",
     "MIGRATIONS",
+    "RELEASE",
     "SCHEMA_VERSION",
     "SELECT",
     "chunks",
@@ -37,6 +38,7 @@ __all__ = [
     "marks",
     "read_row",
     "read_rows",
+    "update_held",
 ]
 
 #: ``PRAGMA user_version`` of a database with the current schema.
@@ -405,3 +407,21 @@ def read_row(row: tuple[Any, ...]) -> tuple[int, RunRecord, bool]:
         record, state=RunState.FAILED, lease_owner=None, lease_expires_at=None, error=corrupt
     )
     return seq, record, True
+
+
+#: A held run made claimable again, its attempt not counted (fenced by :func:`update_held`).
+RELEASE = (
+    "UPDATE anyservice_runs SET state = 'SCHEDULED', attempts = MAX(attempts - 1, 0),"
+    " started_at = NULL, lease_owner = NULL, lease_expires_at = NULL"
+)
+
+
+def update_held(conn: sqlite3.Connection, sql: str, parameters: dict[str, Any]) -> bool:
+    """Run one UPDATE fenced by ``WHERE`` the run is RUNNING under the claim
+    ``(:owner, :attempt)``."""
+    cursor = conn.execute(
+        f"{sql} WHERE id = :id AND state = 'RUNNING' AND lease_owner = :owner"
+        " AND attempts = :attempt",
+        parameters,
+    )
+    return cursor.rowcount == 1

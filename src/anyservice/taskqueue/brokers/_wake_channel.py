@@ -3,7 +3,8 @@
 Every open broker of a file binds a Unix datagram socket in a directory beside it
 (``runs.db-wake/``, mode 0700), named after its process. A broker that committed a change
 sends one datagram to every other socket there (``w`` for new work, ``w`` followed by
-the run's id for the submit of one run due now, ``c`` for another change);
+the run's id for the submit of one run due now, ``c`` for another change, ``k`` followed
+by a RUNNING run's id when its cancellation was asked for);
 the event loop that opened the broker watches its socket with the rest of its I/O and
 wakes the broker's waiters (where it cannot, a thread per broker sleeps in ``recv``
 instead). A socket being watched costs no CPU, and a datagram wakes the loop in
@@ -31,12 +32,14 @@ from collections.abc import Callable
 
 from ._loop_backends import LoopReader
 
-__all__ = ["CHANGE", "WORK", "WakeChannel", "named_work"]
+__all__ = ["CANCEL", "CHANGE", "WORK", "WakeChannel", "named_work"]
 
 #: The byte sent after a commit that may have made a run claimable.
 WORK = b"w"
 #: The byte sent after any other change to the runs.
 CHANGE = b"c"
+#: The byte sent, followed by the run's id, once a cancel of a RUNNING run is stored.
+CANCEL = b"k"
 _CLOSE = b"x"
 #: Longest datagram read: ``w`` and a run's id (a uuid4's 32 hex digits) fit many times.
 _MOST_BYTES = 256
@@ -57,11 +60,19 @@ class WakeChannel:
             runs they named if every one of them that was work named its run (else
             ``None``): in the event loop that called :meth:`listen`, or (naming no run) in
             the listening thread.
+        on_cancel: Called, where ``on_poke`` is, with the runs whose cancellation pokes
+            told of.
     """
 
-    def __init__(self, database: str, on_poke: Callable[[bool, list[str] | None], None]) -> None:
+    def __init__(
+        self,
+        database: str,
+        on_poke: Callable[[bool, list[str] | None], None],
+        on_cancel: Callable[[list[str]], None],
+    ) -> None:
         self.directory = database + "-wake"
         self._on_poke = on_poke
+        self._on_cancel = on_cancel
         self._name = f"{os.getpid()}-{secrets.token_hex(4)}{_SUFFIX}"
         self._socket: socket.socket | None = None
         self._directory_fd: int | None = None
@@ -139,7 +150,8 @@ class WakeChannel:
 
     def poke(self, kind: bytes) -> None:
         """Tell every other broker of the file that runs changed (``WORK``, ``WORK``
-        followed by the id of the one run a submit stored, due now, or ``CHANGE``)."""
+        followed by the id of the one run a submit stored, due now, ``CHANGE``, or
+        ``CANCEL`` followed by a run's id)."""
         sock = self._socket
         if sock is None:
             return
@@ -204,8 +216,7 @@ class WakeChannel:
         except OSError:
             return  # Closed meanwhile: nobody is listening any more.
         if kinds:
-            work, named = named_work(kinds)
-            self._on_poke(work, named)
+            self._deliver(kinds, named=True)
 
     def _listen(self) -> None:
         sock = self._socket
@@ -224,13 +235,35 @@ class WakeChannel:
                 return
             # From this thread, runs are not named: the broker's claims read them in its
             # event loop.
-            self._on_poke(named_work(kinds)[0], None)
+            self._deliver(kinds, named=False)
+
+    def _deliver(self, kinds: set[bytes], *, named: bool) -> None:
+        """Hand the pokes that arrived over: cancels to ``on_cancel``, the rest to
+        ``on_poke`` (naming runs if ``named``)."""
+        cancels = [kind for kind in kinds if kind[:1] == CANCEL]
+        if cancels:
+            kinds.difference_update(cancels)
+            cancelled = [run_id for kind in cancels if (run_id := _run_id(kind)) is not None]
+            if cancelled:
+                self._on_cancel(cancelled)
+            if not kinds:
+                return
+        work, run_ids = named_work(kinds)
+        self._on_poke(work, run_ids if named else None)
 
     def _close_directory(self) -> None:
         if self._directory_fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._directory_fd)
             self._directory_fd = None
+
+
+def _run_id(kind: bytes) -> str | None:
+    """The run a poke names after its first byte, ``None`` if it names none (or no sense)."""
+    run_id = kind[1:]
+    if not run_id or len(run_id) > _MOST_ID or not run_id.isalnum():
+        return None
+    return run_id.decode("ascii")
 
 
 def named_work(kinds: set[bytes]) -> tuple[bool, list[str] | None]:
@@ -242,8 +275,8 @@ def named_work(kinds: set[bytes]) -> tuple[bool, list[str] | None]:
         if kind == CHANGE:
             continue
         work = True
-        run_id = kind[1:]
-        if kind[:1] != WORK or not run_id or len(run_id) > _MOST_ID or not run_id.isalnum():
+        run_id = _run_id(kind)
+        if kind[:1] != WORK or run_id is None:
             return True, None
-        named.append(run_id.decode("ascii"))
+        named.append(run_id)
     return work, named if work else None
