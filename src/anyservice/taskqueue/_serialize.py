@@ -98,6 +98,11 @@ def _dumps(value: object, what: str) -> str:
         text = _ENCODER.encode(value)
     except _UNENCODABLE as exc:
         _refuse_encoding(what, exc)
+    return _shallow_enough(text, what)
+
+
+def _shallow_enough(text: str, what: str) -> str:
+    """``text``, unless it nests deeper than :data:`MAX_NESTING` (a ``TypeError`` then)."""
     if _nested_deeper(text, MAX_NESTING):
         _refuse_encoding(what, _TooDeep())
     return text
@@ -194,7 +199,13 @@ def encode_arguments(
     named = [(labels[index], value) for index, value in enumerate(args)]
     named += [(f"argument {name!r}", value) for name, value in kwargs.items()]
     for label, value in named:
-        _dumps(value, f"{label} of task {task_name!r}")
+        what = f"{label} of task {task_name!r}"
+        # Encoded in this frame, as the whole was: not refused for a deeper stack alone.
+        try:
+            text = _ENCODER.encode(value)
+        except _UNENCODABLE as exc:
+            _refuse_encoding(what, exc)
+        _shallow_enough(text, what)
     # Each argument has a JSON form alone, but not the whole: the caller's stack is so deep
     # that the two levels the payload adds are too many for Python.
     _refuse_encoding(f"arguments of task {task_name!r}", whole)
