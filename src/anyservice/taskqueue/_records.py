@@ -263,7 +263,8 @@ def new_run_id() -> str:
     """A fresh run id: a uuid4 hex string, as ``uuid.uuid4().hex`` (version 4, RFC 4122
     variant) without the ``UUID`` object made and checked on the way (every submit makes
     one on its way to its statement)."""
-    return new_run_ids(1)[0]
+    (run_id,) = new_run_ids(1)
+    return run_id
 
 
 def new_run_ids(count: int) -> list[str]:

@@ -41,8 +41,9 @@ MAX_NESTING = 200
 #: A payload nests two levels more: its object, then its ``args`` list or ``kwargs`` object.
 _PAYLOAD_NESTING = MAX_NESTING + 2
 
-_STRINGS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
-_NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
+#: What is not a bracket of a list or an object: a string (brackets inside it included),
+#: or a run of other characters.
+_NOT_BRACKETS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[^\[\]{}"]+')
 _INNERMOST = re.compile(r"\[\]|\{\}")
 
 
@@ -52,7 +53,7 @@ def _nested_deeper(text: str, limit: int) -> bool:
     # check below gives the same answer).
     if len(text) <= 2 * limit:  # pragma: no mutate
         return False
-    brackets = _NOT_BRACKETS.sub("", _STRINGS.sub("", text))
+    brackets = _NOT_BRACKETS.sub("", text)
     # Each pass takes away the innermost level.
     for _ in range(limit):
         if not brackets:
